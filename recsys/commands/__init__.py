@@ -1,0 +1,1 @@
+"""One module per `recsys` subcommand (see recsys.cli)."""
