@@ -1,0 +1,238 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SOURCE_UNSPECIFIED: _ClassVar[Source]
+    SOURCE_KNOWN_USER: _ClassVar[Source]
+    SOURCE_HISTORY: _ClassVar[Source]
+    SOURCE_POPULARITY: _ClassVar[Source]
+SOURCE_UNSPECIFIED: Source
+SOURCE_KNOWN_USER: Source
+SOURCE_HISTORY: Source
+SOURCE_POPULARITY: Source
+
+class ScoredItem(_message.Message):
+    __slots__ = ("item_id", "score")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    score: float
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("user_id", "history_item_ids", "k", "include_seen", "exclude_item_ids", "allowed_item_ids", "allow_fallback")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    history_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    include_seen: bool
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    allowed_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    allow_fallback: bool
+    def __init__(self, user_id: _Optional[str] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., include_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., allowed_item_ids: _Optional[_Iterable[str]] = ..., allow_fallback: _Optional[bool] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("items", "model_version", "fallback", "source", "unknown_item_ids")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    model_version: str
+    fallback: bool
+    source: Source
+    unknown_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., fallback: _Optional[bool] = ..., source: _Optional[_Union[Source, str]] = ..., unknown_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BatchRecommendRequest(_message.Message):
+    __slots__ = ("user_ids", "k", "include_seen", "exclude_item_ids", "allowed_item_ids", "allow_fallback")
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    user_ids: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    include_seen: bool
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    allowed_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    allow_fallback: bool
+    def __init__(self, user_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., include_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., allowed_item_ids: _Optional[_Iterable[str]] = ..., allow_fallback: _Optional[bool] = ...) -> None: ...
+
+class UserRecommendations(_message.Message):
+    __slots__ = ("user_id", "found", "items", "fallback")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    found: bool
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    fallback: bool
+    def __init__(self, user_id: _Optional[str] = ..., found: _Optional[bool] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., fallback: _Optional[bool] = ...) -> None: ...
+
+class BatchRecommendResponse(_message.Message):
+    __slots__ = ("results", "model_version", "unknown_user_ids")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[UserRecommendations]
+    model_version: str
+    unknown_user_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, results: _Optional[_Iterable[_Union[UserRecommendations, _Mapping]]] = ..., model_version: _Optional[str] = ..., unknown_user_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SimilarItemsRequest(_message.Message):
+    __slots__ = ("item_id", "k", "exclude_item_ids", "allowed_item_ids")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    k: int
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    allowed_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., allowed_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SimilarItemsResponse(_message.Message):
+    __slots__ = ("items", "model_version")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    model_version: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class GetUserEmbeddingsRequest(_message.Message):
+    __slots__ = ("user_ids",)
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    user_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetItemEmbeddingsRequest(_message.Message):
+    __slots__ = ("item_ids",)
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("id", "values")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, id: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbeddingsResponse(_message.Message):
+    __slots__ = ("embeddings", "unknown_ids", "dim", "model_version")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    unknown_ids: _containers.RepeatedScalarFieldContainer[str]
+    dim: int
+    model_version: str
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., unknown_ids: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class EmbedUserRequest(_message.Message):
+    __slots__ = ("history_item_ids",)
+    HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    history_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EmbedUserResponse(_message.Message):
+    __slots__ = ("embedding", "unknown_item_ids", "dim", "model_version")
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    unknown_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    dim: int
+    model_version: str
+    def __init__(self, embedding: _Optional[_Iterable[float]] = ..., unknown_item_ids: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("version", "created_at", "dim", "metric", "n_users", "n_items", "evaluation", "loaded_at")
+    class EvaluationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    N_USERS_FIELD_NUMBER: _ClassVar[int]
+    N_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    created_at: str
+    dim: int
+    metric: str
+    n_users: int
+    n_items: int
+    evaluation: _containers.ScalarMap[str, float]
+    loaded_at: str
+    def __init__(self, version: _Optional[str] = ..., created_at: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., n_users: _Optional[int] = ..., n_items: _Optional[int] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., loaded_at: _Optional[str] = ...) -> None: ...
+
+class ReloadModelRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class ReloadModelResponse(_message.Message):
+    __slots__ = ("previous_version", "version", "changed")
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    previous_version: str
+    version: str
+    changed: bool
+    def __init__(self, previous_version: _Optional[str] = ..., version: _Optional[str] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("version", "created_at", "latest", "serving")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    created_at: str
+    latest: bool
+    serving: bool
+    def __init__(self, version: _Optional[str] = ..., created_at: _Optional[str] = ..., latest: _Optional[bool] = ..., serving: _Optional[bool] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "serving_version")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    serving_version: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., serving_version: _Optional[str] = ...) -> None: ...
