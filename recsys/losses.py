@@ -1,0 +1,721 @@
+"""Contrastive retrieval losses: pure functions of embeddings (TF Recommenders ``Retrieval`` task style).
+
+Convention, stated once: ``logits = q @ c.T / temperature`` (scale = 1 / temperature). Row ``i``'s positive is
+column ``i``; every other column of the batch, plus any extra negatives, is a negative unless masked.
+
+What the options do to row ``i`` of the ``[B, B + M]`` logit matrix:
+
+* **Accidental hits** (``item_ids``): a column ``j != i`` holding the same item as row ``i``'s positive is not a
+  negative; its logit becomes ``-inf`` so it drops out of the softmax (it gets no gradient). ``user_ids`` does the
+  same for the same user's other positives in the batch. The diagonal is never masked, so every row keeps a finite
+  logit and the loss stays finite.
+* **logQ correction** (Yi et al. 2019, "Sampling-bias-corrected neural modeling for large corpus item
+  recommendations"): ``logits[i, j] -= log_q[j]``, where ``log_q[j]`` is the log probability that candidate ``j``
+  was drawn as a candidate. In-batch candidates are the batch's positives, so the trainer passes
+  ``log_q = log(prob[item_idx])`` with ``prob`` from ``items.parquet`` (it sums to 1). Any constant added to every
+  ``log_q`` (e.g. ``log B`` for expected counts) cancels in the softmax. ``correct_positive=False`` leaves the
+  positive's own logit uncorrected ("Correcting the LogQ Correction", RecSys 2025).
+* **Extra negatives** ``extra_c [M, d]`` are appended as columns shared by the whole batch: mixed negative sampling
+  (Yang et al. 2020: items drawn uniformly from the catalogue) or a MoCo-style queue of recent item embeddings
+  (:class:`ItemEmbeddingQueue`). They carry their own ``extra_log_q``. For uniform samples that is
+  ``log(1 / n_items)`` for every one: pass ``extra_log_q=-math.log(n_items)`` (a float broadcasts). To correct
+  for the pool as a whole, :func:`mixed_log_q` gives the log probability under the mixture of the two samplers
+  for both parts. ``extra_item_ids`` masks an extra negative equal to the row's positive item.
+
+Masked logits use ``-inf`` on logits that are always float32 or wider: under bf16/fp16 autocast the score matmul
+runs in low precision and is upcast before scaling, correction, masking and the log-sum-exp.
+
+:func:`in_batch_softmax_chunked` computes the same loss (values and gradients) in row blocks with a hand-written
+backward, so neither pass ever holds the full ``[B, B + M]`` float32 logits or a ``[B, B]`` boolean mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ItemEmbeddingQueue",
+    "feature_dropout",
+    "feature_dropout_ssl_loss",
+    "in_batch_softmax",
+    "in_batch_softmax_chunked",
+    "mixed_log_q",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# argument checks (shape/dtype only: nothing here reads tensor values, so no device sync)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_ids(name: str, ids: Tensor | None, n: int) -> None:
+    if ids is None:
+        return
+    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+        raise TypeError(f"`{name}` must be an integer tensor, got {got}")
+    if ids.shape != (n,):
+        raise ValueError(f"`{name}` must have shape [{n}], got {list(ids.shape)}")
+
+
+def _check_vector(name: str, v: Tensor | None, n: int) -> None:
+    if v is None:
+        return
+    if not isinstance(v, Tensor) or not v.dtype.is_floating_point:
+        got = v.dtype if isinstance(v, Tensor) else type(v).__name__
+        raise TypeError(f"`{name}` must be a floating-point tensor, got {got}")
+    if v.shape != (n,):
+        raise ValueError(f"`{name}` must have shape [{n}], got {list(v.shape)}")
+
+
+def _check_temperature(temperature: float | Tensor) -> None:
+    if isinstance(temperature, Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(
+                f"`temperature` must be a scalar, got a tensor of shape {list(temperature.shape)}"
+            )
+        return
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"`temperature` must be a float or a scalar tensor, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"`temperature` must be a finite float > 0, got {temperature}")
+
+
+def _prepare(
+    q: Tensor,
+    c: Tensor,
+    *,
+    temperature: float | Tensor,
+    item_ids: Tensor | None,
+    user_ids: Tensor | None,
+    log_q: Tensor | None,
+    extra_c: Tensor | None,
+    extra_item_ids: Tensor | None,
+    extra_log_q: Tensor | float | None,
+    weights: Tensor | None,
+    reduction: str,
+) -> Tensor | None:
+    """Validate the arguments shared by both variants; return ``extra_log_q`` as a ``[M]`` tensor (or None)."""
+    if q.ndim != 2 or c.ndim != 2:
+        raise ValueError(f"`q` and `c` must be 2-D [B, d], got shapes {list(q.shape)} and {list(c.shape)}")
+    if q.shape != c.shape:
+        raise ValueError(
+            f"`q` and `c` must have the same shape [B, d], got {list(q.shape)} and {list(c.shape)}"
+        )
+    if q.shape[0] == 0:
+        raise ValueError("`q` and `c` must hold at least one row, got an empty batch")
+    if q.dtype != c.dtype or q.device != c.device:
+        raise ValueError(
+            f"`q` and `c` must share dtype and device, got {q.dtype}/{q.device} and {c.dtype}/{c.device}"
+        )
+    b, d = q.shape
+    _check_temperature(temperature)
+    _check_ids("item_ids", item_ids, b)
+    _check_ids("user_ids", user_ids, b)
+    _check_vector("log_q", log_q, b)
+    _check_vector("weights", weights, b)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+    if extra_c is None:
+        for name, v in (("extra_item_ids", extra_item_ids), ("extra_log_q", extra_log_q)):
+            if v is not None:
+                raise ValueError(f"`{name}` was given without `extra_c`")
+        return None
+    if extra_c.ndim != 2 or extra_c.shape[1] != d:
+        raise ValueError(f"`extra_c` must have shape [M, {d}], got {list(extra_c.shape)}")
+    if extra_c.dtype != q.dtype or extra_c.device != q.device:
+        raise ValueError(
+            f"`extra_c` must match `q` ({q.dtype}/{q.device}), got {extra_c.dtype}/{extra_c.device}"
+        )
+    m = extra_c.shape[0]
+    _check_ids("extra_item_ids", extra_item_ids, m)
+    if extra_item_ids is not None and item_ids is None:
+        raise ValueError("`extra_item_ids` needs `item_ids` (the rows' positive items) to know what to mask")
+    # Correcting one set of columns and not the other would tilt the softmax towards the uncorrected ones.
+    if (log_q is None) != (extra_log_q is None):
+        raise ValueError(
+            "pass both `log_q` and `extra_log_q` or neither: logQ must correct in-batch and extra columns alike "
+            f"(got log_q={'set' if log_q is not None else None}, "
+            f"extra_log_q={'set' if extra_log_q is not None else None}); "
+            "for uniformly sampled extras use extra_log_q=-math.log(n_items)"
+        )
+    if extra_log_q is None:
+        return None
+    if isinstance(extra_log_q, Tensor):
+        _check_vector("extra_log_q", extra_log_q, m)
+        return extra_log_q
+    if (
+        isinstance(extra_log_q, bool)
+        or not isinstance(extra_log_q, (int, float))
+        or not math.isfinite(extra_log_q)
+    ):
+        raise ValueError(f"`extra_log_q` must be a [{m}] tensor or a finite float, got {extra_log_q!r}")
+    return torch.full((m,), float(extra_log_q), dtype=log_q.dtype, device=q.device)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the score matmul runs in: the autocast dtype when autocast is on for ``x``'s device."""
+    dev = x.device.type
+    if x.dtype.is_floating_point and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _logit_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    # log-sum-exp, -inf masking and logQ in bf16/fp16 lose too much; float64 stays float64 for exact tests.
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
+def _block_mask(
+    start: int,
+    stop: int,
+    *,
+    item_ids: Tensor | None,
+    user_ids: Tensor | None,
+    extra_item_ids: Tensor | None,
+    n_extra: int,
+) -> Tensor | None:
+    """Accidental-hit mask for rows ``start:stop``: ``[r, B + M]`` bool, True = not a negative. Never the diagonal."""
+    if item_ids is None and user_ids is None:
+        return None
+    parts = []
+    hit = None
+    for ids in (item_ids, user_ids):
+        if ids is not None:
+            eq = ids[start:stop, None] == ids[None, :]  # [r, B]
+            hit = eq if hit is None else hit | eq
+    rows = torch.arange(start, stop, device=hit.device)
+    diag = rows[:, None] == torch.arange(hit.shape[1], device=hit.device)[None, :]  # [r, B]
+    parts.append(hit & ~diag)
+    if n_extra:
+        if extra_item_ids is not None:
+            parts.append(item_ids[start:stop, None] == extra_item_ids[None, :])  # [r, M]
+        else:
+            parts.append(torch.zeros(stop - start, n_extra, dtype=torch.bool, device=hit.device))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _block_bias(
+    start: int,
+    stop: int,
+    *,
+    full_log_q: Tensor | None,
+    correct_positive: bool,
+    n_cols: int,
+    dtype: torch.dtype,
+) -> Tensor | None:
+    """What is subtracted from rows ``start:stop`` of the logits: ``[r, B + M]`` (logQ), or None."""
+    if full_log_q is None:
+        return None
+    bias = full_log_q.to(dtype)[None, :].expand(stop - start, n_cols)  # [r, B + M]
+    if not correct_positive:
+        rows = torch.arange(start, stop, device=full_log_q.device)
+        diag = rows[:, None] == torch.arange(n_cols, device=full_log_q.device)[None, :]
+        bias = bias.masked_fill(diag, 0.0)
+    return bias
+
+
+def _reduce(per_row: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
+    if weights is not None:
+        w = weights.to(per_row.dtype)
+        if reduction == "mean":
+            return (per_row * w).sum() / w.sum()
+        per_row = per_row * w
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
+
+
+# --------------------------------------------------------------------------------------------------------------
+# in-batch softmax
+# --------------------------------------------------------------------------------------------------------------
+
+
+def in_batch_softmax(
+    q: Tensor,
+    c: Tensor,
+    *,
+    temperature: float | Tensor,
+    item_ids: Tensor | None = None,
+    user_ids: Tensor | None = None,
+    log_q: Tensor | None = None,
+    correct_positive: bool = True,
+    extra_c: Tensor | None = None,
+    extra_item_ids: Tensor | None = None,
+    extra_log_q: Tensor | float | None = None,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """In-batch sampled softmax (InfoNCE): cross-entropy of each row of ``q @ [c; extra_c].T / temperature``.
+
+    Args:
+        q: query (user tower) embeddings ``[B, d]``.
+        c: candidate (item tower) embeddings ``[B, d]``; ``c[i]`` is row ``i``'s positive.
+        temperature: float > 0 or a scalar tensor (learned temperature receives a gradient).
+        item_ids: ``[B]`` item of each positive; other columns with the same item are masked in that row.
+        user_ids: ``[B]`` user of each row; the same user's other positives are masked in that row.
+        log_q: ``[B]`` log sampling probability of each in-batch candidate (logQ correction).
+        correct_positive: subtract ``log_q[i]`` from the positive's own logit too (Yi et al.); False leaves it.
+        extra_c: ``[M, d]`` extra negatives shared by every row (uniform samples, queue).
+        extra_item_ids: ``[M]`` items of the extra negatives; an extra equal to row ``i``'s item is masked there.
+        extra_log_q: ``[M]`` (or one float for all) log sampling probability of the extras; required with
+            ``log_q`` when ``extra_c`` is given.
+        weights: ``[B]`` per-example weights; ``mean`` becomes ``sum(w * loss) / sum(w)``.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (``[B]`` per-row losses, times ``weights`` if given).
+
+    Returns:
+        A scalar, or ``[B]`` with ``reduction="none"``; float32 (float64 for float64 inputs).
+    """
+    extra_log_q = _prepare(
+        q,
+        c,
+        temperature=temperature,
+        item_ids=item_ids,
+        user_ids=user_ids,
+        log_q=log_q,
+        extra_c=extra_c,
+        extra_item_ids=extra_item_ids,
+        extra_log_q=extra_log_q,
+        weights=weights,
+        reduction=reduction,
+    )
+    b = q.shape[0]
+    cands = c if extra_c is None else torch.cat([c, extra_c], dim=0)  # [B + M, d]
+    n_cols = cands.shape[0]
+    scores = q @ cands.T  # [B, B + M]; bf16 under autocast
+    logits = scores.to(_logit_dtype(scores.dtype)) / temperature
+    full_log_q = (
+        None if log_q is None else (log_q if extra_log_q is None else torch.cat([log_q, extra_log_q]))
+    )
+    bias = _block_bias(
+        0, b, full_log_q=full_log_q, correct_positive=correct_positive, n_cols=n_cols, dtype=logits.dtype
+    )
+    if bias is not None:
+        logits = logits - bias
+    mask = _block_mask(
+        0, b, item_ids=item_ids, user_ids=user_ids, extra_item_ids=extra_item_ids, n_extra=n_cols - b
+    )
+    if mask is not None:
+        logits = logits.masked_fill(mask, float("-inf"))
+    per_row = F.cross_entropy(logits, torch.arange(b, device=q.device), reduction="none")  # [B]
+    return _reduce(per_row, weights, reduction)
+
+
+def mixed_log_q(log_p: Tensor, *, batch_size: int, n_uniform: int, n_items: int) -> Tensor:
+    """Log probability of a candidate under mixed negative sampling (Yang et al. 2020).
+
+    The pool mixes ``batch_size`` candidates drawn from the unigram distribution ``p`` (the batch's positives) with
+    ``n_uniform`` drawn uniformly from ``n_items``, so one draw from the pool picks item ``j`` with probability
+    ``(batch_size * p_j + n_uniform / n_items) / (batch_size + n_uniform)``. Apply it to both parts:
+    ``log_q=mixed_log_q(log_p[batch_items], ...)``, ``extra_log_q=mixed_log_q(log_p[sampled_items], ...)``.
+
+    Args:
+        log_p: ``[n]`` log unigram probability of the items concerned (``log(prob)`` from ``items.parquet``).
+    Returns:
+        ``[n]`` log mixture probabilities, same dtype as ``log_p``.
+    """
+    for name, v in (("batch_size", batch_size), ("n_uniform", n_uniform), ("n_items", n_items)):
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"`{name}` must be an int >= 0, got {v!r}")
+    if n_items < 1 or batch_size + n_uniform < 1:
+        raise ValueError(
+            f"need n_items >= 1 and batch_size + n_uniform >= 1, got {n_items} and {batch_size + n_uniform}"
+        )
+    # log(B p + M / N) - log(B + M), via logaddexp so tiny p stays accurate
+    parts = log_p + math.log(batch_size) if batch_size else torch.full_like(log_p, float("-inf"))
+    if n_uniform:
+        parts = torch.logaddexp(parts, torch.full_like(log_p, math.log(n_uniform / n_items)))
+    return parts - math.log(batch_size + n_uniform)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# chunked in-batch softmax: never materialises [B, B + M] logits
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _ChunkedInBatchSoftmax(torch.autograd.Function):
+    """Per-row InfoNCE losses ``[B]`` computed in row blocks; backward recomputes each block's logits.
+
+    Memory: forward keeps only the row log-sum-exp ``[B]``; each pass holds one ``[chunk, B + M]`` block at a time.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        q,
+        cands,
+        temperature,
+        full_log_q,
+        item_ids,
+        user_ids,
+        extra_item_ids,
+        correct_positive,
+        chunk_size,
+    ):
+        compute_dtype = _compute_dtype(q)
+        logit_dtype = _logit_dtype(compute_dtype)
+        b, n_cols = q.shape[0], cands.shape[0]
+        inv_t = 1.0 / temperature.detach().to(logit_dtype).reshape(())
+        qc, cc = q.detach().to(compute_dtype), cands.detach().to(compute_dtype)
+        lse = torch.empty(b, dtype=logit_dtype, device=q.device)
+        pos = torch.empty(b, dtype=logit_dtype, device=q.device)
+        with torch.autocast(q.device.type, enabled=False):
+            for start in range(0, b, chunk_size):
+                stop = min(start + chunk_size, b)
+                _, logits = _ChunkedInBatchSoftmax._block(
+                    start,
+                    stop,
+                    qc,
+                    cc,
+                    inv_t,
+                    full_log_q,
+                    item_ids,
+                    user_ids,
+                    extra_item_ids,
+                    correct_positive,
+                    logit_dtype,
+                    n_cols,
+                )
+                lse[start:stop] = torch.logsumexp(logits, dim=1)
+                rows = torch.arange(stop - start, device=q.device)
+                pos[start:stop] = logits[rows, rows + start]
+        ctx.save_for_backward(q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, lse)
+        ctx.correct_positive = correct_positive
+        ctx.chunk_size = chunk_size
+        ctx.compute_dtype = compute_dtype
+        return lse - pos
+
+    @staticmethod
+    def _block(
+        start,
+        stop,
+        qc,
+        cc,
+        inv_t,
+        full_log_q,
+        item_ids,
+        user_ids,
+        extra_item_ids,
+        correct_positive,
+        logit_dtype,
+        n_cols,
+    ):
+        """Raw scores ``[r, B + M]`` (logit dtype) and the scaled, corrected, masked logits of rows ``start:stop``."""
+        b = qc.shape[0]
+        scores = (qc[start:stop] @ cc.T).to(logit_dtype)  # [r, B + M]
+        logits = scores * inv_t
+        bias = _block_bias(
+            start,
+            stop,
+            full_log_q=full_log_q,
+            correct_positive=correct_positive,
+            n_cols=n_cols,
+            dtype=logit_dtype,
+        )
+        if bias is not None:
+            logits = logits - bias
+        mask = _block_mask(
+            start,
+            stop,
+            item_ids=item_ids,
+            user_ids=user_ids,
+            extra_item_ids=extra_item_ids,
+            n_extra=n_cols - b,
+        )
+        if mask is not None:
+            logits = logits.masked_fill(mask, float("-inf"))
+        return scores, logits
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, lse = ctx.saved_tensors
+        need_q, need_c, need_t, need_lq = ctx.needs_input_grad[:4]
+        compute_dtype = ctx.compute_dtype
+        logit_dtype = lse.dtype
+        b, n_cols = q.shape[0], cands.shape[0]
+        inv_t = 1.0 / temperature.detach().to(logit_dtype).reshape(())
+        qc, cc = q.detach().to(compute_dtype), cands.detach().to(compute_dtype)
+        grad_out = grad_out.to(logit_dtype)
+        grad_q = torch.empty_like(q, dtype=compute_dtype) if need_q else None
+        grad_c = torch.zeros_like(cands, dtype=logit_dtype) if need_c else None
+        grad_t = torch.zeros((), dtype=logit_dtype, device=q.device)
+        grad_lq = torch.zeros(n_cols, dtype=logit_dtype, device=q.device) if need_lq else None
+        with torch.autocast(q.device.type, enabled=False):
+            for start in range(0, b, ctx.chunk_size):
+                stop = min(start + ctx.chunk_size, b)
+                scores, logits = _ChunkedInBatchSoftmax._block(
+                    start,
+                    stop,
+                    qc,
+                    cc,
+                    inv_t,
+                    full_log_q,
+                    item_ids,
+                    user_ids,
+                    extra_item_ids,
+                    ctx.correct_positive,
+                    logit_dtype,
+                    n_cols,
+                )
+                # d loss_i / d logits_ij = softmax_ij - [j == i]; masked columns have softmax 0 -> no gradient
+                g = torch.exp(logits - lse[start:stop, None])  # [r, B + M]
+                rows = torch.arange(stop - start, device=q.device)
+                g[rows, rows + start] -= 1.0
+                g *= grad_out[start:stop, None]
+                if need_t:
+                    # logits = scores / t  ->  d/dt = -scores / t^2; masked entries have g == 0 (scores finite)
+                    grad_t -= (g * scores).sum() * inv_t * inv_t
+                if need_lq:
+                    # logits -= log_q (bias) -> d/dlog_q = -g, except the uncorrected diagonal
+                    gl = (
+                        g
+                        if ctx.correct_positive
+                        else g.index_put(
+                            (rows, rows + start), torch.zeros((), dtype=g.dtype, device=g.device)
+                        )
+                    )
+                    grad_lq -= gl.sum(0)
+                gs = (g * inv_t).to(compute_dtype)  # d loss / d scores
+                if need_q:
+                    grad_q[start:stop] = gs @ cc
+                if need_c:
+                    grad_c += (gs.T @ qc[start:stop]).to(logit_dtype)
+        return (
+            grad_q.to(q.dtype) if need_q else None,
+            grad_c.to(cands.dtype) if need_c else None,
+            grad_t.to(temperature.dtype).reshape(temperature.shape) if need_t else None,
+            grad_lq.to(full_log_q.dtype) if need_lq else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def in_batch_softmax_chunked(
+    q: Tensor,
+    c: Tensor,
+    *,
+    temperature: float | Tensor,
+    item_ids: Tensor | None = None,
+    user_ids: Tensor | None = None,
+    log_q: Tensor | None = None,
+    correct_positive: bool = True,
+    extra_c: Tensor | None = None,
+    extra_item_ids: Tensor | None = None,
+    extra_log_q: Tensor | float | None = None,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = 1024,
+) -> Tensor:
+    """:func:`in_batch_softmax` computed ``chunk_size`` rows at a time, forward and backward.
+
+    Same arguments, values and gradients as :func:`in_batch_softmax`. Peak extra memory is one ``[chunk_size,
+    B + M]`` block instead of the full ``[B, B + M]`` logits (plus their softmax and mask) that autograd would
+    keep; the backward recomputes each block's scores (one more matmul) instead of storing them.
+
+    Args:
+        chunk_size: rows per block, >= 1.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be an int >= 1, got {chunk_size!r}")
+    extra_log_q = _prepare(
+        q,
+        c,
+        temperature=temperature,
+        item_ids=item_ids,
+        user_ids=user_ids,
+        log_q=log_q,
+        extra_c=extra_c,
+        extra_item_ids=extra_item_ids,
+        extra_log_q=extra_log_q,
+        weights=weights,
+        reduction=reduction,
+    )
+    cands = c if extra_c is None else torch.cat([c, extra_c], dim=0)  # [B + M, d]
+    full_log_q = (
+        None if log_q is None else (log_q if extra_log_q is None else torch.cat([log_q, extra_log_q]))
+    )
+    if not isinstance(temperature, Tensor):
+        temperature = torch.tensor(float(temperature), dtype=torch.float64, device=q.device)
+    per_row = _ChunkedInBatchSoftmax.apply(
+        q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, correct_positive, chunk_size
+    )
+    return _reduce(per_row, weights, reduction)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MoCo-style queue of recent item embeddings
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ItemEmbeddingQueue:
+    """Ring buffer of the most recent ``size`` item embeddings, used as extra negatives (He et al. 2020, MoCo).
+
+    Entries are detached on the way in, so no gradient ever flows into the queue; they were computed by an older
+    item tower, which is why the queue should stay small relative to how fast the tower moves.
+
+    Usage in a training step (after the loss, so a batch is never its own negative)::
+
+        emb, ids = queue.tensors()
+        loss = in_batch_softmax(q, c, temperature=t, item_ids=items, extra_c=emb, extra_item_ids=ids,
+                                log_q=log_q, extra_log_q=queue.log_q())
+        queue.enqueue(c, items, log_q=log_q)
+
+    Args:
+        size: capacity ``M`` (>= 1).
+        dim: embedding width ``d``.
+        device: where the buffers live; None = the device of the first enqueued batch.
+        dtype: buffer dtype; None = the dtype of the first enqueued batch.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        for name, v in (("size", size), ("dim", dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {v!r}")
+        self.size = size
+        self.dim = dim
+        self._device = None if device is None else torch.device(device)
+        self._dtype = dtype
+        self._emb: Tensor | None = None  # [size, dim]
+        self._ids: Tensor | None = None  # [size] int64
+        self._log_q: Tensor | None = None  # [size], only once a batch came with log_q
+        self._ptr = 0  # next slot to write
+        self._count = 0  # filled slots
+        if self._device is not None and self._dtype is not None:
+            self._allocate(self._device, self._dtype)
+
+    def _allocate(self, device: torch.device, dtype: torch.dtype) -> None:
+        self._emb = torch.zeros(self.size, self.dim, device=device, dtype=dtype)
+        self._ids = torch.full((self.size,), -1, dtype=torch.long, device=device)
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self._emb is None else self._emb.device
+
+    def reset(self) -> None:
+        """Empty the queue (e.g. when the item tower changed too much for old entries to be useful)."""
+        self._ptr = 0
+        self._count = 0
+        self._log_q = None
+
+    @torch.no_grad()
+    def enqueue(self, emb: Tensor, ids: Tensor, *, log_q: Tensor | None = None) -> None:
+        """Append a batch, overwriting the oldest entries.
+
+        Args:
+            emb: ``[B, dim]`` item embeddings (detached here).
+            ids: ``[B]`` item ids (to mask a queued copy of a row's own positive).
+            log_q: ``[B]`` log sampling probabilities of these items, kept for :meth:`log_q`. Give it always or
+                never: a queue cannot mix corrected and uncorrected entries.
+        """
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise ValueError(f"`emb` must have shape [B, {self.dim}], got {list(emb.shape)}")
+        n = emb.shape[0]
+        _check_ids("ids", ids, n)
+        _check_vector("log_q", log_q, n)
+        if self._count and (log_q is None) != (self._log_q is None):
+            raise ValueError(
+                f"`log_q` must be given for every batch or for none; the queue holds {self._count} entries "
+                f"{'with' if self._log_q is not None else 'without'} log_q and this batch has "
+                f"{'none' if log_q is None else 'some'}"
+            )
+        if self._emb is None:
+            self._allocate(self._device or emb.device, self._dtype or emb.dtype)
+        if log_q is not None and self._log_q is None:
+            self._log_q = torch.zeros(self.size, dtype=log_q.dtype, device=self._emb.device)
+        if n == 0:
+            return
+        if n > self.size:  # only the newest `size` rows survive anyway
+            emb, ids = emb[-self.size :], ids[-self.size :]
+            log_q = None if log_q is None else log_q[-self.size :]
+            n = self.size
+        slots = (self._ptr + torch.arange(n, device=self._emb.device)) % self.size
+        self._emb[slots] = emb.detach().to(self._emb.device, self._emb.dtype)
+        self._ids[slots] = ids.to(self._ids.device, torch.long)
+        if log_q is not None:
+            self._log_q[slots] = log_q.detach().to(self._log_q.device, self._log_q.dtype)
+        self._ptr = (self._ptr + n) % self.size
+        self._count = min(self._count + n, self.size)
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """The filled entries: ``(emb [M, dim], ids [M])``, ``M = len(self)`` (0 before the first enqueue)."""
+        if self._emb is None:
+            dev = self._device or torch.device("cpu")
+            return (
+                torch.zeros(0, self.dim, device=dev, dtype=self._dtype or torch.float32),
+                torch.zeros(0, dtype=torch.long, device=dev),
+            )
+        return self._emb[: self._count], self._ids[: self._count]
+
+    def log_q(self) -> Tensor | None:
+        """``[M]`` log sampling probabilities of the filled entries, or None if batches came without ``log_q``."""
+        return None if self._log_q is None else self._log_q[: self._count]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# self-supervised feature-dropout loss (Yao et al. 2021)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def feature_dropout(codes: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Zero each feature code independently with probability ``p`` (code 0 = missing): one augmented view.
+
+    Args:
+        codes: ``[B, F]`` integer feature codes.
+        p: drop probability in ``[0, 1]``.
+        generator: optional ``torch.Generator`` on ``codes``' device, for reproducible views.
+    Returns:
+        ``[B, F]`` copy of ``codes`` with the dropped entries set to 0.
+    """
+    if not isinstance(codes, Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        got = codes.dtype if isinstance(codes, Tensor) else type(codes).__name__
+        raise TypeError(f"`codes` must be an integer tensor, got {got}")
+    if codes.ndim != 2:
+        raise ValueError(f"`codes` must have shape [B, F], got {list(codes.shape)}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"`p` must be a float in [0, 1], got {p!r}")
+    if p == 0.0:
+        return codes.clone()
+    drop = torch.rand(codes.shape, generator=generator, device=codes.device) < p
+    return codes.masked_fill(drop, 0)
+
+
+def feature_dropout_ssl_loss(
+    z1: Tensor, z2: Tensor, *, temperature: float | Tensor, item_ids: Tensor | None = None
+) -> Tensor:
+    """Symmetric InfoNCE between two augmented views of the same items (SimCLR-style, Yao et al. 2021).
+
+    ``z1[i]`` and ``z2[i]`` (two feature-dropout views of item ``i``) are a positive pair; the other items' views
+    in the other tensor are negatives. The loss is the mean of the ``z1 -> z2`` and ``z2 -> z1`` directions.
+
+    Args:
+        z1: ``[B, d]`` item-tower output of view 1 (L2-normalised, as the tower returns it).
+        z2: ``[B, d]`` item-tower output of view 2.
+        temperature: float > 0 or scalar tensor (logits = z1 @ z2.T / temperature).
+        item_ids: optional ``[B]``; the same item appearing twice in the batch is not its own negative.
+    Returns:
+        Scalar loss.
+    """
+    a = in_batch_softmax(z1, z2, temperature=temperature, item_ids=item_ids)
+    b = in_batch_softmax(z2, z1, temperature=temperature, item_ids=item_ids)
+    return 0.5 * (a + b)
