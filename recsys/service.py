@@ -1,0 +1,417 @@
+"""Recommendation logic over a loaded :class:`recsys.bundle.Bundle`, free of gRPC.
+
+The gRPC servicer (``server/servicer.py``) is a thin adapter: it turns a request message into a call of one
+function here, the result into a response message, and a :class:`ServiceError` into a status code (in one
+place, ``server.servicer.STATUS_OF``). Every function takes the bundle explicitly, so a request that grabbed a
+bundle at its start finishes on it even when the server swaps models underneath.
+
+Row conventions follow the bundle: item rows index ``bundle.item_embeddings`` [n_items, dim] and the index; the
+index returns ids [n, k] int64 and scores [n, k] float32, padded with id -1 / score -inf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SOURCE_KNOWN_USER = "known_user"
+SOURCE_HISTORY = "history"
+SOURCE_POPULARITY = "popularity"
+
+
+class ServiceError(Exception):
+    """A request the service cannot answer; the subclass decides the status code."""
+
+
+class InvalidArgument(ServiceError):
+    """The request itself is malformed (the message names the field and the value received)."""
+
+
+class NotFound(ServiceError):
+    """A user, item or model version the request needs is unknown."""
+
+
+class Unavailable(ServiceError):
+    """No model is loaded yet, or the server is shutting down."""
+
+
+class FailedPrecondition(ServiceError):
+    """A model bundle was refused (fails verification); the current model keeps serving."""
+
+
+class Unauthenticated(ServiceError):
+    """An admin call without the configured bearer token."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; every violation is INVALID_ARGUMENT, never a silent clamp."""
+
+    # largest `k` a request may ask for
+    max_k: int = 1000
+    # most IDs in one list field (user_ids, exclude_item_ids, allowed_item_ids, ...)
+    max_ids: int = 1000
+    # most history items in one request
+    max_history: int = 1000
+    # longest ID, in characters
+    max_id_length: int = 256
+
+
+@dataclass
+class Recommendation:
+    """Top-k answer for one query: parallel lists of item IDs and scores, best first."""
+
+    item_ids: list[str]
+    scores: list[float]
+    source: str
+    fallback: bool = False
+    found: bool = True
+    unknown_item_ids: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A short repr for error messages (a 1 MB ID is not echoed back in full)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"...' ({len(value)} chars)"
+
+
+def check_k(k: int, limits: Limits, *, name: str = "k") -> int:
+    if not 1 <= k <= limits.max_k:
+        raise InvalidArgument(f"`{name}` must be in [1, {limits.max_k}], got {k}")
+    return k
+
+
+def check_id(value: str, limits: Limits, *, name: str) -> str:
+    if not value:
+        raise InvalidArgument(f"`{name}` must be a non-empty ID, got ''")
+    if len(value) > limits.max_id_length:
+        raise InvalidArgument(
+            f"`{name}` must be at most {limits.max_id_length} characters, got {_show(value)}"
+        )
+    return value
+
+
+def check_ids(values: Sequence[str], limits: Limits, *, name: str, max_n: int | None = None) -> list[str]:
+    """Validate a list of IDs: at most ``max_n`` (default ``limits.max_ids``), each non-empty and not too long."""
+    max_n = limits.max_ids if max_n is None else max_n
+    if len(values) > max_n:
+        raise InvalidArgument(f"`{name}` may hold at most {max_n} IDs, got {len(values)}")
+    out = list(values)
+    longest = limits.max_id_length
+    for i, v in enumerate(out):
+        if not v or len(v) > longest:
+            check_id(v, limits, name=f"{name}[{i}]")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _known_rows(bundle: Any, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Item rows [m] int64 of the known IDs (request order) and the unknown IDs."""
+    if not ids:
+        return np.empty(0, dtype=np.int64), []
+    rows, unknown = bundle.item_rows(ids)
+    return np.asarray(rows, dtype=np.int64), list(unknown)
+
+
+def _union(*parts: np.ndarray | None) -> np.ndarray | None:
+    arrays = [p for p in parts if p is not None and len(p)]
+    if not arrays:
+        return None
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _topk_within(
+    bundle: Any, queries: np.ndarray, k: int, allowed: np.ndarray, excludes: Sequence[np.ndarray | None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k restricted to ``allowed`` item rows: queries [n, dim] -> (ids [n, k], scores [n, k]).
+
+    An include-list is at most ``max_ids`` long, so scoring it exactly is cheap and, unlike a filtered ANN walk,
+    never misses allowed items that sit far from the query's neighbourhood.
+    """
+    allowed = np.unique(allowed)
+    n = queries.shape[0]
+    ids = np.full((n, k), -1, dtype=np.int64)
+    scores = np.full((n, k), -np.inf, dtype=np.float32)
+    if allowed.size == 0:
+        return ids, scores
+    sims = queries @ bundle.item_embeddings[allowed].T  # [n, |allowed|]
+    sims = sims.astype(np.float32, copy=False)
+    for i in range(n):
+        row = sims[i]
+        ex = excludes[i] if excludes else None
+        if ex is not None and len(ex):
+            row = np.where(np.isin(allowed, ex), -np.inf, row)
+        order = np.argsort(-row, kind="stable")[:k]
+        order = order[np.isfinite(row[order])]
+        ids[i, : order.size] = allowed[order]
+        scores[i, : order.size] = row[order]
+    return ids, scores
+
+
+def _search(
+    bundle: Any,
+    queries: np.ndarray,
+    k: int,
+    *,
+    excludes: Sequence[np.ndarray | None],
+    allowed: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One batched query: queries [n, dim] float32 -> (item rows [n, k] int64, scores [n, k] float32)."""
+    if allowed is not None:
+        return _topk_within(bundle, queries, k, allowed, excludes)
+    exclude = list(excludes) if any(e is not None for e in excludes) else None
+    return bundle.index.search(queries, k, exclude=exclude)
+
+
+def _as_recommendation(
+    bundle: Any, ids: np.ndarray, scores: np.ndarray, *, source: str, unknown: list[str] | None = None
+) -> Recommendation:
+    keep = ids >= 0  # drop the -1 padding when fewer than k candidates remain
+    if not keep.all():
+        ids, scores = ids[keep], scores[keep]
+    return Recommendation(
+        item_ids=bundle.item_ids[ids].tolist(),
+        scores=scores.tolist(),
+        source=source,
+        fallback=source == SOURCE_POPULARITY,
+        unknown_item_ids=unknown or [],
+    )
+
+
+def popular(
+    bundle: Any, k: int, *, exclude: np.ndarray | None = None, allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most popular item rows after exclusions, with rank scores ``1 / (1 + rank)`` (1 for the top)."""
+    rows = np.asarray(bundle.popular_items, dtype=np.int64)
+    rank = np.arange(rows.size)
+    keep = np.ones(rows.size, dtype=bool)
+    if exclude is not None and len(exclude):
+        keep &= ~np.isin(rows, exclude)
+    if allowed is not None:
+        keep &= np.isin(rows, allowed)
+    rows, rank = rows[keep][:k], rank[keep][:k]
+    return rows, (1.0 / (1.0 + rank)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- queries
+
+
+def recommend(
+    bundle: Any,
+    *,
+    user_id: str = "",
+    history_item_ids: Sequence[str] = (),
+    k: int,
+    include_seen: bool = False,
+    exclude_item_ids: Sequence[str] = (),
+    allowed_item_ids: Sequence[str] = (),
+    allow_fallback: bool = False,
+    limits: Limits = Limits(),
+) -> Recommendation:
+    """Top-k items for one user (see ``RecommendRequest`` in the proto for the semantics of each option).
+
+    A known ``user_id`` uses its stored embedding (``history_item_ids`` ignored); otherwise the user tower embeds
+    the known items of ``history_item_ids``; otherwise, with ``allow_fallback``, the most popular items.
+    """
+    check_k(k, limits)
+    if user_id:
+        check_id(user_id, limits, name="user_id")
+    check_ids(history_item_ids, limits, name="history_item_ids", max_n=limits.max_history)
+    check_ids(exclude_item_ids, limits, name="exclude_item_ids")
+    check_ids(allowed_item_ids, limits, name="allowed_item_ids")
+    if not user_id and not history_item_ids:
+        raise InvalidArgument("give `user_id` or a non-empty `history_item_ids`, got neither")
+
+    exclude, _ = _known_rows(bundle, exclude_item_ids)
+    allowed = _known_rows(bundle, allowed_item_ids)[0] if allowed_item_ids else None
+    row = bundle.user_row(user_id) if user_id else None
+    if row is not None:
+        seen = None if include_seen else bundle.seen_items(row)
+        query = bundle.user_embeddings[row : row + 1]  # [1, dim]
+        ids, scores = _search(bundle, query, k, excludes=[_union(seen, exclude)], allowed=allowed)
+        return _as_recommendation(bundle, ids[0], scores[0], source=SOURCE_KNOWN_USER)
+
+    history, unknown = _known_rows(bundle, history_item_ids)
+    if history.size:
+        query = np.asarray(bundle.embed_history([history]), dtype=np.float32)  # [1, dim]
+        seen = None if include_seen else history
+        ids, scores = _search(bundle, query, k, excludes=[_union(seen, exclude)], allowed=allowed)
+        return _as_recommendation(bundle, ids[0], scores[0], source=SOURCE_HISTORY, unknown=unknown)
+
+    if not allow_fallback:
+        if history_item_ids:
+            raise NotFound(
+                f"none of the {len(history_item_ids)} `history_item_ids` is a known item "
+                f"(first: {_show(history_item_ids[0])}) and `allow_fallback` is not set"
+            )
+        raise NotFound(f"unknown `user_id` {_show(user_id)} (send `history_item_ids` or set `allow_fallback`)")
+    seen = None if include_seen else history
+    ids, scores = popular(bundle, k, exclude=_union(seen, exclude), allowed=allowed)
+    return _as_recommendation(bundle, ids, scores, source=SOURCE_POPULARITY, unknown=unknown)
+
+
+def batch_recommend(
+    bundle: Any,
+    *,
+    user_ids: Sequence[str],
+    k: int,
+    include_seen: bool = False,
+    exclude_item_ids: Sequence[str] = (),
+    allowed_item_ids: Sequence[str] = (),
+    allow_fallback: bool = False,
+    limits: Limits = Limits(),
+) -> tuple[list[Recommendation], list[str]]:
+    """Top-k items for many users with ONE batched index query over the known ones.
+
+    Returns one :class:`Recommendation` per requested user (request order; unknown users get ``found=False`` and
+    no items, or the popularity fallback with ``allow_fallback``) and the list of unknown user IDs.
+    """
+    check_k(k, limits)
+    check_ids(user_ids, limits, name="user_ids")
+    if not user_ids:
+        raise InvalidArgument("`user_ids` must not be empty")
+    check_ids(exclude_item_ids, limits, name="exclude_item_ids")
+    check_ids(allowed_item_ids, limits, name="allowed_item_ids")
+    exclude, _ = _known_rows(bundle, exclude_item_ids)
+    allowed = _known_rows(bundle, allowed_item_ids)[0] if allowed_item_ids else None
+
+    user_row = bundle.user_row
+    rows = [user_row(u) for u in user_ids]
+    known = [i for i, r in enumerate(rows) if r is not None]
+    unknown_ids = [u for u, r in zip(user_ids, rows, strict=True) if r is None]
+    results: list[Recommendation | None] = [None] * len(user_ids)
+    if known:
+        known_rows = np.fromiter((rows[i] for i in known), dtype=np.int64, count=len(known))
+        queries = bundle.user_embeddings[known_rows]  # [n_known, dim]
+        exclude_or_none = exclude if exclude.size else None
+        if include_seen:
+            excludes = [exclude_or_none] * len(known)
+        else:
+            excludes = [_union(bundle.seen_items(int(r)), exclude_or_none) for r in known_rows]
+        ids, scores = _search(bundle, queries, k, excludes=excludes, allowed=allowed)
+        item_ids = bundle.item_ids
+        for j, i in enumerate(known):
+            keep = ids[j] >= 0
+            results[i] = Recommendation(
+                item_ids=item_ids[ids[j][keep]].tolist(),
+                scores=scores[j][keep].tolist(),
+                source=SOURCE_KNOWN_USER,
+            )
+    if unknown_ids:
+        if allow_fallback:
+            pop_ids, pop_scores = popular(bundle, k, exclude=exclude, allowed=allowed)
+            fallback = _as_recommendation(bundle, pop_ids, pop_scores, source=SOURCE_POPULARITY)
+        for i, r in enumerate(rows):
+            if r is None:
+                results[i] = (
+                    dataclasses.replace(fallback)
+                    if allow_fallback
+                    else Recommendation(item_ids=[], scores=[], source=SOURCE_KNOWN_USER, found=False)
+                )
+    return results, unknown_ids  # type: ignore[return-value]
+
+
+def similar_items(
+    bundle: Any,
+    *,
+    item_id: str,
+    k: int,
+    exclude_item_ids: Sequence[str] = (),
+    allowed_item_ids: Sequence[str] = (),
+    limits: Limits = Limits(),
+) -> Recommendation:
+    """The ``k`` items closest to ``item_id`` (the item itself excluded)."""
+    check_k(k, limits)
+    check_id(item_id, limits, name="item_id")
+    check_ids(exclude_item_ids, limits, name="exclude_item_ids")
+    check_ids(allowed_item_ids, limits, name="allowed_item_ids")
+    row = bundle.item_row(item_id)
+    if row is None:
+        raise NotFound(f"unknown `item_id` {_show(item_id)}")
+    exclude, _ = _known_rows(bundle, exclude_item_ids)
+    allowed = _known_rows(bundle, allowed_item_ids)[0] if allowed_item_ids else None
+    query = bundle.item_embeddings[row : row + 1]  # [1, dim]
+    ex = np.concatenate([np.array([row], dtype=np.int64), exclude])
+    ids, scores = _search(bundle, query, k, excludes=[ex], allowed=allowed)
+    return _as_recommendation(bundle, ids[0], scores[0], source=SOURCE_KNOWN_USER)
+
+
+def user_embeddings(
+    bundle: Any, user_ids: Sequence[str], *, limits: Limits = Limits()
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """(known IDs in request order, their embeddings [m, dim] float32, unknown IDs)."""
+    check_ids(user_ids, limits, name="user_ids")
+    if not user_ids:
+        raise InvalidArgument("`user_ids` must not be empty")
+    rows = [bundle.user_row(u) for u in user_ids]
+    known = [u for u, r in zip(user_ids, rows, strict=True) if r is not None]
+    unknown = [u for u, r in zip(user_ids, rows, strict=True) if r is None]
+    idx = np.array([r for r in rows if r is not None], dtype=np.int64)
+    return known, bundle.user_embeddings[idx], unknown
+
+
+def item_embeddings(
+    bundle: Any, item_ids: Sequence[str], *, limits: Limits = Limits()
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """(known IDs in request order, their embeddings [m, dim] float32, unknown IDs)."""
+    check_ids(item_ids, limits, name="item_ids")
+    if not item_ids:
+        raise InvalidArgument("`item_ids` must not be empty")
+    rows = [bundle.item_row(i) for i in item_ids]
+    known = [i for i, r in zip(item_ids, rows, strict=True) if r is not None]
+    unknown = [i for i, r in zip(item_ids, rows, strict=True) if r is None]
+    idx = np.array([r for r in rows if r is not None], dtype=np.int64)
+    return known, bundle.item_embeddings[idx], unknown
+
+
+def embed_user(
+    bundle: Any, history_item_ids: Sequence[str], *, limits: Limits = Limits()
+) -> tuple[np.ndarray, list[str]]:
+    """The user tower's embedding [dim] of a history of item IDs (oldest first), and the unknown IDs."""
+    check_ids(history_item_ids, limits, name="history_item_ids", max_n=limits.max_history)
+    if not history_item_ids:
+        raise InvalidArgument("`history_item_ids` must not be empty")
+    history, unknown = _known_rows(bundle, history_item_ids)
+    if history.size == 0:
+        raise NotFound(
+            f"none of the {len(history_item_ids)} `history_item_ids` is a known item "
+            f"(first: {_show(history_item_ids[0])})"
+        )
+    vec = np.asarray(bundle.embed_history([history]), dtype=np.float32)[0]
+    return vec, unknown
+
+
+def flatten_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"test": {"recall@20": 0.3}}`` -> ``{"test.recall@20": 0.3}``; non-numeric leaves are dropped."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_numbers(value, prefix=name + "."))
+        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            if math.isfinite(float(value)):
+                out[name] = float(value)
+    return out
+
+
+def model_info(bundle: Any) -> dict[str, Any]:
+    """Version, created-at, dim, metric, counts and the flattened evaluation summary of a bundle."""
+    return {
+        "version": str(bundle.version),
+        "created_at": str(bundle.created_at or ""),
+        "dim": int(bundle.dim),
+        "metric": str(bundle.metric),
+        "n_users": int(bundle.n_users),
+        "n_items": int(bundle.n_items),
+        "evaluation": flatten_numbers(bundle.evaluation or {}),
+    }

@@ -1,0 +1,51 @@
+"""Prometheus metrics of one server (own registry, so several servers can live in one test process)."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# sub-millisecond resolution: a healthy Recommend answers in well under 1 ms
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5, 1.0, 5.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter(
+            "recsys_requests", "RPCs answered, by method and status code", ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "recsys_request_latency_seconds", "RPC handling time, by method", ["method"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.model_version = Gauge(
+            "recsys_model_version_info", "1 for the model version currently serving", ["version"],
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "recsys_model_reloads", "Model loads, by result (ok, refused, error)", ["result"],
+            registry=self.registry,
+        )
+        # labelled children cached: .labels() takes a lock and hashes the labels on every call
+        self._req: dict[tuple[str, str], object] = {}
+        self._lat: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        key = (method, code)
+        child = self._req.get(key)
+        if child is None:
+            child = self._req[key] = self.requests.labels(method, code)
+        child.inc()  # type: ignore[attr-defined]
+        hist = self._lat.get(method)
+        if hist is None:
+            hist = self._lat[method] = self.latency.labels(method)
+        hist.observe(seconds)  # type: ignore[attr-defined]
+
+    def set_version(self, version: str) -> None:
+        with self._lock:
+            self.model_version.clear()
+            self.model_version.labels(version).set(1)

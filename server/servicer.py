@@ -1,0 +1,240 @@
+"""gRPC servicers: thin adapters between ``recsys.v1`` messages and :mod:`recsys.service`.
+
+Every RPC goes through :meth:`_Base._call`, the one place that maps errors to status codes, checks deadlines,
+tags the request id, counts metrics and logs. Handlers grab the serving bundle once (``store.current``) and use
+only that reference, so a hot reload never switches models under a request in flight.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from recsys import service
+from recsys.service import (
+    FailedPrecondition,
+    InvalidArgument,
+    Limits,
+    NotFound,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+)
+from recsys.v1 import recommender_pb2 as pb
+from recsys.v1 import recommender_pb2_grpc as pb_grpc
+from server.metrics import Metrics
+from server.store import ModelStore
+
+log = logging.getLogger("recsys.server")
+
+
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed before the answer was ready."""
+
+
+# The ONE mapping from domain errors to status codes; anything else is a bug -> INTERNAL, generic message.
+STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+SOURCE = {
+    service.SOURCE_KNOWN_USER: pb.SOURCE_KNOWN_USER,
+    service.SOURCE_HISTORY: pb.SOURCE_HISTORY,
+    service.SOURCE_POPULARITY: pb.SOURCE_POPULARITY,
+}
+
+REQUEST_ID = "x-request-id"
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex
+
+
+def _check_deadline(context: grpc.ServicerContext) -> None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("deadline exceeded before the answer was ready")
+
+
+def _items(rec: service.Recommendation) -> list[pb.ScoredItem]:
+    return [pb.ScoredItem(item_id=i, score=s) for i, s in zip(rec.item_ids, rec.scores, strict=True)]
+
+
+class _Base:
+    def __init__(self, store: ModelStore, limits: Limits, metrics: Metrics, *, log_requests: bool = False) -> None:
+        self.store = store
+        self.limits = limits
+        self.metrics = metrics
+        self._access_level = logging.INFO if log_requests else logging.DEBUG
+
+    def _call(
+        self, method: str, request: Any, context: grpc.ServicerContext, handler: Callable[[Any, Any], Any],
+        *, needs_model: bool = True,
+    ) -> Any:
+        t0 = time.perf_counter()
+        rid = _request_id(context)
+        code = grpc.StatusCode.OK
+        details = ""
+        try:
+            _check_deadline(context)
+            bundle = self.store.current  # grabbed once: this request finishes on this model
+            if needs_model and bundle is None:
+                raise Unavailable("no model loaded yet")
+            response = handler(bundle, request)
+            _check_deadline(context)
+            return response
+        except ServiceError as e:
+            code = STATUS_OF.get(type(e), grpc.StatusCode.INTERNAL)
+            details = str(e)
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            details = f"internal error (request id {rid})"
+            log.exception("internal error in %s", method, extra={"request_id": rid, "method": method})
+        finally:
+            elapsed = time.perf_counter() - t0
+            context.set_trailing_metadata(((REQUEST_ID, rid),))
+            self.metrics.observe(method, code.name, elapsed)
+            level = self._access_level if code is grpc.StatusCode.OK else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(
+                    level, "%s %s", method, code.name,
+                    extra={"request_id": rid, "method": method, "code": code.name,
+                           "latency_ms": round(elapsed * 1e3, 3), "details": details},
+                )
+        context.abort(code, details)  # raises; reached only on errors
+
+
+class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
+    def Recommend(self, request, context):  # noqa: N802 - gRPC method names
+        return self._call("Recommend", request, context, self._recommend)
+
+    def _recommend(self, bundle, r):
+        rec = service.recommend(
+            bundle, user_id=r.user_id, history_item_ids=r.history_item_ids, k=r.k, include_seen=r.include_seen,
+            exclude_item_ids=r.exclude_item_ids, allowed_item_ids=r.allowed_item_ids,
+            allow_fallback=r.allow_fallback, limits=self.limits,
+        )
+        return pb.RecommendResponse(
+            items=_items(rec), model_version=bundle.version, fallback=rec.fallback, source=SOURCE[rec.source],
+            unknown_item_ids=rec.unknown_item_ids,
+        )
+
+    def BatchRecommend(self, request, context):  # noqa: N802
+        return self._call("BatchRecommend", request, context, self._batch)
+
+    def _batch(self, bundle, r):
+        results, unknown = service.batch_recommend(
+            bundle, user_ids=r.user_ids, k=r.k, include_seen=r.include_seen, exclude_item_ids=r.exclude_item_ids,
+            allowed_item_ids=r.allowed_item_ids, allow_fallback=r.allow_fallback, limits=self.limits,
+        )
+        return pb.BatchRecommendResponse(
+            results=[
+                pb.UserRecommendations(user_id=u, found=rec.found, items=_items(rec), fallback=rec.fallback)
+                for u, rec in zip(r.user_ids, results, strict=True)
+            ],
+            model_version=bundle.version,
+            unknown_user_ids=unknown,
+        )
+
+    def SimilarItems(self, request, context):  # noqa: N802
+        return self._call("SimilarItems", request, context, self._similar)
+
+    def _similar(self, bundle, r):
+        rec = service.similar_items(
+            bundle, item_id=r.item_id, k=r.k, exclude_item_ids=r.exclude_item_ids,
+            allowed_item_ids=r.allowed_item_ids, limits=self.limits,
+        )
+        return pb.SimilarItemsResponse(items=_items(rec), model_version=bundle.version)
+
+    def GetUserEmbeddings(self, request, context):  # noqa: N802
+        return self._call("GetUserEmbeddings", request, context, self._user_embeddings)
+
+    def _user_embeddings(self, bundle, r):
+        known, vecs, unknown = service.user_embeddings(bundle, r.user_ids, limits=self.limits)
+        return _embeddings(bundle, known, vecs, unknown)
+
+    def GetItemEmbeddings(self, request, context):  # noqa: N802
+        return self._call("GetItemEmbeddings", request, context, self._item_embeddings)
+
+    def _item_embeddings(self, bundle, r):
+        known, vecs, unknown = service.item_embeddings(bundle, r.item_ids, limits=self.limits)
+        return _embeddings(bundle, known, vecs, unknown)
+
+    def EmbedUser(self, request, context):  # noqa: N802
+        return self._call("EmbedUser", request, context, self._embed_user)
+
+    def _embed_user(self, bundle, r):
+        vec, unknown = service.embed_user(bundle, r.history_item_ids, limits=self.limits)
+        return pb.EmbedUserResponse(
+            embedding=vec.tolist(), unknown_item_ids=unknown, dim=int(bundle.dim), model_version=bundle.version
+        )
+
+    def GetModelInfo(self, request, context):  # noqa: N802
+        return self._call("GetModelInfo", request, context, self._info)
+
+    def _info(self, bundle, r):
+        return pb.ModelInfo(**service.model_info(bundle), loaded_at=self.store.loaded_at)
+
+
+def _embeddings(bundle, known, vecs, unknown) -> pb.EmbeddingsResponse:
+    return pb.EmbeddingsResponse(
+        embeddings=[pb.Embedding(id=i, values=v) for i, v in zip(known, vecs.tolist(), strict=True)],
+        unknown_ids=unknown, dim=int(bundle.dim), model_version=bundle.version,
+    )
+
+
+class AdminServicer(_Base, pb_grpc.RecommenderAdminServicer):
+    """Admin RPCs; each needs ``authorization: Bearer <admin_token>`` metadata."""
+
+    def __init__(self, store: ModelStore, limits: Limits, metrics: Metrics, *, admin_token: str, **kw) -> None:
+        super().__init__(store, limits, metrics, **kw)
+        self._expected = f"Bearer {admin_token}".encode() if admin_token else None
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        given = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                given = value
+        if self._expected is None:
+            raise Unauthenticated("admin calls are disabled: the server has no admin token configured")
+        # constant-time comparison: the token must not leak through response timing
+        if not hmac.compare_digest(given.encode(), self._expected):
+            raise Unauthenticated("missing or wrong `authorization: Bearer <token>` metadata")
+
+    def ReloadModel(self, request, context):  # noqa: N802
+        def handle(_bundle, r):
+            self._authorize(context)
+            prev, version, changed = self.store.reload(r.version or None)
+            return pb.ReloadModelResponse(previous_version=prev, version=version, changed=changed)
+
+        return self._call("ReloadModel", request, context, handle, needs_model=False)
+
+    def ListModels(self, request, context):  # noqa: N802
+        def handle(bundle, r):
+            self._authorize(context)
+            serving = "" if bundle is None else str(bundle.version)
+            latest = self.store.latest_version()
+            models = [
+                pb.ModelVersion(
+                    version=str(v["version"]), created_at=str(v.get("created_at") or ""),
+                    latest=str(v["version"]) == latest, serving=str(v["version"]) == serving,
+                )
+                for v in self.store.list_versions()
+            ]
+            return pb.ListModelsResponse(models=models, serving_version=serving)
+
+        return self._call("ListModels", request, context, handle, needs_model=False)

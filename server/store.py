@@ -1,0 +1,185 @@
+"""The serving model and its hot reload.
+
+``ModelStore.current`` is the bundle answering requests. A request reads it ONCE at its start, so a swap (a
+single reference assignment) never changes the model under a request in flight. New versions are loaded,
+verified and warmed off the request path (by the watcher thread or an admin ReloadModel call); a bundle that fails
+is refused, logged and counted, and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys import schema, service
+from recsys.service import FailedPrecondition, InvalidArgument, NotFound
+from server.metrics import Metrics
+
+log = logging.getLogger("recsys.server.store")
+
+_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def default_loader(path: Path) -> Any:
+    """Load and verify a bundle directory (``recsys.bundle.Bundle.load``; imported lazily)."""
+    from recsys.bundle import Bundle
+
+    return Bundle.load(path, verify=True)
+
+
+def warm_up(bundle: Any, n: int) -> None:
+    """Run ``n`` of each query kind on a new bundle: first-touch page faults and lazy inits happen here, not on
+    the first real request. Raises whatever the bundle raises (the bundle is then refused)."""
+    if n <= 0:
+        return
+    k = min(10, int(bundle.n_items))
+    for row in range(min(n, int(bundle.n_users))):
+        service.recommend(bundle, user_id=str(bundle.user_ids[row]), k=k)
+    for row in range(min(n, int(bundle.n_items))):
+        service.similar_items(bundle, item_id=str(bundle.item_ids[row]), k=k)
+    if bundle.n_items:
+        vec = np.asarray(bundle.embed_history([np.arange(min(3, int(bundle.n_items)), dtype=np.int64)]))
+        if vec.shape != (1, int(bundle.dim)) or not np.isfinite(vec).all():
+            raise ValueError(f"embed_history returned shape {vec.shape} (expected (1, {bundle.dim})) or NaNs")
+
+
+class ModelStore:
+    """Holds the serving bundle of ``models_dir`` and swaps in new versions."""
+
+    def __init__(
+        self,
+        models_dir: str | Path,
+        *,
+        loader: Callable[[Path], Any] = default_loader,
+        metrics: Metrics | None = None,
+        warmup_queries: int = 8,
+        on_change: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.models_dir = Path(models_dir)
+        self._loader = loader
+        self._metrics = metrics
+        self._warmup = warmup_queries
+        self._on_change = on_change
+        self.current: Any = None  # read without a lock: a reference read/assignment is atomic
+        self.loaded_at: str = ""
+        self._reload_lock = threading.Lock()  # one load at a time (watcher vs admin call)
+        self._refused: set[str] = set()  # versions that failed; the watcher does not retry them
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ versions
+    def latest_version(self) -> str | None:
+        """The version named in ``MODELS_DIR/LATEST``, or None when there is none yet."""
+        try:
+            text = (self.models_dir / schema.LATEST).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return text or None
+
+    def list_versions(self) -> list[dict[str, Any]]:
+        """Versions in ``models_dir`` (``recsys.bundle.list_versions`` when available), newest first."""
+        try:
+            from recsys.bundle import list_versions
+        except ImportError:
+            list_versions = None
+        if list_versions is not None:
+            return [dict(v) for v in list_versions(self.models_dir)]
+        out = []  # bundle module not installed: read the manifests directly
+        for d in sorted(self.models_dir.iterdir()) if self.models_dir.is_dir() else []:
+            manifest = d / schema.MANIFEST
+            if d.is_dir() and manifest.is_file():
+                try:
+                    meta = json.loads(manifest.read_text())
+                except (OSError, ValueError):
+                    meta = {}
+                out.append({"version": d.name, "created_at": meta.get("created_at", "")})
+        return sorted(out, key=lambda v: str(v.get("created_at", "")), reverse=True)
+
+    # ------------------------------------------------------------------ loading
+    def reload(self, version: str | None = None) -> tuple[str, str, bool]:
+        """Load ``version`` (default: LATEST), verify and warm it, then swap it in.
+
+        Returns (previous version, serving version, changed). Raises InvalidArgument for a malformed name,
+        NotFound for a missing version, FailedPrecondition when the bundle is refused (old model keeps serving).
+        """
+        if version is not None and not _VERSION_NAME.match(version):
+            raise InvalidArgument(f"`version` must be a version directory name, got {version[:80]!r}")
+        with self._reload_lock:
+            target = version or self.latest_version()
+            if target is None:
+                raise NotFound(f"no model yet: {str(self.models_dir / schema.LATEST)!r} does not exist")
+            prev = self.current
+            prev_version = "" if prev is None else str(prev.version)
+            if prev is not None and prev_version == target:
+                return prev_version, prev_version, False
+            path = self.models_dir / target
+            if not path.is_dir():
+                raise NotFound(f"model version {target!r} not found in {str(self.models_dir)!r}")
+            t0 = time.perf_counter()
+            try:
+                bundle = self._loader(path)
+                warm_up(bundle, self._warmup)
+            except Exception as e:
+                self._refused.add(target)
+                self._count("refused")
+                log.error("refused model version %s: %s", target, e, extra={"version": target}, exc_info=True)
+                raise FailedPrecondition(f"model version {target!r} was refused: {e}") from e
+            self.current = bundle  # the swap: requests that start from now on see the new bundle
+            self.loaded_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            self._refused.discard(target)
+            self._count("ok")
+            if self._metrics is not None:
+                self._metrics.set_version(str(bundle.version))
+            log.info(
+                "serving model version %s (was %s), loaded in %.2fs", bundle.version, prev_version or "none",
+                time.perf_counter() - t0, extra={"version": str(bundle.version)},
+            )
+            if self._on_change is not None:
+                self._on_change(bundle)
+            return prev_version, str(bundle.version), True
+
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.reloads.labels(result).inc()
+
+    def poll_once(self) -> bool:
+        """Load LATEST if it names a new version that was not refused before; True when the model changed."""
+        latest = self.latest_version()
+        current = self.current
+        if latest is None or latest in self._refused or (current is not None and str(current.version) == latest):
+            return False
+        try:
+            return self.reload(latest)[2]
+        except (FailedPrecondition, NotFound, InvalidArgument) as e:
+            log.warning("hot reload of %s failed: %s", latest, e)
+            return False
+
+    # ------------------------------------------------------------------ watcher
+    def start_watcher(self, poll_s: float) -> None:
+        if poll_s <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._watch, args=(poll_s,), name="model-watcher", daemon=True)
+        self._thread.start()
+
+    def _watch(self, poll_s: float) -> None:
+        while not self._stop.wait(poll_s):
+            try:
+                self.poll_once()
+            except Exception:  # the watcher must survive anything a bundle throws at it
+                self._count("error")
+                log.exception("model watcher error")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
