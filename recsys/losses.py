@@ -32,6 +32,7 @@ backward, so neither pass ever holds the full ``[B, B + M]`` float32 logits or a
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +101,12 @@ def _prepare(
     extra_log_q: Tensor | float | None,
     weights: Tensor | None,
     reduction: str,
-) -> Tensor | None:
-    """Validate the arguments shared by both variants; return ``extra_log_q`` as a ``[M]`` tensor (or None)."""
+) -> _Prepared:
+    """Validate the arguments shared by both variants and assemble the candidate columns.
+
+    Nothing here reads tensor values, so there is no device sync. An empty ``extra_c`` (``M = 0``, e.g. a queue
+    before its first enqueue) is dropped with its ids and log_q.
+    """
     if q.ndim != 2 or c.ndim != 2:
         raise ValueError(f"`q` and `c` must be 2-D [B, d], got shapes {list(q.shape)} and {list(c.shape)}")
     if q.shape != c.shape:
@@ -110,9 +115,9 @@ def _prepare(
         )
     if q.shape[0] == 0:
         raise ValueError("`q` and `c` must hold at least one row, got an empty batch")
-    if q.dtype != c.dtype or q.device != c.device:
+    if not (q.dtype.is_floating_point and c.dtype.is_floating_point) or q.device != c.device:
         raise ValueError(
-            f"`q` and `c` must share dtype and device, got {q.dtype}/{q.device} and {c.dtype}/{c.device}"
+            f"`q` and `c` must be floating point on one device, got {q.dtype}/{q.device} and {c.dtype}/{c.device}"
         )
     b, d = q.shape
     _check_temperature(temperature)
@@ -126,12 +131,12 @@ def _prepare(
         for name, v in (("extra_item_ids", extra_item_ids), ("extra_log_q", extra_log_q)):
             if v is not None:
                 raise ValueError(f"`{name}` was given without `extra_c`")
-        return None
+        return _Prepared(*_promote(q, c), log_q, None, 0)
     if extra_c.ndim != 2 or extra_c.shape[1] != d:
         raise ValueError(f"`extra_c` must have shape [M, {d}], got {list(extra_c.shape)}")
-    if extra_c.dtype != q.dtype or extra_c.device != q.device:
+    if not extra_c.dtype.is_floating_point or extra_c.device != q.device:
         raise ValueError(
-            f"`extra_c` must match `q` ({q.dtype}/{q.device}), got {extra_c.dtype}/{extra_c.device}"
+            f"`extra_c` must be floating point on `q`'s device {q.device}, got {extra_c.dtype}/{extra_c.device}"
         )
     m = extra_c.shape[0]
     _check_ids("extra_item_ids", extra_item_ids, m)
@@ -145,18 +150,38 @@ def _prepare(
             f"extra_log_q={'set' if extra_log_q is not None else None}); "
             "for uniformly sampled extras use extra_log_q=-math.log(n_items)"
         )
-    if extra_log_q is None:
-        return None
     if isinstance(extra_log_q, Tensor):
         _check_vector("extra_log_q", extra_log_q, m)
-        return extra_log_q
-    if (
-        isinstance(extra_log_q, bool)
-        or not isinstance(extra_log_q, (int, float))
-        or not math.isfinite(extra_log_q)
-    ):
-        raise ValueError(f"`extra_log_q` must be a [{m}] tensor or a finite float, got {extra_log_q!r}")
-    return torch.full((m,), float(extra_log_q), dtype=log_q.dtype, device=q.device)
+    elif extra_log_q is not None:
+        if (
+            isinstance(extra_log_q, bool)
+            or not isinstance(extra_log_q, (int, float))
+            or not math.isfinite(extra_log_q)
+        ):
+            raise ValueError(f"`extra_log_q` must be a [{m}] tensor or a finite float, got {extra_log_q!r}")
+        extra_log_q = torch.full((m,), float(extra_log_q), dtype=log_q.dtype, device=q.device)
+    if m == 0:
+        return _Prepared(*_promote(q, c), log_q, None, 0)
+    q, c, extra_c = _promote(q, c, extra_c)
+    cands = torch.cat([c, extra_c], dim=0)  # [B + M, d]
+    full_log_q = None if log_q is None else torch.cat([log_q, extra_log_q.to(log_q.dtype)])  # [B + M]
+    return _Prepared(q, cands, full_log_q, extra_item_ids, m)
+
+
+class _Prepared(NamedTuple):
+    q: Tensor  # [B, d]
+    cands: Tensor  # [B + M, d]: the batch's positives, then the extra negatives
+    full_log_q: Tensor | None  # [B + M]
+    extra_item_ids: Tensor | None  # [M]
+    n_extra: int  # M
+
+
+def _promote(*xs: Tensor) -> tuple[Tensor, ...]:
+    """Cast to one floating dtype (towers may differ under autocast, queue entries may be stored in bf16)."""
+    dtype = xs[0].dtype
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return tuple(x.to(dtype) for x in xs)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -274,34 +299,20 @@ def in_batch_softmax(
     Returns:
         A scalar, or ``[B]`` with ``reduction="none"``; float32 (float64 for float64 inputs).
     """
-    extra_log_q = _prepare(
-        q,
-        c,
-        temperature=temperature,
-        item_ids=item_ids,
-        user_ids=user_ids,
-        log_q=log_q,
-        extra_c=extra_c,
-        extra_item_ids=extra_item_ids,
-        extra_log_q=extra_log_q,
-        weights=weights,
-        reduction=reduction,
-    )
-    b = q.shape[0]
-    cands = c if extra_c is None else torch.cat([c, extra_c], dim=0)  # [B + M, d]
-    n_cols = cands.shape[0]
-    scores = q @ cands.T  # [B, B + M]; bf16 under autocast
+    p = _prepare(
+        q, c, temperature=temperature, item_ids=item_ids, user_ids=user_ids, log_q=log_q, extra_c=extra_c,
+        extra_item_ids=extra_item_ids, extra_log_q=extra_log_q, weights=weights, reduction=reduction,
+    )  # fmt: skip
+    b, n_cols = p.q.shape[0], p.cands.shape[0]
+    scores = p.q @ p.cands.T  # [B, B + M]; bf16 under autocast
     logits = scores.to(_logit_dtype(scores.dtype)) / temperature
-    full_log_q = (
-        None if log_q is None else (log_q if extra_log_q is None else torch.cat([log_q, extra_log_q]))
-    )
     bias = _block_bias(
-        0, b, full_log_q=full_log_q, correct_positive=correct_positive, n_cols=n_cols, dtype=logits.dtype
+        0, b, full_log_q=p.full_log_q, correct_positive=correct_positive, n_cols=n_cols, dtype=logits.dtype
     )
     if bias is not None:
         logits = logits - bias
     mask = _block_mask(
-        0, b, item_ids=item_ids, user_ids=user_ids, extra_item_ids=extra_item_ids, n_extra=n_cols - b
+        0, b, item_ids=item_ids, user_ids=user_ids, extra_item_ids=p.extra_item_ids, n_extra=p.n_extra
     )
     if mask is not None:
         logits = logits.masked_fill(mask, float("-inf"))
@@ -491,7 +502,7 @@ class _ChunkedInBatchSoftmax(torch.autograd.Function):
         return (
             grad_q.to(q.dtype) if need_q else None,
             grad_c.to(cands.dtype) if need_c else None,
-            grad_t.to(temperature.dtype).reshape(temperature.shape) if need_t else None,
+            grad_t.to(temperature.device, temperature.dtype).reshape(temperature.shape) if need_t else None,
             grad_lq.to(full_log_q.dtype) if need_lq else None,
             None,
             None,
@@ -528,27 +539,15 @@ def in_batch_softmax_chunked(
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be an int >= 1, got {chunk_size!r}")
-    extra_log_q = _prepare(
-        q,
-        c,
-        temperature=temperature,
-        item_ids=item_ids,
-        user_ids=user_ids,
-        log_q=log_q,
-        extra_c=extra_c,
-        extra_item_ids=extra_item_ids,
-        extra_log_q=extra_log_q,
-        weights=weights,
-        reduction=reduction,
-    )
-    cands = c if extra_c is None else torch.cat([c, extra_c], dim=0)  # [B + M, d]
-    full_log_q = (
-        None if log_q is None else (log_q if extra_log_q is None else torch.cat([log_q, extra_log_q]))
-    )
+    p = _prepare(
+        q, c, temperature=temperature, item_ids=item_ids, user_ids=user_ids, log_q=log_q, extra_c=extra_c,
+        extra_item_ids=extra_item_ids, extra_log_q=extra_log_q, weights=weights, reduction=reduction,
+    )  # fmt: skip
     if not isinstance(temperature, Tensor):
-        temperature = torch.tensor(float(temperature), dtype=torch.float64, device=q.device)
+        dtype = _logit_dtype(_compute_dtype(p.q))
+        temperature = torch.tensor(float(temperature), dtype=dtype, device=q.device)
     per_row = _ChunkedInBatchSoftmax.apply(
-        q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, correct_positive, chunk_size
+        p.q, p.cands, temperature, p.full_log_q, item_ids, user_ids, p.extra_item_ids, correct_positive, chunk_size
     )
     return _reduce(per_row, weights, reduction)
 

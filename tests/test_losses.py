@@ -249,6 +249,26 @@ def test_queue_ring_buffer_and_negatives_without_gradient():
 
 
 @pytest.mark.parametrize("loss_fn", LOSSES, ids=LOSS_IDS)
+def test_empty_queue_and_low_precision_queue_entries(loss_fn):
+    # the first step: an empty queue (even with log_q) contributes nothing
+    empty = ItemEmbeddingQueue(8, 2)
+    emb, ids = empty.tensors()
+    log_q = torch.tensor([-1.0, -2.0], dtype=torch.float64)
+    got = loss_fn(Q2, C2, temperature=1.0, item_ids=torch.tensor([0, 1]), log_q=log_q, extra_c=emb.double(),
+                  extra_item_ids=ids, extra_log_q=torch.zeros(0, dtype=torch.float64))  # fmt: skip
+    ref = loss_fn(Q2, C2, temperature=1.0, item_ids=torch.tensor([0, 1]), log_q=log_q)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+    # entries stored in bf16 are promoted to the towers' dtype: e = [1, 0] is exact in bf16
+    queue = ItemEmbeddingQueue(4, 2, dtype=torch.bfloat16)
+    queue.enqueue(torch.tensor([[1.0, 0.0]]), torch.tensor([5]))
+    emb, _ = queue.tensors()
+    assert emb.dtype == torch.bfloat16
+    got = loss_fn(Q2, C2, temperature=1.0, extra_c=emb, reduction="none")
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx([_lse(6, 3, 1) - 6, _lse(9, 5, 2) - 5], rel=1e-6)
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES, ids=LOSS_IDS)
 def test_learned_temperature_gets_the_analytic_gradient(loss_fn):
     # loss(t) = mean_i [lse_j(s_ij / t) - s_ii / t]; d/dt = mean_i [-(sum_j p_ij s_ij - s_ii) / t^2]
     t = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
