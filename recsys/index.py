@@ -1,0 +1,933 @@
+"""Retrieval indexes: an exact twin (``ExactIndex``) and HNSW (``HnswIndex``, hnswlib) behind one interface.
+
+Both answer ``ids, scores = index.search(queries [n, d], k, exclude=..., include=...)`` with ``ids [n, k] int64``
+and ``scores [n, k] float32``, best first; every ANN answer can be checked against the exact one (hnswlib's
+``BFIndex`` habit).
+
+Geometry (named once, read from the bundle)
+-------------------------------------------
+``metric="cosine"``: vectors and queries are L2-normalised *by the index* (a non-unit input is normalised, an
+all-zero or non-finite row is refused with its row number), and the score is their dot product, i.e. the cosine.
+The towers already output unit vectors, so this is a no-op up to float error, but it means a caller can never
+serve a raw dot product against a cosine-trained model by accident. HNSW uses hnswlib space ``"ip"`` whose
+*distance* is ``1 - dot``, so ``score = 1 - distance`` -- never the distance itself.
+``metric="dot"``: the same space without normalisation (kept for models trained with a plain dot product).
+
+Exclusion rule (shared by serving and evaluation through :func:`retrieve`)
+--------------------------------------------------------------------------
+``exclude[i]`` (a user's seen items and the request's exclusions) never appears in row ``i``; ``include[i]``
+restricts row ``i`` to those ids. The answer holds exactly ``k`` results whenever at least ``k`` candidates
+remain, otherwise it is padded with id ``-1`` / score ``-inf``. HNSW does this by adaptive over-fetch and
+post-filtering -- ask hnswlib for ``k + |exclude|`` neighbours, drop the excluded ones, double while short --
+not by a Python filter callback (one GIL round trip per visited node). It falls back to an exact scan over the
+remaining candidates when the exclusion covers most of the catalogue, and answers an include-list of ``m`` items
+by exact scoring of those ``m`` vectors (cheaper and exact, whatever ``m`` is relative to the graph).
+
+Threads
+-------
+``search`` is safe to call from many threads at once (hnswlib's ``knn_query`` releases the GIL and is
+re-entrant). ``add`` is not safe against concurrent ``knn_query``/``resize_index`` in hnswlib, so ``HnswIndex``
+guards it with a readers-writer lock: searches share the lock, ``add`` takes it exclusively (in-flight searches
+finish first, new ones wait). ``ExactIndex.add`` is copy-on-write (searches see the old or the new arrays, never a
+mix). ``set_ef`` changes a value every search reads; it is a plain store (a search racing it uses either ef).
+Batches use ``num_threads`` hnswlib threads; a single query always runs on the calling thread (spawning threads
+for one query costs more than the query). The exact scan uses BLAS, which starts its own thread pool: inside a
+threaded server wrap calls in :func:`blas_threads` ``(1)`` so N request threads don't each start N BLAS threads.
+
+Files
+-----
+``HnswIndex.save`` writes hnswlib's format through a temporary file + rename. ``HnswIndex.load`` must be told
+the expected ``dim``/``metric`` (and ideally ``size``): hnswlib index files are not safe to load untrusted (the
+loader trusts the header), so the header is parsed and the file size checked for plausibility first. The bundle
+verifies the file's sha256 before that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys.io import atomic_write_bytes, fsync_dir
+
+METRICS = ("cosine", "dot")
+
+# Rows of the [block, size] score matrix the exact scan materialises at once (float32): ~64 MB.
+_EXACT_BLOCK_FLOATS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """HNSW build/search parameters (section ``[index]``); stored in the bundle manifest."""
+
+    M: int = 16
+    """Graph out-degree (hnswlib ``M``): memory ~ ``size * (4 * dim + 8 * M)`` bytes; 16 suits dim 32-128."""
+    ef_construction: int = 200
+    """Candidate-list size while building; higher = better graph, slower build (build time ~ linear in it)."""
+    ef: int = 64
+    """Candidate-list size at query time when not auto-tuned; the effective value is ``max(ef, k)``."""
+    num_threads: int = -1
+    """Threads for building and for batch queries; -1 = all cores. Single queries always use the caller's thread."""
+    seed: int = 100
+    """hnswlib's random seed for node levels (the build is still order-dependent with several threads)."""
+    autotune: bool = True
+    """Pick the smallest ef in ``autotune_efs`` whose Recall@``autotune_k`` vs exact reaches ``target_recall``."""
+    target_recall: float = 0.99
+    """Recall@k of HNSW against the exact search that the auto-tuned ef must reach."""
+    autotune_k: int = 10
+    """The k of the auto-tune recall."""
+    autotune_queries: int = 1000
+    """How many held-out query embeddings the auto-tune scores (fewer if fewer exist)."""
+    autotune_efs: tuple[int, ...] = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+    """The ef ladder the auto-tune tries, increasing."""
+
+    def validate(self) -> None:
+        if self.M < 2:
+            raise ValueError(f"`index.M` must be >= 2, got {self.M}")
+        if self.ef_construction < 1:
+            raise ValueError(f"`index.ef_construction` must be >= 1, got {self.ef_construction}")
+        if self.ef < 1:
+            raise ValueError(f"`index.ef` must be >= 1, got {self.ef}")
+        if self.num_threads == 0 or self.num_threads < -1:
+            raise ValueError(f"`index.num_threads` must be -1 (all cores) or >= 1, got {self.num_threads}")
+        if not 0.0 < self.target_recall <= 1.0:
+            raise ValueError(f"`index.target_recall` must be in (0, 1], got {self.target_recall}")
+        if self.autotune_k < 1:
+            raise ValueError(f"`index.autotune_k` must be >= 1, got {self.autotune_k}")
+        if self.autotune_queries < 1:
+            raise ValueError(f"`index.autotune_queries` must be >= 1, got {self.autotune_queries}")
+        if not self.autotune_efs or any(e < 1 for e in self.autotune_efs) or list(self.autotune_efs) != sorted(
+            self.autotune_efs
+        ):
+            raise ValueError(f"`index.autotune_efs` must be increasing positive ints, got {list(self.autotune_efs)}")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+@contextlib.contextmanager
+def blas_threads(n: int = 1) -> Iterator[bool]:
+    """Limit BLAS/OpenMP thread pools to ``n`` threads inside the block (threadpoolctl).
+
+    Use around exact scans run from a threaded server. Yields whether a limit was applied: ``False`` when
+    threadpoolctl is not installed, in which case set ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` before start.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional dependency: without it the block runs unchanged
+        yield False
+        return
+    with threadpool_limits(limits=n):
+        yield True
+
+
+def _resolve_threads(num_threads: int) -> int:
+    if num_threads == -1:
+        return os.cpu_count() or 1
+    if num_threads < 1:
+        raise ValueError(f"`num_threads` must be -1 (all cores) or >= 1, got {num_threads}")
+    return num_threads
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"`metric` must be one of {list(METRICS)}, got {metric!r}")
+    return metric
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def _as_matrix(x: Any, dim: int | None, metric: str, *, name: str) -> np.ndarray:
+    """Validate and return a C-contiguous float32 ``[n, dim]`` copy-if-needed; unit rows for cosine."""
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        hint = f"; use {name}[None, :] for a single vector" if arr.ndim == 1 else ""
+        raise ValueError(f"`{name}` must be 2-D [n, {dim if dim is not None else 'dim'}], got shape {arr.shape}{hint}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"`{name}` must have {dim} columns (the index dim), got shape {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"`{name}` must be a numeric array, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.size and not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+        raise ValueError(f"`{name}` row {bad} holds a NaN or infinite value")
+    if metric == "cosine" and arr.shape[0]:
+        sq = np.einsum("ij,ij->i", arr, arr)  # [n]
+        if (sq <= 0).any():
+            bad = int(np.flatnonzero(sq <= 0)[0])
+            raise ValueError(f"`{name}` row {bad} is all zeros: it has no direction under metric 'cosine'")
+        # Already unit (the towers' output)? Leave the caller's array alone; float error is far below 1e-4.
+        if np.abs(sq - 1.0).max() > 1e-4:
+            arr = arr / np.sqrt(sq)[:, None]
+    return arr
+
+
+def _as_ids(x: Any, n: int, *, name: str) -> np.ndarray:
+    ids = np.ascontiguousarray(np.asarray(x).reshape(-1))
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"`{name}` must be integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.shape[0] != n:
+        raise ValueError(f"`{name}` must hold one id per vector ({n}), got {ids.shape[0]}")
+    if n and ids.min() < 0:
+        raise ValueError(f"`{name}` must be >= 0 (-1 is the padding id), got {int(ids.min())}")
+    if np.unique(ids).shape[0] != n:
+        raise ValueError(f"`{name}` holds duplicate ids")
+    return ids
+
+
+def _per_query(lists: Sequence[Any] | None, n: int, *, name: str) -> list[np.ndarray | None] | None:
+    if lists is None:
+        return None
+    if isinstance(lists, np.ndarray) and lists.ndim != 1 and lists.dtype != object:
+        lists = list(lists)  # a 2-D array = one row per query
+    if len(lists) != n:
+        raise ValueError(f"`{name}` must hold one entry (array or None) per query ({n}), got {len(lists)}")
+    out: list[np.ndarray | None] = []
+    for i, e in enumerate(lists):
+        if e is None:
+            out.append(None)
+            continue
+        a = np.asarray(e).reshape(-1)
+        if a.size and a.dtype.kind not in "iu":
+            raise ValueError(f"`{name}[{i}]` must hold integer ids, got dtype {a.dtype}")
+        out.append(a.astype(np.int64, copy=False))
+    return out
+
+
+class _IdMap:
+    """Item id <-> row position; the identity when ids are 0..n-1 (the bundle's item rows)."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = ids  # [n] int64, position -> id
+        n = ids.shape[0]
+        self.identity = bool(n == 0 or (ids[0] == 0 and ids[-1] == n - 1 and (np.diff(ids) == 1).all()))
+        if not self.identity:
+            self._order = np.argsort(ids, kind="stable")
+            self._sorted = ids[self._order]
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Distinct row positions of the ``ids`` present in the index (unknown ids are dropped)."""
+        ids = np.unique(ids)
+        n = self.ids.shape[0]
+        if self.identity:
+            return ids[(ids >= 0) & (ids < n)]
+        at = np.searchsorted(self._sorted, ids)
+        at = np.minimum(at, max(n - 1, 0))
+        hit = (self._sorted[at] == ids) if n else np.zeros(ids.shape, bool)
+        return self._order[at[hit]]
+
+    def members(self, ids: np.ndarray) -> np.ndarray:
+        """The distinct ``ids`` present in the index, sorted."""
+        return np.sort(self.ids[self.positions(ids)])
+
+
+def _topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k positions and scores of each row of ``scores [b, m]``, best first; ``-inf`` entries become -1.
+
+    Returns ``(pos [b, k] int64, top [b, k] float32)``, padded when ``m < k``. Ties are broken by lower position.
+    """
+    b, m = scores.shape
+    pos = np.full((b, k), -1, dtype=np.int64)
+    top = np.full((b, k), -np.inf, dtype=np.float32)
+    if m == 0 or b == 0:
+        return pos, top
+    kk = min(k, m)
+    if kk < m:
+        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]  # [b, kk] unordered
+    else:
+        part = np.broadcast_to(np.arange(m), (b, m))
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -part_scores), axis=1)  # score desc, then position asc
+    part = np.take_along_axis(part, order, axis=1)
+    part_scores = np.take_along_axis(part_scores, order, axis=1)
+    valid = np.isfinite(part_scores)  # -inf = excluded / not a candidate
+    pos[:, :kk] = np.where(valid, part, -1)
+    top[:, :kk] = np.where(valid, part_scores, -np.inf)
+    return pos, top
+
+
+class _RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exact
+
+
+class ExactIndex:
+    """Exact top-k by matrix product + argpartition, blocked over queries (hnswlib's ``BFIndex`` twin).
+
+    ``vectors [size, dim]``; ``ids [size]`` non-negative int64 labels (default ``0..size-1``, the item rows).
+    """
+
+    def __init__(
+        self, vectors: np.ndarray, ids: np.ndarray | None = None, *, metric: str = "cosine"
+    ) -> None:
+        self.metric = _check_metric(metric)
+        vecs = _as_matrix(vectors, None, self.metric, name="vectors")
+        self.dim = int(vecs.shape[1])
+        if self.dim < 1:
+            raise ValueError(f"`vectors` must have at least one column, got shape {vecs.shape}")
+        n = vecs.shape[0]
+        ids_arr = np.arange(n, dtype=np.int64) if ids is None else _as_ids(ids, n, name="ids")
+        # One tuple swapped atomically by add(): a concurrent search sees old or new, never a mix.
+        self._state = (vecs, _IdMap(ids_arr))
+
+    @property
+    def size(self) -> int:
+        return int(self._state[0].shape[0])
+
+    @property
+    def ids(self) -> np.ndarray:
+        """``[size]`` int64, row position -> id."""
+        return self._state[1].ids
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """``[size, dim]`` float32 (unit rows for cosine)."""
+        return self._state[0]
+
+    def __repr__(self) -> str:
+        return f"ExactIndex(size={self.size}, dim={self.dim}, metric={self.metric!r})"
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Append new items ``vectors [m, dim]`` with new, unused ``ids [m]`` (copy-on-write)."""
+        vecs, idmap = self._state
+        new = _as_matrix(vectors, self.dim, self.metric, name="vectors")
+        new_ids = _as_ids(ids, new.shape[0], name="ids")
+        clash = new_ids[np.isin(new_ids, idmap.ids)]
+        if clash.size:
+            raise ValueError(f"`ids` already in the index: {clash[:10].tolist()}")
+        self._state = (np.concatenate([vecs, new]), _IdMap(np.concatenate([idmap.ids, new_ids])))
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        exclude: Sequence[np.ndarray | None] | None = None,
+        include: Sequence[np.ndarray | None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` of ``queries [n, dim]`` -> ``(ids [n, k] int64, scores [n, k] float32)``, best first.
+
+        ``exclude[i]`` / ``include[i]``: ids never / only returned for query ``i`` (None = no constraint; ids
+        not in the index are ignored). Rows with fewer than ``k`` candidates are padded with -1 / -inf.
+        """
+        k = _check_k(k)
+        vecs, idmap = self._state
+        q = _as_matrix(queries, self.dim, self.metric, name="queries")
+        n = q.shape[0]
+        excl = _per_query(exclude, n, name="exclude")
+        incl = _per_query(include, n, name="include")
+        out_ids = np.full((n, k), -1, dtype=np.int64)
+        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+        rows = np.arange(n)
+        if incl is not None:
+            inc_rows = [i for i in range(n) if incl[i] is not None]
+            for i in inc_rows:
+                self._search_include(q[i], k, vecs, idmap, incl[i], excl[i] if excl else None, out_ids[i],
+                                     out_scores[i])
+            rows = np.array([i for i in range(n) if incl[i] is None], dtype=np.int64)
+        self._search_full(q, rows, k, vecs, idmap, excl, out_ids, out_scores)
+        return out_ids, out_scores
+
+    def search_rows(
+        self, queries: np.ndarray, rows: np.ndarray, k: int, excl: list[np.ndarray | None] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Internal fallback for ``HnswIndex``: exact answers for ``queries[rows]`` (already validated)."""
+        vecs, idmap = self._state
+        out_ids = np.full((len(rows), k), -1, dtype=np.int64)
+        out_scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
+        sub_excl = [excl[i] for i in rows] if excl is not None else None
+        self._search_full(queries[rows], np.arange(len(rows)), k, vecs, idmap, sub_excl, out_ids, out_scores)
+        return out_ids, out_scores
+
+    @staticmethod
+    def _search_include(
+        q: np.ndarray, k: int, vecs: np.ndarray, idmap: _IdMap, inc: np.ndarray,
+        exc: np.ndarray | None, out_ids: np.ndarray, out_scores: np.ndarray,
+    ) -> None:
+        pos = idmap.positions(inc)
+        if exc is not None and exc.size:
+            pos = pos[~np.isin(pos, idmap.positions(exc))]
+        pos = np.sort(pos)
+        s = vecs[pos] @ q  # [m]
+        top_pos, top = _topk_rows(s[None, :], k)
+        valid = top_pos[0] >= 0
+        out_ids[valid] = idmap.ids[pos[top_pos[0][valid]]]
+        out_scores[:] = top[0]
+
+    @staticmethod
+    def _search_full(
+        q: np.ndarray, rows: np.ndarray, k: int, vecs: np.ndarray, idmap: _IdMap,
+        excl: list[np.ndarray | None] | None, out_ids: np.ndarray, out_scores: np.ndarray,
+    ) -> None:
+        size = vecs.shape[0]
+        if rows.size == 0 or size == 0:
+            return
+        block = max(1, _EXACT_BLOCK_FLOATS // size)
+        for start in range(0, rows.size, block):
+            r = rows[start:start + block]
+            s = q[r] @ vecs.T  # [b, size]
+            if excl is not None:
+                for j, i in enumerate(r):
+                    if excl[i] is not None and excl[i].size:
+                        s[j, idmap.positions(excl[i])] = -np.inf
+            pos, top = _topk_rows(s, k)
+            out_ids[r] = np.where(pos >= 0, idmap.ids[np.maximum(pos, 0)], -1)
+            out_scores[r] = top
+
+    def save(self, path: str | Path) -> None:
+        """Write ``vectors``, ``ids`` and ``metric`` to one ``.npz`` (no pickle), atomically."""
+        import io
+
+        vecs, idmap = self._state
+        buf = io.BytesIO()
+        np.savez(buf, vectors=vecs, ids=idmap.ids, metric=np.array(self.metric))
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path, *, dim: int, metric: str, size: int | None = None) -> ExactIndex:
+        """Read an index written by :meth:`save`, refusing a dim / metric / size other than expected."""
+        path = Path(path)
+        with np.load(path, allow_pickle=False) as z:
+            try:
+                vecs, ids, got_metric = z["vectors"], z["ids"], str(z["metric"])
+            except KeyError as e:
+                raise ValueError(f"{str(path)!r} is not an ExactIndex file: missing {e}") from None
+        if got_metric != metric:
+            raise ValueError(f"{str(path)!r} holds metric {got_metric!r}, expected {metric!r}")
+        if vecs.ndim != 2 or vecs.shape[1] != dim:
+            raise ValueError(f"{str(path)!r} holds vectors of shape {vecs.shape}, expected dim {dim}")
+        if size is not None and vecs.shape[0] != size:
+            raise ValueError(f"{str(path)!r} holds {vecs.shape[0]} vectors, expected {size}")
+        return cls(vecs, ids, metric=metric)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hnsw
+
+# hnswlib 0.8 file header (hnswalg.h saveIndex): offsetLevel0, max_elements, cur_element_count,
+# size_data_per_element, label_offset, offsetData (size_t x6), maxlevel (int), enterpoint_node (uint32),
+# maxM, maxM0, M (size_t x3), mult (double), ef_construction (size_t).
+_HNSW_HEADER = struct.Struct("<6QiI3QdQ")
+
+
+def read_hnsw_header(path: str | Path) -> dict[str, Any]:
+    """Parse an hnswlib index file's header (without handing the file to hnswlib)."""
+    with open(path, "rb") as f:
+        raw = f.read(_HNSW_HEADER.size)
+    if len(raw) < _HNSW_HEADER.size:
+        raise ValueError(f"{str(path)!r} is too short ({len(raw)} bytes) to be an hnswlib index")
+    names = ("offset_level0", "max_elements", "count", "size_data_per_element", "label_offset", "offset_data",
+             "max_level", "enterpoint", "maxM", "maxM0", "M", "mult", "ef_construction")
+    return dict(zip(names, _HNSW_HEADER.unpack(raw), strict=True))
+
+
+def check_hnsw_file(path: str | Path, *, dim: int, size: int | None = None) -> dict[str, Any]:
+    """Refuse an hnswlib file whose header disagrees with ``dim`` / ``size`` or whose length is implausible.
+
+    hnswlib's loader trusts the header (sizes, counts) and allocates/reads accordingly; this check bounds what it
+    will do. It is not a substitute for the bundle's sha256 check.
+    """
+    path = Path(path)
+    h = read_hnsw_header(path)
+    file_size = path.stat().st_size
+    where = f"hnswlib index {str(path)!r}"
+    link0 = h["maxM0"] * 4 + 4  # level-0 links + their count (uint32 each)
+    if not (2 <= h["M"] <= 4096 and h["maxM"] == h["M"] and h["maxM0"] == 2 * h["M"]):
+        raise ValueError(f"{where}: implausible header M={h['M']} maxM={h['maxM']} maxM0={h['maxM0']}")
+    if h["offset_level0"] != 0 or h["offset_data"] != link0:
+        raise ValueError(f"{where}: implausible header offsets {h['offset_level0']}, {h['offset_data']}")
+    if h["label_offset"] != link0 + 4 * dim or h["size_data_per_element"] != link0 + 4 * dim + 8:
+        got_dim = (h["label_offset"] - link0) / 4
+        raise ValueError(f"{where} holds vectors of dim {got_dim:g}, expected {dim}")
+    count = h["count"]
+    if size is not None and count != size:
+        raise ValueError(f"{where} holds {count} items, expected {size}")
+    if not 0 <= h["max_level"] <= 64 or (count and h["enterpoint"] >= count):
+        raise ValueError(f"{where}: implausible header max_level={h['max_level']} enterpoint={h['enterpoint']}")
+    # Level-0 block + one uint32 link-list length per item, plus upper-level links: levels are geometric with
+    # p = 1/M, so their total stays far below one per item (2 * count is a bound not met in practice).
+    lower = _HNSW_HEADER.size + count * (h["size_data_per_element"] + 4)
+    upper = lower + (h["maxM"] * 4 + 4) * (2 * count + 64)
+    if not lower <= file_size <= upper:
+        raise ValueError(f"{where} is {file_size} bytes; {count} items of dim {dim} need {lower}..{upper}")
+    return h
+
+
+def _round_up_fetch(x: int) -> int:
+    """Round a fetch size up to 1/8 of its power of two, so a batch groups into few hnswlib calls (<12.5% extra)."""
+    if x <= 16:
+        return 16
+    step = 1 << max(0, x.bit_length() - 4)
+    return -(-x // step) * step
+
+
+class HnswIndex:
+    """Approximate top-k with hnswlib (space ``"ip"``; score = ``1 - distance`` = dot of unit vectors).
+
+    ``vectors [size, dim]``, ``ids [size]`` int64 >= 0 (default ``0..size-1``, the item rows).
+    """
+
+    # Above this share of the catalogue excluded, or when a row's fetch would exceed it, scan exactly instead.
+    exact_fallback_fraction = 0.25
+
+    def __init__(
+        self,
+        vectors: np.ndarray | None,
+        ids: np.ndarray | None = None,
+        *,
+        metric: str = "cosine",
+        M: int = 16,
+        ef_construction: int = 200,
+        ef: int = 64,
+        num_threads: int = -1,
+        seed: int = 100,
+        dim: int | None = None,
+    ) -> None:
+        import hnswlib
+
+        self.metric = _check_metric(metric)
+        if vectors is None:  # used by load(): an empty shell filled by hnswlib's loader
+            if dim is None:
+                raise ValueError("`dim` is required when `vectors` is None")
+            vecs = np.zeros((0, dim), dtype=np.float32)
+        else:
+            vecs = _as_matrix(vectors, dim, self.metric, name="vectors")
+        self.dim = int(vecs.shape[1])
+        if self.dim < 1:
+            raise ValueError(f"`vectors` must have at least one column, got shape {vecs.shape}")
+        if ef < 1:
+            raise ValueError(f"`ef` must be >= 1, got {ef}")
+        self.num_threads = _resolve_threads(num_threads)
+        self.M, self.ef_construction, self.seed = int(M), int(ef_construction), int(seed)
+        self._ef = int(ef)
+        self._lock = _RWLock()
+        self._exact_cache: ExactIndex | None = None
+        self._exact_lock = threading.Lock()
+        self._index = hnswlib.Index(space="ip", dim=self.dim)
+        n = vecs.shape[0]
+        ids_arr = np.arange(n, dtype=np.int64) if ids is None else _as_ids(ids, n, name="ids")
+        self._idmap = _IdMap(np.zeros(0, dtype=np.int64))
+        if vectors is not None:
+            self._index.init_index(max_elements=max(n, 1), M=self.M, ef_construction=self.ef_construction,
+                                   random_seed=self.seed)
+            if n:
+                self._index.add_items(vecs, ids_arr, num_threads=self.num_threads)
+            self._idmap = _IdMap(ids_arr)
+            self._index.set_ef(self._ef)
+
+    @classmethod
+    def from_config(cls, vectors: np.ndarray, ids: np.ndarray | None = None, *, metric: str = "cosine",
+                    cfg: IndexConfig | None = None) -> HnswIndex:
+        cfg = cfg or IndexConfig()
+        return cls(vectors, ids, metric=metric, M=cfg.M, ef_construction=cfg.ef_construction, ef=cfg.ef,
+                   num_threads=cfg.num_threads, seed=cfg.seed)
+
+    # -- properties ----------------------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return int(self._idmap.ids.shape[0])
+
+    @property
+    def ids(self) -> np.ndarray:
+        """``[size]`` int64 labels in insertion order."""
+        return self._idmap.ids
+
+    @property
+    def ef(self) -> int:
+        return self._ef
+
+    def set_ef(self, ef: int) -> None:
+        """Query-time candidate list size (the effective value is ``max(ef, k)``, hnswlib's rule)."""
+        if isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or ef < 1:
+            raise ValueError(f"`ef` must be an integer >= 1, got {ef!r}")
+        self._ef = int(ef)
+        self._index.set_ef(self._ef)
+
+    def __repr__(self) -> str:
+        return (f"HnswIndex(size={self.size}, dim={self.dim}, metric={self.metric!r}, M={self.M}, "
+                f"ef_construction={self.ef_construction}, ef={self._ef})")
+
+    def params(self) -> dict[str, Any]:
+        """Build/search parameters, for the bundle manifest."""
+        return {"metric": self.metric, "space": "ip", "dim": self.dim, "size": self.size, "M": self.M,
+                "ef_construction": self.ef_construction, "ef": self._ef, "seed": self.seed}
+
+    def index_bytes(self) -> int:
+        """Size of the serialised index (≈ its memory), bytes."""
+        return int(self._index.index_file_size())
+
+    # -- vectors -------------------------------------------------------------------------------------------------
+
+    def get_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of ``ids`` (all must be in the index) -> ``[m, dim]`` float32."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.ascontiguousarray(self._index.get_items(ids, return_type="numpy"), dtype=np.float32)
+
+    def _exact(self) -> ExactIndex:
+        """An exact twin over the same vectors, built on first need (fallback path) and dropped by add()."""
+        ex = self._exact_cache
+        if ex is None:
+            with self._exact_lock:
+                ex = self._exact_cache
+                if ex is None:
+                    ids = self._idmap.ids
+                    ex = ExactIndex(self.get_vectors(ids), ids, metric=self.metric)
+                    self._exact_cache = ex
+        return ex
+
+    # -- add -----------------------------------------------------------------------------------------------------
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Insert new items ``vectors [m, dim]`` with new ``ids [m]`` without a rebuild (grows the capacity).
+
+        Takes the write lock: waits for in-flight searches, blocks new ones until done.
+        """
+        new = _as_matrix(vectors, self.dim, self.metric, name="vectors")
+        new_ids = _as_ids(ids, new.shape[0], name="ids")
+        if not new_ids.size:
+            return
+        with self._lock.write():
+            clash = new_ids[np.isin(new_ids, self._idmap.ids)]
+            if clash.size:
+                raise ValueError(f"`ids` already in the index: {clash[:10].tolist()}")
+            need = self.size + new_ids.size
+            cap = self._index.get_max_elements()
+            if need > cap:
+                # Grow geometrically so a stream of small adds doesn't resize (and copy) every time.
+                self._index.resize_index(max(need, int(cap * 1.5)))
+            self._index.add_items(new, new_ids, num_threads=self.num_threads)
+            self._idmap = _IdMap(np.concatenate([self._idmap.ids, new_ids]))
+            self._exact_cache = None
+
+    # -- search --------------------------------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        exclude: Sequence[np.ndarray | None] | None = None,
+        include: Sequence[np.ndarray | None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-``k`` of ``queries [n, dim]`` -> ``(ids [n, k] int64, scores [n, k] float32)``.
+
+        Same contract as :meth:`ExactIndex.search`: never an excluded id, only included ids when ``include[i]``
+        is given, exactly ``k`` results whenever ``k`` candidates remain, else padding -1 / -inf.
+        """
+        k = _check_k(k)
+        q = _as_matrix(queries, self.dim, self.metric, name="queries")
+        n = q.shape[0]
+        excl = _per_query(exclude, n, name="exclude")
+        incl = _per_query(include, n, name="include")
+        with self._lock.read():
+            idmap = self._idmap
+            size = idmap.ids.shape[0]
+            if excl is None and incl is None and k <= size:
+                # Fast path (the plain query): one hnswlib call, nothing to filter.
+                try:
+                    labels, dist = self._knn(q, k)
+                    return labels.astype(np.int64, copy=False), 1.0 - dist
+                except RuntimeError:
+                    pass  # hnswlib found fewer than k (unreachable nodes): the general path falls back
+            return self._search_general(q, k, excl, incl, idmap)
+
+    def _knn(self, q: np.ndarray, kf: int) -> tuple[np.ndarray, np.ndarray]:
+        # One query: run on this thread (hnswlib would otherwise spawn threads for it).
+        threads = 1 if q.shape[0] == 1 else self.num_threads
+        return self._index.knn_query(q, k=kf, num_threads=threads)
+
+    def _search_general(
+        self, q: np.ndarray, k: int, excl: list[np.ndarray | None] | None,
+        incl: list[np.ndarray | None] | None, idmap: _IdMap,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        n = q.shape[0]
+        size = idmap.ids.shape[0]
+        out_ids = np.full((n, k), -1, dtype=np.int64)
+        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+        if size == 0 or n == 0:
+            return out_ids, out_scores
+        # Excluded ids that are in the index, per row (sorted, distinct): their count sizes the over-fetch.
+        ex: list[np.ndarray | None] = [None] * n
+        if excl is not None:
+            for i, e in enumerate(excl):
+                if e is not None and e.size:
+                    ex[i] = idmap.members(e)
+        exact_rows: list[int] = []
+        fetch: dict[int, list[int]] = {}  # fetch size -> rows
+        for i in range(n):
+            if incl is not None and incl[i] is not None:
+                # Include-list: score exactly the m included vectors.
+                cand = idmap.members(incl[i])
+                if ex[i] is not None:
+                    cand = cand[~np.isin(cand, ex[i])]
+                s = self.get_vectors(cand) @ q[i]  # [m]
+                pos, top = _topk_rows(s[None, :], k)
+                out_ids[i] = np.where(pos[0] >= 0, cand[np.maximum(pos[0], 0)] if cand.size else -1, -1)
+                out_scores[i] = top[0]
+                continue
+            n_ex = 0 if ex[i] is None else int(ex[i].size)
+            want = k + n_ex
+            if want >= size or n_ex > self.exact_fallback_fraction * size:
+                exact_rows.append(i)  # most of the catalogue excluded, or k ~ catalogue: the scan is cheaper
+            else:
+                fetch.setdefault(min(size, _round_up_fetch(want)), []).append(i)
+        while fetch:
+            kf = min(fetch)
+            rows = np.array(fetch.pop(kf), dtype=np.int64)
+            try:
+                labels, dist = self._knn(q[rows], kf)
+            except RuntimeError:
+                # "Cannot return the results in a contiguous 2D array": fewer than kf reachable -> exact.
+                exact_rows.extend(rows.tolist())
+                continue
+            labels = labels.astype(np.int64, copy=False)
+            scores = 1.0 - dist
+            for j, i in enumerate(rows):
+                lab, sc = labels[j], scores[j]
+                if ex[i] is not None:
+                    keep = ~np.isin(lab, ex[i], assume_unique=True)
+                    lab, sc = lab[keep], sc[keep]
+                if lab.size >= k:
+                    out_ids[i], out_scores[i] = lab[:k], sc[:k]
+                else:
+                    nxt = min(size, 2 * kf)
+                    if nxt >= size or nxt > self.exact_fallback_fraction * size or kf >= size:
+                        exact_rows.append(int(i))
+                    else:
+                        fetch.setdefault(nxt, []).append(int(i))
+        if exact_rows:
+            rows = np.array(sorted(exact_rows), dtype=np.int64)
+            ids_e, sc_e = self._exact().search_rows(q, rows, k, ex if excl is not None else None)
+            out_ids[rows], out_scores[rows] = ids_e, sc_e
+        return out_ids, out_scores
+
+    # -- files ---------------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the index (hnswlib format, labels included) to ``path`` through a temp file + rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+        try:
+            with self._lock.read():
+                self._index.save_index(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        dim: int,
+        metric: str,
+        size: int | None = None,
+        ef: int = 64,
+        num_threads: int = -1,
+        max_elements: int | None = None,
+    ) -> HnswIndex:
+        """Load an index written by :meth:`save`, after checking its header and length against ``dim``/``size``.
+
+        ``metric`` is not stored in hnswlib's file: pass the bundle's. ``max_elements`` reserves room for adds.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"hnswlib index {str(path)!r} does not exist")
+        h = check_hnsw_file(path, dim=dim, size=size)
+        self = cls(None, metric=metric, ef=ef, num_threads=num_threads, dim=dim, M=h["M"],
+                   ef_construction=h["ef_construction"])
+        count = h["count"]
+        # Pass max_elements explicitly: otherwise hnswlib allocates the header's max_elements (untrusted).
+        self._index.load_index(str(path), max_elements=max(count, max_elements or 0, 1))
+        if self._index.get_current_count() != count:
+            raise ValueError(f"hnswlib index {str(path)!r}: loaded {self._index.get_current_count()} items, "
+                             f"header says {count}")
+        ids = np.asarray(self._index.get_ids_list(), dtype=np.int64)
+        # Keep insertion-ish order stable: sort labels (the bundle's are item rows 0..n-1).
+        self._idmap = _IdMap(np.sort(ids))
+        self._index.set_ef(self._ef)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the shared exclusion rule
+
+
+def merge_exclusions(n: int, *sources: Sequence[np.ndarray | None] | None) -> list[np.ndarray | None] | None:
+    """Union per-query id lists (e.g. a user's seen items and a request's exclusions) -> one list per query."""
+    live = [s for s in sources if s is not None]
+    if not live:
+        return None
+    out: list[np.ndarray | None] = []
+    for j, s in enumerate(live):
+        if len(s) != n:
+            raise ValueError(f"exclusion source {j} must hold one entry per query ({n}), got {len(s)}")
+    for i in range(n):
+        parts = [np.asarray(s[i], dtype=np.int64).reshape(-1) for s in live if s[i] is not None]
+        out.append(np.unique(np.concatenate(parts)) if parts else None)
+    return out
+
+
+def retrieve(
+    index: ExactIndex | HnswIndex,
+    queries: np.ndarray,
+    k: int,
+    *,
+    seen: Sequence[np.ndarray | None] | None = None,
+    exclude: Sequence[np.ndarray | None] | None = None,
+    include: Sequence[np.ndarray | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one exclusion rule, for serving and evaluation alike: top-``k`` minus (seen ∪ exclude), within include.
+
+    ``queries [n, dim]``; ``seen`` / ``exclude`` / ``include``: one id array (or None) per query.
+    Returns ``(ids [n, k] int64, scores [n, k] float32)``: exactly ``k`` ids whenever ``k`` candidates remain,
+    otherwise padded with -1 / -inf.
+    """
+    q = np.asarray(queries)
+    n = q.shape[0] if q.ndim == 2 else -1
+    if n < 0:
+        raise ValueError(f"`queries` must be 2-D [n, {index.dim}], got shape {q.shape}")
+    return index.search(q, k, exclude=merge_exclusions(n, seen, exclude), include=include)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recall and auto-tune
+
+
+def recall_vs_exact(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean over rows of ``|approx ∩ exact| / |exact|`` (padding -1 ignored); both ``[n, k]``."""
+    if approx_ids.shape != exact_ids.shape:
+        raise ValueError(f"id arrays must have the same shape, got {approx_ids.shape} and {exact_ids.shape}")
+    hits, total = 0, 0
+    for a, e in zip(approx_ids, exact_ids, strict=True):
+        e = e[e >= 0]
+        total += e.size
+        hits += np.intersect1d(a[a >= 0], e, assume_unique=True).size
+    return hits / total if total else 1.0
+
+
+def autotune_ef(
+    index: HnswIndex,
+    exact: ExactIndex,
+    queries: np.ndarray,
+    *,
+    k: int = 10,
+    target_recall: float = 0.99,
+    efs: Sequence[int] = IndexConfig.autotune_efs,
+    latency_queries: int = 200,
+) -> tuple[int, list[dict[str, float]]]:
+    """Smallest ``ef`` in ``efs`` whose Recall@k vs ``exact`` on ``queries [n, dim]`` reaches ``target_recall``.
+
+    Use held-out query embeddings (>= 1,000 for a stable estimate). Returns ``(ef, table)``, table rows
+    ``{"ef", "recall", "p50_ms", "p99_ms", "batch_qps"}`` (single-query latency over ``latency_queries`` queries,
+    one at a time; throughput of one batch call) for the manifest. The index is left at the chosen ef; when no ef
+    reaches the target the largest is chosen and every row has ``"target_met": False``.
+    """
+    k = _check_k(k)
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"`target_recall` must be in (0, 1], got {target_recall}")
+    efs = sorted(int(e) for e in efs)
+    if not efs or efs[0] < 1:
+        raise ValueError(f"`efs` must be positive ints, got {list(efs)}")
+    q = _as_matrix(queries, index.dim, index.metric, name="queries")
+    if q.shape[0] == 0:
+        raise ValueError("`queries` must hold at least one query")
+    truth, _ = exact.search(q, k)
+    lat_q = q[: max(1, min(latency_queries, q.shape[0]))]
+    table: list[dict[str, float]] = []
+    chosen: int | None = None
+    for ef in efs:
+        index.set_ef(ef)
+        t0 = time.perf_counter()
+        got, _ = index.search(q, k)
+        batch_s = time.perf_counter() - t0
+        rec = recall_vs_exact(got, truth)
+        lat = np.empty(lat_q.shape[0])
+        for j in range(lat_q.shape[0]):
+            t0 = time.perf_counter()
+            index.search(lat_q[j:j + 1], k)
+            lat[j] = time.perf_counter() - t0
+        table.append({"ef": ef, "recall": round(rec, 5), "p50_ms": round(float(np.median(lat)) * 1e3, 4),
+                      "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 4),
+                      "batch_qps": round(q.shape[0] / batch_s, 1)})
+        if rec >= target_recall:
+            chosen = ef
+            break
+    met = chosen is not None
+    if chosen is None:
+        chosen = efs[-1]
+    for row in table:
+        row["target_met"] = met
+    index.set_ef(chosen)
+    return chosen, table
+
