@@ -1,0 +1,843 @@
+"""The model bundle: one immutable, verified directory per published model version.
+
+``export`` turns a training run (+ its prepared dataset) into ``MODELS_DIR/<version>/`` holding everything serving
+needs (schema.py lists the files): the towers (so unseen users are embedded from their history and new items from
+their features), item and known-user embeddings computed with those towers, the vocabularies, the serving history
+and seen sets, item popularity and an hnswlib index whose ``ef`` was auto-tuned against exact search. Publishing is
+atomic (temp dir + fsync + rename) and the ``LATEST`` pointer moves afterwards (temp file + rename), so a reader
+sees either the old or the new version, never half of one.
+
+``Bundle.load`` refuses anything that does not match its manifest (``BundleError`` names the file and the
+mismatch) and checks every sha256 *before* reading a file's contents: hnswlib index files are parsed by C++ without
+bounds checks and must not be loaded untrusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys import schema
+from recsys.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+# Every file a bundle must hold besides its manifest; the manifest lists each with sha256 + size.
+BUNDLE_FILES = (
+    schema.MODEL_JSON,
+    schema.MODEL_WEIGHTS,
+    schema.ITEM_EMBEDDINGS,
+    schema.USER_EMBEDDINGS,
+    schema.USERS,
+    schema.ITEMS,
+    schema.FEATURE_VOCAB,
+    schema.HISTORY,
+    schema.SEEN,
+    schema.INDEX_FILE,
+)
+# Copied byte for byte from the prepared dataset.
+DATA_FILES = (schema.USERS, schema.ITEMS, schema.FEATURE_VOCAB, schema.HISTORY, schema.SEEN)
+# Auto-generated version names sort in creation order: UTC timestamp + short content hash.
+VERSION_RE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6})$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TS_FMT = "%Y%m%dT%H%M%SZ"
+
+
+class BundleError(ValueError):
+    """A bundle that is refused: the message names the file and the mismatch."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain-JSON copy of ``obj`` (numpy scalars/arrays, tuples, Paths, dataclasses)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _read_json(path: Path, *, what: str) -> dict[str, Any]:
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            out = json.load(f)
+    except FileNotFoundError:
+        raise BundleError(f"{what}: {path.name} is missing ({str(path)!r})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{what}: {path.name} is not valid JSON ({str(path)!r}): {e}") from None
+    if not isinstance(out, dict):
+        raise BundleError(f"{what}: {path.name} must hold a JSON object, got {type(out).__name__}")
+    return out
+
+
+def _package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("recsys", "torch", "numpy", "hnswlib", "polars", "pyarrow", "safetensors"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+def _is_bundle_dir(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and (path / MANIFEST).is_file()
+
+
+@contextlib.contextmanager
+def _models_lock(models_dir: Path) -> Iterator[None]:
+    """Serialise publish / prune / rollback between processes sharing ``models_dir`` (advisory flock)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX: best effort, no lock
+        yield
+        return
+    with open(models_dir / ".lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def new_version_name(models_dir: str | Path, content_hash: str, *, now: dt.datetime | None = None) -> str:
+    """``YYYYmmddTHHMMSSZ-<6 hex>``, strictly later than every auto-named version already in ``models_dir``.
+
+    Two exports in the same second (or a clock that stepped back) get the last timestamp + 1 s, so sorting names
+    always gives publication order.
+    """
+    now = (now or _utc_now()).astimezone(dt.timezone.utc).replace(microsecond=0)
+    models_dir = Path(models_dir)
+    stamps = []
+    if models_dir.is_dir():
+        for p in models_dir.iterdir():
+            m = VERSION_RE.match(p.name)
+            if m:
+                stamps.append(dt.datetime.strptime(m.group(1), _TS_FMT).replace(tzinfo=dt.timezone.utc))
+    if stamps and now <= max(stamps):
+        now = max(stamps) + dt.timedelta(seconds=1)
+    return f"{now.strftime(_TS_FMT)}-{content_hash[:6]}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pointers, listing, pruning, rollback
+
+
+def read_latest(models_dir: str | Path) -> str | None:
+    """The version name ``MODELS_DIR/LATEST`` points to, or None when there is no pointer yet."""
+    p = Path(models_dir) / schema.LATEST
+    try:
+        name = p.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    if not _NAME_RE.match(name):
+        raise BundleError(f"{schema.LATEST}: {str(p)!r} holds {name!r}, which is not a version name")
+    return name
+
+
+def resolve(models_dir_or_bundle: str | Path, version: str | None = None) -> Path:
+    """The version directory meant by a path.
+
+    ``MODELS_DIR`` follows ``LATEST`` (or names ``version``); ``MODELS_DIR/LATEST`` (the pointer file) follows it;
+    a version directory (it holds manifest.json) is returned as is.
+    """
+    p = Path(models_dir_or_bundle)
+    if p.name == schema.LATEST and p.is_file():
+        if version is not None:
+            raise ValueError(f"`version` cannot be combined with a LATEST pointer path, got {version!r}")
+        p = p.parent
+        version = read_latest(p)
+        if version is None:  # pragma: no cover - raced with deletion
+            raise BundleError(f"{schema.LATEST}: {str(p / schema.LATEST)!r} vanished")
+        return _existing_version(p, version)
+    if not p.exists():
+        raise FileNotFoundError(f"bundle path {str(p)!r} does not exist")
+    if version is not None:
+        return _existing_version(p, version)
+    if (p / MANIFEST).is_file():
+        return p
+    latest = read_latest(p)
+    if latest is not None:
+        return _existing_version(p, latest)
+    raise BundleError(
+        f"{str(p)!r} is neither a bundle (no {MANIFEST}) nor a models directory (no {schema.LATEST} pointer)"
+    )
+
+
+def _existing_version(models_dir: Path, version: str) -> Path:
+    if not _NAME_RE.match(version):
+        raise ValueError(f"`version` must be a version name like 20261127T201500Z-3fa2c1, got {version!r}")
+    p = models_dir / version
+    if not _is_bundle_dir(p):
+        known = [v["version"] for v in list_versions(models_dir)]
+        raise BundleError(f"version {version!r} not found in {str(models_dir)!r}; versions: {known}")
+    return p
+
+
+def list_versions(models_dir: str | Path) -> list[dict[str, Any]]:
+    """Published versions, oldest first: ``{version, path, created_at, latest, dim, n_users, n_items, ...}``.
+
+    Reads only manifests (no verification); a directory whose manifest is unreadable is listed with ``error``.
+    """
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return []
+    latest = read_latest(models_dir)
+    rows = []
+    for p in models_dir.iterdir():
+        if not _is_bundle_dir(p):
+            continue
+        row: dict[str, Any] = {"version": p.name, "path": str(p), "latest": p.name == latest}
+        try:
+            m = _read_json(p / MANIFEST, what=p.name)
+            row.update(
+                created_at=m.get("created_at"),
+                dim=m.get("dim"),
+                n_users=m.get("counts", {}).get("n_users"),
+                n_items=m.get("counts", {}).get("n_items"),
+                ef=m.get("index", {}).get("ef"),
+                evaluation=m.get("evaluation", {}),
+            )
+        except BundleError as e:
+            row["error"] = str(e)
+        rows.append(row)
+    # Auto names sort chronologically; created_at first keeps hand-named versions in publication order too.
+    rows.sort(key=lambda r: (str(r.get("created_at") or ""), r["version"]))
+    return rows
+
+
+def set_latest(models_dir: str | Path, version: str, *, verify: bool = True) -> None:
+    """Point ``LATEST`` at ``version`` (atomically), after loading and verifying it unless ``verify=False``."""
+    models_dir = Path(models_dir)
+    with _models_lock(models_dir):
+        path = _existing_version(models_dir, version)
+        if verify:
+            Bundle.load(path, verify=True)
+        atomic_write_text(models_dir / schema.LATEST, version + "\n")
+        fsync_dir(models_dir)
+
+
+def rollback(models_dir: str | Path, version: str) -> Path:
+    """Move ``LATEST`` back (or forth) to an existing, verified ``version``; returns its directory."""
+    set_latest(models_dir, version, verify=True)
+    log.info("LATEST -> %s", version)
+    return Path(models_dir) / version
+
+
+def prune(models_dir: str | Path, *, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` versions; the one ``LATEST`` points to is never deleted.
+
+    Each doomed directory is first renamed to a hidden name (one atomic step), so no reader ever sees a
+    half-deleted version. Returns the deleted version names.
+    """
+    if keep < 1:
+        raise ValueError(f"`keep` must be >= 1, got {keep}")
+    models_dir = Path(models_dir)
+    with _models_lock(models_dir):
+        return _prune_locked(models_dir, keep=keep)
+
+
+def _prune_locked(models_dir: Path, *, keep: int) -> list[str]:
+    versions = list_versions(models_dir)
+    latest = read_latest(models_dir)
+    doomed = [v["version"] for v in versions[: max(0, len(versions) - keep)] if v["version"] != latest]
+    for name in doomed:
+        trash = models_dir / f".{name}.deleting-{os.getpid()}"
+        os.rename(models_dir / name, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("pruned version %s", name)
+    if doomed:
+        fsync_dir(models_dir)
+    return doomed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ragged lists (history / seen) as CSR
+
+
+def read_ragged(path: Path, *, n_rows: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``user_idx i32, items list[i32]`` parquet -> (offsets [n_rows + 1] int64, values [nnz] int64)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    for col in (schema.USER_IDX, "items"):
+        if col not in t.column_names:
+            raise BundleError(f"{what}: column {col!r} missing; columns: {t.column_names}")
+    users = t.column(schema.USER_IDX).to_numpy().astype(np.int64)
+    if users.size and (users.min() < 0 or users.max() >= n_rows):
+        raise BundleError(f"{what}: user_idx must be in [0, {n_rows}), got range [{users.min()}, {users.max()}]")
+    lists = t.column("items").combine_chunks()
+    if isinstance(lists, pa.ChunkedArray):  # pragma: no cover - combine_chunks of 0 chunks
+        lists = pa.array([], type=pa.list_(pa.int32()))
+    lens = np.asarray(lists.value_lengths().fill_null(0), dtype=np.int64)
+    flat = np.asarray(lists.flatten(), dtype=np.int64)
+    if np.unique(users).size != users.size:
+        raise BundleError(f"{what}: user_idx values must be unique")
+    counts = np.zeros(n_rows, dtype=np.int64)
+    counts[users] = lens
+    offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    # Move each source row's slice of `flat` to its user's slot without a Python loop.
+    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # position inside its list
+    src = np.repeat(np.cumsum(lens) - lens, lens) + within
+    dst = np.repeat(offsets[users], lens) + within
+    values = np.empty_like(flat)
+    values[dst] = flat[src]
+    return offsets, values
+
+
+def _ragged_rows(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+    return [values[offsets[r] : offsets[r + 1]] for r in rows]
+
+
+def pad_histories(histories: Sequence[np.ndarray], *, max_len: int | None = None) -> np.ndarray:
+    """Right-align ragged item-row lists into ``[n, N]`` int64, ``-1`` = padding; keeps the most recent ``max_len``."""
+    lens = [len(h) for h in histories]
+    n = max(lens, default=0)
+    if max_len is not None:
+        n = min(n, max_len)
+    out = np.full((len(histories), max(n, 1)), -1, dtype=np.int64)
+    for i, h in enumerate(histories):
+        h = np.asarray(h, dtype=np.int64)[-n:] if n else np.asarray(h, dtype=np.int64)[:0]
+        if len(h):
+            out[i, out.shape[1] - len(h) :] = h
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# export
+
+
+def _torch_embed(model: Any, fn: str, batches: Iterator[tuple[Any, ...]], *, n: int, dim: int) -> np.ndarray:
+    import torch
+
+    out = np.empty((n, dim), dtype=np.float32)
+    pos = 0
+    with torch.inference_mode():
+        for args in batches:
+            z = getattr(model, fn)(*(torch.as_tensor(a) for a in args))
+            z = z.detach().to("cpu", torch.float32).numpy()
+            out[pos : pos + len(z)] = z
+            pos += len(z)
+    if pos != n:
+        raise RuntimeError(f"{fn} produced {pos} rows, expected {n}")
+    return out
+
+
+def embed_items(model: Any, n_items: int, *, batch_size: int = 4096) -> np.ndarray:
+    """Item tower over every item row: ``[n_items, dim]`` float32."""
+
+    def batches() -> Iterator[tuple[np.ndarray]]:
+        for s in range(0, n_items, batch_size):
+            yield (np.arange(s, min(s + batch_size, n_items), dtype=np.int64),)
+
+    return _torch_embed(model, "encode_items", batches(), n=n_items, dim=int(model.dim))
+
+
+def embed_users(
+    model: Any,
+    user_rows: np.ndarray,
+    histories: Sequence[np.ndarray],
+    *,
+    max_history: int | None = None,
+    batch_size: int = 2048,
+) -> np.ndarray:
+    """User tower: ``user_rows [n]`` (-1 = unknown user) + histories (item rows, oldest first) -> ``[n, dim]``."""
+    user_rows = np.asarray(user_rows, dtype=np.int64)
+    if len(user_rows) != len(histories):
+        raise ValueError(f"user_rows and histories must have the same length (got {len(user_rows)} and {len(histories)})")
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for s in range(0, len(user_rows), batch_size):
+            e = min(s + batch_size, len(user_rows))
+            yield user_rows[s:e], pad_histories(histories[s:e], max_len=max_history)
+
+    return _torch_embed(model, "encode_users", batches(), n=len(user_rows), dim=int(model.dim))
+
+
+def _run_data_dir(run_dir: Path) -> Path:
+    """The prepared dataset a run was trained on, from its config.json."""
+    cfg = _read_json(run_dir / schema.RUN_CONFIG, what="run")
+    for key in ("data_dir", "data"):
+        v = cfg.get(key)
+        if isinstance(v, str):
+            return Path(v)
+        if isinstance(v, Mapping):
+            for k in ("dir", "path", "data_dir"):
+                if isinstance(v.get(k), str):
+                    return Path(v[k])
+    raise ValueError(
+        f"{str(run_dir / schema.RUN_CONFIG)!r} does not name the prepared dataset (no `data_dir`); pass `data_dir`"
+    )
+
+
+def _tuning_queries(
+    data_dir: Path, user_emb: np.ndarray, *, n_queries: int, seed: int
+) -> tuple[np.ndarray, str]:
+    """Held-out users' embeddings for tuning ef: test users, then valid users, then any others, up to n_queries."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = []
+    sources = []
+    have = np.zeros(len(user_emb), dtype=bool)
+    for split in ("test", "valid"):
+        p = data_dir / schema.SPLITS[split]
+        if not p.exists() or have.sum() >= n_queries:
+            continue
+        u = np.unique(pq.read_table(p, columns=[schema.USER_IDX]).column(0).to_numpy())
+        u = u[(u >= 0) & (u < len(user_emb))]
+        u = u[~have[u]]
+        u = rng.permutation(u)[: n_queries - int(have.sum())]
+        have[u] = True
+        chosen.append(u)
+        sources.append(f"{split}:{len(u)}")
+    if have.sum() < n_queries:
+        rest = rng.permutation(np.flatnonzero(~have))[: n_queries - int(have.sum())]
+        chosen.append(rest)
+        sources.append(f"other:{len(rest)}")
+    rows = np.concatenate(chosen) if chosen else np.arange(0)
+    return user_emb[rows], ",".join(sources)
+
+
+def export(
+    run_dir: str | Path,
+    models_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    index_cfg: Any = None,
+    keep: int = 5,
+    version: str | None = None,
+    tune_queries: int | None = None,
+    evaluate_split: str | None = "test",
+    seed: int = 0,
+) -> Path:
+    """Publish a training run as a new bundle version and point ``LATEST`` at it; returns the version directory.
+
+    ``data_dir`` defaults to the dataset named in the run's config.json. ``index_cfg`` is an
+    ``recsys.index.IndexConfig`` (defaults when None). ``ef`` is auto-tuned on up to ``tune_queries`` held-out
+    users' embeddings (default: ``max(1000, index_cfg.autotune_queries)``; test users first, then valid users, then
+    others), to the config's ``target_recall`` (0.99) at ``autotune_k``. With ``evaluate_split`` a quick
+    exact/ANN evaluation of that split is stored in the manifest (``evaluation``). After publishing, all but the
+    newest ``keep`` versions are deleted (never the one ``LATEST`` points to).
+    """
+    import pyarrow.parquet as pq
+
+    from recsys.index import ExactIndex, HnswIndex, IndexConfig, autotune_ef
+    from recsys.model import TwoTower
+
+    if keep < 1:
+        raise ValueError(f"`keep` must be >= 1, got {keep}")
+    if version is not None and not _NAME_RE.match(version):
+        raise ValueError(f"`version` must match {_NAME_RE.pattern}, got {version!r}")
+    run_dir = Path(run_dir)
+    models_dir = Path(models_dir)
+    for name in (schema.MODEL_JSON, schema.MODEL_WEIGHTS):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"run dir {str(run_dir)!r} has no {name} (train the model first)")
+    data_dir = Path(data_dir) if data_dir is not None else _run_data_dir(run_dir)
+    for name in (*DATA_FILES, schema.MANIFEST):
+        if not (data_dir / name).is_file():
+            raise FileNotFoundError(f"prepared dataset {str(data_dir)!r} has no {name}")
+    index_cfg = index_cfg if index_cfg is not None else IndexConfig()
+
+    data_manifest = _read_json(data_dir / schema.MANIFEST, what="prepared dataset")
+    model_json = _read_json(run_dir / schema.MODEL_JSON, what="run")
+    run_config = _read_json(run_dir / schema.RUN_CONFIG, what="run") if (run_dir / schema.RUN_CONFIG).is_file() else {}
+    summary = _read_json(run_dir / schema.SUMMARY, what="run") if (run_dir / schema.SUMMARY).is_file() else {}
+
+    model = TwoTower.from_run(run_dir, device="cpu")
+    metric = str(getattr(model, "metric", model_json.get("metric", schema.METRIC)))
+    if metric != schema.METRIC:
+        raise BundleError(f"{schema.MODEL_JSON}: model metric is {metric!r}, the system serves {schema.METRIC!r}")
+    dim = int(model.dim)
+    n_users, n_items = int(model.n_users), int(model.n_items)
+    n_users_data = pq.read_metadata(data_dir / schema.USERS).num_rows
+    n_items_data = pq.read_metadata(data_dir / schema.ITEMS).num_rows
+    if (n_users_data, n_items_data) != (n_users, n_items):
+        raise BundleError(
+            f"run {str(run_dir)!r} has {n_users} users / {n_items} items but {str(data_dir)!r} has "
+            f"{n_users_data} / {n_items_data}: the run was not trained on this dataset"
+        )
+
+    # Embeddings with the exported towers: users from their serving history, exactly as serving would.
+    item_emb = embed_items(model, n_items)
+    hist_off, hist_val = read_ragged(data_dir / schema.HISTORY, n_rows=n_users, what=schema.HISTORY)
+    max_history = _max_history(model, model_json)
+    user_emb = embed_users(
+        model,
+        np.arange(n_users, dtype=np.int64),
+        _ragged_rows(hist_off, hist_val, np.arange(n_users)),
+        max_history=max_history,
+    )
+    for name, arr in (("item", item_emb), ("user", user_emb)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} embeddings contain NaN/inf: the run's weights are broken")
+
+    # Index + ef auto-tuned against exact search on held-out users' embeddings.
+    index = HnswIndex.from_config(item_emb, metric=metric, cfg=index_cfg)
+    exact = ExactIndex(item_emb, metric=metric)
+    tune_k = min(int(index_cfg.autotune_k), n_items)
+    n_queries = max(1000, int(index_cfg.autotune_queries)) if tune_queries is None else int(tune_queries)
+    query_source, table = "", []
+    ef = int(index_cfg.ef)
+    if index_cfg.autotune:
+        queries, query_source = _tuning_queries(data_dir, user_emb, n_queries=n_queries, seed=seed)
+        ef, table = autotune_ef(
+            index, exact, queries, k=tune_k, target_recall=index_cfg.target_recall, efs=index_cfg.autotune_efs
+        )
+    index.set_ef(int(ef))
+
+    evaluation: dict[str, Any] = {}
+    if evaluate_split is not None and (data_dir / schema.SPLITS[evaluate_split]).is_file():
+        from recsys.evaluate import quick_evaluation
+
+        evaluation = quick_evaluation(
+            user_emb=user_emb, exact=exact, ann=index, data_dir=data_dir, split=evaluate_split
+        )
+
+    with _models_lock(models_dir):
+        h = hashlib.sha256(sha256_file(run_dir / schema.MODEL_WEIGHTS).encode())
+        h.update(sha256_file(data_dir / schema.MANIFEST).encode())
+        created = _utc_now()
+        if version is None:
+            version = new_version_name(models_dir, h.hexdigest(), now=created)
+        final = models_dir / version
+        if final.exists():
+            raise FileExistsError(f"version {version!r} already exists in {str(models_dir)!r}")
+        with atomic_dir(final) as tmp:
+            for name in (schema.MODEL_JSON, schema.MODEL_WEIGHTS):
+                shutil.copyfile(run_dir / name, tmp / name)
+            for name in DATA_FILES:
+                shutil.copyfile(data_dir / name, tmp / name)
+            np.save(tmp / schema.ITEM_EMBEDDINGS, item_emb, allow_pickle=False)
+            np.save(tmp / schema.USER_EMBEDDINGS, user_emb, allow_pickle=False)
+            index.save(tmp / schema.INDEX_FILE)
+            manifest = {
+                "schema_version": schema.SCHEMA_VERSION,
+                "version": version,
+                "created_at": created.isoformat().replace("+00:00", "Z"),
+                "metric": metric,
+                "dim": dim,
+                "counts": {"n_users": n_users, "n_items": n_items},
+                "max_history": max_history,
+                "model": model_json,
+                "run": {"path": str(run_dir.resolve()), "config": run_config, "summary": summary},
+                "data": {
+                    "path": str(data_dir.resolve()),
+                    "manifest_sha256": sha256_file(data_dir / schema.MANIFEST),
+                    "fingerprint": _data_fingerprint(data_manifest),
+                    "counts": data_manifest.get("counts"),
+                    "split": data_manifest.get("split"),
+                },
+                "index": {
+                    "kind": "hnsw",
+                    "file": schema.INDEX_FILE,
+                    "config": _jsonable(index_cfg),
+                    "ef": int(ef),
+                    "params": index.params(),
+                    "tune": {
+                        "autotune": bool(index_cfg.autotune),
+                        "k": tune_k,
+                        "target_recall": index_cfg.target_recall,
+                        "queries": query_source,
+                        "table": table,
+                    },
+                },
+                "training": summary,
+                "evaluation": evaluation,
+                "packages": _package_versions(),
+                "files": {
+                    name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
+                    for name in BUNDLE_FILES
+                },
+            }
+            atomic_write_json(tmp / MANIFEST, _jsonable(manifest))
+        atomic_write_text(models_dir / schema.LATEST, version + "\n")
+        fsync_dir(models_dir)
+        log.info("published %s (ef=%d, %d items, %d users)", final, ef, n_items, n_users)
+        _prune_locked(models_dir, keep=keep)
+    return final
+
+
+def _data_fingerprint(data_manifest: Mapping[str, Any]) -> Any:
+    for key in ("fingerprint", "data_fingerprint", "input_fingerprints", "fingerprints", "inputs"):
+        if key in data_manifest:
+            return data_manifest[key]
+    return None
+
+
+def _max_history(model: Any, model_json: Mapping[str, Any]) -> int | None:
+    """N: how many of the most recent history items the user tower reads (it ignores older ones)."""
+    cfg = getattr(model, "cfg", None)
+    v = getattr(cfg, "history_len", None)
+    if v is None:
+        v = (model_json.get("config") or {}).get("history_len")
+    return int(v) if isinstance(v, int) and v > 0 else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loading
+
+
+class Bundle:
+    """A loaded, verified, read-only model version; safe to share across threads.
+
+    Arrays are read-only. ``index`` (HNSW, ids = item rows, ``ef`` as tuned at export) and ``exact`` (brute force)
+    share one interface. The towers are loaded on first use of ``embed_history`` / ``embed_users``.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        # Use Bundle.load: it verifies before anything below touches a file.
+        self.path = path
+        self.manifest = manifest
+        self.version: str = manifest.get("version") or path.name
+        self.created_at: str = manifest.get("created_at", "")
+        self.dim: int = int(manifest["dim"])
+        self.metric: str = manifest["metric"]
+        self.n_users: int = int(manifest["counts"]["n_users"])
+        self.n_items: int = int(manifest["counts"]["n_items"])
+        self.evaluation: dict[str, Any] = dict(manifest.get("evaluation") or {})
+        self.max_history: int | None = manifest.get("max_history")
+        self._model: Any = None
+        self._model_lock = threading.Lock()
+
+    # ---- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, *, verify: bool = True) -> Bundle:
+        """Load a version directory, or ``MODELS_DIR`` (follows ``LATEST``), refusing any mismatch.
+
+        Order: manifest (schema version, metric, dim, counts, file list) -> every file's size and, with
+        ``verify``, sha256 -> only then contents (npy without pickle, parquet, the hnswlib index) with shape
+        checks. ``verify=False`` skips only the hashing, for bundles this process just wrote.
+        """
+        path = resolve(path)
+        manifest = _read_json(path / MANIFEST, what=f"bundle {path.name}")
+        _check_manifest(path, manifest)
+        _check_files(path, manifest, verify=verify)
+        b = cls(path, manifest)
+        b._load_contents()
+        return b
+
+    def _load_contents(self) -> None:
+        import pyarrow.parquet as pq
+
+        p = self.path
+        self.item_embeddings = _load_matrix(p / schema.ITEM_EMBEDDINGS, rows=self.n_items, dim=self.dim)
+        self.user_embeddings = _load_matrix(p / schema.USER_EMBEDDINGS, rows=self.n_users, dim=self.dim)
+        model_json = _read_json(p / schema.MODEL_JSON, what=f"bundle {p.name}")
+        for key, want in (("dim", self.dim), ("metric", self.metric)):
+            if key in model_json and model_json[key] != want:
+                raise BundleError(f"{schema.MODEL_JSON}: {key} is {model_json[key]!r}, manifest says {want!r}")
+
+        users = pq.read_table(p / schema.USERS)
+        items = pq.read_table(p / schema.ITEMS)
+        self.user_ids = _vocab(users, schema.USER_ID, schema.USER_IDX, rows=self.n_users, what=schema.USERS)
+        self.item_ids = _vocab(items, schema.ITEM_ID, schema.ITEM_IDX, rows=self.n_items, what=schema.ITEMS)
+        self._user_row = {u: i for i, u in enumerate(self.user_ids.tolist())}
+        self._item_row = {t: i for i, t in enumerate(self.item_ids.tolist())}
+        if len(self._user_row) != self.n_users or len(self._item_row) != self.n_items:
+            raise BundleError(f"{schema.USERS}/{schema.ITEMS}: external ids are not unique")
+        self.item_table = items  # features / first_ts / title for callers that need them (pyarrow Table)
+        n_train = (
+            items.column("n_train").to_numpy().astype(np.int64)
+            if "n_train" in items.column_names
+            else np.zeros(self.n_items, dtype=np.int64)
+        )
+        self.item_popularity = _readonly(n_train)
+        # most popular first; ties keep vocabulary order (itself most-frequent-first)
+        self.popular_items = _readonly(np.argsort(-n_train, kind="stable").astype(np.int64))
+
+        self._hist_off, self._hist_val = read_ragged(p / schema.HISTORY, n_rows=self.n_users, what=schema.HISTORY)
+        self._seen_off, self._seen_val = read_ragged(p / schema.SEEN, n_rows=self.n_users, what=schema.SEEN)
+        for name, vals in ((schema.HISTORY, self._hist_val), (schema.SEEN, self._seen_val)):
+            if vals.size and (vals.min() < 0 or vals.max() >= self.n_items):
+                raise BundleError(f"{name}: item rows must be in [0, {self.n_items}), got [{vals.min()}, {vals.max()}]")
+        for a in (self._hist_off, self._hist_val, self._seen_off, self._seen_val):
+            a.setflags(write=False)
+
+        from recsys.index import ExactIndex, HnswIndex
+
+        self.exact = ExactIndex(self.item_embeddings, metric=self.metric)
+        ef = int(self.manifest.get("index", {}).get("ef") or 64)
+        try:
+            self.index = HnswIndex.load(p / schema.INDEX_FILE, dim=self.dim, metric=self.metric, size=self.n_items, ef=ef)
+        except Exception as e:  # a header that disagrees (ValueError) or hnswlib's RuntimeError
+            raise BundleError(f"{schema.INDEX_FILE}: cannot be loaded: {e}") from e
+        if int(self.index.size) != self.n_items or not np.array_equal(self.index.ids, np.arange(self.n_items)):
+            raise BundleError(f"{schema.INDEX_FILE}: labels are not the item rows 0..{self.n_items - 1}")
+
+    # ---- lookups -----------------------------------------------------------------------------------------
+    def user_row(self, user_id: str) -> int | None:
+        """Row of a known user, None when the bundle has never seen ``user_id``."""
+        return self._user_row.get(user_id)
+
+    def item_row(self, item_id: str) -> int | None:
+        return self._item_row.get(item_id)
+
+    def item_rows(self, item_ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """(rows of the known ids in input order [m] int64, the unknown ids)."""
+        rows, unknown = [], []
+        for t in item_ids:
+            r = self._item_row.get(t)
+            if r is None:
+                unknown.append(t)
+            else:
+                rows.append(r)
+        return np.asarray(rows, dtype=np.int64), unknown
+
+    def seen_items(self, user_row: int) -> np.ndarray:
+        """Distinct item rows the user interacted with (train + valid): excluded from recommendations."""
+        self._check_user_row(user_row)
+        return self._seen_val[self._seen_off[user_row] : self._seen_off[user_row + 1]]
+
+    def history(self, user_row: int) -> np.ndarray:
+        """The user's serving history (item rows, oldest first)."""
+        self._check_user_row(user_row)
+        return self._hist_val[self._hist_off[user_row] : self._hist_off[user_row + 1]]
+
+    def _check_user_row(self, user_row: int) -> None:
+        if not 0 <= int(user_row) < self.n_users:
+            raise IndexError(f"`user_row` must be in [0, {self.n_users}), got {user_row}")
+
+    # ---- towers ------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        """The two towers (eval mode, CPU), loaded on first use."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    from recsys.model import TwoTower
+
+                    m = TwoTower.from_run(self.path, device="cpu")
+                    if int(m.dim) != self.dim:
+                        raise BundleError(f"{schema.MODEL_WEIGHTS}: tower dim {m.dim}, manifest says {self.dim}")
+                    self._model = m
+        return self._model
+
+    def embed_history(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """Embed unknown users from their histories (item rows, oldest first): ``[n, dim]`` float32."""
+        return self.embed_users(np.full(len(histories), -1, dtype=np.int64), histories)
+
+    def embed_users(self, user_rows: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """User tower for ``user_rows [n]`` (-1 = unknown) with the given histories: ``[n, dim]`` float32."""
+        user_rows = np.asarray(user_rows, dtype=np.int64)
+        if user_rows.size and (user_rows.min() < -1 or user_rows.max() >= self.n_users):
+            raise ValueError(f"`user_rows` must be in [-1, {self.n_users}), got [{user_rows.min()}, {user_rows.max()}]")
+        for i, h in enumerate(histories):
+            h = np.asarray(h)
+            if h.size and (h.min() < 0 or h.max() >= self.n_items):
+                raise ValueError(f"history {i}: item rows must be in [0, {self.n_items}), got [{h.min()}, {h.max()}]")
+        if len(user_rows) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return embed_users(self.model, user_rows, histories, max_history=self.max_history)
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, version={self.version!r}, n_users={self.n_users}, n_items={self.n_items})"
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+def _check_manifest(path: Path, m: Mapping[str, Any]) -> None:
+    where = f"{MANIFEST} of {str(path)!r}"
+    sv = m.get("schema_version")
+    if sv != schema.SCHEMA_VERSION:
+        raise BundleError(f"{where}: schema_version is {sv!r}, this recsys reads {schema.SCHEMA_VERSION}")
+    if m.get("metric") != schema.METRIC:
+        raise BundleError(f"{where}: metric is {m.get('metric')!r}, the system serves {schema.METRIC!r}")
+    dim = m.get("dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise BundleError(f"{where}: dim must be a positive integer, got {dim!r}")
+    counts = m.get("counts")
+    for key in ("n_users", "n_items"):
+        v = counts.get(key) if isinstance(counts, Mapping) else None
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise BundleError(f"{where}: counts.{key} must be a positive integer, got {v!r}")
+    files = m.get("files")
+    if not isinstance(files, Mapping):
+        raise BundleError(f"{where}: `files` (sha256 + size of every file) is missing")
+    missing = [f for f in BUNDLE_FILES if f not in files]
+    if missing:
+        raise BundleError(f"{where}: no checksum for {missing}")
+    for name in files:
+        # manifest names are joined to the bundle dir: refuse anything that could escape it
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise BundleError(f"{where}: invalid file name {name!r}")
+
+
+def _check_files(path: Path, m: Mapping[str, Any], *, verify: bool) -> None:
+    # Sizes first (cheap, catches truncation), then hashes; nothing is parsed until every file passes.
+    for name, want in m["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise BundleError(f"{name}: missing from bundle {str(path)!r}")
+        size = f.stat().st_size
+        if size != want.get("size"):
+            raise BundleError(f"{name}: size is {size} bytes, manifest says {want.get('size')} (truncated or replaced?)")
+    if verify:
+        for name, want in m["files"].items():
+            got = sha256_file(path / name)
+            if got != want.get("sha256"):
+                raise BundleError(f"{name}: sha256 is {got[:12]}..., manifest says {str(want.get('sha256'))[:12]}...")
+
+
+def _load_matrix(f: Path, *, rows: int, dim: int) -> np.ndarray:
+    try:
+        a = np.load(f, allow_pickle=False, mmap_mode=None)
+    except ValueError as e:
+        raise BundleError(f"{f.name}: not a plain .npy array: {e}") from e
+    if a.dtype != np.float32 or a.shape != (rows, dim):
+        raise BundleError(f"{f.name}: got {a.dtype} {a.shape}, manifest says float32 ({rows}, {dim})")
+    return _readonly(a)
+
+
+def _vocab(t: Any, id_col: str, idx_col: str, *, rows: int, what: str) -> np.ndarray:
+    if id_col not in t.column_names:
+        raise BundleError(f"{what}: column {id_col!r} missing; columns: {t.column_names}")
+    if t.num_rows != rows:
+        raise BundleError(f"{what}: has {t.num_rows} rows, manifest says {rows}")
+    if idx_col in t.column_names:
+        idx = t.column(idx_col).to_numpy()
+        if not np.array_equal(idx, np.arange(rows)):
+            raise BundleError(f"{what}: {idx_col} must equal the row number 0..{rows - 1}")
+    ids = np.asarray(t.column(id_col).to_pylist(), dtype=object)
+    return _readonly(ids)
