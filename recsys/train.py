@@ -1,0 +1,671 @@
+"""The trainer: one loop for CPU and CUDA (bf16 autocast on CUDA only).
+
+Training examples: each train interaction (u, i, t) is one row; the user side is the user's previous
+``history_len`` items before it (rows are sorted by user then time, so the history is the slice of rows just
+before, cut at the user's first row: the target never leaks into its own history) + the user ID (randomly dropped)
++ the user's features. The interaction table lives on the device as tensors; batches are sliced there.
+
+Run directory (recsys/schema.py): config.json, model.json, model.safetensors (best weights), checkpoint/ (last
+epoch: state.safetensors + state.json, for ``resume``), metrics.jsonl, summary.json.
+
+Determinism: every random choice comes from torch's global generators, seeded once and saved in each checkpoint
+together with the optimizer state, the MoCo queue and the early-stopping state; on CPU, training 2 epochs equals
+training 1 epoch and resuming for 1 more, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recsys import schema
+from recsys.config import to_dict
+from recsys.data import Interactions, PreparedData, last_items, load_prepared, user_item_lists
+from recsys.io import atomic_dir, atomic_write_json
+from recsys.model import FeatureSpec, LossConfig, ModelConfig, TrainConfig, TwoTower
+
+log = logging.getLogger(__name__)
+
+STATE_WEIGHTS = "state.safetensors"
+STATE_JSON = "state.json"
+# Fields that may change between a run and its --resume without changing the result of the finished epochs.
+RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.progress", "train.log_every", "train.num_threads",
+                     "train.tensorboard", "train.eval_batch_users"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint and best weights were kept."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"`device` must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"`device` {device!r} was requested but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------------------- state
+@dataclass
+class _Progress:
+    """Everything besides tensors that a checkpoint must restore."""
+
+    phase: str = "fit"  # "fit" (with validation) | "refit" (train + valid, fixed epochs) | "done"
+    epoch: int = 0  # epochs completed in the current phase
+    step: int = 0  # optimizer steps in the current phase
+    best_epoch: int = 0
+    best_value: float = -math.inf
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    bad_evals: int = 0
+    stopped_early: bool = False
+    refit_epochs: int = 0
+    train_seconds: float = 0.0
+    examples: int = 0
+
+
+class _Writer:
+    """metrics.jsonl (append) + TensorBoard scalars when the package is installed."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool) -> None:
+        self.path = run_dir / schema.METRICS_JSONL
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    def write(self, event: str, step: int, **values: Any) -> None:
+        rec = {"event": event, "step": step, "time": time.time(), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{event}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+class Evaluator:
+    """Full-catalogue Recall@K / NDCG@K with the user's seen items excluded (exact top-k: matmul + mask)."""
+
+    def __init__(
+        self,
+        *,
+        users: np.ndarray,
+        history: np.ndarray,
+        seen: list[np.ndarray],
+        relevant: list[np.ndarray],
+        n_items: int,
+        k: int,
+        device: torch.device,
+        batch_users: int = 1024,
+    ) -> None:
+        """``users`` [U] rows, ``history`` [U, N] item rows (-1 pad), ``seen`` / ``relevant``: U item arrays."""
+        if not (len(users) == len(history) == len(seen) == len(relevant)):
+            raise ValueError(
+                f"evaluation inputs must have one entry per user (got {len(users)}, {len(history)}, "
+                f"{len(seen)}, {len(relevant)})"
+            )
+        self.users = torch.as_tensor(users, dtype=torch.long, device=device)
+        self.history = torch.as_tensor(history, dtype=torch.long, device=device)
+        self.relevant = relevant
+        self.k = min(k, n_items)
+        self.ks = (k,) if k <= n_items else (self.k,)
+        self.batch = batch_users
+        self.device = device
+        # CSR of the seen items, so each chunk masks its users' seen cells with one index_put
+        lens = np.array([len(s) for s in seen], dtype=np.int64)
+        self.seen_ptr = np.concatenate([[0], np.cumsum(lens)])
+        self.seen_cols = torch.as_tensor(
+            np.concatenate(seen).astype(np.int64) if len(seen) else np.zeros(0, np.int64), device=device
+        )
+        self.seen_rows = torch.as_tensor(np.repeat(np.arange(len(seen)), lens), device=device)
+
+    def __len__(self) -> int:
+        return int(self.users.shape[0])
+
+    @torch.no_grad()
+    def topk(self, model: TwoTower, *, item_emb: torch.Tensor | None = None) -> np.ndarray:
+        """[U, K] item rows best first (-1 where fewer than K unseen items remain)."""
+        was_training = model.training
+        model.eval()
+        try:
+            if item_emb is None:
+                item_emb = encode_all_items(model, device=self.device)
+            out = []
+            for a in range(0, len(self), self.batch):
+                b = min(a + self.batch, len(self))
+                q = model._users(self.users[a:b], self.history[a:b])
+                scores = q @ item_emb.T  # [b - a, n_items]
+                lo, hi = int(self.seen_ptr[a]), int(self.seen_ptr[b])
+                scores[self.seen_rows[lo:hi] - a, self.seen_cols[lo:hi]] = float("-inf")
+                val, idx = torch.topk(scores, self.k, dim=1)
+                out.append(torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1)).cpu().numpy())
+            return np.concatenate(out) if out else np.zeros((0, self.k), dtype=np.int64)
+        finally:
+            model.train(was_training)
+
+    def __call__(self, model: TwoTower) -> dict[str, float]:
+        from recsys.metrics import ranking_metrics
+
+        return ranking_metrics(self.topk(model), self.relevant, ks=self.ks)
+
+
+@torch.no_grad()
+def encode_all_items(model: TwoTower, *, device: torch.device | str = "cpu", batch: int = 8192) -> torch.Tensor:
+    """[n_items, dim] float32 item vectors (eval mode is the caller's business)."""
+    rows = torch.arange(model.n_items, device=device)
+    return torch.cat([model._items(rows[a : a + batch]).float() for a in range(0, model.n_items, batch)])
+
+
+def _validation(data: PreparedData, model_cfg: ModelConfig, train_cfg: TrainConfig, device) -> Evaluator | None:
+    """Validation users: those with a valid interaction; history / seen items from train only."""
+    if len(data.valid) == 0:
+        return None
+    users = np.unique(data.valid.user_idx)
+    if train_cfg.max_eval_users and len(users) > train_cfg.max_eval_users:
+        rng = np.random.default_rng(train_cfg.seed)
+        users = np.sort(rng.choice(users, size=train_cfg.max_eval_users, replace=False))
+    hist = last_items(data.train, data.n_users, model_cfg.history_len)[users]
+    seen_all = user_item_lists(data.train, data.n_users)
+    rel_all = user_item_lists(data.valid, data.n_users)
+    return Evaluator(
+        users=users, history=hist, seen=[seen_all[u] for u in users], relevant=[rel_all[u] for u in users],
+        n_items=data.n_items, k=train_cfg.eval_k, device=device, batch_users=train_cfg.eval_batch_users,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Owns the model, optimizers, loss options and device tensors of one run; ``train()`` drives it."""
+
+    def __init__(
+        self,
+        data: PreparedData,
+        *,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        loss_cfg: LossConfig,
+        device: torch.device,
+        title_emb: np.ndarray | None = None,
+    ) -> None:
+        self.data = data
+        self.mcfg, self.tcfg, self.lcfg = model_cfg, train_cfg, loss_cfg
+        self.device = device
+        self.spec = FeatureSpec(
+            n_users=data.n_users,
+            n_items=data.n_items,
+            item_features=dict(data.item_cardinality),
+            user_features=dict(data.user_cardinality),
+            text_dim=0 if title_emb is None else int(title_emb.shape[1]),
+        )
+        self.title_emb = title_emb
+        self.log_p = torch.as_tensor(np.log(data.item_prob), dtype=torch.float32, device=device)  # [n_items]
+        self.build(seed=train_cfg.seed)
+
+    def build(self, *, seed: int) -> None:
+        """(Re)create model, optimizers and queue from the seed: the start of a phase."""
+        torch.manual_seed(seed)
+        d = self.data
+        self.model = TwoTower(
+            self.spec,
+            self.mcfg,
+            item_feats=torch.as_tensor(d.item_feature_matrix()),
+            user_feats=torch.as_tensor(d.user_feature_matrix()),
+            item_text=None if self.title_emb is None else torch.as_tensor(self.title_emb),
+        ).to(self.device)
+        self.model.train()
+        lc = self.lcfg
+        # learned temperature: log(1/t), clamped so t stays in [min_temperature, 1]
+        self.log_inv_t = torch.nn.Parameter(
+            torch.tensor(math.log(1.0 / lc.temperature), device=self.device), requires_grad=lc.learn_temperature
+        )
+        emb = self.model.embedding_parameters()
+        emb_ids = {id(p) for p in emb}
+        dense = [p for p in self.model.parameters() if id(p) not in emb_ids]
+        if lc.learn_temperature:
+            dense.append(self.log_inv_t)
+        tc = self.tcfg
+        self.optimizers: list[torch.optim.Optimizer] = []
+        if tc.sparse_embeddings:
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.Embedding) and id(m.weight) in emb_ids:
+                    m.sparse = True
+            self.optimizers.append(torch.optim.SparseAdam(emb, lr=tc.lr))
+            self.optimizers.append(torch.optim.AdamW(dense, lr=tc.lr, weight_decay=tc.weight_decay))
+        else:
+            self.optimizers.append(
+                torch.optim.AdamW(
+                    [
+                        {"params": dense, "weight_decay": tc.weight_decay},
+                        {"params": emb, "weight_decay": tc.embedding_weight_decay},
+                    ],
+                    lr=tc.lr,
+                )
+            )
+        from recsys.losses import ItemEmbeddingQueue
+
+        self.queue = ItemEmbeddingQueue(lc.queue_size, self.mcfg.dim, device=self.device, dtype=torch.float32) \
+            if lc.queue_size else None
+
+    def temperature(self) -> torch.Tensor | float:
+        if not self.lcfg.learn_temperature:
+            return self.lcfg.temperature
+        hi = math.log(1.0 / self.lcfg.min_temperature)
+        return 1.0 / self.log_inv_t.clamp(0.0, hi).exp()
+
+    def set_interactions(self, inter: Interactions) -> None:
+        dev = self.device
+        self.t_user = torch.as_tensor(inter.user_idx, device=dev)
+        self.t_item = torch.as_tensor(inter.item_idx, device=dev)
+        self.t_weight = torch.as_tensor(inter.weight, device=dev)
+        self.t_start = torch.as_tensor(inter.user_start(), device=dev)
+        self.offsets = torch.arange(self.mcfg.history_len, 0, -1, device=dev)  # [N]: N..1 rows back
+
+    def batch_history(self, rows: torch.Tensor) -> torch.Tensor:
+        """[B, N] the N items before each row, oldest first, -1 before the user's first interaction."""
+        idx = rows[:, None] - self.offsets[None, :]  # [B, N]
+        ok = idx >= self.t_start[rows][:, None]
+        return torch.where(ok, self.t_item[idx.clamp(min=0)], torch.full_like(idx, -1))
+
+    def loss(self, rows: torch.Tensor) -> torch.Tensor:
+        from recsys import losses
+
+        m, lc, mc = self.model, self.lcfg, self.mcfg
+        users, items = self.t_user[rows], self.t_item[rows]
+        cuda = self.device.type == "cuda"
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cuda):
+            q = m._users(users, self.batch_history(rows), id_dropout=mc.user_id_dropout).float()  # [B, dim]
+            c = m._items(items, id_dropout=mc.item_id_dropout).float()  # [B, dim]
+            extra_c = extra_ids = None
+            if lc.n_uniform_negatives:
+                extra_ids = torch.randint(0, m.n_items, (lc.n_uniform_negatives,), device=self.device)
+                extra_c = m._items(extra_ids, id_dropout=mc.item_id_dropout).float()
+            b = items.shape[0]
+            log_q = extra_log_q = None
+            if lc.logq_correction:
+                log_q = losses.mixed_log_q(
+                    self.log_p[items], batch_size=b, n_uniform=lc.n_uniform_negatives, n_items=m.n_items
+                )
+                if extra_ids is not None:
+                    extra_log_q = losses.mixed_log_q(
+                        self.log_p[extra_ids], batch_size=b, n_uniform=lc.n_uniform_negatives, n_items=m.n_items
+                    )
+            if self.queue is not None and len(self.queue):
+                qe, qi = self.queue.tensors()
+                extra_c = qe if extra_c is None else torch.cat([extra_c, qe])
+                extra_ids = qi if extra_ids is None else torch.cat([extra_ids, qi])
+                if log_q is not None:
+                    # queued items were batch positives: same sampling distribution as the in-batch candidates
+                    ql = losses.mixed_log_q(
+                        self.log_p[qi], batch_size=b, n_uniform=lc.n_uniform_negatives, n_items=m.n_items
+                    )
+                    extra_log_q = ql if extra_log_q is None else torch.cat([extra_log_q, ql])
+            loss = losses.in_batch_softmax(
+                q, c, temperature=self.temperature(),
+                item_ids=items if lc.mask_accidental_hits else None,
+                user_ids=users if lc.mask_same_user else None,
+                log_q=log_q, correct_positive=lc.logq_correct_positive,
+                extra_c=extra_c, extra_item_ids=extra_ids if lc.mask_accidental_hits else None,
+                extra_log_q=extra_log_q,
+                weights=self.t_weight[rows] if lc.use_weights else None,
+            )  # fmt: skip
+            if lc.ssl_weight > 0:
+                uniq = torch.unique(items)
+                z1, z2 = m.item_views(uniq, lc.ssl_dropout)
+                loss = loss + lc.ssl_weight * losses.feature_dropout_ssl_loss(
+                    z1.float(), z2.float(), temperature=lc.ssl_temperature
+                )
+        if self.queue is not None:
+            self.queue.enqueue(c.detach(), items)
+        return loss
+
+    def step(self, rows: torch.Tensor) -> float:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss = self.loss(rows)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return value  # the caller stops before any weight is touched
+        loss.backward()
+        if self.tcfg.grad_clip > 0:
+            params = [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse]
+            torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
+        for opt in self.optimizers:
+            opt.step()
+        return value
+
+    # ----------------------------------------------------------------------------------------- checkpoint state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        out["loss.log_inv_t"] = self.log_inv_t.detach().cpu().reshape(1)
+        for o, opt in enumerate(self.optimizers):
+            for pid, st in opt.state_dict()["state"].items():
+                for name, v in st.items():
+                    if isinstance(v, torch.Tensor):
+                        out[f"optim.{o}.{pid}.{name}"] = v.detach().cpu().contiguous()
+        out["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            out["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.queue is not None and self.queue._emb is not None:
+            out["queue.emb"] = self.queue._emb.detach().cpu().contiguous()
+            out["queue.ids"] = self.queue._ids.detach().cpu().contiguous()
+        return out
+
+    def state_meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"optimizers": []}
+        for opt in self.optimizers:
+            sd = opt.state_dict()
+            scalars = {
+                str(pid): {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+                for pid, st in sd["state"].items()
+            }
+            meta["optimizers"].append({"param_groups": sd["param_groups"], "scalars": scalars,
+                                       "params_with_state": sorted(int(p) for p in sd["state"])})
+        if self.queue is not None:
+            meta["queue"] = {"ptr": self.queue._ptr, "count": self.queue._count}
+        return meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_state, strict=True)
+        with torch.no_grad():
+            self.log_inv_t.copy_(tensors["loss.log_inv_t"].reshape(()).to(self.device))
+        for o, opt in enumerate(self.optimizers):
+            om = meta["optimizers"][o]
+            state: dict[int, dict[str, Any]] = {}
+            for pid in om["params_with_state"]:
+                st = dict(om["scalars"].get(str(pid), {}))
+                prefix = f"optim.{o}.{pid}."
+                for k, v in tensors.items():
+                    if k.startswith(prefix):
+                        st[k[len(prefix) :]] = v
+                state[pid] = st
+            opt.load_state_dict({"state": state, "param_groups": om["param_groups"]})
+        torch.set_rng_state(tensors["rng.cpu"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        if self.queue is not None and "queue.emb" in tensors:
+            self.queue._emb = tensors["queue.emb"].to(self.device)
+            self.queue._ids = tensors["queue.ids"].to(self.device)
+            self.queue._ptr = int(meta["queue"]["ptr"])
+            self.queue._count = int(meta["queue"]["count"])
+
+
+def _save_weights(model: TwoTower, path: Path) -> None:
+    """model.safetensors via a temp file + rename (readers never see a half-written file)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(run_dir: Path, trainer: Trainer, progress: _Progress) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(run_dir / schema.CHECKPOINT_DIR, overwrite=True) as tmp:
+        save_file(trainer.state_tensors(), str(tmp / STATE_WEIGHTS))
+        atomic_write_json(tmp / STATE_JSON, {"progress": progress.__dict__, **trainer.state_meta()})
+
+
+def _config_dict(model_cfg, train_cfg, loss_cfg) -> dict[str, Any]:
+    return {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "loss": to_dict(loss_cfg)}
+
+
+def _diff_configs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for sec in ("model", "train", "loss"):
+        for k in sorted(set(old.get(sec, {})) | set(new.get(sec, {}))):
+            a, b = old.get(sec, {}).get(k), new.get(sec, {}).get(k)
+            if a != b and f"{sec}.{k}" not in RESUMABLE_CHANGES:
+                out.append(f"{sec}.{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _load_title_embeddings(data: PreparedData, model_cfg: ModelConfig, run_dir: Path) -> np.ndarray | None:
+    if not model_cfg.use_text:
+        return None
+    if data.titles is None:
+        raise ValueError(
+            f"`model.use_text` is true but {str(data.path / schema.ITEMS)!r} has no `{schema.TITLE}` column"
+        )
+    cache = run_dir / "title_embeddings.npy"
+    if cache.exists():  # a resumed run reuses them: re-encoding could differ in the last bits across machines
+        emb = np.load(cache, allow_pickle=False)
+        if emb.shape[0] == data.n_items:
+            return emb
+    from recsys.data import embed_titles
+
+    emb = embed_titles(data.titles, model_dir=model_cfg.text_model or None)
+    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, emb, allow_pickle=False)
+    os.replace(tmp, cache)
+    return emb
+
+
+def train(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    model_cfg: ModelConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    loss_cfg: LossConfig | None = None,
+    device: str | torch.device = "auto",
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train a two-tower model on a prepared dataset; write the run directory; return the summary dict.
+
+    Raises:
+        FileExistsError: ``out_dir`` already holds a run and ``resume`` is false.
+        ValueError: ``resume`` with a config that differs from the run's in a field that changes the result.
+        TrainingDiverged: the loss became NaN/inf (the last good checkpoint and best weights are kept).
+    """
+    model_cfg, train_cfg, loss_cfg = model_cfg or ModelConfig(), train_cfg or TrainConfig(), loss_cfg or LossConfig()
+    run_dir = Path(out_dir)
+    dev = resolve_device(device)
+    if train_cfg.num_threads and dev.type == "cpu":
+        torch.set_num_threads(train_cfg.num_threads)
+    ckpt = run_dir / schema.CHECKPOINT_DIR
+    cfg_dict = _config_dict(model_cfg, train_cfg, loss_cfg)
+    if resume:
+        if not (ckpt / STATE_JSON).exists():
+            raise FileNotFoundError(f"cannot resume: {str(ckpt / STATE_JSON)!r} does not exist")
+        old = json.loads((run_dir / schema.RUN_CONFIG).read_text())
+        diffs = _diff_configs(old, cfg_dict)
+        if diffs:
+            raise ValueError(
+                f"cannot resume {str(run_dir)!r} with a different config: {'; '.join(diffs)} "
+                f"(only {sorted(RESUMABLE_CHANGES)} may change)"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run dir {str(run_dir)!r} is not empty (pass resume=True / --resume to continue it)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    data = load_prepared(data_dir)
+    title_emb = _load_title_embeddings(data, model_cfg, run_dir)
+    trainer = Trainer(data, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg, device=dev,
+                      title_emb=title_emb)
+    atomic_write_json(run_dir / schema.RUN_CONFIG, {
+        **cfg_dict, "data_dir": str(Path(data_dir).resolve()), "data_fingerprint": data.fingerprint,
+        "device": str(dev), "torch": torch.__version__,
+    })  # fmt: skip
+    atomic_write_json(run_dir / schema.MODEL_JSON, trainer.model.model_json())
+
+    progress = _Progress()
+    if resume:
+        from safetensors.torch import load_file
+
+        meta = json.loads((ckpt / STATE_JSON).read_text())
+        progress = _Progress(**meta["progress"])
+        if (progress.phase == "done" and not progress.refit_epochs and not progress.stopped_early
+                and progress.epoch < train_cfg.epochs):
+            progress.phase = "fit"  # a finished run resumed with more epochs continues where it stopped
+        if progress.phase == "refit":
+            trainer.build(seed=train_cfg.seed + 1)
+        trainer.load_state(load_file(str(ckpt / STATE_WEIGHTS)), meta)
+        log.info("resuming %s: phase %s after epoch %d", run_dir, progress.phase, progress.epoch)
+    else:
+        (run_dir / schema.METRICS_JSONL).unlink(missing_ok=True)
+
+    writer = _Writer(run_dir, tensorboard=train_cfg.tensorboard)
+    try:
+        if progress.phase == "fit":
+            evaluator = _validation(data, model_cfg, train_cfg, dev)
+            trainer.set_interactions(data.train)
+            _run_phase(trainer, progress, writer, run_dir, evaluator=evaluator, epochs=train_cfg.epochs)
+            if progress.epoch < train_cfg.epochs and not progress.stopped_early:
+                return _summary(run_dir, progress, trainer, status="incomplete")
+            if evaluator is None:  # nothing to choose from: the last epoch is the model
+                progress.best_epoch = progress.epoch
+                _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS)
+            if train_cfg.refit and len(data.valid) and progress.best_epoch > 0:
+                progress.phase, progress.epoch, progress.step = "refit", 0, 0
+                progress.refit_epochs = progress.best_epoch
+                trainer.build(seed=train_cfg.seed + 1)
+                _save_checkpoint(run_dir, trainer, progress)
+            else:
+                progress.phase = "done"
+        if progress.phase == "refit":
+            trainer.set_interactions(Interactions.concat(data.train, data.valid))
+            _run_phase(trainer, progress, writer, run_dir, evaluator=None, epochs=progress.refit_epochs)
+            _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS)
+            progress.phase = "done"
+        _save_checkpoint(run_dir, trainer, progress)
+        return _summary(run_dir, progress, trainer, status="done")
+    finally:
+        writer.close()
+
+
+def _run_phase(
+    trainer: Trainer, progress: _Progress, writer: _Writer, run_dir: Path, *, evaluator: Evaluator | None,
+    epochs: int,
+) -> None:
+    """Train epochs ``progress.epoch + 1 .. epochs`` of the current phase, validating and checkpointing each."""
+    from tqdm.auto import tqdm
+
+    tc = trainer.tcfg
+    n = int(trainer.t_item.shape[0])
+    bs = min(tc.batch_size, n)
+    n_batches = max(1, n // bs)  # the ragged tail is dropped: a tiny last batch has too few negatives
+    phase = progress.phase
+    while progress.epoch < epochs and not progress.stopped_early:
+        epoch = progress.epoch + 1
+        t0 = time.perf_counter()
+        perm = torch.randperm(n).to(trainer.device)  # CPU generator: the same order on CPU and CUDA
+        total, bar = 0.0, tqdm(range(n_batches), desc=f"{phase} epoch {epoch}/{epochs}", disable=not tc.progress,
+                                leave=False, unit="batch")
+        for b in bar:
+            rows = perm[b * bs : (b + 1) * bs]
+            value = trainer.step(rows)
+            if not math.isfinite(value):
+                writer.write("diverged", progress.step, phase=phase, epoch=epoch, loss=str(value))
+                _summary(run_dir, progress, trainer, status="diverged")
+                raise TrainingDiverged(
+                    f"loss became {value} at {phase} epoch {epoch}, batch {b + 1}/{n_batches} (step "
+                    f"{progress.step + 1}); training stopped. The last good checkpoint "
+                    f"({str(run_dir / schema.CHECKPOINT_DIR)!r}, {phase} epoch {progress.epoch}) and the best "
+                    f"weights were kept. Try a lower train.lr, a higher loss.temperature or train.grad_clip."
+                    if progress.epoch or phase == "refit" else
+                    f"loss became {value} at {phase} epoch 1, batch {b + 1}/{n_batches}; training stopped before "
+                    f"any checkpoint was written. Try a lower train.lr, a higher loss.temperature or train.grad_clip."
+                )
+            progress.step += 1
+            total += value
+            if tc.log_every and progress.step % tc.log_every == 0:
+                writer.write("train", progress.step, phase=phase, epoch=epoch, loss=value)
+            if tc.progress:
+                el = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{(b + 1) * bs / max(el, 1e-9):.0f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        progress.epoch = epoch
+        progress.train_seconds += seconds
+        progress.examples += n_batches * bs
+        rec: dict[str, Any] = {"phase": phase, "epoch": epoch, "loss": total / n_batches,
+                               "seconds": round(seconds, 3), "examples_per_s": round(n_batches * bs / seconds, 1)}
+        if trainer.lcfg.learn_temperature:
+            rec["temperature"] = float(trainer.temperature())
+        if evaluator is not None and (epoch % tc.eval_every == 0 or epoch == epochs):
+            metrics = evaluator(trainer.model)
+            if tc.early_stop_metric not in metrics:
+                raise ValueError(
+                    f"`train.early_stop_metric` {tc.early_stop_metric!r} is not a validation metric; "
+                    f"choose one of {sorted(metrics)}"
+                )
+            rec.update({f"valid_{k}": v for k, v in metrics.items()})
+            value = metrics[tc.early_stop_metric]
+            if value > progress.best_value:
+                progress.best_value, progress.best_epoch, progress.bad_evals = value, epoch, 0
+                progress.best_metrics = dict(metrics)
+                _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS)
+            else:
+                progress.bad_evals += 1
+                if tc.patience and progress.bad_evals >= tc.patience:
+                    progress.stopped_early = True
+            rec["best_epoch"] = progress.best_epoch
+        writer.write("epoch", progress.step, **rec)
+        log.info("%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        _save_checkpoint(run_dir, trainer, progress)
+
+
+def _summary(run_dir: Path, progress: _Progress, trainer: Trainer, *, status: str) -> dict[str, Any]:
+    summary = {
+        "status": status,
+        "best_epoch": progress.best_epoch,
+        "best_metrics": progress.best_metrics,
+        "epochs_run": progress.epoch if progress.phase != "done" else None,
+        "stopped_early": progress.stopped_early,
+        "refit_epochs": progress.refit_epochs,
+        "phase": progress.phase,
+        "steps": progress.step,
+        "train_seconds": round(progress.train_seconds, 3),
+        "examples_per_s": round(progress.examples / progress.train_seconds, 1) if progress.train_seconds else None,
+        "device": str(trainer.device),
+        "n_parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "metric": trainer.model.metric,
+        "temperature": float(trainer.temperature()),
+    }
+    atomic_write_json(run_dir / schema.SUMMARY, summary)
+    return summary
+
+
+def load_configs(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[ModelConfig, TrainConfig, LossConfig]:
+    """The three training sections of one TOML file + ``section.field=value`` overrides."""
+    from recsys.config import ConfigError, load_section, parse_overrides
+
+    unknown = sorted(set(parse_overrides(overrides)) - {"model", "train", "loss"})
+    if unknown:
+        raise ConfigError(f"override section(s) {unknown} are not training sections (model, train, loss)")
+    return (
+        load_section(ModelConfig, "model", path=path, overrides=overrides),
+        load_section(TrainConfig, "train", path=path, overrides=overrides),
+        load_section(LossConfig, "loss", path=path, overrides=overrides),
+    )
+
+
+__all__ = ["Evaluator", "Trainer", "TrainingDiverged", "encode_all_items", "load_configs", "resolve_device", "train"]
