@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 K8S_VERSION = "1.30"
-SERVE_DRAIN_S = 20  # the server's default stop(grace) on SIGTERM
 PORT = 50051
 METRICS_PORT = 9090
 # Custom resources with no schema in the standard set: YAML/yamllint only.
@@ -66,6 +65,21 @@ def mount_of(pod_spec: dict[str, Any], c: dict[str, Any], path: str) -> tuple[di
     assert len(mounts) == 1, f"container {c['name']!r} has {len(mounts)} mounts at {path!r}"
     (vol,) = [v for v in pod_spec["volumes"] if v["name"] == mounts[0]["name"]]
     return mounts[0], vol
+
+
+def serve_drain_s() -> float:
+    """The server's drain after SIGTERM: ``[serve] grace_s`` of the deployment config (20 s as deployed)."""
+    from recsys.config import read_toml
+
+    drain = read_toml(DEPLOY / "config" / "recsys.toml").get("serve", {}).get("grace_s")
+    if drain is None:  # the server's own default, if it is importable; the spec's 20 s otherwise
+        try:
+            from server.settings import ServeSettings
+
+            drain = ServeSettings().grace_s
+        except ImportError:
+            drain = 20.0
+    return float(drain)
 
 
 def compose_file() -> dict[str, Any]:
@@ -179,7 +193,9 @@ def test_termination_grace_outlasts_prestop_and_drain():
     pod, c = server_pod()
     pre = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] > int(pre[1]) + SERVE_DRAIN_S
+    drain = serve_drain_s()
+    assert drain >= 20
+    assert pod["terminationGracePeriodSeconds"] > int(pre[1]) + drain
     assert pod["terminationGracePeriodSeconds"] == 45
 
 
@@ -323,6 +339,7 @@ CONFIG_CLASSES = {
     "loss": ("recsys.model", "LossConfig"),
     "retrain": ("recsys.retrain", "RetrainConfig"),
     "index": ("recsys.index", "IndexConfig"),
+    "serve": ("server.settings", "ServeSettings"),
 }
 
 
@@ -422,7 +439,7 @@ def test_compose_server_health_and_shutdown():
     assert flag(server["command"], "--port") == str(PORT)
     assert f"{PORT}:{PORT}" in server["ports"]
     grace = int(server["stop_grace_period"].rstrip("s"))
-    assert grace > SERVE_DRAIN_S
+    assert grace > serve_drain_s()
     assert "RECSYS_ADMIN_TOKEN" in server["environment"]
     assert compose_file()["services"]["retrain"]["healthcheck"] == {"disable": True}
 
