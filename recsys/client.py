@@ -1,0 +1,279 @@
+"""Python client of the ``recsys.v1`` gRPC API, returning plain Python results.
+
+    with RecommenderClient("localhost:50051") as client:
+        rec = client.recommend("u42", k=10)
+        rec.item_ids, rec.scores, rec.model_version
+
+Every call has a deadline (``timeout`` seconds, default 1 s) and UNAVAILABLE is retried by gRPC itself, with
+exponential backoff, through the channel's service config (``methodConfig.retryPolicy``), so a server that is
+restarting or still loading its model is waited for briefly instead of failing the caller at once. Errors are
+raised as :class:`RecommenderError` carrying the status code and the server's message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from recsys.v1 import recommender_pb2 as pb
+from recsys.v1 import recommender_pb2_grpc as pb_grpc
+
+_SOURCE = {pb.SOURCE_KNOWN_USER: "known_user", pb.SOURCE_HISTORY: "history", pb.SOURCE_POPULARITY: "popularity"}
+
+
+def service_config(*, max_attempts: int = 4, initial_backoff_s: float = 0.05, max_backoff_s: float = 1.0) -> str:
+    """The channel's service config JSON: retry UNAVAILABLE on every method of both services."""
+    retry = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": f"{initial_backoff_s}s",
+        "maxBackoff": f"{max_backoff_s}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": "recsys.v1.Recommender"}, {"service": "recsys.v1.RecommenderAdmin"}]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": retry}]})
+
+
+class RecommenderError(Exception):
+    """A failed RPC: ``code`` (grpc.StatusCode), ``details`` (the server's message), ``request_id``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, request_id: str = "") -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.request_id = request_id
+
+
+@dataclass
+class Recommendation:
+    """Recommended item IDs and scores (best first) for one user."""
+
+    item_ids: list[str]
+    scores: list[float]
+    model_version: str = ""
+    fallback: bool = False
+    source: str = ""
+    found: bool = True
+    user_id: str = ""
+    unknown_item_ids: list[str] = field(default_factory=list)
+
+
+def _read(path: str | Path | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
+class RecommenderClient:
+    """Client of one server. Thread-safe (one channel, shared by all calls).
+
+    TLS: pass ``tls_ca`` (PEM of the CA that signed the server certificate; ``True`` = system roots) and, for
+    mTLS, ``tls_cert`` + ``tls_key``. ``admin_token`` is sent as ``authorization: Bearer ...`` on admin calls.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 1.0,
+        admin_token: str | None = None,
+        tls_ca: str | Path | bool | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_server_name: str | None = None,
+        max_attempts: int = 4,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"`timeout` must be > 0 seconds, got {timeout}")
+        self.target = target
+        self.timeout = timeout
+        self._admin_token = admin_token
+        opts = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(max_attempts=max_attempts)),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            *options,
+        ]
+        if tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", tls_server_name))
+        if tls_ca is not None or tls_cert is not None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=None if tls_ca in (None, True) else _read(tls_ca),  # type: ignore[arg-type]
+                private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert),
+            )
+            self._channel = grpc.secure_channel(target, creds, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        self._stub = pb_grpc.RecommenderStub(self._channel)
+        self._admin = pb_grpc.RecommenderAdminStub(self._channel)
+
+    # ------------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RecommenderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel is connected (raises grpc.FutureTimeoutError after ``timeout`` s)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def _call(self, method: Any, request: Any, *, timeout: float | None, admin: bool = False,
+              request_id: str | None = None) -> Any:
+        metadata = []
+        if request_id:
+            metadata.append(("x-request-id", request_id))
+        if admin and self._admin_token:
+            metadata.append(("authorization", f"Bearer {self._admin_token}"))
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=metadata or None)
+        except grpc.RpcError as e:
+            rid = ""
+            for key, value in (e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else ():
+                if key == "x-request-id":
+                    rid = value
+            raise RecommenderError(e.code(), e.details() or "", request_id=rid) from None
+
+    @staticmethod
+    def _rec(msg: Any, **extra: Any) -> Recommendation:
+        return Recommendation(
+            item_ids=[it.item_id for it in msg.items],
+            scores=[it.score for it in msg.items],
+            fallback=msg.fallback,
+            **extra,
+        )
+
+    # ------------------------------------------------------------------ Recommender
+    def recommend(
+        self,
+        user_id: str = "",
+        *,
+        history: Sequence[str] = (),
+        k: int = 10,
+        include_seen: bool = False,
+        exclude: Sequence[str] = (),
+        allowed: Sequence[str] = (),
+        allow_fallback: bool = False,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Recommendation:
+        """Top-``k`` items for a known ``user_id``, or for a new user from ``history`` (item IDs, oldest first)."""
+        req = pb.RecommendRequest(
+            user_id=user_id, history_item_ids=history, k=k, include_seen=include_seen, exclude_item_ids=exclude,
+            allowed_item_ids=allowed, allow_fallback=allow_fallback,
+        )
+        resp = self._call(self._stub.Recommend, req, timeout=timeout, request_id=request_id)
+        return self._rec(
+            resp, model_version=resp.model_version, source=_SOURCE.get(resp.source, ""), user_id=user_id,
+            unknown_item_ids=list(resp.unknown_item_ids),
+        )
+
+    def batch_recommend(
+        self,
+        user_ids: Sequence[str],
+        *,
+        k: int = 10,
+        include_seen: bool = False,
+        exclude: Sequence[str] = (),
+        allowed: Sequence[str] = (),
+        allow_fallback: bool = False,
+        timeout: float | None = None,
+    ) -> list[Recommendation]:
+        """One :class:`Recommendation` per user, in order; unknown users have ``found=False`` (no fallback)."""
+        req = pb.BatchRecommendRequest(
+            user_ids=user_ids, k=k, include_seen=include_seen, exclude_item_ids=exclude, allowed_item_ids=allowed,
+            allow_fallback=allow_fallback,
+        )
+        resp = self._call(self._stub.BatchRecommend, req, timeout=timeout)
+        return [
+            self._rec(r, model_version=resp.model_version, found=r.found, user_id=r.user_id,
+                      source="popularity" if r.fallback else ("known_user" if r.found else ""))
+            for r in resp.results
+        ]
+
+    def similar_items(
+        self,
+        item_id: str,
+        *,
+        k: int = 10,
+        exclude: Sequence[str] = (),
+        allowed: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Recommendation:
+        """The ``k`` items most similar to ``item_id`` (never the item itself)."""
+        req = pb.SimilarItemsRequest(item_id=item_id, k=k, exclude_item_ids=exclude, allowed_item_ids=allowed)
+        resp = self._call(self._stub.SimilarItems, req, timeout=timeout)
+        return Recommendation(
+            item_ids=[it.item_id for it in resp.items], scores=[it.score for it in resp.items],
+            model_version=resp.model_version, source="item",
+        )
+
+    @staticmethod
+    def _embeddings(resp: Any) -> tuple[dict[str, np.ndarray], list[str]]:
+        out = {e.id: np.asarray(e.values, dtype=np.float32) for e in resp.embeddings}
+        return out, list(resp.unknown_ids)
+
+    def user_embeddings(
+        self, user_ids: Sequence[str], *, timeout: float | None = None
+    ) -> tuple[dict[str, np.ndarray], list[str]]:
+        """({user_id: embedding [dim] float32} for known users, unknown user IDs)."""
+        resp = self._call(self._stub.GetUserEmbeddings, pb.GetUserEmbeddingsRequest(user_ids=user_ids),
+                          timeout=timeout)
+        return self._embeddings(resp)
+
+    def item_embeddings(
+        self, item_ids: Sequence[str], *, timeout: float | None = None
+    ) -> tuple[dict[str, np.ndarray], list[str]]:
+        """({item_id: embedding [dim] float32} for known items, unknown item IDs)."""
+        resp = self._call(self._stub.GetItemEmbeddings, pb.GetItemEmbeddingsRequest(item_ids=item_ids),
+                          timeout=timeout)
+        return self._embeddings(resp)
+
+    def embed_user(self, history: Sequence[str], *, timeout: float | None = None) -> tuple[np.ndarray, list[str]]:
+        """(user-tower embedding [dim] float32 of a history of item IDs, unknown item IDs)."""
+        resp = self._call(self._stub.EmbedUser, pb.EmbedUserRequest(history_item_ids=history), timeout=timeout)
+        return np.asarray(resp.embedding, dtype=np.float32), list(resp.unknown_item_ids)
+
+    def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Version, created_at, dim, metric, n_users, n_items, evaluation (flat dict), loaded_at."""
+        m = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout=timeout)
+        return {
+            "version": m.version, "created_at": m.created_at, "dim": m.dim, "metric": m.metric,
+            "n_users": m.n_users, "n_items": m.n_items, "evaluation": dict(m.evaluation), "loaded_at": m.loaded_at,
+        }
+
+    # ------------------------------------------------------------------ admin
+    def reload_model(self, version: str | None = None, *, timeout: float | None = 60.0) -> dict[str, Any]:
+        """Ask the server to load ``version`` (default LATEST); needs ``admin_token``."""
+        r = self._call(self._admin.ReloadModel, pb.ReloadModelRequest(version=version or ""), timeout=timeout,
+                       admin=True)
+        return {"previous_version": r.previous_version, "version": r.version, "changed": r.changed}
+
+    def list_models(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The model versions on the server, newest first; needs ``admin_token``."""
+        r = self._call(self._admin.ListModels, pb.ListModelsRequest(), timeout=timeout, admin=True)
+        return [
+            {"version": m.version, "created_at": m.created_at, "latest": m.latest, "serving": m.serving}
+            for m in r.models
+        ]
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The standard health status name: "SERVING", "NOT_SERVING", ..."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service),
+                              timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as e:
+            raise RecommenderError(e.code(), e.details() or "") from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
