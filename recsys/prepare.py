@@ -1,0 +1,1100 @@
+"""``recsys prepare``: raw interaction logs -> the prepared dataset described in :mod:`recsys.schema`.
+
+The pipeline, in order (every input row ends in exactly one bucket of ``manifest["rows"]``)::
+
+    read + validate      each file is scanned lazily and normalised (user, item, ts in epoch ms, weight, event);
+                         a bad row is an error naming file / row / column / value, or with ``on_bad_rows="skip"``
+                         it goes to rejects.parquet                                      -> rows.rejected[reason]
+    implicit feedback    rating threshold, per-event-type weights, time window           -> rows.filtered[reason]
+    dedupe               one row per (user, item): keep first / last, or sum the weights -> rows.deduplicated
+    k-core               drop users with < kcore_users items and items with < kcore_items users, repeated
+                         until nothing changes (one pass is not enough: dropping an item can push a user
+                         under the threshold)                                             -> rows.filtered[kcore_*]
+    temporal split       per-user last fraction / last N, or a global time cutoff; valid/test rows of users or
+                         items with no train row are dropped (``drop_cold``)              -> rows.filtered[cold_*]
+    vocabularies         users / items ordered by train frequency (ties by ID), features encoded with their own
+                         vocabularies, logQ probabilities, histories, seen sets          -> rows.kept
+
+Dedupe happens before the split, so a (user, item) pair appears exactly once in the whole dataset: a pair in
+test is never in that user's train or valid. The split is by time order (ts, then input order), so a user's test
+rows are never earlier than their train rows.
+
+Reading, validation, filtering and ID coding run as lazy Polars queries on the streaming engine (per-file
+``sink_parquet`` of the normalised rows into a scratch directory, then scans of it); only the integer-coded
+interactions ``(user, item, order, weight)`` are held in memory, about 24 bytes per event, for dedupe, k-core and
+the split.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from recsys import schema
+from recsys.config import to_dict
+from recsys.io import atomic_dir, atomic_write_json, sha256_file
+from recsys.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+# Epoch-number magnitude bands used by time_unit="auto": |t| < 1e11 is seconds (1e11 s is the year 5138, while
+# 1e11 ms is only 1973-03), < 1e14 milliseconds, < 1e17 microseconds, else nanoseconds.
+_AUTO_BANDS = (1e11, 1e14, 1e17)
+# ISO-8601 layouts tried in turn; "%.f" also matches no fraction, "%#z" matches "Z", "+02:00" and "+0200".
+_ISO_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S%.f%#z",
+    "%Y-%m-%d %H:%M:%S%.f%#z",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%d",
+)
+_FULL_HASH_MAX = 8 << 20  # inputs up to 8 MiB are hashed whole, bigger ones by their first MiB
+_LOG_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".tab", ".ndjson", ".jsonl", ".json", ".inter", ".dat", ".data")
+
+# reason codes -> the words used in error messages
+REJECT_REASONS = {
+    "null_user": "user ID is null",
+    "empty_user": "user ID is empty",
+    "null_item": "item ID is null",
+    "empty_item": "item ID is empty",
+    "null_time": "timestamp is null",
+    "bad_time": "unparseable timestamp",
+    "null_weight": "weight is null",
+    "bad_weight": "weight is not a finite number",
+    "null_event": "event type is null",
+}
+FILTER_REASONS = (
+    "unlisted_event",  # event type not in `event_weights`
+    "below_min_weight",  # weight column < `min_weight` (rating threshold)
+    "before_start",  # earlier than the time window
+    "after_end",  # at or after the end of the time window
+    "nonpositive_weight",  # final weight <= 0 (e.g. an event type weighted 0)
+    "kcore_users",  # user below `kcore_users` distinct items in the k-core iteration
+    "kcore_items",  # item below `kcore_items` distinct users in the k-core iteration
+    "cold_user",  # valid/test row of a user with no train row (global-time split, `drop_cold`)
+    "cold_item",  # valid/test row of an item with no train row (`drop_cold`)
+)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Section ``[prepare]``: how raw interaction logs become the prepared dataset (see :mod:`recsys.schema`)."""
+
+    # --- reading ---------------------------------------------------------------------------------------------
+    format: Literal["auto", "csv", "tsv", "parquet", "ndjson", "movielens"] = "auto"
+    """Input format. "auto" goes by the file name (.csv/.tsv/.parquet/.ndjson/.jsonl, optionally .gz/.zst;
+    u.data, *.dat, *.inter are MovieLens). "movielens" reads u.data (tab, no header), ratings.dat ("::") and
+    RecBole .inter (typed header) and uses the columns user_id, item_id, rating (as weight), timestamp."""
+    separator: str = ""
+    """CSV field separator; empty = "," for csv and tab for tsv."""
+    user_col: str = "user_id"
+    """Column holding the user ID (strings or integers; always stored as strings)."""
+    item_col: str = "item_id"
+    """Column holding the item ID (strings or integers; always stored as strings)."""
+    time_col: str = "timestamp"
+    """Column holding the event time: epoch s/ms/us/ns numbers, ISO-8601 strings, or a datetime column."""
+    weight_col: str | None = None
+    """Numeric column with a rating / count / strength per event. None = use a column named "weight" if the file
+    has one, else every event weighs 1. A column named here that a file lacks is an error."""
+    event_col: str | None = None
+    """Column with the event type (view, click, ...). None = use a column named "event" if present."""
+    time_unit: Literal["auto", "s", "ms", "us", "ns", "iso"] = "auto"
+    """How to read numeric timestamps; "auto" decides per value by magnitude (< 1e11 seconds, < 1e14 ms,
+    < 1e17 us, else ns) and parses strings that are not numbers as ISO-8601 (naive times are UTC)."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """A row with a null/empty ID, an unparseable timestamp or a non-numeric weight: "error" stops with a message
+    naming file, row and column; "skip" writes it with the reason to rejects.parquet."""
+
+    # --- implicit feedback -----------------------------------------------------------------------------------
+    min_weight: float | None = None
+    """Rating threshold: drop events whose weight column is below this (e.g. 4.0 for 5-star ratings)."""
+    binarize: bool = False
+    """Ignore the weight column's value after the threshold (each event weighs 1 x its event-type weight);
+    otherwise the value multiplies the weight (counts, dwell time)."""
+    event_weights: dict[str, float] = field(default_factory=dict)
+    """Weight per event type, e.g. {view = 1.0, click = 2.0, purchase = 5.0}. Empty = every event type weighs 1;
+    non-empty = event types not listed are dropped ("unlisted_event"), a weight of 0 drops that type."""
+    dedupe: Literal["first", "last", "sum"] = "sum"
+    """Repeated (user, item) events become one row: "first"/"last" keep that event (its time and weight); "sum"
+    keeps the first event's time (when the user found the item, which is what retrieval must predict) and the sum
+    of the weights (repeat engagement = stronger preference)."""
+    start: str = ""
+    """Time window start (ISO-8601 or epoch seconds, inclusive); empty = no lower bound."""
+    end: str = ""
+    """Time window end (ISO-8601 or epoch seconds, exclusive); empty = no upper bound."""
+    kcore_users: int = 5
+    """Keep users with at least this many distinct items (iterated with kcore_items to a fixed point).
+    5/5 is the usual core of published MovieLens/Amazon results; ML-100K users already have >= 20 ratings."""
+    kcore_items: int = 5
+    """Keep items with at least this many distinct users: an item seen by fewer users cannot get a useful ID
+    embedding, and its test interactions measure noise. 1 keeps every item."""
+
+    # --- split -----------------------------------------------------------------------------------------------
+    split: Literal["last_fraction", "last_n", "global_time"] = "last_fraction"
+    """Temporal split. "last_fraction": each user's last test_frac (then valid_frac) of interactions, rounded up;
+    "last_n": each user's last test_n (then valid_n); "global_time": one cutoff time for everybody."""
+    valid_frac: float = 0.1
+    """Validation share (last_fraction; and global_time when valid_start is empty: a time quantile)."""
+    test_frac: float = 0.1
+    """Test share (last_fraction; and global_time when test_start is empty: a time quantile)."""
+    valid_n: int = 1
+    """Validation interactions per user (last_n)."""
+    test_n: int = 1
+    """Test interactions per user (last_n)."""
+    valid_start: str = ""
+    """global_time: events at or after this time (and before test_start) are validation; empty = quantile."""
+    test_start: str = ""
+    """global_time: events at or after this time are test; empty = the (1 - test_frac) time quantile."""
+    min_train: int = 1
+    """Per-user splits never leave a user with fewer train interactions than this (valid/test shrink first)."""
+    drop_cold: bool = True
+    """Drop valid/test rows whose user or item has no train row (they cannot be scored by ID; counted as
+    cold_user / cold_item)."""
+
+    # --- outputs ---------------------------------------------------------------------------------------------
+    history_len: int = 50
+    """N in history.parquet: the last N items of train+valid per user, oldest first."""
+    prob_smoothing: float = 0.0
+    """logQ probability: prob_i = max(n_train_i + prob_smoothing, 0.5) / sum. The 0.5 floor gives an item with no
+    train row (only possible with drop_cold = false) half the weight of the rarest trained item, so log(prob) is
+    finite; with the defaults prob is exactly the train frequency."""
+    title_col: str = "title"
+    """Text column of the items file kept as ``title`` (not encoded)."""
+    user_features: tuple[str, ...] | None = None
+    """Columns of the users file to encode as feat_<name>; None = every string/integer/boolean column."""
+    item_features: tuple[str, ...] | None = None
+    """Columns of the items file to encode as feat_<name>; None = every string/integer/boolean column but title."""
+
+    def validate(self) -> None:
+        for name in ("kcore_users", "kcore_items", "min_train"):
+            if getattr(self, name) < (0 if name == "min_train" else 1):
+                raise ValueError(f"`prepare.{name}` must be >= {0 if name == 'min_train' else 1}, "
+                                 f"got {getattr(self, name)}")
+        for name in ("valid_n", "test_n"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`prepare.{name}` must be >= 0, got {getattr(self, name)}")
+        for name in ("valid_frac", "test_frac"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"`prepare.{name}` must be in [0, 1), got {v}")
+        if self.valid_frac + self.test_frac >= 1.0:
+            raise ValueError(f"`prepare.valid_frac + prepare.test_frac` must be < 1, got "
+                             f"{self.valid_frac} + {self.test_frac}")
+        if self.history_len < 1:
+            raise ValueError(f"`prepare.history_len` must be >= 1, got {self.history_len}")
+        if self.prob_smoothing < 0:
+            raise ValueError(f"`prepare.prob_smoothing` must be >= 0, got {self.prob_smoothing}")
+        if len(self.separator) > 1:
+            raise ValueError(f"`prepare.separator` must be one character, got {self.separator!r}")
+        for k, v in self.event_weights.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"`prepare.event_weights.{k}` must be a number >= 0, got {v!r}")
+        for name in ("start", "end", "valid_start", "test_start"):
+            parse_time(getattr(self, name), name=f"prepare.{name}")
+        start, end = parse_time(self.start, name="prepare.start"), parse_time(self.end, name="prepare.end")
+        if start is not None and end is not None and end <= start:
+            raise ValueError(f"`prepare.end` must be after `prepare.start`, got {self.start!r} .. {self.end!r}")
+
+
+def parse_time(value: str, *, name: str = "time") -> int | None:
+    """A config time (ISO-8601, or an epoch number read by magnitude like the logs) -> epoch ms; "" -> None."""
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        num = float(value)
+    except ValueError:
+        num = None
+    if num is not None and math.isfinite(num):
+        scale = 1000.0 if abs(num) < _AUTO_BANDS[0] else 1.0 if abs(num) < _AUTO_BANDS[1] else 1e-3 if abs(
+            num) < _AUTO_BANDS[2] else 1e-6
+        return int(math.floor(num * scale))
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"`{name}` must be an ISO-8601 time or an epoch number, got {value!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def expand_inputs(patterns: Sequence[str | Path], *, what: str = "--logs") -> list[Path]:
+    """Expand paths, globs and directories into a sorted, de-duplicated file list (order of the patterns kept)."""
+    if isinstance(patterns, (str, Path)):
+        patterns = [patterns]
+    out: list[Path] = []
+    for pat in patterns:
+        text = os.path.expanduser(str(pat))
+        if glob.has_magic(text):
+            found = [Path(p) for p in sorted(glob.glob(text, recursive=True)) if Path(p).is_file()]
+            if not found:
+                raise FileNotFoundError(f"{what} pattern {text!r} matched no file")
+        elif Path(text).is_dir():
+            found = sorted(p for p in Path(text).rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and _strip_compression(p.name.lower()).endswith(_LOG_SUFFIXES))
+            if not found:
+                raise FileNotFoundError(f"{what} directory {text!r} holds no log file")
+        elif Path(text).is_file():
+            found = [Path(text)]
+        else:
+            raise FileNotFoundError(f"{what} file {text!r} does not exist")
+        out.extend(found)
+    seen: set[Path] = set()
+    uniq = []
+    for p in out:
+        key = p.resolve()
+        if key not in seen:  # a file named twice would count its rows twice
+            seen.add(key)
+            uniq.append(p)
+    if not uniq:
+        raise FileNotFoundError(f"{what} names no file")
+    return uniq
+
+
+def fingerprint_file(path: str | Path) -> dict[str, Any]:
+    """path, size, mtime and a sha256 (whole file up to 8 MiB, else of the first MiB)."""
+    p = Path(path)
+    st = p.stat()
+    fp: dict[str, Any] = {
+        "path": str(p.resolve()),
+        "size": st.st_size,
+        "mtime": datetime.fromtimestamp(st.st_mtime, tz=timezone.utc).isoformat(),
+    }
+    if st.st_size <= _FULL_HASH_MAX:
+        fp["sha256"] = sha256_file(p)
+    else:
+        with open(p, "rb") as f:
+            fp["sha256_first_mib"] = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    return fp
+
+
+def _strip_compression(name: str) -> str:
+    for suf in (".gz", ".gzip", ".zst", ".zstd"):
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def detect_format(path: str | Path) -> str:
+    """The reader for a file from its name: csv / tsv / parquet / ndjson / movielens."""
+    name = _strip_compression(Path(path).name.lower())
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".ndjson", ".jsonl", ".json")):
+        return "ndjson"
+    if name.endswith((".tsv", ".tab")):
+        return "tsv"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith((".inter", ".dat", ".data")):
+        return "movielens"
+    raise ValueError(f"cannot tell the format of {str(path)!r} from its name; pass --format")
+
+
+def _first_line(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".gz", ".gzip")):
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            return f.readline()
+    if name.endswith((".zst", ".zstd")):
+        import pyarrow as pa
+
+        with pa.CompressedInputStream(pa.OSFile(str(path)), "zstd") as f:
+            return f.read(4096).decode("utf-8", errors="replace").split("\n", 1)[0]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.readline()
+
+
+_ML_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
+
+
+def scan_file(path: str | Path, fmt: str, *, separator: str = "") -> pl.LazyFrame:
+    """A lazy scan of one file with its raw columns. CSV-like files are read all-String: we parse and validate
+    each column ourselves so a bad value is reported with its row instead of failing the whole scan."""
+    path = Path(path)
+    if fmt == "parquet":
+        return pl.scan_parquet(path)
+    if fmt == "ndjson":
+        return pl.scan_ndjson(path, infer_schema_length=10_000)
+    if fmt in ("csv", "tsv"):
+        sep = separator or ("\t" if fmt == "tsv" else ",")
+        return pl.scan_csv(path, separator=sep, infer_schema=False)
+    if fmt == "movielens":
+        line = _first_line(path)
+        if "::" in line:  # ratings.dat: user::item::rating::ts; ':' as the separator leaves empty columns between
+            lf = pl.scan_csv(path, separator=":", has_header=False, infer_schema=False, quote_char=None)
+            return lf.select(pl.col(f"column_{2 * j + 1}").alias(c) for j, c in enumerate(_ML_COLUMNS))
+        if re.search(r":(token|float|token_seq|float_seq)\b", line):  # RecBole .inter: typed header
+            lf = pl.scan_csv(path, separator="\t", infer_schema=False, quote_char=None)
+            return lf.rename(lambda c: c.split(":", 1)[0])
+        lf = pl.scan_csv(path, separator="\t", has_header=False, infer_schema=False, quote_char=None)
+        return lf.select(pl.col(f"column_{j + 1}").alias(c) for j, c in enumerate(_ML_COLUMNS))
+    raise ValueError(f"`format` must be one of csv, tsv, parquet, ndjson, movielens, got {fmt!r}")
+
+
+@dataclass(frozen=True)
+class _Columns:
+    user: str
+    item: str
+    time: str
+    weight: str | None
+    event: str | None
+
+
+def _resolve_columns(cfg: PrepareConfig, fmt: str, names: Sequence[str], path: Path) -> _Columns:
+    if fmt == "movielens":
+        user, item, tcol, weight = "user_id", "item_id", "timestamp", "rating"
+        weight = weight if weight in names else None
+    else:
+        user, item, tcol = cfg.user_col, cfg.item_col, cfg.time_col
+        weight = cfg.weight_col if cfg.weight_col is not None else ("weight" if "weight" in names else None)
+    event = cfg.event_col if cfg.event_col is not None else ("event" if "event" in names else None)
+    need = {"--user-col": user, "--item-col": item, "--time-col": tcol}
+    if cfg.weight_col is not None and fmt != "movielens":
+        need["--weight-col"] = cfg.weight_col
+    if cfg.event_col is not None:
+        need["--event-col"] = cfg.event_col
+    missing = [(flag, c) for flag, c in need.items() if c not in names]
+    if missing:
+        what = ", ".join(f"{c!r} ({flag})" for flag, c in missing)
+        raise ValueError(f"{path}: missing column {what}; the file has columns {list(names)}")
+    if cfg.event_weights and event is None:
+        raise ValueError(f"{path}: `prepare.event_weights` is set but the file has no event column "
+                         f"(looked for {'event' if cfg.event_col is None else cfg.event_col!r}); columns {list(names)}")
+    return _Columns(user, item, tcol, weight, event)
+
+
+def _first_value(lf: pl.LazyFrame, col: str) -> Any:
+    head = lf.select(pl.col(col)).head(1).collect()
+    return head.item() if head.height else None
+
+
+def _id_expr(lf: pl.LazyFrame, col: str, dtype: pl.DataType, path: Path) -> pl.Expr:
+    if dtype == pl.String:
+        return pl.col(col)
+    if dtype.is_integer() or isinstance(dtype, (pl.Categorical, pl.Enum)):
+        return pl.col(col).cast(pl.String)
+    raise ValueError(f"{path}: row 1, column {col!r}: IDs must be strings or integers, got {dtype} "
+                     f"(value {_first_value(lf, col)!r})")
+
+
+def _num_to_ms(v: pl.Expr, unit: str, *, integer: bool) -> pl.Expr:
+    """Epoch number -> epoch ms (Int64); integers stay exact, floats are floored."""
+    scale = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 1e-6}
+    if integer:
+        v = v.cast(pl.Int64)
+
+        def conv(u: str) -> pl.Expr:
+            return v * 1000 if u == "s" else v if u == "ms" else v // 1000 if u == "us" else v // 1_000_000
+    else:
+        v = pl.when(v.is_finite()).then(v)
+
+        def conv(u: str) -> pl.Expr:
+            return (v * scale[u]).floor().cast(pl.Int64)
+    if unit != "auto":
+        return conv(unit)
+    a = v.abs()
+    return (pl.when(a < _AUTO_BANDS[0]).then(conv("s")).when(a < _AUTO_BANDS[1]).then(conv("ms"))
+            .when(a < _AUTO_BANDS[2]).then(conv("us")).otherwise(conv("ns")))
+
+
+def _time_expr(lf: pl.LazyFrame, col: str, dtype: pl.DataType, unit: str, path: Path) -> pl.Expr:
+    c = pl.col(col)
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_zone is not None:
+            c = c.dt.convert_time_zone("UTC")
+        return c.dt.epoch("ms")
+    if dtype == pl.Date:
+        return c.cast(pl.Datetime("ms")).dt.epoch("ms")
+    if dtype.is_integer() or dtype.is_float():
+        if unit == "iso":
+            raise ValueError(f"{path}: row 1, column {col!r}: `time_unit` is iso but the column is {dtype} "
+                             f"(value {_first_value(lf, col)!r})")
+        return _num_to_ms(c, unit, integer=dtype.is_integer())
+    if dtype == pl.String:
+        s = c.str.strip_chars()
+        iso = pl.coalesce([s.str.to_datetime(f, strict=False, time_unit="ms", time_zone="UTC").dt.epoch("ms")
+                           for f in _ISO_FORMATS])
+        if unit == "iso":
+            return iso
+        num = _num_to_ms(s.cast(pl.Float64, strict=False), unit, integer=False)
+        return pl.coalesce([num, iso]) if unit == "auto" else num
+    raise ValueError(f"{path}: row 1, column {col!r}: timestamps must be numbers, ISO-8601 strings or datetimes, "
+                     f"got {dtype} (value {_first_value(lf, col)!r})")
+
+
+def _weight_expr(lf: pl.LazyFrame, col: str, dtype: pl.DataType, path: Path) -> pl.Expr:
+    if dtype.is_numeric() or dtype == pl.Boolean:
+        w = pl.col(col).cast(pl.Float64)
+    elif dtype == pl.String:
+        w = pl.col(col).str.strip_chars().cast(pl.Float64, strict=False)
+    else:
+        raise ValueError(f"{path}: row 1, column {col!r}: weights must be numbers, got {dtype} "
+                         f"(value {_first_value(lf, col)!r})")
+    return pl.when(w.is_finite()).then(w)
+
+
+_NORM_SCHEMA = {
+    "file": pl.Int32, "row": pl.Int64, "user": pl.String, "item": pl.String, "ts": pl.Int64, "w": pl.Float64,
+    "event": pl.String, "reason": pl.String, "bad_col": pl.String, "bad_value": pl.String,
+}
+
+
+def normalize(lf: pl.LazyFrame, *, path: Path, file_idx: int, fmt: str, cfg: PrepareConfig) -> pl.LazyFrame:
+    """Raw scan -> the normalised columns of ``_NORM_SCHEMA`` with a reject ``reason`` (null = good row).
+
+    ``row`` is the 1-based data row in the file; ``ts`` is epoch milliseconds UTC; ``w`` the weight column's value
+    (1.0 without one).
+    """
+    schema_ = lf.collect_schema()
+    cols = _resolve_columns(cfg, fmt, schema_.names(), path)
+    user = _id_expr(lf, cols.user, schema_[cols.user], path)
+    item = _id_expr(lf, cols.item, schema_[cols.item], path)
+    ts = _time_expr(lf, cols.time, schema_[cols.time], cfg.time_unit, path)
+    w = _weight_expr(lf, cols.weight, schema_[cols.weight], path) if cols.weight else pl.lit(1.0)
+    event = _id_expr(lf, cols.event, schema_[cols.event], path) if cols.event else pl.lit(None, pl.String)
+
+    lf = lf.with_row_index("_row", offset=1).with_columns(
+        _u=user, _i=item, _t=ts, _w=w, _e=event,
+    )
+    raw = {c: pl.col(c).cast(pl.String) for c in {cols.user, cols.item, cols.time, cols.weight} if c}
+    checks: list[tuple[pl.Expr, str, str]] = [
+        (pl.col("_u").is_null(), "null_user", cols.user),
+        (pl.col("_u").str.strip_chars() == "", "empty_user", cols.user),
+        (pl.col("_i").is_null(), "null_item", cols.item),
+        (pl.col("_i").str.strip_chars() == "", "empty_item", cols.item),
+        (pl.col(cols.time).is_null(), "null_time", cols.time),
+        (pl.col("_t").is_null(), "bad_time", cols.time),
+    ]
+    if cols.weight:
+        checks += [(pl.col(cols.weight).is_null(), "null_weight", cols.weight),
+                   (pl.col("_w").is_null(), "bad_weight", cols.weight)]
+    if cfg.event_weights and cols.event:
+        checks.append((pl.col("_e").is_null(), "null_event", cols.event))
+        raw[cols.event] = pl.col(cols.event).cast(pl.String)
+
+    def chain(pick: str) -> pl.Expr:
+        expr = None
+        for cond, reason, col in checks:
+            val = pl.lit(reason) if pick == "reason" else pl.lit(col) if pick == "col" else raw[col]
+            expr = pl.when(cond).then(val) if expr is None else expr.when(cond).then(val)
+        return expr.otherwise(pl.lit(None, pl.String))  # type: ignore[union-attr]
+
+    return lf.select(
+        pl.lit(file_idx, pl.Int32).alias("file"),
+        pl.col("_row").cast(pl.Int64).alias("row"),
+        pl.col("_u").alias("user"),
+        pl.col("_i").alias("item"),
+        pl.col("_t").cast(pl.Int64).alias("ts"),
+        pl.col("_w").cast(pl.Float64).alias("w"),
+        pl.col("_e").alias("event"),
+        chain("reason").alias("reason"),
+        chain("col").alias("bad_col"),
+        chain("value").alias("bad_value"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the in-memory steps on integer codes (public for tests and reuse)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def kcore_filter(user: np.ndarray, item: np.ndarray, *, min_user: int, min_item: int
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Iterated k-core of a bipartite interaction list, to the fixed point.
+
+    ``user``, ``item``: ``[n]`` non-negative int codes of distinct (user, item) pairs. Returns ``(keep, reason,
+    iterations)``: ``keep`` ``[n]`` bool; ``reason`` ``[n]`` int8, 0 = kept, 1 = dropped because its user fell
+    below ``min_user``, 2 = because its item fell below ``min_item`` (a row failing both counts as a user drop).
+    The result is the unique maximal sub-log in which every user has >= min_user items and every item has
+    >= min_item users; the order of removals does not change it.
+    """
+    n = len(user)
+    reason = np.zeros(n, dtype=np.int8)
+    idx = np.arange(n)
+    n_users = int(user.max()) + 1 if n else 0
+    n_items = int(item.max()) + 1 if n else 0
+    iterations = 0
+    while idx.size:
+        u, i = user[idx], item[idx]
+        bad_u = np.bincount(u, minlength=n_users)[u] < min_user
+        bad_i = np.bincount(i, minlength=n_items)[i] < min_item
+        bad = bad_u | bad_i
+        iterations += 1
+        if not bad.any():
+            break
+        reason[idx[bad_u]] = 1
+        reason[idx[bad_i & ~bad_u]] = 2
+        idx = idx[~bad]
+    keep = np.zeros(n, dtype=bool)
+    keep[idx] = True
+    return keep, reason, iterations
+
+
+def split_codes(user: np.ndarray, ts: np.ndarray, *, cfg: PrepareConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Assign each row to train (0), valid (1) or test (2).
+
+    ``user``: ``[n]`` int codes, rows sorted by (user, time order); ``ts``: ``[n]`` epoch ms. Per-user splits take
+    the last rows of each user; ``global_time`` compares ``ts`` with the cutoffs. Returns ``(split [n] int8,
+    description)``.
+    """
+    n = len(user)
+    out = np.zeros(n, dtype=np.int8)
+    if cfg.split == "global_time":
+        test_ms = parse_time(cfg.test_start, name="prepare.test_start")
+        valid_ms = parse_time(cfg.valid_start, name="prepare.valid_start")
+        if n and test_ms is None and cfg.test_frac > 0:
+            test_ms = int(np.quantile(ts, 1.0 - cfg.test_frac, method="lower"))
+        if n and valid_ms is None and cfg.valid_frac > 0:
+            valid_ms = int(np.quantile(ts, 1.0 - cfg.test_frac - cfg.valid_frac, method="lower"))
+        if valid_ms is not None and test_ms is not None and valid_ms > test_ms:
+            raise ValueError(f"`prepare.valid_start` ({_iso(valid_ms)}) must not be after `prepare.test_start` "
+                             f"({_iso(test_ms)})")
+        if valid_ms is not None:
+            out[ts >= valid_ms] = 1
+        if test_ms is not None:
+            out[ts >= test_ms] = 2
+        desc = {"method": "global_time", "valid_start": _iso(valid_ms), "test_start": _iso(test_ms),
+                "valid_start_ms": valid_ms, "test_start_ms": test_ms,
+                "rule": "valid: valid_start <= ts < test_start; test: ts >= test_start"}
+        return out, desc
+    if n == 0:
+        return out, {"method": cfg.split}
+    counts = np.bincount(user)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.arange(n) - starts[user]  # position of the row in its user's time-ordered sequence
+    cnt = counts[user]
+    room = np.maximum(cnt - cfg.min_train, 0)
+    if cfg.split == "last_fraction":
+        # ceil, with a tolerance so 30 * 0.1 = 3.0000000000000004 gives 3, not 4
+        want_test = np.ceil(cnt * cfg.test_frac - 1e-9).astype(np.int64)
+        want_valid = np.ceil(cnt * cfg.valid_frac - 1e-9).astype(np.int64)
+        desc = {"method": "last_fraction", "valid_frac": cfg.valid_frac, "test_frac": cfg.test_frac,
+                "rule": "per user, ordered by (ts, input order): the last ceil(n*test_frac) rows are test, the "
+                        "ceil(n*valid_frac) before them valid, keeping >= min_train train rows"}
+    else:
+        want_test = np.full(n, cfg.test_n, dtype=np.int64)
+        want_valid = np.full(n, cfg.valid_n, dtype=np.int64)
+        desc = {"method": "last_n", "valid_n": cfg.valid_n, "test_n": cfg.test_n,
+                "rule": "per user, ordered by (ts, input order): the last test_n rows are test, the valid_n before "
+                        "them valid, keeping >= min_train train rows"}
+    n_test = np.minimum(want_test, room)
+    n_valid = np.minimum(want_valid, room - n_test)
+    out[pos >= cnt - n_test - n_valid] = 1
+    out[pos >= cnt - n_test] = 2
+    desc["min_train"] = cfg.min_train
+    return out, desc
+
+
+def logq_prob(n_train: np.ndarray, *, smoothing: float = 0.0) -> np.ndarray:
+    """``[n_items]`` float64 sampling probabilities for logQ: ``max(n_train + smoothing, 0.5)``, normalised."""
+    mass = np.maximum(n_train.astype(np.float64) + smoothing, 0.5)
+    return mass / mass.sum()
+
+
+def _vocab_order(ids: pl.Series, n_train: np.ndarray) -> np.ndarray:
+    """Permutation of the rows: most train interactions first, ties by ID string (deterministic)."""
+    frame = pl.DataFrame({"id": ids, "n": n_train, "k": np.arange(len(ids))})
+    return frame.sort(["n", "id"], descending=[True, False])["k"].to_numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# feature tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_meta(path: Path, *, id_col: str, cfg: PrepareConfig, entity: str) -> pl.DataFrame:
+    fmt = detect_format(path) if cfg.format in ("auto", "movielens") else cfg.format
+    if fmt == "movielens":
+        raise ValueError(f"{path}: cannot read a {entity}s file in MovieLens format; convert it to csv/parquet")
+    try:
+        df = scan_file(path, fmt, separator=cfg.separator).collect()
+    except pl.exceptions.PolarsError as e:
+        raise ValueError(f"{path}: cannot read the {entity}s file: {e}") from None
+    if id_col not in df.columns:
+        raise ValueError(f"{path}: missing column {id_col!r} (the {entity} ID); the file has columns {df.columns}")
+    df = df.with_columns(pl.col(id_col).cast(pl.String))  # IDs are strings everywhere
+    null_rows = df.with_row_index("_row", offset=1).filter(
+        pl.col(id_col).is_null() | (pl.col(id_col).str.strip_chars() == ""))
+    if null_rows.height:
+        r = null_rows.row(0, named=True)
+        raise ValueError(f"{path}: row {r['_row']}, column {id_col!r}: {entity} ID is null or empty "
+                         f"(value {r[id_col]!r})")
+    dup = df.with_row_index("_row", offset=1).filter(~pl.col(id_col).is_first_distinct())
+    if dup.height:
+        r = dup.row(0, named=True)
+        raise ValueError(f"{path}: row {r['_row']}, column {id_col!r}: duplicate {entity} ID {r[id_col]!r}")
+    return df
+
+
+def encode_features(vocab_ids: pl.Series, meta: pl.DataFrame | None, *, id_col: str, entity: str,
+                    features: Sequence[str] | None, exclude: Sequence[str] = (), path: Path | None = None
+                    ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
+    """Encode categorical metadata columns with their own vocabularies.
+
+    ``vocab_ids``: ``[n]`` external IDs in vocabulary order. Returns ``(codes, feature_vocab, cardinality)``:
+    ``codes`` has one ``feat_<name>`` Int32 column per feature, ``[n]`` rows in vocabulary order (0 = missing or
+    unknown; an entity absent from ``meta`` is all 0); ``feature_vocab`` rows (entity, feature, value, code >= 1),
+    codes ordered by frequency among the vocabulary's entities, ties by value.
+    """
+    base = pl.DataFrame({id_col: vocab_ids}).with_row_index("_k")
+    vocab_rows = []
+    cards: dict[str, int] = {}
+    if meta is None:
+        return pl.DataFrame(), _empty_feature_vocab(), cards
+    if features is None:
+        features = [c for c in meta.columns if c != id_col and c not in exclude and (
+            meta.schema[c] in (pl.String, pl.Boolean) or meta.schema[c].is_integer()
+            or isinstance(meta.schema[c], (pl.Categorical, pl.Enum)))]
+        skipped = [c for c in meta.columns if c != id_col and c not in exclude and c not in features]
+        if skipped:
+            log.info("%s features: not encoding non-categorical column(s) %s of %s", entity, skipped, path)
+    else:
+        missing = [c for c in features if c not in meta.columns]
+        if missing:
+            raise ValueError(f"{path}: missing {entity} feature column(s) {missing}; the file has {meta.columns}")
+    joined = base.join(meta, on=id_col, how="left").sort("_k")
+    codes = joined.select("_k")
+    for name in features:
+        val = joined[name].cast(pl.String)
+        val = pl.Series(name, val).str.strip_chars()
+        present = val.filter(val.is_not_null() & (val != ""))
+        table = (present.value_counts(name="n").sort(["n", name], descending=[True, False])
+                 .with_row_index("code", offset=1).select(pl.col(name).alias("value"), pl.col("code").cast(pl.Int32)))
+        cards[name] = table.height
+        vocab_rows.append(table.select(pl.lit(entity).alias("entity"), pl.lit(name).alias("feature"), "value", "code"))
+        coded = pl.DataFrame({"value": val}).join(table, on="value", how="left", maintain_order="left")["code"]
+        codes = codes.with_columns(coded.fill_null(0).cast(pl.Int32).alias(f"{schema.FEAT_PREFIX}{name}"))
+    fv = pl.concat(vocab_rows) if vocab_rows else _empty_feature_vocab()
+    return codes.drop("_k"), fv, cards
+
+
+def _empty_feature_vocab() -> pl.DataFrame:
+    return pl.DataFrame(schema={"entity": pl.String, "feature": pl.String, "value": pl.String, "code": pl.Int32})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Steps:
+    """Logged steps with row counts and timings (kept in the manifest)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.t0 = time.perf_counter()
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[dict[str, Any]]:
+        rec: dict[str, Any] = {"step": name}
+        t = time.perf_counter()
+        yield rec
+        rec["seconds"] = round(time.perf_counter() - t, 3)
+        self.rows.append(rec)
+        extra = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in rec.items()
+                          if k not in ("step", "seconds"))
+        log.info("prepare: %-18s %8.2fs  %s", name, rec["seconds"], extra)
+
+
+def prepare(
+    logs: Sequence[str | Path] | str | Path,
+    out: str | Path,
+    *,
+    items: str | Path | None = None,
+    users: str | Path | None = None,
+    config: PrepareConfig | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Prepare interaction logs into ``out`` (written atomically); returns the manifest.
+
+    ``logs``: files, globs or directories (csv/tsv/parquet/ndjson/MovieLens, optionally .gz/.zst).
+    ``items`` / ``users``: optional metadata tables keyed by the item / user ID column.
+    """
+    cfg = config or PrepareConfig()
+    cfg.validate()
+    files = expand_inputs(logs)
+    items_path = expand_inputs([items], what="--items")[0] if items is not None else None
+    users_path = expand_inputs([users], what="--users")[0] if users is not None else None
+    fmts = [cfg.format if cfg.format != "auto" else detect_format(p) for p in files]
+    steps = _Steps()
+    t_start = time.perf_counter()
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        work = tmp / "_work"
+        (work / "norm").mkdir(parents=True)
+        manifest = _run(files, fmts, items_path, users_path, cfg, tmp, work, steps)
+        shutil.rmtree(work)
+        manifest["seconds"] = round(time.perf_counter() - t_start, 3)
+        atomic_write_json(tmp / schema.MANIFEST, manifest)
+    log.info("prepare: wrote %s in %.1fs", out, manifest["seconds"])
+    return manifest
+
+
+def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path: Path | None,
+         cfg: PrepareConfig, tmp: Path, work: Path, steps: _Steps) -> dict[str, Any]:
+    # -- 1. read + validate: one streaming sink per file, so a read error names its file -------------------------
+    with steps.step("read+validate") as rec:
+        inputs = []
+        for k, (path, fmt) in enumerate(zip(files, fmts, strict=True)):
+            inputs.append({**fingerprint_file(path), "format": fmt})
+            lf = normalize(scan_file(path, fmt, separator=cfg.separator), path=path, file_idx=k, fmt=fmt, cfg=cfg)
+            try:
+                lf.sink_parquet(work / "norm" / f"part-{k:05d}.parquet", compression="lz4", engine="streaming")
+            except pl.exceptions.PolarsError as e:
+                raise ValueError(f"{path}: cannot read as {fmt}: {e}") from None
+        norm = pl.scan_parquet(work / "norm" / "*.parquet")
+        if cfg.event_weights:
+            ew = {str(k): float(v) for k, v in cfg.event_weights.items()}
+            ev_w = pl.col("event").replace_strict(ew, default=None, return_dtype=pl.Float64)
+        else:
+            ev_w = pl.lit(1.0)
+        base_w = pl.lit(1.0) if cfg.binarize else pl.col("w")
+        start_ms, end_ms = parse_time(cfg.start, name="prepare.start"), parse_time(cfg.end, name="prepare.end")
+        filt: list[tuple[pl.Expr, str]] = []
+        if cfg.event_weights:
+            filt.append((ev_w.is_null(), "unlisted_event"))
+        if cfg.min_weight is not None:
+            filt.append((pl.col("w") < cfg.min_weight, "below_min_weight"))
+        if start_ms is not None:
+            filt.append((pl.col("ts") < start_ms, "before_start"))
+        if end_ms is not None:
+            filt.append((pl.col("ts") >= end_ms, "after_end"))
+        filt.append((pl.col("weight") <= 0, "nonpositive_weight"))
+        freason: pl.Expr = pl.when(pl.col("reason").is_not_null()).then(pl.lit(None, pl.String))
+        for cond, name in filt:
+            freason = freason.when(cond).then(pl.lit(name))
+        freason = freason.otherwise(pl.lit(None, pl.String))
+        norm = norm.with_columns(weight=base_w * ev_w).with_columns(freason=freason)
+        acct = (norm.group_by(["file", "reason", "freason"]).agg(pl.len().alias("n"))
+                .collect(engine="streaming"))
+        per_file = acct.group_by("file").agg(pl.col("n").sum()).sort("file")
+        for k, n in per_file.iter_rows():
+            inputs[k]["rows"] = int(n)
+        for rec_in in inputs:
+            rec_in.setdefault("rows", 0)
+        n_input = int(acct["n"].sum())
+        rejected = {r: int(n) for r, n in acct.filter(pl.col("reason").is_not_null())
+                    .group_by("reason").agg(pl.col("n").sum()).sort("reason").iter_rows()}
+        filtered = {r: int(n) for r, n in acct.filter(pl.col("freason").is_not_null())
+                    .group_by("freason").agg(pl.col("n").sum()).sort("freason").iter_rows()}
+        rec.update(files=len(files), rows=n_input, rejected=sum(rejected.values()))
+    if n_input == 0:
+        raise ValueError(f"the logs hold no rows: {[str(p) for p in files]}")
+
+    n_rejected = sum(rejected.values())
+    if n_rejected and cfg.on_bad_rows == "error":
+        first = (norm.filter(pl.col("reason").is_not_null()).select("file", "row", "reason", "bad_col", "bad_value")
+                 .sort(["file", "row"]).head(1).collect(engine="streaming").row(0, named=True))
+        raise ValueError(
+            f"{files[first['file']]}: row {first['row']}, column {first['bad_col']!r}: "
+            f"{REJECT_REASONS[first['reason']]} (value {first['bad_value']!r}); {n_rejected:,} bad row(s) in all "
+            f"({', '.join(f'{k}: {v}' for k, v in rejected.items())}); pass --on-bad-rows skip to write them to "
+            f"{schema.REJECTS} instead")
+    if cfg.on_bad_rows == "skip":
+        with steps.step("rejects") as rec:
+            paths = {k: str(p) for k, p in enumerate(files)}
+            (norm.filter(pl.col("reason").is_not_null())
+             .select(pl.col("file").replace_strict(paths, return_dtype=pl.String), "row",
+                     pl.col("bad_col").alias("column"), "reason", pl.col("bad_value").alias("value"),
+                     pl.col("user").alias("user_id"), pl.col("item").alias("item_id"))
+             .sink_parquet(tmp / schema.REJECTS, engine="streaming"))
+            rec.update(rows=n_rejected)
+
+    # -- 2. implicit-feedback filters + temporary integer codes (streaming) ---------------------------------------
+    with steps.step("filter+code") as rec:
+        good = norm.filter(pl.col("reason").is_null() & pl.col("freason").is_null())
+        users_t, items_t = pl.collect_all(
+            [good.group_by("user").agg(pl.len().alias("n")), good.group_by("item").agg(pl.len().alias("n"))],
+            engine="streaming")
+        users_t = users_t.select("user").with_row_index("u")
+        items_t = items_t.select("item").with_row_index("i")
+        coded = (good.join(users_t.lazy(), on="user").join(items_t.lazy(), on="item")
+                 .select("u", "i", "ts", "weight", (pl.col("file").cast(pl.Int64) * (1 << 40) + pl.col("row"))
+                         .alias("seq"))
+                 .collect(engine="streaming"))
+        rec.update(rows=coded.height, users=users_t.height, items=items_t.height)
+    if coded.height == 0:
+        raise ValueError(f"no interaction is left after validation and filters (filtered: {filtered}, "
+                         f"rejected: {rejected})")
+
+    # -- 3. dedupe: one row per (user, item); `o` is the global time order (ts, then input order) -----------------
+    with steps.step("dedupe") as rec:
+        coded = coded.sort(["ts", "seq"]).with_row_index("o")
+        ts_by_o = coded["ts"].to_numpy()
+        if cfg.dedupe == "first":
+            agg = [pl.col("o").first(), pl.col("weight").first()]
+        elif cfg.dedupe == "last":
+            agg = [pl.col("o").last(), pl.col("weight").last()]
+        else:
+            agg = [pl.col("o").first(), pl.col("weight").sum()]
+        n_before = coded.height
+        pairs = coded.group_by(["u", "i"]).agg(agg)  # within a group rows keep their `o` order
+        del coded
+        n_dedup = n_before - pairs.height
+        rec.update(rows=pairs.height, deduplicated=n_dedup)
+
+    # -- 4. k-core to a fixed point --------------------------------------------------------------------------------
+    with steps.step("kcore") as rec:
+        keep, why, iters = kcore_filter(pairs["u"].to_numpy(), pairs["i"].to_numpy(),
+                                        min_user=cfg.kcore_users, min_item=cfg.kcore_items)
+        filtered["kcore_users"] = int((why == 1).sum())
+        filtered["kcore_items"] = int((why == 2).sum())
+        pairs = pairs.filter(pl.Series(keep))
+        rec.update(rows=pairs.height, iterations=iters)
+    if pairs.height == 0:
+        raise ValueError(f"k-core filtering (kcore_users={cfg.kcore_users}, kcore_items={cfg.kcore_items}) left no "
+                         f"interaction; lower `prepare.kcore_users` / `prepare.kcore_items`")
+
+    # -- 5. temporal split ------------------------------------------------------------------------------------------
+    with steps.step("split") as rec:
+        pairs = pairs.sort(["u", "o"])
+        u = pairs["u"].to_numpy().astype(np.int64)
+        i = pairs["i"].to_numpy().astype(np.int64)
+        o = pairs["o"].to_numpy()
+        ts = ts_by_o[o]
+        # dense user codes for the per-user arithmetic (k-core left gaps)
+        u_dense = np.unique(u, return_inverse=True)[1]
+        split, split_desc = split_codes(u_dense, ts, cfg=cfg)
+        cold = np.zeros(len(u), dtype=np.int8)
+        if cfg.drop_cold:
+            train = split == 0
+            has_u = np.bincount(u[train], minlength=users_t.height) > 0
+            has_i = np.bincount(i[train], minlength=items_t.height) > 0
+            cold[~train & ~has_u[u]] = 1
+            cold[~train & has_u[u] & ~has_i[i]] = 2
+            filtered["cold_user"] = int((cold == 1).sum())
+            filtered["cold_item"] = int((cold == 2).sum())
+        keep = cold == 0
+        u, i, o, ts, split = u[keep], i[keep], o[keep], ts[keep], split[keep]
+        w = pairs["weight"].to_numpy()[keep]
+        del pairs
+        rec.update(train=int((split == 0).sum()), valid=int((split == 1).sum()), test=int((split == 2).sum()))
+
+    # -- 6. vocabularies (train frequency order), outputs --------------------------------------------------------
+    with steps.step("vocab+write") as rec:
+        train = split == 0
+        ucodes = np.flatnonzero(np.bincount(u, minlength=users_t.height) > 0)
+        icodes = np.flatnonzero(np.bincount(i, minlength=items_t.height) > 0)
+        u_ntrain = np.bincount(u[train], minlength=users_t.height)[ucodes]
+        i_ntrain = np.bincount(i[train], minlength=items_t.height)[icodes]
+        uperm = _vocab_order(users_t["user"].gather(ucodes), u_ntrain)
+        iperm = _vocab_order(items_t["item"].gather(icodes), i_ntrain)
+        ucodes, u_ntrain = ucodes[uperm], u_ntrain[uperm]
+        icodes, i_ntrain = icodes[iperm], i_ntrain[iperm]
+        u_map = np.full(users_t.height, -1, dtype=np.int64)
+        u_map[ucodes] = np.arange(len(ucodes))
+        i_map = np.full(items_t.height, -1, dtype=np.int64)
+        i_map[icodes] = np.arange(len(icodes))
+        n_users, n_items = len(ucodes), len(icodes)
+        user_ids = users_t["user"].gather(ucodes).alias(schema.USER_ID)
+        item_ids = items_t["item"].gather(icodes).alias(schema.ITEM_ID)
+
+        inter = pl.DataFrame({
+            schema.USER_IDX: u_map[u].astype(np.int32),
+            schema.ITEM_IDX: i_map[i].astype(np.int32),
+            schema.TS: ts.astype(np.int64),
+            schema.WEIGHT: w.astype(np.float32),
+            "o": o,
+            "split": split,
+        }).sort([schema.USER_IDX, "o"])
+        cols = [schema.USER_IDX, schema.ITEM_IDX, schema.TS, schema.WEIGHT]
+        for code, (name, fname) in enumerate(schema.SPLITS.items()):
+            inter.filter(pl.col("split") == code).select(cols).write_parquet(tmp / fname)
+            rec[name] = int((split == code).sum())
+
+        # serving state: last N of train+valid (oldest first) and the distinct seen items, one row per user
+        seen_rows = inter.filter(pl.col("split") < 2)
+        all_users = pl.DataFrame({schema.USER_IDX: np.arange(n_users, dtype=np.int32)})
+        hist = seen_rows.group_by(schema.USER_IDX, maintain_order=True).agg(
+            pl.col(schema.ITEM_IDX).tail(cfg.history_len).alias("items"))
+        seen = seen_rows.group_by(schema.USER_IDX).agg(pl.col(schema.ITEM_IDX).sort().alias("items"))
+        for frame, fname in ((hist, schema.HISTORY), (seen, schema.SEEN)):
+            (all_users.join(frame, on=schema.USER_IDX, how="left")
+             .with_columns(pl.col("items").fill_null(pl.lit([], dtype=pl.List(pl.Int32))))
+             .sort(schema.USER_IDX).write_parquet(tmp / fname))
+        first_ts = (inter.group_by(schema.ITEM_IDX).agg(pl.col(schema.TS).min()).sort(schema.ITEM_IDX)
+                    [schema.TS].to_numpy())
+        del inter
+
+        # vocabularies + feature tables
+        item_meta = _read_meta(items_path, id_col=cfg.item_col, cfg=cfg, entity="item") if items_path else None
+        user_meta = _read_meta(users_path, id_col=cfg.user_col, cfg=cfg, entity="user") if users_path else None
+        i_codes, i_fv, i_cards = encode_features(item_ids.rename(cfg.item_col), item_meta, id_col=cfg.item_col,
+                                                 entity="item", features=cfg.item_features,
+                                                 exclude=(cfg.title_col,), path=items_path)
+        u_codes, u_fv, u_cards = encode_features(user_ids.rename(cfg.user_col), user_meta, id_col=cfg.user_col,
+                                                 entity="user", features=cfg.user_features, path=users_path)
+        items_df = pl.DataFrame({
+            schema.ITEM_ID: item_ids,
+            schema.ITEM_IDX: np.arange(n_items, dtype=np.int32),
+            "n_train": i_ntrain.astype(np.int32),
+            "prob": logq_prob(i_ntrain, smoothing=cfg.prob_smoothing),
+            "first_ts": first_ts.astype(np.int64),
+        }).hstack(i_codes)
+        has_title = item_meta is not None and cfg.title_col in item_meta.columns
+        if has_title:
+            titles = (pl.DataFrame({cfg.item_col: item_ids}).join(
+                item_meta.select(cfg.item_col, pl.col(cfg.title_col).cast(pl.String).alias(schema.TITLE)),
+                on=cfg.item_col, how="left", maintain_order="left")[schema.TITLE])
+            items_df = items_df.with_columns(titles)
+        users_df = pl.DataFrame({
+            schema.USER_ID: user_ids,
+            schema.USER_IDX: np.arange(n_users, dtype=np.int32),
+            "n_train": u_ntrain.astype(np.int32),
+        }).hstack(u_codes)
+        items_df.write_parquet(tmp / schema.ITEMS)
+        users_df.write_parquet(tmp / schema.USERS)
+        pl.concat([u_fv, i_fv]).write_parquet(tmp / schema.FEATURE_VOCAB)
+        meta_missing = {
+            "items_without_metadata": _count_missing(item_ids, item_meta, cfg.item_col),
+            "users_without_metadata": _count_missing(user_ids, user_meta, cfg.user_col),
+        }
+        rec.update(users=n_users, items=n_items)
+
+    n_kept = len(u)
+    filtered = {k: filtered.get(k, 0) for k in FILTER_REASONS if k in filtered}
+    rows = {
+        "input": n_input,
+        "rejected": rejected,
+        "filtered": filtered,
+        "deduplicated": n_dedup,
+        "kept": n_kept,
+        "train": int(train.sum()),
+        "valid": int((split == 1).sum()),
+        "test": int((split == 2).sum()),
+    }
+    accounted = n_kept + n_dedup + sum(filtered.values()) + sum(rejected.values())
+    if accounted != n_input:  # an internal invariant; failing it is a bug, never a data problem
+        raise AssertionError(f"row accounting broke: input {n_input} != accounted {accounted} ({rows})")
+    config_dict = to_dict(cfg)
+    fp_src = json.dumps({"inputs": inputs, "items": items_path and fingerprint_file(items_path),
+                         "users": users_path and fingerprint_file(users_path), "config": config_dict},
+                        sort_keys=True, default=str)
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "kind": "prepared_dataset",
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "fingerprint": hashlib.sha256(fp_src.encode()).hexdigest(),
+        "config": config_dict,
+        "inputs": inputs,
+        "items_file": fingerprint_file(items_path) if items_path else None,
+        "users_file": fingerprint_file(users_path) if users_path else None,
+        "rows": rows,
+        "counts": {"n_users": n_users, "n_items": n_items, "train": rows["train"], "valid": rows["valid"],
+                   "test": rows["test"]},
+        "split": split_desc,
+        "dedupe": {"policy": cfg.dedupe, "note": "dedupe happens before the split: each (user, item) pair appears "
+                                                 "once in the whole dataset"},
+        "time_range": {"min": _iso(int(ts.min())), "max": _iso(int(ts.max()))},
+        "features": {"user": u_cards, "item": i_cards},
+        "title": has_title,
+        "metadata": meta_missing,
+        "prob": "prob_i = max(n_train_i + prob_smoothing, 0.5) / sum_j max(n_train_j + prob_smoothing, 0.5)",
+        "history_len": cfg.history_len,
+        "steps": steps.rows,
+    }
+
+
+def _count_missing(ids: pl.Series, meta: pl.DataFrame | None, id_col: str) -> int | None:
+    if meta is None:
+        return None
+    return int((~ids.is_in(meta[id_col].implode())).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading a prepared dataset back
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a prepared dataset, checked for the schema version this code writes."""
+    path = Path(data_dir) / schema.MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist (is {str(data_dir)!r} the output of `recsys prepare`?)")
+    man = json.loads(path.read_text())
+    if man.get("schema_version") != schema.SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {man.get('schema_version')!r} is not the supported "
+                         f"{schema.SCHEMA_VERSION}")
+    return man
+
+
+def load_prepared(data_dir: str | Path, *, lazy: bool = False) -> dict[str, Any]:
+    """Every table of a prepared dataset as Polars frames keyed by name ("train", "valid", "test", "users",
+    "items", "feature_vocab", "history", "seen", and "rejects" when present) plus "manifest"."""
+    d = Path(data_dir)
+    out: dict[str, Any] = {"manifest": read_manifest(d)}
+    names = {**{k: v for k, v in schema.SPLITS.items()}, "users": schema.USERS, "items": schema.ITEMS,
+             "feature_vocab": schema.FEATURE_VOCAB, "history": schema.HISTORY, "seen": schema.SEEN,
+             "rejects": schema.REJECTS}
+    for key, fname in names.items():
+        p = d / fname
+        if p.exists():
+            out[key] = pl.scan_parquet(p) if lazy else pl.read_parquet(p)
+        elif key != "rejects":
+            raise FileNotFoundError(f"{str(p)!r} does not exist")
+    return out
+
+
+def load_vocabs(data_dir: str | Path) -> tuple[Vocab, Vocab]:
+    """``(users, items)`` vocabularies of a prepared dataset (or bundle), row == user_idx / item_idx."""
+    d = Path(data_dir)
+    return (Vocab.from_parquet(d / schema.USERS, schema.USER_ID),
+            Vocab.from_parquet(d / schema.ITEMS, schema.ITEM_ID))
+
+
+def format_summary(manifest: Mapping[str, Any]) -> str:
+    """A plain-text table of the steps (rows, seconds) and the row accounting of a manifest."""
+    lines = [f"{'step':<18} {'seconds':>9}  details"]
+    for s in manifest.get("steps", []):
+        extra = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in s.items()
+                          if k not in ("step", "seconds"))
+        lines.append(f"{s['step']:<18} {s['seconds']:>9.2f}  {extra}")
+    r = manifest["rows"]
+    lines.append("")
+    lines.append(f"{'rows':<30} {'count':>12}")
+    lines.append(f"{'input':<30} {r['input']:>12,}")
+    for k, v in r["rejected"].items():
+        lines.append(f"{'  rejected: ' + k:<30} {v:>12,}")
+    for k, v in r["filtered"].items():
+        lines.append(f"{'  filtered: ' + k:<30} {v:>12,}")
+    lines.append(f"{'  deduplicated':<30} {r['deduplicated']:>12,}")
+    lines.append(f"{'  kept':<30} {r['kept']:>12,}")
+    for k in ("train", "valid", "test"):
+        lines.append(f"{'    ' + k:<30} {r[k]:>12,}")
+    c = manifest["counts"]
+    lines.append(f"{'users':<30} {c['n_users']:>12,}")
+    lines.append(f"{'items':<30} {c['n_items']:>12,}")
+    if "seconds" in manifest:
+        lines.append(f"{'total seconds':<30} {manifest['seconds']:>12.2f}")
+    return "\n".join(lines)
