@@ -28,7 +28,15 @@ _SOURCE = {pb.SOURCE_KNOWN_USER: "known_user", pb.SOURCE_HISTORY: "history", pb.
 
 
 def service_config(*, max_attempts: int = 4, initial_backoff_s: float = 0.05, max_backoff_s: float = 1.0) -> str:
-    """The channel's service config JSON: retry UNAVAILABLE on every method of both services."""
+    """The channel's service config JSON: retry UNAVAILABLE on every method of both services.
+
+    ``max_attempts`` counts the first try; 1 means no retries (gRPC requires >= 2 in a retryPolicy).
+    """
+    if max_attempts < 1:
+        raise ValueError(f"`max_attempts` must be >= 1, got {max_attempts}")
+    names = [{"service": "recsys.v1.Recommender"}, {"service": "recsys.v1.RecommenderAdmin"}]
+    if max_attempts == 1:
+        return json.dumps({"methodConfig": [{"name": names}]})
     retry = {
         "maxAttempts": max_attempts,
         "initialBackoff": f"{initial_backoff_s}s",
@@ -36,7 +44,6 @@ def service_config(*, max_attempts: int = 4, initial_backoff_s: float = 0.05, ma
         "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"],
     }
-    names = [{"service": "recsys.v1.Recommender"}, {"service": "recsys.v1.RecommenderAdmin"}]
     return json.dumps({"methodConfig": [{"name": names, "retryPolicy": retry}]})
 
 
@@ -94,7 +101,7 @@ class RecommenderClient:
         self.timeout = timeout
         self._admin_token = admin_token
         opts = [
-            ("grpc.enable_retries", 1),
+            ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
             ("grpc.service_config", service_config(max_attempts=max_attempts)),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             *options,
