@@ -197,53 +197,59 @@ def _logit_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
-def _block_mask(
+def _correct_and_mask_(
+    logits: Tensor,
     start: int,
-    stop: int,
     *,
+    b: int,
+    full_log_q: Tensor | None,
+    correct_positive: bool,
     item_ids: Tensor | None,
     user_ids: Tensor | None,
     extra_item_ids: Tensor | None,
-    n_extra: int,
-) -> Tensor | None:
-    """Accidental-hit mask for rows ``start:stop``: ``[r, B + M]`` bool, True = not a negative. Never the diagonal."""
-    if item_ids is None and user_ids is None:
-        return None
-    parts = []
+) -> Tensor:
+    """Apply logQ and accidental-hit masking, in place, to the logits of rows ``start:start + r``.
+
+    Args:
+        logits: ``[r, B + M]`` scaled scores of rows ``start:start + r`` (float32/float64).
+    Returns:
+        ``logits``, modified in place: ``-= log_q`` (the diagonal too iff ``correct_positive``), masked
+        columns set to ``-inf``. The masks are ``[r, B]`` / ``[r, M]`` blocks, never ``[B, B]`` unless ``r = B``.
+    """
+    r = logits.shape[0]
+    rows = torch.arange(r, device=logits.device)
+    diag = (rows, rows + start)  # row i's positive is column start + i
+    if full_log_q is not None:
+        lq = full_log_q.to(logits.dtype)
+        logits.sub_(lq)
+        if not correct_positive:
+            logits[diag] += lq[start : start + r]
     hit = None
     for ids in (item_ids, user_ids):
         if ids is not None:
-            eq = ids[start:stop, None] == ids[None, :]  # [r, B]
-            hit = eq if hit is None else hit | eq
-    rows = torch.arange(start, stop, device=hit.device)
-    diag = rows[:, None] == torch.arange(hit.shape[1], device=hit.device)[None, :]  # [r, B]
-    parts.append(hit & ~diag)
-    if n_extra:
-        if extra_item_ids is not None:
-            parts.append(item_ids[start:stop, None] == extra_item_ids[None, :])  # [r, M]
-        else:
-            parts.append(torch.zeros(stop - start, n_extra, dtype=torch.bool, device=hit.device))
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
-
-def _block_bias(
-    start: int,
-    stop: int,
-    *,
-    full_log_q: Tensor | None,
-    correct_positive: bool,
-    n_cols: int,
-    dtype: torch.dtype,
-) -> Tensor | None:
-    """What is subtracted from rows ``start:stop`` of the logits: ``[r, B + M]`` (logQ), or None."""
-    if full_log_q is None:
-        return None
-    bias = full_log_q.to(dtype)[None, :].expand(stop - start, n_cols)  # [r, B + M]
-    if not correct_positive:
-        rows = torch.arange(start, stop, device=full_log_q.device)
-        diag = rows[:, None] == torch.arange(n_cols, device=full_log_q.device)[None, :]
-        bias = bias.masked_fill(diag, 0.0)
-    return bias
+            eq = ids[start : start + r, None] == ids[None, :b]  # [r, B]
+            hit = eq if hit is None else hit.logical_or_(eq)
+    if hit is not None:
+        hit[diag] = False  # never mask the positive
+    extra_hit = None
+    if extra_item_ids is not None:
+        extra_hit = item_ids[start : start + r, None] == extra_item_ids[None, :]  # [r, M]
+    if logits.requires_grad:
+        # autograd turns an in-place op on a column view into a full-size gradient copy: mask the whole tensor
+        m = logits.shape[1] - b
+        if hit is not None and m:
+            extra_hit = extra_hit if extra_hit is not None else hit.new_zeros(r, m)
+            hit = torch.cat([hit, extra_hit], dim=1)
+        elif hit is None and extra_hit is not None:
+            hit = torch.cat([extra_hit.new_zeros(r, b), extra_hit], dim=1)
+        if hit is not None:
+            logits.masked_fill_(hit, float("-inf"))
+        return logits
+    if hit is not None:
+        logits[:, :b].masked_fill_(hit, float("-inf"))
+    if extra_hit is not None:
+        logits[:, b:].masked_fill_(extra_hit, float("-inf"))
+    return logits
 
 
 def _reduce(per_row: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
@@ -303,19 +309,13 @@ def in_batch_softmax(
         q, c, temperature=temperature, item_ids=item_ids, user_ids=user_ids, log_q=log_q, extra_c=extra_c,
         extra_item_ids=extra_item_ids, extra_log_q=extra_log_q, weights=weights, reduction=reduction,
     )  # fmt: skip
-    b, n_cols = p.q.shape[0], p.cands.shape[0]
+    b = p.q.shape[0]
     scores = p.q @ p.cands.T  # [B, B + M]; bf16 under autocast
     logits = scores.to(_logit_dtype(scores.dtype)) / temperature
-    bias = _block_bias(
-        0, b, full_log_q=p.full_log_q, correct_positive=correct_positive, n_cols=n_cols, dtype=logits.dtype
-    )
-    if bias is not None:
-        logits = logits - bias
-    mask = _block_mask(
-        0, b, item_ids=item_ids, user_ids=user_ids, extra_item_ids=p.extra_item_ids, n_extra=p.n_extra
-    )
-    if mask is not None:
-        logits = logits.masked_fill(mask, float("-inf"))
+    logits = _correct_and_mask_(
+        logits, 0, b=b, full_log_q=p.full_log_q, correct_positive=correct_positive, item_ids=item_ids,
+        user_ids=user_ids, extra_item_ids=p.extra_item_ids,
+    )  # fmt: skip
     per_row = F.cross_entropy(logits, torch.arange(b, device=q.device), reduction="none")  # [B]
     return _reduce(per_row, weights, reduction)
 
@@ -355,146 +355,69 @@ def mixed_log_q(log_p: Tensor, *, batch_size: int, n_uniform: int, n_items: int)
 class _ChunkedInBatchSoftmax(torch.autograd.Function):
     """Per-row InfoNCE losses ``[B]`` computed in row blocks; backward recomputes each block's logits.
 
-    Memory: forward keeps only the row log-sum-exp ``[B]``; each pass holds one ``[chunk, B + M]`` block at a time.
+    Memory: forward keeps only the row log-sum-exp ``[B]``; each pass holds a few ``[chunk, B + M]`` buffers at a
+    time. The backward is written out: ``d loss_i / d logits_ij = g_i (softmax_ij - [j = i])``, then the chain rule
+    through ``logits = q c^T / t - log_q``.
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        q,
-        cands,
-        temperature,
-        full_log_q,
-        item_ids,
-        user_ids,
-        extra_item_ids,
-        correct_positive,
-        chunk_size,
-    ):
+    def forward(ctx, q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, correct_positive, chunk):
         compute_dtype = _compute_dtype(q)
+        ctx.compute_dtype = compute_dtype
+        ctx.correct_positive = correct_positive
+        ctx.chunk = chunk
         logit_dtype = _logit_dtype(compute_dtype)
-        b, n_cols = q.shape[0], cands.shape[0]
+        b = q.shape[0]
         inv_t = 1.0 / temperature.detach().to(logit_dtype).reshape(())
         qc, cc = q.detach().to(compute_dtype), cands.detach().to(compute_dtype)
+        opts = dict(b=b, full_log_q=full_log_q, correct_positive=correct_positive, item_ids=item_ids,
+                    user_ids=user_ids, extra_item_ids=extra_item_ids)  # fmt: skip
+        out = torch.empty(b, dtype=logit_dtype, device=q.device)
         lse = torch.empty(b, dtype=logit_dtype, device=q.device)
-        pos = torch.empty(b, dtype=logit_dtype, device=q.device)
         with torch.autocast(q.device.type, enabled=False):
-            for start in range(0, b, chunk_size):
-                stop = min(start + chunk_size, b)
-                _, logits = _ChunkedInBatchSoftmax._block(
-                    start,
-                    stop,
-                    qc,
-                    cc,
-                    inv_t,
-                    full_log_q,
-                    item_ids,
-                    user_ids,
-                    extra_item_ids,
-                    correct_positive,
-                    logit_dtype,
-                    n_cols,
-                )
+            for start in range(0, b, chunk):
+                stop = min(start + chunk, b)
+                logits = (qc[start:stop] @ cc.T).to(logit_dtype).mul_(inv_t)  # [r, B + M]
+                _correct_and_mask_(logits, start, **opts)
                 lse[start:stop] = torch.logsumexp(logits, dim=1)
                 rows = torch.arange(stop - start, device=q.device)
-                pos[start:stop] = logits[rows, rows + start]
+                out[start:stop] = lse[start:stop] - logits[rows, rows + start]
         ctx.save_for_backward(q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, lse)
-        ctx.correct_positive = correct_positive
-        ctx.chunk_size = chunk_size
-        ctx.compute_dtype = compute_dtype
-        return lse - pos
-
-    @staticmethod
-    def _block(
-        start,
-        stop,
-        qc,
-        cc,
-        inv_t,
-        full_log_q,
-        item_ids,
-        user_ids,
-        extra_item_ids,
-        correct_positive,
-        logit_dtype,
-        n_cols,
-    ):
-        """Raw scores ``[r, B + M]`` (logit dtype) and the scaled, corrected, masked logits of rows ``start:stop``."""
-        b = qc.shape[0]
-        scores = (qc[start:stop] @ cc.T).to(logit_dtype)  # [r, B + M]
-        logits = scores * inv_t
-        bias = _block_bias(
-            start,
-            stop,
-            full_log_q=full_log_q,
-            correct_positive=correct_positive,
-            n_cols=n_cols,
-            dtype=logit_dtype,
-        )
-        if bias is not None:
-            logits = logits - bias
-        mask = _block_mask(
-            start,
-            stop,
-            item_ids=item_ids,
-            user_ids=user_ids,
-            extra_item_ids=extra_item_ids,
-            n_extra=n_cols - b,
-        )
-        if mask is not None:
-            logits = logits.masked_fill(mask, float("-inf"))
-        return scores, logits
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, lse = ctx.saved_tensors
         need_q, need_c, need_t, need_lq = ctx.needs_input_grad[:4]
-        compute_dtype = ctx.compute_dtype
-        logit_dtype = lse.dtype
+        compute_dtype, logit_dtype = ctx.compute_dtype, lse.dtype
         b, n_cols = q.shape[0], cands.shape[0]
         inv_t = 1.0 / temperature.detach().to(logit_dtype).reshape(())
         qc, cc = q.detach().to(compute_dtype), cands.detach().to(compute_dtype)
+        opts = dict(b=b, full_log_q=full_log_q, correct_positive=ctx.correct_positive, item_ids=item_ids,
+                    user_ids=user_ids, extra_item_ids=extra_item_ids)  # fmt: skip
         grad_out = grad_out.to(logit_dtype)
-        grad_q = torch.empty_like(q, dtype=compute_dtype) if need_q else None
-        grad_c = torch.zeros_like(cands, dtype=logit_dtype) if need_c else None
+        grad_q = torch.empty(q.shape, dtype=compute_dtype, device=q.device) if need_q else None
+        grad_c = torch.zeros(cands.shape, dtype=logit_dtype, device=q.device) if need_c else None
         grad_t = torch.zeros((), dtype=logit_dtype, device=q.device)
         grad_lq = torch.zeros(n_cols, dtype=logit_dtype, device=q.device) if need_lq else None
         with torch.autocast(q.device.type, enabled=False):
-            for start in range(0, b, ctx.chunk_size):
-                stop = min(start + ctx.chunk_size, b)
-                scores, logits = _ChunkedInBatchSoftmax._block(
-                    start,
-                    stop,
-                    qc,
-                    cc,
-                    inv_t,
-                    full_log_q,
-                    item_ids,
-                    user_ids,
-                    extra_item_ids,
-                    ctx.correct_positive,
-                    logit_dtype,
-                    n_cols,
-                )
-                # d loss_i / d logits_ij = softmax_ij - [j == i]; masked columns have softmax 0 -> no gradient
-                g = torch.exp(logits - lse[start:stop, None])  # [r, B + M]
+            for start in range(0, b, ctx.chunk):
+                stop = min(start + ctx.chunk, b)
+                scores = (qc[start:stop] @ cc.T).to(logit_dtype)  # [r, B + M]
+                # keep the raw scores only when the temperature needs them (d logits / dt = -scores / t^2)
+                logits = scores * inv_t if need_t else scores.mul_(inv_t)
+                _correct_and_mask_(logits, start, **opts)
+                g = logits.sub_(lse[start:stop, None]).exp_()  # softmax, in place; masked columns are 0
                 rows = torch.arange(stop - start, device=q.device)
                 g[rows, rows + start] -= 1.0
-                g *= grad_out[start:stop, None]
+                g.mul_(grad_out[start:stop, None])  # d loss / d logits
                 if need_t:
-                    # logits = scores / t  ->  d/dt = -scores / t^2; masked entries have g == 0 (scores finite)
-                    grad_t -= (g * scores).sum() * inv_t * inv_t
+                    grad_t -= torch.dot(g.reshape(-1), scores.reshape(-1)) * inv_t * inv_t
                 if need_lq:
-                    # logits -= log_q (bias) -> d/dlog_q = -g, except the uncorrected diagonal
-                    gl = (
-                        g
-                        if ctx.correct_positive
-                        else g.index_put(
-                            (rows, rows + start), torch.zeros((), dtype=g.dtype, device=g.device)
-                        )
-                    )
-                    grad_lq -= gl.sum(0)
-                gs = (g * inv_t).to(compute_dtype)  # d loss / d scores
+                    grad_lq -= g.sum(0)
+                    if not ctx.correct_positive:  # the diagonal was not corrected: give its share back
+                        grad_lq[rows + start] += g[rows, rows + start]
+                gs = g.mul_(inv_t).to(compute_dtype)  # d loss / d scores
                 if need_q:
                     grad_q[start:stop] = gs @ cc
                 if need_c:
@@ -504,12 +427,8 @@ class _ChunkedInBatchSoftmax(torch.autograd.Function):
             grad_c.to(cands.dtype) if need_c else None,
             grad_t.to(temperature.device, temperature.dtype).reshape(temperature.shape) if need_t else None,
             grad_lq.to(full_log_q.dtype) if need_lq else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+            None, None, None, None, None,
+        )  # fmt: skip
 
 
 def in_batch_softmax_chunked(

@@ -404,3 +404,18 @@ def test_errors_name_the_parameter_and_value():
         in_batch_softmax(q, q, temperature=1.0, reduction="avg")
     with pytest.raises(ValueError, match="`chunk_size` must be an int >= 1, got 0"):
         in_batch_softmax_chunked(q, q, temperature=1.0, chunk_size=0)
+
+
+@pytest.mark.parametrize("drop", [("extra_item_ids",), ("item_ids", "extra_item_ids"), ("log_q", "extra_log_q")])
+def test_chunked_equals_plain_with_option_subsets(drop):
+    case = _random_case(6, b=9, m=4, d=5)
+    for k in drop:
+        case[k] = None
+    grads = [k for k in ("q", "c", "temperature", "extra_c") if case[k] is not None]
+    plain = in_batch_softmax(**case, reduction="none")
+    chunked = in_batch_softmax_chunked(**case, reduction="none", chunk_size=4)
+    torch.testing.assert_close(chunked, plain, rtol=1e-12, atol=1e-12)
+    ref = torch.autograd.grad(plain.sum(), [case[k] for k in grads])
+    got = torch.autograd.grad(chunked.sum(), [case[k] for k in grads])
+    for name, a, b in zip(grads, ref, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
