@@ -353,12 +353,12 @@ def scan_file(path: str | Path, fmt: str, *, separator: str = "") -> pl.LazyFram
         line = _first_line(path)
         if "::" in line:  # ratings.dat: user::item::rating::ts; ':' as the separator leaves empty columns between
             lf = pl.scan_csv(path, separator=":", has_header=False, infer_schema=False, quote_char=None)
-            return lf.select(pl.col(f"column_{2 * j + 1}").alias(c) for j, c in enumerate(_ML_COLUMNS))
+            return lf.select(pl.nth(2 * j).alias(c) for j, c in enumerate(_ML_COLUMNS))
         if re.search(r":(token|float|token_seq|float_seq)\b", line):  # RecBole .inter: typed header
             lf = pl.scan_csv(path, separator="\t", infer_schema=False, quote_char=None)
             return lf.rename(lambda c: c.split(":", 1)[0])
         lf = pl.scan_csv(path, separator="\t", has_header=False, infer_schema=False, quote_char=None)
-        return lf.select(pl.col(f"column_{j + 1}").alias(c) for j, c in enumerate(_ML_COLUMNS))
+        return lf.select(pl.nth(j).alias(c) for j, c in enumerate(_ML_COLUMNS))
     raise ValueError(f"`format` must be one of csv, tsv, parquet, ndjson, movielens, got {fmt!r}")
 
 
