@@ -6,6 +6,7 @@ popularity, and a user's recent items must predict the next one better than thei
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -75,11 +76,11 @@ def test_files_follow_the_contract(synth_dir):
 
 
 def test_same_config_same_bytes_other_seed_other_data(synth_dir, tmp_path):
-    cfg = SynthConfig(**{**SMALL.__dict__, "events": 20_000, "shard_events": 8_000})
+    cfg = dataclasses.replace(SMALL, events=20_000, shard_events=8_000)
     a, b = generate(tmp_path / "a", config=cfg), generate(tmp_path / "b", config=cfg)
     assert [f["sha256"] for f in a["files"]] == [f["sha256"] for f in b["files"]]
     assert (tmp_path / "a" / "synth.json").read_bytes() == (tmp_path / "b" / "synth.json").read_bytes()
-    c = generate(tmp_path / "c", config=SynthConfig(**{**cfg.__dict__, "seed": 8}))
+    c = generate(tmp_path / "c", config=dataclasses.replace(cfg, seed=8))
     assert a["files"][0]["sha256"] != c["files"][0]["sha256"]
 
 
