@@ -21,6 +21,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _null_formatter() -> Any:
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
+
+
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -38,8 +44,8 @@ def recall_curves_png(report: Mapping[str, Any]) -> bytes:
         style = "-" if m["kind"] == "two_tower" and m["retrieval"] == "exact" else "--" if m["kind"] == "two_tower" else ":"
         ax.plot(ks, [np.nan if y is None else y for y in ys], style, marker="o", label=name)
     ax.set_xscale("log")
-    ax.set_xticks(ks)
-    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.xaxis.set_minor_formatter(_null_formatter())
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K")
     ax.set_title(f"Recall@K on `{report['split']}` ({report['users']['users_evaluated']} users)")
@@ -63,6 +69,11 @@ def ann_tradeoff_png(sweep: Mapping[str, Any]) -> bytes:
         ax.plot([tuned[0]["p50_ms"]], [tuned[0]["recall"]], "r*", markersize=14, label=f"tuned ef={sweep['tuned_ef']}")
     ax.axvline(sweep["exact"]["p50_ms"], color="grey", ls=":", label=f"exact scan p50 {sweep['exact']['p50_ms']:.3f} ms")
     ax.set_xscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("single-query latency p50 (ms, seen items excluded)")
     ax.set_ylabel(f"recall@{sweep['k']} vs exact")
     ax.set_title(f"HNSW recall vs latency ({sweep['n_queries']} queries)")
