@@ -899,6 +899,10 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         u, i, o, ts, split = u[keep], i[keep], o[keep], ts[keep], split[keep]
         w = pairs["weight"].to_numpy()[keep]
         del pairs
+        if not len(u):
+            raise ValueError(f"no interaction is left after the {cfg.split} split: every valid/test row is cold "
+                             f"({filtered.get('cold_user', 0)} cold-user and {filtered.get('cold_item', 0)} cold-item "
+                             f"rows) and no row is in train; set `prepare.drop_cold=false` or move the cutoff")
         rec.update(train=int((split == 0).sum()), valid=int((split == 1).sum()), test=int((split == 2).sum()))
 
     # -- 6. vocabularies (train frequency order), outputs --------------------------------------------------------
