@@ -46,7 +46,9 @@ def make_inputs(b: int, *, dim: int, extra: int, n_items: int, device: str, seed
         e_items = torch.randint(0, n_items, (extra,), generator=g)
         kw["extra_c"] = torch.nn.functional.normalize(torch.randn(extra, dim, generator=g), dim=1).to(device)
         kw["extra_item_ids"] = e_items.to(device)
-        kw["extra_log_q"] = torch.full((extra,), -float(torch.log(torch.tensor(float(n_items)))), device=device)
+        kw["extra_log_q"] = torch.full(
+            (extra,), -float(torch.log(torch.tensor(float(n_items)))), device=device
+        )
     return kw
 
 

@@ -13,7 +13,8 @@ What the options do to row ``i`` of the ``[B, B + M]`` logit matrix:
   recommendations"): ``logits[i, j] -= log_q[j]``, where ``log_q[j]`` is the log probability that candidate ``j``
   was drawn as a candidate. In-batch candidates are the batch's positives, so the trainer passes
   ``log_q = log(prob[item_idx])`` with ``prob`` from ``items.parquet`` (it sums to 1). Any constant added to every
-  ``log_q`` (e.g. ``log B`` for expected counts) cancels in the softmax. ``correct_positive=False`` leaves the
+  ``log_q`` (e.g. ``log B`` for expected counts) cancels in the softmax. ``log_q`` must be finite (prob > 0);
+  values are not checked, to avoid a device sync per step. ``correct_positive=False`` leaves the
   positive's own logit uncorrected ("Correcting the LogQ Correction", RecSys 2025).
 * **Extra negatives** ``extra_c [M, d]`` are appended as columns shared by the whole batch: mixed negative sampling
   (Yang et al. 2020: items drawn uniformly from the catalogue) or a MoCo-style queue of recent item embeddings
@@ -361,7 +362,9 @@ class _ChunkedInBatchSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, correct_positive, chunk):
+    def forward(
+        ctx, q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, correct_positive, chunk
+    ):
         compute_dtype = _compute_dtype(q)
         ctx.compute_dtype = compute_dtype
         ctx.correct_positive = correct_positive
@@ -449,9 +452,10 @@ def in_batch_softmax_chunked(
 ) -> Tensor:
     """:func:`in_batch_softmax` computed ``chunk_size`` rows at a time, forward and backward.
 
-    Same arguments, values and gradients as :func:`in_batch_softmax`. Peak extra memory is one ``[chunk_size,
-    B + M]`` block instead of the full ``[B, B + M]`` logits (plus their softmax and mask) that autograd would
-    keep; the backward recomputes each block's scores (one more matmul) instead of storing them.
+    Same arguments, values and gradients as :func:`in_batch_softmax`. Peak extra memory is a few ``[chunk_size,
+    B + M]`` blocks instead of the full ``[B, B + M]`` logits (plus their softmax and mask) that autograd would
+    keep; the backward recomputes each block's scores (one more matmul) instead of storing them. Measured on CPU
+    at B = 8192, d = 64, chunk 1024 (benchmarks/loss_bench.py): 78 MiB instead of 834 MiB, and 0.64x the time.
 
     Args:
         chunk_size: rows per block, >= 1.
@@ -466,7 +470,15 @@ def in_batch_softmax_chunked(
         dtype = _logit_dtype(_compute_dtype(p.q))
         temperature = torch.tensor(float(temperature), dtype=dtype, device=q.device)
     per_row = _ChunkedInBatchSoftmax.apply(
-        p.q, p.cands, temperature, p.full_log_q, item_ids, user_ids, p.extra_item_ids, correct_positive, chunk_size
+        p.q,
+        p.cands,
+        temperature,
+        p.full_log_q,
+        item_ids,
+        user_ids,
+        p.extra_item_ids,
+        correct_positive,
+        chunk_size,
     )
     return _reduce(per_row, weights, reduction)
 

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recsys.losses import (
     ItemEmbeddingQueue,
@@ -233,16 +235,18 @@ def test_queue_ring_buffer_and_negatives_without_gradient():
     assert big.tensors()[1].tolist() == [2, 3] and big.log_q() is None
 
     # as negatives: the loss goes up, the queue gets no gradient, a queued copy of a row's item is masked
-    q = torch.randn(3, 2, dtype=torch.float32, requires_grad=True)
-    c = torch.randn(3, 2, dtype=torch.float32, requires_grad=True)
+    # (temperature 5 keeps every logit within +-2, so each extra term visibly raises the log-sum-exp)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(3, 2, generator=g).requires_grad_()
+    c = torch.randn(3, 2, generator=g).requires_grad_()
     items = torch.tensor([2, 7, 8])
-    base = in_batch_softmax(q, c, temperature=0.5, item_ids=items, reduction="none")
+    base = in_batch_softmax(q, c, temperature=5.0, item_ids=items, reduction="none")
     with_q = in_batch_softmax(
-        q, c, temperature=0.5, item_ids=items, extra_c=emb, extra_item_ids=ids, reduction="none"
+        q, c, temperature=5.0, item_ids=items, extra_c=emb, extra_item_ids=ids, reduction="none"
     )
-    assert (with_q > base).all()
+    assert (with_q > base + 1e-3).all()
     # row 0's item 2 sits in the queue (slot 1): masking it equals dropping it by hand
-    manual = in_batch_softmax(q, c, temperature=0.5, item_ids=items, extra_c=emb[[0, 2, 3]], reduction="none")
+    manual = in_batch_softmax(q, c, temperature=5.0, item_ids=items, extra_c=emb[[0, 2, 3]], reduction="none")
     assert with_q[0].item() == pytest.approx(manual[0].item(), rel=1e-6)
     with_q.sum().backward()
     assert q.grad is not None and c.grad is not None and emb.grad is None
@@ -406,7 +410,9 @@ def test_errors_name_the_parameter_and_value():
         in_batch_softmax_chunked(q, q, temperature=1.0, chunk_size=0)
 
 
-@pytest.mark.parametrize("drop", [("extra_item_ids",), ("item_ids", "extra_item_ids"), ("log_q", "extra_log_q")])
+@pytest.mark.parametrize(
+    "drop", [("extra_item_ids",), ("item_ids", "extra_item_ids"), ("log_q", "extra_log_q")]
+)
 def test_chunked_equals_plain_with_option_subsets(drop):
     case = _random_case(6, b=9, m=4, d=5)
     for k in drop:
@@ -419,3 +425,42 @@ def test_chunked_equals_plain_with_option_subsets(drop):
     got = torch.autograd.grad(chunked.sum(), [case[k] for k in grads])
     for name, a, b in zip(grads, ref, got, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 9),
+    m=st.integers(0, 4),
+    chunk=st.integers(1, 10),
+    n_ids=st.integers(1, 5),
+    use=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_equals_plain_property(b, m, chunk, n_ids, use, seed):
+    use_items, use_users, use_logq, correct_positive = use
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(generator=g, dtype=torch.float64)
+    q = torch.randn(b, 3, **kw).requires_grad_()
+    c = torch.randn(b, 3, **kw).requires_grad_()
+    opts = dict(temperature=0.5, correct_positive=correct_positive, reduction="none")
+    if use_items:
+        opts["item_ids"] = torch.randint(0, n_ids, (b,), generator=g)
+    if use_users:
+        opts["user_ids"] = torch.randint(0, n_ids, (b,), generator=g)
+    if use_logq:
+        opts["log_q"] = -3 * torch.rand(b, **kw)
+    if m:
+        opts["extra_c"] = torch.randn(m, 3, **kw).requires_grad_()
+        if use_items:
+            opts["extra_item_ids"] = torch.randint(0, n_ids, (m,), generator=g)
+        if use_logq:
+            opts["extra_log_q"] = -3 * torch.rand(m, **kw)
+    leaves = [q, c] + ([opts["extra_c"]] if m else [])
+    plain = in_batch_softmax(q, c, **opts)
+    chunked = in_batch_softmax_chunked(q, c, **opts, chunk_size=chunk)
+    torch.testing.assert_close(chunked, plain, rtol=1e-12, atol=1e-12)
+    weights = torch.rand(b, **kw)  # an arbitrary upstream gradient per row
+    ref = torch.autograd.grad((plain * weights).sum(), leaves)
+    got = torch.autograd.grad((chunked * weights).sum(), leaves)
+    for a, b_ in zip(ref, got, strict=True):
+        torch.testing.assert_close(b_, a, rtol=1e-10, atol=1e-12)
