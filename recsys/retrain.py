@@ -49,7 +49,8 @@ class RetrainConfig:
     tolerance: float = 0.005
     """Largest allowed absolute drop in Recall@k of the candidate against the serving model."""
     newest_fraction: float = 0.1
-    """Fraction of the time range of the new logs held out (globally, by time) as the gate's test slice."""
+    """Share of the newest events of the new logs held out (a global time split) as the gate's test slice; the
+    same share before it is the validation slice used for early stopping."""
     keep: int = 5
     """Number of published versions kept in the models directory."""
     warm_start: bool = True
@@ -119,3 +120,221 @@ class JobState:
 
 def config_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the gate: one retrieval path for the candidate and the serving model, scored by external IDs
+
+
+class _Retriever:
+    """A model + the vocabularies it was trained with: embeds users and retrieves items by external ID."""
+
+    def __init__(self, model_dir: Path, vocab_dir: Path):
+        import numpy as np
+        import pyarrow.parquet as pq
+        import torch
+
+        from recsys.index import ExactIndex
+        from recsys.model import TwoTower
+
+        self.model = TwoTower.from_run(model_dir)
+        items = pq.read_table(vocab_dir / "items.parquet", columns=["item_id"]).column("item_id").to_pylist()
+        users = pq.read_table(vocab_dir / "users.parquet", columns=["user_id"]).column("user_id").to_pylist()
+        self.item_ids = np.asarray(items, dtype=object)
+        self.item_row = {v: i for i, v in enumerate(items)}
+        self.user_row = {v: i for i, v in enumerate(users)}
+        with torch.no_grad():
+            emb = torch.cat([
+                self.model.encode_items(torch.arange(s, min(s + 8192, len(items))))
+                for s in range(0, len(items), 8192)
+            ])
+        self.index = ExactIndex(emb.numpy().astype(np.float32))
+        self.history_len = int(self.model.cfg.history_len)
+
+    def recommend(self, users: list[str], histories: list[list[str]], seen: list[list[str]], k: int):
+        """Top-k external item IDs per user [n, k] (None = padding), seen items excluded."""
+        import numpy as np
+        import torch
+
+        n = len(users)
+        hist = np.full((n, self.history_len), -1, dtype=np.int64)
+        for i, h in enumerate(histories):
+            rows = [self.item_row[x] for x in h if x in self.item_row][-self.history_len:]
+            if rows:
+                hist[i, self.history_len - len(rows):] = rows  # right-aligned, oldest first
+        uidx = torch.tensor([self.user_row.get(u, -1) for u in users], dtype=torch.long)
+        with torch.no_grad():
+            q = self.model.encode_users(uidx, torch.from_numpy(hist)).numpy().astype(np.float32)
+        exclude = [np.asarray([self.item_row[x] for x in s if x in self.item_row], dtype=np.int64) for s in seen]
+        ids, _ = self.index.search(q, k, exclude=exclude)
+        return [[self.item_ids[j] if j >= 0 else None for j in row] for row in ids.tolist()]
+
+
+def _gate_users(data_dir: Path, *, split: str, max_users: int, seed: int):
+    """Test users of ``split`` with their serving history, seen items and truth, all as external IDs."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from recsys import schema
+
+    items = pq.read_table(data_dir / schema.ITEMS, columns=[schema.ITEM_ID]).column(schema.ITEM_ID).to_pylist()
+    users = pq.read_table(data_dir / schema.USERS, columns=[schema.USER_ID]).column(schema.USER_ID).to_pylist()
+    t = pq.read_table(data_dir / schema.SPLITS[split], columns=[schema.USER_IDX, schema.ITEM_IDX]).to_pydict()
+    truth: dict[int, set[int]] = {}
+    for u, i in zip(t[schema.USER_IDX], t[schema.ITEM_IDX], strict=True):
+        truth.setdefault(u, set()).add(i)
+    rows = np.asarray(sorted(truth), dtype=np.int64)
+    if max_users and len(rows) > max_users:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_users, replace=False))
+
+    def lists(name: str) -> dict[int, list[int]]:
+        d = pq.read_table(data_dir / name).to_pydict()
+        return dict(zip(d[schema.USER_IDX], d["items"], strict=True))
+
+    hist, seen = lists(schema.HISTORY), lists(schema.SEEN)
+    sel = rows.tolist()
+    return (
+        [users[u] for u in sel],
+        [[items[i] for i in hist.get(u, [])] for u in sel],
+        [[items[i] for i in seen.get(u, [])] for u in sel],
+        [sorted(items[i] for i in truth[u]) for u in sel],
+        items,
+    )
+
+
+def gate_metrics(retriever: _Retriever, users, histories, seen, truth, item_vocab, *, k: int) -> dict[str, float]:
+    """Recall@k / NDCG@k / HitRate@k of one retriever, recommendations and truth compared by external ID."""
+    import numpy as np
+
+    from recsys.metrics import ranking_metrics
+
+    code = {v: i for i, v in enumerate(item_vocab)}
+    recs: list[list[str | None]] = []
+    for s in range(0, len(users), 2048):
+        recs += retriever.recommend(users[s:s + 2048], histories[s:s + 2048], seen[s:s + 2048], k)
+    # items the new data does not know can never be relevant: code -2 (never equal to a truth code, not padding)
+    topk = np.asarray([[code.get(x, -2) if x is not None else -1 for x in row] for row in recs], dtype=np.int64)
+    relevant = [np.asarray([code[x] for x in t], dtype=np.int64) for t in truth]
+    m = ranking_metrics(topk, relevant, ks=(k,))
+    return {key: float(v) for key, v in m.items() if key.endswith(f"@{k}")}
+
+
+def run_gate(candidate_run: Path, serving_dir: Path | None, data_dir: Path, *, cfg: RetrainConfig) -> dict[str, Any]:
+    """Score candidate and serving model on the newest slice (``test`` split of ``data_dir``); decide."""
+    users, histories, seen, truth, vocab = _gate_users(data_dir, split="test", max_users=cfg.max_eval_users, seed=0)
+    metric = f"recall@{cfg.k}"
+    report: dict[str, Any] = {"metric": metric, "tolerance": cfg.tolerance, "n_users": len(users)}
+    cand = gate_metrics(_Retriever(candidate_run, data_dir), users, histories, seen, truth, vocab, k=cfg.k)
+    report["candidate"] = cand
+    if serving_dir is None:
+        report.update(serving=None, passed=True, reason="no serving model: the first version is published")
+        return report
+    serv = gate_metrics(_Retriever(serving_dir, serving_dir), users, histories, seen, truth, vocab, k=cfg.k)
+    report["serving"] = serv
+    report["serving_version"] = serving_dir.name
+    drop = serv[metric] - cand[metric]
+    report["drop"] = drop
+    report["passed"] = bool(drop <= cfg.tolerance)
+    report["reason"] = (
+        f"candidate {metric}={cand[metric]:.4f} vs serving {serv[metric]:.4f} (drop {drop:+.4f}, "
+        f"tolerance {cfg.tolerance})"
+    )
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the job
+
+
+def retrain(
+    logs: Sequence[str | Path],
+    models_dir: str | Path,
+    *,
+    items: str | Path | None = None,
+    users: str | Path | None = None,
+    config_path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Prepare -> train -> gate -> publish, resumably, under the models directory's retrain lock.
+
+    Returns the job report (also written to ``MODELS_DIR/.retrain/<job>/report.json``): the gate's numbers, whether
+    a version was published and which.
+    """
+    from recsys import bundle as bundle_mod
+    from recsys.config import load_section, to_dict
+    from recsys.index import IndexConfig
+    from recsys.prepare import PrepareConfig, expand_inputs, prepare
+    from recsys.train import load_configs, train
+
+    models_dir = Path(models_dir)
+    cfg = load_section(RetrainConfig, "retrain", path=config_path, overrides=overrides)
+    prep_over = [o for o in overrides if o.startswith("prepare.")]
+    prep_cfg = load_section(PrepareConfig, "prepare", path=config_path, overrides=prep_over)
+    # the gate's slice is the newest events of the new logs: a global time split at event-time quantiles
+    prep_cfg = dataclasses.replace(prep_cfg, split="global_time", valid_start="", test_start="",
+                                   valid_frac=cfg.newest_fraction, test_frac=cfg.newest_fraction)
+    train_over = [o for o in overrides if o.split(".")[0] in ("model", "train", "loss")]
+    model_cfg, train_cfg, loss_cfg = load_configs(config_path, train_over)
+    index_cfg = load_section(IndexConfig, "index", path=config_path, overrides=[o for o in overrides if o.startswith("index.")])
+
+    files = expand_inputs(logs)
+    extra = [Path(p) for p in (items, users) if p is not None]
+    resolved = {"retrain": to_dict(cfg), "prepare": to_dict(prep_cfg), "model": to_dict(model_cfg),
+                "train": to_dict(train_cfg), "loss": to_dict(loss_cfg), "index": to_dict(index_cfg)}
+
+    with retrain_lock(models_dir):
+        job = fingerprint_inputs(files + extra, resolved)
+        job_dir = models_dir / JOBS_DIR / job
+        job_dir.mkdir(parents=True, exist_ok=True)
+        state = JobState(job_dir / "state.json")
+        log.info("retrain job %s in %s", job, job_dir)
+        t0 = time.perf_counter()
+
+        published = state.done("publish")
+        if published:
+            log.info("job %s already published version %s; nothing to do", job, published["version"])
+            return json.loads((job_dir / "report.json").read_text())
+
+        data_dir = job_dir / "prepared"
+        if not state.done("prepare"):
+            prepare(files, data_dir, items=items, users=users, config=prep_cfg, overwrite=True)
+            state.mark("prepare", data_dir=str(data_dir))
+
+        serving_dir = _serving_dir(models_dir)
+        run_dir = job_dir / "run"
+        if not state.done("train"):
+            resume = (run_dir / "checkpoint" / "state.json").exists()
+            warm = serving_dir if (cfg.warm_start and serving_dir is not None and not resume) else None
+            if run_dir.exists() and not resume:
+                import shutil
+
+                shutil.rmtree(run_dir)  # a crash before the first checkpoint: start the run over
+            summary = train(data_dir, run_dir, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg,
+                            device=cfg.device, resume=resume, init_from=warm)
+            state.mark("train", run_dir=str(run_dir), warm_start=str(warm) if warm else None,
+                       best=summary.get("best"))
+
+        gate = state.done("gate")
+        if not gate:
+            gate = run_gate(run_dir, serving_dir, data_dir, cfg=cfg)
+            state.mark("gate", **gate)
+        report: dict[str, Any] = {"job": job, "job_dir": str(job_dir), "gate": gate, "published": None}
+        if gate["passed"]:
+            version_dir = bundle_mod.export(run_dir, models_dir, data_dir=data_dir, index_cfg=index_cfg, keep=cfg.keep)
+            report["published"] = version_dir.name
+            atomic_write_json(job_dir / "report.json", report)
+            state.mark("publish", version=version_dir.name)
+            log.info("published %s: %s", version_dir.name, gate["reason"])
+        else:
+            atomic_write_json(job_dir / "report.json", report)
+            log.warning("candidate rejected, %s keeps serving: %s", gate.get("serving_version"), gate["reason"])
+        report["seconds"] = round(time.perf_counter() - t0, 2)
+        return report
+
+
+def _serving_dir(models_dir: Path) -> Path | None:
+    from recsys.bundle import read_latest
+
+    version = read_latest(models_dir)
+    return None if version is None else models_dir / version
+
