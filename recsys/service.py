@@ -169,8 +169,31 @@ def _search(
     """One batched query: queries [n, dim] float32 -> (item rows [n, k] int64, scores [n, k] float32)."""
     if allowed is not None:
         return _topk_within(bundle, queries, k, allowed, excludes)
-    exclude = list(excludes) if any(e is not None for e in excludes) else None
-    return bundle.index.search(queries, k, exclude=exclude)
+    sizes = [0 if e is None else len(e) for e in excludes]
+    if not any(sizes):
+        return bundle.index.search(queries, k)
+    # ONE index call for the whole batch: over-fetch k + the longest exclusion list, then drop excluded rows
+    # here. (Passing `exclude` to the index post-filters in groups of similar fetch sizes: several calls.)
+    fetch = min(k + max(sizes), int(bundle.n_items))
+    ids, scores = bundle.index.search(queries, fetch)
+    out_ids = np.full((len(excludes), k), -1, dtype=np.int64)
+    out_scores = np.full((len(excludes), k), -np.inf, dtype=np.float32)
+    short = []
+    for i, ex in enumerate(excludes):
+        row = ids[i]
+        if sizes[i]:
+            drop = set(ex.tolist())
+            keep = [j for j, t in enumerate(row.tolist()) if t >= 0 and t not in drop][:k]
+        else:
+            keep = [j for j, t in enumerate(row.tolist()) if t >= 0][:k]
+        if len(keep) < k and fetch < bundle.n_items:
+            short.append(i)  # the index returned fewer than `fetch` (should not happen): ask it properly
+        out_ids[i, : len(keep)] = row[keep]
+        out_scores[i, : len(keep)] = scores[i][keep]
+    if short:
+        redo_ids, redo_scores = bundle.index.search(queries[short], k, exclude=[excludes[i] for i in short])
+        out_ids[short], out_scores[short] = redo_ids, redo_scores
+    return out_ids, out_scores
 
 
 def _as_recommendation(
