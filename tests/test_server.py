@@ -241,3 +241,25 @@ def test_port_in_use_fails_loudly(served, tmp_path):
 
     with pytest.raises(OSError, match="cannot listen"):
         create_server(served[3], settings(tmp_path))
+
+
+def test_metrics_endpoint_and_shutdown_health(tmp_path):
+    import socket
+    import urllib.request
+
+    write_fake_version(tmp_path, "v1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with running_server(tmp_path, metrics_port=port) as (app, target), grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        stub.Recommend(pb.RecommendRequest(user_id="u1", k=2))
+        code_of(stub.Recommend, pb.RecommendRequest(user_id="u1", k=0))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'recsys_requests_total{code="OK",method="Recommend"} 1.0' in text
+        assert 'recsys_requests_total{code="INVALID_ARGUMENT",method="Recommend"} 1.0' in text
+        assert 'recsys_model_version_info{version="v1"} 1.0' in text
+        assert 'recsys_request_latency_seconds_count{method="Recommend"} 2.0' in text
+        app.stop(0.5).wait(5)
+        status = app.health.Check(health_pb2.HealthCheckRequest(service=""), None).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
