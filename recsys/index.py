@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import struct
 import tempfile
@@ -238,9 +239,30 @@ class _IdMap:
         hit = (self._sorted[at] == ids) if n else np.zeros(ids.shape, bool)
         return self._order[at[hit]]
 
+    def present_positions(self, ids: np.ndarray) -> np.ndarray:
+        """Row positions of the ``ids`` present in the index, repeats kept."""
+        if self.identity:
+            return ids[(ids >= 0) & (ids < self.ids.shape[0])]
+        return self.positions(ids)
+
+    def present(self, ids: np.ndarray) -> np.ndarray:
+        """The ``ids`` present in the index, repeats kept (cheaper than :meth:`members` on the query path)."""
+        if self.identity:
+            return ids[(ids >= 0) & (ids < self.ids.shape[0])]
+        return self.members(ids)
+
     def members(self, ids: np.ndarray) -> np.ndarray:
         """The distinct ``ids`` present in the index, sorted."""
+        if self.identity:
+            return self.positions(ids)  # unique() already sorted them; position == id
         return np.sort(self.ids[self.positions(ids)])
+
+
+def _in_sorted(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """``np.isin(values, sorted_ids)`` for a sorted non-empty ``sorted_ids`` (binary search: ~30x cheaper than
+    ``np.isin`` at the sizes of one query's results and a user's seen items)."""
+    at = np.minimum(np.searchsorted(sorted_ids, values), sorted_ids.shape[0] - 1)
+    return sorted_ids[at] == values
 
 
 def _topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -269,7 +291,10 @@ def _topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation).
+
+    Plain acquire/release methods rather than context managers: the read side runs on every query.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -277,19 +302,17 @@ class _RWLock:
         self._writer = False
         self._writers_waiting = 0
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
+    def acquire_read(self) -> None:
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers and self._writers_waiting:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -429,7 +452,7 @@ class ExactIndex:
             if excl is not None:
                 for j, i in enumerate(r):
                     if excl[i] is not None and excl[i].size:
-                        s[j, idmap.positions(excl[i])] = -np.inf
+                        s[j, idmap.present_positions(excl[i])] = -np.inf
             pos, top = _topk_rows(s, k)
             out_ids[r] = np.where(pos >= 0, idmap.ids[np.maximum(pos, 0)], -1)
             out_scores[r] = top
@@ -529,6 +552,9 @@ class HnswIndex:
 
     # Above this share of the catalogue excluded, or when a row's fetch would exceed it, scan exactly instead.
     exact_fallback_fraction = 0.25
+    # "adaptive": first fetch max(ef, k) results (free: hnswlib explores ef candidates anyway), then extrapolate
+    # and double up to k + |exclude|. "full": fetch k + |exclude| at once (one call, but ef grows to match).
+    overfetch = "adaptive"
 
     def __init__(
         self,
@@ -682,7 +708,8 @@ class HnswIndex:
         n = q.shape[0]
         excl = _per_query(exclude, n, name="exclude")
         incl = _per_query(include, n, name="include")
-        with self._lock.read():
+        self._lock.acquire_read()
+        try:
             idmap = self._idmap
             size = idmap.ids.shape[0]
             if excl is None and incl is None and k <= size:
@@ -693,6 +720,8 @@ class HnswIndex:
                 except RuntimeError:
                     pass  # hnswlib found fewer than k (unreachable nodes): the general path falls back
             return self._search_general(q, k, excl, incl, idmap)
+        finally:
+            self._lock.release_read()
 
     def _knn(self, q: np.ndarray, kf: int) -> tuple[np.ndarray, np.ndarray]:
         # One query: run on this thread (hnswlib would otherwise spawn threads for it).
@@ -709,12 +738,13 @@ class HnswIndex:
         out_scores = np.full((n, k), -np.inf, dtype=np.float32)
         if size == 0 or n == 0:
             return out_ids, out_scores
-        # Excluded ids that are in the index, per row (sorted, distinct): their count sizes the over-fetch.
+        # Excluded ids that are in the index, per row: their count sizes the over-fetch. Not deduplicated on the
+        # hot path (a repeat only over-counts, which keeps k + count a safe bound).
         ex: list[np.ndarray | None] = [None] * n
         if excl is not None:
             for i, e in enumerate(excl):
                 if e is not None and e.size:
-                    ex[i] = idmap.members(e)
+                    ex[i] = np.sort(idmap.present(e))
         exact_rows: list[int] = []
         fetch: dict[int, list[int]] = {}  # fetch size -> rows
         for i in range(n):
@@ -729,11 +759,15 @@ class HnswIndex:
                 out_scores[i] = top[0]
                 continue
             n_ex = 0 if ex[i] is None else int(ex[i].size)
-            want = k + n_ex
-            if want >= size or n_ex > self.exact_fallback_fraction * size:
+            bound = k + n_ex  # fetching this many always leaves k after removing the excluded
+            if bound >= size or n_ex > self.exact_fallback_fraction * size:
                 exact_rows.append(i)  # most of the catalogue excluded, or k ~ catalogue: the scan is cheaper
+            elif self.overfetch == "full" or n_ex == 0:
+                fetch.setdefault(min(size, _round_up_fetch(bound)), []).append(i)
             else:
-                fetch.setdefault(min(size, _round_up_fetch(want)), []).append(i)
+                # hnswlib explores max(ef, k) candidates whatever k is, so fetching ef results costs no more
+                # than fetching k: try that first. Seen items rarely fill the whole top-ef.
+                fetch.setdefault(min(size, bound, max(k, self._ef)), []).append(i)
         while fetch:
             kf = min(fetch)
             rows = np.array(fetch.pop(kf), dtype=np.int64)
@@ -748,16 +782,24 @@ class HnswIndex:
             for j, i in enumerate(rows):
                 lab, sc = labels[j], scores[j]
                 if ex[i] is not None:
-                    keep = ~np.isin(lab, ex[i], assume_unique=True)
+                    keep = ~_in_sorted(lab, ex[i])
                     lab, sc = lab[keep], sc[keep]
-                if lab.size >= k:
+                got = lab.size
+                if got >= k:
                     out_ids[i], out_scores[i] = lab[:k], sc[:k]
+                    continue
+                bound = k + int(ex[i].size) if ex[i] is not None else k
+                if kf >= bound:  # a guaranteed fetch came back short: hnswlib missed nodes -> exact
+                    exact_rows.append(int(i))
+                    continue
+                # Extrapolate the share of non-excluded results seen so far to the k - got still missing
+                # (x1.5 margin), at least doubling, never past the guaranteed bound.
+                est = kf + math.ceil(1.5 * (k - got) * kf / max(got, 1))
+                nxt = min(bound, _round_up_fetch(max(2 * kf, est)))
+                if nxt >= size or nxt > self.exact_fallback_fraction * size:
+                    exact_rows.append(int(i))
                 else:
-                    nxt = min(size, 2 * kf)
-                    if nxt >= size or nxt > self.exact_fallback_fraction * size or kf >= size:
-                        exact_rows.append(int(i))
-                    else:
-                        fetch.setdefault(nxt, []).append(int(i))
+                    fetch.setdefault(nxt, []).append(int(i))
         if exact_rows:
             rows = np.array(sorted(exact_rows), dtype=np.int64)
             ids_e, sc_e = self._exact().search_rows(q, rows, k, ex if excl is not None else None)
@@ -773,8 +815,11 @@ class HnswIndex:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         os.close(fd)
         try:
-            with self._lock.read():
+            self._lock.acquire_read()
+            try:
                 self._index.save_index(tmp)
+            finally:
+                self._lock.release_read()
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -1,0 +1,347 @@
+"""Benchmark the retrieval index: HNSW vs exact on trained-like embeddings.
+
+Usage::
+
+    python benchmarks/index_bench.py                               # 100k items, dim 64 and 128
+    nice -n 19 python benchmarks/index_bench.py --sizes 1000000    # the 1M rows (slow: minutes per dim)
+    python benchmarks/index_bench.py --embeddings items.npy --queries users.npy   # a trained model's vectors
+
+Why not Gaussian vectors: isotropic random vectors in 64+ dims have no neighbourhood structure (every point is
+almost equidistant), which makes HNSW look far worse than on a trained model's embeddings. So by default the
+embeddings are *trained-like*, made by this procedure:
+
+1. A synthetic implicit-feedback matrix with the structure of real logs: items belong to fine clusters
+   (``n_items / 100`` of them) grouped into genres (10 fine clusters each); item popularity is Zipf (s = 1) inside
+   and across clusters. Each user picks a genre (Zipf) and two fine clusters in it, and draws interactions:
+   60% from the first cluster, 20% the second, 10% the genre, 10% the global popularity distribution.
+   ``n_items`` users with ~30 interactions each (geometric lengths) train the factorisation.
+2. Embeddings from a rank-``dim`` randomised truncated SVD (3 power iterations) of the binarised matrix after
+   dividing each item column by ``pop^0.25`` (damps popularity, as in-batch logQ training does):
+   items = V * sqrt(S); items with no interactions keep a small random vector (an untrained ID embedding).
+   Rows are L2-normalised (the towers' ``metric = "cosine"``).
+3. Queries are 2,000 *held-out* users embedded from their history the way the user tower's mean pooling does
+   (normalised sum of their items' embeddings): 1,000 for the auto-tune, 1,000 to measure. The measured users
+   are heavy users with exactly 500 distinct seen items, which are the exclusion lists of the exclusion test
+   (seen items sit near the user, the hard case for post-filtering).
+
+With ``--embeddings``, items come from the file; queries from ``--queries`` (or 2,000 held-out items); the
+500 "seen" items of each measured query are sampled from its exact top-2,000.
+
+Measured: build time (``--threads``, default 2), index size, single-query latency p50/p99 (one query per call,
+k=10), batch latency/throughput, Recall@10 vs exact for several ef, the auto-tuned ef, exact search side by side,
+and the p99 cost of excluding 500 seen items. Prints a table and writes ``benchmarks/results/index_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recsys.index import ExactIndex, HnswIndex, autotune_ef, blas_threads, recall_vs_exact
+from recsys.io import atomic_write_json
+
+K = 10
+N_SEEN = 500
+
+
+# -- trained-like embeddings -----------------------------------------------------------------------------------
+
+
+def _zipf_weights(n: int, rng: np.random.Generator, s: float = 1.0) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1) ** s
+    return w[rng.permutation(n)]
+
+
+class SyntheticLogs:
+    """Clustered power-law interactions (see the module docstring)."""
+
+    def __init__(self, n_items: int, *, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.rng = rng
+        self.n_items = n_items
+        self.n_fine = max(10, n_items // 100)
+        self.n_genres = max(1, self.n_fine // 10)
+        self.item_cluster = np.sort(rng.integers(0, self.n_fine, n_items))  # items grouped by cluster
+        self.pop = _zipf_weights(n_items, rng)
+        self.starts = np.searchsorted(self.item_cluster, np.arange(self.n_fine + 1))
+        # Per-cluster cdf laid end to end, offset by the cluster number: searchsorted(cdf, c + u) samples cluster c.
+        cdf = np.empty(n_items)
+        for c in range(self.n_fine):
+            a, b = self.starts[c], self.starts[c + 1]
+            if b > a:
+                w = np.cumsum(self.pop[a:b])
+                cdf[a:b] = c + w / w[-1]
+        self.cdf = cdf
+        self.global_cdf = np.cumsum(self.pop) / self.pop.sum()
+        self.genre_p = _zipf_weights(self.n_genres, rng, 0.8)
+        self.genre_p /= self.genre_p.sum()
+
+    def _sample_in_clusters(self, clusters: np.ndarray) -> np.ndarray:
+        u = self.rng.random(clusters.shape[0]) * (1 - 1e-12)
+        idx = np.searchsorted(self.cdf, clusters + u, side="right")
+        lo, hi = self.starts[clusters], self.starts[clusters + 1]
+        empty = hi <= lo
+        idx = np.clip(idx, lo, np.maximum(hi - 1, lo))
+        # an empty fine cluster: draw from global popularity instead
+        idx[empty] = np.searchsorted(self.global_cdf, self.rng.random(int(empty.sum())))
+        return np.minimum(idx, self.n_items - 1)
+
+    def users(self, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Interactions of ``len(lengths)`` new users -> (user index per event, item per event)."""
+        rng = self.rng
+        n = lengths.shape[0]
+        genre = rng.choice(self.n_genres, n, p=self.genre_p)
+        base = genre * 10
+        c1 = np.minimum(base + rng.integers(0, 10, n), self.n_fine - 1)
+        c2 = np.minimum(base + rng.integers(0, 10, n), self.n_fine - 1)
+        user = np.repeat(np.arange(n), lengths)
+        kind = rng.random(user.shape[0])
+        cl = np.where(kind < 0.6, c1[user], c2[user])
+        in_genre = (kind >= 0.8) & (kind < 0.9)
+        cl[in_genre] = np.minimum(base[user[in_genre]] + rng.integers(0, 10, int(in_genre.sum())), self.n_fine - 1)
+        item = self._sample_in_clusters(cl)
+        glob = kind >= 0.9
+        item[glob] = np.minimum(np.searchsorted(self.global_cdf, rng.random(int(glob.sum()))), self.n_items - 1)
+        return user, item
+
+
+def _randomized_svd(x, rank: int, *, n_iter: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Truncated SVD of a sparse ``x [m, n]`` -> (s [rank], vt [rank, n]) by randomised range finding."""
+    rng = np.random.default_rng(seed)
+    omega = rng.normal(size=(x.shape[1], rank + 10)).astype(np.float32)
+    q, _ = np.linalg.qr(x @ omega)
+    for _ in range(n_iter):  # power iterations sharpen the spectrum
+        z, _ = np.linalg.qr(x.T @ q)
+        q, _ = np.linalg.qr(x @ z)
+    b = (x.T @ q).T  # [rank+10, n]
+    _, s, vt = np.linalg.svd(b, full_matrices=False)
+    return s[:rank], vt[:rank]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def trained_like(n_items: int, dim: int, *, n_queries: int = 2000, seed: int = 0):
+    """-> (items [n_items, dim], tune_queries [n/2, dim], test_queries [n/2, dim], test_seen list of [500])."""
+    import scipy.sparse as sp
+
+    logs = SyntheticLogs(n_items, seed=seed)
+    rng = logs.rng
+    lengths = np.minimum(rng.geometric(1 / 30, n_items), 1000)
+    u, i = logs.users(lengths)
+    x = sp.csr_matrix((np.ones(u.shape[0], np.float32), (u, i)), shape=(n_items, n_items))
+    x.data[:] = 1.0  # binarise repeats
+    pop = np.asarray(x.sum(axis=0)).ravel()
+    x = x @ sp.diags((1.0 / np.maximum(pop, 1.0) ** 0.25).astype(np.float32))
+    s, vt = _randomized_svd(x.tocsr(), dim, seed=seed)
+    items = vt.T * np.sqrt(s)  # [n_items, dim]
+    cold = pop == 0
+    items[cold] = rng.normal(scale=0.01 * np.abs(items[~cold]).mean(), size=(int(cold.sum()), dim))
+    items = _normalise(items)
+    # held-out users: half typical (tune), half heavy users with exactly N_SEEN distinct seen items (measure)
+    n_tune = n_queries // 2
+    tu, ti = logs.users(np.maximum(rng.geometric(1 / 30, n_tune), 1))
+    tune = np.zeros((n_tune, dim), np.float32)
+    np.add.at(tune, tu, items[ti])
+    n_test = n_queries - n_tune
+    hu, hi = logs.users(np.full(n_test, 3 * N_SEEN))
+    seen = []
+    for r in range(n_test):
+        h = pd_unique(hi[hu == r])[:N_SEEN]
+        if h.size < N_SEEN:  # top up from global popularity
+            extra = np.setdiff1d(np.argsort(-logs.pop)[: 4 * N_SEEN], h)
+            h = np.concatenate([h, extra[: N_SEEN - h.size]])
+        seen.append(h.astype(np.int64))
+    test = np.stack([items[h].sum(axis=0) for h in seen])
+    return items, _normalise(tune), _normalise(test), seen
+
+
+def pd_unique(a: np.ndarray) -> np.ndarray:
+    """Distinct values in first-seen order."""
+    _, first = np.unique(a, return_index=True)
+    return a[np.sort(first)]
+
+
+def from_files(emb_path: str, query_path: str | None, *, n_queries: int = 2000, seed: int = 0):
+    items = np.load(emb_path, allow_pickle=False).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    if query_path:
+        queries = np.load(query_path, allow_pickle=False).astype(np.float32)
+        queries = queries[rng.permutation(queries.shape[0])[:n_queries]]
+    else:  # hold out items as queries
+        perm = rng.permutation(items.shape[0])
+        queries, items = items[perm[:n_queries]], items[np.sort(perm[n_queries:])]
+    items, queries = _normalise(items), _normalise(queries)
+    half = queries.shape[0] // 2
+    tune, test = queries[:half], queries[half:]
+    top, _ = ExactIndex(items).search(test, min(2000, items.shape[0]))
+    seen = [rng.choice(row[row >= 0], min(N_SEEN, int((row >= 0).sum())), replace=False) for row in top]
+    return items, tune, test, seen
+
+
+# -- measurement ---------------------------------------------------------------------------------------------------
+
+
+def single_latency(index, queries: np.ndarray, *, exclude=None, repeat: int = 1) -> np.ndarray:
+    """Seconds per call, one query per call (the serving path)."""
+    out = np.empty(queries.shape[0] * repeat)
+    j = 0
+    for _ in range(repeat):
+        for r in range(queries.shape[0]):
+            ex = None if exclude is None else [exclude[r]]
+            t0 = time.perf_counter()
+            index.search(queries[r:r + 1], K, exclude=ex)
+            out[j] = time.perf_counter() - t0
+            j += 1
+    return out
+
+
+def ms(x: np.ndarray, q: float) -> float:
+    return round(float(np.percentile(x, q)) * 1e3, 4)
+
+
+def bench_one(items, tune, test, seen, *, threads: int, M: int, ef_construction: int, efs, target: float) -> dict:
+    n, dim = items.shape
+    row: dict = {"n_items": n, "dim": dim, "M": M, "ef_construction": ef_construction, "build_threads": threads}
+    t0 = time.perf_counter()
+    hnsw = HnswIndex(items, M=M, ef_construction=ef_construction, ef=64, num_threads=threads)
+    row["build_s"] = round(time.perf_counter() - t0, 2)
+    row["index_mb"] = round(hnsw.index_bytes() / 2**20, 1)
+    row["vectors_mb"] = round(items.nbytes / 2**20, 1)
+    exact = ExactIndex(items)
+
+    ef, table = autotune_ef(hnsw, exact, tune, k=K, target_recall=target, efs=efs, latency_queries=200)
+    row["autotune_ef"] = ef
+    row["autotune_table"] = table
+
+    truth, _ = exact.search(test, K)
+    truth_ex, _ = exact.search(test, K, exclude=seen)
+    sweep = []
+    for e in sorted(set(efs) & {16, 32, 48, 64, 96, 128, 256} | {ef}):
+        hnsw.set_ef(e)
+        got, _ = hnsw.search(test, K)
+        lat = single_latency(hnsw, test[:300])
+        sweep.append({"ef": e, "recall@10": round(recall_vs_exact(got, truth), 4), "p50_ms": ms(lat, 50),
+                      "p99_ms": ms(lat, 99)})
+    row["ef_sweep"] = sweep
+
+    hnsw.set_ef(ef)
+    got, _ = hnsw.search(test, K)
+    row["recall@10"] = round(recall_vs_exact(got, truth), 4)
+    lat = single_latency(hnsw, test, repeat=2)
+    row["single_p50_ms"], row["single_p99_ms"] = ms(lat, 50), ms(lat, 99)
+    bt = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        hnsw.search(test, K)
+        bt.append(time.perf_counter() - t0)
+    row["batch1000_ms"] = round(float(np.median(bt)) * 1e3, 2)
+    row["batch_qps"] = round(test.shape[0] / float(np.median(bt)), 0)
+
+    # excluding each user's 500 seen items (the same rule serving and evaluation use)
+    got_ex, _ = hnsw.search(test, K, exclude=seen)
+    assert all(not np.isin(got_ex[r], seen[r]).any() for r in range(len(seen))), "excluded item returned"
+    row["excl_exactly_k"] = bool((got_ex >= 0).all())
+    row["excl_recall@10"] = round(recall_vs_exact(got_ex, truth_ex), 4)
+    plain = single_latency(hnsw, test, repeat=2)
+    excl = single_latency(hnsw, test, exclude=seen, repeat=2)
+    row["excl_p50_ms"], row["excl_p99_ms"] = ms(excl, 50), ms(excl, 99)
+    row["plain_p50_ms_same_run"], row["plain_p99_ms_same_run"] = ms(plain, 50), ms(plain, 99)
+    row["excl_p99_ratio"] = round(ms(excl, 99) / ms(plain, 99), 2)
+    row["excl_p50_ratio"] = round(ms(excl, 50) / ms(plain, 50), 2)
+
+    # exact search side by side (BLAS pinned to one thread, as inside a threaded server)
+    with blas_threads(1):
+        lat = single_latency(exact, test[:200])
+        row["exact_single_p50_ms"], row["exact_single_p99_ms"] = ms(lat, 50), ms(lat, 99)
+    t0 = time.perf_counter()
+    exact.search(test, K)
+    row["exact_batch1000_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+    return row
+
+
+COLUMNS = [("n_items", "items"), ("dim", "dim"), ("build_s", "build s"), ("index_mb", "MB"),
+           ("autotune_ef", "ef*"), ("recall@10", "R@10"), ("single_p50_ms", "p50 ms"), ("single_p99_ms", "p99 ms"),
+           ("batch_qps", "batch q/s"), ("excl_p99_ratio", "excl p99 x"), ("excl_recall@10", "excl R@10"),
+           ("exact_single_p50_ms", "exact p50"), ("exact_batch1000_ms", "exact b1000 ms")]
+
+
+def print_table(rows: list[dict]) -> None:
+    widths = [max(len(h), 9) for _, h in COLUMNS]
+    print("  ".join(h.rjust(w) for (_, h), w in zip(COLUMNS, widths, strict=True)))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).rjust(w) for (c, _), w in zip(COLUMNS, widths, strict=True)))
+    for r in rows:
+        print(f"\n{r['n_items']} x {r['dim']}: ef sweep (Recall@10 vs exact, single-query ms)")
+        for s in r["ef_sweep"]:
+            print(f"  ef={s['ef']:4d}  recall={s['recall@10']:.4f}  p50={s['p50_ms']:.4f}  p99={s['p99_ms']:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--threads", type=int, default=2, help="hnswlib threads for build and batch queries")
+    p.add_argument("--M", type=int, default=16)
+    p.add_argument("--ef-construction", type=int, default=200)
+    p.add_argument("--efs", type=int, nargs="+", default=[10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512])
+    p.add_argument("--target-recall", type=float, default=0.99)
+    p.add_argument("--embeddings", help="item embeddings .npy [n, dim] (overrides --sizes/--dims)")
+    p.add_argument("--queries", help="query (user) embeddings .npy [m, dim] for --embeddings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "index_bench.json"))
+    p.add_argument("--append", action="store_true", help="merge rows into an existing --out (e.g. the 1M run)")
+    args = p.parse_args(argv)
+
+    rows = []
+    cases = [(None, None)] if args.embeddings else [(n, d) for n in args.sizes for d in args.dims]
+    for n, d in cases:
+        t0 = time.perf_counter()
+        if args.embeddings:
+            items, tune, test, seen = from_files(args.embeddings, args.queries, seed=args.seed)
+            source = f"file:{args.embeddings}"
+        else:
+            items, tune, test, seen = trained_like(n, d, seed=args.seed)
+            source = "trained-like (synthetic clustered power-law logs + randomised SVD)"
+        gen_s = time.perf_counter() - t0
+        print(f"[{items.shape[0]} x {items.shape[1]}] embeddings ready in {gen_s:.1f}s", file=sys.stderr, flush=True)
+        row = bench_one(items, tune, test, seen, threads=args.threads, M=args.M,
+                        ef_construction=args.ef_construction, efs=args.efs, target=args.target_recall)
+        row["source"] = source
+        row["n_tune_queries"], row["n_test_queries"] = tune.shape[0], test.shape[0]
+        rows.append(row)
+        print(f"[{items.shape[0]} x {items.shape[1]}] done: build {row['build_s']}s ef*={row['autotune_ef']} "
+              f"R@10={row['recall@10']} p50={row['single_p50_ms']}ms", file=sys.stderr, flush=True)
+        del items, tune, test, seen
+
+    print_table(rows)
+    out = Path(args.out)
+    env = {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
+           "machine": platform.machine(), "note": "shared 2-core machine; latencies are noisy, medians quoted"}
+    try:
+        from importlib.metadata import version
+
+        env["hnswlib"] = version("hnswlib")
+    except Exception:  # metadata missing: not worth failing the run
+        pass
+    result = {"k": K, "n_seen_excluded": N_SEEN, "target_recall": args.target_recall, "env": env, "rows": rows}
+    if args.append and out.exists():
+        old = json.loads(out.read_text())
+        keep = [r for r in old.get("rows", []) if (r["n_items"], r["dim"]) not in {(r2["n_items"], r2["dim"])
+                                                                                    for r2 in rows}]
+        result["rows"] = keep + rows
+    atomic_write_json(out, result)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
