@@ -272,7 +272,16 @@ def prune(models_dir: str | Path, *, keep: int) -> list[str]:
         return _prune_locked(models_dir, keep=keep)
 
 
+# Leftovers of a publish or prune that was killed (atomic_dir's temp dirs, renamed-for-deletion versions).
+_LEFTOVER_RE = re.compile(r"^\..+\.(tmp|deleting)-[^/]+$")
+
+
 def _prune_locked(models_dir: Path, *, keep: int) -> list[str]:
+    # Under the lock no publish is in flight, so any temp dir left here belongs to a dead process.
+    for p in models_dir.iterdir():
+        if p.is_dir() and _LEFTOVER_RE.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("removed leftover %s", p.name)
     versions = list_versions(models_dir)
     latest = read_latest(models_dir)
     doomed = [v["version"] for v in versions[: max(0, len(versions) - keep)] if v["version"] != latest]

@@ -150,10 +150,11 @@ def embedding_map_png(
     other = ~np.isin(c, top)
     if other.any():
         ax.scatter(xy[other, 0], xy[other, 1], s=4, c="lightgrey", label="other", alpha=0.5, linewidths=0)
-    cmap = plt.get_cmap("tab10")
+    tab10 = plt.get_cmap("tab10")
+    colours = [tab10(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)] + ["black"]  # no grey: that is "other"
     for j, code in enumerate(top):
         m = c == code
-        ax.scatter(xy[m, 0], xy[m, 1], s=5, color=cmap(j % 10), label=names.get(int(code), str(code)), alpha=0.8,
+        ax.scatter(xy[m, 0], xy[m, 1], s=5, color=colours[j % len(colours)], label=names.get(int(code), str(code)), alpha=0.8,
                    linewidths=0)
     ax.set_title(f"Item embeddings ({used.upper()}, {len(pick)} of {n} items) by {feature}")
     ax.set_xticks([])

@@ -392,8 +392,13 @@ def test_prune_keeps_latest_even_when_oldest(published, tmp_path):
         shutil.copytree(path, models / n)
         rewrite_manifest(models / n, version=n, created_at=f"2026-01-0{i + 1}T00:00:00Z")
     (models / schema.LATEST).write_text(names[0])
+    # leftovers of a killed export / prune go; other hidden dirs (the retrain job dir) stay
+    for leftover in (".20260104T000000Z-dddddd.tmp-k2j4", f".{names[1]}.deleting-4242", ".retrain"):
+        (models / leftover).mkdir()
     assert prune(models, keep=1) == [names[1]]
-    assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".")) == [names[0], names[2], "LATEST"]
+    assert sorted(p.name for p in models.iterdir() if p.name != ".lock") == [
+        ".retrain", names[0], names[2], "LATEST"
+    ]
 
 
 def test_rollback_refuses_a_tampered_version(published, tmp_path):

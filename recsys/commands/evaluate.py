@@ -36,6 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--max-users", type=int, metavar="N", help="evaluate a seeded sample of N users")
     p.add_argument("--cold-threshold", type=int, default=5, metavar="N",
                    help="users with at most N prior items are 'cold' (default: 5)")
+    p.add_argument("--ease-max-items", type=int, default=10_000, metavar="N",
+                   help="skip EASE above N items (its dense N x N inverse; default: 10000, ~0.8 GB)")
     p.add_argument("--embedding-map", default="auto", choices=["auto", "tsne", "pca"],
                    help="2-D item map: t-SNE if scikit-learn is installed (auto), else PCA")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(
         bundle, args.data, split=args.split, ks=args.ks, baselines=[b for b in args.baselines.split(",") if b],
         compare=args.compare, max_users=args.max_users, cold_threshold=args.cold_threshold,
-        sweep=not args.no_sweep, seed=args.seed, progress=sys.stderr.isatty(),
+        ease_max_items=args.ease_max_items, sweep=not args.no_sweep, seed=args.seed, progress=sys.stderr.isatty(),
     )
     written = write_report(report, args.report, bundle=bundle, plots=not args.no_plots,
                            embedding_map=args.embedding_map)
