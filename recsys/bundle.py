@@ -807,10 +807,16 @@ def _check_manifest(path: Path, m: Mapping[str, Any]) -> None:
     missing = [f for f in BUNDLE_FILES if f not in files]
     if missing:
         raise BundleError(f"{where}: no checksum for {missing}")
-    for name in files:
+    for name, entry in files.items():
         # manifest names are joined to the bundle dir: refuse anything that could escape it
         if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
             raise BundleError(f"{where}: invalid file name {name!r}")
+        if (
+            not isinstance(entry, Mapping)
+            or not isinstance(entry.get("sha256"), str)
+            or not isinstance(entry.get("size"), int)
+        ):
+            raise BundleError(f"{where}: files[{name!r}] must be {{sha256: str, size: int}}, got {entry!r}")
 
 
 def _check_files(path: Path, m: Mapping[str, Any], *, verify: bool) -> None:

@@ -259,6 +259,7 @@ def test_trained_bundle_retrieves_own_cluster(published):
         ("wrong_schema", r"manifest\.json.*schema_version is 99"),
         ("swapped_embeddings", r"user_embeddings\.npy: sha256"),
         ("escaping_name", r"invalid file name '\.\./x'"),
+        ("bad_entry", r"files\['model\.json'\] must be \{sha256: str, size: int\}, got 'abc'"),
     ],
 )
 def test_tampered_bundle_is_refused(published, tmp_path, tamper, match):
@@ -294,6 +295,10 @@ def test_tampered_bundle_is_refused(published, tmp_path, tamper, match):
     elif tamper == "escaping_name":
         m = json.loads((b / "manifest.json").read_text())
         m["files"]["../x"] = {"sha256": "0" * 64, "size": 1}
+        rewrite_manifest(b, files=m["files"])
+    elif tamper == "bad_entry":
+        m = json.loads((b / "manifest.json").read_text())
+        m["files"][schema.MODEL_JSON] = "abc"
         rewrite_manifest(b, files=m["files"])
     with pytest.raises(BundleError, match=match):
         Bundle.load(b)
