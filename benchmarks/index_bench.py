@@ -19,13 +19,13 @@ embeddings are *trained-like*, made by this procedure:
    dividing each item column by ``pop^0.25`` (damps popularity, as in-batch logQ training does):
    items = V * sqrt(S); items with no interactions keep a small random vector (an untrained ID embedding).
    Rows are L2-normalised (the towers' ``metric = "cosine"``).
-3. Queries are 2,000 *held-out* users embedded from their history the way the user tower's mean pooling does
-   (normalised sum of their items' embeddings): 1,000 for the auto-tune, 1,000 to measure. The measured users
-   are heavy users with exactly 500 distinct seen items, which are the exclusion lists of the exclusion test
-   (seen items sit near the user, the hard case for post-filtering).
+3. Queries are *held-out* users embedded from their history the way the user tower's mean pooling does
+   (normalised sum of their items' embeddings): 1,000 typical users for the auto-tune, 1,000 others to measure
+   recall and latency, and 1,000 heavy users with exactly 500 distinct seen items, whose histories are the
+   exclusion lists of the exclusion test (seen items sit near the user: the hard case for post-filtering).
 
-With ``--embeddings``, items come from the file; queries from ``--queries`` (or 2,000 held-out items); the
-500 "seen" items of each measured query are sampled from its exact top-2,000.
+With ``--embeddings``, items come from the file; queries from ``--queries`` (or 3,000 held-out items); the
+500 "seen" items of each heavy query are sampled from its exact top-2,000.
 
 Measured: build time (``--threads``, default 2), index size, single-query latency p50/p99 (one query per call,
 k=10), batch latency/throughput, Recall@10 vs exact for several ef, the auto-tuned ef, exact search side by side,
@@ -129,8 +129,9 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def trained_like(n_items: int, dim: int, *, n_queries: int = 2000, seed: int = 0):
-    """-> (items [n_items, dim], tune_queries [n/2, dim], test_queries [n/2, dim], test_seen list of [500])."""
+def trained_like(n_items: int, dim: int, *, n_queries: int = 1000, seed: int = 0):
+    """-> (items [n_items, dim], tune [n_queries, dim], test [n_queries, dim], heavy [n_queries, dim],
+    seen: list of n_queries arrays of 500 item rows, the heavy users' histories)."""
     import scipy.sparse as sp
 
     logs = SyntheticLogs(n_items, seed=seed)
@@ -146,22 +147,28 @@ def trained_like(n_items: int, dim: int, *, n_queries: int = 2000, seed: int = 0
     cold = pop == 0
     items[cold] = rng.normal(scale=0.01 * np.abs(items[~cold]).mean(), size=(int(cold.sum()), dim))
     items = _normalise(items)
-    # held-out users: half typical (tune), half heavy users with exactly N_SEEN distinct seen items (measure)
-    n_tune = n_queries // 2
-    tu, ti = logs.users(np.maximum(rng.geometric(1 / 30, n_tune), 1))
-    tune = np.zeros((n_tune, dim), np.float32)
-    np.add.at(tune, tu, items[ti])
-    n_test = n_queries - n_tune
-    hu, hi = logs.users(np.full(n_test, 3 * N_SEEN))
+    # held-out users: typical users for the auto-tune and for recall/latency (same distribution), and heavy users
+    # with exactly N_SEEN distinct seen items for the exclusion cost
+    def fold_in(lengths: np.ndarray) -> np.ndarray:
+        uu, ii = logs.users(lengths)
+        q = np.zeros((lengths.shape[0], dim), np.float32)
+        np.add.at(q, uu, items[ii])
+        return _normalise(q)
+
+    tune = fold_in(np.maximum(rng.geometric(1 / 30, n_queries), 1))
+    test = fold_in(np.maximum(rng.geometric(1 / 30, n_queries), 1))
+    hu, hi = logs.users(np.full(n_queries, 3 * N_SEEN))
+    order = np.argsort(hu, kind="stable")
+    bounds = np.searchsorted(hu[order], np.arange(n_queries + 1))
+    popular = np.argsort(-logs.pop)[: 4 * N_SEEN]
     seen = []
-    for r in range(n_test):
-        h = pd_unique(hi[hu == r])[:N_SEEN]
+    for r in range(n_queries):
+        h = pd_unique(hi[order[bounds[r]:bounds[r + 1]]])[:N_SEEN]
         if h.size < N_SEEN:  # top up from global popularity
-            extra = np.setdiff1d(np.argsort(-logs.pop)[: 4 * N_SEEN], h)
-            h = np.concatenate([h, extra[: N_SEEN - h.size]])
+            h = np.concatenate([h, np.setdiff1d(popular, h)[: N_SEEN - h.size]])
         seen.append(h.astype(np.int64))
-    test = np.stack([items[h].sum(axis=0) for h in seen])
-    return items, _normalise(tune), _normalise(test), seen
+    heavy = _normalise(np.stack([items[h].sum(axis=0) for h in seen]))
+    return items, tune, test, heavy, seen
 
 
 def pd_unique(a: np.ndarray) -> np.ndarray:
@@ -170,45 +177,63 @@ def pd_unique(a: np.ndarray) -> np.ndarray:
     return a[np.sort(first)]
 
 
-def from_files(emb_path: str, query_path: str | None, *, n_queries: int = 2000, seed: int = 0):
+def from_files(emb_path: str, query_path: str | None, *, n_queries: int = 1000, seed: int = 0):
+    """Real embeddings: queries from ``query_path`` (or held-out items); 'seen' = 500 of each heavy query's
+    exact top-2,000 (seen items sit near the user)."""
     items = np.load(emb_path, allow_pickle=False).astype(np.float32)
     rng = np.random.default_rng(seed)
     if query_path:
         queries = np.load(query_path, allow_pickle=False).astype(np.float32)
-        queries = queries[rng.permutation(queries.shape[0])[:n_queries]]
+        queries = queries[rng.permutation(queries.shape[0])[: 3 * n_queries]]
     else:  # hold out items as queries
         perm = rng.permutation(items.shape[0])
-        queries, items = items[perm[:n_queries]], items[np.sort(perm[n_queries:])]
+        queries, items = items[perm[: 3 * n_queries]], items[np.sort(perm[3 * n_queries:])]
     items, queries = _normalise(items), _normalise(queries)
-    half = queries.shape[0] // 2
-    tune, test = queries[:half], queries[half:]
-    top, _ = ExactIndex(items).search(test, min(2000, items.shape[0]))
+    third = queries.shape[0] // 3
+    tune, test, heavy = queries[:third], queries[third:2 * third], queries[2 * third:]
+    top, _ = ExactIndex(items).search(heavy, min(2000, items.shape[0]))
     seen = [rng.choice(row[row >= 0], min(N_SEEN, int((row >= 0).sum())), replace=False) for row in top]
-    return items, tune, test, seen
+    return items, tune, test, heavy, seen
 
 
 # -- measurement ---------------------------------------------------------------------------------------------------
 
 
-def single_latency(index, queries: np.ndarray, *, exclude=None, repeat: int = 1) -> np.ndarray:
+def single_latency(index, queries: np.ndarray, *, repeat: int = 2) -> np.ndarray:
     """Seconds per call, one query per call (the serving path)."""
-    out = np.empty(queries.shape[0] * repeat)
-    j = 0
+    out = []
     for _ in range(repeat):
         for r in range(queries.shape[0]):
-            ex = None if exclude is None else [exclude[r]]
             t0 = time.perf_counter()
-            index.search(queries[r:r + 1], K, exclude=ex)
-            out[j] = time.perf_counter() - t0
-            j += 1
-    return out
+            index.search(queries[r:r + 1], K)
+            out.append(time.perf_counter() - t0)
+    return np.array(out)
+
+
+def paired_latency(index, queries: np.ndarray, seen, *, repeat: int = 2, seed: int = 0):
+    """Plain and excluding calls on the same query, back to back in random order (they share the machine's noise,
+    and neither always runs second on a warm cache) -> (plain seconds, excluding seconds)."""
+    rng = np.random.default_rng(seed)
+    plain, excl = [], []
+    for _ in range(repeat):
+        for r in range(queries.shape[0]):
+            q = queries[r:r + 1]
+            for which in rng.permutation(2):
+                t0 = time.perf_counter()
+                if which:
+                    index.search(q, K, exclude=[seen[r]])
+                else:
+                    index.search(q, K)
+                (excl if which else plain).append(time.perf_counter() - t0)
+    return np.array(plain), np.array(excl)
 
 
 def ms(x: np.ndarray, q: float) -> float:
     return round(float(np.percentile(x, q)) * 1e3, 4)
 
 
-def bench_one(items, tune, test, seen, *, threads: int, M: int, ef_construction: int, efs, target: float) -> dict:
+def bench_one(items, tune, test, heavy, seen, *, threads: int, M: int, ef_construction: int, efs,
+              target: float) -> dict:
     n, dim = items.shape
     row: dict = {"n_items": n, "dim": dim, "M": M, "ef_construction": ef_construction, "build_threads": threads}
     t0 = time.perf_counter()
@@ -223,44 +248,56 @@ def bench_one(items, tune, test, seen, *, threads: int, M: int, ef_construction:
     row["autotune_table"] = table
 
     truth, _ = exact.search(test, K)
-    truth_ex, _ = exact.search(test, K, exclude=seen)
     sweep = []
     for e in sorted(set(efs) & {16, 32, 48, 64, 96, 128, 256} | {ef}):
         hnsw.set_ef(e)
         got, _ = hnsw.search(test, K)
-        lat = single_latency(hnsw, test[:300])
+        lat = single_latency(hnsw, test[:300], repeat=1)
         sweep.append({"ef": e, "recall@10": round(recall_vs_exact(got, truth), 4), "p50_ms": ms(lat, 50),
                       "p99_ms": ms(lat, 99)})
     row["ef_sweep"] = sweep
 
     hnsw.set_ef(ef)
     got, _ = hnsw.search(test, K)
-    row["recall@10"] = round(recall_vs_exact(got, truth), 4)
-    lat = single_latency(hnsw, test, repeat=2)
+    row["recall@10"] = round(recall_vs_exact(got, truth), 4)  # held-out queries, not the tuning ones
+    lat = single_latency(hnsw, test)
     row["single_p50_ms"], row["single_p99_ms"] = ms(lat, 50), ms(lat, 99)
-    bt = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        hnsw.search(test, K)
-        bt.append(time.perf_counter() - t0)
-    row["batch1000_ms"] = round(float(np.median(bt)) * 1e3, 2)
-    row["batch_qps"] = round(test.shape[0] / float(np.median(bt)), 0)
+    for b in (64, 1000):
+        bt = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            hnsw.search(test[:b], K)
+            bt.append(time.perf_counter() - t0)
+        row[f"batch{b}_ms"] = round(float(np.median(bt)) * 1e3, 2)
+    row["batch_qps"] = round(1000 / (row["batch1000_ms"] / 1e3), 0)
 
-    # excluding each user's 500 seen items (the same rule serving and evaluation use)
-    got_ex, _ = hnsw.search(test, K, exclude=seen)
-    assert all(not np.isin(got_ex[r], seen[r]).any() for r in range(len(seen))), "excluded item returned"
-    row["excl_exactly_k"] = bool((got_ex >= 0).all())
-    row["excl_recall@10"] = round(recall_vs_exact(got_ex, truth_ex), 4)
-    plain = single_latency(hnsw, test, repeat=2)
-    excl = single_latency(hnsw, test, exclude=seen, repeat=2)
-    row["excl_p50_ms"], row["excl_p99_ms"] = ms(excl, 50), ms(excl, 99)
-    row["plain_p50_ms_same_run"], row["plain_p99_ms_same_run"] = ms(plain, 50), ms(plain, 99)
-    row["excl_p99_ratio"] = round(ms(excl, 99) / ms(plain, 99), 2)
-    row["excl_p50_ratio"] = round(ms(excl, 50) / ms(plain, 50), 2)
+    # excluding each heavy user's 500 seen items (the rule serving and evaluation share), both over-fetch policies
+    truth_ex, _ = exact.search(heavy, K, exclude=seen)
+    calls: list[int] = []
+    knn = hnsw._knn
+    hnsw._knn = lambda q, kf: (calls.append(kf), knn(q, kf))[1]  # count hnswlib calls per query
+    for policy in ("adaptive", "full"):
+        hnsw.overfetch = policy
+        got_ex = np.stack([hnsw.search(heavy[r:r + 1], K, exclude=[seen[r]])[0][0] for r in range(len(seen))])
+        assert all(not np.isin(got_ex[r], seen[r]).any() for r in range(len(seen))), "excluded item returned"
+        n_calls, calls[:] = len(calls), []
+        plain, excl = paired_latency(hnsw, heavy, seen)
+        row[f"excl_{policy}"] = {
+            "exactly_k": bool((got_ex >= 0).all()), "recall@10": round(recall_vs_exact(got_ex, truth_ex), 4),
+            "hnsw_calls_per_query": round(n_calls / len(seen), 3),
+            "p50_ms": ms(excl, 50), "p99_ms": ms(excl, 99),
+            "plain_p50_ms": ms(plain, 50), "plain_p99_ms": ms(plain, 99),
+            "p50_ratio": round(ms(excl, 50) / ms(plain, 50), 2), "p99_ratio": round(ms(excl, 99) / ms(plain, 99), 2),
+        }
+        calls[:] = []
+    hnsw.overfetch = "adaptive"
+    del hnsw._knn
+    row["excl_p99_ratio"] = row["excl_adaptive"]["p99_ratio"]
+    row["excl_recall@10"] = row["excl_adaptive"]["recall@10"]
 
     # exact search side by side (BLAS pinned to one thread, as inside a threaded server)
     with blas_threads(1):
-        lat = single_latency(exact, test[:200])
+        lat = single_latency(exact, test[:200], repeat=1)
         row["exact_single_p50_ms"], row["exact_single_p99_ms"] = ms(lat, 50), ms(lat, 99)
     t0 = time.perf_counter()
     exact.search(test, K)
@@ -306,21 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     for n, d in cases:
         t0 = time.perf_counter()
         if args.embeddings:
-            items, tune, test, seen = from_files(args.embeddings, args.queries, seed=args.seed)
+            items, tune, test, heavy, seen = from_files(args.embeddings, args.queries, seed=args.seed)
             source = f"file:{args.embeddings}"
         else:
-            items, tune, test, seen = trained_like(n, d, seed=args.seed)
+            items, tune, test, heavy, seen = trained_like(n, d, seed=args.seed)
             source = "trained-like (synthetic clustered power-law logs + randomised SVD)"
         gen_s = time.perf_counter() - t0
         print(f"[{items.shape[0]} x {items.shape[1]}] embeddings ready in {gen_s:.1f}s", file=sys.stderr, flush=True)
-        row = bench_one(items, tune, test, seen, threads=args.threads, M=args.M,
+        row = bench_one(items, tune, test, heavy, seen, threads=args.threads, M=args.M,
                         ef_construction=args.ef_construction, efs=args.efs, target=args.target_recall)
         row["source"] = source
-        row["n_tune_queries"], row["n_test_queries"] = tune.shape[0], test.shape[0]
+        row["n_tune_queries"], row["n_test_queries"], row["n_heavy_queries"] = len(tune), len(test), len(heavy)
         rows.append(row)
         print(f"[{items.shape[0]} x {items.shape[1]}] done: build {row['build_s']}s ef*={row['autotune_ef']} "
               f"R@10={row['recall@10']} p50={row['single_p50_ms']}ms", file=sys.stderr, flush=True)
-        del items, tune, test, seen
+        del items, tune, test, heavy, seen
 
     print_table(rows)
     out = Path(args.out)

@@ -18,10 +18,20 @@ Exclusion rule (shared by serving and evaluation through :func:`retrieve`)
 ``exclude[i]`` (a user's seen items and the request's exclusions) never appears in row ``i``; ``include[i]``
 restricts row ``i`` to those ids. The answer holds exactly ``k`` results whenever at least ``k`` candidates
 remain, otherwise it is padded with id ``-1`` / score ``-inf``. HNSW does this by adaptive over-fetch and
-post-filtering -- ask hnswlib for ``k + |exclude|`` neighbours, drop the excluded ones, double while short --
-not by a Python filter callback (one GIL round trip per visited node). It falls back to an exact scan over the
-remaining candidates when the exclusion covers most of the catalogue, and answers an include-list of ``m`` items
-by exact scoring of those ``m`` vectors (cheaper and exact, whatever ``m`` is relative to the graph).
+post-filtering, not by a Python filter callback (one GIL round trip per visited node):
+
+1. fetch ``max(ef, k)`` results -- free, hnswlib explores ``max(ef, k)`` candidates whatever ``k`` is -- and
+   drop the excluded ones;
+2. if fewer than ``k`` remain, or the k-th kept one sits so deep in the list that the search was too narrow for
+   the tuned recall (ef was tuned for the top ``k``), fetch again wider (see ``HnswIndex._next_fetch``), at most
+   ``(k + |exclude|) * ef / k`` -- ``k + |exclude|`` always leaves ``k`` -- and
+3. scan exactly over the remaining candidates when the exclusion covers a large share of the catalogue
+   (``exact_fallback_fraction``) or hnswlib cannot return enough neighbours.
+
+``HnswIndex.overfetch = "full"`` instead fetches ``k + |exclude|`` at once (one call, but as wide as the exclusion
+list: ~8x a plain query for 500 seen items, where the adaptive rule is ~1-4x; see benchmarks/index_bench.py).
+An include-list of ``m`` items is answered by exact scoring of those ``m`` vectors (cheaper and exact, whatever
+``m`` is relative to the graph).
 
 Threads
 -------
@@ -552,8 +562,9 @@ class HnswIndex:
 
     # Above this share of the catalogue excluded, or when a row's fetch would exceed it, scan exactly instead.
     exact_fallback_fraction = 0.25
-    # "adaptive": first fetch max(ef, k) results (free: hnswlib explores ef candidates anyway), then extrapolate
-    # and double up to k + |exclude|. "full": fetch k + |exclude| at once (one call, but ef grows to match).
+    # "adaptive": first fetch max(ef, k) results (free: hnswlib explores ef candidates anyway), then, if excluded
+    # ids pushed the k-th kept result deep into the list, refetch wide enough for the tuned recall (see
+    # _next_fetch). "full": fetch k + |exclude| at once (one call, but the search widens to match).
     overfetch = "adaptive"
 
     def __init__(
@@ -728,6 +739,36 @@ class HnswIndex:
         threads = 1 if q.shape[0] == 1 else self.num_threads
         return self._index.knn_query(q, k=kf, num_threads=threads)
 
+    def _next_fetch(self, keep: np.ndarray | None, k: int, kf: int, ex: np.ndarray | None) -> int:
+        """After fetching ``kf`` results (``keep [kf]``: not excluded), 0 = done, -1 = scan exactly, else the next
+        fetch size.
+
+        Quality, not only count: hnswlib's top-``kf`` list is accurate near its head and looser near its tail, and
+        ``ef`` was tuned for the top ``k``. If the k-th kept result sits at position ``p``, the list must come from
+        a search at least ``p * ef / k`` wide (within a 1.25 slack) for the same recall -- fetching ``kf`` results
+        makes hnswlib explore ``max(ef, kf)`` candidates. Without ``k`` kept yet, ``p`` is extrapolated from the
+        share of kept results (x1.5 margin). Counting alone would be satisfied by ``k + |exclude|``.
+        """
+        if keep is None:  # nothing excluded: hnswlib searched max(ef, kf) >= the plain query's width
+            return 0
+        got = int(np.count_nonzero(keep))
+        if got >= k and self.overfetch == "full":
+            return 0
+        width = max(self._ef, k) / k  # candidates explored per wanted result at the tuned ef
+        n_ex = 0 if ex is None else int(ex.size)
+        cap = math.ceil((k + n_ex) * width)  # wide enough for the worst case: all excluded ids ranked first
+        if got >= k:
+            p = int(np.flatnonzero(keep)[k - 1]) + 1
+            need = math.ceil(p * width / 1.25)
+            if need <= kf or kf >= cap:
+                return 0
+        else:
+            if kf >= k + n_ex:  # a fetch that had to hold k kept ones came back short: hnswlib missed nodes
+                return -1
+            p = kf + math.ceil(1.5 * (k - got) * kf / max(got, 1))
+            need = math.ceil(p * width)
+        return min(cap, _round_up_fetch(max(need, kf + 1)))
+
     def _search_general(
         self, q: np.ndarray, k: int, excl: list[np.ndarray | None] | None,
         incl: list[np.ndarray | None] | None, idmap: _IdMap,
@@ -781,22 +822,14 @@ class HnswIndex:
             scores = 1.0 - dist
             for j, i in enumerate(rows):
                 lab, sc = labels[j], scores[j]
+                keep = None
                 if ex[i] is not None:
                     keep = ~_in_sorted(lab, ex[i])
                     lab, sc = lab[keep], sc[keep]
-                got = lab.size
-                if got >= k:
+                nxt = self._next_fetch(keep if ex[i] is not None else None, k, kf, ex[i])
+                if nxt == 0:
                     out_ids[i], out_scores[i] = lab[:k], sc[:k]
-                    continue
-                bound = k + int(ex[i].size) if ex[i] is not None else k
-                if kf >= bound:  # a guaranteed fetch came back short: hnswlib missed nodes -> exact
-                    exact_rows.append(int(i))
-                    continue
-                # Extrapolate the share of non-excluded results seen so far to the k - got still missing
-                # (x1.5 margin), at least doubling, never past the guaranteed bound.
-                est = kf + math.ceil(1.5 * (k - got) * kf / max(got, 1))
-                nxt = min(bound, _round_up_fetch(max(2 * kf, est)))
-                if nxt >= size or nxt > self.exact_fallback_fraction * size:
+                elif nxt < 0 or nxt >= size or nxt > self.exact_fallback_fraction * size:
                     exact_rows.append(int(i))
                 else:
                     fetch.setdefault(nxt, []).append(int(i))

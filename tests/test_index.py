@@ -158,6 +158,34 @@ def test_exclusion_exactly_k_never_excluded(data, built):
     np.testing.assert_array_equal(ids, ex.search(queries[:5], k, exclude=big)[0])
 
 
+def test_adaptive_overfetch_refetches_when_excluded_items_crowd_the_top(data, built, monkeypatch):
+    items, queries = data
+    hnsw, ex = built
+    hnsw.set_ef(16)
+    truth, _ = ex.search(queries[:40], 60)
+    rng = np.random.default_rng(6)
+    # each row excludes its true top-25 (every item the first ef=16 fetch can return) plus 400 random items
+    exclude = [np.concatenate([truth[i, :25], rng.choice(items.shape[0], 400, replace=False)]) for i in range(40)]
+    calls: list[int] = []
+    knn = hnsw._knn
+    monkeypatch.setattr(hnsw, "_knn", lambda q, kf: (calls.append(kf), knn(q, kf))[1])
+    exact_ids, _ = ex.search(queries[:40], 10, exclude=exclude)
+    results = {}
+    for policy in ("adaptive", "full"):
+        monkeypatch.setattr(hnsw, "overfetch", policy)
+        calls.clear()
+        ids, _ = hnsw.search(queries[:40], 10, exclude=exclude)
+        _check_excluded(ids, exclude, 10)
+        assert recall_vs_exact(ids, exact_ids) > 0.95
+        results[policy] = list(calls)
+    # adaptive: a first fetch of ef=16 (all excluded), then a wider one, never wider than k + |exclude| * ef / k;
+    # full: one fetch of k + |exclude| (425, rounded up to 448)
+    assert results["adaptive"][0] == 16 and len(results["adaptive"]) >= 2
+    assert max(results["adaptive"]) <= 448 * 16 / 10
+    assert results["full"] == [448]
+    hnsw.set_ef(64)
+
+
 @pytest.mark.parametrize("cls", [HnswIndex, ExactIndex])
 def test_exclusion_on_catalogue_barely_larger_than_k(cls):
     items, queries = clustered(12, 8, n_clusters=3, n_queries=6, seed=3)
