@@ -235,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     procs = []
     results: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                                 "platform": platform.platform()}, "runs": []}
+                                 "platform": platform.platform(),
+                                 # other processes share the cores: a load average above the core count
+                                 # inflates every latency below
+                                 "loadavg_at_start": list(os.getloadavg())}, "runs": []}
     try:
         ep = free_port()
         procs.append(start([sys.executable, __file__, "--empty-server", str(ep), "--workers", str(args.workers)]))
@@ -298,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             "overload_only_ok_or_exhausted": results["overload_only_ok_or_exhausted"],
         }
         print(json.dumps(results["targets"], indent=2))
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from recsys.io import atomic_write_json
 
