@@ -16,8 +16,8 @@ The pipeline, in order (every input row ends in exactly one bucket of ``manifest
                          vocabularies, logQ probabilities, histories, seen sets          -> rows.kept
 
 Dedupe happens before the split, so a (user, item) pair appears exactly once in the whole dataset: a pair in
-test is never in that user's train or valid. The split is by time order (ts, then input order), so a user's test
-rows are never earlier than their train rows.
+test is never in that user's train or valid. The split is by time order (ts, then the input position of the pair's
+first row), so a user's test rows are never earlier than their train rows.
 
 Reading, validation, filtering and ID coding run as lazy Polars queries on the streaming engine (per-file
 ``sink_parquet`` of the normalised rows into a scratch directory, then scans of it); only the integer-coded
@@ -839,7 +839,8 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
             engine="streaming")
         users_t = users_t.select("user").with_row_index("u")
         items_t = items_t.select("item").with_row_index("i")
-        coded = (good.join(users_t.lazy(), on="user").join(items_t.lazy(), on="item")
+        coded = (good.join(users_t.lazy(), on="user", maintain_order="left")
+                 .join(items_t.lazy(), on="item", maintain_order="left")
                  .select("u", "i", "ts", "weight", (pl.col("file").cast(pl.Int64) * (1 << 40) + pl.col("row"))
                          .alias("seq"))
                  .collect(engine="streaming"))
@@ -848,18 +849,30 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         raise ValueError(f"no interaction is left after validation and filters (filtered: {filtered}, "
                          f"rejected: {rejected})")
 
-    # -- 3. dedupe: one row per (user, item); `o` is the global time order (ts, then input order) -----------------
+    # -- 3. dedupe: one row per (user, item) ---------------------------------------------------------------------
+    # One hash group-by on a single u64 pair key. A pair keeps the time of its first (or, for "last", its last)
+    # event; `seq` becomes the input position of the pair's first row, which breaks ties in time. A group keeps its
+    # rows in frame order (input order), so arg_min / arg_max pick the first / last event, ties by input order.
     with steps.step("dedupe") as rec:
-        coded = coded.sort(["ts", "seq"]).with_row_index("o")
-        ts_by_o = coded["ts"].to_numpy()
-        if cfg.dedupe == "first":
-            agg = [pl.col("o").first(), pl.col("weight").first()]
-        elif cfg.dedupe == "last":
-            agg = [pl.col("o").last(), pl.col("weight").last()]
-        else:
-            agg = [pl.col("o").first(), pl.col("weight").sum()]
+        if not coded["seq"].is_sorted():
+            coded = coded.sort("seq")
+        n_it = max(items_t.height, 1)
+        ts_c, seq_c, w_c = pl.col("ts"), pl.col("seq"), pl.col("weight")
+        if cfg.dedupe == "last":
+            k = pl.len() - 1 - ts_c.reverse().arg_max()  # the last of the latest events
+            agg = [ts_c.max(), seq_c.min(), w_c.get(k)]
+        elif cfg.dedupe == "first":
+            agg = [ts_c.min(), seq_c.min(), w_c.get(ts_c.arg_min())]
+        else:  # simple aggregations only: the fast path of the group-by
+            agg = [ts_c.min(), seq_c.min(), w_c.sum()]
         n_before = coded.height
-        pairs = coded.group_by(["u", "i"]).agg(agg)  # within a group rows keep their `o` order
+        pairs = (coded.lazy().select((pl.col("u").cast(pl.UInt64) * n_it + pl.col("i")).alias("pair"), "ts", "seq",
+                                     "weight")
+                 .group_by("pair").agg(agg)
+                 .select((pl.col("pair") // n_it).cast(pl.UInt32).alias("u"),
+                         (pl.col("pair") % n_it).cast(pl.UInt32).alias("i"), "ts", "seq", "weight")
+                 .sort(["u", "ts", "seq"])  # each user's pairs in time order, for the split
+                 .collect())
         del coded
         n_dedup = n_before - pairs.height
         rec.update(rows=pairs.height, deduplicated=n_dedup)
@@ -870,7 +883,8 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
                                         min_user=cfg.kcore_users, min_item=cfg.kcore_items)
         filtered["kcore_users"] = int((why == 1).sum())
         filtered["kcore_items"] = int((why == 2).sum())
-        pairs = pairs.filter(pl.Series(keep))
+        pairs = pairs.filter(pl.Series(keep))  # keeps the (u, ts, seq) order
+        del keep, why
         rec.update(rows=pairs.height, iterations=iters)
     if pairs.height == 0:
         raise ValueError(f"k-core filtering (kcore_users={cfg.kcore_users}, kcore_items={cfg.kcore_items}) left no "
@@ -878,14 +892,13 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
 
     # -- 5. temporal split ------------------------------------------------------------------------------------------
     with steps.step("split") as rec:
-        pairs = pairs.sort(["u", "o"])
-        u = pairs["u"].to_numpy().astype(np.int64)
-        i = pairs["i"].to_numpy().astype(np.int64)
-        o = pairs["o"].to_numpy()
-        ts = ts_by_o[o]
-        # dense user codes for the per-user arithmetic (k-core left gaps)
-        u_dense = np.unique(u, return_inverse=True)[1]
+        u = pairs["u"].to_numpy()
+        i = pairs["i"].to_numpy()
+        ts = pairs["ts"].to_numpy()
+        # dense user codes for the per-user arithmetic (k-core left gaps); rows are grouped by user already
+        u_dense = np.cumsum(np.concatenate([[0], u[1:] != u[:-1]]), dtype=np.int64)
         split, split_desc = split_codes(u_dense, ts, cfg=cfg)
+        del u_dense
         cold = np.zeros(len(u), dtype=np.int8)
         if cfg.drop_cold:
             train = split == 0
@@ -896,9 +909,10 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
             filtered["cold_user"] = int((cold == 1).sum())
             filtered["cold_item"] = int((cold == 2).sum())
         keep = cold == 0
-        u, i, o, ts, split = u[keep], i[keep], o[keep], ts[keep], split[keep]
-        w = pairs["weight"].to_numpy()[keep]
-        del pairs
+        w = pairs["weight"].to_numpy()
+        if not keep.all():
+            u, i, ts, w, split = u[keep], i[keep], ts[keep], w[keep], split[keep]
+        del pairs, keep, cold
         if not len(u):
             raise ValueError(f"no interaction is left after the {cfg.split} split: every valid/test row is cold "
                              f"({filtered.get('cold_user', 0)} cold-user and {filtered.get('cold_item', 0)} cold-item "
@@ -924,14 +938,17 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         user_ids = users_t["user"].gather(ucodes).alias(schema.USER_ID)
         item_ids = items_t["item"].gather(icodes).alias(schema.ITEM_ID)
 
+        # rows are in (u, ts, seq) order; a stable sort by the new user index gives (user_idx, ts, seq)
+        uidx = u_map[u].astype(np.int32)
+        order = np.argsort(uidx, kind="stable")
         inter = pl.DataFrame({
-            schema.USER_IDX: u_map[u].astype(np.int32),
-            schema.ITEM_IDX: i_map[i].astype(np.int32),
-            schema.TS: ts.astype(np.int64),
-            schema.WEIGHT: w.astype(np.float32),
-            "o": o,
-            "split": split,
-        }).sort([schema.USER_IDX, "o"])
+            schema.USER_IDX: uidx[order],
+            schema.ITEM_IDX: i_map[i].astype(np.int32)[order],
+            schema.TS: ts.astype(np.int64)[order],
+            schema.WEIGHT: w.astype(np.float32)[order],
+            "split": split[order],
+        })
+        del uidx, order
         cols = [schema.USER_IDX, schema.ITEM_IDX, schema.TS, schema.WEIGHT]
         for code, (name, fname) in enumerate(schema.SPLITS.items()):
             inter.filter(pl.col("split") == code).select(cols).write_parquet(tmp / fname)
