@@ -566,6 +566,8 @@ class HnswIndex:
     # ids pushed the k-th kept result deep into the list, refetch wide enough for the tuned recall (see
     # _next_fetch). "full": fetch k + |exclude| at once (one call, but the search widens to match).
     overfetch = "adaptive"
+    # Accept a fetch whose k-th kept result needs a search up to this factor wider than the one made (1 = strict).
+    refetch_slack = 1.25
 
     def __init__(
         self,
@@ -719,6 +721,10 @@ class HnswIndex:
         n = q.shape[0]
         excl = _per_query(exclude, n, name="exclude")
         incl = _per_query(include, n, name="include")
+        if excl is not None and all(e is None or not e.size for e in excl):
+            excl = None  # nothing excluded anywhere: the one-call fast path
+        if incl is not None and all(e is None for e in incl):
+            incl = None
         self._lock.acquire_read()
         try:
             idmap = self._idmap
@@ -745,7 +751,7 @@ class HnswIndex:
 
         Quality, not only count: hnswlib's top-``kf`` list is accurate near its head and looser near its tail, and
         ``ef`` was tuned for the top ``k``. If the k-th kept result sits at position ``p``, the list must come from
-        a search at least ``p * ef / k`` wide (within a 1.25 slack) for the same recall -- fetching ``kf`` results
+        a search at least ``p * ef / k`` wide (within ``refetch_slack``) for the same recall -- fetching ``kf`` results
         makes hnswlib explore ``max(ef, kf)`` candidates. Without ``k`` kept yet, ``p`` is extrapolated from the
         share of kept results (x1.5 margin). Counting alone would be satisfied by ``k + |exclude|``.
         """
@@ -759,7 +765,7 @@ class HnswIndex:
         cap = math.ceil((k + n_ex) * width)  # wide enough for the worst case: all excluded ids ranked first
         if got >= k:
             p = int(np.flatnonzero(keep)[k - 1]) + 1
-            need = math.ceil(p * width / 1.25)
+            need = math.ceil(p * width / self.refetch_slack)
             if need <= kf or kf >= cap:
                 return 0
         else:
