@@ -82,11 +82,20 @@ def generate(out: Path, n_events: int, *, seed: int = 0, shard: int = 5_000_000)
 
 
 def run_polars(data: Path, out: Path) -> None:
-    from recsys.prepare import PrepareConfig, prepare
+    """Exactly what a user runs: the `recsys prepare` command (defaults spelled out)."""
+    import contextlib
+    import io
 
-    cfg = PrepareConfig(kcore_users=KCORE, kcore_items=KCORE, valid_frac=VALID, test_frac=TEST, history_len=HISTORY,
-                        dedupe="sum", split="last_fraction", drop_cold=True)
-    prepare([str(data / "*.parquet")], out, config=cfg, overwrite=True)
+    from recsys.cli import main as cli
+
+    argv = ["prepare", "--logs", str(data / "*.parquet"), "--out", str(out), "--overwrite",
+            "--kcore-users", str(KCORE), "--kcore-items", str(KCORE), "--history-len", str(HISTORY),
+            "--dedupe", "sum", "--split", "last_fraction", "--set", f"prepare.valid_frac={VALID}",
+            "--set", f"prepare.test_frac={TEST}", "--set", "prepare.drop_cold=true"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = cli(argv)
+    if rc:
+        raise SystemExit(rc)
 
 
 def run_pandas(data: Path, out: Path) -> None:

@@ -46,6 +46,8 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from recsys import schema
 from recsys.config import to_dict
@@ -464,17 +466,19 @@ def _weight_expr(lf: pl.LazyFrame, col: str, dtype: pl.DataType, path: Path) -> 
     return pl.when(w.is_finite()).then(w)
 
 
-_NORM_SCHEMA = {
-    "file": pl.Int32, "row": pl.Int64, "user": pl.String, "item": pl.String, "ts": pl.Int64, "w": pl.Float64,
-    "event": pl.String, "reason": pl.String, "bad_col": pl.String, "bad_value": pl.String,
-}
+_DEDUPE_CHUNK_ROWS = 6_000_000  # valid rows per dedupe group-by (bounds its hash table, see step 2)
+_SEQ_FILE_SHIFT = 1 << 40  # seq = file_idx * 2**40 + row: input order across files, and the way back to (file, row)
 
 
-def normalize(lf: pl.LazyFrame, *, path: Path, file_idx: int, fmt: str, cfg: PrepareConfig) -> pl.LazyFrame:
-    """Raw scan -> the normalised columns of ``_NORM_SCHEMA`` with a reject ``reason`` (null = good row).
+def normalize(lf: pl.LazyFrame, *, path: Path, file_idx: int, fmt: str, cfg: PrepareConfig,
+              user_codes: pl.Categories, item_codes: pl.Categories) -> pl.LazyFrame:
+    """Raw scan -> one normalised row per input row (everything that can be decided row by row).
 
-    ``row`` is the 1-based data row in the file; ``ts`` is epoch milliseconds UTC; ``w`` the weight column's value
-    (1.0 without one).
+    Columns: ``seq`` i64 (``file_idx * 2**40 + row``, row 1-based in the file), ``u`` / ``i`` u32 (codes of the
+    user / item ID strings in ``user_codes`` / ``item_codes``), ``ts`` i64 epoch ms UTC, ``weight`` f64 (weight
+    column value, or 1, times the event-type weight), ``reason`` (reject reason, null = valid row), ``freason``
+    (implicit-feedback filter reason of a valid row, null = kept), and for rejected rows only ``bad_col``,
+    ``bad_value``, ``user_raw``, ``item_raw``.
     """
     schema_ = lf.collect_schema()
     cols = _resolve_columns(cfg, fmt, schema_.names(), path)
@@ -484,9 +488,7 @@ def normalize(lf: pl.LazyFrame, *, path: Path, file_idx: int, fmt: str, cfg: Pre
     w = _weight_expr(lf, cols.weight, schema_[cols.weight], path) if cols.weight else pl.lit(1.0)
     event = _id_expr(lf, cols.event, schema_[cols.event], path) if cols.event else pl.lit(None, pl.String)
 
-    lf = lf.with_row_index("_row", offset=1).with_columns(
-        _u=user, _i=item, _t=ts, _w=w, _e=event,
-    )
+    lf = lf.with_row_index("_row", offset=1).with_columns(_u=user, _i=item, _t=ts, _w=w, _e=event)
     raw = {c: pl.col(c).cast(pl.String) for c in {cols.user, cols.item, cols.time, cols.weight} if c}
     checks: list[tuple[pl.Expr, str, str]] = [
         (pl.col("_u").is_null(), "null_user", cols.user),
@@ -510,17 +512,40 @@ def normalize(lf: pl.LazyFrame, *, path: Path, file_idx: int, fmt: str, cfg: Pre
             expr = pl.when(cond).then(val) if expr is None else expr.when(cond).then(val)
         return expr.otherwise(pl.lit(None, pl.String))  # type: ignore[union-attr]
 
-    return lf.select(
-        pl.lit(file_idx, pl.Int32).alias("file"),
-        pl.col("_row").cast(pl.Int64).alias("row"),
-        pl.col("_u").alias("user"),
-        pl.col("_i").alias("item"),
+    # implicit feedback, decided per row: event-type weight, threshold, window, final weight
+    if cfg.event_weights:
+        ew = {str(k): float(v) for k, v in cfg.event_weights.items()}
+        ev_w = pl.col("_e").replace_strict(ew, default=None, return_dtype=pl.Float64)
+    else:
+        ev_w = pl.lit(1.0)
+    weight = (pl.lit(1.0) if cfg.binarize else pl.col("_w")) * ev_w
+    start_ms, end_ms = parse_time(cfg.start, name="prepare.start"), parse_time(cfg.end, name="prepare.end")
+    filt: list[tuple[pl.Expr, str]] = []
+    if cfg.event_weights:
+        filt.append((ev_w.is_null(), "unlisted_event"))
+    if cfg.min_weight is not None:
+        filt.append((pl.col("_w") < cfg.min_weight, "below_min_weight"))
+    if start_ms is not None:
+        filt.append((pl.col("_t") < start_ms, "before_start"))
+    if end_ms is not None:
+        filt.append((pl.col("_t") >= end_ms, "after_end"))
+    filt.append((weight <= 0, "nonpositive_weight"))
+    freason: Any = pl.when(pl.col("reason").is_not_null()).then(pl.lit(None, pl.String))
+    for cond, name in filt:
+        freason = freason.when(cond).then(pl.lit(name))
+    bad = pl.col("reason").is_not_null()
+    return lf.with_columns(reason=chain("reason")).select(
+        (pl.lit(file_idx * _SEQ_FILE_SHIFT, pl.Int64) + pl.col("_row").cast(pl.Int64)).alias("seq"),
+        pl.col("_u").cast(pl.Categorical(user_codes)).to_physical().alias("u"),
+        pl.col("_i").cast(pl.Categorical(item_codes)).to_physical().alias("i"),
         pl.col("_t").cast(pl.Int64).alias("ts"),
-        pl.col("_w").cast(pl.Float64).alias("w"),
-        pl.col("_e").alias("event"),
-        chain("reason").alias("reason"),
+        weight.cast(pl.Float64).alias("weight"),
+        "reason",
+        freason.otherwise(pl.lit(None, pl.String)).alias("freason"),
         chain("col").alias("bad_col"),
         chain("value").alias("bad_value"),
+        pl.when(bad).then(pl.col("_u")).alias("user_raw"),
+        pl.when(bad).then(pl.col("_i")).alias("item_raw"),
     )
 
 
@@ -541,14 +566,16 @@ def kcore_filter(user: np.ndarray, item: np.ndarray, *, min_user: int, min_item:
     """
     n = len(user)
     reason = np.zeros(n, dtype=np.int8)
-    idx = np.arange(n)
+    idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
     n_users = int(user.max()) + 1 if n else 0
     n_items = int(item.max()) + 1 if n else 0
     iterations = 0
     while idx.size:
-        u, i = user[idx], item[idx]
-        bad_u = np.bincount(u, minlength=n_users)[u] < min_user
-        bad_i = np.bincount(i, minlength=n_items)[i] < min_item
+        u, i = (user, item) if idx.size == n else (user[idx], item[idx])
+        # int32 counts: the per-row gathers below are then 4 bytes a row, not 8
+        bad_u = np.bincount(u, minlength=n_users).astype(np.int32)[u] < min_user
+        bad_i = np.bincount(i, minlength=n_items).astype(np.int32)[i] < min_item
+        del u, i
         bad = bad_u | bad_i
         iterations += 1
         if not bad.any():
@@ -564,13 +591,13 @@ def kcore_filter(user: np.ndarray, item: np.ndarray, *, min_user: int, min_item:
 def split_codes(user: np.ndarray, ts: np.ndarray, *, cfg: PrepareConfig) -> tuple[np.ndarray, dict[str, Any]]:
     """Assign each row to train (0), valid (1) or test (2).
 
-    ``user``: ``[n]`` int codes, rows sorted by (user, time order); ``ts``: ``[n]`` epoch ms. Per-user splits take
-    the last rows of each user; ``global_time`` compares ``ts`` with the cutoffs. Returns ``(split [n] int8,
-    description)``.
+    ``user``: ``[n]`` user codes, each user's rows contiguous and in time order (the codes need not be sorted);
+    ``ts``: ``[n]`` epoch ms. Per-user splits take the last rows of each user; ``global_time`` compares ``ts`` with
+    the cutoffs. Returns ``(split [n] int8, description)``.
     """
     n = len(user)
-    out = np.zeros(n, dtype=np.int8)
     if cfg.split == "global_time":
+        out = np.zeros(n, dtype=np.int8)
         test_ms = parse_time(cfg.test_start, name="prepare.test_start")
         valid_ms = parse_time(cfg.valid_start, name="prepare.valid_start")
         if n and test_ms is None and cfg.test_frac > 0:
@@ -589,11 +616,10 @@ def split_codes(user: np.ndarray, ts: np.ndarray, *, cfg: PrepareConfig) -> tupl
                 "rule": "valid: valid_start <= ts < test_start; test: ts >= test_start"}
         return out, desc
     if n == 0:
-        return out, {"method": cfg.split}
-    counts = np.bincount(user)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    pos = np.arange(n) - starts[user]  # position of the row in its user's time-ordered sequence
-    cnt = counts[user]
+        return np.zeros(0, dtype=np.int8), {"method": cfg.split}
+    # per-user arithmetic on run lengths ([n_users] arrays), then one np.repeat: no per-row int64 temporaries
+    run_start = np.flatnonzero(np.concatenate([[True], user[1:] != user[:-1]]))
+    cnt = np.diff(np.append(run_start, n))  # [n_users] rows per user, in row order
     room = np.maximum(cnt - cfg.min_train, 0)
     if cfg.split == "last_fraction":
         # ceil, with a tolerance so 30 * 0.1 = 3.0000000000000004 gives 3, not 4
@@ -603,15 +629,17 @@ def split_codes(user: np.ndarray, ts: np.ndarray, *, cfg: PrepareConfig) -> tupl
                 "rule": "per user, ordered by (ts, input order): the last ceil(n*test_frac) rows are test, the "
                         "ceil(n*valid_frac) before them valid, keeping >= min_train train rows"}
     else:
-        want_test = np.full(n, cfg.test_n, dtype=np.int64)
-        want_valid = np.full(n, cfg.valid_n, dtype=np.int64)
+        want_test = np.full(len(cnt), cfg.test_n, dtype=np.int64)
+        want_valid = np.full(len(cnt), cfg.valid_n, dtype=np.int64)
         desc = {"method": "last_n", "valid_n": cfg.valid_n, "test_n": cfg.test_n,
                 "rule": "per user, ordered by (ts, input order): the last test_n rows are test, the valid_n before "
                         "them valid, keeping >= min_train train rows"}
     n_test = np.minimum(want_test, room)
     n_valid = np.minimum(want_valid, room - n_test)
-    out[pos >= cnt - n_test - n_valid] = 1
-    out[pos >= cnt - n_test] = 2
+    n_train = cnt - n_test - n_valid
+    # each user's rows: n_train zeros, n_valid ones, n_test twos
+    out = np.repeat(np.tile(np.array([0, 1, 2], dtype=np.int8), len(cnt)),
+                    np.stack([n_train, n_valid, n_test], axis=1).ravel())
     desc["min_train"] = cfg.min_train
     return out, desc
 
@@ -620,6 +648,17 @@ def logq_prob(n_train: np.ndarray, *, smoothing: float = 0.0) -> np.ndarray:
     """``[n_items]`` float64 sampling probabilities for logQ: ``max(n_train + smoothing, 0.5)``, normalised."""
     mass = np.maximum(n_train.astype(np.float64) + smoothing, 0.5)
     return mass / mass.sum()
+
+
+def _take(cols: dict[str, np.ndarray], mask: np.ndarray) -> None:
+    """Filter every column in place of the dict, one at a time (peak memory: the data + one column)."""
+    for c in list(cols):
+        cols[c] = cols[c][mask]
+
+
+def _decode(codes: np.ndarray, categories: pl.Categories) -> pl.Series:
+    """u32 codes -> their ID strings."""
+    return pl.Series(codes.astype(np.uint32)).cat.to(pl.Categorical(categories)).cast(pl.String)
 
 
 def _vocab_order(ids: pl.Series, n_train: np.ndarray) -> np.ndarray:
@@ -764,40 +803,23 @@ def prepare(
 def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path: Path | None,
          cfg: PrepareConfig, tmp: Path, work: Path, steps: _Steps) -> dict[str, Any]:
     # -- 1. read + validate: one streaming sink per file, so a read error names its file -------------------------
+    # IDs become u32 codes right here (Categorical with run-private categories): the later steps never hash a
+    # string again, and the scratch file stays small.
+    tag = os.urandom(6).hex()
+    user_codes, item_codes = pl.Categories(f"recsys-prepare-users-{tag}"), pl.Categories(f"recsys-prepare-items-{tag}")
     with steps.step("read+validate") as rec:
         inputs = []
         for k, (path, fmt) in enumerate(zip(files, fmts, strict=True)):
             inputs.append({**fingerprint_file(path), "format": fmt})
-            lf = normalize(scan_file(path, fmt, separator=cfg.separator), path=path, file_idx=k, fmt=fmt, cfg=cfg)
+            lf = normalize(scan_file(path, fmt, separator=cfg.separator), path=path, file_idx=k, fmt=fmt, cfg=cfg,
+                           user_codes=user_codes, item_codes=item_codes)
             try:
                 lf.sink_parquet(work / "norm" / f"part-{k:05d}.parquet", compression="lz4", engine="streaming")
             except pl.exceptions.PolarsError as e:
                 raise ValueError(f"{path}: cannot read as {fmt}: {e}") from None
         norm = pl.scan_parquet(work / "norm" / "*.parquet")
-        if cfg.event_weights:
-            ew = {str(k): float(v) for k, v in cfg.event_weights.items()}
-            ev_w = pl.col("event").replace_strict(ew, default=None, return_dtype=pl.Float64)
-        else:
-            ev_w = pl.lit(1.0)
-        base_w = pl.lit(1.0) if cfg.binarize else pl.col("w")
-        start_ms, end_ms = parse_time(cfg.start, name="prepare.start"), parse_time(cfg.end, name="prepare.end")
-        filt: list[tuple[pl.Expr, str]] = []
-        if cfg.event_weights:
-            filt.append((ev_w.is_null(), "unlisted_event"))
-        if cfg.min_weight is not None:
-            filt.append((pl.col("w") < cfg.min_weight, "below_min_weight"))
-        if start_ms is not None:
-            filt.append((pl.col("ts") < start_ms, "before_start"))
-        if end_ms is not None:
-            filt.append((pl.col("ts") >= end_ms, "after_end"))
-        filt.append((pl.col("weight") <= 0, "nonpositive_weight"))
-        freason: pl.Expr = pl.when(pl.col("reason").is_not_null()).then(pl.lit(None, pl.String))
-        for cond, name in filt:
-            freason = freason.when(cond).then(pl.lit(name))
-        freason = freason.otherwise(pl.lit(None, pl.String))
-        norm = norm.with_columns(weight=base_w * ev_w).with_columns(freason=freason)
-        acct = (norm.group_by(["file", "reason", "freason"]).agg(pl.len().alias("n"))
-                .collect(engine="streaming"))
+        acct = (norm.group_by((pl.col("seq") // _SEQ_FILE_SHIFT).alias("file"), "reason", "freason")
+                .agg(pl.len().alias("n")).collect(engine="streaming"))
         per_file = acct.group_by("file").agg(pl.col("n").sum()).sort("file")
         for k, n in per_file.iter_rows():
             inputs[k]["rows"] = int(n)
@@ -808,14 +830,18 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
                     .group_by("reason").agg(pl.col("n").sum()).sort("reason").iter_rows()}
         filtered = {r: int(n) for r, n in acct.filter(pl.col("freason").is_not_null())
                     .group_by("freason").agg(pl.col("n").sum()).sort("freason").iter_rows()}
-        rec.update(files=len(files), rows=n_input, rejected=sum(rejected.values()))
+        rec.update(files=len(files), rows=n_input, rejected=sum(rejected.values()),
+                   filtered=sum(filtered.values()))
     if n_input == 0:
         raise ValueError(f"the logs hold no rows: {[str(p) for p in files]}")
 
     n_rejected = sum(rejected.values())
+    file_of = pl.col("seq") // _SEQ_FILE_SHIFT
+    row_of = pl.col("seq") % _SEQ_FILE_SHIFT
     if n_rejected and cfg.on_bad_rows == "error":
-        first = (norm.filter(pl.col("reason").is_not_null()).select("file", "row", "reason", "bad_col", "bad_value")
-                 .sort(["file", "row"]).head(1).collect(engine="streaming").row(0, named=True))
+        first = (norm.filter(pl.col("reason").is_not_null()).sort("seq").head(1)
+                 .select(file_of.alias("file"), row_of.alias("row"), "reason", "bad_col", "bad_value")
+                 .collect(engine="streaming").row(0, named=True))
         raise ValueError(
             f"{files[first['file']]}: row {first['row']}, column {first['bad_col']!r}: "
             f"{REJECT_REASONS[first['reason']]} (value {first['bad_value']!r}); {n_rejected:,} bad row(s) in all "
@@ -825,94 +851,85 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         with steps.step("rejects") as rec:
             paths = {k: str(p) for k, p in enumerate(files)}
             (norm.filter(pl.col("reason").is_not_null())
-             .select(pl.col("file").replace_strict(paths, return_dtype=pl.String), "row",
+             .select(file_of.replace_strict(paths, return_dtype=pl.String).alias("file"), row_of.alias("row"),
                      pl.col("bad_col").alias("column"), "reason", pl.col("bad_value").alias("value"),
-                     pl.col("user").alias("user_id"), pl.col("item").alias("item_id"))
+                     pl.col("user_raw").alias("user_id"), pl.col("item_raw").alias("item_id"))
              .sink_parquet(tmp / schema.REJECTS, engine="streaming"))
             rec.update(rows=n_rejected)
 
-    # -- 2. implicit-feedback filters + temporary integer codes (streaming) ---------------------------------------
-    with steps.step("filter+code") as rec:
-        good = norm.filter(pl.col("reason").is_null() & pl.col("freason").is_null())
-        users_t, items_t = pl.collect_all(
-            [good.group_by("user").agg(pl.len().alias("n")), good.group_by("item").agg(pl.len().alias("n"))],
-            engine="streaming")
-        users_t = users_t.select("user").with_row_index("u")
-        items_t = items_t.select("item").with_row_index("i")
-        coded = (good.join(users_t.lazy(), on="user", maintain_order="left")
-                 .join(items_t.lazy(), on="item", maintain_order="left")
-                 .select("u", "i", "ts", "weight", (pl.col("file").cast(pl.Int64) * (1 << 40) + pl.col("row"))
-                         .alias("seq"))
-                 .collect(engine="streaming"))
-        rec.update(rows=coded.height, users=users_t.height, items=items_t.height)
-    if coded.height == 0:
-        raise ValueError(f"no interaction is left after validation and filters (filtered: {filtered}, "
-                         f"rejected: {rejected})")
-
-    # -- 3. dedupe: one row per (user, item) ---------------------------------------------------------------------
-    # One hash group-by on a single u64 pair key. A pair keeps the time of its first (or, for "last", its last)
-    # event; `seq` becomes the input position of the pair's first row, which breaks ties in time. A group keeps its
-    # rows in frame order (input order), so arg_min / arg_max pick the first / last event, ties by input order.
+    # -- 2. dedupe: one row per (user, item), a streaming hash group-by on one u64 pair key ----------------------
+    # A pair keeps the time of its first (for "last": its last) event; `seq` becomes the input position of the
+    # pair's first row, which breaks ties in time. first/last pick their event by (ts, seq), never by arrival.
     with steps.step("dedupe") as rec:
-        if not coded["seq"].is_sorted():
-            coded = coded.sort("seq")
-        n_it = max(items_t.height, 1)
         ts_c, seq_c, w_c = pl.col("ts"), pl.col("seq"), pl.col("weight")
         if cfg.dedupe == "last":
-            k = pl.len() - 1 - ts_c.reverse().arg_max()  # the last of the latest events
-            agg = [ts_c.max(), seq_c.min(), w_c.get(k)]
+            agg = [ts_c.max(), seq_c.min(), w_c.sort_by([ts_c, seq_c]).last()]
         elif cfg.dedupe == "first":
-            agg = [ts_c.min(), seq_c.min(), w_c.get(ts_c.arg_min())]
+            agg = [ts_c.min(), seq_c.min(), w_c.sort_by([ts_c, seq_c]).first()]
         else:  # simple aggregations only: the fast path of the group-by
             agg = [ts_c.min(), seq_c.min(), w_c.sum()]
-        n_before = coded.height
-        pairs = (coded.lazy().select((pl.col("u").cast(pl.UInt64) * n_it + pl.col("i")).alias("pair"), "ts", "seq",
-                                     "weight")
-                 .group_by("pair").agg(agg)
-                 .select((pl.col("pair") // n_it).cast(pl.UInt32).alias("u"),
-                         (pl.col("pair") % n_it).cast(pl.UInt32).alias("i"), "ts", "seq", "weight")
-                 .sort(["u", "ts", "seq"])  # each user's pairs in time order, for the split
-                 .collect())
-        del coded
+        good = norm.filter(pl.col("reason").is_null() & pl.col("freason").is_null())
+        n_before = n_input - n_rejected - sum(filtered.values())
+        pair = (pl.col("u").cast(pl.UInt64) * (1 << 32) + pl.col("i").cast(pl.UInt64)).alias("pair")
+        # The group-by's hash table costs ~100 bytes per pair: run it on slices of the users (u % n_chunks, a
+        # re-scan of the scratch file each) so peak memory stays flat as the log grows.
+        n_chunks = max(1, math.ceil(n_before / _DEDUPE_CHUNK_ROWS))
+        chunks = []
+        for c in range(n_chunks):
+            part = good if n_chunks == 1 else good.filter(pl.col("u") % n_chunks == c)
+            chunks.append(
+                part.group_by(pair).agg(agg)
+                .select((pl.col("pair") // (1 << 32)).cast(pl.UInt32).alias("u"),
+                        (pl.col("pair") % (1 << 32)).cast(pl.UInt32).alias("i"), "ts", "seq",
+                        pl.col("weight").cast(pl.Float32))
+                .collect(engine="streaming")
+                .sort(["u", "ts", "seq"]))  # each user's pairs together, in time order, for the split
+        pairs = pl.concat(chunks, rechunk=True)
+        del chunks
         n_dedup = n_before - pairs.height
-        rec.update(rows=pairs.height, deduplicated=n_dedup)
+        rec.update(rows=pairs.height, deduplicated=n_dedup, chunks=n_chunks)
+    if pairs.height == 0:
+        raise ValueError(f"no interaction is left after validation and filters (filtered: {filtered}, "
+                         f"rejected: {rejected})")
+    n_user_codes = int(pairs["u"].max()) + 1
+    n_item_codes = int(pairs["i"].max()) + 1
+
+    # numpy columns from here on (seq has done its job: rows are in order); filtering one column at a time keeps
+    # peak memory at the data + one column
+    cols_np = {c: pairs[c].to_numpy() for c in ("u", "i", "ts", "weight")}
+    del pairs
 
     # -- 4. k-core to a fixed point --------------------------------------------------------------------------------
     with steps.step("kcore") as rec:
-        keep, why, iters = kcore_filter(pairs["u"].to_numpy(), pairs["i"].to_numpy(),
-                                        min_user=cfg.kcore_users, min_item=cfg.kcore_items)
+        keep, why, iters = kcore_filter(cols_np["u"], cols_np["i"], min_user=cfg.kcore_users,
+                                        min_item=cfg.kcore_items)
         filtered["kcore_users"] = int((why == 1).sum())
         filtered["kcore_items"] = int((why == 2).sum())
-        pairs = pairs.filter(pl.Series(keep))  # keeps the (u, ts, seq) order
-        del keep, why
-        rec.update(rows=pairs.height, iterations=iters)
-    if pairs.height == 0:
+        del why
+        if not keep.all():
+            _take(cols_np, keep)  # keeps each user's rows together and in time order
+        del keep
+        rec.update(rows=len(cols_np["u"]), iterations=iters)
+    if len(cols_np["u"]) == 0:
         raise ValueError(f"k-core filtering (kcore_users={cfg.kcore_users}, kcore_items={cfg.kcore_items}) left no "
                          f"interaction; lower `prepare.kcore_users` / `prepare.kcore_items`")
 
     # -- 5. temporal split ------------------------------------------------------------------------------------------
     with steps.step("split") as rec:
-        u = pairs["u"].to_numpy()
-        i = pairs["i"].to_numpy()
-        ts = pairs["ts"].to_numpy()
-        # dense user codes for the per-user arithmetic (k-core left gaps); rows are grouped by user already
-        u_dense = np.cumsum(np.concatenate([[0], u[1:] != u[:-1]]), dtype=np.int64)
-        split, split_desc = split_codes(u_dense, ts, cfg=cfg)
-        del u_dense
-        cold = np.zeros(len(u), dtype=np.int8)
+        cols_np["split"], split_desc = split_codes(cols_np["u"], cols_np["ts"], cfg=cfg)
         if cfg.drop_cold:
-            train = split == 0
-            has_u = np.bincount(u[train], minlength=users_t.height) > 0
-            has_i = np.bincount(i[train], minlength=items_t.height) > 0
-            cold[~train & ~has_u[u]] = 1
-            cold[~train & has_u[u] & ~has_i[i]] = 2
-            filtered["cold_user"] = int((cold == 1).sum())
-            filtered["cold_item"] = int((cold == 2).sum())
-        keep = cold == 0
-        w = pairs["weight"].to_numpy()
-        if not keep.all():
-            u, i, ts, w, split = u[keep], i[keep], ts[keep], w[keep], split[keep]
-        del pairs, keep, cold
+            u, i, train = cols_np["u"], cols_np["i"], cols_np["split"] == 0
+            has_u = np.bincount(u[train], minlength=n_user_codes) > 0
+            has_i = np.bincount(i[train], minlength=n_item_codes) > 0
+            cold_u = ~train & ~has_u[u]
+            cold_i = ~train & ~cold_u & ~has_i[i]
+            filtered["cold_user"] = int(cold_u.sum())
+            filtered["cold_item"] = int(cold_i.sum())
+            if filtered["cold_user"] or filtered["cold_item"]:
+                _take(cols_np, ~(cold_u | cold_i))
+            del u, i, train, cold_u, cold_i
+        u, i, ts, w, split = (cols_np[c] for c in ("u", "i", "ts", "weight", "split"))
+        del cols_np
         if not len(u):
             raise ValueError(f"no interaction is left after the {cfg.split} split: every valid/test row is cold "
                              f"({filtered.get('cold_user', 0)} cold-user and {filtered.get('cold_item', 0)} cold-item "
@@ -922,51 +939,75 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
     # -- 6. vocabularies (train frequency order), outputs --------------------------------------------------------
     with steps.step("vocab+write") as rec:
         train = split == 0
-        ucodes = np.flatnonzero(np.bincount(u, minlength=users_t.height) > 0)
-        icodes = np.flatnonzero(np.bincount(i, minlength=items_t.height) > 0)
-        u_ntrain = np.bincount(u[train], minlength=users_t.height)[ucodes]
-        i_ntrain = np.bincount(i[train], minlength=items_t.height)[icodes]
-        uperm = _vocab_order(users_t["user"].gather(ucodes), u_ntrain)
-        iperm = _vocab_order(items_t["item"].gather(icodes), i_ntrain)
+        ucodes = np.flatnonzero(np.bincount(u, minlength=n_user_codes) > 0)
+        icodes = np.flatnonzero(np.bincount(i, minlength=n_item_codes) > 0)
+        u_ntrain = np.bincount(u[train], minlength=n_user_codes)[ucodes]
+        i_ntrain = np.bincount(i[train], minlength=n_item_codes)[icodes]
+        user_strs = _decode(ucodes, user_codes)
+        item_strs = _decode(icodes, item_codes)
+        uperm = _vocab_order(user_strs, u_ntrain)
+        iperm = _vocab_order(item_strs, i_ntrain)
         ucodes, u_ntrain = ucodes[uperm], u_ntrain[uperm]
         icodes, i_ntrain = icodes[iperm], i_ntrain[iperm]
-        u_map = np.full(users_t.height, -1, dtype=np.int64)
-        u_map[ucodes] = np.arange(len(ucodes))
-        i_map = np.full(items_t.height, -1, dtype=np.int64)
-        i_map[icodes] = np.arange(len(icodes))
+        u_map = np.full(n_user_codes, -1, dtype=np.int32)
+        u_map[ucodes] = np.arange(len(ucodes), dtype=np.int32)
+        i_map = np.full(n_item_codes, -1, dtype=np.int32)
+        i_map[icodes] = np.arange(len(icodes), dtype=np.int32)
         n_users, n_items = len(ucodes), len(icodes)
-        user_ids = users_t["user"].gather(ucodes).alias(schema.USER_ID)
-        item_ids = items_t["item"].gather(icodes).alias(schema.ITEM_ID)
+        user_ids = user_strs.gather(uperm).alias(schema.USER_ID)
+        item_ids = item_strs.gather(iperm).alias(schema.ITEM_ID)
+        del user_strs, item_strs, train
 
-        # rows are in (u, ts, seq) order; a stable sort by the new user index gives (user_idx, ts, seq)
-        uidx = u_map[u].astype(np.int32)
-        order = np.argsort(uidx, kind="stable")
-        inter = pl.DataFrame({
-            schema.USER_IDX: uidx[order],
-            schema.ITEM_IDX: i_map[i].astype(np.int32)[order],
-            schema.TS: ts.astype(np.int64)[order],
-            schema.WEIGHT: w.astype(np.float32)[order],
-            "split": split[order],
-        })
-        del uidx, order
-        cols = [schema.USER_IDX, schema.ITEM_IDX, schema.TS, schema.WEIGHT]
+        # Each user's rows are one contiguous block in (ts, seq) order: moving whole blocks into user_idx order
+        # gives the (user_idx, ts, seq) order of the contract without sorting rows.
+        run_start = np.flatnonzero(np.concatenate([[True], u[1:] != u[:-1]]))
+        if len(run_start) != n_users:  # an internal invariant (one block per user), never a data problem
+            raise AssertionError(f"{len(run_start)} row blocks for {n_users} users")
+        run_len = np.diff(np.append(run_start, len(u)))
+        by_idx = np.argsort(u_map[u[run_start]])  # [n_users] blocks in user_idx order
+        lens = run_len[by_idx]
+        order = np.repeat(run_start[by_idx] - (np.cumsum(lens) - lens), lens) + np.arange(len(u))  # [n] rows
+        del u, run_start, run_len, by_idx
+        rows_np = {schema.ITEM_IDX: i, schema.TS: ts, schema.WEIGHT: w, "split": split}
+        del i, ts, w, split
+        for c in list(rows_np):  # one column at a time: peak is the data + one column
+            rows_np[c] = rows_np[c][order]
+        del order
+        rows_np[schema.ITEM_IDX] = i_map[rows_np[schema.ITEM_IDX]]
+        rows_np[schema.USER_IDX] = np.repeat(np.arange(n_users, dtype=np.int32), lens)
+        split = rows_np["split"]
         for code, (name, fname) in enumerate(schema.SPLITS.items()):
-            inter.filter(pl.col("split") == code).select(cols).write_parquet(tmp / fname)
-            rec[name] = int((split == code).sum())
+            m = split == code
+            table = pa.table({c: pa.array(rows_np[c][m]) for c in (schema.USER_IDX, schema.ITEM_IDX, schema.TS,
+                                                                     schema.WEIGHT)})
+            pq.write_table(table, tmp / fname, compression="zstd")
+            rec[name] = int(m.sum())
+            del table, m
 
-        # serving state: last N of train+valid (oldest first) and the distinct seen items, one row per user
-        seen_rows = inter.filter(pl.col("split") < 2)
-        all_users = pl.DataFrame({schema.USER_IDX: np.arange(n_users, dtype=np.int32)})
-        hist = seen_rows.group_by(schema.USER_IDX, maintain_order=True).agg(
-            pl.col(schema.ITEM_IDX).tail(cfg.history_len).alias("items"))
-        seen = seen_rows.group_by(schema.USER_IDX).agg(pl.col(schema.ITEM_IDX).sort().alias("items"))
-        for frame, fname in ((hist, schema.HISTORY), (seen, schema.SEEN)):
-            (all_users.join(frame, on=schema.USER_IDX, how="left")
-             .with_columns(pl.col("items").fill_null(pl.lit([], dtype=pl.List(pl.Int32))))
-             .sort(schema.USER_IDX).write_parquet(tmp / fname))
-        first_ts = (inter.group_by(schema.ITEM_IDX).agg(pl.col(schema.TS).min()).sort(schema.ITEM_IDX)
-                    [schema.TS].to_numpy())
-        del inter
+        # serving state, one row per user in user_idx order: the last N items of train+valid (oldest first) and
+        # the distinct items of train+valid (ascending), as list<int32> built from offsets (no per-user objects)
+        m = split < 2
+        seen_u, seen_i = rows_np[schema.USER_IDX][m], rows_np[schema.ITEM_IDX][m]
+        off = np.concatenate([[0], np.cumsum(np.bincount(seen_u, minlength=n_users))])
+        h_start = np.maximum(off[:-1], off[1:] - cfg.history_len)
+        h_len = off[1:] - h_start
+        h_off = np.concatenate([[0], np.cumsum(h_len)])
+        h_vals = seen_i[np.repeat(h_start - h_off[:-1], h_len) + np.arange(h_off[-1])]
+        key = np.sort(seen_u.astype(np.int64) * max(n_items, 1) + seen_i)  # blocks stay in user order
+        s_vals = (key % max(n_items, 1)).astype(np.int32)
+        del key, seen_u, seen_i, m
+        user_col = pa.array(np.arange(n_users, dtype=np.int32))
+        for offsets, vals, fname in ((h_off, h_vals, schema.HISTORY), (off, s_vals, schema.SEEN)):
+            items_col = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32 if offsets[-1] < 2**31 else
+                                                                          np.int64)), pa.array(vals))
+            pq.write_table(pa.table({schema.USER_IDX: user_col, "items": items_col}), tmp / fname,
+                           compression="zstd")
+        del h_vals, s_vals
+        first_ts = (pl.DataFrame({"i": rows_np[schema.ITEM_IDX], "ts": rows_np[schema.TS]})
+                    .group_by("i").agg(pl.col("ts").min()).sort("i")["ts"].to_numpy())
+        n_kept = len(split)
+        time_range = (int(rows_np[schema.TS].min()), int(rows_np[schema.TS].max()))
+        del rows_np, split
 
         # vocabularies + feature tables
         item_meta = _read_meta(items_path, id_col=cfg.item_col, cfg=cfg, entity="item") if items_path else None
@@ -1003,7 +1044,6 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         }
         rec.update(users=n_users, items=n_items)
 
-    n_kept = len(u)
     filtered = {k: filtered.get(k, 0) for k in FILTER_REASONS if k in filtered}
     rows = {
         "input": n_input,
@@ -1011,9 +1051,9 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         "filtered": filtered,
         "deduplicated": n_dedup,
         "kept": n_kept,
-        "train": int(train.sum()),
-        "valid": int((split == 1).sum()),
-        "test": int((split == 2).sum()),
+        "train": rec["train"],
+        "valid": rec["valid"],
+        "test": rec["test"],
     }
     accounted = n_kept + n_dedup + sum(filtered.values()) + sum(rejected.values())
     if accounted != n_input:  # an internal invariant; failing it is a bug, never a data problem
@@ -1037,7 +1077,7 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         "split": split_desc,
         "dedupe": {"policy": cfg.dedupe, "note": "dedupe happens before the split: each (user, item) pair appears "
                                                  "once in the whole dataset"},
-        "time_range": {"min": _iso(int(ts.min())), "max": _iso(int(ts.max()))},
+        "time_range": {"min": _iso(time_range[0]), "max": _iso(time_range[1])},
         "features": {"user": u_cards, "item": i_cards},
         "title": has_title,
         "metadata": meta_missing,
