@@ -209,8 +209,10 @@ class Trainer:
         loss_cfg: LossConfig,
         device: torch.device,
         title_emb: np.ndarray | None = None,
+        init_from: str | Path | None = None,
     ) -> None:
         self.data = data
+        self.init_from = init_from
         self.mcfg, self.tcfg, self.lcfg = model_cfg, train_cfg, loss_cfg
         self.device = device
         self.spec = FeatureSpec(
@@ -234,7 +236,13 @@ class Trainer:
             item_feats=torch.as_tensor(d.item_feature_matrix()),
             user_feats=torch.as_tensor(d.user_feature_matrix()),
             item_text=None if self.title_emb is None else torch.as_tensor(self.title_emb),
-        ).to(self.device)
+        )
+        if self.init_from is not None:
+            # warm start (retraining): rows of overlapping IDs/feature values and same-shaped weights carry over
+            from recsys.warmstart import warm_start
+
+            self.warm_start_stats = warm_start(self.model, self.init_from, self.data.path)
+        self.model = self.model.to(self.device)
         self.model.train()
         lc = self.lcfg
         # learned temperature: log(1/t), clamped so t stays in [min_temperature, 1]
@@ -475,8 +483,12 @@ def train(
     loss_cfg: LossConfig | None = None,
     device: str | torch.device = "auto",
     resume: bool = False,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a two-tower model on a prepared dataset; write the run directory; return the summary dict.
+
+    ``init_from``: a bundle version directory (or a run with its vocabularies) to warm-start from, as retraining
+    does: see :func:`recsys.warmstart.warm_start`. Ignored when resuming (the checkpoint has the weights).
 
     Raises:
         FileExistsError: ``out_dir`` already holds a run and ``resume`` is false.
@@ -507,7 +519,7 @@ def train(
     data = load_prepared(data_dir)
     title_emb = _load_title_embeddings(data, model_cfg, run_dir)
     trainer = Trainer(data, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg, device=dev,
-                      title_emb=title_emb)
+                      title_emb=title_emb, init_from=None if resume else init_from)
     atomic_write_json(run_dir / schema.RUN_CONFIG, {
         **cfg_dict, "data_dir": str(Path(data_dir).resolve()), "data_fingerprint": data.fingerprint,
         "device": str(dev), "torch": torch.__version__,
