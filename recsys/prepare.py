@@ -814,6 +814,8 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
     # -- 1. read + validate: one streaming sink per file, so a read error names its file -------------------------
     # IDs become u32 codes right here (Categorical with run-private categories): the later steps never hash a
     # string again, and the scratch file stays small.
+    if not hasattr(pl, "Categories"):
+        raise RuntimeError(f"recsys prepare needs polars >= 1.32 (pl.Categories), found {pl.__version__}")
     tag = os.urandom(6).hex()
     user_codes, item_codes = pl.Categories(f"recsys-prepare-users-{tag}"), pl.Categories(f"recsys-prepare-items-{tag}")
     with steps.step("read+validate") as rec:
