@@ -682,11 +682,18 @@ def _vocab_order(ids: pl.Series, n_train: np.ndarray) -> np.ndarray:
 
 
 def _read_meta(path: Path, *, id_col: str, cfg: PrepareConfig, entity: str) -> pl.DataFrame:
-    fmt = detect_format(path) if cfg.format in ("auto", "movielens") else cfg.format
+    name = _strip_compression(path.name.lower())
+    typed = name.endswith((".item", ".user")) and re.search(r":(token|float|token_seq|float_seq)\b",
+                                                             _first_line(path))
+    fmt = "recbole" if typed else detect_format(path) if cfg.format in ("auto", "movielens") else cfg.format
     if fmt == "movielens":
         raise ValueError(f"{path}: cannot read a {entity}s file in MovieLens format; convert it to csv/parquet")
     try:
-        df = scan_file(path, fmt, separator=cfg.separator).collect()
+        if fmt == "recbole":  # RecBole .item / .user: tab-separated with a typed header ("item_id:token")
+            lf = pl.scan_csv(path, separator="\t", infer_schema=False, quote_char=None)
+            df = lf.rename(lambda c: c.split(":", 1)[0]).collect()
+        else:
+            df = scan_file(path, fmt, separator=cfg.separator).collect()
     except pl.exceptions.PolarsError as e:
         raise ValueError(f"{path}: cannot read the {entity}s file: {e}") from None
     if id_col not in df.columns:

@@ -445,3 +445,15 @@ def test_config_validation_names_field():
     with pytest.raises(ValueError, match=r"`prepare.start` must be an ISO-8601 time or an epoch number, got 'soon'"):
         PrepareConfig(start="soon").validate()
     assert parse_time("1700000000") == parse_time("1700000000000") == parse_time("2023-11-14T22:13:20Z")
+
+
+def test_recbole_item_file_with_typed_header(tmp_path):
+    inter = write_csv(tmp_path / "ml.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float",
+                      [f"{u}\t{i}\t4.0\t{float(t)}" for u, i, t in EVENTS])
+    item = write_csv(tmp_path / "ml.item", "item_id:token\tmovie_title:token_seq\tclass:token_seq",
+                     ["10\tToy Story\tAnimation", "11\tHeat\tAction", "12\tJumanji\tAnimation"])
+    cfg = PrepareConfig(format="movielens", kcore_users=1, kcore_items=1, drop_cold=False, title_col="movie_title")
+    prepare([inter], tmp_path / "out", items=item, config=cfg)
+    it = load_prepared(tmp_path / "out")["items"]
+    by_id = {r[schema.ITEM_ID]: r for r in it.iter_rows(named=True)}
+    assert by_id["11"][schema.TITLE] == "Heat" and by_id["10"]["feat_class"] == by_id["12"]["feat_class"] == 1
