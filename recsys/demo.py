@@ -41,7 +41,7 @@ def _split_logs(synth_dir: Path, out: Path, share: float) -> Path:
     from recsys.io import atomic_dir
 
     logs = pl.scan_parquet(synth_dir / "logs" / "*.parquet")
-    lo, hi = logs.select(pl.col("timestamp").min(), pl.col("timestamp").max()).collect().row(0)
+    lo, hi = logs.select(pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi")).collect().row(0)
     cut = lo + int((hi - lo) * share)
     if not out.exists():
         with atomic_dir(out) as tmp:
@@ -118,7 +118,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     model_cfg, train_cfg, loss_cfg = load_configs(config_path, overrides)
     summary = train(data_dir, run_dir, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg,
                     device=opts.device)
-    print(f"best epoch {summary.get('best_epoch')}: {summary.get('best')}")
+    best = {k: round(v, 4) for k, v in (summary.get("best_metrics") or {}).items()}
+    print(f"best epoch {summary.get('best_epoch')} of {summary.get('steps')} steps, {summary.get('train_seconds')} s: valid {best}")
     step("train", t0)
 
     _say("4. publish the bundle (safetensors + npy + parquet + HNSW index, atomic, LATEST)")

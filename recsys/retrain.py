@@ -312,7 +312,7 @@ def retrain(
             summary = train(data_dir, run_dir, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg,
                             device=cfg.device, resume=resume, init_from=warm)
             state.mark("train", run_dir=str(run_dir), warm_start=str(warm) if warm else None,
-                       best=summary.get("best"))
+                       best=summary.get("best_metrics"))
 
         gate = state.done("gate")
         if not gate:
