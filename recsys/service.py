@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +117,38 @@ def check_ids(values: Sequence[str], limits: Limits, *, name: str, max_n: int | 
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+class Prepared:
+    """Per-bundle views for the request path, built once per bundle (see :func:`prepared`).
+
+    ``item_ids`` holds the external item IDs as Python ``str`` objects: answers reuse them instead of converting
+    numpy unicode scalars on every request. ``ef`` is the HNSW search width (``None`` for an exact index), used to
+    tell when an over-fetched list was ranked too deep for the tuned recall (:func:`_deep_enough`).
+    """
+
+    __slots__ = ("__weakref__", "ef", "item_ids", "n_items")
+
+    def __init__(self, bundle: Any) -> None:
+        self.item_ids: list[str] = [str(t) for t in np.asarray(bundle.item_ids).tolist()]
+        self.n_items = int(bundle.n_items)
+        ef = getattr(bundle.index, "ef", None)
+        self.ef = int(ef) if isinstance(ef, (int, np.integer)) and not isinstance(ef, bool) else None
+
+
+_PREPARED: weakref.WeakKeyDictionary[Any, Prepared] = weakref.WeakKeyDictionary()
+_PREPARED_LOCK = threading.Lock()
+
+
+def prepared(bundle: Any) -> Prepared:
+    """The bundle's :class:`Prepared` views (built on first use; dropped with the bundle after a hot reload)."""
+    p = _PREPARED.get(bundle)
+    if p is None:
+        with _PREPARED_LOCK:
+            p = _PREPARED.get(bundle)
+            if p is None:
+                p = _PREPARED[bundle] = Prepared(bundle)
+    return p
+
+
 def _known_rows(bundle: Any, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Item rows [m] int64 of the known IDs (request order) and the unknown IDs."""
     if not ids:
@@ -128,6 +162,19 @@ def _union(*parts: np.ndarray | None) -> np.ndarray | None:
     if not arrays:
         return None
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _deep_enough(prep: Prepared, depth: int, k: int, fetch: int) -> bool:
+    """Whether a list whose k-th kept item sits at rank ``depth`` keeps the recall the index was tuned for.
+
+    The index's rule (``HnswIndex._next_fetch``): ``ef`` was tuned for the top ``k``, so using the top ``depth``
+    of a list needs a search ``depth / k`` times as wide (1.25 slack). A fetch of ``fetch`` explored
+    ``max(ef, fetch)`` candidates. An exact index is always deep enough.
+    """
+    if prep.ef is None:
+        return True
+    width = max(prep.ef, k) / k
+    return math.ceil(depth * width / 1.25) <= max(prep.ef, fetch)
 
 
 def _topk_within(
@@ -158,6 +205,43 @@ def _topk_within(
     return ids, scores
 
 
+def _search_one(
+    bundle: Any, prep: Prepared, query: np.ndarray, k: int, exclude: np.ndarray | None
+) -> tuple[list[int], list[float]]:
+    """Top-k of ONE query [1, dim] without the ``exclude`` item rows -> (item rows, scores), best first.
+
+    The request path: one index call over-fetching ``k + |exclude|`` (hnswlib explores ``max(ef, fetch)``
+    candidates whatever the fetch, so up to ``ef`` this costs no more than ``k``), filtered with a Python set --
+    for ~10-50 ids that beats any numpy call. Only a list ranked too deep goes back to the index's own
+    excluding search.
+    """
+    if exclude is None or not len(exclude):
+        ids, scores = bundle.index.search(query, k)
+        rows, sc = ids[0].tolist(), scores[0].tolist()
+        if rows and rows[-1] < 0:  # padding: fewer than k items in the catalogue
+            n = sum(1 for r in rows if r >= 0)
+            rows, sc = rows[:n], sc[:n]
+        return rows, sc
+    fetch = min(k + len(exclude), prep.n_items)
+    ids, scores = bundle.index.search(query, fetch)
+    drop = set(exclude.tolist())
+    rows: list[int] = []
+    sc: list[float] = []
+    depth = fetch
+    for pos, (r, s) in enumerate(zip(ids[0].tolist(), scores[0].tolist(), strict=True)):
+        if r >= 0 and r not in drop:
+            rows.append(r)
+            sc.append(s)
+            if len(rows) == k:
+                depth = pos + 1
+                break
+    if (len(rows) < k and fetch < prep.n_items) or not _deep_enough(prep, depth, k, fetch):
+        ids, scores = bundle.index.search(query, k, exclude=[exclude])
+        keep = ids[0] >= 0
+        rows, sc = ids[0][keep].tolist(), scores[0][keep].tolist()
+    return rows, sc
+
+
 def _search(
     bundle: Any,
     queries: np.ndarray,
@@ -166,33 +250,45 @@ def _search(
     excludes: Sequence[np.ndarray | None],
     allowed: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One batched query: queries [n, dim] float32 -> (item rows [n, k] int64, scores [n, k] float32)."""
+    """One batched query: queries [n, dim] float32 -> (item rows [n, k] int64, scores [n, k] float32).
+
+    Without an include-list: ONE index call for the whole batch over-fetching k + the longest exclusion list
+    (the index's own ``exclude`` groups rows by fetch size: several calls), then a vectorised filter. Rows whose
+    k-th kept item ranks too deep for the tuned recall, or that came back short, are asked again with
+    ``exclude``.
+    """
     if allowed is not None:
         return _topk_within(bundle, queries, k, allowed, excludes)
     sizes = [0 if e is None else len(e) for e in excludes]
     if not any(sizes):
         return bundle.index.search(queries, k)
-    # ONE index call for the whole batch: over-fetch k + the longest exclusion list, then drop excluded rows
-    # here. (Passing `exclude` to the index post-filters in groups of similar fetch sizes: several calls.)
-    fetch = min(k + max(sizes), int(bundle.n_items))
-    ids, scores = bundle.index.search(queries, fetch)
-    out_ids = np.full((len(excludes), k), -1, dtype=np.int64)
-    out_scores = np.full((len(excludes), k), -np.inf, dtype=np.float32)
-    short = []
-    for i, ex in enumerate(excludes):
-        row = ids[i]
-        if sizes[i]:
-            drop = set(ex.tolist())
-            keep = [j for j, t in enumerate(row.tolist()) if t >= 0 and t not in drop][:k]
-        else:
-            keep = [j for j, t in enumerate(row.tolist()) if t >= 0][:k]
-        if len(keep) < k and fetch < bundle.n_items:
-            short.append(i)  # the index returned fewer than `fetch` (should not happen): ask it properly
-        out_ids[i, : len(keep)] = row[keep]
-        out_scores[i, : len(keep)] = scores[i][keep]
-    if short:
-        redo_ids, redo_scores = bundle.index.search(queries[short], k, exclude=[excludes[i] for i in short])
-        out_ids[short], out_scores[short] = redo_ids, redo_scores
+    prep = prepared(bundle)
+    n = len(excludes)
+    n_items = prep.n_items
+    fetch = min(k + max(sizes), n_items)
+    ids, scores = bundle.index.search(queries, fetch)  # [n, fetch]
+    # Row i's excluded items as keys i * n_items + item, so one np.isin serves the whole batch.
+    offset = np.arange(n, dtype=np.int64) * n_items  # [n]
+    ex_keys = np.concatenate([e for e in excludes if e is not None and len(e)]).astype(np.int64, copy=False)
+    ex_keys = ex_keys + np.repeat(offset, sizes)
+    keep = (ids >= 0) & ~np.isin(ids + offset[:, None], ex_keys)  # [n, fetch]
+    # ranks of the first k kept items of each row (a stable sort puts the kept ones first, in rank order)
+    first = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # [n, min(k, fetch)]
+    got = np.take_along_axis(keep, first, axis=1)
+    width = first.shape[1]
+    out_ids = np.full((n, k), -1, dtype=np.int64)
+    out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+    out_ids[:, :width] = np.where(got, np.take_along_axis(ids, first, axis=1), -1)
+    out_scores[:, :width] = np.where(got, np.take_along_axis(scores, first, axis=1), -np.inf)
+    n_kept = got.sum(axis=1).tolist()
+    depth = (first[:, -1] + 1).tolist() if width else [0] * n
+    redo = [
+        i for i in range(n)
+        if (n_kept[i] < k and fetch < n_items) or (n_kept[i] >= k and not _deep_enough(prep, depth[i], k, fetch))
+    ]
+    if redo:
+        redo_ids, redo_scores = bundle.index.search(queries[redo], k, exclude=[excludes[i] for i in redo])
+        out_ids[redo], out_scores[redo] = redo_ids, redo_scores
     return out_ids, out_scores
 
 
@@ -202,8 +298,9 @@ def _as_recommendation(
     keep = ids >= 0  # drop the -1 padding when fewer than k candidates remain
     if not keep.all():
         ids, scores = ids[keep], scores[keep]
+    names = prepared(bundle).item_ids
     return Recommendation(
-        item_ids=bundle.item_ids[ids].tolist(),
+        item_ids=[names[i] for i in ids.tolist()],
         scores=scores.tolist(),
         source=source,
         fallback=source == SOURCE_POPULARITY,
@@ -249,27 +346,28 @@ def recommend(
     check_k(k, limits)
     if user_id:
         check_id(user_id, limits, name="user_id")
-    check_ids(history_item_ids, limits, name="history_item_ids", max_n=limits.max_history)
-    check_ids(exclude_item_ids, limits, name="exclude_item_ids")
-    check_ids(allowed_item_ids, limits, name="allowed_item_ids")
+    if history_item_ids:
+        check_ids(history_item_ids, limits, name="history_item_ids", max_n=limits.max_history)
+    if exclude_item_ids:
+        check_ids(exclude_item_ids, limits, name="exclude_item_ids")
+    if allowed_item_ids:
+        check_ids(allowed_item_ids, limits, name="allowed_item_ids")
     if not user_id and not history_item_ids:
         raise InvalidArgument("give `user_id` or a non-empty `history_item_ids`, got neither")
 
-    exclude, _ = _known_rows(bundle, exclude_item_ids)
+    exclude = _known_rows(bundle, exclude_item_ids)[0] if exclude_item_ids else None
     allowed = _known_rows(bundle, allowed_item_ids)[0] if allowed_item_ids else None
     row = bundle.user_row(user_id) if user_id else None
     if row is not None:
         seen = None if include_seen else bundle.seen_items(row)
         query = bundle.user_embeddings[row : row + 1]  # [1, dim]
-        ids, scores = _search(bundle, query, k, excludes=[_union(seen, exclude)], allowed=allowed)
-        return _as_recommendation(bundle, ids[0], scores[0], source=SOURCE_KNOWN_USER)
+        return _answer(bundle, query, k, _union(seen, exclude), allowed, source=SOURCE_KNOWN_USER)
 
     history, unknown = _known_rows(bundle, history_item_ids)
     if history.size:
         query = np.asarray(bundle.embed_history([history]), dtype=np.float32)  # [1, dim]
         seen = None if include_seen else history
-        ids, scores = _search(bundle, query, k, excludes=[_union(seen, exclude)], allowed=allowed)
-        return _as_recommendation(bundle, ids[0], scores[0], source=SOURCE_HISTORY, unknown=unknown)
+        return _answer(bundle, query, k, _union(seen, exclude), allowed, source=SOURCE_HISTORY, unknown=unknown)
 
     if not allow_fallback:
         if history_item_ids:
@@ -281,6 +379,21 @@ def recommend(
     seen = None if include_seen else history
     ids, scores = popular(bundle, k, exclude=_union(seen, exclude), allowed=allowed)
     return _as_recommendation(bundle, ids, scores, source=SOURCE_POPULARITY, unknown=unknown)
+
+
+def _answer(
+    bundle: Any, query: np.ndarray, k: int, exclude: np.ndarray | None, allowed: np.ndarray | None, *,
+    source: str, unknown: list[str] | None = None,
+) -> Recommendation:
+    """Search for one query [1, dim] and wrap the answer (the single-query fast path unless an include-list)."""
+    if allowed is not None:
+        ids, scores = _topk_within(bundle, query, k, allowed, [exclude])
+        return _as_recommendation(bundle, ids[0], scores[0], source=source, unknown=unknown)
+    prep = prepared(bundle)
+    rows, scores = _search_one(bundle, prep, query, k, exclude)
+    names = prep.item_ids
+    return Recommendation(item_ids=[names[r] for r in rows], scores=scores, source=source,
+                          unknown_item_ids=unknown or [])
 
 
 def batch_recommend(
@@ -314,21 +427,24 @@ def batch_recommend(
     unknown_ids = [u for u, r in zip(user_ids, rows, strict=True) if r is None]
     results: list[Recommendation | None] = [None] * len(user_ids)
     if known:
-        known_rows = np.fromiter((rows[i] for i in known), dtype=np.int64, count=len(known))
-        queries = bundle.user_embeddings[known_rows]  # [n_known, dim]
+        known_rows = [rows[i] for i in known]
+        queries = bundle.user_embeddings[np.asarray(known_rows, dtype=np.int64)]  # [n_known, dim]
         exclude_or_none = exclude if exclude.size else None
         if include_seen:
             excludes = [exclude_or_none] * len(known)
         else:
-            excludes = [_union(bundle.seen_items(int(r)), exclude_or_none) for r in known_rows]
+            seen_items = bundle.seen_items
+            excludes = [_union(seen_items(r), exclude_or_none) for r in known_rows]
         ids, scores = _search(bundle, queries, k, excludes=excludes, allowed=allowed)
-        item_ids = bundle.item_ids
+        names = prepared(bundle).item_ids
+        flat_ids, flat_scores = ids.tolist(), scores.tolist()  # one conversion for the whole batch
         for j, i in enumerate(known):
-            keep = ids[j] >= 0
+            row_ids, row_scores = flat_ids[j], flat_scores[j]
+            if row_ids[-1] < 0:  # padding: fewer than k candidates remain
+                n = sum(1 for r in row_ids if r >= 0)
+                row_ids, row_scores = row_ids[:n], row_scores[:n]
             results[i] = Recommendation(
-                item_ids=item_ids[ids[j][keep]].tolist(),
-                scores=scores[j][keep].tolist(),
-                source=SOURCE_KNOWN_USER,
+                item_ids=[names[r] for r in row_ids], scores=row_scores, source=SOURCE_KNOWN_USER
             )
     if unknown_ids:
         if allow_fallback:
@@ -365,8 +481,7 @@ def similar_items(
     allowed = _known_rows(bundle, allowed_item_ids)[0] if allowed_item_ids else None
     query = bundle.item_embeddings[row : row + 1]  # [1, dim]
     ex = np.concatenate([np.array([row], dtype=np.int64), exclude])
-    ids, scores = _search(bundle, query, k, excludes=[ex], allowed=allowed)
-    return _as_recommendation(bundle, ids[0], scores[0], source=SOURCE_KNOWN_USER)
+    return _answer(bundle, query, k, ex, allowed, source=SOURCE_KNOWN_USER)
 
 
 def user_embeddings(

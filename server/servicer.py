@@ -70,8 +70,11 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
         raise DeadlineExceeded("deadline exceeded before the answer was ready")
 
 
-def _items(rec: service.Recommendation) -> list[pb.ScoredItem]:
-    return [pb.ScoredItem(item_id=i, score=s) for i, s in zip(rec.item_ids, rec.scores, strict=True)]
+def _add_items(items: Any, rec: service.Recommendation) -> None:
+    """Append ``rec``'s items to a repeated ``ScoredItem`` field (``add`` is ~2x faster than building messages)."""
+    add = items.add
+    for i, s in zip(rec.item_ids, rec.scores, strict=True):
+        add(item_id=i, score=s)
 
 
 class _Base:
@@ -128,10 +131,12 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
             exclude_item_ids=r.exclude_item_ids, allowed_item_ids=r.allowed_item_ids,
             allow_fallback=r.allow_fallback, limits=self.limits,
         )
-        return pb.RecommendResponse(
-            items=_items(rec), model_version=bundle.version, fallback=rec.fallback, source=SOURCE[rec.source],
+        response = pb.RecommendResponse(
+            model_version=bundle.version, fallback=rec.fallback, source=SOURCE[rec.source],
             unknown_item_ids=rec.unknown_item_ids,
         )
+        _add_items(response.items, rec)
+        return response
 
     def BatchRecommend(self, request, context):  # noqa: N802
         return self._call("BatchRecommend", request, context, self._batch)
@@ -141,14 +146,11 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
             bundle, user_ids=r.user_ids, k=r.k, include_seen=r.include_seen, exclude_item_ids=r.exclude_item_ids,
             allowed_item_ids=r.allowed_item_ids, allow_fallback=r.allow_fallback, limits=self.limits,
         )
-        return pb.BatchRecommendResponse(
-            results=[
-                pb.UserRecommendations(user_id=u, found=rec.found, items=_items(rec), fallback=rec.fallback)
-                for u, rec in zip(r.user_ids, results, strict=True)
-            ],
-            model_version=bundle.version,
-            unknown_user_ids=unknown,
-        )
+        response = pb.BatchRecommendResponse(model_version=bundle.version, unknown_user_ids=unknown)
+        add_result = response.results.add
+        for u, rec in zip(r.user_ids, results, strict=True):
+            _add_items(add_result(user_id=u, found=rec.found, fallback=rec.fallback).items, rec)
+        return response
 
     def SimilarItems(self, request, context):  # noqa: N802
         return self._call("SimilarItems", request, context, self._similar)
@@ -158,7 +160,9 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
             bundle, item_id=r.item_id, k=r.k, exclude_item_ids=r.exclude_item_ids,
             allowed_item_ids=r.allowed_item_ids, limits=self.limits,
         )
-        return pb.SimilarItemsResponse(items=_items(rec), model_version=bundle.version)
+        response = pb.SimilarItemsResponse(model_version=bundle.version)
+        _add_items(response.items, rec)
+        return response
 
     def GetUserEmbeddings(self, request, context):  # noqa: N802
         return self._call("GetUserEmbeddings", request, context, self._user_embeddings)

@@ -1,0 +1,112 @@
+"""recsys.service's request-path search, without gRPC: the single-query set filter and the vectorised batch filter
+give the exact answer (seen items and exclusions removed, -1 padding when too few remain), and a list whose k-th
+kept item ranks too deep for the tuned HNSW width is asked again with the index's own ``exclude``."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+from test_server_helpers import N_ITEMS, N_USERS, FakeBundle, _ExactSearch
+
+from recsys import service
+
+
+class _CountingHnsw(_ExactSearch):
+    """Exact answers behind an HNSW-shaped interface (``ef``), recording every ``search`` call."""
+
+    def __init__(self, vectors: np.ndarray, *, ef: int) -> None:
+        super().__init__(vectors)
+        self.ef = ef
+        self.calls: list[tuple[int, int, bool]] = []  # (n queries, k, exclude given)
+
+    def search(self, queries, k, *, exclude=None, include=None):
+        self.calls.append((len(queries), k, exclude is not None))
+        return super().search(queries, k, exclude=exclude, include=include)
+
+
+@pytest.fixture
+def bundle(tmp_path) -> FakeBundle:
+    return FakeBundle(tmp_path, version="v1", seed=3)
+
+
+def _ids(names: list[str]) -> list[int]:
+    return [int(t[1:]) for t in names]
+
+
+def test_single_and_batch_equal_the_exact_answer_for_every_user(bundle):
+    exclude = ["i0", "i7", "i33", "nope"]  # an unknown ID is ignored
+    users = [f"u{j}" for j in range(N_USERS)]
+    batch, unknown = service.batch_recommend(bundle, user_ids=users, k=7, exclude_item_ids=exclude)
+    assert unknown == []
+    for j, (user, rec) in enumerate(zip(users, batch, strict=True)):
+        seen = bundle.seen_items(j).tolist()  # {j, j+1, j+2}
+        want = bundle.expected_top(bundle.user_embeddings[j], 7, exclude=[*seen, 0, 7, 33])
+        single = service.recommend(bundle, user_id=user, k=7, exclude_item_ids=exclude)
+        assert single.item_ids == want and rec.item_ids == want
+        scores = bundle.item_embeddings[_ids(want)] @ bundle.user_embeddings[j]
+        np.testing.assert_allclose(rec.scores, scores, rtol=1e-5)
+        np.testing.assert_allclose(single.scores, scores, rtol=1e-5)
+
+
+def test_include_seen_and_similar_items(bundle):
+    rec = service.recommend(bundle, user_id="u4", k=5, include_seen=True)
+    assert rec.item_ids == bundle.expected_top(bundle.user_embeddings[4], 5)
+    batch, _ = service.batch_recommend(bundle, user_ids=["u4"], k=5, include_seen=True)
+    assert batch[0].item_ids == rec.item_ids
+    sim = service.similar_items(bundle, item_id="i9", k=4, exclude_item_ids=["i1"])
+    assert sim.item_ids == bundle.expected_top(bundle.item_embeddings[9], 4, exclude=[9, 1])
+
+
+def test_too_few_candidates_are_padded_then_dropped(bundle):
+    # 120 items - 110 excluded - user 2's seen items {2, 3, 4} (outside the excluded range) -> 7 remain < k = 50
+    exclude = [f"i{j}" for j in range(10, 120)]
+    limits = service.Limits(max_ids=200)
+    single = service.recommend(bundle, user_id="u2", k=50, exclude_item_ids=exclude, limits=limits)
+    batch, _ = service.batch_recommend(bundle, user_ids=["u2", "u0"], k=50, exclude_item_ids=exclude, limits=limits)
+    want_u2 = bundle.expected_top(bundle.user_embeddings[2], 7, exclude=[2, 3, 4, *range(10, 120)])
+    assert sorted(_ids(want_u2)) == [0, 1, 5, 6, 7, 8, 9]
+    assert single.item_ids == want_u2 and batch[0].item_ids == want_u2
+    want_u0 = bundle.expected_top(bundle.user_embeddings[0], 7, exclude=[0, 1, 2, *range(10, 120)])
+    assert batch[1].item_ids == want_u0 and len(want_u0) == 7  # {3..9}
+    assert len(single.scores) == 7 and np.isfinite(single.scores).all()
+
+
+def test_a_list_ranked_too_deep_is_asked_again_with_exclude(bundle):
+    # HnswIndex's rule: ef = 10 was tuned for the top k = 5, so using a list down to rank p needs a search width
+    # of p * (10 / 5) / 1.25; a fetch of f results searched max(10, f) wide.
+    index = bundle.index = _CountingHnsw(bundle.item_embeddings, ef=10)
+    q = bundle.user_embeddings[6]
+    top = _ids(bundle.expected_top(q, 20))
+    # excluding the 8 best items pushes the 5th kept item to rank 13 of the 13 fetched: 13 * 2 / 1.25 > 13
+    deep = [f"i{j}" for j in top[:8]]
+    rec = service.recommend(bundle, user_id="u6", k=5, include_seen=True, exclude_item_ids=deep)
+    assert rec.item_ids == [f"i{j}" for j in top[8:13]]
+    assert index.calls == [(1, 13, False), (1, 5, True)]  # over-fetch, then the index's excluding search
+    # excluding only the best item puts the 5th kept item at rank 6 of 6 fetched: 6 * 2 / 1.25 <= 10, one call
+    index.calls.clear()
+    rec = service.recommend(bundle, user_id="u6", k=5, include_seen=True, exclude_item_ids=[f"i{top[0]}"])
+    assert rec.item_ids == [f"i{j}" for j in top[1:6]] and index.calls == [(1, 6, False)]
+    # the batch path applies the same rule row by row: only the deep row is asked again
+    index.calls.clear()
+    users = ["u6", "u7"]
+    batch, _ = service.batch_recommend(bundle, user_ids=users, k=5, include_seen=True, exclude_item_ids=deep)
+    order7 = _ids(bundle.expected_top(bundle.user_embeddings[7], N_ITEMS))
+    depth7 = [j for j, t in enumerate(order7) if f"i{t}" not in deep][4] + 1  # rank of u7's 5th kept item
+    redo = [0, 1] if depth7 * 2 / 1.25 > 13 else [0]
+    assert index.calls == [(2, 13, False), (len(redo), 5, True)]
+    assert batch[0].item_ids == [f"i{j}" for j in top[8:13]]
+    assert batch[1].item_ids == bundle.expected_top(bundle.user_embeddings[7], 5, exclude=_ids(deep))
+
+
+def test_prepared_views_follow_the_bundle(tmp_path):
+    bundle = FakeBundle(tmp_path, version="v9", seed=1)
+    p = service.prepared(bundle)
+    assert service.prepared(bundle) is p and p.item_ids[:3] == ["i0", "i1", "i2"] and p.n_items == N_ITEMS
+    assert p.ef is None  # exact index: every list is deep enough
+    alive = weakref.ref(bundle)
+    del bundle
+    gc.collect()
+    assert alive() is None  # a bundle swapped out by a hot reload is not kept alive by the cache
