@@ -583,7 +583,8 @@ def _run_phase(
     bs = min(tc.batch_size, n)
     n_batches = max(1, n // bs)  # the ragged tail is dropped: a tiny last batch has too few negatives
     phase = progress.phase
-    while progress.epoch < epochs and not progress.stopped_early:
+    # early stopping ends the fit phase only; the refit phase always runs its fixed number of epochs
+    while progress.epoch < epochs and not (phase == "fit" and progress.stopped_early):
         epoch = progress.epoch + 1
         t0 = time.perf_counter()
         perm = torch.randperm(n).to(trainer.device)  # CPU generator: the same order on CPU and CUDA

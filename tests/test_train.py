@@ -183,13 +183,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 
 
 def test_refit_trains_on_train_plus_valid_for_best_epochs(data_dir, tmp_path):
-    m, t, lc = tiny_cfgs(epochs=2, refit=True)
+    # Regression: after an early stop the refit phase used to run zero epochs and ship an untrained model.
+    m, t, lc = tiny_cfgs(epochs=20, refit=True, patience=1, early_stop_metric="mrr")
     summary = train(data_dir, tmp_path / "run", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
-    assert summary["refit_epochs"] == summary["best_epoch"] >= 1
+    assert summary["stopped_early"] and summary["refit_epochs"] == summary["best_epoch"] >= 1
     events = [json.loads(x) for x in (tmp_path / "run" / schema.METRICS_JSONL).read_text().splitlines()]
     refit = [e for e in events if e["event"] == "epoch" and e["phase"] == "refit"]
     assert len(refit) == summary["best_epoch"]
     assert "valid_recall@20" not in refit[0]
+    # the shipped (refit) model is trained: each user's own cluster fills their top items
+    model = TwoTower.from_run(tmp_path / "run")
+    users = torch.arange(model.n_users)
+    scores = model.encode_users(users, torch.full((model.n_users, 1), -1)) @ model.encode_items(
+        torch.arange(model.n_items)).T
+    top = scores.topk(5, dim=1).indices // ITEMS_PER_CLUSTER
+    assert (top == (users // USERS_PER_CLUSTER)[:, None]).float().mean() >= 0.8
 
 
 def test_config_toml_and_overrides_round_trip(tmp_path):
