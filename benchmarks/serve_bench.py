@@ -180,12 +180,12 @@ def empty_server(port: int, workers: int, *, use_aio: bool = False) -> None:
     server.wait_for_termination()
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, *, cwd: Path = ROOT) -> subprocess.Popen:
     """Start a server process; its stderr (the JSON log) goes to ``log`` (a pipe could fill up and stall it)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=f)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=f)
     proc.log = log  # type: ignore[attr-defined]
     return proc
 
@@ -222,6 +222,26 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def baseline_tree(workdir: Path, ref: str) -> Path:
+    """A copy of today's ``recsys`` and ``server`` packages with the serving layer (``server/``,
+    ``recsys/service.py``) taken from git ``ref``: the old serving code against the same bundle, model and index
+    code, for a before/after comparison in one run. Run it with ``cwd`` = the returned directory."""
+    sha = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
+    dst = workdir / f"baseline-{sha[:10]}"
+    if dst.exists():
+        shutil.rmtree(dst)
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "recsys", dst / "recsys", ignore=ignore)
+    shutil.copytree(ROOT / "server", dst / "server", ignore=ignore)
+    files = subprocess.run(["git", "ls-tree", "-r", "--name-only", sha, "server"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for path in [*files, "recsys/service.py"]:
+        text = subprocess.run(["git", "show", f"{sha}:{path}"], cwd=ROOT, check=True, capture_output=True).stdout
+        (dst / path).parent.mkdir(parents=True, exist_ok=True)
+        (dst / path).write_bytes(text)
+    return dst
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -321,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="interleaved repeats of every measurement (medians quoted)")
     p.add_argument("--workers", type=int, default=4, help="server RPC threads (both sync servers)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/recsys_serve_bench"))
+    p.add_argument("--baseline-ref", metavar="GITREF",
+                   help="also serve with the serving layer (server/, recsys/service.py) of this git ref: "
+                        "rows 'Recommend@ref' / 'BatchRecommend(64)@ref'")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--empty-server", type=int, help=argparse.SUPPRESS)  # internal: run the bare server
     p.add_argument("--empty-aio", action="store_true", help=argparse.SUPPRESS)
@@ -354,6 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         server = start([*serve, "--port", str(sp), "--max-concurrency", "1000"], logs / "serve.log")
         limited = start([*serve, "--port", str(lp), "--max-concurrency", "32"], logs / "serve-limit32.log")
         procs = [empty, empty_aio, server, limited]
+        if args.baseline_ref:
+            bp = free_port()
+            base_dir = baseline_tree(args.workdir, args.baseline_ref)
+            results["baseline"] = {"ref": args.baseline_ref, "tree": str(base_dir)}
+            base = start([*serve, "--port", str(bp), "--max-concurrency", "1000"], logs / "serve-baseline.log",
+                         cwd=base_dir)
+            procs.append(base)
+            wait_serving(bp, base)
         wait_serving(ep, empty, health=False)
         wait_serving(ap, empty_aio, health=False)
         wait_serving(sp, server)
@@ -374,15 +405,19 @@ def main(argv: list[str] | None = None) -> int:
             return r
 
         recommend = "/recsys.v1.Recommender/Recommend"
+        batch = "/recsys.v1.Recommender/BatchRecommend"
         for rep in range(args.repeat):
             print(f"--- repeat {rep + 1}/{args.repeat}", flush=True)
             for c in args.concurrency:  # the ceiling and the service side by side, under the same load
                 run("empty", ep, empty, EMPTY_METHOD, [b""], c, args.requests)
                 run("empty-aio", ap, empty_aio, EMPTY_METHOD, [b""], c, args.requests)
                 run("Recommend", sp, server, recommend, rec_bytes, c, args.requests)
+                if args.baseline_ref:
+                    run("Recommend@ref", bp, base, recommend, rec_bytes, c, args.requests)
             for c in (1, 8):
-                run("BatchRecommend(64)", sp, server, "/recsys.v1.Recommender/BatchRecommend", batch_bytes, c,
-                    args.batch_requests)
+                run("BatchRecommend(64)", sp, server, batch, batch_bytes, c, args.batch_requests)
+                if args.baseline_ref:
+                    run("BatchRecommend(64)@ref", bp, base, batch, batch_bytes, c, args.batch_requests)
         over = run("overload(limit 32)", lp, limited, recommend, rec_bytes, 256, 5000)
         results["overload_only_ok_or_exhausted"] = set(over["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}
     finally:
