@@ -766,7 +766,7 @@ class HnswIndex:
         if got >= k:
             p = int(np.flatnonzero(keep)[k - 1]) + 1
             need = math.ceil(p * width / self.refetch_slack)
-            if need <= kf or kf >= cap:
+            if need <= max(kf, self._ef) or kf >= cap:  # hnswlib explored max(ef, kf)
                 return 0
         else:
             if kf >= k + n_ex:  # a fetch that had to hold k kept ones came back short: hnswlib missed nodes
