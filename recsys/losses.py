@@ -45,6 +45,7 @@ __all__ = [
     "feature_dropout_ssl_loss",
     "in_batch_softmax",
     "in_batch_softmax_chunked",
+    "in_batch_softmax_shard",
     "mixed_log_q",
 ]
 
@@ -480,6 +481,162 @@ def in_batch_softmax_chunked(
         correct_positive,
         chunk_size,
     )
+    return _reduce(per_row, weights, reduction)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one shard of a global in-batch softmax (data parallel: this rank's queries against every rank's candidates)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _ChunkedShardSoftmax(torch.autograd.Function):
+    """Per-row losses ``[b]`` of rows ``offset:offset + b`` of a ``[B, B + M]`` softmax, in row blocks.
+
+    The same computation as :class:`_ChunkedInBatchSoftmax` with the query rows a slice of the global batch:
+    row ``i`` of ``q`` is global row ``offset + i``, whose positive is candidate column ``offset + i``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, correct_positive, chunk,
+        offset, n_batch,
+    ):  # fmt: skip
+        compute_dtype = _compute_dtype(q)
+        ctx.compute_dtype, ctx.correct_positive, ctx.chunk = compute_dtype, correct_positive, chunk
+        ctx.offset, ctx.n_batch = offset, n_batch
+        logit_dtype = _logit_dtype(compute_dtype)
+        b = q.shape[0]
+        inv_t = 1.0 / temperature.detach().to(logit_dtype).reshape(())
+        qc, cc = q.detach().to(compute_dtype), cands.detach().to(compute_dtype)
+        opts = dict(b=n_batch, full_log_q=full_log_q, correct_positive=correct_positive, item_ids=item_ids,
+                    user_ids=user_ids, extra_item_ids=extra_item_ids)  # fmt: skip
+        out = torch.empty(b, dtype=logit_dtype, device=q.device)
+        lse = torch.empty(b, dtype=logit_dtype, device=q.device)
+        with torch.autocast(q.device.type, enabled=False):
+            for start in range(0, b, chunk):
+                stop = min(start + chunk, b)
+                logits = (qc[start:stop] @ cc.T).to(logit_dtype).mul_(inv_t)  # [r, B + M]
+                _correct_and_mask_(logits, offset + start, **opts)
+                lse[start:stop] = torch.logsumexp(logits, dim=1)
+                rows = torch.arange(stop - start, device=q.device)
+                out[start:stop] = lse[start:stop] - logits[rows, rows + offset + start]
+        ctx.save_for_backward(q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, lse = ctx.saved_tensors
+        need_q, need_c, need_t, need_lq = ctx.needs_input_grad[:4]
+        compute_dtype, logit_dtype, offset = ctx.compute_dtype, lse.dtype, ctx.offset
+        b, n_cols = q.shape[0], cands.shape[0]
+        inv_t = 1.0 / temperature.detach().to(logit_dtype).reshape(())
+        qc, cc = q.detach().to(compute_dtype), cands.detach().to(compute_dtype)
+        opts = dict(b=ctx.n_batch, full_log_q=full_log_q, correct_positive=ctx.correct_positive, item_ids=item_ids,
+                    user_ids=user_ids, extra_item_ids=extra_item_ids)  # fmt: skip
+        grad_out = grad_out.to(logit_dtype)
+        grad_q = torch.empty(q.shape, dtype=compute_dtype, device=q.device) if need_q else None
+        grad_c = torch.zeros(cands.shape, dtype=logit_dtype, device=q.device) if need_c else None
+        grad_t = torch.zeros((), dtype=logit_dtype, device=q.device)
+        grad_lq = torch.zeros(n_cols, dtype=logit_dtype, device=q.device) if need_lq else None
+        with torch.autocast(q.device.type, enabled=False):
+            for start in range(0, b, ctx.chunk):
+                stop = min(start + ctx.chunk, b)
+                scores = (qc[start:stop] @ cc.T).to(logit_dtype)  # [r, B + M]
+                logits = scores * inv_t if need_t else scores.mul_(inv_t)
+                _correct_and_mask_(logits, offset + start, **opts)
+                g = logits.sub_(lse[start:stop, None]).exp_()  # softmax; masked columns are 0
+                rows = torch.arange(stop - start, device=q.device)
+                cols = rows + offset + start
+                g[rows, cols] -= 1.0
+                g.mul_(grad_out[start:stop, None])  # d loss / d logits
+                if need_t:
+                    grad_t -= torch.dot(g.reshape(-1), scores.reshape(-1)) * inv_t * inv_t
+                if need_lq:
+                    grad_lq -= g.sum(0)
+                    if not ctx.correct_positive:
+                        grad_lq[cols] += g[rows, cols]
+                gs = g.mul_(inv_t).to(compute_dtype)  # d loss / d scores
+                if need_q:
+                    grad_q[start:stop] = gs @ cc
+                if need_c:
+                    grad_c += (gs.T @ qc[start:stop]).to(logit_dtype)
+        return (
+            grad_q.to(q.dtype) if need_q else None,
+            grad_c.to(cands.dtype) if need_c else None,
+            grad_t.to(temperature.device, temperature.dtype).reshape(temperature.shape) if need_t else None,
+            grad_lq.to(full_log_q.dtype) if need_lq else None,
+            None, None, None, None, None, None, None,
+        )  # fmt: skip
+
+
+def in_batch_softmax_shard(
+    q: Tensor,
+    c: Tensor,
+    *,
+    row_offset: int,
+    temperature: float | Tensor,
+    item_ids: Tensor | None = None,
+    user_ids: Tensor | None = None,
+    log_q: Tensor | None = None,
+    correct_positive: bool = True,
+    extra_c: Tensor | None = None,
+    extra_item_ids: Tensor | None = None,
+    extra_log_q: Tensor | float | None = None,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = 0,
+) -> Tensor:
+    """Rows ``row_offset : row_offset + b`` of :func:`in_batch_softmax` over a global batch of ``B`` rows.
+
+    Data-parallel training: each rank holds ``b`` of the ``B`` queries but every rank's candidates (all-gathered),
+    so the negative pool is the global batch while the logits are only ``[b, B + M]``. Summing the per-row losses
+    of every shard gives exactly the single-process loss on the concatenated batch. With ``row_offset=0`` and
+    ``b = B`` this is :func:`in_batch_softmax` (``chunk_size=0``) or :func:`in_batch_softmax_chunked`.
+
+    Args:
+        q: ``[b, d]`` this shard's queries (global rows ``row_offset .. row_offset + b - 1``).
+        c: ``[B, d]`` every row's positive, in global row order.
+        row_offset: global index of ``q``'s first row.
+        item_ids, user_ids, log_q: ``[B]`` global, as in :func:`in_batch_softmax`.
+        weights: ``[b]`` this shard's example weights; ``mean`` divides by their sum (a data-parallel caller
+            wanting the global weighted mean uses ``reduction="sum"`` and divides by the global sum itself).
+        chunk_size: rows per block (hand-written backward, never the full ``[b, B + M]`` logits); 0 = one block
+            through autograd.
+    Returns:
+        A scalar, or ``[b]`` with ``reduction="none"``.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(f"`chunk_size` must be an int >= 0, got {chunk_size!r}")
+    # the candidate side is validated as a B-row batch (q stands in for nothing there)
+    p = _prepare(
+        c, c, temperature=temperature, item_ids=item_ids, user_ids=user_ids, log_q=log_q, extra_c=extra_c,
+        extra_item_ids=extra_item_ids, extra_log_q=extra_log_q, weights=None, reduction=reduction,
+    )  # fmt: skip
+    n_batch = c.shape[0]
+    if q.ndim != 2 or q.shape[1] != c.shape[1] or q.shape[0] == 0:
+        raise ValueError(f"`q` must have shape [b >= 1, {c.shape[1]}], got {list(q.shape)}")
+    b = q.shape[0]
+    if isinstance(row_offset, bool) or not isinstance(row_offset, int) or not 0 <= row_offset <= n_batch - b:
+        raise ValueError(f"`row_offset` must be an int in [0, {n_batch - b}] (B={n_batch}, b={b}), got {row_offset!r}")
+    _check_vector("weights", weights, b)
+    q = q.to(torch.promote_types(q.dtype, p.cands.dtype))
+    cands = p.cands.to(q.dtype)
+    if chunk_size:
+        if not isinstance(temperature, Tensor):
+            temperature = torch.tensor(float(temperature), dtype=_logit_dtype(_compute_dtype(q)), device=q.device)
+        per_row = _ChunkedShardSoftmax.apply(
+            q, cands, temperature, p.full_log_q, item_ids, user_ids, p.extra_item_ids, correct_positive, chunk_size,
+            row_offset, n_batch,
+        )  # fmt: skip
+        return _reduce(per_row, weights, reduction)
+    scores = q @ cands.T  # [b, B + M]; bf16 under autocast
+    logits = scores.to(_logit_dtype(scores.dtype)) / temperature
+    logits = _correct_and_mask_(
+        logits, row_offset, b=n_batch, full_log_q=p.full_log_q, correct_positive=correct_positive,
+        item_ids=item_ids, user_ids=user_ids, extra_item_ids=p.extra_item_ids,
+    )  # fmt: skip
+    target = torch.arange(row_offset, row_offset + b, device=q.device)
+    per_row = F.cross_entropy(logits, target, reduction="none")  # [b]
     return _reduce(per_row, weights, reduction)
 
 
