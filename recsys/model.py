@@ -181,6 +181,16 @@ class TrainConfig:
     """torch intra-op threads on CPU (0 = leave torch's default)."""
     tensorboard: bool = True
     """Also write TensorBoard scalars to RUN_DIR/tb when the tensorboard package is installed."""
+    sparse_optimizer: Literal["sparse_adam", "rowwise_adagrad"] = "sparse_adam"
+    """With ``sparse_embeddings``: lazy Adam on the batch's rows, or row-wise Adagrad (recsys.optim; ~10x Adam's lr)."""
+    embedding_lr: float = 0.0
+    """Learning rate of the embedding tables' optimizer with ``sparse_embeddings`` (0 = ``lr``)."""
+    loss_chunk_size: int = 0
+    """In-batch softmax computed this many rows at a time, never all B x B float32 logits at once (0 = one block)."""
+    compile: bool = False
+    """torch.compile the two towers (CUDA; the first steps are slow while it compiles)."""
+    cuda_graphs: bool = False
+    """With ``compile``: mode "reduce-overhead" (CUDA graphs) instead of the default mode."""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "eval_every", "eval_k", "eval_batch_users"):
@@ -192,7 +202,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"`train.{name}` must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "embedding_weight_decay", "grad_clip", "max_eval_users", "patience",
-                     "log_every", "num_threads"):
+                     "log_every", "num_threads", "embedding_lr", "loss_chunk_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`train.{name}` must be >= 0, got {getattr(self, name)}")
 
