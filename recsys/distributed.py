@@ -36,7 +36,9 @@ from torch import Tensor
 __all__ = [
     "DistContext",
     "all_gather_nograd",
+    "RankZeroEvaluator",
     "all_gather_with_grad",
+    "contrastive_loss",
     "epoch_seed",
     "init_from_env",
     "sync_gradients",
@@ -50,6 +52,8 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False
+    """:func:`init_from_env` created the process group (so the trainer destroys it when done)."""
 
     @property
     def enabled(self) -> bool:
@@ -114,11 +118,12 @@ def init_from_env(device: str | torch.device = "auto") -> tuple[DistContext, str
         device = torch.device("cuda", local_rank)
     elif dev_str == "auto":
         device = "cpu"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
     if dist.get_world_size() != world:
         raise RuntimeError(f"process group has {dist.get_world_size()} ranks but WORLD_SIZE={world}")
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank), device
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, owns_group=owns), device
 
 
 def epoch_seed(seed: int, phase: str, epoch: int, rank: int = -1) -> int:
@@ -230,3 +235,70 @@ def _gather_ragged(idx: Tensor, vals: Tensor, ctx: DistContext) -> tuple[Tensor,
     gi, gv = all_gather_nograd(pad_i, ctx), all_gather_nograd(pad_v, ctx)
     keep = torch.cat([torch.arange(s, device=idx.device) + r * m for r, s in enumerate(sizes)])
     return gi[keep], gv[keep]
+
+
+# ------------------------------------------------------------------------------------------------ trainer hooks
+def contrastive_loss(
+    q: Tensor,
+    c: Tensor,
+    *,
+    ctx: DistContext,
+    temperature: float | Tensor,
+    items: Tensor,
+    users: Tensor,
+    log_q: Tensor | None,
+    weights: Tensor | None,
+    mask_items: bool,
+    mask_users: bool,
+    correct_positive: bool,
+    extra_c: Tensor | None,
+    extra_ids: Tensor | None,
+    extra_log_q: Tensor | None,
+    chunk_size: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The trainer's in-batch softmax, single-process or one rank's share of the global batch's.
+
+    Args:
+        q, c: ``[b, d]`` this rank's query / positive embeddings; ``items``, ``users``, ``log_q``, ``weights``
+            ``[b]`` alike. ``extra_*``: this rank's extra negatives (uniform samples, queue), ``[M, d]`` / ``[M]``.
+        chunk_size: > 0 computes the softmax in row blocks (no full ``[b, B + M]`` float32 logits).
+    Returns:
+        ``(loss, c_all [B, d], items_all [B])``: the loss to backpropagate (with ``W`` ranks its mean over ranks is
+        the single-process loss of the concatenated batch, and so are the averaged gradients), and the global
+        batch's candidates and items (what a MoCo queue should enqueue, identically on every rank).
+    """
+    from recsys import losses
+
+    kw: dict[str, Any] = dict(
+        temperature=temperature, log_q=log_q, correct_positive=correct_positive, extra_c=extra_c,
+        extra_item_ids=extra_ids if mask_items else None, extra_log_q=extra_log_q,
+    )  # fmt: skip
+    if not ctx.enabled:
+        kw.update(item_ids=items if mask_items else None, user_ids=users if mask_users else None, weights=weights)
+        if chunk_size:
+            return losses.in_batch_softmax_chunked(q, c, chunk_size=chunk_size, **kw), c, items
+        return losses.in_batch_softmax(q, c, **kw), c, items
+    b, w = q.shape[0], ctx.world_size
+    c_all = all_gather_with_grad(c, ctx)  # [B, d]: own slice keeps its grad
+    items_all = all_gather_nograd(items, ctx)
+    kw["log_q"] = None if log_q is None else all_gather_nograd(log_q, ctx)
+    kw.update(item_ids=items_all if mask_items else None,
+              user_ids=all_gather_nograd(users, ctx) if mask_users else None)  # fmt: skip
+    total = losses.in_batch_softmax_shard(
+        q, c_all, row_offset=ctx.rank * b, weights=weights, reduction="sum", chunk_size=chunk_size, **kw
+    )
+    # global mean = sum over every rank's rows / (B or the global weight sum); times W so that the DDP *mean*
+    # of the ranks' gradients (and losses) is the single-process gradient (and loss)
+    denom = float(b * w) if weights is None else all_gather_nograd(weights.reshape(-1), ctx).sum()
+    return total * w / denom, c_all, items_all
+
+
+class RankZeroEvaluator:
+    """Validation on rank 0 only; every rank gets rank 0's metrics (the others wait in the broadcast)."""
+
+    def __init__(self, inner: Any, ctx: DistContext) -> None:
+        self.inner, self.ctx = inner, ctx
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        metrics = self.inner(model) if self.ctx.is_main else None
+        return self.ctx.broadcast_object(metrics)

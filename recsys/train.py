@@ -30,6 +30,7 @@ import torch
 from recsys import schema
 from recsys.config import to_dict
 from recsys.data import Interactions, PreparedData, last_items, load_prepared, user_item_lists
+from recsys.distributed import DistContext
 from recsys.io import atomic_dir, atomic_write_json
 from recsys.model import FeatureSpec, LossConfig, ModelConfig, TrainConfig, TwoTower
 
@@ -39,7 +40,7 @@ STATE_WEIGHTS = "state.safetensors"
 STATE_JSON = "state.json"
 # Fields that may change between a run and its --resume without changing the result of the finished epochs.
 RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.progress", "train.log_every", "train.num_threads",
-                     "train.tensorboard", "train.eval_batch_users"}
+                     "train.tensorboard", "train.eval_batch_users", "train.compile", "train.cuda_graphs"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,10 +81,11 @@ class _Progress:
 class _Writer:
     """metrics.jsonl (append) + TensorBoard scalars when the package is installed."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, *, tensorboard: bool, enabled: bool = True) -> None:
         self.path = run_dir / schema.METRICS_JSONL
         self.tb = None
-        if tensorboard:
+        self.enabled = enabled  # data-parallel ranks other than 0 write nothing
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -92,6 +94,8 @@ class _Writer:
                 self.tb = None
 
     def write(self, event: str, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
         rec = {"event": event, "step": step, "time": time.time(), **values}
         with self.path.open("a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
@@ -210,8 +214,10 @@ class Trainer:
         device: torch.device,
         title_emb: np.ndarray | None = None,
         init_from: str | Path | None = None,
+        dist: DistContext | None = None,
     ) -> None:
         self.data = data
+        self.dist = dist or DistContext()
         self.init_from = init_from
         self.mcfg, self.tcfg, self.lcfg = model_cfg, train_cfg, loss_cfg
         self.device = device
@@ -256,11 +262,19 @@ class Trainer:
             dense.append(self.log_inv_t)
         tc = self.tcfg
         self.optimizers: list[torch.optim.Optimizer] = []
+        self.sparse_ids: frozenset[int] = frozenset()
         if tc.sparse_embeddings:
             for m in self.model.modules():
                 if isinstance(m, torch.nn.Embedding) and id(m.weight) in emb_ids:
                     m.sparse = True
-            self.optimizers.append(torch.optim.SparseAdam(emb, lr=tc.lr))
+            self.sparse_ids = frozenset(emb_ids)
+            emb_lr = tc.embedding_lr or tc.lr
+            if tc.sparse_optimizer == "rowwise_adagrad":
+                from recsys.optim import RowWiseAdagrad
+
+                self.optimizers.append(RowWiseAdagrad(emb, lr=emb_lr))
+            else:
+                self.optimizers.append(torch.optim.SparseAdam(emb, lr=emb_lr))
             self.optimizers.append(torch.optim.AdamW(dense, lr=tc.lr, weight_decay=tc.weight_decay))
         else:
             self.optimizers.append(
@@ -272,6 +286,13 @@ class Trainer:
                     lr=tc.lr,
                 )
             )
+        # every trained tensor, in one order on every rank (data-parallel gradient averaging)
+        self.trained = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+        self.users_fn, self.items_fn = self.model._users, self.model._items
+        if tc.compile:
+            mode = "reduce-overhead" if tc.cuda_graphs else None
+            self.users_fn = torch.compile(self.model._users, mode=mode)
+            self.items_fn = torch.compile(self.model._items, mode=mode)
         from recsys.losses import ItemEmbeddingQueue
 
         self.queue = ItemEmbeddingQueue(lc.queue_size, self.mcfg.dim, device=self.device, dtype=torch.float32) \
@@ -304,13 +325,13 @@ class Trainer:
         users, items = self.t_user[rows], self.t_item[rows]
         cuda = self.device.type == "cuda"
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cuda):
-            q = m._users(users, self.batch_history(rows), id_dropout=mc.user_id_dropout).float()  # [B, dim]
-            c = m._items(items, id_dropout=mc.item_id_dropout).float()  # [B, dim]
+            q = self.users_fn(users, self.batch_history(rows), id_dropout=mc.user_id_dropout).float()  # [B, dim]
+            c = self.items_fn(items, id_dropout=mc.item_id_dropout).float()  # [B, dim]
             extra_c = extra_ids = None
             if lc.n_uniform_negatives:
                 extra_ids = torch.randint(0, m.n_items, (lc.n_uniform_negatives,), device=self.device)
                 extra_c = m._items(extra_ids, id_dropout=mc.item_id_dropout).float()
-            b = items.shape[0]
+            b = items.shape[0] * self.dist.world_size  # the global batch: the candidate pool of every row
             log_q = extra_log_q = None
             if lc.logq_correction:
                 log_q = losses.mixed_log_q(
@@ -330,14 +351,15 @@ class Trainer:
                         self.log_p[qi], batch_size=b, n_uniform=lc.n_uniform_negatives, n_items=m.n_items
                     )
                     extra_log_q = ql if extra_log_q is None else torch.cat([extra_log_q, ql])
-            loss = losses.in_batch_softmax(
-                q, c, temperature=self.temperature(),
-                item_ids=items if lc.mask_accidental_hits else None,
-                user_ids=users if lc.mask_same_user else None,
+            from recsys.distributed import contrastive_loss
+
+            # plain / chunked softmax, or with several ranks this rank's rows against every rank's candidates
+            loss, c, items = contrastive_loss(
+                q, c, ctx=self.dist, temperature=self.temperature(), items=items, users=users,
+                mask_items=lc.mask_accidental_hits, mask_users=lc.mask_same_user,
                 log_q=log_q, correct_positive=lc.logq_correct_positive,
-                extra_c=extra_c, extra_item_ids=extra_ids if lc.mask_accidental_hits else None,
-                extra_log_q=extra_log_q,
-                weights=self.t_weight[rows] if lc.use_weights else None,
+                extra_c=extra_c, extra_ids=extra_ids, extra_log_q=extra_log_q,
+                weights=self.t_weight[rows] if lc.use_weights else None, chunk_size=self.tcfg.loss_chunk_size,
             )  # fmt: skip
             if lc.ssl_weight > 0:
                 uniq = torch.unique(items)
@@ -349,14 +371,27 @@ class Trainer:
             self.queue.enqueue(c.detach(), items)
         return loss
 
-    def step(self, rows: torch.Tensor) -> float:
+    def step(self, rows: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """One optimizer step on ``rows`` (this rank's shard of the global batch); returns the detached loss.
+
+        ``check``: read the loss on the host first (a device sync; a collective with several ranks) and return
+        without touching any weight when it is not finite. Without it nothing here waits for the device: the
+        caller checks the returned losses every few steps.
+        """
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss = self.loss(rows)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            return value  # the caller stops before any weight is touched
+        value = loss.detach()
+        if check:
+            value = self.dist.all_reduce_mean(value)
+            if not math.isfinite(float(value)):
+                return value  # the caller stops before any weight is touched
         loss.backward()
+        if self.dist.enabled:
+            from recsys.distributed import sync_gradients
+
+            # every rank looks up the same number of rows (SSL views use the global batch's items)
+            sync_gradients(self.trained, self.dist, sparse_ids=self.sparse_ids)
         if self.tcfg.grad_clip > 0:
             params = [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse]
             torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
@@ -421,8 +456,11 @@ class Trainer:
             self.queue._count = int(meta["queue"]["count"])
 
 
-def _save_weights(model: TwoTower, path: Path) -> None:
-    """model.safetensors via a temp file + rename (readers never see a half-written file)."""
+def _save_weights(model: TwoTower, path: Path, *, write: bool = True) -> None:
+    """model.safetensors via a temp file + rename (readers never see a half-written file); ``write=False``: no-op
+    (data-parallel ranks other than 0)."""
+    if not write:
+        return
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -432,11 +470,15 @@ def _save_weights(model: TwoTower, path: Path) -> None:
 
 
 def _save_checkpoint(run_dir: Path, trainer: Trainer, progress: _Progress) -> None:
+    """Rank 0 writes; progress is global (steps of global batches), so any world size can resume it."""
+    if not trainer.dist.is_main:
+        return
     from safetensors.torch import save_file
 
     with atomic_dir(run_dir / schema.CHECKPOINT_DIR, overwrite=True) as tmp:
         save_file(trainer.state_tensors(), str(tmp / STATE_WEIGHTS))
-        atomic_write_json(tmp / STATE_JSON, {"progress": progress.__dict__, **trainer.state_meta()})
+        atomic_write_json(tmp / STATE_JSON, {"progress": progress.__dict__, **trainer.state_meta(),
+                                             "world_size": trainer.dist.world_size})
 
 
 def _config_dict(model_cfg, train_cfg, loss_cfg) -> dict[str, Any]:
@@ -495,8 +537,24 @@ def train(
         ValueError: ``resume`` with a config that differs from the run's in a field that changes the result.
         TrainingDiverged: the loss became NaN/inf (the last good checkpoint and best weights are kept).
     """
+    from recsys.distributed import init_from_env
+
     model_cfg, train_cfg, loss_cfg = model_cfg or ModelConfig(), train_cfg or TrainConfig(), loss_cfg or LossConfig()
     run_dir = Path(out_dir)
+    # under torchrun (WORLD_SIZE > 1): join the process group; the device becomes cuda:LOCAL_RANK on GPUs
+    ctx, device = init_from_env(device)
+    try:
+        return _train(data_dir, run_dir, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg,
+                      device=device, resume=resume, init_from=init_from, ctx=ctx)
+    finally:
+        if ctx.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(
+    data_dir: str | Path, run_dir: Path, *, model_cfg: ModelConfig, train_cfg: TrainConfig, loss_cfg: LossConfig,
+    device: str | torch.device, resume: bool, init_from: str | Path | None, ctx: DistContext,
+) -> dict[str, Any]:
     dev = resolve_device(device)
     if train_cfg.num_threads and dev.type == "cpu":
         torch.set_num_threads(train_cfg.num_threads)
@@ -514,17 +572,22 @@ def train(
             )
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run dir {str(run_dir)!r} is not empty (pass resume=True / --resume to continue it)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()  # every rank has checked the run dir before rank 0 writes to it
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
 
     data = load_prepared(data_dir)
     title_emb = _load_title_embeddings(data, model_cfg, run_dir)
     trainer = Trainer(data, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg, device=dev,
-                      title_emb=title_emb, init_from=None if resume else init_from)
-    atomic_write_json(run_dir / schema.RUN_CONFIG, {
-        **cfg_dict, "data_dir": str(Path(data_dir).resolve()), "data_fingerprint": data.fingerprint,
-        "device": str(dev), "torch": torch.__version__,
-    })  # fmt: skip
-    atomic_write_json(run_dir / schema.MODEL_JSON, trainer.model.model_json())
+                      title_emb=title_emb, init_from=None if resume else init_from, dist=ctx)
+    ctx.barrier()  # every rank has read the old config.json / checkpoint inputs before rank 0 rewrites them
+    if ctx.is_main:
+        atomic_write_json(run_dir / schema.RUN_CONFIG, {
+            **cfg_dict, "data_dir": str(Path(data_dir).resolve()), "data_fingerprint": data.fingerprint,
+            "device": str(dev), "torch": torch.__version__, "world_size": ctx.world_size,
+        })  # fmt: skip
+        atomic_write_json(run_dir / schema.MODEL_JSON, trainer.model.model_json())
 
     progress = _Progress()
     if resume:
@@ -539,20 +602,24 @@ def train(
             trainer.build(seed=train_cfg.seed + 1)
         trainer.load_state(load_file(str(ckpt / STATE_WEIGHTS)), meta)
         log.info("resuming %s: phase %s after epoch %d", run_dir, progress.phase, progress.epoch)
-    else:
+    elif ctx.is_main:
         (run_dir / schema.METRICS_JSONL).unlink(missing_ok=True)
 
-    writer = _Writer(run_dir, tensorboard=train_cfg.tensorboard)
+    writer = _Writer(run_dir, tensorboard=train_cfg.tensorboard, enabled=ctx.is_main)
     try:
         if progress.phase == "fit":
-            evaluator = _validation(data, model_cfg, train_cfg, dev)
+            evaluator = _validation(data, model_cfg, train_cfg, dev) if ctx.is_main else None
+            if ctx.enabled and len(data.valid):
+                from recsys.distributed import RankZeroEvaluator
+
+                evaluator = RankZeroEvaluator(evaluator, ctx)
             trainer.set_interactions(data.train)
             _run_phase(trainer, progress, writer, run_dir, evaluator=evaluator, epochs=train_cfg.epochs)
             if progress.epoch < train_cfg.epochs and not progress.stopped_early:
                 return _summary(run_dir, progress, trainer, status="incomplete")
             if evaluator is None:  # nothing to choose from: the last epoch is the model
                 progress.best_epoch = progress.epoch
-                _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS)
+                _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
             if train_cfg.refit and len(data.valid) and progress.best_epoch > 0:
                 progress.phase, progress.epoch, progress.step = "refit", 0, 0
                 progress.refit_epochs = progress.best_epoch
@@ -563,7 +630,7 @@ def train(
         if progress.phase == "refit":
             trainer.set_interactions(Interactions.concat(data.train, data.valid))
             _run_phase(trainer, progress, writer, run_dir, evaluator=None, epochs=progress.refit_epochs)
-            _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS)
+            _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
             progress.phase = "done"
         _save_checkpoint(run_dir, trainer, progress)
         return _summary(run_dir, progress, trainer, status="done")
@@ -579,20 +646,42 @@ def _run_phase(
     from tqdm.auto import tqdm
 
     tc = trainer.tcfg
+    ctx = trainer.dist
     n = int(trainer.t_item.shape[0])
-    bs = min(tc.batch_size, n)
+    bs = min(tc.batch_size, n)  # the global batch; each of the W ranks takes bs / W rows of it
+    bs -= bs % ctx.world_size
+    ctx.local_batch(bs)
     n_batches = max(1, n // bs)  # the ragged tail is dropped: a tiny last batch has too few negatives
+    # Reading the loss on the host waits for the device: on CPU that is free, on CUDA only every log_every steps
+    # (and at the epoch's end) is the loss read, checked for NaN and logged.
+    check_every = 1 if trainer.device.type == "cpu" else max(tc.log_every, 1) if tc.log_every else n_batches
     phase = progress.phase
     # early stopping ends the fit phase only; the refit phase always runs its fixed number of epochs
     while progress.epoch < epochs and not (phase == "fit" and progress.stopped_early):
         epoch = progress.epoch + 1
         t0 = time.perf_counter()
-        perm = torch.randperm(n).to(trainer.device)  # CPU generator: the same order on CPU and CUDA
+        if ctx.enabled:
+            from recsys.distributed import epoch_seed
+
+            # one permutation for every rank (a generator of its own), and per-rank dropout / negative draws
+            gen = torch.Generator().manual_seed(epoch_seed(tc.seed, phase, epoch))
+            perm = torch.randperm(n, generator=gen).to(trainer.device)
+            torch.manual_seed(epoch_seed(tc.seed, phase, epoch, ctx.rank))
+        else:
+            perm = torch.randperm(n).to(trainer.device)  # CPU generator: the same order on CPU and CUDA
+        total_t = torch.zeros((), dtype=torch.float64, device=trainer.device)
         total, bar = 0.0, tqdm(range(n_batches), desc=f"{phase} epoch {epoch}/{epochs}", disable=not tc.progress,
                                 leave=False, unit="batch")
         for b in bar:
-            rows = perm[b * bs : (b + 1) * bs]
-            value = trainer.step(rows)
+            rows = ctx.shard(perm[b * bs : (b + 1) * bs])
+            check = (b + 1) % check_every == 0 or b + 1 == n_batches
+            value_t = trainer.step(rows, check=check_every == 1)  # checked: already the mean over ranks
+            total_t += value_t
+            value = 0.0
+            if check:
+                value = float(value_t if check_every == 1 else ctx.all_reduce_mean(value_t))
+                if check_every > 1 and not math.isfinite(float(ctx.all_reduce_mean(total_t))):
+                    value = float("nan")  # a step since the last check went non-finite (and was applied)
             if not math.isfinite(value):
                 writer.write("diverged", progress.step, phase=phase, epoch=epoch, loss=str(value))
                 _summary(run_dir, progress, trainer, status="diverged")
@@ -606,13 +695,13 @@ def _run_phase(
                     f"any checkpoint was written. Try a lower train.lr, a higher loss.temperature or train.grad_clip."
                 )
             progress.step += 1
-            total += value
-            if tc.log_every and progress.step % tc.log_every == 0:
+            if check and tc.log_every and progress.step % tc.log_every == 0:
                 writer.write("train", progress.step, phase=phase, epoch=epoch, loss=value)
-            if tc.progress:
+            if tc.progress and check:
                 el = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{(b + 1) * bs / max(el, 1e-9):.0f}")
         bar.close()
+        total = float(ctx.all_reduce_mean(total_t))
         seconds = time.perf_counter() - t0
         progress.epoch = epoch
         progress.train_seconds += seconds
@@ -633,7 +722,7 @@ def _run_phase(
             if value > progress.best_value:
                 progress.best_value, progress.best_epoch, progress.bad_evals = value, epoch, 0
                 progress.best_metrics = dict(metrics)
-                _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS)
+                _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
             else:
                 progress.bad_evals += 1
                 if tc.patience and progress.bad_evals >= tc.patience:
@@ -647,6 +736,7 @@ def _run_phase(
 def _summary(run_dir: Path, progress: _Progress, trainer: Trainer, *, status: str) -> dict[str, Any]:
     summary = {
         "status": status,
+        "world_size": trainer.dist.world_size,
         "best_epoch": progress.best_epoch,
         "best_metrics": progress.best_metrics,
         "epochs_run": progress.epoch if progress.phase != "done" else None,
@@ -661,7 +751,8 @@ def _summary(run_dir: Path, progress: _Progress, trainer: Trainer, *, status: st
         "metric": trainer.model.metric,
         "temperature": float(trainer.temperature()),
     }
-    atomic_write_json(run_dir / schema.SUMMARY, summary)
+    if trainer.dist.is_main:
+        atomic_write_json(run_dir / schema.SUMMARY, summary)
     return summary
 
 
