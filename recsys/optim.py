@@ -67,8 +67,8 @@ class RowWiseAdagrad(torch.optim.Optimizer):
     ) -> None:
         if not lr > 0:
             raise ValueError(f"`lr` must be > 0, got {lr}")
-        if not eps > 0:
-            raise ValueError(f"`eps` must be > 0, got {eps}")
+        if not eps >= 0:
+            raise ValueError(f"`eps` must be >= 0, got {eps}")
         if initial_accumulator_value < 0:
             raise ValueError(f"`initial_accumulator_value` must be >= 0, got {initial_accumulator_value}")
         defaults = {"lr": lr, "eps": eps, "initial_accumulator_value": initial_accumulator_value}
@@ -104,14 +104,15 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                         raise ValueError(f"expected a row-sparse gradient with [n, {p.shape[1]}] values, got "
                                          f"values of shape {list(vals.shape)}")
                     rows, total, first = segment_rows(idx, vals.float())
-                    sq = total.pow(2).mean(1) * first  # [n]: counted once per distinct row
-                    new_acc = acc[rows] + sq  # [n]: the same value for every entry of one row
-                    acc.index_add_(0, rows, sq)
-                    step = total * (first.float() * -lr / (new_acc.sqrt() + eps))[:, None]  # [n, E]
+                    sq = total.pow(2).mean(1)  # [n]: the same value for every entry of one row
+                    new_acc = acc[rows] + sq
+                    acc.index_add_(0, rows, sq * first)  # counted once per distinct row
+                    denom = (new_acc.sqrt() + eps).clamp_min(1e-30)  # a zero gradient with eps=0: 0 / 0 otherwise
+                    step = total * torch.where(first, -lr / denom, 0.0)[:, None]  # [n, E]
                     p.index_add_(0, rows, step.to(p.dtype))
                 else:
                     # dense gradient (e.g. a small table): rows with an all-zero gradient are left as they are
                     gf = g.float()
                     acc.add_(gf.pow(2).mean(1))
-                    p.add_((gf / (acc.sqrt() + eps)[:, None]).to(p.dtype), alpha=-lr)
+                    p.add_((gf / (acc.sqrt() + eps).clamp_min(1e-30)[:, None]).to(p.dtype), alpha=-lr)
         return loss
