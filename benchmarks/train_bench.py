@@ -1,0 +1,275 @@
+"""Training throughput: our Trainer step vs a bare-PyTorch reference loop, on synthetic power-law data.
+
+Measured per (implementation, towers, batch size), side by side in one process on the same data:
+
+* ``ours``: :class:`recsys.train.Trainer` exactly as ``recsys train`` runs it: the interaction table resident on
+  the device, batches sliced there from a device permutation, histories built by index arithmetic, bf16 autocast
+  on CUDA, sparse ID-table gradients with row-wise Adagrad (``--optimizer``), the chunked in-batch softmax with
+  accidental-hit + same-user masking and logQ, and no host sync inside the step (``Trainer.step(check=False)``).
+* ``reference``: two ``nn.Embedding`` ID tables, dense Adam, float32 ``[B, B]`` logits with a ``[B, B]`` boolean
+  duplicate mask and cross-entropy: the textbook loop, ID towers only.
+
+Towers: ``id_only`` (ID embeddings; the user tower pools a 1-item history from the shared item table, the
+smallest the model allows) and ``history_features`` (``--history-len`` items mean-pooled from their own table +
+categorical item/user features + an MLP with one hidden layer in each tower).
+
+Throughput = interactions per second over ``--steps`` steps without a sync between them; step time = median of
+the per-step times (CUDA events on GPU, wall clock on CPU); peak memory = ``torch.cuda.max_memory_allocated``
+during the timed steps (CUDA only). A configuration that runs out of memory is recorded as ``"oom"``.
+
+    python benchmarks/train_bench.py --device cuda                 # 1M users x 1M items, dim 128, ~5 min on an H100
+    python benchmarks/train_bench.py --device cpu --n-users 5000 --n-items 5000 --n-interactions 100000 \\
+        --batch-sizes 256 1024 --dim 32 --steps 3 --warmup 1                      # CPU smoke size
+
+Imports only torch, numpy and the training path (recsys.train / model / losses / optim / distributed; pyarrow via
+recsys.data): no polars, no hnswlib. Writes benchmarks/results/train_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train_bench.json"
+TARGETS = {  # interactions / s on one H100 (issue 4)
+    "ours/id_only/8192": 10e6,
+    "ours/history_features/8192": 5e6,
+}
+
+
+def make_data(*, n_users: int, n_items: int, n_interactions: int, n_item_cats: int, n_user_cats: int,
+              zipf: float, seed: int = 0):
+    """A PreparedData held in memory: items drawn from a power law (p_r ~ 1 / r^zipf), rows grouped by user."""
+    from recsys.data import Interactions, PreparedData
+
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, n_items + 1, dtype=np.float64) ** zipf
+    p /= p.sum()
+    ranks = rng.choice(n_items, size=n_interactions, p=p)
+    item_of_rank = rng.permutation(n_items)  # popular items are not the low rows
+    items = item_of_rank[ranks].astype(np.int64)
+    users = np.sort(rng.integers(0, n_users, size=n_interactions)).astype(np.int64)
+    train = Interactions(users, items, np.arange(n_interactions, dtype=np.int64),
+                         np.ones(n_interactions, dtype=np.float32))  # fmt: skip
+    empty = Interactions(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.int64, np.float32)))
+    counts = np.bincount(items, minlength=n_items).astype(np.float64) + 1.0  # +1: every item has prob > 0
+    return PreparedData(
+        path=Path("."), n_users=n_users, n_items=n_items, train=train, valid=empty, item_prob=counts / counts.sum(),
+        item_features={"category": rng.integers(1, n_item_cats, size=n_items), "brand": rng.integers(1, n_item_cats,
+                                                                                                       size=n_items)},
+        user_features={"region": rng.integers(1, n_user_cats, size=n_users)},
+        item_cardinality={"category": n_item_cats, "brand": n_item_cats}, user_cardinality={"region": n_user_cats},
+        titles=None, fingerprint="synthetic",
+    )  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step, n_steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(median step seconds, wall seconds of ``n_steps`` steps without a sync between them)."""
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n_steps)]
+    times = []
+    t0 = time.perf_counter()
+    for i in range(n_steps):
+        if device.type == "cuda":
+            events[i][0].record()
+            step(warmup + i)
+            events[i][1].record()
+        else:
+            s = time.perf_counter()
+            step(warmup + i)
+            times.append(time.perf_counter() - s)
+    _sync(device)
+    wall = time.perf_counter() - t0
+    if device.type == "cuda":
+        times = [a.elapsed_time(b) / 1e3 for a, b in events]
+    return statistics.median(times), wall
+
+
+def bench_ours(data, *, towers: str, batch: int, args, device: torch.device) -> dict[str, Any]:
+    from recsys.model import LossConfig, ModelConfig, TrainConfig
+    from recsys.train import Trainer
+
+    if towers == "id_only":
+        mcfg = ModelConfig(dim=args.dim, embedding_dim=args.dim, history_len=1, share_history_embeddings=True,
+                           use_user_features=False, use_item_features=False, user_id_dropout=0.0,
+                           item_id_dropout=0.0)  # fmt: skip
+    else:
+        mcfg = ModelConfig(dim=args.dim, embedding_dim=args.dim, history_len=args.history_len,
+                           hidden=(2 * args.dim,))  # fmt: skip
+    sparse = args.optimizer != "adamw"
+    tcfg = TrainConfig(batch_size=batch, lr=1e-3, embedding_lr=0.05, sparse_embeddings=sparse,
+                       sparse_optimizer=args.optimizer if sparse else "sparse_adam",
+                       loss_chunk_size=min(args.chunk, batch) if args.chunk else 0, compile=args.compile,
+                       progress=False, tensorboard=False)  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(data, model_cfg=mcfg, train_cfg=tcfg, loss_cfg=LossConfig(), device=device)
+    trainer.set_interactions(data.train)
+    n = int(trainer.t_item.shape[0])
+    perm = torch.randperm(n, device=device)
+    n_batches = n // batch
+
+    def step(i: int) -> None:
+        b = i % n_batches
+        trainer.step(perm[b * batch : (b + 1) * batch], check=False)
+
+    med, wall = _timed(step, args.steps, args.warmup, device)
+    loss = float(trainer.loss(perm[:batch]).detach())  # after training: finite and below log(B)
+    return {"step_ms": med * 1e3, "interactions_per_s": args.steps * batch / wall, "final_loss": loss,
+            "n_parameters": sum(p.numel() for p in trainer.model.parameters())}  # fmt: skip
+
+
+def bench_reference(data, *, batch: int, args, device: torch.device) -> dict[str, Any]:
+    """Bare PyTorch: ID tables, dense Adam, float32 [B, B] logits + [B, B] duplicate mask."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    users_t = torch.as_tensor(data.train.user_idx, device=device)
+    items_t = torch.as_tensor(data.train.item_idx, device=device)
+    uemb = torch.nn.Embedding(data.n_users, args.dim).to(device)
+    iemb = torch.nn.Embedding(data.n_items, args.dim).to(device)
+    for e in (uemb, iemb):
+        torch.nn.init.normal_(e.weight, std=0.1)
+    opt = torch.optim.Adam([uemb.weight, iemb.weight], lr=1e-3)
+    n = int(items_t.shape[0])
+    perm = torch.randperm(n, device=device)
+    n_batches = n // batch
+    eye = torch.eye(batch, dtype=torch.bool, device=device)
+    target = torch.arange(batch, device=device)
+
+    def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        items = items_t[rows]
+        q = F.normalize(uemb(users_t[rows]), dim=1)
+        c = F.normalize(iemb(items), dim=1)
+        logits = q @ c.T / 0.1  # [B, B] float32
+        dup = (items[:, None] == items[None, :]) & ~eye  # [B, B] bool
+        return F.cross_entropy(logits.masked_fill(dup, float("-inf")), target)
+
+    def step(i: int) -> None:
+        b = i % n_batches
+        opt.zero_grad(set_to_none=True)
+        loss_of(perm[b * batch : (b + 1) * batch]).backward()
+        opt.step()
+
+    med, wall = _timed(step, args.steps, args.warmup, device)
+    with torch.no_grad():
+        loss = float(loss_of(perm[:batch]))
+    return {"step_ms": med * 1e3, "interactions_per_s": args.steps * batch / wall, "final_loss": loss,
+            "n_parameters": uemb.weight.numel() + iemb.weight.numel()}  # fmt: skip
+
+
+def run_one(fn, device: torch.device, **kw) -> dict[str, Any]:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        out = fn(device=device, **kw)
+        out["status"] = "ok"
+        out["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    except torch.OutOfMemoryError:
+        out = {"status": "oom"}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--n-users", type=int, default=1_000_000)
+    ap.add_argument("--n-items", type=int, default=1_000_000)
+    ap.add_argument("--n-interactions", type=int, default=20_000_000)
+    ap.add_argument("--zipf", type=float, default=1.05, help="item popularity exponent: p_r ~ 1 / r^zipf")
+    ap.add_argument("--dim", type=int, default=128, help="embedding and output size")
+    ap.add_argument("--history-len", type=int, default=50)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8192, 65536])
+    ap.add_argument("--towers", nargs="+", default=["id_only", "history_features"],
+                    choices=["id_only", "history_features"])  # fmt: skip
+    ap.add_argument("--optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sparse_adam", "adamw"],
+                    help="our embedding optimizer (adamw = dense, every row every step)")
+    ap.add_argument("--chunk", type=int, default=8192, help="our loss_chunk_size (0 = plain softmax)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our towers")
+    ap.add_argument("--no-reference", action="store_true", help="skip the bare-PyTorch reference")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if max(args.batch_sizes) > args.n_interactions:
+        ap.error(f"--batch-sizes must be <= --n-interactions ({args.n_interactions}), got {max(args.batch_sizes)}")
+
+    t0 = time.perf_counter()
+    data = make_data(n_users=args.n_users, n_items=args.n_items, n_interactions=args.n_interactions,
+                     n_item_cats=1000, n_user_cats=100, zipf=args.zipf)  # fmt: skip
+    gen_s = time.perf_counter() - t0
+    rows = []
+    for batch in args.batch_sizes:
+        for towers in args.towers:
+            r = run_one(bench_ours, device, data=data, towers=towers, batch=batch, args=args)
+            rows.append({"impl": "ours", "towers": towers, "batch": batch, **r})
+        if not args.no_reference:
+            r = run_one(bench_reference, device, data=data, batch=batch, args=args)
+            rows.append({"impl": "reference", "towers": "id_only", "batch": batch, **r})
+
+    print(f"{'impl':<10} {'towers':<17} {'batch':>6} {'step ms':>9} {'inter/s':>12} {'peak MiB':>9} "
+          f"{'loss':>7} status")  # fmt: skip
+    for r in rows:
+        ok = r["status"] == "ok"
+        print(f"{r['impl']:<10} {r['towers']:<17} {r['batch']:>6} "
+              f"{r['step_ms'] if ok else float('nan'):>9.2f} {r['interactions_per_s'] if ok else float('nan'):>12.0f} "
+              f"{(r.get('peak_mem_mib') or float('nan')):>9.0f} {r['final_loss'] if ok else float('nan'):>7.3f} "
+              f"{r['status']}")  # fmt: skip
+    by = {f"{r['impl']}/{r['towers']}/{r['batch']}": r for r in rows}
+    checks = {}
+    for key, target in TARGETS.items():
+        r = by.get(key)
+        checks[key] = None if r is None or r["status"] != "ok" else r["interactions_per_s"] >= target
+    for towers in args.towers:
+        a, b = by.get(f"ours/{towers}/8192"), by.get(f"ours/{towers}/65536")
+        if a and b and a["status"] == b["status"] == "ok":
+            checks[f"ours/{towers}: 65536 >= 8192 throughput"] = b["interactions_per_s"] >= a["interactions_per_s"]
+    result = {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data_gen_seconds": round(gen_s, 2),
+        "results": rows,
+        "targets_interactions_per_s": TARGETS,
+        "target_checks": checks,  # meaningful on an H100 at full size only
+        "imported_polars": "polars" in sys.modules,
+        "imported_hnswlib": "hnswlib" in sys.modules,
+    }
+    from recsys.io import atomic_write_json
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
