@@ -51,11 +51,11 @@ class ModelConfig:
     """Size of every input embedding table (IDs, categorical features, history items)."""
     hidden: tuple[int, ...] = ()
     """Hidden layer sizes of each tower's MLP; empty = one linear layer from the inputs to ``dim``."""
-    dropout: float = 0.0
+    dropout: float = 0.2
     """Dropout on the tower inputs and between MLP layers while training."""
     history_len: int = 50
     """N: the user tower pools the user's last N items (training: the N items before the target)."""
-    history_pooling: Literal["mean", "attention"] = "mean"
+    history_pooling: Literal["mean", "attention"] = "attention"
     """How the history item embeddings are pooled: masked mean, or attention with a learned query + recency."""
     share_history_embeddings: bool = False
     """Use the item tower's ID table for the history items instead of a separate table."""
@@ -94,7 +94,7 @@ class ModelConfig:
 class LossConfig:
     """Options of the in-batch sampled softmax (section ``[loss]``); see ``recsys.losses``."""
 
-    temperature: float = 0.05
+    temperature: float = 0.1
     """Softmax temperature on cosine scores (logits = cos / temperature); initial value when learned."""
     learn_temperature: bool = False
     """Learn the temperature (as log(1/temperature), clamped to [min_temperature, 1])."""
@@ -104,7 +104,7 @@ class LossConfig:
     """Don't count the same item elsewhere in the batch (or among extra negatives) as a negative."""
     mask_same_user: bool = True
     """Don't count the same user's other positives in the batch as negatives."""
-    logq_correction: bool = False
+    logq_correction: bool = True
     """Subtract log(sampling probability) (items.parquet ``prob``) from the candidates' logits."""
     logq_correct_positive: bool = True
     """With logQ correction, also correct the positive's own logit."""
@@ -171,7 +171,7 @@ class TrainConfig:
     """Validation metric that picks the best epoch (a key of recsys.metrics.ranking_metrics)."""
     patience: int = 5
     """Stop after this many validations without improvement of ``early_stop_metric`` (0 = never stop early)."""
-    refit: bool = False
+    refit: bool = True
     """After picking the best epoch on validation, retrain from scratch on train + valid for that many epochs."""
     log_every: int = 50
     """Write a training-loss line to metrics.jsonl every this many steps (0 = only per epoch)."""

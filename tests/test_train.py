@@ -72,7 +72,8 @@ def make_clustered(path: Path, *, seed: int = 0, titles: bool = False) -> Path:
 
 def tiny_cfgs(**train_over) -> tuple[ModelConfig, TrainConfig, LossConfig]:
     model = ModelConfig(dim=16, embedding_dim=16, history_len=8)
-    opts = {"batch_size": 64, "lr": 0.01, "epochs": 3, "progress": False, "tensorboard": False, "patience": 0}
+    opts = {"batch_size": 64, "lr": 0.01, "epochs": 3, "progress": False, "tensorboard": False, "patience": 0,
+            "refit": False}
     tr = TrainConfig(**{**opts, **train_over})
     return model, tr, LossConfig(temperature=0.1)
 
@@ -109,7 +110,7 @@ def test_quality_band_on_clustered_data(data_dir, tmp_path):
     for f in (schema.RUN_CONFIG, schema.MODEL_JSON, schema.MODEL_WEIGHTS, schema.METRICS_JSONL, schema.SUMMARY):
         assert (run / f).exists(), f
     events = [json.loads(line) for line in (run / schema.METRICS_JSONL).read_text().splitlines()]
-    epochs = [e for e in events if e["event"] == "epoch"]
+    epochs = [e for e in events if e["event"] == "epoch" and e["phase"] == "fit"]
     assert [e["epoch"] for e in epochs] == list(range(1, 9))
     assert all("valid_ndcg@20" in e for e in epochs)
     meta = json.loads((run / schema.MODEL_JSON).read_text())
