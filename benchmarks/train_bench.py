@@ -131,9 +131,27 @@ def bench_ours(data, *, towers: str, batch: int, args, device: torch.device) -> 
         trainer.step(perm[b * batch : (b + 1) * batch], check=False)
 
     med, wall = _timed(step, args.steps, args.warmup, device)
+    if args.profile:
+        _profile(step, f"ours/{towers}/{batch}", device)
     loss = float(trainer.loss(perm[:batch]).detach())  # after training: finite and below log(B)
     return {"step_ms": med * 1e3, "interactions_per_s": args.steps * batch / wall, "final_loss": loss,
             "n_parameters": sum(p.numel() for p in trainer.model.parameters())}  # fmt: skip
+
+
+def _profile(step, name: str, device: torch.device, n: int = 5) -> None:
+    """Print where the time of ``n`` steps goes: host (Python + launches) vs device, top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            step(i)
+        _sync(device)
+    print(f"--- profile {name}: {(time.perf_counter() - t0) / n * 1e3:.2f} ms/step (profiled)")
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
 
 
 def bench_reference(data, *, batch: int, args, device: torch.device) -> dict[str, Any]:
@@ -186,6 +204,8 @@ def run_one(fn, device: torch.device, **kw) -> dict[str, Any]:
         out["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     except torch.OutOfMemoryError:
         out = {"status": "oom"}
+    except Exception as e:  # noqa: BLE001 - one failing configuration (e.g. --compile) must not lose the others
+        out = {"status": f"error: {type(e).__name__}: {str(e)[:300]}"}
     return out
 
 
@@ -206,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=8192, help="our loss_chunk_size (0 = plain softmax)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our towers")
     ap.add_argument("--no-reference", action="store_true", help="skip the bare-PyTorch reference")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of our steps")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")

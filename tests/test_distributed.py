@@ -31,7 +31,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _cfgs(**train_over) -> tuple[ModelConfig, TrainConfig, LossConfig]:
     # no dropout: the two runs must draw nothing at random inside the step to be compared
-    model = ModelConfig(dim=16, embedding_dim=16, history_len=8, user_id_dropout=0.0, item_id_dropout=0.0)
+    model = ModelConfig(dim=16, embedding_dim=16, history_len=8, dropout=0.0, user_id_dropout=0.0, item_id_dropout=0.0)
     opts = {"batch_size": 64, "lr": 0.01, "epochs": 3, "progress": False, "tensorboard": False, "patience": 0,
             "refit": False}
     return model, TrainConfig(**{**opts, **train_over}), LossConfig(temperature=0.1)
@@ -226,10 +226,11 @@ def test_cuda_chunked_equals_plain_under_bf16(data_dir):
         trainer.set_interactions(data.train)
         loss = trainer.loss(rows)
         loss.backward()
-        out.append((float(loss), _grads(trainer)))
+        out.append((float(loss.detach()), _grads(trainer)))
     assert out[0][0] == pytest.approx(out[1][0], rel=2e-3)  # bf16 scores: the two paths round differently
     for k in out[0][1]:
-        torch.testing.assert_close(out[0][1][k], out[1][1][k], rtol=0.05, atol=2e-4, msg=k)
+        a, b = out[0][1][k], out[1][1][k]
+        assert float((a - b).norm()) <= 0.02 * float(a.norm()) + 1e-6, k  # elementwise, bf16 noise dominates
 
 
 @cuda
