@@ -6,9 +6,8 @@ not the model, is the step time. :class:`RowWiseAdagrad` (FBGEMM / TorchRec's ``
 accumulator per row (``[n_rows]`` float32, 1/128 of an Adam moment) and updates only the rows present in the
 sparse gradient of an ``nn.Embedding(..., sparse=True)``.
 
-The update is written with fixed-shape tensor ops only (sort, cumsum, searchsorted, index_copy_): no ``coalesce``
-and no ``unique``, whose output sizes depend on the data and would make the host wait for the device on every
-step, and no atomic adds over the ``[n, E]`` gradient rows.
+The update is written with fixed-shape tensor ops only (sort, cumsum, index_add_): no ``coalesce`` and no
+``unique``, whose output sizes depend on the data and would make the host wait for the device on every step.
 """
 
 from __future__ import annotations
@@ -22,24 +21,22 @@ __all__ = ["RowWiseAdagrad", "segment_rows"]
 
 
 def segment_rows(idx: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Sum the gradient rows of repeated indices, keeping fixed shapes and without atomics.
+    """Sum the gradient rows of repeated indices, keeping fixed shapes.
 
     Args:
         idx: ``[n]`` row indices, repeats allowed (an uncoalesced sparse gradient's indices).
         values: ``[n, E]`` the matching gradient rows.
     Returns:
         ``(rows [n], total [n, E], first [n] bool)`` in sorted order: ``total[j]`` is the sum of every gradient
-        row of ``rows[j]`` (the same for each entry of one row); ``first[j]`` marks one entry per distinct row.
+        row of ``rows[j]``; ``first[j]`` marks one representative per distinct row (the others must add nothing).
     """
     rows, order = torch.sort(idx)
-    # segment sums as differences of a float64 prefix sum (float32 would lose small rows to cancellation)
-    csum = torch.zeros(rows.shape[0] + 1, values.shape[1], dtype=torch.float64, device=values.device)
-    torch.cumsum(values[order].double(), 0, out=csum[1:])
-    start = torch.searchsorted(rows, rows, right=False)  # [n]: first entry of each entry's row
-    stop = torch.searchsorted(rows, rows, right=True)  # [n]: one past its last entry
-    total = (csum[stop] - csum[start]).to(values.dtype)  # [n, E]
-    first = start == torch.arange(rows.shape[0], device=rows.device)
-    return rows, total, first
+    sv = values[order]  # [n, E]
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]
+    seg = torch.cumsum(first, 0) - 1  # [n]: segment number of each entry (segments beyond the count stay 0)
+    sums = torch.zeros_like(sv).index_add_(0, seg, sv)  # [n, E]
+    return rows, sums[seg], first
 
 
 class RowWiseAdagrad(torch.optim.Optimizer):
@@ -107,13 +104,12 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                         raise ValueError(f"expected a row-sparse gradient with [n, {p.shape[1]}] values, got "
                                          f"values of shape {list(vals.shape)}")
                     rows, total, first = segment_rows(idx, vals.float())
-                    # every entry of one row computes the same new values, so the repeated writes below agree
-                    # (plain scatters: no atomics, no unique)
-                    new_acc = acc[rows] + total.pow(2).mean(1)  # [n]
+                    sq = total.pow(2).mean(1)  # [n]: the same value for every entry of one row
+                    new_acc = acc[rows] + sq
+                    acc.index_add_(0, rows, sq * first)  # counted once per distinct row
                     denom = (new_acc.sqrt() + eps).clamp_min(1e-30)  # a zero gradient with eps=0: 0 / 0 otherwise
-                    new_rows = p[rows].float() - total * (lr / denom)[:, None]  # [n, E]
-                    acc.index_copy_(0, rows, new_acc)
-                    p.index_copy_(0, rows, new_rows.to(p.dtype))
+                    step = total * torch.where(first, -lr / denom, 0.0)[:, None]  # [n, E]
+                    p.index_add_(0, rows, step.to(p.dtype))
                 else:
                     # dense gradient (e.g. a small table): rows with an all-zero gradient are left as they are
                     gf = g.float()
