@@ -87,7 +87,16 @@ def _train_worker(rank: int, world: int, port: int, data_dir: str, run: str, epo
 
 
 def _spawn(fn, *args) -> None:
-    torch.multiprocessing.spawn(fn, args=(WORLD, _free_port(), *args), nprocs=WORLD, join=True)
+    """Run ``fn`` on WORLD ranks. A worker killed by a signal (gloo has been seen to SIGABRT on teardown about once
+    in eight runs on a loaded 2-core machine, or the free port is taken between probe and bind) is retried once on a
+    new port; an exception raised inside a worker (a failed check) is never retried."""
+    for attempt in range(2):
+        try:
+            torch.multiprocessing.spawn(fn, args=(WORLD, _free_port(), *args), nprocs=WORLD, join=True)
+            return
+        except torch.multiprocessing.ProcessExitedException as e:
+            if attempt or e.signal_name is None:
+                raise
 
 
 # --------------------------------------------------------------------------------------------------------- tests
