@@ -57,6 +57,8 @@ class ModelConfig:
     """N: the user tower pools the user's last N items (training: the N items before the target)."""
     history_pooling: Literal["mean", "attention"] = "attention"
     """How the history item embeddings are pooled: masked mean, or attention with a learned query + recency."""
+    last_item: bool = False
+    """Also feed the most recent history item's own embedding to the user tower (a direct sequential signal)."""
     share_history_embeddings: bool = False
     """Use the item tower's ID table for the history items instead of a separate table."""
     use_user_id: bool = True
@@ -297,7 +299,7 @@ class TwoTower(nn.Module):
         )
         self.history_emb = None if cfg.share_history_embeddings else nn.Embedding(spec.n_items, e)
         self.pool = _AttentionPool(e, cfg.history_len) if cfg.history_pooling == "attention" else None
-        self.user_mlp = _mlp(2 * e, cfg.hidden, cfg.dim, cfg.dropout)
+        self.user_mlp = _mlp((3 if cfg.last_item else 2) * e, cfg.hidden, cfg.dim, cfg.dropout)
         self.input_dropout = nn.Dropout(cfg.dropout)
 
         n_if, n_uf = len(self.item_feature_names), len(self.user_feature_names)
@@ -461,7 +463,11 @@ class TwoTower(nn.Module):
             for j, emb in enumerate(self.user_feat):
                 x = x + emb(codes[:, j])
         h = self.pool_history(history)
-        z = torch.cat([x, h], dim=1)
+        parts = [x, h]
+        if self.cfg.last_item:
+            last = history[:, -1]  # right-aligned: the last column is the most recent item (-1 = none)
+            parts.append(self._history_table()(last.clamp(min=0)) * (last >= 0).float().unsqueeze(1))
+        z = torch.cat(parts, dim=1)
         return F.normalize(self.user_mlp(self.input_dropout(z)).float(), dim=-1)
 
     # ------------------------------------------------------------------ helpers

@@ -81,9 +81,9 @@ def test_from_run_rebuilds_the_same_model(run_dir, model):
 
 def test_padding_and_unknown_user_rules():
     torch.manual_seed(0)
-    for pooling in ("mean", "attention"):
-        m = TwoTower(FeatureSpec(n_users=3, n_items=10), ModelConfig(dim=8, embedding_dim=8, history_len=4,
-                                                                     history_pooling=pooling)).eval()
+    for pooling, last_item in (("mean", False), ("attention", False), ("attention", True)):
+        cfg = ModelConfig(dim=8, embedding_dim=8, history_len=4, history_pooling=pooling, last_item=last_item)
+        m = TwoTower(FeatureSpec(n_users=3, n_items=10), cfg).eval()
         a = m.encode_users(torch.tensor([-1]), torch.tensor([[2, 5]]))
         b = m.encode_users(torch.tensor([-1]), torch.tensor([[-1, -1, 2, 5]]))  # left padding changes nothing
         assert torch.allclose(a, b, atol=1e-6), pooling
