@@ -12,7 +12,7 @@ train+valid items excluded.
   train+valid), then embeds each test user from their last N train+valid items (history.parquet) and ranks all
   items by cosine.
 
-    .venv/bin/python benchmarks/quality_bench.py                      # both datasets, ~3-4 min on 2 CPU cores
+    .venv/bin/python benchmarks/quality_bench.py                      # both datasets, 5-10 min on 2 CPU cores
     .venv/bin/python benchmarks/quality_bench.py --datasets ml100k --set loss.temperature=0.1   # tuning
 
 Writes benchmarks/results/quality_bench.json (unless --no-save).
