@@ -79,7 +79,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     t_start = time.perf_counter()
     work = Path(opts.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    config = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
+    config = Path(__file__).resolve().parent / "configs" / "demo.toml"
     config_path = config if config.exists() else None
     overrides = [f"train.epochs={opts.epochs}"] if opts.epochs else []
     timings: dict[str, float] = {}

@@ -203,9 +203,9 @@ def test_refit_trains_on_train_plus_valid_for_best_epochs(data_dir, tmp_path):
 
 def test_config_toml_and_overrides_round_trip(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    defaults = load_configs(root / "configs" / "default.toml")
-    assert defaults == (ModelConfig(), TrainConfig(), LossConfig()), "configs/default.toml drifted from the code"
-    m, t, lc = load_configs(root / "configs" / "default.toml",
+    defaults = load_configs(root / "recsys" / "configs" / "default.toml")
+    assert defaults == (ModelConfig(), TrainConfig(), LossConfig()), "recsys/configs/default.toml drifted from the code"
+    m, t, lc = load_configs(root / "recsys" / "configs" / "default.toml",
                             ["model.dim=32", "train.lr=0.001", "loss.learn_temperature=true",
                              "model.hidden=[64, 32]", "model.history_pooling=attention"])
     assert (m.dim, t.lr, lc.learn_temperature, m.hidden, m.history_pooling) == (32, 0.001, True, (64, 32),
