@@ -1,0 +1,40 @@
+"""The README's `make demo` job, end to end at reduced size: synth -> prepare -> train -> publish -> evaluate ->
+gRPC server -> client calls -> retrain -> hot reload, all in-process on a free port."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys import bundle as bundle_mod
+from recsys.demo import DemoOptions, run_demo
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_at_reduced_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_demo(DemoOptions(workdir=tmp_path, events=30_000, users=800, items=250, epochs=2, port=0))
+    out = capsys.readouterr().out
+    models = tmp_path / "models"
+    versions = [v["version"] for v in bundle_mod.list_versions(models)]
+    assert result["v1"] == versions[0]
+    # every step printed its section, the evaluation table has the model and the baselines
+    for section in ("1. synthetic logs", "3. train", "5. offline evaluation", "7. client calls", "8. retrain"):
+        assert section in out, section
+    for name in ("two_tower", "two_tower_hnsw", "popularity", "itemknn"):
+        assert f"\n{name} " in out, name
+    # the four client calls: a known user, a new user by history, similar items, and the error case
+    assert "source=known_user" in out and "source=history" in out and "SimilarItems(" in out
+    assert "Recommend(k=0) -> INVALID_ARGUMENT" in out
+    # the retrain either published a version that the running server then answered with, or was refused by the
+    # gate and the server kept the old one
+    latest = bundle_mod.read_latest(models)
+    if "v2" in result:
+        assert len(versions) == 2 and result["v2"] == versions[1] == latest != result["v1"]
+        assert f"server now answers with {latest}" in out
+    else:
+        assert latest == result["v1"] and "candidate rejected" in out
+    assert (tmp_path / "report" / "report.md").exists()
