@@ -156,14 +156,18 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     test = pl.read_parquet(data_dir / "test.parquet")
     users = pl.read_parquet(data_dir / "users.parquet")
     known_user = users["user_id"][int(test["user_idx"][0])]
-    hist_cat = items["category"][0]
-    new_history = items.filter(pl.col("category") == hist_cat)["item_id"].head(5).to_list()
+    # a "new" user: the 5 most recent items of another test user's history, sent without any user ID
+    history = pl.read_parquet(data_dir / "history.parquet")
+    item_vocab = pl.read_parquet(data_dir / "items.parquet")["item_id"]
+    other = int(test["user_idx"][len(test) // 2])
+    new_history = [item_vocab[int(i)] for i in history.filter(pl.col("user_idx") == other)["items"][0][-5:]]
 
     def calls(client: RecommenderClient) -> str:
         rec = client.recommend(known_user, k=5)
         _show(f"Recommend(user_id={known_user!r}, k=5)", rec, titles, cats)
         rec2 = client.recommend(history=new_history, k=5)
-        _show(f"Recommend(history={new_history} [all {hist_cat!r}], k=5) -- a user the model never saw",
+        cats_seen = ", ".join(cats.get(i, "?") for i in new_history)
+        _show(f"Recommend(history={new_history} [{cats_seen}], k=5) -- a user the model never saw",
               rec2, titles, cats)
         sim = client.similar_items(new_history[0], k=5)
         _show(f"SimilarItems({new_history[0]!r} [{cats[new_history[0]]}], k=5)", sim, titles, cats)
