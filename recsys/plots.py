@@ -135,7 +135,7 @@ def embedding_map_png(
         try:
             import sklearn  # noqa: F401
 
-            max_points = 3000  # t-SNE is O(n log n) but slow in practice; 3k points keep it to seconds
+            max_points = 2000  # t-SNE is O(n log n) but slow in practice: 2k points take ~15-30 s on 2 cores
         except ImportError:
             max_points = 20000
     rng = np.random.default_rng(seed)
