@@ -136,7 +136,7 @@ def evaluate_all(d: Path, *, overrides: list[str], run_dir: Path, skip_baselines
     from recsys.model import TwoTower
     from recsys.train import encode_all_items, load_configs, train
 
-    mc, tc, lc = load_configs(ROOT / "configs" / "default.toml", ["train.progress=false", *overrides])
+    mc, tc, lc = load_configs(ROOT / "recsys" / "configs" / "default.toml", ["train.progress=false", *overrides])
     t0 = time.perf_counter()
     summary = train(d, run_dir, model_cfg=mc, train_cfg=tc, loss_cfg=lc, device="cpu")
     seconds = time.perf_counter() - t0

@@ -151,6 +151,9 @@ class TrainConfig:
     """Maximum number of passes over the training interactions."""
     batch_size: int = 512
     """Interactions per step (the in-batch negatives are the other rows of the batch)."""
+    target_window: int = 1
+    """Each example's history ends a random 0..target_window-1 interactions before its target (1 = the next item
+    only), so the user vector learns to predict the next few items, as the per-user temporal split asks."""
     lr: float = 0.003
     """Learning rate of Adam(W) for every parameter (or the dense ones with ``sparse_embeddings``)."""
     weight_decay: float = 0.0
@@ -195,7 +198,7 @@ class TrainConfig:
     """With ``compile``: mode "reduce-overhead" (CUDA graphs) instead of the default mode."""
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_every", "eval_k", "eval_batch_users"):
+        for name in ("epochs", "batch_size", "target_window", "eval_every", "eval_k", "eval_batch_users"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`train.{name}` must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:

@@ -317,9 +317,15 @@ class Trainer:
         self.t_start = torch.as_tensor(inter.user_start(), device=dev)
         self.offsets = torch.arange(self.mcfg.history_len, 0, -1, device=dev)  # [N]: N..1 rows back
 
-    def batch_history(self, rows: torch.Tensor) -> torch.Tensor:
-        """[B, N] the N items before each row, oldest first, -1 before the user's first interaction."""
+    def batch_history(self, rows: torch.Tensor, gap: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N] the N items before each row, oldest first, -1 before the user's first interaction.
+
+        ``gap`` [B] (>= 0): skip that many of the row's most recent earlier items (the history ends ``gap + 1``
+        rows before the target).
+        """
         idx = rows[:, None] - self.offsets[None, :]  # [B, N]
+        if gap is not None:
+            idx = idx - gap[:, None]
         ok = idx >= self.t_start[rows][:, None]
         return torch.where(ok, self.t_item[idx.clamp(min=0)], torch.full_like(idx, -1))
 
@@ -330,7 +336,11 @@ class Trainer:
         users, items = self.t_user[rows], self.t_item[rows]
         cuda = self.device.type == "cuda"
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cuda):
-            q = self.users_fn(users, self.batch_history(rows), id_dropout=mc.user_id_dropout).float()  # [B, dim]
+            gap = None
+            if self.tcfg.target_window > 1:
+                # the target is 1..W steps after the history's last item: evaluation asks for the next few items
+                gap = torch.randint(0, self.tcfg.target_window, rows.shape, device=self.device)
+            q = self.users_fn(users, self.batch_history(rows, gap), id_dropout=mc.user_id_dropout).float()  # [B, dim]
             c = self.items_fn(items, id_dropout=mc.item_id_dropout).float()  # [B, dim]
             extra_c = extra_ids = None
             if lc.n_uniform_negatives:

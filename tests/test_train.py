@@ -248,3 +248,24 @@ def test_loss_and_optimizer_options_still_learn_the_clusters(data_dir, tmp_path,
     if lc.learn_temperature:
         assert summary["temperature"] != pytest.approx(0.1)  # it moved
         assert 0.01 <= summary["temperature"] <= 1.0
+
+
+def test_batch_history_gap_ends_the_history_before_the_target(data_dir):
+    """``target_window``: the history of a row skips ``gap`` of its most recent earlier items, never leaking
+    the target and never crossing into the previous user's rows."""
+    from recsys.data import Interactions, load_prepared
+    from recsys.train import Trainer
+
+    m, t, lc = tiny_cfgs(target_window=3)
+    trainer = Trainer(load_prepared(data_dir), model_cfg=ModelConfig(dim=8, embedding_dim=8, history_len=3),
+                      train_cfg=t, loss_cfg=lc, device=torch.device("cpu"))
+    # user 0: items 10, 11, 12, 13 (rows 0-3); user 1: items 20, 21 (rows 4-5)
+    inter = Interactions(np.array([0, 0, 0, 0, 1, 1]), np.array([10, 11, 12, 13, 20, 21]), np.arange(6),
+                         np.ones(6, np.float32))
+    trainer.set_interactions(inter)
+    rows = torch.tensor([3, 3, 3, 5, 5])
+    got = trainer.batch_history(rows, torch.tensor([0, 1, 2, 0, 1]))
+    assert got.tolist() == [[10, 11, 12], [-1, 10, 11], [-1, -1, 10], [-1, -1, 20], [-1, -1, -1]]
+    assert trainer.batch_history(rows).tolist() == got[[0, 0, 0, 3, 3]].tolist()  # no gap = gap 0
+    with pytest.raises(ValueError, match=r"`train.target_window` must be >= 1, got 0"):
+        TrainConfig(target_window=0).validate()
