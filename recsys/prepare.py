@@ -472,15 +472,21 @@ _DEDUPE_CHUNK_ROWS = 6_000_000  # valid rows per dedupe group-by (bounds its has
 _SEQ_FILE_SHIFT = 1 << 40  # seq = file_idx * 2**40 + row: input order across files, and the way back to (file, row)
 
 
+_REASON = pl.Enum(list(REJECT_REASONS))
+_FREASON = pl.Enum(list(FILTER_REASONS))
+
+
 def normalize(lf: pl.LazyFrame, *, path: Path, file_idx: int, fmt: str, cfg: PrepareConfig,
-              user_codes: pl.Categories, item_codes: pl.Categories) -> pl.LazyFrame:
+              user_codes: pl.Categories, item_codes: pl.Categories, details: bool = True) -> pl.LazyFrame:
     """Raw scan -> one normalised row per input row (everything that can be decided row by row).
 
     Columns: ``seq`` i64 (``file_idx * 2**40 + row``, row 1-based in the file), ``u`` / ``i`` u32 (codes of the
     user / item ID strings in ``user_codes`` / ``item_codes``), ``ts`` i64 epoch ms UTC, ``weight`` f64 (weight
-    column value, or 1, times the event-type weight), ``reason`` (reject reason, null = valid row), ``freason``
-    (implicit-feedback filter reason of a valid row, null = kept), and for rejected rows only ``bad_col``,
-    ``bad_value``, ``user_raw``, ``item_raw``.
+    column value, or 1, times the event-type weight), ``reason`` (reject reason, an Enum of ``REJECT_REASONS``,
+    null = valid row), ``freason`` (implicit-feedback filter reason of a valid row, an Enum of ``FILTER_REASONS``,
+    null = kept), and with ``details`` the String columns ``bad_col``, ``bad_value``, ``user_raw``,
+    ``item_raw`` (null except on rejected rows). Without ``details`` a row is ~34 bytes: the scratch copy of the
+    whole log stays small and cheap to write; the details are recomputed only when there are rejected rows.
     """
     schema_ = lf.collect_schema()
     cols = _resolve_columns(cfg, fmt, schema_.names(), path)
@@ -511,13 +517,14 @@ def normalize(lf: pl.LazyFrame, *, path: Path, file_idx: int, fmt: str, cfg: Pre
     # is null on almost every row
     reason_expr: Any = None
     for cond, reason, _col in checks:
-        reason_expr = (pl.when(cond) if reason_expr is None else reason_expr.when(cond)).then(pl.lit(reason))
-    reason_expr = reason_expr.otherwise(pl.lit(None, pl.String))
+        reason_expr = (pl.when(cond) if reason_expr is None else reason_expr.when(cond)).then(pl.lit(reason, _REASON))
+    reason_expr = reason_expr.otherwise(pl.lit(None, _REASON))
     col_of = {reason: col for _cond, reason, col in checks}
-    bad_col = pl.col("reason").replace_strict(col_of, default=None, return_dtype=pl.String)
+    reason_str = pl.col("reason").cast(pl.String)
+    bad_col = reason_str.replace_strict(col_of, default=None, return_dtype=pl.String)
     bad_value: Any = None
     for col in dict.fromkeys(col_of.values()):
-        cond = pl.col("reason").is_in([r for r, c in col_of.items() if c == col])
+        cond = reason_str.is_in([r for r, c in col_of.items() if c == col])
         bad_value = (pl.when(cond) if bad_value is None else bad_value.when(cond)).then(raw[col])
     bad_value = bad_value.otherwise(pl.lit(None, pl.String))
 
@@ -539,10 +546,16 @@ def normalize(lf: pl.LazyFrame, *, path: Path, file_idx: int, fmt: str, cfg: Pre
     if end_ms is not None:
         filt.append((pl.col("_t") >= end_ms, "after_end"))
     filt.append((weight <= 0, "nonpositive_weight"))
-    freason: Any = pl.when(pl.col("reason").is_not_null()).then(pl.lit(None, pl.String))
+    freason: Any = pl.when(pl.col("reason").is_not_null()).then(pl.lit(None, _FREASON))
     for cond, name in filt:
-        freason = freason.when(cond).then(pl.lit(name))
+        freason = freason.when(cond).then(pl.lit(name, _FREASON))
     bad = pl.col("reason").is_not_null()
+    detail_cols = [
+        bad_col.alias("bad_col"),
+        bad_value.alias("bad_value"),
+        pl.when(bad).then(pl.col("_u")).alias("user_raw"),
+        pl.when(bad).then(pl.col("_i")).alias("item_raw"),
+    ] if details else []
     return lf.with_columns(reason=reason_expr).select(
         (pl.lit(file_idx * _SEQ_FILE_SHIFT, pl.Int64) + pl.col("_row").cast(pl.Int64)).alias("seq"),
         pl.col("_u").cast(pl.Categorical(user_codes)).to_physical().alias("u"),
@@ -550,11 +563,8 @@ def normalize(lf: pl.LazyFrame, *, path: Path, file_idx: int, fmt: str, cfg: Pre
         pl.col("_t").cast(pl.Int64).alias("ts"),
         weight.cast(pl.Float64).alias("weight"),
         "reason",
-        freason.otherwise(pl.lit(None, pl.String)).alias("freason"),
-        bad_col.alias("bad_col"),
-        bad_value.alias("bad_value"),
-        pl.when(bad).then(pl.col("_u")).alias("user_raw"),
-        pl.when(bad).then(pl.col("_i")).alias("item_raw"),
+        freason.otherwise(pl.lit(None, _FREASON)).alias("freason"),
+        *detail_cols,
     )
 
 
@@ -657,6 +667,23 @@ def logq_prob(n_train: np.ndarray, *, smoothing: float = 0.0) -> np.ndarray:
     """``[n_items]`` float64 sampling probabilities for logQ: ``max(n_train + smoothing, 0.5)``, normalised."""
     mass = np.maximum(n_train.astype(np.float64) + smoothing, 0.5)
     return mass / mass.sum()
+
+
+def _user_time_order(df: pl.DataFrame) -> pl.DataFrame:
+    """Rows sorted by (u, ts, seq): each user's pairs together, in time order, for the split.
+
+    A three-column sort goes through Polars' row encoding (~3x slower than two primitive keys here); when the user
+    code and the time span fit in 64 bits together (e.g. 2**24 user codes over 2**40 ms = 35 years), (u, ts - min)
+    is packed into one u64 and the sort is on [packed, seq]; otherwise the plain three-column sort.
+    """
+    if df.height < 2:
+        return df
+    t_lo, t_hi, u_hi = df["ts"].min(), df["ts"].max(), df["u"].max()
+    t_bits = int(t_hi - t_lo).bit_length()
+    if int(u_hi).bit_length() + t_bits > 64:
+        return df.sort(["u", "ts", "seq"])
+    packed = pl.col("u").cast(pl.UInt64) * (1 << t_bits) + (pl.col("ts") - t_lo).cast(pl.UInt64)
+    return df.sort([packed, pl.col("seq")])
 
 
 def _take(cols: dict[str, np.ndarray], mask: np.ndarray) -> None:
@@ -773,13 +800,15 @@ class _Steps:
     @contextmanager
     def step(self, name: str) -> Iterator[dict[str, Any]]:
         rec: dict[str, Any] = {"step": name}
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         yield rec
         rec["seconds"] = round(time.perf_counter() - t, 3)
+        # CPU seconds of all threads: on a shared machine wall time mostly measures the neighbours
+        rec["cpu_seconds"] = round(time.process_time() - c, 3)
         self.rows.append(rec)
         extra = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in rec.items()
-                          if k not in ("step", "seconds"))
-        log.info("prepare: %-18s %8.2fs  %s", name, rec["seconds"], extra)
+                          if k not in ("step", "seconds", "cpu_seconds"))
+        log.info("prepare: %-18s %8.2fs (cpu %.2fs)  %s", name, rec["seconds"], rec["cpu_seconds"], extra)
 
 
 def prepare(
@@ -830,9 +859,10 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         for k, (path, fmt) in enumerate(zip(files, fmts, strict=True)):
             inputs.append({**fingerprint_file(path), "format": fmt})
             lf = normalize(scan_file(path, fmt, separator=cfg.separator), path=path, file_idx=k, fmt=fmt, cfg=cfg,
-                           user_codes=user_codes, item_codes=item_codes)
-            try:
-                lf.sink_parquet(work / "norm" / f"part-{k:05d}.parquet", compression="lz4", engine="streaming")
+                           user_codes=user_codes, item_codes=item_codes, details=False)
+            try:  # uncompressed: ~34 bytes a row of fixed-width columns, lz4 would cost more time than it saves
+                lf.sink_parquet(work / "norm" / f"part-{k:05d}.parquet", compression="uncompressed",
+                                engine="streaming")
             except pl.exceptions.PolarsError as e:
                 raise ValueError(f"{path}: cannot read as {fmt}: {e}") from None
         norm = pl.scan_parquet(work / "norm" / "*.parquet")
@@ -844,6 +874,7 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         for rec_in in inputs:
             rec_in.setdefault("rows", 0)
         n_input = int(acct["n"].sum())
+        acct = acct.with_columns(pl.col("reason", "freason").cast(pl.String))
         rejected = {r: int(n) for r, n in acct.filter(pl.col("reason").is_not_null())
                     .group_by("reason").agg(pl.col("n").sum()).sort("reason").iter_rows()}
         filtered = {r: int(n) for r, n in acct.filter(pl.col("freason").is_not_null())
@@ -856,9 +887,15 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
     n_rejected = sum(rejected.values())
     file_of = pl.col("seq") // _SEQ_FILE_SHIFT
     row_of = pl.col("seq") % _SEQ_FILE_SHIFT
+    # the rejected rows' details (column, raw values): a second pass over the inputs, run only when there are any
+    details = pl.concat([
+        normalize(scan_file(path, fmt, separator=cfg.separator), path=path, file_idx=k, fmt=fmt, cfg=cfg,
+                  user_codes=user_codes, item_codes=item_codes).filter(pl.col("reason").is_not_null())
+        for k, (path, fmt) in enumerate(zip(files, fmts, strict=True))])
     if n_rejected and cfg.on_bad_rows == "error":
-        first = (norm.filter(pl.col("reason").is_not_null()).sort("seq").head(1)
-                 .select(file_of.alias("file"), row_of.alias("row"), "reason", "bad_col", "bad_value")
+        first = (details.sort("seq").head(1)
+                 .select(file_of.alias("file"), row_of.alias("row"), pl.col("reason").cast(pl.String), "bad_col",
+                         "bad_value")
                  .collect(engine="streaming").row(0, named=True))
         raise ValueError(
             f"{files[first['file']]}: row {first['row']}, column {first['bad_col']!r}: "
@@ -868,9 +905,10 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
     if cfg.on_bad_rows == "skip":
         with steps.step("rejects") as rec:
             paths = {k: str(p) for k, p in enumerate(files)}
-            (norm.filter(pl.col("reason").is_not_null())
+            ((details if n_rejected else details.head(0))
              .select(file_of.replace_strict(paths, return_dtype=pl.String).alias("file"), row_of.alias("row"),
-                     pl.col("bad_col").alias("column"), "reason", pl.col("bad_value").alias("value"),
+                     pl.col("bad_col").alias("column"), pl.col("reason").cast(pl.String),
+                     pl.col("bad_value").alias("value"),
                      pl.col("user_raw").alias("user_id"), pl.col("item_raw").alias("item_id"))
              .sink_parquet(tmp / schema.REJECTS, engine="streaming"))
             rec.update(rows=n_rejected)
@@ -895,13 +933,12 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         chunks = []
         for c in range(n_chunks):
             part = good if n_chunks == 1 else good.filter(pl.col("u") % n_chunks == c)
-            chunks.append(
+            chunks.append(_user_time_order(
                 part.group_by(pair).agg(agg)
                 .select((pl.col("pair") // (1 << 32)).cast(pl.UInt32).alias("u"),
                         (pl.col("pair") % (1 << 32)).cast(pl.UInt32).alias("i"), "ts", "seq",
                         pl.col("weight").cast(pl.Float32))
-                .collect(engine="streaming")
-                .sort(["u", "ts", "seq"]))  # each user's pairs together, in time order, for the split
+                .collect(engine="streaming")))
         pairs = pl.concat(chunks, rechunk=True)
         del chunks
         n_dedup = n_before - pairs.height
