@@ -939,20 +939,24 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
                         (pl.col("pair") % (1 << 32)).cast(pl.UInt32).alias("i"), "ts", "seq",
                         pl.col("weight").cast(pl.Float32))
                 .collect(engine="streaming")))
-        pairs = pl.concat(chunks, rechunk=True)
-        del chunks
-        n_dedup = n_before - pairs.height
-        rec.update(rows=pairs.height, deduplicated=n_dedup, chunks=n_chunks)
-    if pairs.height == 0:
+        n_pairs = sum(ch.height for ch in chunks)
+        n_dedup = n_before - n_pairs
+        rec.update(rows=n_pairs, deduplicated=n_dedup, chunks=n_chunks)
+    if n_pairs == 0:
         raise ValueError(f"no interaction is left after validation and filters (filtered: {filtered}, "
                          f"rejected: {rejected})")
-    n_user_codes = int(pairs["u"].max()) + 1
-    n_item_codes = int(pairs["i"].max()) + 1
 
-    # numpy columns from here on (seq has done its job: rows are in order); filtering one column at a time keeps
-    # peak memory at the data + one column
-    cols_np = {c: pairs[c].to_numpy() for c in ("u", "i", "ts", "weight")}
-    del pairs
+    # numpy columns from here on (seq has done its job: rows are in order). A column at a time is copied out of the
+    # chunks and dropped from them, so the peak is the data + one column (never two copies of everything).
+    cols_np = {}
+    for c in ("u", "i", "ts", "weight"):
+        parts = [ch[c].to_numpy() for ch in chunks]
+        cols_np[c] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        chunks = [ch.drop(c) for ch in chunks]
+        del parts
+    del chunks
+    n_user_codes = int(cols_np["u"].max()) + 1
+    n_item_codes = int(cols_np["i"].max()) + 1
 
     # -- 4. k-core to a fixed point --------------------------------------------------------------------------------
     with steps.step("kcore") as rec:
