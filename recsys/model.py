@@ -57,9 +57,9 @@ class ModelConfig:
     """N: the user tower pools the user's last N items (training: the N items before the target)."""
     history_pooling: Literal["mean", "attention"] = "attention"
     """How the history item embeddings are pooled: masked mean, or attention with a learned query + recency."""
-    last_item: bool = False
+    last_item: bool = True
     """Also feed the most recent history item's own embedding to the user tower (a direct sequential signal)."""
-    share_history_embeddings: bool = False
+    share_history_embeddings: bool = True
     """Use the item tower's ID table for the history items instead of a separate table."""
     use_user_id: bool = True
     """Give the user tower a user-ID embedding (dropped at random, see ``user_id_dropout``)."""
@@ -108,7 +108,7 @@ class LossConfig:
     """Don't count the same user's other positives in the batch as negatives."""
     logq_correction: bool = True
     """Subtract log(sampling probability) (items.parquet ``prob``) from the candidates' logits."""
-    logq_correct_positive: bool = True
+    logq_correct_positive: bool = False
     """With logQ correction, also correct the positive's own logit."""
     n_uniform_negatives: int = 0
     """Mixed negative sampling: this many uniformly drawn items shared by the whole batch as extra negatives."""

@@ -288,6 +288,12 @@ class Trainer:
             )
         # every trained tensor, in one order on every rank (data-parallel gradient averaging)
         self.trained = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+        reused = self.mcfg.share_history_embeddings or lc.n_uniform_negatives or lc.ssl_weight
+        if tc.sparse_embeddings and self.dist.enabled and reused:
+            # A sparse table looked up more than once per step gets its lookups summed by autograd, which merges
+            # repeated rows depending on the batch's content, so the ranks' gradient sizes would differ; the
+            # data-parallel all-gather needs one size on every rank: coalesce, then pad with zero rows.
+            self.model.item_id.weight.register_hook(self._fixed_size_sparse_grad)
         self.users_fn, self.items_fn = self.model._users, self.model._items
         if tc.compile:
             mode = "reduce-overhead" if tc.cuda_graphs else None
@@ -297,6 +303,20 @@ class Trainer:
 
         self.queue = ItemEmbeddingQueue(lc.queue_size, self.mcfg.dim, device=self.device, dtype=torch.float32) \
             if lc.queue_size else None
+
+    def _fixed_size_sparse_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """Sparse [n_items, E] gradient -> the same gradient with exactly ``min(n_items, bound)`` index entries,
+        ``bound`` an upper limit of the distinct rows one rank's step can touch (the same on every rank)."""
+        if not g.is_sparse:
+            return g
+        lc, n = self.lcfg, self.model.n_items
+        b = self.tcfg.batch_size  # >= this rank's rows
+        bound = min(n, b * (2 + self.mcfg.history_len) + lc.n_uniform_negatives + 2 * b)
+        g = g.coalesce()
+        pad = bound - g._nnz()
+        idx = torch.cat([g._indices(), torch.zeros(1, pad, dtype=torch.long, device=g.device)], dim=1)
+        vals = torch.cat([g._values(), g._values().new_zeros(pad, *g.shape[1:])])
+        return torch.sparse_coo_tensor(idx, vals, g.shape)
 
     def temperature(self) -> torch.Tensor | float:
         if not self.lcfg.learn_temperature:
@@ -405,7 +425,8 @@ class Trainer:
         if self.dist.enabled:
             from recsys.distributed import sync_gradients
 
-            # every rank looks up the same number of rows (SSL views use the global batch's items)
+            # every rank looks up the same number of rows (SSL views use the global batch's items); a reused sparse
+            # item table has its gradient padded to a fixed size by _fixed_size_sparse_grad
             sync_gradients(self.trained, self.dist, sparse_ids=self.sparse_ids)
         if self.tcfg.grad_clip > 0:
             params = [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse]

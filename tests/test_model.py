@@ -92,10 +92,18 @@ def test_padding_and_unknown_user_rules():
         assert torch.allclose(c, d, atol=1e-6), pooling
         empty = m.encode_users(torch.tensor([-1, 0]), torch.full((2, 3), -1))
         assert torch.isfinite(empty).all()
-    mean = TwoTower(FeatureSpec(n_users=3, n_items=10), ModelConfig(dim=8, embedding_dim=8)).eval()
+    # explicit options: the defaults (attention + last item) are order-aware
+    mean_cfg = ModelConfig(dim=8, embedding_dim=8, history_pooling="mean", last_item=False)
+    mean = TwoTower(FeatureSpec(n_users=3, n_items=10), mean_cfg).eval()
     x = mean.encode_users(torch.tensor([-1]), torch.tensor([[1, 2, 3]]))
     y = mean.encode_users(torch.tensor([-1]), torch.tensor([[3, 1, 2]]))
     assert torch.allclose(x, y, atol=1e-6)  # mean pooling ignores order
+    # the default last_item path sees the most recent item: the same set in another order is another user
+    seq = TwoTower(FeatureSpec(n_users=3, n_items=10), ModelConfig(dim=8, embedding_dim=8)).eval()
+    assert seq.cfg.last_item and seq.cfg.share_history_embeddings and seq.history_emb is None
+    x = seq.encode_users(torch.tensor([-1]), torch.tensor([[1, 2, 3]]))
+    y = seq.encode_users(torch.tensor([-1]), torch.tensor([[3, 1, 2]]))
+    assert not torch.allclose(x, y, atol=1e-4)
 
 
 def test_bad_inputs_name_the_argument_and_value():
