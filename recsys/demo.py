@@ -131,8 +131,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     _say("5. offline evaluation (test split, seen items excluded, full catalogue)")
     t0 = time.perf_counter()
-    report = evaluate(models_dir, data_dir, split="test", sweep=True)
-    paths = write_report(report, work / "report")
+    served = bundle_mod.Bundle.load(models_dir)
+    report = evaluate(served, data_dir, split="test", sweep=True)
+    paths = write_report(report, work / "report", bundle=served)  # with the bundle: the item-embedding map too
     rows = []
     for name, m in report["models"].items():
         met = m.get("metrics", {})

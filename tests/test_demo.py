@@ -37,4 +37,5 @@ def test_demo_end_to_end_at_reduced_size(tmp_path: Path, capsys: pytest.CaptureF
         assert f"server now answers with {latest}" in out
     else:
         assert latest == result["v1"] and "candidate rejected" in out
-    assert (tmp_path / "report" / "report.md").exists()
+    for name in ("report.md", "report.json", "recall_at_k.png", "item_embeddings.png"):
+        assert (tmp_path / "report" / name).exists(), name
