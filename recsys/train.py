@@ -580,8 +580,10 @@ def train(
     # under torchrun (WORLD_SIZE > 1): join the process group; the device becomes cuda:LOCAL_RANK on GPUs
     ctx, device = init_from_env(device)
     try:
-        return _train(data_dir, run_dir, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg,
-                      device=device, resume=resume, init_from=init_from, ctx=ctx)
+        summary = _train(data_dir, run_dir, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg,
+                         device=device, resume=resume, init_from=init_from, ctx=ctx)
+        ctx.barrier()  # no rank tears the group down while a peer still talks to it (gloo aborts on that)
+        return summary
     finally:
         if ctx.owns_group:
             torch.distributed.destroy_process_group()

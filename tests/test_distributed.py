@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def _train_worker(rank: int, world: int, port: int, data_dir: str, run: str, epo
     train(data_dir, run, model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
 
 
-def _spawn(fn, *args) -> None:
+def _spawn(fn, *args, fresh: Path | None = None) -> None:
     """Run ``fn`` on WORLD ranks. A worker killed by a signal (gloo has been seen to SIGABRT on teardown about once
     in eight runs on a loaded 2-core machine, or the free port is taken between probe and bind) is retried once on a
     new port; an exception raised inside a worker (a failed check) is never retried."""
@@ -97,6 +98,8 @@ def _spawn(fn, *args) -> None:
         except torch.multiprocessing.ProcessExitedException as e:
             if attempt or e.signal_name is None:
                 raise
+            if fresh is not None:  # the output of the killed attempt would make the retry a resume
+                shutil.rmtree(fresh, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------- tests
@@ -201,7 +204,7 @@ def test_rowwise_adagrad_trains_to_the_dense_adam_quality_band(data_dir, tmp_pat
 def test_resume_two_ranks_with_one_rank(data_dir, tmp_path):
     """Epoch 1 with 2 ranks (rank 0 writes), then --resume on 1 rank for epochs 2-6: continues and learns."""
     run = tmp_path / "run"
-    _spawn(_train_worker, str(data_dir), str(run), 1)
+    _spawn(_train_worker, str(data_dir), str(run), 1, fresh=run)
     state = json.loads((run / schema.CHECKPOINT_DIR / "state.json").read_text())
     assert state["world_size"] == WORLD and state["progress"]["epoch"] == 1
     n_train = len(load_prepared(data_dir).train)

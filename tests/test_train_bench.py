@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -14,21 +15,17 @@ torch.set_num_threads(1)
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_bench.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("train_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_train_bench_tiny_cpu(tmp_path, capsys):
+def test_train_bench_tiny_cpu(tmp_path):
     out = tmp_path / "train_bench.json"
-    rc = _load().main([
+    # a fresh interpreter: the bench records whether the training path pulled in polars/hnswlib, which only means
+    # something when no other test has imported them into this process first
+    proc = subprocess.run([
+        sys.executable, str(BENCH),
         "--device", "cpu", "--n-users", "300", "--n-items", "200", "--n-interactions", "4000", "--dim", "16",
         "--history-len", "5", "--batch-sizes", "64", "256", "--steps", "2", "--warmup", "1", "--threads", "1",
         "--chunk", "32", "--out", str(out),
-    ])  # fmt: skip
-    assert rc == 0
+    ], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["device"] == "cpu" and res["torch"] == torch.__version__
     assert res["imported_polars"] is False and res["imported_hnswlib"] is False
@@ -45,6 +42,6 @@ def test_train_bench_tiny_cpu(tmp_path, capsys):
         assert r["peak_mem_mib"] is None  # CPU: not measured
     # the history+features towers have more parameters than the ID-only ones
     assert rows[1]["n_parameters"] > rows[0]["n_parameters"]
-    table = capsys.readouterr().out
+    table = proc.stdout
     assert table.splitlines()[0].split()[:4] == ["impl", "towers", "batch", "step"]
     assert sum(line.startswith(("ours", "reference")) for line in table.splitlines()) == 6
