@@ -484,32 +484,31 @@ def similar_items(
     return _answer(bundle, query, k, ex, allowed, source=SOURCE_KNOWN_USER)
 
 
+def _lookup(
+    ids: Sequence[str], row_of: Any, table: np.ndarray, *, name: str, limits: Limits
+) -> tuple[list[str], np.ndarray, list[str]]:
+    check_ids(ids, limits, name=name)
+    if not ids:
+        raise InvalidArgument(f"`{name}` must not be empty")
+    rows = [row_of(x) for x in ids]
+    known = [x for x, r in zip(ids, rows, strict=True) if r is not None]
+    unknown = [x for x, r in zip(ids, rows, strict=True) if r is None]
+    idx = np.array([r for r in rows if r is not None], dtype=np.int64)
+    return known, table[idx], unknown
+
+
 def user_embeddings(
     bundle: Any, user_ids: Sequence[str], *, limits: Limits = Limits()
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """(known IDs in request order, their embeddings [m, dim] float32, unknown IDs)."""
-    check_ids(user_ids, limits, name="user_ids")
-    if not user_ids:
-        raise InvalidArgument("`user_ids` must not be empty")
-    rows = [bundle.user_row(u) for u in user_ids]
-    known = [u for u, r in zip(user_ids, rows, strict=True) if r is not None]
-    unknown = [u for u, r in zip(user_ids, rows, strict=True) if r is None]
-    idx = np.array([r for r in rows if r is not None], dtype=np.int64)
-    return known, bundle.user_embeddings[idx], unknown
+    return _lookup(user_ids, bundle.user_row, bundle.user_embeddings, name="user_ids", limits=limits)
 
 
 def item_embeddings(
     bundle: Any, item_ids: Sequence[str], *, limits: Limits = Limits()
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """(known IDs in request order, their embeddings [m, dim] float32, unknown IDs)."""
-    check_ids(item_ids, limits, name="item_ids")
-    if not item_ids:
-        raise InvalidArgument("`item_ids` must not be empty")
-    rows = [bundle.item_row(i) for i in item_ids]
-    known = [i for i, r in zip(item_ids, rows, strict=True) if r is not None]
-    unknown = [i for i, r in zip(item_ids, rows, strict=True) if r is None]
-    idx = np.array([r for r in rows if r is not None], dtype=np.int64)
-    return known, bundle.item_embeddings[idx], unknown
+    return _lookup(item_ids, bundle.item_row, bundle.item_embeddings, name="item_ids", limits=limits)
 
 
 def embed_user(
