@@ -130,44 +130,29 @@ class _Retriever:
     """A model + the vocabularies it was trained with: embeds users and retrieves items by external ID."""
 
     def __init__(self, model_dir: Path, vocab_dir: Path):
-        import numpy as np
-        import pyarrow.parquet as pq
-        import torch
-
+        from recsys import schema
+        from recsys.bundle import embed_items
         from recsys.index import ExactIndex
         from recsys.model import TwoTower
+        from recsys.vocab import Vocab
 
         self.model = TwoTower.from_run(model_dir)
-        items = pq.read_table(vocab_dir / "items.parquet", columns=["item_id"]).column("item_id").to_pylist()
-        users = pq.read_table(vocab_dir / "users.parquet", columns=["user_id"]).column("user_id").to_pylist()
-        self.item_ids = np.asarray(items, dtype=object)
-        self.item_row = {v: i for i, v in enumerate(items)}
-        self.user_row = {v: i for i, v in enumerate(users)}
-        with torch.no_grad():
-            emb = torch.cat([
-                self.model.encode_items(torch.arange(s, min(s + 8192, len(items))))
-                for s in range(0, len(items), 8192)
-            ])
-        self.index = ExactIndex(emb.numpy().astype(np.float32))
-        self.history_len = int(self.model.cfg.history_len)
+        self.items = Vocab.from_parquet(vocab_dir / schema.ITEMS, schema.ITEM_ID)
+        self.users = Vocab.from_parquet(vocab_dir / schema.USERS, schema.USER_ID)
+        self.index = ExactIndex(embed_items(self.model, len(self.items)))
+
+    def _known_rows(self, ids: list[str]):
+        rows = self.items.numbers(ids)  # -1 = an item this model does not know
+        return rows[rows >= 0]
 
     def recommend(self, users: list[str], histories: list[list[str]], seen: list[list[str]], k: int):
         """Top-k external item IDs per user [n, k] (None = padding), seen items excluded."""
-        import numpy as np
-        import torch
+        from recsys.bundle import embed_users
 
-        n = len(users)
-        hist = np.full((n, self.history_len), -1, dtype=np.int64)
-        for i, h in enumerate(histories):
-            rows = [self.item_row[x] for x in h if x in self.item_row][-self.history_len:]
-            if rows:
-                hist[i, self.history_len - len(rows):] = rows  # right-aligned, oldest first
-        uidx = torch.tensor([self.user_row.get(u, -1) for u in users], dtype=torch.long)
-        with torch.no_grad():
-            q = self.model.encode_users(uidx, torch.from_numpy(hist)).numpy().astype(np.float32)
-        exclude = [np.asarray([self.item_row[x] for x in s if x in self.item_row], dtype=np.int64) for s in seen]
-        ids, _ = self.index.search(q, k, exclude=exclude)
-        return [[self.item_ids[j] if j >= 0 else None for j in row] for row in ids.tolist()]
+        q = embed_users(self.model, self.users.numbers(users), [self._known_rows(h) for h in histories],
+                        max_history=int(self.model.cfg.history_len))
+        ids, _ = self.index.search(q, k, exclude=[self._known_rows(s) for s in seen])
+        return [[self.items.id(j) if j >= 0 else None for j in row] for row in ids.tolist()]
 
 
 def _gate_users(data_dir: Path, *, split: str, max_users: int, seed: int):
