@@ -17,8 +17,18 @@ Exclusion rule (shared by serving and evaluation through :func:`retrieve`)
 --------------------------------------------------------------------------
 ``exclude[i]`` (a user's seen items and the request's exclusions) never appears in row ``i``; ``include[i]``
 restricts row ``i`` to those ids. The answer holds exactly ``k`` results whenever at least ``k`` candidates
-remain, otherwise it is padded with id ``-1`` / score ``-inf``. HNSW does this by adaptive over-fetch and
-post-filtering, not by a Python filter callback (one GIL round trip per visited node):
+remain, otherwise it is padded with id ``-1`` / score ``-inf``.
+
+HNSW, native filter (``HnswIndex.native_filter``, the default when the ``recsys._hnsw`` extension is built): the
+exclusion happens *inside* the graph search (recsys/csrc/hnsw_ext.cpp: hnswlib 0.8.0's own search with a
+``BaseFilterFunctor`` over the row's excluded labels). The walk goes through excluded nodes but keeps only
+allowed ones, so one search at width ``ef_filtered`` returns the top-``k`` allowed items, whatever the exclusion
+list's length. Rows whose exclusion covers more than ``exact_fallback_fraction`` of the catalogue, and rows the
+graph answers short although ``k`` candidates remain, are scanned exactly.
+
+HNSW without the extension (``native_filter`` False: no compiler where the package was installed) falls back to
+the hnswlib package with adaptive over-fetch and post-filtering, not a Python filter callback (one GIL round trip
+per visited node):
 
 1. fetch ``max(ef, k)`` results -- free, hnswlib explores ``max(ef, k)`` candidates whatever ``k`` is -- and
    drop the excluded ones;
@@ -35,18 +45,19 @@ An include-list of ``m`` items is answered by exact scoring of those ``m`` vecto
 
 Threads
 -------
-``search`` is safe to call from many threads at once (hnswlib's ``knn_query`` releases the GIL and is
+``search`` is safe to call from many threads at once (both backends release the GIL during the search and are
 re-entrant). ``add`` is not safe against concurrent ``knn_query``/``resize_index`` in hnswlib, so ``HnswIndex``
 guards it with a readers-writer lock: searches share the lock, ``add`` takes it exclusively (in-flight searches
 finish first, new ones wait). ``ExactIndex.add`` is copy-on-write (searches see the old or the new arrays, never a
 mix). ``set_ef`` changes a value every search reads; it is a plain store (a search racing it uses either ef).
-Batches use ``num_threads`` hnswlib threads; a single query always runs on the calling thread (spawning threads
+Batches use ``num_threads`` threads (hnswlib's ParallelFor); a single query always runs on the calling thread (spawning threads
 for one query costs more than the query). The exact scan uses BLAS, which starts its own thread pool: inside a
 threaded server wrap calls in :func:`blas_threads` ``(1)`` so N request threads don't each start N BLAS threads.
 
 Files
 -----
-``HnswIndex.save`` writes hnswlib's format through a temporary file + rename. ``HnswIndex.load`` must be told
+``HnswIndex.save`` writes hnswlib's format (the same file from either backend: ``recsys._hnsw`` is compiled from
+the headers of the hnswlib version the project depends on) through a temporary file + rename. ``HnswIndex.load`` must be told
 the expected ``dim``/``metric`` (and ideally ``size``): hnswlib index files are not safe to load untrusted (the
 loader trusts the header), so the header is parsed and the file size checked for plausibility first. The bundle
 verifies the file's sha256 before that.
@@ -71,6 +82,27 @@ import numpy as np
 from recsys.io import atomic_write_bytes, fsync_dir
 
 METRICS = ("cosine", "dot")
+
+_NATIVE: Any = None
+_NATIVE_ERROR: str | None = None
+
+
+def _native_module() -> Any:
+    """``recsys._hnsw`` or None when it was not built (install without a C++ compiler); imported on first use."""
+    global _NATIVE, _NATIVE_ERROR
+    if _NATIVE is None and _NATIVE_ERROR is None:
+        try:
+            from recsys import _hnsw
+
+            _NATIVE = _hnsw
+        except ImportError as e:
+            _NATIVE_ERROR = str(e)
+    return _NATIVE
+
+
+def native_available() -> bool:
+    """Whether the ``recsys._hnsw`` extension (in-search exclusion filter) is importable."""
+    return _native_module() is not None
 
 # Rows of the [block, size] score matrix the exact scan materialises at once (float32): ~64 MB.
 _EXACT_BLOCK_FLOATS = 1 << 24
@@ -558,6 +590,11 @@ class HnswIndex:
     """Approximate top-k with hnswlib (space ``"ip"``; score = ``1 - distance`` = dot of unit vectors).
 
     ``vectors [size, dim]``, ``ids [size]`` int64 >= 0 (default ``0..size-1``, the item rows).
+
+    ``native``: None (default) = the ``recsys._hnsw`` extension when it is built, else the hnswlib package;
+    True = require the extension; False = the hnswlib package (over-fetch + post-filter). ``native_filter`` says
+    which one runs. ``ef_filtered``: search width of rows with an exclusion list on the native path (the effective
+    value is ``max(ef, ef_filtered)``; None = ``ef``); :func:`autotune_ef` tunes it.
     """
 
     # Above this share of the catalogue excluded, or when a row's fetch would exceed it, scan exactly instead.
@@ -581,9 +618,9 @@ class HnswIndex:
         num_threads: int = -1,
         seed: int = 100,
         dim: int | None = None,
+        ef_filtered: int | None = None,
+        native: bool | None = None,
     ) -> None:
-        import hnswlib
-
         self.metric = _check_metric(metric)
         if vectors is None:  # used by load(): an empty shell filled by hnswlib's loader
             if dim is None:
@@ -599,10 +636,24 @@ class HnswIndex:
         self.num_threads = _resolve_threads(num_threads)
         self.M, self.ef_construction, self.seed = int(M), int(ef_construction), int(seed)
         self._ef = int(ef)
+        self._ef_filtered = 0  # 0 = same as ef
+        if ef_filtered is not None:
+            self.set_ef_filtered(ef_filtered)
         self._lock = _RWLock()
         self._exact_cache: ExactIndex | None = None
         self._exact_lock = threading.Lock()
-        self._index = hnswlib.Index(space="ip", dim=self.dim)
+        mod = None if native is False else _native_module()
+        if native and mod is None:
+            raise ImportError(f"`native=True` but the recsys._hnsw extension is not built ({_NATIVE_ERROR}); "
+                              "reinstall with a C++ compiler: pip install -e .")
+        self.native_filter: bool = mod is not None
+        """True: exclusions are filtered inside the graph search (recsys._hnsw); False: hnswlib + over-fetch."""
+        if mod is not None:
+            self._index = mod.Index(self.dim)
+        else:
+            import hnswlib
+
+            self._index = hnswlib.Index(space="ip", dim=self.dim)
         n = vecs.shape[0]
         ids_arr = np.arange(n, dtype=np.int64) if ids is None else _as_ids(ids, n, name="ids")
         self._idmap = _IdMap(np.zeros(0, dtype=np.int64))
@@ -610,16 +661,16 @@ class HnswIndex:
             self._index.init_index(max_elements=max(n, 1), M=self.M, ef_construction=self.ef_construction,
                                    random_seed=self.seed)
             if n:
-                self._index.add_items(vecs, ids_arr, num_threads=self.num_threads)
+                self._index.add_items(vecs, ids_arr, self.num_threads)
             self._idmap = _IdMap(ids_arr)
             self._index.set_ef(self._ef)
 
     @classmethod
     def from_config(cls, vectors: np.ndarray, ids: np.ndarray | None = None, *, metric: str = "cosine",
-                    cfg: IndexConfig | None = None) -> HnswIndex:
+                    cfg: IndexConfig | None = None, native: bool | None = None) -> HnswIndex:
         cfg = cfg or IndexConfig()
         return cls(vectors, ids, metric=metric, M=cfg.M, ef_construction=cfg.ef_construction, ef=cfg.ef,
-                   num_threads=cfg.num_threads, seed=cfg.seed)
+                   num_threads=cfg.num_threads, seed=cfg.seed, native=native)
 
     # -- properties ----------------------------------------------------------------------------------------------
 
@@ -637,20 +688,39 @@ class HnswIndex:
         return self._ef
 
     def set_ef(self, ef: int) -> None:
-        """Query-time candidate list size (the effective value is ``max(ef, k)``, hnswlib's rule)."""
+        """Query-time candidate list size (the effective value is ``max(ef, k)``, hnswlib's rule).
+
+        Leaves :attr:`ef_filtered` as set: the filtered width stays ``max(ef, ef_filtered)``.
+        """
         if isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or ef < 1:
             raise ValueError(f"`ef` must be an integer >= 1, got {ef!r}")
         self._ef = int(ef)
         self._index.set_ef(self._ef)
 
+    @property
+    def ef_filtered(self) -> int:
+        """Search width of rows with a non-empty exclusion list (native filter): ``max(ef, ef_filtered)``."""
+        return max(self._ef, self._ef_filtered)
+
+    def set_ef_filtered(self, ef: int | None) -> None:
+        """Set the filtered search width (None = the plain ``ef``). Used by the native filter only."""
+        if ef is None:
+            self._ef_filtered = 0
+            return
+        if isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or ef < 1:
+            raise ValueError(f"`ef_filtered` must be an integer >= 1, got {ef!r}")
+        self._ef_filtered = int(ef)
+
     def __repr__(self) -> str:
         return (f"HnswIndex(size={self.size}, dim={self.dim}, metric={self.metric!r}, M={self.M}, "
-                f"ef_construction={self.ef_construction}, ef={self._ef})")
+                f"ef_construction={self.ef_construction}, ef={self._ef}, ef_filtered={self.ef_filtered}, "
+                f"native_filter={self.native_filter})")
 
     def params(self) -> dict[str, Any]:
-        """Build/search parameters, for the bundle manifest."""
+        """Build/search parameters, for the bundle manifest (``ef_filtered``: pass it back to :meth:`load`)."""
         return {"metric": self.metric, "space": "ip", "dim": self.dim, "size": self.size, "M": self.M,
-                "ef_construction": self.ef_construction, "ef": self._ef, "seed": self.seed}
+                "ef_construction": self.ef_construction, "ef": self._ef, "ef_filtered": self.ef_filtered,
+                "seed": self.seed}
 
     def index_bytes(self) -> int:
         """Size of the serialised index (≈ its memory), bytes."""
@@ -663,6 +733,8 @@ class HnswIndex:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.native_filter:
+            return self._index.get_items(np.ascontiguousarray(ids))
         return np.ascontiguousarray(self._index.get_items(ids, return_type="numpy"), dtype=np.float32)
 
     def _exact(self) -> ExactIndex:
@@ -697,7 +769,7 @@ class HnswIndex:
             if need > cap:
                 # Grow geometrically so a stream of small adds doesn't resize (and copy) every time.
                 self._index.resize_index(max(need, int(cap * 1.5)))
-            self._index.add_items(new, new_ids, num_threads=self.num_threads)
+            self._index.add_items(new, new_ids, self.num_threads)
             self._idmap = _IdMap(np.concatenate([self._idmap.ids, new_ids]))
             self._exact_cache = None
 
@@ -716,6 +788,8 @@ class HnswIndex:
         Same contract as :meth:`ExactIndex.search`: never an excluded id, only included ids when ``include[i]``
         is given, exactly ``k`` results whenever ``k`` candidates remain, else padding -1 / -inf.
         """
+        if self.native_filter:
+            return self._search_native(queries, k, exclude, include)
         k = _check_k(k)
         q = _as_matrix(queries, self.dim, self.metric, name="queries")
         n = q.shape[0]
@@ -739,6 +813,118 @@ class HnswIndex:
             return self._search_general(q, k, excl, incl, idmap)
         finally:
             self._lock.release_read()
+
+    def _search_native(
+        self, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray | None] | None,
+        include: Sequence[np.ndarray | None] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The native path: one C++ call for the batch, the exclusion filtered inside the search.
+
+        Kept lean for ONE query (the gRPC hot path): validation, one ``knn`` call, ``1 - distance``.
+        """
+        k = _check_k(k)
+        q = _as_matrix(queries, self.dim, self.metric, name="queries")
+        n = q.shape[0]
+        labels: np.ndarray | None = None
+        offsets: np.ndarray | None = None
+        longest = 0
+        if exclude is not None:
+            if n == 1 and include is None and len(exclude) == 1:
+                # The serving call: one list, no per-query machinery.
+                e = exclude[0]
+                if e is not None:
+                    e = np.asarray(e).reshape(-1)
+                    if e.size:
+                        if e.dtype.kind not in "iu":
+                            raise ValueError(f"`exclude[0]` must hold integer ids, got dtype {e.dtype}")
+                        labels = np.ascontiguousarray(e, dtype=np.int64)
+                        offsets = np.array([0, labels.shape[0]], dtype=np.int64)
+                        longest = labels.shape[0]
+            else:
+                excl = _per_query(exclude, n, name="exclude")
+                assert excl is not None
+                lens = np.array([0 if e is None else e.shape[0] for e in excl], dtype=np.int64)
+                if lens.any():
+                    labels = np.concatenate([e for e in excl if e is not None]).astype(np.int64, copy=False)
+                    offsets = np.zeros(n + 1, dtype=np.int64)
+                    np.cumsum(lens, out=offsets[1:])
+                    longest = int(lens.max())
+        incl = _per_query(include, n, name="include") if include is not None else None
+        if incl is not None and all(e is None for e in incl):
+            incl = None
+        self._lock.acquire_read()
+        try:
+            idmap = self._idmap
+            size = idmap.ids.shape[0]
+            if incl is None and longest <= self.exact_fallback_fraction * size:
+                lab, dist = self._index.knn(q, k, self._ef, labels, offsets, self.num_threads, -1, self.ef_filtered)
+                # A short row (-1 padding) is fine only when the catalogue minus the exclusion is exhausted.
+                if not n or (size >= k and lab[:, k - 1].min() >= 0):
+                    return lab, 1.0 - dist
+            else:
+                lab, dist = self._knn_some(q, k, labels, offsets, incl, size)
+            return self._finish_native(q, k, lab, dist, labels, offsets, incl, idmap)
+        finally:
+            self._lock.release_read()
+
+    def _knn_some(
+        self, q: np.ndarray, k: int, labels: np.ndarray | None, offsets: np.ndarray | None,
+        incl: list[np.ndarray | None] | None, size: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The native search for the rows without an include-list or a huge exclusion (the others are scanned
+        exactly by :meth:`_finish_native`); -1 / inf in the rows not searched."""
+        n = q.shape[0]
+        lab = np.full((n, k), -1, dtype=np.int64)
+        dist = np.full((n, k), np.inf, dtype=np.float32)
+        lens = np.diff(offsets) if offsets is not None else np.zeros(n, dtype=np.int64)
+        rows = np.flatnonzero(lens <= self.exact_fallback_fraction * size)
+        if incl is not None:
+            rows = rows[[incl[i] is None for i in rows]]
+        if not rows.size:
+            return lab, dist
+        sub_labels = sub_offsets = None
+        if labels is not None and offsets is not None and lens[rows].any():
+            sub_labels = np.concatenate([labels[offsets[i]:offsets[i + 1]] for i in rows])
+            sub_offsets = np.zeros(rows.size + 1, dtype=np.int64)
+            np.cumsum(lens[rows], out=sub_offsets[1:])
+        lab[rows], dist[rows] = self._index.knn(np.ascontiguousarray(q[rows]), k, self._ef, sub_labels, sub_offsets,
+                                                self.num_threads, -1, self.ef_filtered)
+        return lab, dist
+
+    def _finish_native(
+        self, q: np.ndarray, k: int, lab: np.ndarray, dist: np.ndarray, labels: np.ndarray | None,
+        offsets: np.ndarray | None, incl: list[np.ndarray | None] | None, idmap: _IdMap,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows the graph search cannot answer: include-lists (exact scoring), huge exclusions and short rows
+        (exact scan). ``lab``/``dist [n, k]``: the native answer, -1/inf where not searched."""
+        n = q.shape[0]
+        size = idmap.ids.shape[0]
+        ids_out, scores = lab, 1.0 - dist
+        ex: list[np.ndarray | None] = [None] * n
+        if labels is not None and offsets is not None:
+            for i in range(n):
+                if offsets[i + 1] > offsets[i]:
+                    ex[i] = np.sort(idmap.present(labels[offsets[i]:offsets[i + 1]]))
+        exact_rows: list[int] = []
+        for i in range(n):
+            if incl is not None and incl[i] is not None:
+                cand = idmap.members(incl[i])
+                if ex[i] is not None:
+                    cand = cand[~np.isin(cand, ex[i])]
+                s = self.get_vectors(cand) @ q[i]  # [m]
+                pos, top = _topk_rows(s[None, :], k)
+                ids_out[i] = np.where(pos[0] >= 0, cand[np.maximum(pos[0], 0)] if cand.size else -1, -1)
+                scores[i] = top[0]
+                continue
+            n_ex = 0 if ex[i] is None else int(np.unique(ex[i]).size)
+            remain = min(k, size - n_ex)  # what a complete answer holds
+            if n_ex > self.exact_fallback_fraction * size or int((ids_out[i] >= 0).sum()) < remain:
+                exact_rows.append(i)
+        if exact_rows:
+            rows = np.array(exact_rows, dtype=np.int64)
+            ids_e, sc_e = self._exact().search_rows(q, rows, k, ex)
+            ids_out[rows], scores[rows] = ids_e, sc_e
+        return ids_out, scores
 
     def _knn(self, q: np.ndarray, kf: int) -> tuple[np.ndarray, np.ndarray]:
         # One query: run on this thread (hnswlib would otherwise spawn threads for it).
@@ -877,22 +1063,26 @@ class HnswIndex:
         metric: str,
         size: int | None = None,
         ef: int = 64,
+        ef_filtered: int | None = None,
         num_threads: int = -1,
         max_elements: int | None = None,
+        native: bool | None = None,
     ) -> HnswIndex:
-        """Load an index written by :meth:`save`, after checking its header and length against ``dim``/``size``.
+        """Load an index written by :meth:`save` (or by ``hnswlib.Index.save_index``, space ``"ip"``), after
+        checking its header and length against ``dim``/``size``.
 
-        ``metric`` is not stored in hnswlib's file: pass the bundle's. ``max_elements`` reserves room for adds.
+        ``metric`` is not stored in hnswlib's file: pass the bundle's; likewise ``ef`` / ``ef_filtered`` (the
+        manifest's ``params()``). ``max_elements`` reserves room for adds.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"hnswlib index {str(path)!r} does not exist")
         h = check_hnsw_file(path, dim=dim, size=size)
         self = cls(None, metric=metric, ef=ef, num_threads=num_threads, dim=dim, M=h["M"],
-                   ef_construction=h["ef_construction"])
+                   ef_construction=h["ef_construction"], ef_filtered=ef_filtered, native=native)
         count = h["count"]
         # Pass max_elements explicitly: otherwise hnswlib allocates the header's max_elements (untrusted).
-        self._index.load_index(str(path), max_elements=max(count, max_elements or 0, 1))
+        self._index.load_index(str(path), max(count, max_elements or 0, 1))
         if self._index.get_current_count() != count:
             raise ValueError(f"hnswlib index {str(path)!r}: loaded {self._index.get_current_count()} items, "
                              f"header says {count}")

@@ -1,4 +1,8 @@
-"""ExactIndex / HnswIndex: known answers, recall vs exact (before and after save/load), the exclusion rule."""
+"""ExactIndex / HnswIndex: known answers, recall vs exact (before and after save/load), the exclusion rule.
+
+Every HnswIndex test runs on both code paths: the native in-search filter (``recsys._hnsw``) and the fallback
+(hnswlib package + over-fetch), via the ``native`` fixture.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,34 @@ from recsys.index import (
     autotune_ef,
     check_hnsw_file,
     merge_exclusions,
+    native_available,
     recall_vs_exact,
     retrieve,
 )
+
+NATIVE_PARAMS = [
+    pytest.param(True, id="native", marks=pytest.mark.skipif(not native_available(), reason="recsys._hnsw not built")),
+    pytest.param(False, id="fallback"),
+]
+
+
+class _Hnsw:
+    """``HnswIndex`` pinned to one code path, usable where a test takes an index class."""
+
+    def __init__(self, native: bool) -> None:
+        self.native = native
+
+    def __call__(self, *args, **kwargs) -> HnswIndex:
+        idx = HnswIndex(*args, native=self.native, **kwargs)
+        assert idx.native_filter is self.native
+        return idx
+
+    def load(self, *args, **kwargs) -> HnswIndex:
+        return HnswIndex.load(*args, native=self.native, **kwargs)
+
+
+CLASSES = [pytest.param(_Hnsw(True), id="hnsw-native", marks=NATIVE_PARAMS[0].marks),
+           pytest.param(_Hnsw(False), id="hnsw-fallback"), pytest.param(ExactIndex, id="exact")]
 
 
 def clustered(n: int, dim: int, *, n_clusters: int = 40, n_queries: int = 300, seed: int = 0):
@@ -36,10 +65,15 @@ def data():
     return clustered(4000, 32)
 
 
+@pytest.fixture(scope="module", params=NATIVE_PARAMS)
+def native(request) -> bool:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def built(data):
+def built(data, native):
     items, _ = data
-    return HnswIndex(items, M=16, ef_construction=100, ef=64, num_threads=2), ExactIndex(items)
+    return HnswIndex(items, M=16, ef_construction=100, ef=64, num_threads=2, native=native), ExactIndex(items)
 
 
 # -- exact: hand-worked answers ------------------------------------------------------------------------------------
@@ -100,7 +134,8 @@ def test_hnsw_recall_vs_exact_and_after_save_load(data, built, tmp_path):
 
     path = tmp_path / "index.hnsw"
     hnsw.save(path)
-    loaded = HnswIndex.load(path, dim=32, metric="cosine", size=items.shape[0], ef=64)
+    loaded = HnswIndex.load(path, dim=32, metric="cosine", size=items.shape[0], ef=64, native=hnsw.native_filter)
+    assert loaded.native_filter is hnsw.native_filter
     assert (loaded.size, loaded.dim, loaded.M) == (items.shape[0], 32, 16)
     got2, scores2 = loaded.search(queries, 10)
     assert recall_vs_exact(got2, truth) > 0.95
@@ -161,6 +196,8 @@ def test_exclusion_exactly_k_never_excluded(data, built):
 def test_adaptive_overfetch_refetches_when_excluded_items_crowd_the_top(data, built, monkeypatch):
     items, queries = data
     hnsw, ex = built
+    if hnsw.native_filter:
+        pytest.skip("the over-fetch policy belongs to the fallback path")
     hnsw.set_ef(16)
     truth, _ = ex.search(queries[:40], 60)
     rng = np.random.default_rng(6)
@@ -186,7 +223,7 @@ def test_adaptive_overfetch_refetches_when_excluded_items_crowd_the_top(data, bu
     hnsw.set_ef(64)
 
 
-@pytest.mark.parametrize("cls", [HnswIndex, ExactIndex])
+@pytest.mark.parametrize("cls", CLASSES)
 def test_exclusion_on_catalogue_barely_larger_than_k(cls):
     items, queries = clustered(12, 8, n_clusters=3, n_queries=6, seed=3)
     idx = cls(items, ids=np.arange(100, 112))
@@ -206,7 +243,7 @@ def test_exclusion_on_catalogue_barely_larger_than_k(cls):
     assert (np.sort(ids[:, :12], axis=1) == np.arange(100, 112)).all() and (ids[:, 12:] == -1).all()
 
 
-@pytest.mark.parametrize("cls", [HnswIndex, ExactIndex])
+@pytest.mark.parametrize("cls", CLASSES)
 def test_include_list(data, cls):
     items, queries = data
     idx = cls(items[:1000]) if cls is ExactIndex else cls(items[:1000], num_threads=1, ef_construction=50)
@@ -250,7 +287,7 @@ def test_retrieve_applies_seen_and_request_exclusions(built, data):
 # -- add -----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [HnswIndex, ExactIndex])
+@pytest.mark.parametrize("cls", CLASSES)
 def test_add_new_items_findable(cls, tmp_path):
     items, queries = clustered(500, 16, seed=4)
     idx = cls(items[:400]) if cls is ExactIndex else cls(items[:400], num_threads=1, ef_construction=64)
@@ -263,15 +300,16 @@ def test_add_new_items_findable(cls, tmp_path):
         idx.add(items[:2], np.array([3, 600]))
     with pytest.raises(ValueError, match="16 columns"):
         idx.add(np.ones((2, 8)), np.array([700, 701]))
-    path = tmp_path / ("i.hnsw" if cls is HnswIndex else "i.npz")
+    path = tmp_path / ("i.npz" if cls is ExactIndex else "i.hnsw")
     idx.save(path)
     back = cls.load(path, dim=16, metric="cosine", size=500)
     np.testing.assert_array_equal(back.search(items[400:], 1)[0], ids)
 
 
-def test_concurrent_search_while_adding():
+@pytest.mark.parametrize("native", NATIVE_PARAMS)
+def test_concurrent_search_while_adding(native):
     items, queries = clustered(1200, 16, seed=5)
-    idx = HnswIndex(items[:200], num_threads=1, ef_construction=40)
+    idx = HnswIndex(items[:200], num_threads=1, ef_construction=40, native=native)
     errors: list[BaseException] = []
 
     def searcher():
@@ -296,7 +334,7 @@ def test_concurrent_search_while_adding():
 # -- malformed input -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [HnswIndex, ExactIndex])
+@pytest.mark.parametrize("cls", CLASSES)
 def test_malformed_inputs(cls, data):
     items, queries = data
     idx = cls(items[:300]) if cls is ExactIndex else cls(items[:300], num_threads=1, ef_construction=32)
