@@ -122,16 +122,20 @@ class Prepared:
 
     ``item_ids`` holds the external item IDs as Python ``str`` objects: answers reuse them instead of converting
     numpy unicode scalars on every request. ``ef`` is the HNSW search width (``None`` for an exact index), used to
-    tell when an over-fetched list was ranked too deep for the tuned recall (:func:`_deep_enough`).
+    tell when an over-fetched list was ranked too deep for the tuned recall (:func:`_deep_enough`). ``native``:
+    the index filters exclusions inside its graph search (``HnswIndex.native_filter``), so the request path hands
+    it the exclusion list in one call instead of over-fetching and filtering in Python.
     """
 
-    __slots__ = ("__weakref__", "ef", "item_ids", "n_items")
+    __slots__ = ("__weakref__", "ef", "item_ids", "n_items", "native", "version")
 
     def __init__(self, bundle: Any) -> None:
         self.item_ids: list[str] = [str(t) for t in np.asarray(bundle.item_ids).tolist()]
         self.n_items = int(bundle.n_items)
+        self.version = str(bundle.version)
         ef = getattr(bundle.index, "ef", None)
         self.ef = int(ef) if isinstance(ef, (int, np.integer)) and not isinstance(ef, bool) else None
+        self.native = getattr(bundle.index, "native_filter", False) is True
 
 
 _PREPARED: weakref.WeakKeyDictionary[Any, Prepared] = weakref.WeakKeyDictionary()
@@ -210,13 +214,17 @@ def _search_one(
 ) -> tuple[list[int], list[float]]:
     """Top-k of ONE query [1, dim] without the ``exclude`` item rows -> (item rows, scores), best first.
 
-    The request path: one index call over-fetching ``k + |exclude|`` (hnswlib explores ``max(ef, fetch)``
+    With a native-filter index (``prep.native``): one excluding search, the exclusion checked inside the graph
+    walk. Otherwise one index call over-fetching ``k + |exclude|`` (hnswlib explores ``max(ef, fetch)``
     candidates whatever the fetch, so up to ``ef`` this costs no more than ``k``), filtered with a Python set --
-    for ~10-50 ids that beats any numpy call. Only a list ranked too deep goes back to the index's own
+    for ~10-50 ids that beats any numpy call; only a list ranked too deep goes back to the index's own
     excluding search.
     """
-    if exclude is None or not len(exclude):
-        ids, scores = bundle.index.search(query, k)
+    if exclude is None or not len(exclude) or prep.native:
+        if exclude is None or not len(exclude):
+            ids, scores = bundle.index.search(query, k)
+        else:
+            ids, scores = bundle.index.search(query, k, exclude=[exclude])
         rows, sc = ids[0].tolist(), scores[0].tolist()
         if rows and rows[-1] < 0:  # padding: fewer than k items in the catalogue
             n = sum(1 for r in rows if r >= 0)
@@ -252,10 +260,10 @@ def _search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One batched query: queries [n, dim] float32 -> (item rows [n, k] int64, scores [n, k] float32).
 
-    Without an include-list: ONE index call for the whole batch over-fetching k + the longest exclusion list
-    (the index's own ``exclude`` groups rows by fetch size: several calls), then a vectorised filter. Rows whose
-    k-th kept item ranks too deep for the tuned recall, or that came back short, are asked again with
-    ``exclude``.
+    Without an include-list and with a native-filter index: ONE excluding search for the whole batch. Without
+    the native filter: ONE index call over-fetching k + the longest exclusion list (the index's own ``exclude``
+    groups rows by fetch size: several calls), then a vectorised filter; rows whose k-th kept item ranks too deep
+    for the tuned recall, or that came back short, are asked again with ``exclude``.
     """
     if allowed is not None:
         return _topk_within(bundle, queries, k, allowed, excludes)
@@ -263,6 +271,8 @@ def _search(
     if not any(sizes):
         return bundle.index.search(queries, k)
     prep = prepared(bundle)
+    if prep.native:
+        return bundle.index.search(queries, k, exclude=list(excludes))
     n = len(excludes)
     n_items = prep.n_items
     fetch = min(k + max(sizes), n_items)
