@@ -1,0 +1,303 @@
+"""recsys._hnsw: the in-search exclusion filter, hnswlib file compatibility both ways, threads, bad inputs, and
+the fallback when the extension is missing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from recsys.index import ExactIndex, HnswIndex, autotune_ef, native_available, recall_vs_exact
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="recsys._hnsw not built (no C++ compiler)")
+
+
+def clustered(n: int, dim: int, *, n_clusters: int = 30, n_queries: int = 200, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dim))
+    items = centres[rng.integers(0, n_clusters, n)] + 0.6 * rng.normal(size=(n, dim))
+    queries = centres[rng.integers(0, n_clusters, n_queries)] + 0.8 * rng.normal(size=(n_queries, dim))
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return items.astype(np.float32), queries.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return clustered(3000, 24)
+
+
+@pytest.fixture(scope="module")
+def raw(data):
+    from recsys import _hnsw
+
+    items, _ = data
+    idx = _hnsw.Index(24)
+    idx.init_index(3000, 16, 100, 100)
+    idx.add_items(items, np.arange(3000, dtype=np.int64), 2)
+    idx.set_ef(64)
+    return idx
+
+
+def csr(lists):
+    """Per-row label lists -> (flat int64 labels, offsets [n + 1])."""
+    offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in lists], out=offsets[1:])
+    flat = np.concatenate([np.asarray(x, dtype=np.int64) for x in lists]) if offsets[-1] else np.zeros(0, np.int64)
+    return flat, offsets
+
+
+# -- the extension itself --------------------------------------------------------------------------------------
+
+
+def test_distances_are_one_minus_dot_and_nearest_first():
+    from recsys import _hnsw
+
+    vecs = np.array([[1, 0], [0, 1], [0.6, 0.8], [-1, 0]], dtype=np.float32)
+    idx = _hnsw.Index(2)
+    idx.init_index(4, 16, 50, 1)
+    idx.add_items(vecs, np.array([10, 11, 12, 13], dtype=np.int64), 1)
+    # query [1, 0]: dots = [1, 0, 0.6, -1] -> distances 1 - dot = [0, 1, 0.4, 2]
+    labels, dist = idx.knn(np.array([[1.0, 0.0]], dtype=np.float32), 4)
+    assert labels.tolist() == [[10, 12, 11, 13]]
+    np.testing.assert_allclose(dist[0], [0.0, 0.4, 1.0, 2.0], atol=1e-6)
+    # excluding 10 and 12 leaves 11, 13 then padding -1 / inf
+    labels, dist = idx.knn(np.array([[1.0, 0.0]], dtype=np.float32), 4, 0, *csr([[12, 10]]))
+    assert labels.tolist() == [[11, 13, -1, -1]]
+    assert np.isinf(dist[0, 2:]).all() and labels.dtype == np.int64 and dist.dtype == np.float32
+    assert idx.get_ids_list().tolist() == [10, 11, 12, 13]
+    np.testing.assert_array_equal(idx.get_items(np.array([12, 10], dtype=np.int64)), vecs[[2, 0]])
+
+
+def test_exclusion_never_returned_exactly_k_bitset_and_sorted_agree(data, raw):
+    items, queries = data
+    ex = ExactIndex(items)
+    top, _ = ex.search(queries, 60)
+    rng = np.random.default_rng(1)
+    # the hard case: each row excludes its true top-40, plus random ids, unknown ids and negative ids
+    lists = [np.concatenate([top[i, :40], rng.choice(3000, 200, replace=False), [5000, 10**7, -3]])
+             for i in range(len(queries))]
+    lists[7] = np.array([], dtype=np.int64)  # a row without exclusions in the same batch
+    flat, off = csr(lists)
+    results = {}
+    for mode in (1, 0):  # 1 = bitset over labels, 0 = sorted array + binary search
+        labels, dist = raw.knn(queries, 10, 64, flat, off, 1, mode)
+        for row, e in zip(labels, lists, strict=True):
+            assert (row >= 0).all() and len(set(row.tolist())) == 10
+            assert not np.isin(row, e).any()
+        results[mode] = (labels, dist)
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    truth, _ = ex.search(queries, 10, exclude=[e[e >= 0] for e in lists])
+    assert recall_vs_exact(results[1][0], truth) > 0.95
+    # the same batch on two threads gives the same answer
+    par, _ = raw.knn(queries, 10, 64, flat, off, 2, -1)
+    np.testing.assert_array_equal(par, results[1][0])
+
+
+def test_all_but_k_excluded_returns_exactly_the_remaining_items(data, raw):
+    items, queries = data
+    keep = np.array([3, 700, 1500, 2999, 42])
+    lists = [np.setdiff1d(np.arange(3000), keep)] * 3
+    labels, dist = raw.knn(queries[:3], 5, 0, *csr(lists))
+    for row in labels:  # the filtered walk goes through the whole graph to find them
+        assert sorted(row.tolist()) == sorted(keep.tolist())
+    labels, _ = raw.knn(queries[:3], 8, 0, *csr(lists))  # k > what remains: padded, never an error
+    assert (labels[:, 5:] == -1).all() and (np.sort(labels[:, :5], axis=1) == np.sort(keep)).all()
+
+
+def test_large_labels_use_the_sorted_filter():
+    from recsys import _hnsw
+
+    items, queries = clustered(300, 8, n_queries=20, seed=2)
+    big = np.arange(300, dtype=np.int64) + (1 << 40)  # far beyond a bitset's reach
+    idx = _hnsw.Index(8)
+    idx.init_index(300, 16, 64, 1)
+    idx.add_items(items, big, 1)
+    top, _ = idx.knn(queries, 5, 64)
+    labels, _ = idx.knn(queries, 5, 64, *csr([t[:3] for t in top]))
+    assert (labels >= 1 << 40).all()
+    for row, t in zip(labels, top, strict=True):
+        assert not np.isin(row, t[:3]).any() and row[0] == t[3]
+    assert _hnsw.MAX_BITSET_LABEL < 1 << 40
+
+
+def test_bad_inputs_are_refused_with_the_parameter_named(raw):
+    q = np.zeros((2, 24), dtype=np.float32)
+    with pytest.raises(ValueError, match="`queries` must have 24 columns"):
+        raw.knn(np.zeros((2, 16), dtype=np.float32), 5)
+    with pytest.raises(ValueError, match="`queries` must be float32, got dtype float64"):
+        raw.knn(np.zeros((2, 24)), 5)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        raw.knn(np.zeros((24, 2), dtype=np.float32).T, 5)
+    with pytest.raises(ValueError, match="2-D"):
+        raw.knn(np.zeros(24, dtype=np.float32), 5)
+    with pytest.raises(ValueError, match="`k` must be >= 1"):
+        raw.knn(q, 0)
+    with pytest.raises(ValueError, match="n \\+ 1 = 3 offsets, got 2"):
+        raw.knn(q, 5, 0, np.array([1], dtype=np.int64), np.array([0, 1], dtype=np.int64))
+    with pytest.raises(ValueError, match="both be given"):
+        raw.knn(q, 5, 0, np.array([1], dtype=np.int64), None)
+    with pytest.raises(ValueError, match="`exclude_labels` must be int64"):
+        raw.knn(q, 5, 0, np.array([1], dtype=np.int32), np.array([0, 1, 1], dtype=np.int64))
+    with pytest.raises(ValueError, match="end at len"):
+        raw.knn(q, 5, 0, np.array([1], dtype=np.int64), np.array([0, 1, 2], dtype=np.int64))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        raw.knn(q, 5, 0, np.array([1], dtype=np.int64), np.array([0, 2, 1], dtype=np.int64))
+    with pytest.raises(KeyError, match="label 99999 is not in the index"):
+        raw.get_items(np.array([1, 99999], dtype=np.int64))
+    with pytest.raises(ValueError, match="`labels` must be >= 0, got -1"):
+        raw.add_items(np.zeros((1, 24), dtype=np.float32), np.array([-1], dtype=np.int64), 1)
+    with pytest.raises(ValueError, match="exceeds max_elements"):
+        raw.add_items(np.zeros((1, 24), dtype=np.float32), np.array([5000], dtype=np.int64), 1)
+
+
+# -- files: the same format as the hnswlib package, both ways --------------------------------------------------
+
+
+def test_file_round_trip_with_the_hnswlib_package_both_ways(data, tmp_path):
+    import hnswlib
+
+    items, queries = data
+    ours = HnswIndex(items, M=12, ef_construction=80, ef=50, num_threads=2, native=True)
+    path = tmp_path / "ours.hnsw"
+    ours.save(path)
+    theirs = hnswlib.Index(space="ip", dim=24)
+    theirs.load_index(str(path))
+    theirs.set_ef(50)
+    t_labels, t_dist = theirs.knn_query(queries, k=10, num_threads=1)
+    o_labels, o_scores = ours.search(queries, 10)
+    # same graph, same search: identical answers, score = 1 - hnswlib's distance
+    np.testing.assert_array_equal(o_labels, t_labels.astype(np.int64))
+    np.testing.assert_allclose(o_scores, 1.0 - t_dist, atol=1e-6)
+    np.testing.assert_array_equal(np.sort(theirs.get_ids_list()), np.arange(3000))
+
+    # hnswlib package -> ours
+    built = hnswlib.Index(space="ip", dim=24)
+    built.init_index(max_elements=3000, M=10, ef_construction=60, random_seed=7)
+    built.add_items(items, np.arange(3000) + 100, num_threads=1)
+    built.set_ef(40)
+    path2 = tmp_path / "theirs.hnsw"
+    built.save_index(str(path2))
+    loaded = HnswIndex.load(path2, dim=24, metric="cosine", size=3000, ef=40, native=True)
+    assert loaded.native_filter and (loaded.M, loaded.ef_construction) == (10, 60)
+    np.testing.assert_array_equal(loaded.ids, np.arange(3000) + 100)
+    b_labels, b_dist = built.knn_query(queries, k=10, num_threads=1)
+    l_labels, l_scores = loaded.search(queries, 10)
+    np.testing.assert_array_equal(l_labels, b_labels.astype(np.int64))
+    np.testing.assert_allclose(l_scores, 1.0 - b_dist, atol=1e-6)
+    np.testing.assert_array_equal(loaded.get_vectors(np.array([100, 3099])), items[[0, 2999]])
+    # and the bytes round-trip: saving the loaded index reproduces the package's file
+    path3 = tmp_path / "again.hnsw"
+    loaded.save(path3)
+    assert path3.read_bytes() == path2.read_bytes()
+
+
+# -- HnswIndex on the native path ------------------------------------------------------------------------------
+
+
+def test_mixed_batch_matches_row_by_row_and_exact_fallbacks(data):
+    items, queries = data
+    idx = HnswIndex(items, ef=64, num_threads=2, native=True)
+    ex = ExactIndex(items)
+    rng = np.random.default_rng(3)
+    n = 12
+    exclude: list = [rng.choice(3000, 50, replace=False) for _ in range(n)]
+    include: list = [None] * n
+    exclude[1] = None
+    exclude[2] = rng.choice(3000, 2000, replace=False)  # > exact_fallback_fraction of the catalogue: exact scan
+    include[3] = rng.choice(3000, 30, replace=False)  # include-list: exact scoring of those
+    ids, scores = idx.search(queries[:n], 10, exclude=exclude, include=include)
+    for i in range(n):
+        one, one_s = idx.search(queries[i:i + 1], 10, exclude=[exclude[i]], include=[include[i]])
+        np.testing.assert_array_equal(ids[i], one[0])
+        np.testing.assert_allclose(scores[i], one_s[0], atol=1e-6)
+        if exclude[i] is not None:
+            assert not np.isin(ids[i], exclude[i]).any()
+    exact_ids, _ = ex.search(queries[2:4], 10, exclude=exclude[2:4], include=include[2:4])
+    np.testing.assert_array_equal(ids[2:4], exact_ids)
+    assert np.isin(ids[3], include[3]).all()
+
+
+def test_autotune_sets_ef_filtered_from_exclusion_queries(data, tmp_path):
+    items, queries = data
+    idx = HnswIndex(items, ef=64, num_threads=1, native=True)
+    ex = ExactIndex(items)
+    top, _ = ex.search(queries, 40)
+    seen = [top[i, :40] for i in range(len(queries))]  # every near neighbour "seen": the answer sits deeper
+    ef, table = autotune_ef(idx, ex, queries, k=10, target_recall=0.97, efs=(8, 16, 32, 64, 128, 256),
+                            latency_queries=10, exclude=seen)
+    ftable = idx.ef_filtered_table
+    assert idx.ef == ef and idx.ef_filtered == ftable[-1]["ef"] >= ef
+    assert ftable[-1]["recall"] >= 0.97 and all(r["recall"] < 0.97 for r in ftable[:-1])
+    assert ftable[0]["ef"] == ef  # the ladder starts at the plain ef
+    got, _ = idx.search(queries, 10, exclude=seen)
+    truth, _ = ex.search(queries, 10, exclude=seen)
+    assert recall_vs_exact(got, truth) >= 0.97
+    assert idx.params()["ef_filtered"] == idx.ef_filtered
+    path = tmp_path / "i.hnsw"
+    idx.save(path)
+    back = HnswIndex.load(path, dim=24, metric="cosine", ef=ef, ef_filtered=idx.ef_filtered)
+    assert (back.ef, back.ef_filtered) == (ef, idx.ef_filtered)
+    np.testing.assert_array_equal(back.search(queries, 10, exclude=seen)[0], got)
+    # set_ef keeps a tuned ef_filtered; the effective filtered width is never below ef
+    back.set_ef(8)
+    assert back.ef_filtered == idx.ef_filtered
+    back.set_ef(1000)
+    assert back.ef_filtered == 1000
+    with pytest.raises(ValueError, match="`ef_filtered` must be an integer >= 1, got 0"):
+        back.set_ef_filtered(0)
+
+
+def test_two_threads_search_concurrently_and_agree(data):
+    items, queries = data
+    idx = HnswIndex(items, ef=64, num_threads=1, native=True)
+    rng = np.random.default_rng(4)
+    lists = [rng.choice(3000, 300, replace=False) for _ in range(len(queries))]
+    expected = [idx.search(queries[r:r + 1], 10, exclude=[lists[r]])[0][0] for r in range(len(queries))]
+    out: dict[int, list] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for _ in range(5):
+                for r in range(len(queries)):
+                    out[t].append(idx.search(queries[r:r + 1], 10, exclude=[lists[r]])[0][0])
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    for t in (0, 1):
+        assert len(out[t]) == 5 * len(queries)
+        for j, row in enumerate(out[t]):
+            np.testing.assert_array_equal(row, expected[j % len(queries)])
+
+
+def test_index_imports_and_falls_back_without_the_extension():
+    code = (
+        "import sys; sys.modules['recsys._hnsw'] = None\n"
+        "import numpy as np\n"
+        "from recsys.index import HnswIndex, native_available\n"
+        "assert not native_available()\n"
+        "x = np.eye(4, dtype=np.float32)\n"
+        "idx = HnswIndex(x, num_threads=1)\n"
+        "ids, _ = idx.search(x[:1], 2, exclude=[np.array([0])])\n"
+        "assert not idx.native_filter and ids[0, 0] != 0 and (ids >= 0).all()\n"
+        "try:\n"
+        "    HnswIndex(x, native=True)\n"
+        "except ImportError as e:\n"
+        "    assert 'not built' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('native=True did not raise')\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
