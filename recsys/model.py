@@ -156,6 +156,12 @@ class TrainConfig:
     only), so the user vector learns to predict the next few items, as the per-user temporal split asks."""
     lr: float = 0.003
     """Learning rate of Adam(W) for every parameter (or the dense ones with ``sparse_embeddings``)."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate decay over each phase's steps (fit: ``epochs`` epochs; refit: its epoch count), from the
+    optimizers' base rates to 0: constant, half-cosine or linear. A decayed run ends in a low-noise minimum, so the
+    refit's last epoch is as good as the fit's best one."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up from 0 over this many epochs at the start of each phase (before the decay; 0 = off)."""
     weight_decay: float = 0.0
     """Decoupled (AdamW) weight decay of the dense parameters."""
     embedding_weight_decay: float = 0.0
@@ -206,8 +212,10 @@ class TrainConfig:
         for name in ("lr",):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`train.{name}` must be > 0, got {getattr(self, name)}")
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"`train.lr_schedule` must be 'constant', 'cosine' or 'linear', got {self.lr_schedule!r}")
         for name in ("weight_decay", "embedding_weight_decay", "grad_clip", "max_eval_users", "patience",
-                     "log_every", "num_threads", "embedding_lr", "loss_chunk_size"):
+                     "log_every", "num_threads", "embedding_lr", "loss_chunk_size", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`train.{name}` must be >= 0, got {getattr(self, name)}")
 

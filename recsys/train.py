@@ -60,6 +60,29 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def lr_factor(step: int, total: int, *, schedule: str = "constant", warmup: int = 0) -> float:
+    """Multiplier of the base learning rate for optimizer step ``step`` (0-based) of a phase of ``total`` steps.
+
+    ``warmup`` steps rise linearly (step 0 gets ``1 / warmup``), then ``schedule`` decays the rest to 0 at
+    ``total``: "constant" 1, "linear" ``1 - p``, "cosine" ``(1 + cos(pi p)) / 2`` with ``p`` the fraction of the
+    post-warm-up steps already taken (so the first decayed step gets the full rate and the last one a small one).
+    """
+    if total < 1:
+        raise ValueError(f"`total` must be >= 1, got {total}")
+    if not 0 <= step < total:
+        raise ValueError(f"`step` must be in [0, {total - 1}], got {step}")
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(total - warmup, 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - p
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    raise ValueError(f"`schedule` must be 'constant', 'cosine' or 'linear', got {schedule!r}")
+
+
 # ---------------------------------------------------------------------------------------------------------- state
 @dataclass
 class _Progress:
@@ -286,6 +309,9 @@ class Trainer:
                     lr=tc.lr,
                 )
             )
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["initial_lr"] = g["lr"]  # the base rate that ``set_lr_factor`` scales (saved with the state)
         # every trained tensor, in one order on every rank (data-parallel gradient averaging)
         self.trained = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
         reused = self.mcfg.share_history_embeddings or lc.n_uniform_negatives or lc.ssl_weight
@@ -303,6 +329,12 @@ class Trainer:
 
         self.queue = ItemEmbeddingQueue(lc.queue_size, self.mcfg.dim, device=self.device, dtype=torch.float32) \
             if lc.queue_size else None
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Every optimizer's learning rate = its base rate (``initial_lr``) * ``factor`` (the lr schedule)."""
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * factor
 
     def _fixed_size_sparse_grad(self, g: torch.Tensor) -> torch.Tensor:
         """Sparse [n_items, E] gradient -> the same gradient with exactly ``min(n_items, bound)`` index entries,
@@ -528,6 +560,10 @@ def _diff_configs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             a, b = old.get(sec, {}).get(k), new.get(sec, {}).get(k)
             if a != b and f"{sec}.{k}" not in RESUMABLE_CHANGES:
                 out.append(f"{sec}.{k}: {a!r} -> {b!r}")
+    a, b = old.get("train", {}).get("epochs"), new.get("train", {}).get("epochs")
+    if a != b and (new["train"].get("lr_schedule", "constant") != "constant" or new["train"].get("warmup_epochs")):
+        # a decaying rate is spread over ``epochs``: more epochs would change the rates of the finished ones
+        out.append(f"train.epochs: {a!r} -> {b!r} (with train.lr_schedule={new['train']['lr_schedule']!r})")
     return out
 
 
@@ -694,6 +730,11 @@ def _run_phase(
     # (and at the epoch's end) is the loss read, checked for NaN and logged.
     check_every = 1 if trainer.device.type == "cpu" else max(tc.log_every, 1) if tc.log_every else n_batches
     phase = progress.phase
+    # the lr schedule spans the phase's full length (``epochs`` x batches), whether or not early stopping cuts it
+    # short; it is a function of the step alone, so a resumed run gets the same rates
+    total_steps = epochs * n_batches
+    warmup_steps = round(tc.warmup_epochs * n_batches)
+    scheduled = tc.lr_schedule != "constant" or warmup_steps > 0
     # early stopping ends the fit phase only; the refit phase always runs its fixed number of epochs
     while progress.epoch < epochs and not (phase == "fit" and progress.stopped_early):
         epoch = progress.epoch + 1
@@ -713,6 +754,9 @@ def _run_phase(
         for b in bar:
             rows = ctx.shard(perm[b * bs : (b + 1) * bs])
             check = (b + 1) % check_every == 0 or b + 1 == n_batches
+            if scheduled:
+                trainer.set_lr_factor(lr_factor(min(progress.step, total_steps - 1), total_steps,
+                                                schedule=tc.lr_schedule, warmup=warmup_steps))
             value_t = trainer.step(rows, check=check_every == 1)  # checked: already the mean over ranks
             total_t += value_t
             value = 0.0
@@ -810,4 +854,5 @@ def load_configs(
     )
 
 
-__all__ = ["Evaluator", "Trainer", "TrainingDiverged", "encode_all_items", "load_configs", "resolve_device", "train"]
+__all__ = ["Evaluator", "Trainer", "TrainingDiverged", "encode_all_items", "load_configs", "lr_factor",
+           "resolve_device", "train"]

@@ -269,3 +269,56 @@ def test_batch_history_gap_ends_the_history_before_the_target(data_dir):
     assert trainer.batch_history(rows).tolist() == got[[0, 0, 0, 3, 3]].tolist()  # no gap = gap 0
     with pytest.raises(ValueError, match=r"`train.target_window` must be >= 1, got 0"):
         TrainConfig(target_window=0).validate()
+
+
+def test_lr_factor_hand_worked_schedules():
+    from recsys.train import lr_factor
+
+    # 4 steps, p = 0, 1/4, 1/2, 3/4: cosine (1 + cos(pi p)) / 2 = 1, 0.853553, 0.5, 0.146447; linear 1 - p
+    assert [lr_factor(s, 4, schedule="cosine") for s in range(4)] == pytest.approx([1, 0.8535534, 0.5, 0.1464466])
+    assert [lr_factor(s, 4, schedule="linear") for s in range(4)] == pytest.approx([1, 0.75, 0.5, 0.25])
+    assert [lr_factor(s, 4) for s in range(4)] == [1.0] * 4
+    # 2 warm-up steps (1/2, 2/2), then linear over the other 4
+    assert [lr_factor(s, 6, schedule="linear", warmup=2) for s in range(6)] == pytest.approx(
+        [0.5, 1, 1, 0.75, 0.5, 0.25])
+    with pytest.raises(ValueError, match=r"`step` must be in \[0, 3\], got 4"):
+        lr_factor(4, 4, schedule="cosine")
+    with pytest.raises(ValueError, match=r"`schedule` must be 'constant', 'cosine' or 'linear', got 'step'"):
+        lr_factor(0, 4, schedule="step")
+    with pytest.raises(ValueError, match=r"`train.lr_schedule` must be"):
+        TrainConfig(lr_schedule="step").validate()  # type: ignore[arg-type]
+
+
+def test_lr_schedule_reaches_the_optimizer_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    """A cosine run's last step used base * factor(last step); a run stopped after epoch 1 and resumed equals the
+    uninterrupted one bit for bit (the rate is a function of the phase's step, restored from the checkpoint)."""
+    import recsys.train as rt
+
+    m, t, lc = tiny_cfgs(epochs=2, lr_schedule="cosine")
+    train(data_dir, tmp_path / "full", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
+    save = rt._save_checkpoint
+
+    def save_then_crash(run_dir, trainer, progress):
+        save(run_dir, trainer, progress)
+        raise KeyboardInterrupt  # killed right after the epoch-1 checkpoint
+
+    monkeypatch.setattr(rt, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(data_dir, tmp_path / "split", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
+    monkeypatch.setattr(rt, "_save_checkpoint", save)
+    train(data_dir, tmp_path / "split", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu", resume=True)
+    full = _weights(tmp_path / "full" / schema.CHECKPOINT_DIR, "state.safetensors")
+    split = _weights(tmp_path / "split" / schema.CHECKPOINT_DIR, "state.safetensors")
+    for k in full:
+        if k.startswith(("model.", "optim.")):
+            assert torch.equal(full[k], split[k]), f"resume differs: {k}"
+    state = json.loads((tmp_path / "full" / schema.CHECKPOINT_DIR / "state.json").read_text())
+    steps = state["progress"]["step"]
+    (group, *_) = state["optimizers"][0]["param_groups"]
+    assert group["initial_lr"] == t.lr
+    assert group["lr"] == pytest.approx(t.lr * rt.lr_factor(steps - 1, steps, schedule="cosine"))
+    assert group["lr"] < 0.05 * t.lr  # decayed almost to 0 by the last step
+    # the schedule spans `epochs`: resuming with more epochs would change the finished epochs' rates
+    with pytest.raises(ValueError, match=r"train\.epochs: 2 -> 3 \(with train\.lr_schedule='cosine'\)"):
+        train(data_dir, tmp_path / "split", model_cfg=m, train_cfg=TrainConfig(**{**t.__dict__, "epochs": 3}),
+              loss_cfg=lc, device="cpu", resume=True)
