@@ -1,4 +1,4 @@
-"""Benchmark the retrieval index: HNSW vs exact on trained-like embeddings.
+"""Benchmark the retrieval index: HNSW vs exact on trained-like embeddings, and the cost of exclusions.
 
 Usage::
 
@@ -22,14 +22,25 @@ embeddings are *trained-like*, made by this procedure:
 3. Queries are *held-out* users embedded from their history the way the user tower's mean pooling does
    (normalised sum of their items' embeddings): 1,000 typical users for the auto-tune, 1,000 others to measure
    recall and latency, and 1,000 heavy users with exactly 500 distinct seen items, whose histories are the
-   exclusion lists of the exclusion test (seen items sit near the user: the hard case for post-filtering).
+   exclusion lists of the exclusion test (seen items sit near the user: the hard case for post-filtering), plus
+   1,000 other heavy users to auto-tune ``ef_filtered`` on.
 
-With ``--embeddings``, items come from the file; queries from ``--queries`` (or 3,000 held-out items); the
+With ``--embeddings``, items come from the file; queries from ``--queries`` (or 4,000 held-out items); the
 500 "seen" items of each heavy query are sampled from its exact top-2,000.
 
 Measured: build time (``--threads``, default 2), index size, single-query latency p50/p99 (one query per call,
 k=10), batch latency/throughput, Recall@10 vs exact for several ef, the auto-tuned ef, exact search side by side,
-and the p99 cost of excluding 500 seen items. Prints a table and writes ``benchmarks/results/index_bench.json``.
+and the cost of excluding 500 seen items, single queries, paired with a plain query on the same user:
+
+* ``excl_native``: the exclusion filtered inside the graph search (``recsys._hnsw``) at the auto-tuned
+  ``ef_filtered`` (tuned on the other heavy users), and ``excl_native_at_ef`` at the plain ef;
+* ``excl_adaptive`` / ``excl_full``: the fallback path (hnswlib package, over-fetch + post-filter) on the same
+  graph (the native index's file loaded by ``hnswlib``), side by side;
+* ``heavy_plain_recall@10``: the plain query's recall on the same heavy users at the same ef (these users are
+  harder queries than typical ones: the comparison that isolates what the filter costs);
+* ``filter_bitset_*`` / ``filter_sorted_*``: the two filter representations of the extension, raw calls.
+
+Prints a table and writes ``benchmarks/results/index_bench.json``.
 """
 
 from __future__ import annotations
@@ -39,12 +50,13 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from recsys.index import ExactIndex, HnswIndex, autotune_ef, blas_threads, recall_vs_exact
+from recsys.index import ExactIndex, HnswIndex, autotune_ef, blas_threads, native_available, recall_vs_exact
 from recsys.io import atomic_write_json
 
 K = 10
@@ -131,7 +143,8 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def trained_like(n_items: int, dim: int, *, n_queries: int = 1000, seed: int = 0):
     """-> (items [n_items, dim], tune [n_queries, dim], test [n_queries, dim], heavy [n_queries, dim],
-    seen: list of n_queries arrays of 500 item rows, the heavy users' histories)."""
+    seen: list of n_queries arrays of 500 item rows, the heavy users' histories, heavy_tune, seen_tune: another
+    n_queries heavy users for the ef_filtered auto-tune)."""
     import scipy.sparse as sp
 
     logs = SyntheticLogs(n_items, seed=seed)
@@ -157,18 +170,23 @@ def trained_like(n_items: int, dim: int, *, n_queries: int = 1000, seed: int = 0
 
     tune = fold_in(np.maximum(rng.geometric(1 / 30, n_queries), 1))
     test = fold_in(np.maximum(rng.geometric(1 / 30, n_queries), 1))
-    hu, hi = logs.users(np.full(n_queries, 3 * N_SEEN))
-    order = np.argsort(hu, kind="stable")
-    bounds = np.searchsorted(hu[order], np.arange(n_queries + 1))
     popular = np.argsort(-logs.pop)[: 4 * N_SEEN]
-    seen = []
-    for r in range(n_queries):
-        h = pd_unique(hi[order[bounds[r]:bounds[r + 1]]])[:N_SEEN]
-        if h.size < N_SEEN:  # top up from global popularity
-            h = np.concatenate([h, np.setdiff1d(popular, h)[: N_SEEN - h.size]])
-        seen.append(h.astype(np.int64))
-    heavy = _normalise(np.stack([items[h].sum(axis=0) for h in seen]))
-    return items, tune, test, heavy, seen
+
+    def heavy_users() -> tuple[np.ndarray, list[np.ndarray]]:
+        hu, hi = logs.users(np.full(n_queries, 3 * N_SEEN))
+        order = np.argsort(hu, kind="stable")
+        bounds = np.searchsorted(hu[order], np.arange(n_queries + 1))
+        seen = []
+        for r in range(n_queries):
+            h = pd_unique(hi[order[bounds[r]:bounds[r + 1]]])[:N_SEEN]
+            if h.size < N_SEEN:  # top up from global popularity
+                h = np.concatenate([h, np.setdiff1d(popular, h)[: N_SEEN - h.size]])
+            seen.append(h.astype(np.int64))
+        return _normalise(np.stack([items[h].sum(axis=0) for h in seen])), seen
+
+    heavy, seen = heavy_users()
+    heavy_tune, seen_tune = heavy_users()  # drawn last: the sets above are those of earlier runs
+    return items, tune, test, heavy, seen, heavy_tune, seen_tune
 
 
 def pd_unique(a: np.ndarray) -> np.ndarray:
@@ -184,16 +202,20 @@ def from_files(emb_path: str, query_path: str | None, *, n_queries: int = 1000, 
     rng = np.random.default_rng(seed)
     if query_path:
         queries = np.load(query_path, allow_pickle=False).astype(np.float32)
-        queries = queries[rng.permutation(queries.shape[0])[: 3 * n_queries]]
+        queries = queries[rng.permutation(queries.shape[0])[: 4 * n_queries]]
     else:  # hold out items as queries
         perm = rng.permutation(items.shape[0])
-        queries, items = items[perm[: 3 * n_queries]], items[np.sort(perm[3 * n_queries:])]
+        queries, items = items[perm[: 4 * n_queries]], items[np.sort(perm[4 * n_queries:])]
     items, queries = _normalise(items), _normalise(queries)
-    third = queries.shape[0] // 3
-    tune, test, heavy = queries[:third], queries[third:2 * third], queries[2 * third:]
-    top, _ = ExactIndex(items).search(heavy, min(2000, items.shape[0]))
-    seen = [rng.choice(row[row >= 0], min(N_SEEN, int((row >= 0).sum())), replace=False) for row in top]
-    return items, tune, test, heavy, seen
+    part = queries.shape[0] // 4
+    tune, test, heavy, heavy_tune = (queries[i * part:(i + 1) * part] for i in range(4))
+    exact = ExactIndex(items)
+
+    def seen_of(q: np.ndarray) -> list[np.ndarray]:
+        top, _ = exact.search(q, min(2000, items.shape[0]))
+        return [rng.choice(row[row >= 0], min(N_SEEN, int((row >= 0).sum())), replace=False) for row in top]
+
+    return items, tune, test, heavy, seen_of(heavy), heavy_tune, seen_of(heavy_tune)
 
 
 # -- measurement ---------------------------------------------------------------------------------------------------
@@ -232,20 +254,39 @@ def ms(x: np.ndarray, q: float) -> float:
     return round(float(np.percentile(x, q)) * 1e3, 4)
 
 
-def bench_one(items, tune, test, heavy, seen, *, threads: int, M: int, ef_construction: int, efs,
-              target: float) -> dict:
+def exclusion_row(index, heavy, seen, truth_ex, *, calls: list[int] | None = None) -> dict:
+    """Recall vs exact-with-exclusion, exactly-k, and paired single-query latency of excluding ``seen``."""
+    got_ex = np.stack([index.search(heavy[r:r + 1], K, exclude=[seen[r]])[0][0] for r in range(len(seen))])
+    assert all(not np.isin(got_ex[r], seen[r]).any() for r in range(len(seen))), "excluded item returned"
+    n_calls = len(calls) if calls is not None else None
+    plain, excl = paired_latency(index, heavy, seen)
+    row = {"exactly_k": bool((got_ex >= 0).all()), "recall@10": round(recall_vs_exact(got_ex, truth_ex), 4),
+           "p50_ms": ms(excl, 50), "p99_ms": ms(excl, 99), "plain_p50_ms": ms(plain, 50), "plain_p99_ms": ms(plain, 99),
+           "p50_ratio": round(ms(excl, 50) / ms(plain, 50), 2), "p99_ratio": round(ms(excl, 99) / ms(plain, 99), 2)}
+    if n_calls is not None:
+        row["hnsw_calls_per_query"] = round(n_calls / len(seen), 3)
+    return row
+
+
+def bench_one(items, tune, test, heavy, seen, heavy_tune, seen_tune, *, threads: int, M: int, ef_construction: int,
+              efs, target: float) -> dict:
     n, dim = items.shape
     row: dict = {"n_items": n, "dim": dim, "M": M, "ef_construction": ef_construction, "build_threads": threads}
     t0 = time.perf_counter()
     hnsw = HnswIndex(items, M=M, ef_construction=ef_construction, ef=64, num_threads=threads)
     row["build_s"] = round(time.perf_counter() - t0, 2)
+    row["native_filter"] = hnsw.native_filter
     row["index_mb"] = round(hnsw.index_bytes() / 2**20, 1)
     row["vectors_mb"] = round(items.nbytes / 2**20, 1)
     exact = ExactIndex(items)
 
-    ef, table = autotune_ef(hnsw, exact, tune, k=K, target_recall=target, efs=efs, latency_queries=200)
+    # ef on typical users; ef_filtered on heavy users minus their seen items (not the measured ones)
+    ef, table = autotune_ef(hnsw, exact, tune, k=K, target_recall=target, efs=efs, latency_queries=200,
+                            exclude=seen_tune, filtered_queries=heavy_tune)
     row["autotune_ef"] = ef
     row["autotune_table"] = table
+    row["ef_filtered"] = hnsw.ef_filtered
+    row["autotune_filtered_table"] = hnsw.ef_filtered_table
 
     truth, _ = exact.search(test, K)
     sweep = []
@@ -271,29 +312,48 @@ def bench_one(items, tune, test, heavy, seen, *, threads: int, M: int, ef_constr
         row[f"batch{b}_ms"] = round(float(np.median(bt)) * 1e3, 2)
     row["batch_qps"] = round(1000 / (row["batch1000_ms"] / 1e3), 0)
 
-    # excluding each heavy user's 500 seen items (the rule serving and evaluation share), both over-fetch policies
+    # excluding each heavy user's 500 seen items (the rule serving and evaluation share)
     truth_ex, _ = exact.search(heavy, K, exclude=seen)
+    heavy_truth, _ = exact.search(heavy, K)
+    row["heavy_plain_recall@10"] = round(recall_vs_exact(hnsw.search(heavy, K)[0], heavy_truth), 4)
+    if hnsw.native_filter:
+        row["excl_native"] = exclusion_row(hnsw, heavy, seen, truth_ex)
+        tuned = hnsw.ef_filtered
+        hnsw.set_ef_filtered(None)  # at the plain ef: what the filter alone costs
+        row["excl_native_at_ef"] = exclusion_row(hnsw, heavy, seen, truth_ex)
+        hnsw.set_ef_filtered(tuned)
+        # the extension's two filter representations, raw single-query calls at ef_filtered
+        for mode, name in ((1, "bitset"), (0, "sorted")):
+            lab = [np.ascontiguousarray(s_, dtype=np.int64) for s_ in seen]
+            off = np.array([0, N_SEEN], dtype=np.int64)
+            out = []
+            for _ in range(2):
+                for r in range(len(seen)):
+                    q = heavy[r:r + 1]
+                    t0 = time.perf_counter()
+                    hnsw._index.knn(q, K, ef, lab[r], off, 1, mode, tuned)
+                    out.append(time.perf_counter() - t0)
+            row[f"filter_{name}_p50_ms"], row[f"filter_{name}_p99_ms"] = ms(np.array(out), 50), ms(np.array(out), 99)
+
+    # the fallback path (hnswlib package, over-fetch + post-filter) on the same graph
+    with tempfile.TemporaryDirectory() as tmp:
+        hnsw.save(Path(tmp) / "index.hnsw")
+        old = HnswIndex.load(Path(tmp) / "index.hnsw", dim=dim, metric="cosine", size=n, ef=ef,
+                             num_threads=threads, native=False)
     calls: list[int] = []
-    knn = hnsw._knn
-    hnsw._knn = lambda q, kf: (calls.append(kf), knn(q, kf))[1]  # count hnswlib calls per query
+    knn = old._knn
+    old._knn = lambda q, kf: (calls.append(kf), knn(q, kf))[1]  # count hnswlib calls per query
     for policy in ("adaptive", "full"):
-        hnsw.overfetch = policy
-        got_ex = np.stack([hnsw.search(heavy[r:r + 1], K, exclude=[seen[r]])[0][0] for r in range(len(seen))])
-        assert all(not np.isin(got_ex[r], seen[r]).any() for r in range(len(seen))), "excluded item returned"
-        n_calls, calls[:] = len(calls), []
-        plain, excl = paired_latency(hnsw, heavy, seen)
-        row[f"excl_{policy}"] = {
-            "exactly_k": bool((got_ex >= 0).all()), "recall@10": round(recall_vs_exact(got_ex, truth_ex), 4),
-            "hnsw_calls_per_query": round(n_calls / len(seen), 3),
-            "p50_ms": ms(excl, 50), "p99_ms": ms(excl, 99),
-            "plain_p50_ms": ms(plain, 50), "plain_p99_ms": ms(plain, 99),
-            "p50_ratio": round(ms(excl, 50) / ms(plain, 50), 2), "p99_ratio": round(ms(excl, 99) / ms(plain, 99), 2),
-        }
+        old.overfetch = policy
         calls[:] = []
-    hnsw.overfetch = "adaptive"
-    del hnsw._knn
-    row["excl_p99_ratio"] = row["excl_adaptive"]["p99_ratio"]
-    row["excl_recall@10"] = row["excl_adaptive"]["recall@10"]
+        row[f"excl_{policy}"] = exclusion_row(old, heavy, seen, truth_ex, calls=calls)
+    del old
+
+    top = row["excl_native"] if hnsw.native_filter else row["excl_adaptive"]
+    row["excl_p99_ratio"], row["excl_recall@10"] = top["p99_ratio"], top["recall@10"]
+    row["excl_p50_ms"], row["excl_p99_ms"] = top["p50_ms"], top["p99_ms"]
+    row["old_excl_p99_ratio"], row["old_excl_recall@10"] = (row["excl_adaptive"]["p99_ratio"],
+                                                            row["excl_adaptive"]["recall@10"])
 
     # exact search side by side (BLAS pinned to one thread, as inside a threaded server)
     with blas_threads(1):
@@ -307,8 +367,11 @@ def bench_one(items, tune, test, heavy, seen, *, threads: int, M: int, ef_constr
 
 COLUMNS = [("n_items", "items"), ("dim", "dim"), ("build_s", "build s"), ("index_mb", "MB"),
            ("autotune_ef", "ef*"), ("recall@10", "R@10"), ("single_p50_ms", "p50 ms"), ("single_p99_ms", "p99 ms"),
-           ("batch_qps", "batch q/s"), ("excl_p99_ratio", "excl p99 x"), ("excl_recall@10", "excl R@10"),
-           ("exact_single_p50_ms", "exact p50"), ("exact_batch1000_ms", "exact b1000 ms")]
+           ("batch_qps", "batch q/s"), ("ef_filtered", "ef_f*"), ("excl_p50_ms", "excl p50"),
+           ("excl_p99_ms", "excl p99"), ("excl_p99_ratio", "excl p99 x"), ("excl_recall@10", "excl R@10"),
+           ("heavy_plain_recall@10", "heavy R@10"), ("old_excl_p99_ratio", "old p99 x"),
+           ("old_excl_recall@10", "old R@10"), ("exact_single_p50_ms", "exact p50"),
+           ("exact_batch1000_ms", "exact b1000 ms")]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -320,6 +383,14 @@ def print_table(rows: list[dict]) -> None:
         print(f"\n{r['n_items']} x {r['dim']}: ef sweep (Recall@10 vs exact, single-query ms)")
         for s in r["ef_sweep"]:
             print(f"  ef={s['ef']:4d}  recall={s['recall@10']:.4f}  p50={s['p50_ms']:.4f}  p99={s['p99_ms']:.4f}")
+        print(f"{r['n_items']} x {r['dim']}: excluding {N_SEEN} seen items, paired with a plain query on the same "
+              f"user (heavy users' plain R@10 at ef={r['autotune_ef']}: {r.get('heavy_plain_recall@10')})")
+        for key in ("excl_native", "excl_native_at_ef", "excl_adaptive", "excl_full"):
+            if key in r:
+                e = r[key]
+                print(f"  {key:18s} R@10={e['recall@10']:.4f}  p50={e['p50_ms']:.4f} ({e['p50_ratio']}x)  "
+                      f"p99={e['p99_ms']:.4f} ({e['p99_ratio']}x)  plain p50={e['plain_p50_ms']:.4f} "
+                      f"p99={e['plain_p99_ms']:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,26 +414,28 @@ def main(argv: list[str] | None = None) -> int:
     for n, d in cases:
         t0 = time.perf_counter()
         if args.embeddings:
-            items, tune, test, heavy, seen = from_files(args.embeddings, args.queries, seed=args.seed)
+            items, tune, test, heavy, seen, heavy_tune, seen_tune = from_files(args.embeddings, args.queries,
+                                                                               seed=args.seed)
             source = f"file:{args.embeddings}"
         else:
-            items, tune, test, heavy, seen = trained_like(n, d, seed=args.seed)
+            items, tune, test, heavy, seen, heavy_tune, seen_tune = trained_like(n, d, seed=args.seed)
             source = "trained-like (synthetic clustered power-law logs + randomised SVD)"
         gen_s = time.perf_counter() - t0
         print(f"[{items.shape[0]} x {items.shape[1]}] embeddings ready in {gen_s:.1f}s", file=sys.stderr, flush=True)
-        row = bench_one(items, tune, test, heavy, seen, threads=args.threads, M=args.M,
+        row = bench_one(items, tune, test, heavy, seen, heavy_tune, seen_tune, threads=args.threads, M=args.M,
                         ef_construction=args.ef_construction, efs=args.efs, target=args.target_recall)
         row["source"] = source
         row["n_tune_queries"], row["n_test_queries"], row["n_heavy_queries"] = len(tune), len(test), len(heavy)
         rows.append(row)
         print(f"[{items.shape[0]} x {items.shape[1]}] done: build {row['build_s']}s ef*={row['autotune_ef']} "
               f"R@10={row['recall@10']} p50={row['single_p50_ms']}ms", file=sys.stderr, flush=True)
-        del items, tune, test, heavy, seen
+        del items, tune, test, heavy, seen, heavy_tune, seen_tune
 
     print_table(rows)
     out = Path(args.out)
     env = {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
-           "machine": platform.machine(), "note": "shared 2-core machine; latencies are noisy, medians quoted"}
+           "machine": platform.machine(), "note": "shared 2-core machine; latencies are noisy, medians quoted",
+           "native_filter": native_available()}
     try:
         from importlib.metadata import version
 

@@ -50,16 +50,16 @@ re-entrant). ``add`` is not safe against concurrent ``knn_query``/``resize_index
 guards it with a readers-writer lock: searches share the lock, ``add`` takes it exclusively (in-flight searches
 finish first, new ones wait). ``ExactIndex.add`` is copy-on-write (searches see the old or the new arrays, never a
 mix). ``set_ef`` changes a value every search reads; it is a plain store (a search racing it uses either ef).
-Batches use ``num_threads`` threads (hnswlib's ParallelFor); a single query always runs on the calling thread (spawning threads
-for one query costs more than the query). The exact scan uses BLAS, which starts its own thread pool: inside a
+Batches use ``num_threads`` threads (hnswlib's ParallelFor); a single query always runs on the calling thread
+(spawning threads for one query costs more than the query). The exact scan uses BLAS, which starts its own thread pool: inside a
 threaded server wrap calls in :func:`blas_threads` ``(1)`` so N request threads don't each start N BLAS threads.
 
 Files
 -----
 ``HnswIndex.save`` writes hnswlib's format (the same file from either backend: ``recsys._hnsw`` is compiled from
-the headers of the hnswlib version the project depends on) through a temporary file + rename. ``HnswIndex.load`` must be told
-the expected ``dim``/``metric`` (and ideally ``size``): hnswlib index files are not safe to load untrusted (the
-loader trusts the header), so the header is parsed and the file size checked for plausibility first. The bundle
+the headers of the hnswlib version the project depends on) through a temporary file + rename. ``HnswIndex.load``
+must be told the expected ``dim``/``metric`` (and ideally ``size``): hnswlib index files are not safe to load
+untrusted (the loader trusts the header), so the header is parsed and the file size checked for plausibility first. The bundle
 verifies the file's sha256 before that.
 """
 
