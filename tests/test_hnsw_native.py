@@ -95,6 +95,11 @@ def test_exclusion_never_returned_exactly_k_bitset_and_sorted_agree(data, raw):
     # the same batch on two threads gives the same answer
     par, _ = raw.knn(queries, 10, 64, flat, off, 2, -1)
     np.testing.assert_array_equal(par, results[1][0])
+    # the per-thread bitset is clean after each row: a later call excluding one far item gets the plain top back
+    plain, _ = raw.knn(queries[:1], 10, 64)
+    far = np.array([int(top[0, -1])], dtype=np.int64)  # rank 60: outside the top-10
+    again, _ = raw.knn(queries[:1], 10, 64, *csr([far]))
+    np.testing.assert_array_equal(again, plain)
 
 
 def test_all_but_k_excluded_returns_exactly_the_remaining_items(data, raw):

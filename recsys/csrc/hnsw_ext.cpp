@@ -96,6 +96,30 @@ class ExcludeSorted : public hnswlib::BaseFilterFunctor {
     bool operator()(labeltype id) override { return !std::binary_search(begin, end, uint64_t(id)); }
 };
 
+// Per-thread filter buffers, kept across calls so a single query (the serving path, on the caller's thread)
+// allocates nothing: the bitset is all-zero between rows (each row clears the words it set, see ClearBits).
+std::vector<uint64_t> &thread_bitset() {
+    thread_local std::vector<uint64_t> words;
+    return words;
+}
+
+std::vector<uint64_t> &thread_sorted() {
+    thread_local std::vector<uint64_t> labels;
+    return labels;
+}
+
+// Clears the words a row set in the thread's bitset, also when the search throws.
+struct ClearBits {
+    std::vector<uint64_t> *words = nullptr;
+    const int64_t *begin = nullptr;
+    const int64_t *end = nullptr;
+    ~ClearBits() {
+        if (!words) return;
+        for (const int64_t *p = begin; p != end; ++p)
+            if (*p >= 0) (*words)[uint64_t(*p) >> 6] = 0;
+    }
+};
+
 [[noreturn]] void value_error(const std::string &msg) { throw py::value_error(msg); }
 
 // A C-contiguous float32 [n, dim] array, refused otherwise (the Python side converts; this side never copies).
@@ -279,34 +303,32 @@ class Index {
         if (rows <= threads * 4) threads = 1;  // one query (the serving path) runs on the calling thread
         {
             py::gil_scoped_release release;
-            std::vector<std::vector<uint64_t>> bits(threads);    // per-thread bitset, kept all-zero between rows
-            std::vector<std::vector<uint64_t>> sorted(threads);  // per-thread sorted copy of the row's list
-            ParallelFor(0, rows, threads, [&](size_t row, size_t tid) {
+            ParallelFor(0, rows, threads, [&](size_t row, size_t) {
                 const float *qi = q + row * size_t(dim_);
                 int64_t *l = lo + row * k;
                 float *d = dout + row * k;
                 hnswlib::BaseFilterFunctor *filter = nullptr;
                 ExcludeBitset fb;
                 ExcludeSorted fs;
-                const int64_t *eb = nullptr, *ee = nullptr;
-                bool use_bits = false;
+                ClearBits clear;
                 if (ex && off[row + 1] > off[row]) {
-                    eb = ex + off[row];
-                    ee = ex + off[row + 1];
+                    const int64_t *eb = ex + off[row], *ee = ex + off[row + 1];
                     uint64_t top = 0;  // largest label + 1 (negative labels never match: skipped)
                     for (const int64_t *p = eb; p != ee; ++p)
                         if (*p >= 0) top = std::max(top, uint64_t(*p) + 1);
-                    use_bits = bitset == 1 || (bitset < 0 && top <= kMaxBitsetLabel);
-                    if (use_bits) {
-                        std::vector<uint64_t> &w = bits[tid];
+                    if (bitset == 1 || (bitset < 0 && top <= kMaxBitsetLabel)) {
+                        std::vector<uint64_t> &w = thread_bitset();
                         if (w.size() < (top + 63) / 64) w.resize((top + 63) / 64, 0);
+                        clear.words = &w;
+                        clear.begin = eb;
+                        clear.end = ee;
                         for (const int64_t *p = eb; p != ee; ++p)
                             if (*p >= 0) w[uint64_t(*p) >> 6] |= uint64_t(1) << (uint64_t(*p) & 63);
                         fb.words = w.data();
                         fb.n_bits = top;
                         filter = &fb;
                     } else {
-                        std::vector<uint64_t> &s = sorted[tid];
+                        std::vector<uint64_t> &s = thread_sorted();
                         s.clear();
                         for (const int64_t *p = eb; p != ee; ++p)
                             if (*p >= 0) s.push_back(uint64_t(*p));
@@ -320,11 +342,6 @@ class Index {
                 for (size_t j = got; j < k; j++) {
                     l[j] = -1;
                     d[j] = std::numeric_limits<float>::infinity();
-                }
-                if (use_bits) {  // clear only the bits this row set
-                    std::vector<uint64_t> &w = bits[tid];
-                    for (const int64_t *p = eb; p != ee; ++p)
-                        if (*p >= 0) w[uint64_t(*p) >> 6] = 0;
                 }
             });
         }
