@@ -264,7 +264,8 @@ class Index {
     // nearest first, padded with -1 / +inf when fewer than k (allowed) items are found. `ef` = search width
     // (hnswlib uses max(ef, k)); 0 = the index's ef. `exclude_labels` + `exclude_offsets` [n + 1]: CSR lists of
     // labels row i must not return (any order, repeats and unknown labels allowed), or None for no exclusion.
-    // `bitset`: 1 = bitset filter, 0 = sorted array, -1 = bitset unless a label is too large (the default).
+    // `bitset`: non-zero (default) = a bitset over labels when the row's largest label is below MAX_BITSET_LABEL,
+    // else (and with 0) a sorted array + binary search. The bitset is faster (benchmarks/index_bench.py).
     // `ef_filtered`: the search width of rows with a non-empty exclusion list (0 = `ef`).
     py::tuple knn(const py::array &queries, size_t k, size_t ef, py::object exclude_labels,
                   py::object exclude_offsets, int num_threads, int bitset, size_t ef_filtered) {
@@ -316,7 +317,7 @@ class Index {
                     uint64_t top = 0;  // largest label + 1 (negative labels never match: skipped)
                     for (const int64_t *p = eb; p != ee; ++p)
                         if (*p >= 0) top = std::max(top, uint64_t(*p) + 1);
-                    if (bitset == 1 || (bitset < 0 && top <= kMaxBitsetLabel)) {
+                    if (bitset != 0 && top <= kMaxBitsetLabel) {
                         std::vector<uint64_t> &w = thread_bitset();
                         if (w.size() < (top + 63) / 64) w.resize((top + 63) / 64, 0);
                         clear.words = &w;
