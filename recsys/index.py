@@ -122,6 +122,9 @@ class IndexConfig:
     """Candidate-list size while building; higher = better graph, slower build (build time ~ linear in it)."""
     ef: int = 64
     """Candidate-list size at query time when not auto-tuned; the effective value is ``max(ef, k)``."""
+    ef_filtered: int = 0
+    """Candidate-list size of queries with an exclusion list (native filter) when not auto-tuned on exclusion
+    queries; 0 = ``ef``. The effective value is ``max(ef, ef_filtered, k)``."""
     num_threads: int = -1
     """Threads for building and for batch queries; -1 = all cores. Single queries always use the caller's thread."""
     seed: int = 100
@@ -144,6 +147,8 @@ class IndexConfig:
             raise ValueError(f"`index.ef_construction` must be >= 1, got {self.ef_construction}")
         if self.ef < 1:
             raise ValueError(f"`index.ef` must be >= 1, got {self.ef}")
+        if self.ef_filtered < 0:
+            raise ValueError(f"`index.ef_filtered` must be >= 0 (0 = ef), got {self.ef_filtered}")
         if self.num_threads == 0 or self.num_threads < -1:
             raise ValueError(f"`index.num_threads` must be -1 (all cores) or >= 1, got {self.num_threads}")
         if not 0.0 < self.target_recall <= 1.0:
@@ -689,7 +694,7 @@ class HnswIndex:
                     cfg: IndexConfig | None = None, native: bool | None = None) -> HnswIndex:
         cfg = cfg or IndexConfig()
         return cls(vectors, ids, metric=metric, M=cfg.M, ef_construction=cfg.ef_construction, ef=cfg.ef,
-                   num_threads=cfg.num_threads, seed=cfg.seed, native=native)
+                   num_threads=cfg.num_threads, seed=cfg.seed, ef_filtered=cfg.ef_filtered or None, native=native)
 
     # -- properties ----------------------------------------------------------------------------------------------
 

@@ -417,4 +417,8 @@ def test_index_config_section(tmp_path):
     with pytest.raises(ConfigError):
         load_section(IndexConfig, "index", overrides=["index.nope=1"])
     idx = HnswIndex.from_config(clustered(50, 8, n_queries=1)[0], cfg=IndexConfig(M=8, ef=20, num_threads=1))
-    assert (idx.M, idx.ef) == (8, 20) and idx.params()["space"] == "ip"
+    assert (idx.M, idx.ef, idx.ef_filtered) == (8, 20, 20) and idx.params()["space"] == "ip"
+    idx = HnswIndex.from_config(clustered(50, 8, n_queries=1)[0], cfg=IndexConfig(ef=20, ef_filtered=50))
+    assert idx.params()["ef_filtered"] == 50
+    with pytest.raises(ValueError, match="`index.ef_filtered` must be >= 0"):
+        IndexConfig(ef_filtered=-1)
