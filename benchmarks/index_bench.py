@@ -322,6 +322,13 @@ def bench_one(items, tune, test, heavy, seen, heavy_tune, seen_tune, *, threads:
         hnsw.set_ef_filtered(None)  # at the plain ef: what the filter alone costs
         row["excl_native_at_ef"] = exclusion_row(hnsw, heavy, seen, truth_ex)
         hnsw.set_ef_filtered(tuned)
+        # the plain query on the same heavy users at the filtered width: what that width costs without a filter
+        hnsw.set_ef(tuned)
+        lat = single_latency(hnsw, heavy)
+        row["heavy_plain_at_ef_filtered"] = {
+            "ef": tuned, "recall@10": round(recall_vs_exact(hnsw.search(heavy, K)[0], heavy_truth), 4),
+            "p50_ms": ms(lat, 50), "p99_ms": ms(lat, 99)}
+        hnsw.set_ef(ef)
         # the extension's two filter representations, raw single-query calls at ef_filtered
         for mode, name in ((1, "bitset"), (0, "sorted")):
             lab = [np.ascontiguousarray(s_, dtype=np.int64) for s_ in seen]
@@ -385,6 +392,10 @@ def print_table(rows: list[dict]) -> None:
             print(f"  ef={s['ef']:4d}  recall={s['recall@10']:.4f}  p50={s['p50_ms']:.4f}  p99={s['p99_ms']:.4f}")
         print(f"{r['n_items']} x {r['dim']}: excluding {N_SEEN} seen items, paired with a plain query on the same "
               f"user (heavy users' plain R@10 at ef={r['autotune_ef']}: {r.get('heavy_plain_recall@10')})")
+        if "heavy_plain_at_ef_filtered" in r:
+            h = r["heavy_plain_at_ef_filtered"]
+            print(f"  plain query on the same users at ef={h['ef']}: R@10={h['recall@10']:.4f}  p50={h['p50_ms']:.4f}  "
+                  f"p99={h['p99_ms']:.4f}")
         for key in ("excl_native", "excl_native_at_ef", "excl_adaptive", "excl_full"):
             if key in r:
                 e = r[key]
