@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # sub-millisecond resolution: a healthy Recommend answers in well under 1 ms
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5, 1.0, 5.0)
+
+
+class Bound:
+    """One (method, code)'s request counter and the method's latency histogram, labels resolved once."""
+
+    __slots__ = ("_count", "_latency")
+
+    def __init__(self, count: Any, latency: Any) -> None:
+        self._count = count.inc
+        self._latency = latency.observe
+
+    def observe(self, seconds: float) -> None:
+        self._count()
+        self._latency(seconds)
 
 
 class Metrics:
@@ -33,6 +48,17 @@ class Metrics:
         self._req: dict[tuple[str, str], object] = {}
         self._lat: dict[str, object] = {}
         self._lock = threading.Lock()
+
+    def bind(self, method: str, code: str) -> Bound:
+        """The counter child of (method, code) and the latency child of method, bound once (for the hot path)."""
+        with self._lock:
+            req = self._req.get((method, code))
+            if req is None:
+                req = self._req[(method, code)] = self.requests.labels(method, code)
+            lat = self._lat.get(method)
+            if lat is None:
+                lat = self._lat[method] = self.latency.labels(method)
+        return Bound(req, lat)
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         key = (method, code)

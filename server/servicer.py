@@ -85,11 +85,15 @@ def _add_items(items: Any, rec: service.Recommendation) -> None:
 
 
 class _Base:
+    # RPC names of this servicer: their metric children are bound at startup (``Metrics.bind``)
+    METHODS: tuple[str, ...] = ()
+
     def __init__(self, store: ModelStore, limits: Limits, metrics: Metrics, *, log_requests: bool = False) -> None:
         self.store = store
         self.limits = limits
         self.metrics = metrics
         self._access_level = logging.INFO if log_requests else logging.DEBUG
+        self._ok = {m: metrics.bind(m, "OK") for m in self.METHODS}  # method -> bound OK count + latency
 
     def _call(
         self, method: str, request: Any, context: grpc.ServicerContext, handler: Callable[[Any, Any], Any],
@@ -97,8 +101,6 @@ class _Base:
     ) -> Any:
         t0 = time.perf_counter()
         rid = _request_id(context)
-        code = grpc.StatusCode.OK
-        details = ""
         try:
             _check_deadline(context)
             bundle = self.store.current  # grabbed once: this request finishes on this model
@@ -106,7 +108,6 @@ class _Base:
                 raise Unavailable("no model loaded yet")
             response = handler(bundle, request)
             _check_deadline(context)
-            return response
         except ServiceError as e:
             code = STATUS_OF.get(type(e), grpc.StatusCode.INTERNAL)
             details = str(e)
@@ -114,21 +115,38 @@ class _Base:
             code = grpc.StatusCode.INTERNAL
             details = f"internal error (request id {rid})"
             log.exception("internal error in %s", method, extra={"request_id": rid, "method": method})
-        finally:
-            elapsed = time.perf_counter() - t0
+        else:
+            # the OK path: bound metric children, and no log record unless access logs are on
             context.set_trailing_metadata(((REQUEST_ID, rid),))
-            self.metrics.observe(method, code.name, elapsed)
-            level = self._access_level if code is grpc.StatusCode.OK else logging.INFO
-            if log.isEnabledFor(level):
-                log.log(
-                    level, "%s %s", method, code.name,
-                    extra={"request_id": rid, "method": method, "code": code.name,
-                           "latency_ms": round(elapsed * 1e3, 3), "details": details},
-                )
-        context.abort(code, details)  # raises; reached only on errors
+            elapsed = time.perf_counter() - t0
+            ok = self._ok.get(method)
+            if ok is None:
+                self.metrics.observe(method, "OK", elapsed)
+            else:
+                ok.observe(elapsed)
+            if log.isEnabledFor(self._access_level):
+                self._log(self._access_level, method, grpc.StatusCode.OK, rid, elapsed, "")
+            return response
+        elapsed = time.perf_counter() - t0
+        context.set_trailing_metadata(((REQUEST_ID, rid),))
+        self.metrics.observe(method, code.name, elapsed)
+        if log.isEnabledFor(logging.INFO):
+            self._log(logging.INFO, method, code, rid, elapsed, details)
+        context.abort(code, details)  # raises
+
+    @staticmethod
+    def _log(level: int, method: str, code: grpc.StatusCode, rid: str, elapsed: float, details: str) -> None:
+        log.log(
+            level, "%s %s", method, code.name,
+            extra={"request_id": rid, "method": method, "code": code.name, "latency_ms": round(elapsed * 1e3, 3),
+                   "details": details},
+        )
 
 
 class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
+    METHODS = ("Recommend", "BatchRecommend", "SimilarItems", "GetUserEmbeddings", "GetItemEmbeddings", "EmbedUser",
+               "GetModelInfo")
+
     def Recommend(self, request, context):  # noqa: N802 - gRPC method names
         return self._call("Recommend", request, context, self._recommend)
 
@@ -210,6 +228,8 @@ def _embeddings(bundle, known, vecs, unknown) -> pb.EmbeddingsResponse:
 
 class AdminServicer(_Base, pb_grpc.RecommenderAdminServicer):
     """Admin RPCs; each needs ``authorization: Bearer <admin_token>`` metadata."""
+
+    METHODS = ("ReloadModel", "ListModels")
 
     def __init__(self, store: ModelStore, limits: Limits, metrics: Metrics, *, admin_token: str, **kw) -> None:
         super().__init__(store, limits, metrics, **kw)
