@@ -58,16 +58,22 @@ SOURCE = {
 REQUEST_ID = "x-request-id"
 
 
-# Generated request ids: a random per-process prefix + a counter, 32 hex chars like uuid4().hex, unique without a
-# urandom syscall per request (next() on itertools.count is atomic under the GIL).
+# Generated request ids (errors, and every request when access logs are on): a random per-process prefix + a
+# counter, 32 hex chars like uuid4().hex, unique without a urandom syscall per request (next() on itertools.count is
+# atomic under the GIL).
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ID_COUNTER = itertools.count()
 
 
-def _request_id(context: grpc.ServicerContext) -> str:
+def _client_request_id(context: grpc.ServicerContext) -> str | None:
+    """The caller's ``x-request-id`` (echoed back and logged), or None."""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID and isinstance(value, str) and 0 < len(value) <= 128:
             return value
+    return None
+
+
+def _new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
@@ -100,7 +106,7 @@ class _Base:
         *, needs_model: bool = True,
     ) -> Any:
         t0 = time.perf_counter()
-        rid = _request_id(context)
+        given = _client_request_id(context)
         try:
             _check_deadline(context)
             bundle = self.store.current  # grabbed once: this request finishes on this model
@@ -109,15 +115,17 @@ class _Base:
             response = handler(bundle, request)
             _check_deadline(context)
         except ServiceError as e:
+            rid = given or _new_request_id()
             code = STATUS_OF.get(type(e), grpc.StatusCode.INTERNAL)
             details = str(e)
         except Exception:
+            rid = given or _new_request_id()
             code = grpc.StatusCode.INTERNAL
             details = f"internal error (request id {rid})"
             log.exception("internal error in %s", method, extra={"request_id": rid, "method": method})
         else:
-            # the OK path: bound metric children, and no log record unless access logs are on
-            context.set_trailing_metadata(((REQUEST_ID, rid),))
+            # The OK path: bound metric children; a request id only where it names something -- the caller's own
+            # (echoed), or a generated one when access logs are on (the id of that log record).
             elapsed = time.perf_counter() - t0
             ok = self._ok.get(method)
             if ok is None:
@@ -125,8 +133,13 @@ class _Base:
             else:
                 ok.observe(elapsed)
             if log.isEnabledFor(self._access_level):
+                rid = given or _new_request_id()
                 self._log(self._access_level, method, grpc.StatusCode.OK, rid, elapsed, "")
+                context.set_trailing_metadata(((REQUEST_ID, rid),))
+            elif given is not None:
+                context.set_trailing_metadata(((REQUEST_ID, given),))
             return response
+        # Errors: always logged, always with a request id (the caller's, else a generated one) in the trailers.
         elapsed = time.perf_counter() - t0
         context.set_trailing_metadata(((REQUEST_ID, rid),))
         self.metrics.observe(method, code.name, elapsed)

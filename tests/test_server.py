@@ -124,9 +124,14 @@ def test_model_info_health_reflection_and_request_id(served, stub):
     assert {"recsys.v1.Recommender", "recsys.v1.RecommenderAdmin", "grpc.health.v1.Health"} <= names
     _, call = stub.Recommend.with_call(pb.RecommendRequest(user_id="u1", k=1), metadata=[("x-request-id", "abc-1")])
     assert ("x-request-id", "abc-1") in tuple(call.trailing_metadata())
+    # no id sent, access logs off: an OK answer names no log record, so it carries no generated id ...
     _, call = stub.Recommend.with_call(pb.RecommendRequest(user_id="u1", k=1))
-    generated = dict(call.trailing_metadata())["x-request-id"]
-    assert len(generated) == 32
+    assert "x-request-id" not in dict(call.trailing_metadata() or ())
+    # ... an error does (it is logged under that id), generated when the caller sent none
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Recommend(pb.RecommendRequest(user_id="u1", k=0))
+    generated = dict(e.value.trailing_metadata())["x-request-id"]
+    assert len(generated) == 32 and int(generated, 16) >= 0
 
 
 @pytest.mark.parametrize(
@@ -211,6 +216,22 @@ def test_internal_error_is_generic_and_logged(tmp_path, caplog):
     assert code == grpc.StatusCode.INTERNAL
     assert "secret" not in details and "req-77" in details
     assert any(getattr(r, "request_id", None) == "req-77" and r.exc_info for r in caplog.records)
+
+
+def test_access_logs_carry_a_request_id_back_to_the_caller(tmp_path, caplog):
+    import logging
+
+    write_fake_version(tmp_path, "v1")
+    with caplog.at_level(logging.INFO, logger="recsys.server"), \
+            running_server(tmp_path, log_requests=True) as (_app, target), grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        _, call = stub.Recommend.with_call(pb.RecommendRequest(user_id="u1", k=1))
+        generated = dict(call.trailing_metadata())["x-request-id"]
+        _, call = stub.Recommend.with_call(pb.RecommendRequest(user_id="u2", k=1), metadata=[("x-request-id", "r-5")])
+        echoed = dict(call.trailing_metadata())["x-request-id"]
+    assert len(generated) == 32 and echoed == "r-5"
+    ok = [r for r in caplog.records if getattr(r, "method", None) == "Recommend" and r.code == "OK"]
+    assert [r.request_id for r in ok] == [generated, "r-5"] and all(r.latency_ms > 0 for r in ok)
 
 
 def test_resource_exhausted_and_deadline(tmp_path):
