@@ -169,10 +169,13 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
             exclude_item_ids=r.exclude_item_ids, allowed_item_ids=r.allowed_item_ids,
             allow_fallback=r.allow_fallback, limits=self.limits,
         )
-        response = pb.RecommendResponse(
-            model_version=bundle.version, fallback=rec.fallback, source=SOURCE[rec.source],
-            unknown_item_ids=rec.unknown_item_ids,
-        )
+        if rec.fallback or rec.unknown_item_ids:
+            response = pb.RecommendResponse(
+                model_version=bundle.version, fallback=rec.fallback, source=SOURCE[rec.source],
+                unknown_item_ids=rec.unknown_item_ids,
+            )
+        else:  # the common answer: unset fields stay at their defaults (cheaper than setting them)
+            response = pb.RecommendResponse(model_version=bundle.version, source=SOURCE[rec.source])
         _add_items(response.items, rec)
         return response
 
