@@ -361,6 +361,18 @@ class Trainer:
         t = self.temperature()
         return float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
 
+    def count_in_sampling(self, extra: Interactions) -> None:
+        """Add ``extra``'s rows (the refit's validation rows) to the logQ sampling probabilities.
+
+        ``items.parquet``'s ``prob`` counts train rows only, but the refit samples its batches from train + valid.
+        With a drifting catalogue an item that took off late has few train rows and many validation rows: left at
+        its train frequency, logQ would treat it as a rare item, inflate its logit as a negative and push the
+        freshest items down in exactly the model that serves the next period.
+        """
+        n_train = len(self.data.train)
+        counts = self.data.item_prob * n_train + np.bincount(extra.item_idx, minlength=self.data.n_items)
+        self.log_p = torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32, device=self.device)
+
     def set_interactions(self, inter: Interactions) -> None:
         dev = self.device
         self.t_user = torch.as_tensor(inter.user_idx, device=dev)
@@ -703,6 +715,7 @@ def _train(
                 progress.phase = "done"
         if progress.phase == "refit":
             trainer.set_interactions(Interactions.concat(data.train, data.valid))
+            trainer.count_in_sampling(data.valid)
             _run_phase(trainer, progress, writer, run_dir, evaluator=None, epochs=progress.refit_epochs)
             _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
             progress.phase = "done"
