@@ -8,8 +8,9 @@ row, frequency-ordered vocabularies, logQ probabilities, last-50 histories and s
 Each run is a fresh subprocess; the parent measures its wall time and peak RSS (``os.wait4`` rusage of that child)
 and afterwards checks that both outputs hold the same rows (mapped back to external IDs).
 
-    python benchmarks/prepare_bench.py --sizes 1000000 10000000          # both sides
-    python benchmarks/prepare_bench.py --sizes 100000000 --skip-pandas-above 20000000
+    python benchmarks/prepare_bench.py --sizes 1000000 10000000          # both sides, medians of 3
+    python benchmarks/prepare_bench.py --sizes 50000000 --repeat 1       # both sides (pandas needs ~12 GiB)
+    python benchmarks/prepare_bench.py --sizes 100000000 --repeat 1      # Polars only (above --skip-pandas-above)
 
 Synthetic logs: power-law item and user popularity (Zipf-like, exponent ~1), string IDs ("u123", "i45"), epoch-second
 timestamps over half a year, an event column, parquet shards of 5M rows.
@@ -237,7 +238,7 @@ def compare(a: Path, b: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000], help="events per run")
-    ap.add_argument("--skip-pandas-above", type=int, default=20_000_000,
+    ap.add_argument("--skip-pandas-above", type=int, default=60_000_000,
                     help="run only Polars above this many events (pandas would take too long)")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: a temp dir, removed)")
     ap.add_argument("--nice", type=int, default=0, help="run the workers under `nice -n`")
