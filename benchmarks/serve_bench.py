@@ -12,8 +12,10 @@
    Recommend (known user, seen items excluded, k=10) and BatchRecommend (64 users), ``--repeat`` times
    interleaved (medians quoted; the Recommend/empty ratio is taken within each repeat), and checks that with
    --max-concurrency 32 and 256 concurrent callers every reply is OK or RESOURCE_EXHAUSTED.
-Each measurement also records the CPU time per request of the server process and of this client process, and
-the load average. Prints a table and writes benchmarks/results/serve_bench.json. Client and servers share the
+Before any server starts, the handler's own CPU per Recommend is profiled in-process by component (protobuf,
+servicer glue, service logic, index search; today's code and, with --baseline-ref, the ref's): ``--breakdown-only``
+prints just that. Each measurement also records the CPU time per request of the server process and of this
+client process, and the load average. Prints a table and writes benchmarks/results/serve_bench.json. Client and servers share the
 machine's cores (and, on a shared machine, other people's processes: compare ratios within one run).
 """
 
@@ -244,6 +246,105 @@ def baseline_tree(workdir: Path, ref: str) -> Path:
     return dst
 
 
+# ------------------------------------------------------------------------------------------------ in-process profile
+
+
+def breakdown(models: Path, *, n_users: int, n: int = 4000, rounds: int = 7, seed: int = 0) -> dict:
+    """CPU per Recommend by component, in this process, no gRPC transport: the handler the server runs.
+
+    ``n`` random known users (k=10, seen items excluded) through each stage, ``rounds`` interleaved rounds, the
+    minimum per stage (the least disturbed by other processes). Components are differences of nested calls:
+    ``servicer`` = RecommenderServicer.Recommend (fake context) minus service.recommend, ``service`` = minus the
+    index's excluding search, ``index`` = ``bundle.index.search(q, 10, exclude=[seen])``. The gRPC server's own
+    work (threads, completion queue, HTTP/2) is not here: the load runs' ``server_cpu_us`` minus this total.
+    """
+    from recsys import service
+    from recsys.bundle import Bundle
+    from recsys.v1 import recommender_pb2 as pb
+    from server.metrics import Metrics
+    from server.servicer import RecommenderServicer
+    from server.store import ModelStore, warm_up
+
+    bundle = Bundle.load(models, verify=False)
+    warm_up(bundle, 8)
+
+    class Context:  # what the servicer asks of grpc.ServicerContext on the OK path
+        def invocation_metadata(self) -> tuple:
+            return ()
+
+        def time_remaining(self) -> float:
+            return 30.0
+
+        def set_trailing_metadata(self, md: object) -> None:
+            pass
+
+    store = ModelStore(models)
+    store.current = bundle
+    servicer = RecommenderServicer(store, service.Limits(), Metrics())
+    ctx = Context()
+    rng = np.random.default_rng(seed)
+    users = [f"u{u}" for u in rng.integers(0, n_users, n)]
+    raw = [pb.RecommendRequest(user_id=u, k=10).SerializeToString() for u in users]
+    rows = [bundle.user_row(u) for u in users]
+    queries = [bundle.user_embeddings[r : r + 1] for r in rows]
+    seen = [bundle.seen_items(r) for r in rows]
+    parsed = [pb.RecommendRequest.FromString(b) for b in raw]
+    responses = [servicer.Recommend(r, ctx) for r in parsed]
+    index = bundle.index
+    stages = {
+        "parse request": lambda i: pb.RecommendRequest.FromString(raw[i]),
+        "servicer.Recommend": lambda i: servicer.Recommend(parsed[i], ctx),
+        "service.recommend": lambda i: service.recommend(bundle, user_id=users[i], k=10),
+        "index.search(exclude=seen)": lambda i: index.search(queries[i], 10, exclude=[seen[i]]),
+        "index.search(plain)": lambda i: index.search(queries[i], 10),
+        "serialize response": lambda i: responses[i].SerializeToString(),
+    }
+    best = {name: float("inf") for name in stages}
+    for _ in range(rounds):
+        for name, fn in stages.items():
+            t = time.process_time()
+            for i in range(n):
+                fn(i)
+            best[name] = min(best[name], (time.process_time() - t) / n * 1e6)
+    out = {
+        "us": best,
+        "components_us": {
+            "parse + serialize (protobuf)": best["parse request"] + best["serialize response"],
+            "servicer glue (status, deadline, metrics, response)": best["servicer.Recommend"]
+            - best["service.recommend"],
+            "service (validation, lookups, seen items, answer)": best["service.recommend"]
+            - best["index.search(exclude=seen)"],
+            "index search with exclusion": best["index.search(exclude=seen)"],
+        },
+        "native_filter": bool(getattr(index, "native_filter", False)),
+        "service_module": service.__file__,
+    }
+    out["total_us"] = sum(out["components_us"].values())
+    return out
+
+
+def run_breakdown(args: argparse.Namespace, tree: Path | None = None) -> dict:
+    """:func:`breakdown` in a fresh interpreter: today's code, or (``tree``) a :func:`baseline_tree` copy."""
+    cmd = [sys.executable, __file__, "--breakdown-only", "--items", str(args.items), "--users", str(args.users),
+           "--dim", str(args.dim), "--per-user", str(args.per_user), "--workdir", str(args.workdir)]
+    env = {**os.environ, "SERVE_BENCH_CHILD": "1"}
+    if tree is not None:  # the copy's packages come before the editable install's
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=tree or ROOT).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    if tree is not None and not result["service_module"].startswith(str(tree)):
+        raise RuntimeError(f"the baseline breakdown ran {result['service_module']}, not the copy in {tree}")
+    return result
+
+
+def print_breakdown(name: str, b: dict) -> None:
+    print(f"in-process CPU per Recommend, {name} (native_filter={b['native_filter']}):", flush=True)
+    for comp, us in b["components_us"].items():
+        print(f"  {comp:<52} {us:6.1f} us")
+    print(f"  {'total':<52} {b['total_us']:6.1f} us   (plain index.search: {b['us']['index.search(plain)']:.1f} us)",
+          flush=True)
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -345,11 +446,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="also serve with the serving layer (server/, recsys/service.py) of this git ref: "
                         "rows 'Recommend@ref' / 'BatchRecommend(64)@ref'")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--breakdown-only", action="store_true",
+                   help="only the in-process CPU breakdown per Recommend (prints JSON; with --baseline-ref also the "
+                        "ref's serving code), no servers")
     p.add_argument("--empty-server", type=int, help=argparse.SUPPRESS)  # internal: run the bare server
     p.add_argument("--empty-aio", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.empty_server:
         empty_server(args.empty_server, args.workers, use_aio=args.empty_aio)
+        return 0
+    if args.breakdown_only and args.baseline_ref is None and os.environ.get("SERVE_BENCH_CHILD"):
+        models = build_bundle(args.workdir, n_items=args.items, n_users=args.users, dim=args.dim,
+                              per_user=args.per_user)
+        print(json.dumps(breakdown(models, n_users=args.users)))
         return 0
 
     from recsys.v1 import recommender_pb2 as pb
@@ -358,6 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     models = build_bundle(args.workdir, n_items=args.items, n_users=args.users, dim=args.dim,
                           per_user=args.per_user)
     print(f"bundle ready ({time.perf_counter() - t:.0f}s): {models}", flush=True)
+    base_dir = baseline_tree(args.workdir, args.baseline_ref) if args.baseline_ref else None
+    # before any server starts: the handler's own CPU, by component (today's code and the ref's)
+    profile = {"current": run_breakdown(args)}
+    if base_dir is not None:
+        profile["ref"] = run_breakdown(args, base_dir)
+    for name, b in profile.items():
+        print_breakdown(name if name == "current" else f"ref {args.baseline_ref}", b)
+    if args.breakdown_only:
+        print(json.dumps(profile, indent=2))
+        return 0
 
     procs = []
     results: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -365,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "platform": platform.platform(),
                                  # other processes share the cores: a load average above the core count
                                  # inflates every latency below
-                                 "loadavg_at_start": list(os.getloadavg())}, "runs": []}
+                                 "loadavg_at_start": list(os.getloadavg())}, "runs": [],
+               "breakdown": profile}
     try:
         bench = [sys.executable, __file__, "--workers", str(args.workers), "--empty-server"]
         ep, ap, sp, lp = free_port(), free_port(), free_port(), free_port()
@@ -377,9 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         server = start([*serve, "--port", str(sp), "--max-concurrency", "1000"], logs / "serve.log")
         limited = start([*serve, "--port", str(lp), "--max-concurrency", "32"], logs / "serve-limit32.log")
         procs = [empty, empty_aio, server, limited]
-        if args.baseline_ref:
+        if base_dir is not None:
             bp = free_port()
-            base_dir = baseline_tree(args.workdir, args.baseline_ref)
             results["baseline"] = {"ref": args.baseline_ref, "tree": str(base_dir)}
             base = start([*serve, "--port", str(bp), "--max-concurrency", "1000"], logs / "serve-baseline.log",
                          cwd=base_dir)
