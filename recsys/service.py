@@ -140,16 +140,25 @@ class Prepared:
 
 _PREPARED: weakref.WeakKeyDictionary[Any, Prepared] = weakref.WeakKeyDictionary()
 _PREPARED_LOCK = threading.Lock()
+# The serving bundle's entry, checked first: calling a weakref is cheaper than WeakKeyDictionary.get (which builds
+# a new weakref per call). A weakref, so a swapped-out bundle is not kept alive; one tuple, so readers see a
+# consistent pair while another thread replaces it.
+_LAST: tuple[Any, Prepared | None] = (lambda: None, None)
 
 
 def prepared(bundle: Any) -> Prepared:
     """The bundle's :class:`Prepared` views (built on first use; dropped with the bundle after a hot reload)."""
+    global _LAST
+    ref, p = _LAST
+    if ref() is bundle and p is not None:
+        return p
     p = _PREPARED.get(bundle)
     if p is None:
         with _PREPARED_LOCK:
             p = _PREPARED.get(bundle)
             if p is None:
                 p = _PREPARED[bundle] = Prepared(bundle)
+    _LAST = (weakref.ref(bundle), p)
     return p
 
 
