@@ -416,10 +416,10 @@ def _run_data_dir(run_dir: Path) -> Path:
     )
 
 
-def _tuning_queries(
+def _tuning_users(
     data_dir: Path, user_emb: np.ndarray, *, n_queries: int, seed: int
 ) -> tuple[np.ndarray, str]:
-    """Held-out users' embeddings for tuning ef: test users, then valid users, then any others, up to n_queries."""
+    """Held-out users (rows) for tuning ef: test users, then valid users, then any others, up to n_queries."""
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
@@ -442,7 +442,7 @@ def _tuning_queries(
         chosen.append(rest)
         sources.append(f"other:{len(rest)}")
     rows = np.concatenate(chosen) if chosen else np.arange(0)
-    return user_emb[rows], ",".join(sources)
+    return rows, ",".join(sources)
 
 
 def export(
@@ -524,13 +524,17 @@ def export(
     exact = ExactIndex(item_emb, metric=metric)
     tune_k = min(int(index_cfg.autotune_k), n_items)
     n_queries = max(1000, int(index_cfg.autotune_queries)) if tune_queries is None else int(tune_queries)
-    query_source, table = "", []
+    query_source, table, filtered_table = "", [], []
     ef = int(index_cfg.ef)
     if index_cfg.autotune:
-        queries, query_source = _tuning_queries(data_dir, user_emb, n_queries=n_queries, seed=seed)
+        rows, query_source = _tuning_users(data_dir, user_emb, n_queries=n_queries, seed=seed)
+        # The same users minus their seen items (what serving excludes) tune the width of excluding searches.
+        seen_off, seen_val = read_ragged(data_dir / schema.SEEN, n_rows=n_users, what=schema.SEEN)
         ef, table = autotune_ef(
-            index, exact, queries, k=tune_k, target_recall=index_cfg.target_recall, efs=index_cfg.autotune_efs
+            index, exact, user_emb[rows], k=tune_k, target_recall=index_cfg.target_recall,
+            efs=index_cfg.autotune_efs, exclude=_ragged_rows(seen_off, seen_val, rows),
         )
+        filtered_table = list(getattr(index, "ef_filtered_table", []))
     index.set_ef(int(ef))
 
     evaluation: dict[str, Any] = {}
@@ -580,6 +584,7 @@ def export(
                     "file": schema.INDEX_FILE,
                     "config": _jsonable(index_cfg),
                     "ef": int(ef),
+                    "ef_filtered": int(index.ef_filtered),
                     "params": index.params(),
                     "tune": {
                         "autotune": bool(index_cfg.autotune),
@@ -587,6 +592,7 @@ def export(
                         "target_recall": index_cfg.target_recall,
                         "queries": query_source,
                         "table": table,
+                        "filtered_table": filtered_table,
                     },
                 },
                 "training": summary,
@@ -705,8 +711,10 @@ class Bundle:
 
         self.exact = ExactIndex(self.item_embeddings, metric=self.metric)
         ef = int(self.manifest.get("index", {}).get("ef") or 64)
+        ef_filtered = self.manifest.get("index", {}).get("ef_filtered")  # absent in bundles before it existed
         try:
-            self.index = HnswIndex.load(p / schema.INDEX_FILE, dim=self.dim, metric=self.metric, size=self.n_items, ef=ef)
+            self.index = HnswIndex.load(p / schema.INDEX_FILE, dim=self.dim, metric=self.metric, size=self.n_items,
+                                        ef=ef, ef_filtered=int(ef_filtered) if ef_filtered else None)
         except Exception as e:  # a header that disagrees (ValueError) or hnswlib's RuntimeError
             raise BundleError(f"{schema.INDEX_FILE}: cannot be loaded: {e}") from e
         if int(self.index.size) != self.n_items or not np.array_equal(self.index.ids, np.arange(self.n_items)):

@@ -183,6 +183,12 @@ def test_export_layout_and_manifest(published):
     tune = m["index"]["tune"]
     assert tune["table"] and tune["table"][-1]["ef"] == m["index"]["ef"] and tune["queries"].startswith("test:")
     assert tune["table"][-1]["recall"] >= 0.99
+    # ...and the width of excluding searches on the same users minus their seen items (at least ef)
+    ft = tune["filtered_table"]
+    if ft:  # tuned only on the native (in-search filter) path
+        assert m["index"]["ef_filtered"] == ft[-1]["ef"] >= m["index"]["ef"] and ft[-1]["recall"] >= 0.99
+    else:
+        assert m["index"]["ef_filtered"] == m["index"]["ef"]
     assert {"torch", "numpy", "hnswlib", "polars", "recsys"} <= set(m["packages"])
     # the quick evaluation stored at export time (test split, exact + HNSW)
     ev = m["evaluation"]
@@ -233,7 +239,8 @@ def test_load_matches_towers_and_data(published):
     ids_a, _ = b.index.search(b.user_embeddings[:20], 5)
     ids_e, _ = b.exact.search(b.user_embeddings[:20], 5)
     assert np.mean([len(set(a) & set(e)) / 5 for a, e in zip(ids_a, ids_e, strict=True)]) >= 0.95
-    assert b.index.ef == json.loads((path / "manifest.json").read_text())["index"]["ef"]
+    m = json.loads((path / "manifest.json").read_text())
+    assert b.index.ef == m["index"]["ef"] and b.index.ef_filtered == m["index"]["ef_filtered"]
 
 
 def test_trained_bundle_retrieves_own_cluster(published):
