@@ -9,9 +9,13 @@
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+# Portable compiled code: hnswlib and recsys._hnsw build with -march=native by default, which would tie the image to
+# the build machine's CPU (SIGILL elsewhere); these keep -O3 without it.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    HNSWLIB_NO_NATIVE=1 \
+    RECSYS_PORTABLE_BUILD=1
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
@@ -25,7 +29,7 @@ WORKDIR /src
 # Dependency layer: .dockerignore keeps tests, data, runs and the local .venv out of the context.
 COPY . .
 RUN pip install --no-cache-dir . \
-    && python -c "import recsys, grpc, hnswlib, polars, torch; print('torch', torch.__version__)"
+    && python -c "import recsys, recsys._hnsw, grpc, hnswlib, polars, torch; print('torch', torch.__version__)"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \

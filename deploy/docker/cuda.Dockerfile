@@ -12,9 +12,13 @@ ARG BUILD_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-devel
 ARG RUNTIME_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 
 FROM ${BUILD_IMAGE} AS build
+# Portable compiled code: hnswlib and recsys._hnsw build with -march=native by default, which would tie the image to
+# the build machine's CPU (SIGILL elsewhere); these keep -O3 without it.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    HNSWLIB_NO_NATIVE=1 \
+    RECSYS_PORTABLE_BUILD=1
 RUN python -m venv --system-site-packages /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
