@@ -192,3 +192,14 @@ def test_native_and_fallback_paths_agree_and_never_return_seen_items(tmp_path):
         assert answers["fallback"][0][j].item_ids == answers["fallback"][1][j].item_ids
     recall = hits / (4 * n_users * k)
     assert recall >= 0.97, recall  # both paths near the exact answer with exclusion (measured: 1.0 at ef 40)
+
+
+def test_prepared_alternating_bundles_get_their_own_views(tmp_path):
+    # requests that started on the old model finish on it while new ones use the new one: the one-entry fast
+    # cache in front of the weak dictionary must never hand one bundle's item IDs to the other
+    old, new = FakeBundle(tmp_path, version="v1", seed=1), FakeBundle(tmp_path, version="v2", seed=2)
+    new.item_ids = np.array([f"n{j}" for j in range(N_ITEMS)])
+    for _ in range(3):
+        assert service.prepared(old).item_ids[0] == "i0" and service.prepared(old).version == "v1"
+        assert service.prepared(new).item_ids[0] == "n0" and service.prepared(new).version == "v2"
+    assert service.prepared(old) is service.prepared(old) and service.prepared(new) is not service.prepared(old)
