@@ -228,16 +228,28 @@ def test_mixed_batch_matches_row_by_row_and_exact_fallbacks(data):
 
 def test_autotune_sets_ef_filtered_from_exclusion_queries(data, tmp_path):
     items, queries = data
-    idx = HnswIndex(items, ef=64, num_threads=1, native=True)
+    # a sparse graph, and excluding users who mix three interests (harder queries than the tuning ones): the
+    # filtered search needs a wider ef than the plain one
+    idx = HnswIndex(items, ef=64, M=6, ef_construction=40, num_threads=1, native=True)
     ex = ExactIndex(items)
-    top, _ = ex.search(queries, 40)
-    seen = [top[i, :40] for i in range(len(queries))]  # every near neighbour "seen": the answer sits deeper
-    ef, table = autotune_ef(idx, ex, queries, k=10, target_recall=0.97, efs=(8, 16, 32, 64, 128, 256),
-                            latency_queries=10, exclude=seen)
+    rng = np.random.default_rng(0)
+    mixed = queries + queries[rng.permutation(len(queries))] + queries[rng.permutation(len(queries))]
+    mixed /= np.linalg.norm(mixed, axis=1, keepdims=True)
+    top, _ = ex.search(mixed, 40)
+    seen = [top[i] for i in range(len(mixed))]  # every near neighbour "seen": the answer sits deeper
+    ladder = (8, 16, 32, 64, 128, 256)
+    ef, table = autotune_ef(idx, ex, queries, k=10, target_recall=0.97, efs=ladder, latency_queries=10,
+                            exclude=seen, filtered_queries=mixed)
     ftable = idx.ef_filtered_table
-    assert idx.ef == ef and idx.ef_filtered == ftable[-1]["ef"] >= ef
-    assert ftable[-1]["recall"] >= 0.97 and all(r["recall"] < 0.97 for r in ftable[:-1])
-    assert ftable[0]["ef"] == ef  # the ladder starts at the plain ef
+    efs_tried = [r["ef"] for r in ftable]
+    assert efs_tried == sorted(efs_tried) and ftable[0]["ef"] == ef  # the ladder starts at the plain ef
+    # the smallest ef tried that reaches the target is the one chosen, found by bisecting a ladder step to 1/8
+    passing = [r["ef"] for r in ftable if r["recall"] >= 0.97]
+    assert idx.ef == ef and idx.ef_filtered == min(passing) > ef
+    assert idx.ef_filtered not in ladder
+    below = max(e for e in efs_tried if e < idx.ef_filtered)
+    assert idx.ef_filtered - below <= max(4, below // 8)
+    queries = mixed
     got, _ = idx.search(queries, 10, exclude=seen)
     truth, _ = ex.search(queries, 10, exclude=seen)
     assert recall_vs_exact(got, truth) >= 0.97
