@@ -1201,7 +1201,7 @@ def autotune_ef(
     whose Recall@k vs exact-with-exclusion reaches ``target_recall`` (the ladder ``efs``, then bisection of its last
     step); its table (same row keys, no batch_qps, sorted by ef) is left in ``index.ef_filtered_table``. Why only then: at equal ef the in-search filter keeps the
     recall a plain query has *on the same queries* (benchmarks/index_bench.py, 100k x 64, heavy users minus 500
-    seen items at ef 48: 0.967 filtered vs 0.945 plain), so the filtered width only needs raising when the users
+    seen items at ef 48: 0.967 filtered vs 0.944 plain), so the filtered width only needs raising when the users
     who exclude are harder queries than the tuning ones -- which only their own queries can show. Without
     ``exclude``, ``ef_filtered`` stays at ``ef``.
     """
