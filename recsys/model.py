@@ -156,15 +156,15 @@ class TrainConfig:
     only), so the user vector learns to predict the next few items, as the per-user temporal split asks."""
     lr: float = 0.003
     """Learning rate of Adam(W) for every parameter (or the dense ones with ``sparse_embeddings``)."""
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
     """Learning-rate decay over each phase's steps (fit: ``epochs`` epochs; refit: its epoch count), from the
     optimizers' base rates to 0: constant, half-cosine or linear. A decayed run ends in a low-noise minimum, so the
     refit's last epoch is as good as the fit's best one."""
     warmup_epochs: float = 0.0
     """Linear warm-up from 0 over this many epochs at the start of each phase (before the decay; 0 = off)."""
-    weight_decay: float = 0.0
+    weight_decay: float = 0.05
     """Decoupled (AdamW) weight decay of the dense parameters."""
-    embedding_weight_decay: float = 0.0
+    embedding_weight_decay: float = 0.05
     """Decoupled weight decay of the embedding tables (ignored with ``sparse_embeddings``)."""
     sparse_embeddings: bool = False
     """Sparse gradients for the ID tables with SparseAdam (big catalogues); dense Adam for the rest."""
