@@ -572,10 +572,6 @@ def _diff_configs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             a, b = old.get(sec, {}).get(k), new.get(sec, {}).get(k)
             if a != b and f"{sec}.{k}" not in RESUMABLE_CHANGES:
                 out.append(f"{sec}.{k}: {a!r} -> {b!r}")
-    a, b = old.get("train", {}).get("epochs"), new.get("train", {}).get("epochs")
-    if a != b and (new["train"].get("lr_schedule", "constant") != "constant" or new["train"].get("warmup_epochs")):
-        # a decaying rate is spread over ``epochs``: more epochs would change the rates of the finished ones
-        out.append(f"train.epochs: {a!r} -> {b!r} (with train.lr_schedule={new['train']['lr_schedule']!r})")
     return out
 
 
@@ -656,6 +652,13 @@ def _train(
                 f"cannot resume {str(run_dir)!r} with a different config: {'; '.join(diffs)} "
                 f"(only {sorted(RESUMABLE_CHANGES)} may change)"
             )
+        if old["train"].get("epochs") != train_cfg.epochs and (
+                train_cfg.lr_schedule != "constant" or train_cfg.warmup_epochs):
+            # the finished epochs stand; the rest of the schedule is recomputed over the new length, so the rate
+            # jumps to its value at this step of the longer (or shorter) phase
+            log.warning("resuming %s with train.epochs %s -> %s under train.lr_schedule=%r: the remaining steps "
+                        "follow the schedule of the new length (not what an uninterrupted run would do)",
+                        run_dir, old["train"].get("epochs"), train_cfg.epochs, train_cfg.lr_schedule)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run dir {str(run_dir)!r} is not empty (pass resume=True / --resume to continue it)")
     ctx.barrier()  # every rank has checked the run dir before rank 0 writes to it
