@@ -937,31 +937,32 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         # The group-by's hash table costs ~100 bytes per pair: run it on slices of the users (u % n_chunks, a
         # re-scan of the scratch file each) so peak memory stays flat as the log grows.
         n_chunks = max(1, math.ceil(n_before / _DEDUPE_CHUNK_ROWS))
-        chunks = []
+        # Each chunk's pairs go straight into numpy columns sized for the worst case (no pair deduplicated; pages
+        # are only touched as rows land) and the chunk is dropped before the next group-by, which then reuses its
+        # memory: the peak is the columns + one chunk, never all chunks + their numpy copy.
+        cols_np = {"u": np.empty(n_before, np.uint32), "i": np.empty(n_before, np.uint32),
+                   "ts": np.empty(n_before, np.int64), "weight": np.empty(n_before, np.float32)}
+        n_pairs = 0
         for c in range(n_chunks):
             part = good if n_chunks == 1 else good.filter(pl.col("u") % n_chunks == c)
-            chunks.append(_user_time_order(
+            chunk = _user_time_order(
                 part.group_by(pair).agg(agg)
                 .select((pl.col("pair") // (1 << 32)).cast(pl.UInt32).alias("u"),
                         (pl.col("pair") % (1 << 32)).cast(pl.UInt32).alias("i"), "ts", "seq",
                         pl.col("weight").cast(pl.Float32))
-                .collect(engine="streaming")))
-        n_pairs = sum(ch.height for ch in chunks)
+                .collect(engine="streaming"))
+            m = chunk.height
+            for name, col in cols_np.items():  # seq has done its job: the rows are in order
+                col[n_pairs:n_pairs + m] = chunk[name].to_numpy()
+            n_pairs += m
+            del chunk
+        cols_np = {name: col[:n_pairs] for name, col in cols_np.items()}  # each user's rows together, in time order
         n_dedup = n_before - n_pairs
         rec.update(rows=n_pairs, deduplicated=n_dedup, chunks=n_chunks)
     if n_pairs == 0:
         raise ValueError(f"no interaction is left after validation and filters (filtered: {filtered}, "
                          f"rejected: {rejected})")
 
-    # numpy columns from here on (seq has done its job: rows are in order). A column at a time is copied out of the
-    # chunks and dropped from them, so the peak is the data + one column (never two copies of everything).
-    cols_np = {}
-    for c in ("u", "i", "ts", "weight"):
-        parts = [ch[c].to_numpy() for ch in chunks]
-        cols_np[c] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        chunks = [ch.drop(c) for ch in chunks]
-        del parts
-    del chunks
     n_user_codes = int(cols_np["u"].max()) + 1
     n_item_codes = int(cols_np["i"].max()) + 1
 
