@@ -180,7 +180,7 @@ class TrainConfig:
     """Validate on at most this many users (a seeded sample); 0 = all validation users."""
     early_stop_metric: str = "ndcg@20"
     """Validation metric that picks the best epoch (a key of recsys.metrics.ranking_metrics)."""
-    patience: int = 5
+    patience: int = 10
     """Stop after this many validations without improvement of ``early_stop_metric`` (0 = never stop early)."""
     refit: bool = True
     """After picking the best epoch on validation, retrain from scratch on train + valid for that many epochs."""
