@@ -354,146 +354,14 @@ def mixed_log_q(log_p: Tensor, *, batch_size: int, n_uniform: int, n_items: int)
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _ChunkedInBatchSoftmax(torch.autograd.Function):
-    """Per-row InfoNCE losses ``[B]`` computed in row blocks; backward recomputes each block's logits.
+class _ChunkedSoftmax(torch.autograd.Function):
+    """Per-row InfoNCE losses ``[b]`` of rows ``offset:offset + b`` of a ``[B, B + M]`` softmax, in row blocks.
 
-    Memory: forward keeps only the row log-sum-exp ``[B]``; each pass holds a few ``[chunk, B + M]`` buffers at a
-    time. The backward is written out: ``d loss_i / d logits_ij = g_i (softmax_ij - [j = i])``, then the chain rule
-    through ``logits = q c^T / t - log_q``.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, correct_positive, chunk
-    ):
-        compute_dtype = _compute_dtype(q)
-        ctx.compute_dtype = compute_dtype
-        ctx.correct_positive = correct_positive
-        ctx.chunk = chunk
-        logit_dtype = _logit_dtype(compute_dtype)
-        b = q.shape[0]
-        inv_t = 1.0 / temperature.detach().to(logit_dtype).reshape(())
-        qc, cc = q.detach().to(compute_dtype), cands.detach().to(compute_dtype)
-        opts = dict(b=b, full_log_q=full_log_q, correct_positive=correct_positive, item_ids=item_ids,
-                    user_ids=user_ids, extra_item_ids=extra_item_ids)  # fmt: skip
-        out = torch.empty(b, dtype=logit_dtype, device=q.device)
-        lse = torch.empty(b, dtype=logit_dtype, device=q.device)
-        with torch.autocast(q.device.type, enabled=False):
-            for start in range(0, b, chunk):
-                stop = min(start + chunk, b)
-                logits = (qc[start:stop] @ cc.T).to(logit_dtype).mul_(inv_t)  # [r, B + M]
-                _correct_and_mask_(logits, start, **opts)
-                lse[start:stop] = torch.logsumexp(logits, dim=1)
-                rows = torch.arange(stop - start, device=q.device)
-                out[start:stop] = lse[start:stop] - logits[rows, rows + start]
-        ctx.save_for_backward(q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, cands, temperature, full_log_q, item_ids, user_ids, extra_item_ids, lse = ctx.saved_tensors
-        need_q, need_c, need_t, need_lq = ctx.needs_input_grad[:4]
-        compute_dtype, logit_dtype = ctx.compute_dtype, lse.dtype
-        b, n_cols = q.shape[0], cands.shape[0]
-        inv_t = 1.0 / temperature.detach().to(logit_dtype).reshape(())
-        qc, cc = q.detach().to(compute_dtype), cands.detach().to(compute_dtype)
-        opts = dict(b=b, full_log_q=full_log_q, correct_positive=ctx.correct_positive, item_ids=item_ids,
-                    user_ids=user_ids, extra_item_ids=extra_item_ids)  # fmt: skip
-        grad_out = grad_out.to(logit_dtype)
-        grad_q = torch.empty(q.shape, dtype=compute_dtype, device=q.device) if need_q else None
-        grad_c = torch.zeros(cands.shape, dtype=logit_dtype, device=q.device) if need_c else None
-        grad_t = torch.zeros((), dtype=logit_dtype, device=q.device)
-        grad_lq = torch.zeros(n_cols, dtype=logit_dtype, device=q.device) if need_lq else None
-        with torch.autocast(q.device.type, enabled=False):
-            for start in range(0, b, ctx.chunk):
-                stop = min(start + ctx.chunk, b)
-                scores = (qc[start:stop] @ cc.T).to(logit_dtype)  # [r, B + M]
-                # keep the raw scores only when the temperature needs them (d logits / dt = -scores / t^2)
-                logits = scores * inv_t if need_t else scores.mul_(inv_t)
-                _correct_and_mask_(logits, start, **opts)
-                g = logits.sub_(lse[start:stop, None]).exp_()  # softmax, in place; masked columns are 0
-                rows = torch.arange(stop - start, device=q.device)
-                g[rows, rows + start] -= 1.0
-                g.mul_(grad_out[start:stop, None])  # d loss / d logits
-                if need_t:
-                    grad_t -= torch.dot(g.reshape(-1), scores.reshape(-1)) * inv_t * inv_t
-                if need_lq:
-                    grad_lq -= g.sum(0)
-                    if not ctx.correct_positive:  # the diagonal was not corrected: give its share back
-                        grad_lq[rows + start] += g[rows, rows + start]
-                gs = g.mul_(inv_t).to(compute_dtype)  # d loss / d scores
-                if need_q:
-                    grad_q[start:stop] = gs @ cc
-                if need_c:
-                    grad_c += (gs.T @ qc[start:stop]).to(logit_dtype)
-        return (
-            grad_q.to(q.dtype) if need_q else None,
-            grad_c.to(cands.dtype) if need_c else None,
-            grad_t.to(temperature.device, temperature.dtype).reshape(temperature.shape) if need_t else None,
-            grad_lq.to(full_log_q.dtype) if need_lq else None,
-            None, None, None, None, None,
-        )  # fmt: skip
-
-
-def in_batch_softmax_chunked(
-    q: Tensor,
-    c: Tensor,
-    *,
-    temperature: float | Tensor,
-    item_ids: Tensor | None = None,
-    user_ids: Tensor | None = None,
-    log_q: Tensor | None = None,
-    correct_positive: bool = True,
-    extra_c: Tensor | None = None,
-    extra_item_ids: Tensor | None = None,
-    extra_log_q: Tensor | float | None = None,
-    weights: Tensor | None = None,
-    reduction: str = "mean",
-    chunk_size: int = 1024,
-) -> Tensor:
-    """:func:`in_batch_softmax` computed ``chunk_size`` rows at a time, forward and backward.
-
-    Same arguments, values and gradients as :func:`in_batch_softmax`. Peak extra memory is a few ``[chunk_size,
-    B + M]`` blocks instead of the full ``[B, B + M]`` logits (plus their softmax and mask) that autograd would
-    keep; the backward recomputes each block's scores (one more matmul) instead of storing them. Measured on CPU
-    at B = 8192, d = 64, chunk 1024 (benchmarks/loss_bench.py): 78 MiB instead of 834 MiB, and 0.64x the time.
-
-    Args:
-        chunk_size: rows per block, >= 1.
-    """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be an int >= 1, got {chunk_size!r}")
-    p = _prepare(
-        q, c, temperature=temperature, item_ids=item_ids, user_ids=user_ids, log_q=log_q, extra_c=extra_c,
-        extra_item_ids=extra_item_ids, extra_log_q=extra_log_q, weights=weights, reduction=reduction,
-    )  # fmt: skip
-    if not isinstance(temperature, Tensor):
-        dtype = _logit_dtype(_compute_dtype(p.q))
-        temperature = torch.tensor(float(temperature), dtype=dtype, device=q.device)
-    per_row = _ChunkedInBatchSoftmax.apply(
-        p.q,
-        p.cands,
-        temperature,
-        p.full_log_q,
-        item_ids,
-        user_ids,
-        p.extra_item_ids,
-        correct_positive,
-        chunk_size,
-    )
-    return _reduce(per_row, weights, reduction)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# one shard of a global in-batch softmax (data parallel: this rank's queries against every rank's candidates)
-# --------------------------------------------------------------------------------------------------------------
-
-
-class _ChunkedShardSoftmax(torch.autograd.Function):
-    """Per-row losses ``[b]`` of rows ``offset:offset + b`` of a ``[B, B + M]`` softmax, in row blocks.
-
-    The same computation as :class:`_ChunkedInBatchSoftmax` with the query rows a slice of the global batch:
-    row ``i`` of ``q`` is global row ``offset + i``, whose positive is candidate column ``offset + i``.
+    Row ``i`` of ``q`` is global row ``offset + i``, whose positive is candidate column ``offset + i``; the whole
+    batch is ``offset=0, n_batch=b`` (:func:`in_batch_softmax_chunked`), one data-parallel shard any other slice
+    (:func:`in_batch_softmax_shard`). Memory: forward keeps only the row log-sum-exp ``[b]``; each pass holds a few
+    ``[chunk, B + M]`` buffers at a time. The backward is written out: ``d loss_i / d logits_ij = g_i (softmax_ij -
+    [j = offset + i])``, then the chain rule through ``logits = q c^T / t - log_q``.
     """
 
     @staticmethod
@@ -569,6 +437,53 @@ class _ChunkedShardSoftmax(torch.autograd.Function):
         )  # fmt: skip
 
 
+def in_batch_softmax_chunked(
+    q: Tensor,
+    c: Tensor,
+    *,
+    temperature: float | Tensor,
+    item_ids: Tensor | None = None,
+    user_ids: Tensor | None = None,
+    log_q: Tensor | None = None,
+    correct_positive: bool = True,
+    extra_c: Tensor | None = None,
+    extra_item_ids: Tensor | None = None,
+    extra_log_q: Tensor | float | None = None,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = 1024,
+) -> Tensor:
+    """:func:`in_batch_softmax` computed ``chunk_size`` rows at a time, forward and backward.
+
+    Same arguments, values and gradients as :func:`in_batch_softmax`. Peak extra memory is a few ``[chunk_size,
+    B + M]`` blocks instead of the full ``[B, B + M]`` logits (plus their softmax and mask) that autograd would
+    keep; the backward recomputes each block's scores (one more matmul) instead of storing them. Measured on CPU
+    at B = 8192, d = 64, chunk 1024 (benchmarks/loss_bench.py): 78 MiB instead of 834 MiB, and 0.64x the time.
+
+    Args:
+        chunk_size: rows per block, >= 1.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be an int >= 1, got {chunk_size!r}")
+    p = _prepare(
+        q, c, temperature=temperature, item_ids=item_ids, user_ids=user_ids, log_q=log_q, extra_c=extra_c,
+        extra_item_ids=extra_item_ids, extra_log_q=extra_log_q, weights=weights, reduction=reduction,
+    )  # fmt: skip
+    if not isinstance(temperature, Tensor):
+        dtype = _logit_dtype(_compute_dtype(p.q))
+        temperature = torch.tensor(float(temperature), dtype=dtype, device=q.device)
+    per_row = _ChunkedSoftmax.apply(
+        p.q, p.cands, temperature, p.full_log_q, item_ids, user_ids, p.extra_item_ids, correct_positive, chunk_size,
+        0, p.q.shape[0],
+    )  # fmt: skip
+    return _reduce(per_row, weights, reduction)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one shard of a global in-batch softmax (data parallel: this rank's queries against every rank's candidates)
+# --------------------------------------------------------------------------------------------------------------
+
+
 def in_batch_softmax_shard(
     q: Tensor,
     c: Tensor,
@@ -624,7 +539,7 @@ def in_batch_softmax_shard(
     if chunk_size:
         if not isinstance(temperature, Tensor):
             temperature = torch.tensor(float(temperature), dtype=_logit_dtype(_compute_dtype(q)), device=q.device)
-        per_row = _ChunkedShardSoftmax.apply(
+        per_row = _ChunkedSoftmax.apply(
             q, cands, temperature, p.full_log_q, item_ids, user_ids, p.extra_item_ids, correct_positive, chunk_size,
             row_offset, n_batch,
         )  # fmt: skip
