@@ -229,11 +229,9 @@ def _search_one(
     for ~10-50 ids that beats any numpy call; only a list ranked too deep goes back to the index's own
     excluding search.
     """
-    if exclude is None or not len(exclude) or prep.native:
-        if exclude is None or not len(exclude):
-            ids, scores = bundle.index.search(query, k)
-        else:
-            ids, scores = bundle.index.search(query, k, exclude=[exclude])
+    excluding = exclude is not None and len(exclude) > 0
+    if not excluding or prep.native:
+        ids, scores = bundle.index.search(query, k, exclude=[exclude] if excluding else None)
         rows, sc = ids[0].tolist(), scores[0].tolist()
         if rows and rows[-1] < 0:  # padding: fewer than k items in the catalogue
             n = sum(1 for r in rows if r >= 0)

@@ -49,27 +49,23 @@ class Metrics:
         self._lat: dict[str, object] = {}
         self._lock = threading.Lock()
 
+    def _children(self, method: str, code: str) -> tuple[Any, Any]:
+        """The counter child of (method, code) and the latency child of method, created on first use."""
+        req, lat = self._req.get((method, code)), self._lat.get(method)
+        if req is None or lat is None:
+            with self._lock:  # labels() returns the existing child, so a lost race only repeats a lookup
+                req = self._req.setdefault((method, code), self.requests.labels(method, code))
+                lat = self._lat.setdefault(method, self.latency.labels(method))
+        return req, lat
+
     def bind(self, method: str, code: str) -> Bound:
-        """The counter child of (method, code) and the latency child of method, bound once (for the hot path)."""
-        with self._lock:
-            req = self._req.get((method, code))
-            if req is None:
-                req = self._req[(method, code)] = self.requests.labels(method, code)
-            lat = self._lat.get(method)
-            if lat is None:
-                lat = self._lat[method] = self.latency.labels(method)
-        return Bound(req, lat)
+        """The (method, code) children bound once (for the hot path)."""
+        return Bound(*self._children(method, code))
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        key = (method, code)
-        child = self._req.get(key)
-        if child is None:
-            child = self._req[key] = self.requests.labels(method, code)
-        child.inc()  # type: ignore[attr-defined]
-        hist = self._lat.get(method)
-        if hist is None:
-            hist = self._lat[method] = self.latency.labels(method)
-        hist.observe(seconds)  # type: ignore[attr-defined]
+        req, lat = self._children(method, code)
+        req.inc()
+        lat.observe(seconds)
 
     def set_version(self, version: str) -> None:
         with self._lock:
