@@ -838,6 +838,17 @@ class HnswIndex:
         finally:
             self._lock.release_read()
 
+    def _score_include(
+        self, q: np.ndarray, k: int, cand: np.ndarray, exclude: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """An include-list row, scored exactly (both backends): ``q [dim]``, ``cand [m]`` included ids present in
+        the index, ``exclude`` sorted ids or None -> (ids [k], scores [k]), padded -1 / -inf."""
+        if exclude is not None:
+            cand = cand[~np.isin(cand, exclude)]
+        s = self.get_vectors(cand) @ q  # [m]
+        pos, top = _topk_rows(s[None, :], k)
+        return np.where(pos[0] >= 0, cand[np.maximum(pos[0], 0)] if cand.size else -1, -1), top[0]
+
     def _search_native(
         self, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray | None] | None,
         include: Sequence[np.ndarray | None] | None,
@@ -935,13 +946,7 @@ class HnswIndex:
         exact_rows: list[int] = []
         for i in range(n):
             if incl is not None and incl[i] is not None:
-                cand = idmap.members(incl[i])
-                if ex[i] is not None:
-                    cand = cand[~np.isin(cand, ex[i])]
-                s = self.get_vectors(cand) @ q[i]  # [m]
-                pos, top = _topk_rows(s[None, :], k)
-                ids_out[i] = np.where(pos[0] >= 0, cand[np.maximum(pos[0], 0)] if cand.size else -1, -1)
-                scores[i] = top[0]
+                ids_out[i], scores[i] = self._score_include(q[i], k, idmap.members(incl[i]), ex[i])
                 continue
             n_ex = 0 if ex[i] is None else int(np.unique(ex[i]).size)
             remain = min(k, size - n_ex)  # what a complete answer holds
@@ -1009,14 +1014,7 @@ class HnswIndex:
         fetch: dict[int, list[int]] = {}  # fetch size -> rows
         for i in range(n):
             if incl is not None and incl[i] is not None:
-                # Include-list: score exactly the m included vectors.
-                cand = idmap.members(incl[i])
-                if ex[i] is not None:
-                    cand = cand[~np.isin(cand, ex[i])]
-                s = self.get_vectors(cand) @ q[i]  # [m]
-                pos, top = _topk_rows(s[None, :], k)
-                out_ids[i] = np.where(pos[0] >= 0, cand[np.maximum(pos[0], 0)] if cand.size else -1, -1)
-                out_scores[i] = top[0]
+                out_ids[i], out_scores[i] = self._score_include(q[i], k, idmap.members(incl[i]), ex[i])
                 continue
             n_ex = 0 if ex[i] is None else int(ex[i].size)
             bound = k + n_ex  # fetching this many always leaves k after removing the excluded
