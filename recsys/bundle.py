@@ -712,9 +712,12 @@ class Bundle:
         self.exact = ExactIndex(self.item_embeddings, metric=self.metric)
         ef = int(self.manifest.get("index", {}).get("ef") or 64)
         ef_filtered = self.manifest.get("index", {}).get("ef_filtered")  # absent in bundles before it existed
+        # the traversal the ef was tuned with; absent in bundles before bf16 existed: hnswlib's float32 search
+        precision = str(self.manifest.get("index", {}).get("params", {}).get("search_precision") or "fp32")
         try:
             self.index = HnswIndex.load(p / schema.INDEX_FILE, dim=self.dim, metric=self.metric, size=self.n_items,
-                                        ef=ef, ef_filtered=int(ef_filtered) if ef_filtered else None)
+                                        ef=ef, ef_filtered=int(ef_filtered) if ef_filtered else None,
+                                        search_precision=precision)
         except Exception as e:  # a header that disagrees (ValueError) or hnswlib's RuntimeError
             raise BundleError(f"{schema.INDEX_FILE}: cannot be loaded: {e}") from e
         if int(self.index.size) != self.n_items or not np.array_equal(self.index.ids, np.arange(self.n_items)):

@@ -318,3 +318,75 @@ def test_index_imports_and_falls_back_without_the_extension():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+# -- the bf16 traversal ----------------------------------------------------------------------------------------
+
+
+def test_bf16_kernel_matches_the_scalar_one_and_rounds_to_nearest_even():
+    from recsys import _hnsw
+
+    rng = np.random.default_rng(3)
+    for dim in (1, 7, 8, 15, 16, 17, 24, 31, 32, 64, 65, 128):
+        q = rng.normal(size=dim).astype(np.float32)
+        v = rng.normal(size=dim).astype(np.float32)
+        fast, scalar, rounded = _hnsw._bf16_dots(q, v)
+        want = float(np.dot(q.astype(np.float64), rounded.astype(np.float64)))
+        assert fast == pytest.approx(want, abs=1e-5), (dim, _hnsw.BF16_ISA)
+        assert scalar == pytest.approx(want, abs=1e-5), dim
+        # bf16 keeps 8 significant bits: rounding moves a value by at most half a unit in the last place, 2^-8 of it
+        assert np.all(np.abs(rounded - v) <= np.abs(v) * 2.0**-8)
+    # round to nearest, ties to even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7 -> 1 (even mantissa)
+    _, _, r = _hnsw._bf16_dots(np.ones(3, np.float32), np.array([1 + 2**-8, 1 + 3 * 2**-8, -2.0], np.float32))
+    assert r.tolist() == [1.0, 1 + 2**-6, -2.0]
+
+
+@pytest.mark.parametrize("dim", [24, 20])  # 20: not a multiple of the SIMD width (scalar tail)
+def test_bf16_search_recall_matches_fp32_and_scores_are_exact(dim):
+    items, queries = clustered(4000, dim, seed=5)
+    exact = ExactIndex(items)
+    ex_ids, _ = exact.search(queries, 10)
+    idx = HnswIndex(items, ef=48, num_threads=2)
+    assert idx.search_precision == "bf16" and idx.params()["search_precision"] == "bf16"
+    got16, s16 = idx.search(queries, 10)
+    idx.set_search_precision("fp32")
+    got32, _ = idx.search(queries, 10)
+    r16, r32 = recall_vs_exact(got16, ex_ids), recall_vs_exact(got32, ex_ids)
+    assert r16 >= 0.97 and r16 >= r32 - 0.01, (r16, r32)
+    # the returned scores are the float32 dots of the returned items (re-scored, not bf16 approximations)
+    want = np.einsum("qd,qkd->qk", queries, items[got16])
+    np.testing.assert_allclose(s16, want, atol=2e-6)
+    assert np.all(np.diff(s16, axis=1) <= 1e-7)  # best first
+
+
+def test_bf16_exclusion_is_never_returned_and_add_updates_the_copy(data):
+    items, queries = data
+    idx = HnswIndex(items[:2500], ef=64, num_threads=2)
+    exact = ExactIndex(items[:2500])
+    top, _ = exact.search(queries[:50], 15)
+    excl = [row[:5].astype(np.int64) for row in top]  # each query's 5 nearest items are excluded
+    got, _ = idx.search(queries[:50], 10, exclude=excl)
+    for row, e in zip(got, excl, strict=True):
+        assert not set(row.tolist()) & set(e.tolist())
+    assert recall_vs_exact(got, top[:, 5:15]) >= 0.97
+    # items added later are in the bf16 copy too: each is its own nearest neighbour with score 1
+    idx.add(items[2500:], np.arange(2500, 3000))
+    ids, scores = idx.search(items[2500:2600], 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(2500, 2600))
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_search_precision_survives_save_and_load_and_bad_values_are_named(data, tmp_path):
+    from recsys.index import IndexConfig
+
+    items, queries = data
+    idx = HnswIndex(items, ef=32, num_threads=2)
+    idx.save(tmp_path / "i.hnsw")
+    back16 = HnswIndex.load(tmp_path / "i.hnsw", dim=24, metric="cosine", ef=32, search_precision="bf16")
+    back32 = HnswIndex.load(tmp_path / "i.hnsw", dim=24, metric="cosine", ef=32)  # older manifests: fp32
+    assert (back16.search_precision, back32.search_precision) == ("bf16", "fp32")
+    np.testing.assert_array_equal(back16.search(queries, 5)[0], idx.search(queries, 5)[0])
+    with pytest.raises(ValueError, match="search_precision.*'int8'"):
+        IndexConfig(search_precision="int8")
+    with pytest.raises(ValueError, match="search_precision.*'fp16'"):
+        idx.set_search_precision("fp16")

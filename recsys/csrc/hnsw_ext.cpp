@@ -31,6 +31,23 @@
 #include <thread>
 #include <vector>
 
+#include <cstdlib>
+#include <queue>
+#include <shared_mutex>
+#include <string_view>
+#include <unordered_map>
+
+#if defined(__x86_64__) || defined(_M_X64)
+// GCC 12's AVX-512 headers trip their own -Wuninitialized (the _mm512_undefined_* pass-through operands): a known
+// false positive, silenced for the header only (the state that counts is the one where the header is parsed).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define RECSYS_X86 1
+#endif
+
 #include "hnswlib/hnswlib.h"
 
 namespace py = pybind11;
@@ -159,6 +176,162 @@ size_t resolve_threads(int num_threads) {
     return size_t(num_threads);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// bf16 traversal copy.
+//
+// A graph search is bound by memory latency, not arithmetic: at 100k x 64 a query's ~1,000 distance evaluations
+// each touch a vector that is (mostly) not in cache, and hnswlib's vectors sit inside 396-byte element records
+// (links | vector | label), 5 cache lines each. The copy below keeps every vector again as bfloat16 (the top 16
+// bits of the float32, rounded to nearest even) in its own 64-byte-aligned array in internal-id order: 2 cache
+// lines per 64-d vector, all of which are prefetched before the distances of a node's neighbours are computed.
+// The query stays float32. The search keeps the `width` best allowed candidates by bf16 distance and re-scores
+// the best of them in float32 from hnswlib's own vectors, so returned distances are exact. Labels come from a
+// compact internal-id -> label array (hnswlib keeps them in a third cache line of the element record).
+
+inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return uint16_t(u >> 16);
+}
+
+inline float from_bf16(uint16_t h) {
+    uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+float dot_bf16_scalar(const float *q, const uint16_t *v, size_t dim) {
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    size_t d = 0;
+    for (; d + 4 <= dim; d += 4) {
+        s0 += q[d] * from_bf16(v[d]);
+        s1 += q[d + 1] * from_bf16(v[d + 1]);
+        s2 += q[d + 2] * from_bf16(v[d + 2]);
+        s3 += q[d + 3] * from_bf16(v[d + 3]);
+    }
+    for (; d < dim; d++) s0 += q[d] * from_bf16(v[d]);
+    return (s0 + s1) + (s2 + s3);
+}
+
+#ifdef RECSYS_X86
+// Compiled for these instruction sets whatever -march says (a portable build still gets them), picked at run time.
+__attribute__((target("avx512f"))) float dot_bf16_avx512(const float *q, const uint16_t *v, size_t dim) {
+    __m512 acc = _mm512_setzero_ps();
+    size_t d = 0;
+    for (; d + 16 <= dim; d += 16) {
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(v + d)));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), acc);
+    }
+    // (not _mm512_reduce_add_ps: GCC 12's header trips its own -Wuninitialized there)
+    __m256 lo = _mm512_castps512_ps256(acc);
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+    __m256 a8 = _mm256_add_ps(lo, hi);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    float s = _mm_cvtss_f32(h);
+    for (; d < dim; d++) s += q[d] * from_bf16(v[d]);
+    return s;
+}
+
+__attribute__((target("avx2,fma"))) float dot_bf16_avx2(const float *q, const uint16_t *v, size_t dim) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    size_t d = 0;
+    for (; d + 16 <= dim; d += 16) {
+        __m256i w0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(v + d)));
+        __m256i w1 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(v + d + 8)));
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), acc1);
+    }
+    for (; d + 8 <= dim; d += 8) {
+        __m256i w0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(v + d)));
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), acc0);
+    }
+    __m256 acc = _mm256_add_ps(acc0, acc1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    float s = _mm_cvtss_f32(h);
+    for (; d < dim; d++) s += q[d] * from_bf16(v[d]);
+    return s;
+}
+#endif
+
+using DotBf16 = float (*)(const float *, const uint16_t *, size_t);
+
+DotBf16 pick_dot_bf16() {
+#ifdef RECSYS_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return dot_bf16_avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dot_bf16_avx2;
+#endif
+    return dot_bf16_scalar;
+}
+
+const DotBf16 dot_bf16 = pick_dot_bf16();
+
+const char *dot_bf16_isa() {
+#ifdef RECSYS_X86
+    if (dot_bf16 == dot_bf16_avx512) return "avx512f";
+    if (dot_bf16 == dot_bf16_avx2) return "avx2+fma";
+#endif
+    return "scalar";
+}
+
+inline void prefetch(const void *p) {
+#ifdef RECSYS_X86
+    _mm_prefetch(static_cast<const char *>(p), _MM_HINT_T0);
+#else
+    __builtin_prefetch(p);
+#endif
+}
+
+struct FreeDeleter {
+    void operator()(void *p) const { std::free(p); }
+};
+
+// The bf16 copy of an index's vectors + its labels, in internal-id order.
+struct Bf16Copy {
+    std::unique_ptr<uint16_t[], FreeDeleter> vec;
+    std::vector<int64_t> label;  // internal id -> label
+    size_t stride = 0;           // uint16 per row: dim rounded up to 32 (rows start on 64-byte lines)
+    size_t rows = 0;
+
+    const uint16_t *row(tableint id) const { return vec.get() + size_t(id) * stride; }
+
+    // Rebuilds the copy from the index's float32 vectors (all rows: cheap next to building the graph).
+    void rebuild(const Alg &alg, size_t dim) {
+        size_t n = alg.cur_element_count;
+        size_t st = (dim + 31) / 32 * 32;
+        size_t bytes = std::max<size_t>(n * st * sizeof(uint16_t), 64);
+        void *mem = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+        if (!mem) throw std::bad_alloc();
+        std::unique_ptr<uint16_t[], FreeDeleter> v(static_cast<uint16_t *>(mem));
+        std::memset(v.get(), 0, bytes);
+        std::vector<int64_t> lab(n);
+        for (size_t i = 0; i < n; i++) {
+            const float *x = reinterpret_cast<const float *>(alg.getDataByInternalId(tableint(i)));
+            uint16_t *o = v.get() + i * st;
+            for (size_t d = 0; d < dim; d++) o[d] = to_bf16(x[d]);
+            lab[i] = int64_t(alg.getExternalLabel(tableint(i)));
+        }
+        vec = std::move(v);
+        label = std::move(lab);
+        stride = st;
+        rows = n;
+    }
+
+    void clear() {
+        vec.reset();
+        label.clear();
+        rows = stride = 0;
+    }
+};
+
 class Index {
  public:
     explicit Index(int dim) : dim_(dim), space_(dim > 0 ? size_t(dim) : 1) {
@@ -172,7 +345,12 @@ class Index {
         alg_->ef_ = ef_;
     }
 
+    // Searches (knn, KnownUserRecommender) share this lock; everything that changes the graph or the bf16 copy
+    // takes it exclusively, so the extension is safe to use from several threads on its own.
+    mutable std::shared_mutex mu_;
+
     void load_index(const std::string &path, size_t max_elements) {
+        std::unique_lock<std::shared_mutex> lock(mu_);
         // hnswlib trusts the file's header: recsys.index.check_hnsw_file validates it before this is called.
         std::unique_ptr<Alg> alg(new Alg(&space_, path, false, max_elements, false));
         if (alg->label_offset_ - alg->offsetData_ != size_t(dim_) * sizeof(float))
@@ -181,11 +359,26 @@ class Index {
                         std::to_string(dim_));
         alg_ = std::move(alg);
         alg_->ef_ = ef_;
+        if (use_bf16_) bf16_.rebuild(*alg_, size_t(dim_));
+        else bf16_.clear();
     }
+
+    // Traverse the graph with the bf16 copy (true) or hnswlib's float32 vectors (false, hnswlib's own search).
+    void set_bf16(bool on) {
+        std::unique_lock<std::shared_mutex> lock(mu_);
+        if (on && alg_) bf16_.rebuild(*alg_, size_t(dim_));
+        if (!on) bf16_.clear();
+        use_bf16_ = on;
+    }
+
+    bool bf16() const { return use_bf16_; }
 
     void save_index(const std::string &path) { inited().saveIndex(path); }
 
-    void resize_index(size_t new_size) { inited().resizeIndex(new_size); }
+    void resize_index(size_t new_size) {
+        std::unique_lock<std::shared_mutex> lock(mu_);
+        inited().resizeIndex(new_size);
+    }
 
     void set_ef(size_t ef) {
         if (ef < 1) value_error("`ef` must be >= 1, got " + std::to_string(ef));
@@ -219,6 +412,7 @@ class Index {
         if (rows <= threads * 4) threads = 1;  // hnswlib's rule: threads cost more than a few inserts
         size_t start = 0;
         py::gil_scoped_release release;
+        std::unique_lock<std::shared_mutex> lock(mu_);
         if (alg.cur_element_count == 0 && rows) {
             // The first point becomes the entry point: insert it alone so parallel inserts find a graph.
             alg.addPoint(x, labeltype(ids[0]));
@@ -227,6 +421,8 @@ class Index {
         ParallelFor(start, rows, threads, [&](size_t row, size_t) {
             alg.addPoint(x + row * size_t(dim_), labeltype(ids[row]));
         });
+        // new rows, and rows whose label was re-added (hnswlib updates those in place): rebuild the whole copy
+        if (use_bf16_) bf16_.rebuild(alg, size_t(dim_));
     }
 
     // labels [m] int64 (all present) -> [m, dim] float32.
@@ -304,49 +500,58 @@ class Index {
         if (rows <= threads * 4) threads = 1;  // one query (the serving path) runs on the calling thread
         {
             py::gil_scoped_release release;
+            std::shared_lock<std::shared_mutex> lock(mu_);
             ParallelFor(0, rows, threads, [&](size_t row, size_t) {
-                const float *qi = q + row * size_t(dim_);
-                int64_t *l = lo + row * k;
-                float *d = dout + row * k;
-                hnswlib::BaseFilterFunctor *filter = nullptr;
-                ExcludeBitset fb;
-                ExcludeSorted fs;
-                ClearBits clear;
-                if (ex && off[row + 1] > off[row]) {
-                    const int64_t *eb = ex + off[row], *ee = ex + off[row + 1];
-                    uint64_t top = 0;  // largest label + 1 (negative labels never match: skipped)
-                    for (const int64_t *p = eb; p != ee; ++p)
-                        if (*p >= 0) top = std::max(top, uint64_t(*p) + 1);
-                    if (bitset != 0 && top <= kMaxBitsetLabel) {
-                        std::vector<uint64_t> &w = thread_bitset();
-                        if (w.size() < (top + 63) / 64) w.resize((top + 63) / 64, 0);
-                        clear.words = &w;
-                        clear.begin = eb;
-                        clear.end = ee;
-                        for (const int64_t *p = eb; p != ee; ++p)
-                            if (*p >= 0) w[uint64_t(*p) >> 6] |= uint64_t(1) << (uint64_t(*p) & 63);
-                        fb.words = w.data();
-                        fb.n_bits = top;
-                        filter = &fb;
-                    } else {
-                        std::vector<uint64_t> &s = thread_sorted();
-                        s.clear();
-                        for (const int64_t *p = eb; p != ee; ++p)
-                            if (*p >= 0) s.push_back(uint64_t(*p));
-                        std::sort(s.begin(), s.end());
-                        fs.begin = s.data();
-                        fs.end = s.data() + s.size();
-                        filter = &fs;
-                    }
-                }
-                size_t got = search_one(alg, qi, k, filter ? width_filtered : width, filter, l, d);
-                for (size_t j = got; j < k; j++) {
-                    l[j] = -1;
-                    d[j] = std::numeric_limits<float>::infinity();
-                }
+                const int64_t *eb = ex ? ex + off[row] : nullptr, *ee = ex ? ex + off[row + 1] : nullptr;
+                search_row(alg, q + row * size_t(dim_), k, width, width_filtered, eb, ee, bitset, lo + row * k,
+                           dout + row * k);
             });
         }
         return py::make_tuple(labels_out, dist_out);
+    }
+
+    // One query: top-k labels/distances nearest first, -1 / +inf padded. [eb, ee): labels it must not return (any
+    // order, repeats and negatives allowed; empty = no filter). Caller holds mu_ (shared) and no GIL.
+    void search_row(const Alg &alg, const float *qi, size_t k, size_t width, size_t width_filtered,
+                    const int64_t *eb, const int64_t *ee, int bitset, int64_t *l, float *d) const {
+        hnswlib::BaseFilterFunctor *filter = nullptr;
+        ExcludeBitset fb;
+        ExcludeSorted fs;
+        ClearBits clear;
+        if (eb != ee) {
+            uint64_t top = 0;  // largest label + 1 (negative labels never match: skipped)
+            for (const int64_t *p = eb; p != ee; ++p)
+                if (*p >= 0) top = std::max(top, uint64_t(*p) + 1);
+            if (bitset != 0 && top <= kMaxBitsetLabel) {
+                std::vector<uint64_t> &w = thread_bitset();
+                if (w.size() < (top + 63) / 64) w.resize((top + 63) / 64, 0);
+                clear.words = &w;
+                clear.begin = eb;
+                clear.end = ee;
+                for (const int64_t *p = eb; p != ee; ++p)
+                    if (*p >= 0) w[uint64_t(*p) >> 6] |= uint64_t(1) << (uint64_t(*p) & 63);
+                fb.words = w.data();
+                fb.n_bits = top;
+                filter = &fb;
+            } else {
+                std::vector<uint64_t> &s = thread_sorted();
+                s.clear();
+                for (const int64_t *p = eb; p != ee; ++p)
+                    if (*p >= 0) s.push_back(uint64_t(*p));
+                std::sort(s.begin(), s.end());
+                fs.begin = s.data();
+                fs.end = s.data() + s.size();
+                filter = &fs;
+            }
+        }
+        size_t w = filter ? width_filtered : width;
+        size_t got = (use_bf16_ && bf16_.rows == alg.cur_element_count && !alg.num_deleted_)
+                         ? search_bf16(alg, bf16_, size_t(dim_), qi, k, w, filter, l, d)
+                         : search_one(alg, qi, k, w, filter, l, d);
+        for (size_t j = got; j < k; j++) {
+            l[j] = -1;
+            d[j] = std::numeric_limits<float>::infinity();
+        }
     }
 
  private:
@@ -390,6 +595,114 @@ class Index {
         return n;
     }
 
+    // The search of search_one over the bf16 copy (see Bf16Copy): the same greedy descent and the same layer-0
+    // best-first search as hnswlib's searchBaseLayerST (stop when the nearest open candidate is farther than the
+    // width-th allowed result), except that (1) a node's unvisited neighbours are collected and all their vector
+    // lines prefetched before any of their distances is computed, (2) distances are bf16 dots, (3) the filter is
+    // asked with the label from the compact array. Then the best min(width, max(2k, k + 16)) allowed candidates
+    // are re-scored in float32 and the best k of them returned, nearest first.
+    static size_t search_bf16(const Alg &alg, const Bf16Copy &c, size_t dim, const float *q, size_t k,
+                              size_t width, hnswlib::BaseFilterFunctor *filter, int64_t *labels, float *dists) {
+        if (alg.cur_element_count == 0) return 0;
+        const size_t lines = (dim * sizeof(uint16_t) + 63) / 64;
+        auto dist = [&](tableint id) { return 1.0f - dot_bf16(q, c.row(id), dim); };
+        tableint cur = alg.enterpoint_node_;
+        float curdist = dist(cur);
+        for (int level = alg.maxlevel_; level > 0; level--) {
+            bool changed = true;
+            while (changed) {
+                changed = false;
+                unsigned int *data = (unsigned int *)alg.get_linklist(cur, level);
+                int size = alg.getListCount(data);
+                tableint *datal = (tableint *)(data + 1);
+                for (int i = 0; i < size; i++) prefetch(c.row(datal[i]));
+                for (int i = 0; i < size; i++) {
+                    tableint cand = datal[i];
+                    if (cand > alg.max_elements_) throw std::runtime_error("cand error");
+                    float d = dist(cand);
+                    if (d < curdist) {
+                        curdist = d;
+                        cur = cand;
+                        changed = true;
+                    }
+                }
+            }
+        }
+
+        using Pair = std::pair<float, tableint>;
+        thread_local std::vector<Pair> top_buf, cand_buf;
+        thread_local std::vector<tableint> todo;
+        top_buf.clear();
+        cand_buf.clear();
+        std::priority_queue<Pair, std::vector<Pair>> top(std::less<Pair>(), std::move(top_buf));  // farthest on top
+        std::priority_queue<Pair, std::vector<Pair>> cand(std::less<Pair>(), std::move(cand_buf));  // (-dist, id)
+        if (todo.size() < alg.maxM0_ + 1) todo.resize(alg.maxM0_ + 1);
+
+        hnswlib::VisitedList *vl = alg.visited_list_pool_->getFreeVisitedList();
+        struct Release {
+            const Alg &alg;
+            hnswlib::VisitedList *vl;
+            ~Release() { alg.visited_list_pool_->releaseVisitedList(vl); }
+        } release{alg, vl};
+        hnswlib::vl_type *visited = vl->mass;
+        const hnswlib::vl_type tag = vl->curV;
+
+        float lower = std::numeric_limits<float>::max();
+        if (!filter || (*filter)(labeltype(c.label[cur]))) {
+            lower = curdist;
+            top.emplace(curdist, cur);
+        }
+        cand.emplace(-curdist, cur);
+        visited[cur] = tag;
+        while (!cand.empty()) {
+            Pair best = cand.top();
+            if (-best.first > lower && top.size() >= width) break;
+            cand.pop();
+            const int *data = (const int *)alg.get_linklist0(best.second);
+            size_t size = alg.getListCount((hnswlib::linklistsizeint *)data);
+            size_t n = 0;
+            for (size_t j = 1; j <= size; j++) {
+                tableint id = tableint(data[j]);
+                if (visited[id] == tag) continue;
+                visited[id] = tag;
+                todo[n++] = id;
+                const char *r = reinterpret_cast<const char *>(c.row(id));
+                for (size_t l = 0; l < lines; l++) prefetch(r + 64 * l);
+            }
+            for (size_t i = 0; i < n; i++) {
+                tableint id = todo[i];
+                float d = dist(id);
+                if (top.size() < width || lower > d) {
+                    cand.emplace(-d, id);
+                    prefetch(alg.get_linklist0(cand.top().second));
+                    if (!filter || (*filter)(labeltype(c.label[id]))) {
+                        top.emplace(d, id);
+                        if (top.size() > width) top.pop();
+                        lower = top.top().first;
+                    }
+                }
+            }
+        }
+
+        // re-score the best candidates in float32 (the heap pops farthest first: keep the last `keep`)
+        const size_t keep = std::min(top.size(), std::max(2 * k, k + 16));
+        while (top.size() > keep) top.pop();
+        thread_local std::vector<Pair> exact;
+        exact.clear();
+        while (!top.empty()) {
+            tableint id = top.top().second;
+            top.pop();
+            exact.emplace_back(alg.fstdistfunc_(q, alg.getDataByInternalId(id), alg.dist_func_param_), id);
+        }
+        const size_t n = std::min(k, exact.size());
+        std::partial_sort(exact.begin(), exact.begin() + n, exact.end());
+        for (size_t j = 0; j < n; j++) {
+            dists[j] = exact[j].first;
+            labels[j] = c.label[exact[j].second];
+        }
+        return n;
+    }
+
     Alg &inited() const {
         if (!alg_) throw std::runtime_error("the index is not initialised (call init_index or load_index)");
         return *alg_;
@@ -397,6 +710,8 @@ class Index {
 
     int dim_;
     size_t ef_ = 10;
+    bool use_bf16_ = false;
+    Bf16Copy bf16_;
     hnswlib::InnerProductSpace space_;
     std::unique_ptr<Alg> alg_;
 };
@@ -407,6 +722,23 @@ PYBIND11_MODULE(_hnsw, m) {
     m.doc() = "hnswlib 0.8.0 HierarchicalNSW<float> (space 'ip', distance 1 - dot) with in-search exclusion filters";
     m.attr("HNSWLIB_VERSION") = "0.8.0";
     m.attr("MAX_BITSET_LABEL") = py::int_(kMaxBitsetLabel);
+    m.attr("BF16_ISA") = dot_bf16_isa();
+    // test hook: v rounded to bf16, dotted with q by the kernel in use and by the scalar one
+    m.def("_bf16_dots", [](py::array_t<float, py::array::c_style | py::array::forcecast> q,
+                           py::array_t<float, py::array::c_style | py::array::forcecast> v) {
+        if (q.ndim() != 1 || v.ndim() != 1 || q.shape(0) != v.shape(0))
+            value_error("`q` and `v` must be 1-D of the same length");
+        size_t dim = size_t(q.shape(0));
+        std::vector<uint16_t> h(dim + 32, 0);
+        std::vector<float> rounded(dim);
+        for (size_t d = 0; d < dim; d++) {
+            h[d] = to_bf16(v.data()[d]);
+            rounded[d] = from_bf16(h[d]);
+        }
+        py::array_t<float> r(dim);
+        std::memcpy(r.mutable_data(), rounded.data(), dim * sizeof(float));
+        return py::make_tuple(dot_bf16(q.data(), h.data(), dim), dot_bf16_scalar(q.data(), h.data(), dim), r);
+    }, py::arg("q"), py::arg("v"));
     py::class_<Index>(m, "Index")
         .def(py::init<int>(), py::arg("dim"))
         .def("init_index", &Index::init_index, py::arg("max_elements"), py::arg("M") = 16,
@@ -424,6 +756,8 @@ PYBIND11_MODULE(_hnsw, m) {
         .def("knn", &Index::knn, py::arg("queries"), py::arg("k"), py::arg("ef") = 0,
              py::arg("exclude_labels") = py::none(), py::arg("exclude_offsets") = py::none(),
              py::arg("num_threads") = 1, py::arg("bitset") = -1, py::arg("ef_filtered") = 0)
+        .def("set_bf16", &Index::set_bf16, py::arg("on"))
+        .def_property_readonly("bf16", &Index::bf16)
         .def_property_readonly("ef", &Index::ef)
         .def_property_readonly("dim", &Index::dim)
         .def_property_readonly("M", &Index::M)
