@@ -747,6 +747,11 @@ class Bundle:
         self._check_user_row(user_row)
         return self._seen_val[self._seen_off[user_row] : self._seen_off[user_row + 1]]
 
+    def seen_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every user's seen items at once: (offsets [n_users + 1] int64, item rows [nnz] int64), read-only; user
+        ``r``'s are ``rows[offsets[r]:offsets[r + 1]]`` (= :meth:`seen_items`)."""
+        return self._seen_off, self._seen_val
+
     def history(self, user_row: int) -> np.ndarray:
         """The user's serving history (item rows, oldest first)."""
         self._check_user_row(user_row)

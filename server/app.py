@@ -16,9 +16,8 @@ from grpc_reflection.v1alpha import reflection
 
 from recsys.service import Limits
 from recsys.v1 import recommender_pb2 as pb
-from recsys.v1 import recommender_pb2_grpc as pb_grpc
 from server.metrics import Metrics
-from server.servicer import AdminServicer, RecommenderServicer
+from server.servicer import AdminServicer, RecommenderServicer, add_to_server
 from server.settings import ServeSettings
 from server.store import ModelStore, default_loader
 
@@ -125,10 +124,8 @@ def create_server(
         maximum_concurrent_rpcs=settings.max_concurrency,
     )
     kw = {"log_requests": settings.log_requests}
-    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(store, limits, metrics, **kw), server)
-    pb_grpc.add_RecommenderAdminServicer_to_server(
-        AdminServicer(store, limits, metrics, admin_token=settings.admin_token, **kw), server
-    )
+    add_to_server(RecommenderServicer(store, limits, metrics, **kw), server)
+    add_to_server(AdminServicer(store, limits, metrics, admin_token=settings.admin_token, **kw), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from recsys import service
 from recsys.service import (
@@ -29,6 +30,7 @@ from recsys.service import (
 )
 from recsys.v1 import recommender_pb2 as pb
 from recsys.v1 import recommender_pb2_grpc as pb_grpc
+from server import fastpath
 from server.metrics import Metrics
 from server.store import ModelStore
 
@@ -93,6 +95,8 @@ def _add_items(items: Any, rec: service.Recommendation) -> None:
 class _Base:
     # RPC names of this servicer: their metric children are bound at startup (``Metrics.bind``)
     METHODS: tuple[str, ...] = ()
+    SERVICE = ""  # the proto service's name
+    RAW_METHODS: frozenset[str] = frozenset()
 
     def __init__(self, store: ModelStore, limits: Limits, metrics: Metrics, *, log_requests: bool = False) -> None:
         self.store = store
@@ -157,11 +161,29 @@ class _Base:
 
 
 class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
+    SERVICE = "Recommender"
     METHODS = ("Recommend", "BatchRecommend", "SimilarItems", "GetUserEmbeddings", "GetItemEmbeddings", "EmbedUser",
                "GetModelInfo")
 
+    # Methods registered with bytes in and out (see add_to_server): the servicer parses and serialises them itself.
+    RAW_METHODS = frozenset({"Recommend"})
+
     def Recommend(self, request, context):  # noqa: N802 - gRPC method names
-        return self._call("Recommend", request, context, self._recommend)
+        if type(request) is bytes:  # as registered: the serialized request -> the serialized response
+            return self._call("Recommend", request, context, self._recommend_bytes)
+        return self._call("Recommend", request, context, self._recommend)  # a message (direct calls)
+
+    def _recommend_bytes(self, bundle, data: bytes) -> bytes:
+        fast = fastpath.for_bundle(bundle)
+        if fast is not None:
+            out = fast.recommend(data, self.limits.max_k, self.limits.max_id_length)
+            if out is not None:
+                return out
+        try:
+            request = pb.RecommendRequest.FromString(data)
+        except DecodeError as e:
+            raise InvalidArgument(f"malformed RecommendRequest ({len(data)} bytes): {e}") from None
+        return self._recommend(bundle, request).SerializeToString()
 
     def _recommend(self, bundle, r):
         rec = service.recommend(
@@ -235,6 +257,24 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
         return pb.ModelInfo(**service.model_info(bundle), loaded_at=self.store.loaded_at)
 
 
+def add_to_server(servicer: _Base, server: grpc.Server) -> None:
+    """Register ``servicer``'s service like the generated ``add_*Servicer_to_server`` does, except that the methods
+    in ``servicer.RAW_METHODS`` get the serialized messages (bytes in, bytes out)."""
+    service = pb.DESCRIPTOR.services_by_name[servicer.SERVICE]
+    handlers = {}
+    for m in service.methods:
+        fn = getattr(servicer, m.name)
+        if m.name in servicer.RAW_METHODS:
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(fn)
+        else:
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=getattr(pb, m.input_type.name).FromString,
+                response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 def _embeddings(bundle, known, vecs, unknown) -> pb.EmbeddingsResponse:
     return pb.EmbeddingsResponse(
         embeddings=[pb.Embedding(id=i, values=v) for i, v in zip(known, vecs.tolist(), strict=True)],
@@ -245,6 +285,7 @@ def _embeddings(bundle, known, vecs, unknown) -> pb.EmbeddingsResponse:
 class AdminServicer(_Base, pb_grpc.RecommenderAdminServicer):
     """Admin RPCs; each needs ``authorization: Bearer <admin_token>`` metadata."""
 
+    SERVICE = "RecommenderAdmin"
     METHODS = ("ReloadModel", "ListModels")
 
     def __init__(self, store: ModelStore, limits: Limits, metrics: Metrics, *, admin_token: str, **kw) -> None:

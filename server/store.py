@@ -22,6 +22,7 @@ import numpy as np
 
 from recsys import schema, service
 from recsys.service import FailedPrecondition, InvalidArgument, NotFound
+from server import fastpath
 from server.metrics import Metrics
 
 log = logging.getLogger("recsys.server.store")
@@ -40,6 +41,7 @@ def warm_up(bundle: Any, n: int) -> None:
     """Run ``n`` of each query kind on a new bundle: first-touch page faults and lazy inits happen here, not on
     the first real request. Raises whatever the bundle raises (the bundle is then refused)."""
     service.prepared(bundle)  # the request path's cached views (100k str item IDs: ~10 ms), off the request path
+    fastpath.for_bundle(bundle)  # the native known-user Recommend (user ID map, item ID fields), likewise
     if n <= 0:
         return
     k = min(10, int(bundle.n_items))

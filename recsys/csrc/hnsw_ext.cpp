@@ -510,6 +510,8 @@ class Index {
         return py::make_tuple(labels_out, dist_out);
     }
 
+    const Alg &alg() const { return inited(); }
+
     // One query: top-k labels/distances nearest first, -1 / +inf padded. [eb, ee): labels it must not return (any
     // order, repeats and negatives allowed; empty = no filter). Caller holds mu_ (shared) and no GIL.
     void search_row(const Alg &alg, const float *qi, size_t k, size_t width, size_t width_filtered,
@@ -716,6 +718,207 @@ class Index {
     std::unique_ptr<Alg> alg_;
 };
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// The serving hot path in one call: a serialized recsys.v1.RecommendRequest for a known user (user_id, k, and
+// optionally include_seen / allow_fallback; no lists) -> the serialized RecommendResponse, byte for byte what the
+// Python path (recsys.service.recommend + the servicer) answers: the user's stored embedding, a search that skips
+// the user's seen items, scores 1 - distance, item IDs, the model version, source = SOURCE_KNOWN_USER.
+// Anything else -- another field, an unknown or too-long user ID, k out of range, a user whose exclusion is large
+// enough for the exact scan, fewer than k results, a query row that is not unit length for cosine -- returns None
+// and the caller takes the Python path, which owns every error message. Built once per bundle (Python keeps the
+// arrays it is given alive); the GIL is released for the parse, the lookup and the search.
+
+bool read_varint(const uint8_t *&p, const uint8_t *end, uint64_t &v) {
+    v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+        if (p >= end) return false;
+        uint8_t b = *p++;
+        v |= uint64_t(b & 0x7f) << shift;
+        if (!(b & 0x80)) return true;
+    }
+    return false;
+}
+
+void write_varint(std::string &out, uint64_t v) {
+    while (v >= 0x80) {
+        out.push_back(char(uint8_t(v) | 0x80));
+        v >>= 7;
+    }
+    out.push_back(char(v));
+}
+
+class KnownUserRecommender {
+ public:
+    KnownUserRecommender(py::object index, const py::list &user_ids, py::array user_emb, py::array user_ok,
+                         py::array seen_offsets, py::array seen_labels, const py::list &item_ids,
+                         const std::string &model_version, int source, size_t ef, size_t ef_filtered,
+                         double exact_fraction)
+        : index_obj_(index), index_(index.cast<Index *>()), ef_(ef), ef_filtered_(ef_filtered) {
+        const Alg &alg = index_->alg();
+        n_items_ = alg.cur_element_count;
+        size_t n_users = py::len(user_ids);
+        size_t rows = 0;
+        emb_ = check_matrix(user_emb, "user_emb", index_->dim(), &rows);
+        if (rows != n_users)
+            value_error("`user_emb` must have one row per user (" + std::to_string(n_users) + "), got " +
+                        std::to_string(rows));
+        if (user_ok.ndim() != 1 || size_t(user_ok.shape(0)) != n_users || user_ok.itemsize() != 1 ||
+            !(user_ok.flags() & py::array::c_style))
+            value_error("`user_ok` must be a C-contiguous 1-byte array with one entry per user");
+        ok_ = static_cast<const uint8_t *>(user_ok.data());
+        size_t n_off = 0, n_val = 0;
+        off_ = check_int64(seen_offsets, "seen_offsets", &n_off);
+        val_ = check_int64(seen_labels, "seen_labels", &n_val);
+        if (n_off != n_users + 1 || off_[0] != 0 || size_t(off_[n_users]) != n_val)
+            value_error("`seen_offsets` must hold n_users + 1 offsets from 0 to len(seen_labels)");
+        arrays_ = py::make_tuple(user_emb, user_ok, seen_offsets, seen_labels);
+        max_exclude_ = exact_fraction * double(n_items_);
+
+        // user ID -> row, keyed by views into one owned buffer
+        std::vector<std::string> users;
+        users.reserve(n_users);
+        size_t total = 0;
+        for (auto u : user_ids) {
+            users.push_back(u.cast<std::string>());
+            total += users.back().size();
+        }
+        blob_.reserve(total);
+        for (auto &u : users) blob_ += u;
+        row_of_.reserve(n_users * 2);
+        size_t pos = 0;
+        for (size_t i = 0; i < n_users; i++) {
+            row_of_.emplace(std::string_view(blob_.data() + pos, users[i].size()), int64_t(i));
+            pos += users[i].size();
+        }
+        // per item: the ScoredItem.item_id field (tag 1, length-delimited)
+        size_t n_names = py::len(item_ids);
+        if (n_names != n_items_)
+            value_error("`item_ids` must name every indexed item (" + std::to_string(n_items_) + "), got " +
+                        std::to_string(n_names));
+        item_field_.reserve(n_names);
+        for (auto it : item_ids) {
+            std::string id = it.cast<std::string>(), f;
+            if (!id.empty()) {  // proto3: an empty string is not written
+                f.push_back('\x0a');
+                write_varint(f, id.size());
+                f += id;
+            }
+            item_field_.push_back(std::move(f));
+        }
+        for (size_t i = 0; i < n_items_; i++)
+            if (alg.getExternalLabel(tableint(i)) >= n_items_)
+                value_error("index labels must be the item rows 0..n_items-1");
+        // RecommendResponse fields after the items: model_version (2), fallback (3) false = absent, source (4)
+        if (!model_version.empty()) {
+            tail_.push_back('\x12');
+            write_varint(tail_, model_version.size());
+            tail_ += model_version;
+        }
+        if (source != 0) {
+            tail_.push_back('\x20');
+            write_varint(tail_, uint64_t(int64_t(source)));
+        }
+    }
+
+    py::object recommend(const py::bytes &request, int64_t max_k, size_t max_id_bytes) {
+        char *buf = nullptr;
+        Py_ssize_t len = 0;
+        if (PyBytes_AsStringAndSize(request.ptr(), &buf, &len) != 0) throw py::error_already_set();
+        std::string out;
+        bool done;
+        {
+            py::gil_scoped_release release;
+            done = answer(reinterpret_cast<const uint8_t *>(buf), size_t(len), max_k, max_id_bytes, out);
+        }
+        if (!done) return py::none();
+        return py::bytes(out);
+    }
+
+    size_t n_users() const { return row_of_.size(); }
+
+ private:
+    bool answer(const uint8_t *p, size_t len, int64_t max_k, size_t max_id_bytes, std::string &out) const {
+        const uint8_t *end = p + len;
+        std::string_view user;
+        int64_t k = 0;
+        bool include_seen = false;
+        while (p < end) {
+            uint64_t key = 0, v = 0;
+            if (!read_varint(p, end, key)) return false;
+            uint64_t field = key >> 3, wire = key & 7;
+            if (field == 1 && wire == 2) {  // user_id (the last one wins, as in any protobuf parser)
+                if (!read_varint(p, end, v) || v > uint64_t(end - p)) return false;
+                user = std::string_view(reinterpret_cast<const char *>(p), size_t(v));
+                p += v;
+            } else if ((field == 3 || field == 4 || field == 7) && wire == 0) {
+                if (!read_varint(p, end, v)) return false;
+                if (field == 3) k = int64_t(int32_t(uint32_t(v)));  // int32: the low 32 bits
+                else if (field == 4) include_seen = v != 0;
+                // field 7, allow_fallback: a known user never falls back
+            } else {
+                return false;  // lists, unknown fields: the Python path
+            }
+        }
+        if (user.empty() || user.size() > max_id_bytes || k < 1 || k > max_k) return false;
+        auto it = row_of_.find(user);
+        if (it == row_of_.end()) return false;
+        const int64_t row = it->second;
+        if (!ok_[row]) return false;
+        const int64_t *eb = nullptr, *ee = nullptr;
+        if (!include_seen) {
+            eb = val_ + off_[row];
+            ee = val_ + off_[row + 1];
+            if (double(ee - eb) > max_exclude_) return false;  // the exact scan's territory
+        }
+        const size_t kk = size_t(k);
+        thread_local std::vector<int64_t> labels;
+        thread_local std::vector<float> dists;
+        labels.resize(kk);
+        dists.resize(kk);
+        {
+            std::shared_lock<std::shared_mutex> lock(index_->mu_);
+            const Alg &alg = index_->alg();
+            if (alg.cur_element_count != n_items_) return false;
+            // the widths as knn() computes them: at least k
+            index_->search_row(alg, emb_ + size_t(row) * size_t(index_->dim()), kk, std::max(ef_, kk),
+                               std::max(ef_filtered_ ? ef_filtered_ : ef_, kk), eb, ee, -1, labels.data(),
+                               dists.data());
+        }
+        if (n_items_ >= kk && labels[kk - 1] < 0) return false;  // short: the Python path's exact fallback
+        out.clear();
+        out.reserve(kk * 24 + tail_.size());
+        for (size_t j = 0; j < kk && labels[j] >= 0; j++) {
+            const std::string &f = item_field_[size_t(labels[j])];
+            const float score = 1.0f - dists[j];
+            uint32_t bits;
+            std::memcpy(&bits, &score, 4);
+            out.push_back('\x0a');  // RecommendResponse.items (1)
+            write_varint(out, f.size() + (bits ? 5 : 0));
+            out += f;
+            if (bits) {  // ScoredItem.score (2, fixed32); proto3 leaves out +0.0
+                out.push_back('\x15');
+                for (int b = 0; b < 4; b++) out.push_back(char((bits >> (8 * b)) & 0xff));
+            }
+        }
+        out += tail_;
+        return true;
+    }
+
+    py::object index_obj_;  // keeps the Index alive
+    Index *index_;
+    size_t ef_, ef_filtered_;
+    size_t n_items_ = 0;
+    double max_exclude_ = 0;
+    py::tuple arrays_;  // keeps the arrays below alive
+    const float *emb_ = nullptr;
+    const uint8_t *ok_ = nullptr;
+    const int64_t *off_ = nullptr, *val_ = nullptr;
+    std::string blob_;
+    std::unordered_map<std::string_view, int64_t> row_of_;
+    std::vector<std::string> item_field_;
+    std::string tail_;
+};
 }  // namespace
 
 PYBIND11_MODULE(_hnsw, m) {
@@ -762,4 +965,13 @@ PYBIND11_MODULE(_hnsw, m) {
         .def_property_readonly("dim", &Index::dim)
         .def_property_readonly("M", &Index::M)
         .def_property_readonly("ef_construction", &Index::ef_construction);
+    py::class_<KnownUserRecommender>(m, "KnownUserRecommender")
+        .def(py::init<py::object, const py::list &, py::array, py::array, py::array, py::array, const py::list &,
+                      const std::string &, int, size_t, size_t, double>(),
+             py::arg("index"), py::arg("user_ids"), py::arg("user_emb"), py::arg("user_ok"), py::arg("seen_offsets"),
+             py::arg("seen_labels"), py::arg("item_ids"), py::arg("model_version"), py::arg("source"), py::arg("ef"),
+             py::arg("ef_filtered"), py::arg("exact_fraction"))
+        .def("recommend", &KnownUserRecommender::recommend, py::arg("request"), py::arg("max_k"),
+             py::arg("max_id_bytes"))
+        .def_property_readonly("n_users", &KnownUserRecommender::n_users);
 }

@@ -1,0 +1,68 @@
+"""The known-user ``Recommend`` in one native call (``recsys._hnsw.KnownUserRecommender``), built once per bundle.
+
+The most common request -- a known ``user_id`` and ``k``, seen items excluded or not, no lists -- is answered from
+the serialized request straight to the serialized response in C++: protobuf parse, user lookup, the excluding
+graph search and the response bytes, without the GIL. Every other request (and any case the native side is not
+sure of: unknown or over-long IDs, k out of range, a huge exclusion, fewer than k results, a non-unit query row)
+gets ``None`` back and takes the Python path, which owns all errors. The answer is byte-identical to the Python
+path's (``tests/test_server_fastpath.py``).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from recsys import service
+from recsys.v1 import recommender_pb2 as pb
+
+_CACHE: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+_NONE = object()  # cached "no fast path for this bundle"
+# The serving bundle's entry, checked first (as service.prepared): one weakref call on the request path.
+_LAST: tuple[Any, Any] = (lambda: None, _NONE)
+
+
+def build(bundle: Any) -> Any | None:
+    """A ``KnownUserRecommender`` for ``bundle``, or None when its index is not the native HNSW one."""
+    from recsys.index import HnswIndex
+
+    index = getattr(bundle, "index", None)
+    if not isinstance(index, HnswIndex) or not index.native_filter:
+        return None
+    from recsys import _hnsw
+
+    users = np.ascontiguousarray(bundle.user_embeddings, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", users, users, dtype=np.float64) if users.size else np.zeros(len(users))
+    ok = np.isfinite(sq)
+    if index.metric == "cosine":
+        # the Python path uses a row as-is when its squared norm is within 1e-4 of 1, else normalises it: rows
+        # near that edge (or not unit at all) are left to it, so both paths search the same vector
+        ok &= np.abs(sq - 1.0) <= 0.9e-4
+    offsets, rows = bundle.seen_csr()
+    return _hnsw.KnownUserRecommender(
+        index._index, [str(u) for u in np.asarray(bundle.user_ids).tolist()], users,
+        np.ascontiguousarray(ok, dtype=np.uint8), np.ascontiguousarray(offsets, dtype=np.int64),
+        np.ascontiguousarray(rows, dtype=np.int64), service.prepared(bundle).item_ids, str(bundle.version),
+        int(pb.SOURCE_KNOWN_USER), int(index.ef), int(index.ef_filtered), float(index.exact_fallback_fraction),
+    )
+
+
+def for_bundle(bundle: Any) -> Any | None:
+    """The bundle's fast path (built on first use -- the model store builds it at warm-up), or None."""
+    global _LAST
+    ref, fast = _LAST
+    if ref() is bundle and fast is not _NONE:
+        return fast
+    fast = _CACHE.get(bundle, _NONE)
+    if fast is _NONE:
+        with _LOCK:
+            fast = _CACHE.get(bundle, _NONE)
+            if fast is _NONE:
+                fast = build(bundle)
+                _CACHE[bundle] = fast
+    _LAST = (weakref.ref(bundle), fast)
+    return fast

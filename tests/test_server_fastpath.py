@@ -1,0 +1,125 @@
+"""The native known-user Recommend (server/fastpath.py, recsys._hnsw.KnownUserRecommender): byte-identical to the
+Python path on a real exported bundle, declines (None) everything it does not own, and through a real server
+answers the same as the Python path while malformed requests still get INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from test_server_helpers import code_of, running_server
+
+from recsys.index import native_available
+from recsys.service import Limits
+from recsys.v1 import recommender_pb2 as pb
+from recsys.v1 import recommender_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="recsys._hnsw not built (no C++ compiler)")
+test_bundle = pytest.importorskip("test_bundle")  # the tiny clustered dataset + training run, built once
+
+LIMITS = Limits(max_k=100, max_ids=1000, max_history=1000, max_id_length=64)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    from recsys.bundle import Bundle, export
+
+    _data, run = test_bundle.trained(tmp_path_factory)
+    models = tmp_path_factory.mktemp("fastpath_models")
+    path = export(run, models, index_cfg=test_bundle.index_cfg(), version="v1")
+    return models, Bundle.load(path)
+
+
+@pytest.fixture(scope="module")
+def servicer():
+    from server.metrics import Metrics
+    from server.servicer import RecommenderServicer
+
+    return RecommenderServicer(store=None, limits=LIMITS, metrics=Metrics())
+
+
+def python_answer(servicer, bundle, request: pb.RecommendRequest) -> bytes:
+    return servicer._recommend(bundle, request).SerializeToString()
+
+
+def test_fast_answers_are_byte_identical_to_the_python_path(published, servicer):
+    from server import fastpath
+
+    _models, bundle = published
+    fast = fastpath.build(bundle)
+    assert fast is not None and fast.n_users == bundle.n_users
+    answered = total = 0
+    for row in range(bundle.n_users):
+        for k, include_seen in ((1, False), (5, False), (10, True), (37, False)):
+            req = pb.RecommendRequest(user_id=str(bundle.user_ids[row]), k=k, include_seen=include_seen)
+            out = fast.recommend(req.SerializeToString(), LIMITS.max_k, LIMITS.max_id_length)
+            total += 1
+            if out is None:
+                continue
+            answered += 1
+            assert out == python_answer(servicer, bundle, req), (row, k, include_seen)
+            resp = pb.RecommendResponse.FromString(out)
+            assert len(resp.items) == k and resp.model_version == "v1" and resp.source == pb.SOURCE_KNOWN_USER
+            if not include_seen:
+                seen = set(bundle.item_ids[bundle.seen_items(row)].tolist())
+                assert not seen & {it.item_id for it in resp.items}
+    assert answered >= 0.95 * total  # it must actually take the requests it exists for
+    # allow_fallback is meaningless for a known user: same answer
+    req = pb.RecommendRequest(user_id="u3", k=5, allow_fallback=True)
+    assert fast.recommend(req.SerializeToString(), 100, 64) == python_answer(servicer, bundle, req)
+
+
+def test_fast_path_declines_what_it_does_not_own(published):
+    from server import fastpath
+
+    _models, bundle = published
+    fast = fastpath.build(bundle)
+
+    def ask(data: bytes, max_k: int = 100, max_id: int = 64):
+        return fast.recommend(data, max_k, max_id)
+
+    declined = [
+        pb.RecommendRequest(user_id="nobody", k=5),  # unknown user: NOT_FOUND / fallback is Python's
+        pb.RecommendRequest(user_id="", k=5),
+        pb.RecommendRequest(user_id="u1", k=0),
+        pb.RecommendRequest(user_id="u1", k=-3),
+        pb.RecommendRequest(user_id="u1", k=101),  # above max_k
+        pb.RecommendRequest(user_id="u1", k=5, exclude_item_ids=["i1"]),
+        pb.RecommendRequest(user_id="u1", k=5, allowed_item_ids=["i1", "i2"]),
+        pb.RecommendRequest(user_id="u1", k=5, history_item_ids=["i1"]),
+        pb.RecommendRequest(history_item_ids=["i1"], k=5),
+    ]
+    for req in declined:
+        assert ask(req.SerializeToString()) is None, req
+    good = pb.RecommendRequest(user_id="u1", k=5).SerializeToString()
+    assert ask(good) is not None
+    assert ask(good, max_id=1) is None  # "u1" is longer than the limit: Python names the error
+    assert ask(good, max_k=4) is None
+    assert ask(good[:-1]) is None  # truncated
+    assert ask(good + b"\x50\x01") is None  # an unknown field (10, varint)
+    assert ask(b"\x0a\x7f" + b"u1") is None  # length past the end
+    assert ask(b"\xff" * 12) is None  # a varint that never ends
+
+
+def test_server_answers_match_and_malformed_bytes_are_invalid_argument(published, servicer):
+    from server.store import default_loader
+
+    models, bundle = published
+    with running_server(models, loader=default_loader, max_k=100) as (_app, target), \
+            grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        for user in ("u0", "u17", "u99"):
+            for req in (pb.RecommendRequest(user_id=user, k=7),
+                        pb.RecommendRequest(user_id=user, k=7, exclude_item_ids=["i1"])):  # fast and Python path
+                got = stub.Recommend(req).SerializeToString()
+                assert got == python_answer(servicer, bundle, req)
+        raw = ch.unary_unary("/recsys.v1.Recommender/Recommend")
+        code, details = code_of(raw, b"\x0a\x7fu1")
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed RecommendRequest" in details
+        code, details = code_of(stub.Recommend, pb.RecommendRequest(user_id="u1", k=0))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "k" in details
+        code, _ = code_of(stub.Recommend, pb.RecommendRequest(user_id="nobody", k=3))
+        assert code == grpc.StatusCode.NOT_FOUND
+        resp = stub.Recommend(pb.RecommendRequest(user_id="nobody", k=3, allow_fallback=True))
+        assert resp.fallback and resp.source == pb.SOURCE_POPULARITY and len(resp.items) == 3
+        assert np.isfinite([it.score for it in resp.items]).all()
