@@ -290,12 +290,21 @@ def bench_one(items, tune, test, heavy, seen, heavy_tune, seen_tune, *, threads:
 
     truth, _ = exact.search(test, K)
     sweep = []
+    precision = hnsw.search_precision
+    row["search_precision"] = precision
     for e in sorted(set(efs) & {16, 32, 48, 64, 96, 128, 256} | {ef}):
         hnsw.set_ef(e)
-        got, _ = hnsw.search(test, K)
-        lat = single_latency(hnsw, test[:300], repeat=1)
-        sweep.append({"ef": e, "recall@10": round(recall_vs_exact(got, truth), 4), "p50_ms": ms(lat, 50),
-                      "p99_ms": ms(lat, 99)})
+        entry: dict = {"ef": e}
+        # the default traversal and, on the native path, hnswlib's float32 one on the same graph, alternated
+        for prec in ([precision, "fp32"] if hnsw.native_filter and precision != "fp32" else [precision]):
+            hnsw.set_search_precision(prec)
+            got, _ = hnsw.search(test, K)
+            lat = single_latency(hnsw, test[:300], repeat=2)
+            pre = "" if prec == precision else f"{prec}_"
+            entry.update({f"{pre}recall@10": round(recall_vs_exact(got, truth), 4), f"{pre}p50_ms": ms(lat, 50),
+                          f"{pre}p99_ms": ms(lat, 99)})
+        hnsw.set_search_precision(precision)
+        sweep.append(entry)
     row["ef_sweep"] = sweep
 
     hnsw.set_ef(ef)
@@ -387,9 +396,15 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print("  ".join(str(r.get(c, "")).rjust(w) for (c, _), w in zip(COLUMNS, widths, strict=True)))
     for r in rows:
-        print(f"\n{r['n_items']} x {r['dim']}: ef sweep (Recall@10 vs exact, single-query ms)")
+        prec = r.get("search_precision", "fp32")
+        print(f"\n{r['n_items']} x {r['dim']}: ef sweep (Recall@10 vs exact, single-query ms; {prec} traversal"
+              + (", hnswlib's fp32 beside it)" if prec != "fp32" else ")"))
         for s in r["ef_sweep"]:
-            print(f"  ef={s['ef']:4d}  recall={s['recall@10']:.4f}  p50={s['p50_ms']:.4f}  p99={s['p99_ms']:.4f}")
+            line = f"  ef={s['ef']:4d}  recall={s['recall@10']:.4f}  p50={s['p50_ms']:.4f}  p99={s['p99_ms']:.4f}"
+            if "fp32_p50_ms" in s:
+                line += (f"   | fp32 recall={s['fp32_recall@10']:.4f}  p50={s['fp32_p50_ms']:.4f}  "
+                         f"p99={s['fp32_p99_ms']:.4f}  (p50 x{s['p50_ms'] / s['fp32_p50_ms']:.2f})")
+            print(line)
         print(f"{r['n_items']} x {r['dim']}: excluding {N_SEEN} seen items, paired with a plain query on the same "
               f"user (heavy users' plain R@10 at ef={r['autotune_ef']}: {r.get('heavy_plain_recall@10')})")
         if "heavy_plain_at_ef_filtered" in r:

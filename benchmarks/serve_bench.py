@@ -61,8 +61,10 @@ def build_bundle(workdir: Path, *, n_items: int, n_users: int, dim: int, per_use
     import pyarrow.parquet as pq
 
     from recsys import schema
+    from recsys.index import IndexConfig
 
-    key = f"items{n_items}-users{n_users}-dim{dim}-per{per_user}-seed{seed}"
+    # the traversal is part of the key: a bundle exported before bf16 existed is tuned (and served) as fp32
+    key = f"items{n_items}-users{n_users}-dim{dim}-per{per_user}-seed{seed}-{IndexConfig().search_precision}"
     models = workdir / key / "models"
     if (models / schema.LATEST).is_file():
         if _loads(models):
@@ -124,7 +126,6 @@ def build_bundle(workdir: Path, *, n_items: int, n_users: int, dim: int, per_use
     }))  # fmt: skip
 
     from recsys.bundle import export
-    from recsys.index import IndexConfig
     from recsys.model import LossConfig, ModelConfig, TrainConfig
     from recsys.train import train
 
@@ -255,8 +256,10 @@ def breakdown(models: Path, *, n_users: int, n: int = 4000, rounds: int = 7, see
     ``n`` random known users (k=10, seen items excluded) through each stage, ``rounds`` interleaved rounds, the
     minimum per stage (the least disturbed by other processes). Components are differences of nested calls:
     ``servicer`` = RecommenderServicer.Recommend (fake context) minus service.recommend, ``service`` = minus the
-    index's excluding search, ``index`` = ``bundle.index.search(q, 10, exclude=[seen])``. The gRPC server's own
-    work (threads, completion queue, HTTP/2) is not here: the load runs' ``server_cpu_us`` minus this total.
+    index's excluding search, ``index`` = ``bundle.index.search(q, 10, exclude=[seen])``: the Python path. ``served``
+    = the servicer's bytes handler, what the server runs (the native known-user path, server/fastpath.py, when the
+    extension is built; the Python path plus protobuf otherwise). The gRPC server's own work (threads, completion
+    queue, HTTP/2) is not here: the load runs' ``server_cpu_us`` minus ``served``.
     """
     from recsys import service
     from recsys.bundle import Bundle
@@ -292,6 +295,7 @@ def breakdown(models: Path, *, n_users: int, n: int = 4000, rounds: int = 7, see
     responses = [servicer.Recommend(r, ctx) for r in parsed]
     index = bundle.index
     stages = {
+        "servicer.Recommend(bytes)": lambda i: servicer.Recommend(raw[i], ctx),
         "parse request": lambda i: pb.RecommendRequest.FromString(raw[i]),
         "servicer.Recommend": lambda i: servicer.Recommend(parsed[i], ctx),
         "service.recommend": lambda i: service.recommend(bundle, user_id=users[i], k=10),
@@ -316,7 +320,10 @@ def breakdown(models: Path, *, n_users: int, n: int = 4000, rounds: int = 7, see
             - best["index.search(exclude=seen)"],
             "index search with exclusion": best["index.search(exclude=seen)"],
         },
+        # what the server runs for these requests: the bytes handler, i.e. the native fast path when there is one
+        "served_us": best["servicer.Recommend(bytes)"],
         "native_filter": bool(getattr(index, "native_filter", False)),
+        "search_precision": getattr(index, "search_precision", "fp32"),
         "service_module": service.__file__,
     }
     out["total_us"] = sum(out["components_us"].values())
@@ -338,11 +345,14 @@ def run_breakdown(args: argparse.Namespace, tree: Path | None = None) -> dict:
 
 
 def print_breakdown(name: str, b: dict) -> None:
-    print(f"in-process CPU per Recommend, {name} (native_filter={b['native_filter']}):", flush=True)
+    print(f"in-process CPU per Recommend, {name} (native_filter={b['native_filter']}, "
+          f"search_precision={b.get('search_precision', 'fp32')}), the Python path:", flush=True)
     for comp, us in b["components_us"].items():
         print(f"  {comp:<52} {us:6.1f} us")
     print(f"  {'total':<52} {b['total_us']:6.1f} us   (plain index.search: {b['us']['index.search(plain)']:.1f} us)",
           flush=True)
+    if "served_us" in b:
+        print(f"  {'served (bytes handler: the native known-user path)':<52} {b['served_us']:6.1f} us", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -440,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-requests", type=int, default=300, help="BatchRecommend requests per measurement")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--repeat", type=int, default=3, help="interleaved repeats of every measurement (medians quoted)")
-    p.add_argument("--workers", type=int, default=4, help="server RPC threads (both sync servers)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="server RPC threads (both sync servers); 0 = recsys serve's default (one per usable core)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/recsys_serve_bench"))
     p.add_argument("--baseline-ref", metavar="GITREF",
                    help="also serve with the serving layer (server/, recsys/service.py) of this git ref: "
@@ -478,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(profile, indent=2))
         return 0
 
+    from server.settings import ServeSettings
+
+    args.workers = ServeSettings(workers=args.workers).resolved_workers()  # the same pool size for both
     procs = []
     results: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],

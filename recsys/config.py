@@ -164,3 +164,23 @@ def load_section(
 
 def dumps(cfg: Any) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def usable_cpus(cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
+    """CPU cores this process may actually use: the affinity mask, capped by a cgroup v2 CPU quota (a container's
+    ``--cpus`` / Kubernetes CPU limit, rounded up), at least 1. ``os.cpu_count()`` reports the host's cores,
+    which oversizes thread pools in containers."""
+    import math
+    import os
+
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = (Path(cgroup_root) / "cpu.max").read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 limit readable: the affinity count stands
+        pass
+    return max(1, n)

@@ -119,7 +119,7 @@ def create_server(
         ("grpc.max_send_message_length", max(settings.max_message_bytes, 64 * 1024 * 1024)),
     ]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+        futures.ThreadPoolExecutor(max_workers=settings.resolved_workers(), thread_name_prefix="rpc"),
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrency,
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recsys.config import ConfigError, from_dict, merge, read_toml
+from recsys.config import ConfigError, from_dict, merge, read_toml, usable_cpus
 
 ENV_PREFIX = "RECSYS_"
 
@@ -42,8 +42,9 @@ class ServeSettings:
     max_message_bytes: int = 4 * 1024 * 1024
     # RPCs admitted at once (running + queued); above it callers get RESOURCE_EXHAUSTED at once
     max_concurrency: int = 64
-    # threads answering RPCs (the GIL makes more than a few useless on small machines)
-    workers: int = 4
+    # threads answering RPCs; 0 = one per usable CPU core, at least 2 (the known-user Recommend searches without the
+    # GIL, so one thread per core keeps every core busy; more threads only add GIL hand-offs)
+    workers: int = 0
     # bearer token for RecommenderAdmin; empty: every admin call is UNAUTHENTICATED
     admin_token: str = ""
     # PEM server certificate chain; with tls_key enables TLS
@@ -63,11 +64,16 @@ class ServeSettings:
     # log every request at INFO (default: only errors; OK requests at DEBUG)
     log_requests: bool = False
 
+    def resolved_workers(self) -> int:
+        """``workers``, with 0 resolved to one per usable CPU core (at least 2)."""
+        return self.workers or max(2, usable_cpus())
+
     def validate(self) -> None:
-        for name in ("max_k", "max_ids", "max_history", "max_id_length", "max_message_bytes", "max_concurrency",
-                     "workers"):
+        for name in ("max_k", "max_ids", "max_history", "max_id_length", "max_message_bytes", "max_concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`serve.{name}` must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ConfigError(f"`serve.workers` must be >= 0 (0 = one per CPU core), got {self.workers}")
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"`serve.{name}` must be in [0, 65535], got {getattr(self, name)}")

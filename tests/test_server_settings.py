@@ -26,3 +26,25 @@ def test_bad_values_are_named(tmp_path):
         load_settings(env={}, overrides={"tls_cert": str(tmp_path / "c.pem")})
     with pytest.raises(ConfigError, match="unknown field"):
         load_settings(env={}, overrides={"max_kk": 3})
+
+
+def test_workers_default_to_one_per_usable_core(tmp_path, monkeypatch):
+    import os
+
+    from recsys import config
+
+    affinity = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a 1.5-CPU container limit -> 2 cores
+    assert config.usable_cpus(tmp_path) == min(affinity, 2)
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # no limit: the affinity mask
+    assert config.usable_cpus(tmp_path) == affinity
+    assert config.usable_cpus(tmp_path / "missing") == affinity
+    import server.settings as settings_mod
+
+    monkeypatch.setattr(settings_mod, "usable_cpus", lambda: 1)
+    assert ServeSettings().resolved_workers() == 2  # at least 2 even on one core
+    monkeypatch.setattr(settings_mod, "usable_cpus", lambda: 12)
+    assert ServeSettings().resolved_workers() == 12
+    assert ServeSettings(workers=3).resolved_workers() == 3
+    with pytest.raises(ConfigError, match=r"`serve.workers` must be >= 0 \(0 = one per CPU core\), got -1"):
+        load_settings(env={}, overrides={"workers": -1})

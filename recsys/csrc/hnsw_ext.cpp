@@ -11,10 +11,13 @@
 // Files are hnswlib's own format (HierarchicalNSW::saveIndex / loadIndex from the same headers): an index saved
 // here loads in `hnswlib.Index(space="ip")` and vice versa.
 //
-// Threads: knn() and add_items() release the GIL. knn() is re-entrant (hnswlib's searches share no mutable
-// state but the visited-list pool, which is locked). add_items() may run concurrently with knn() as far as
-// hnswlib is concerned, but resize_index() may not: the Python wrapper (recsys.index.HnswIndex) serialises writes
-// against searches with a readers-writer lock. Distances are hnswlib's `ip` distance, 1 - dot.
+// Threads: knn(), add_items() and KnownUserRecommender.recommend() release the GIL. Searches share the index's
+// readers-writer lock (Index::mu_) and are re-entrant (hnswlib's searches share no mutable state but the
+// visited-list pool, which is locked); add_items(), resize_index(), load_index() and set_bf16() take it
+// exclusively. Distances are hnswlib's `ip` distance, 1 - dot.
+//
+// Two serving accelerations live here too: the bf16 traversal copy (Bf16Copy, search_bf16) and the known-user
+// Recommend from request bytes to response bytes (KnownUserRecommender).
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
