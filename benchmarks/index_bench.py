@@ -295,8 +295,9 @@ def bench_one(items, tune, test, heavy, seen, heavy_tune, seen_tune, *, threads:
     for e in sorted(set(efs) & {16, 32, 48, 64, 96, 128, 256} | {ef}):
         hnsw.set_ef(e)
         entry: dict = {"ef": e}
-        # the default traversal and, on the native path, hnswlib's float32 one on the same graph, alternated
-        for prec in ([precision, "fp32"] if hnsw.native_filter and precision != "fp32" else [precision]):
+        # the default traversal and, on the native path, the other one on the same graph, alternated
+        other = "bf16" if precision == "fp32" else "fp32"
+        for prec in ([precision, other] if hnsw.native_filter else [precision]):
             hnsw.set_search_precision(prec)
             got, _ = hnsw.search(test, K)
             lat = single_latency(hnsw, test[:300], repeat=2)
@@ -397,13 +398,14 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(str(r.get(c, "")).rjust(w) for (c, _), w in zip(COLUMNS, widths, strict=True)))
     for r in rows:
         prec = r.get("search_precision", "fp32")
-        print(f"\n{r['n_items']} x {r['dim']}: ef sweep (Recall@10 vs exact, single-query ms; {prec} traversal"
-              + (", hnswlib's fp32 beside it)" if prec != "fp32" else ")"))
+        other = "bf16" if prec == "fp32" else "fp32"
+        print(f"\n{r['n_items']} x {r['dim']}: ef sweep (Recall@10 vs exact, single-query ms; {prec} traversal, "
+              f"{other} beside it on the same graph)")
         for s in r["ef_sweep"]:
             line = f"  ef={s['ef']:4d}  recall={s['recall@10']:.4f}  p50={s['p50_ms']:.4f}  p99={s['p99_ms']:.4f}"
-            if "fp32_p50_ms" in s:
-                line += (f"   | fp32 recall={s['fp32_recall@10']:.4f}  p50={s['fp32_p50_ms']:.4f}  "
-                         f"p99={s['fp32_p99_ms']:.4f}  (p50 x{s['p50_ms'] / s['fp32_p50_ms']:.2f})")
+            if f"{other}_p50_ms" in s:
+                line += (f"   | {other} recall={s[f'{other}_recall@10']:.4f}  p50={s[f'{other}_p50_ms']:.4f}  "
+                         f"p99={s[f'{other}_p99_ms']:.4f}  (p50 x{s[f'{other}_p50_ms'] / s['p50_ms']:.2f})")
             print(line)
         print(f"{r['n_items']} x {r['dim']}: excluding {N_SEEN} seen items, paired with a plain query on the same "
               f"user (heavy users' plain R@10 at ef={r['autotune_ef']}: {r.get('heavy_plain_recall@10')})")

@@ -346,7 +346,8 @@ def test_bf16_search_recall_matches_fp32_and_scores_are_exact(dim):
     items, queries = clustered(4000, dim, seed=5)
     exact = ExactIndex(items)
     ex_ids, _ = exact.search(queries, 10)
-    idx = HnswIndex(items, ef=48, num_threads=2)
+    assert HnswIndex(items[:100], num_threads=1).search_precision == "fp32"  # the default
+    idx = HnswIndex(items, ef=48, num_threads=2, search_precision="bf16")
     assert idx.search_precision == "bf16" and idx.params()["search_precision"] == "bf16"
     got16, s16 = idx.search(queries, 10)
     idx.set_search_precision("fp32")
@@ -361,7 +362,7 @@ def test_bf16_search_recall_matches_fp32_and_scores_are_exact(dim):
 
 def test_bf16_exclusion_is_never_returned_and_add_updates_the_copy(data):
     items, queries = data
-    idx = HnswIndex(items[:2500], ef=64, num_threads=2)
+    idx = HnswIndex(items[:2500], ef=64, num_threads=2, search_precision="bf16")
     exact = ExactIndex(items[:2500])
     top, _ = exact.search(queries[:50], 15)
     excl = [row[:5].astype(np.int64) for row in top]  # each query's 5 nearest items are excluded
@@ -380,7 +381,7 @@ def test_search_precision_survives_save_and_load_and_bad_values_are_named(data, 
     from recsys.index import IndexConfig
 
     items, queries = data
-    idx = HnswIndex(items, ef=32, num_threads=2)
+    idx = HnswIndex(items, ef=32, num_threads=2, search_precision="bf16")
     idx.save(tmp_path / "i.hnsw")
     back16 = HnswIndex.load(tmp_path / "i.hnsw", dim=24, metric="cosine", ef=32, search_precision="bf16")
     back32 = HnswIndex.load(tmp_path / "i.hnsw", dim=24, metric="cosine", ef=32)  # older manifests: fp32
@@ -390,3 +391,23 @@ def test_search_precision_survives_save_and_load_and_bad_values_are_named(data, 
         IndexConfig(search_precision="int8")
     with pytest.raises(ValueError, match="search_precision.*'fp16'"):
         idx.set_search_precision("fp16")
+
+
+def test_bf16_rescoring_resolves_ties_bf16_cannot():
+    # 300 near-duplicates of one direction, differing in the 4th-5th significant digit (below bf16's resolution):
+    # their bf16 order is noise, so only the float32 re-scoring can find the true top 10 (a fixed re-scoring window
+    # of the best ~2k bf16 candidates misses some of them)
+    rng = np.random.default_rng(11)
+    base = rng.normal(size=32)
+    base /= np.linalg.norm(base)
+    dup = base + 3e-3 * rng.normal(size=(300, 32))
+    other = rng.normal(size=(1700, 32))
+    items = np.vstack([dup, other])
+    items = (items / np.linalg.norm(items, axis=1, keepdims=True)).astype(np.float32)
+    queries = (base + 1e-3 * rng.normal(size=(20, 32))).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    want, want_scores = ExactIndex(items).search(queries, 10)
+    idx = HnswIndex(items, ef=400, num_threads=2, search_precision="bf16")
+    got, scores = idx.search(queries, 10)
+    assert recall_vs_exact(got, want) == 1.0
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)

@@ -34,6 +34,7 @@
 #include <thread>
 #include <vector>
 
+#include <cmath>
 #include <cstdlib>
 #include <queue>
 #include <shared_mutex>
@@ -303,6 +304,7 @@ struct Bf16Copy {
     std::vector<int64_t> label;  // internal id -> label
     size_t stride = 0;           // uint16 per row: dim rounded up to 32 (rows start on 64-byte lines)
     size_t rows = 0;
+    float max_norm = 0;  // largest float32 vector norm: bounds the bf16 rounding error of a dot product
 
     const uint16_t *row(tableint id) const { return vec.get() + size_t(id) * stride; }
 
@@ -316,12 +318,19 @@ struct Bf16Copy {
         std::unique_ptr<uint16_t[], FreeDeleter> v(static_cast<uint16_t *>(mem));
         std::memset(v.get(), 0, bytes);
         std::vector<int64_t> lab(n);
+        double top = 0;
         for (size_t i = 0; i < n; i++) {
             const float *x = reinterpret_cast<const float *>(alg.getDataByInternalId(tableint(i)));
             uint16_t *o = v.get() + i * st;
-            for (size_t d = 0; d < dim; d++) o[d] = to_bf16(x[d]);
+            double sq = 0;
+            for (size_t d = 0; d < dim; d++) {
+                o[d] = to_bf16(x[d]);
+                sq += double(x[d]) * double(x[d]);
+            }
+            top = std::max(top, sq);
             lab[i] = int64_t(alg.getExternalLabel(tableint(i)));
         }
+        max_norm = float(std::sqrt(top) * (1 + 1e-6));
         vec = std::move(v);
         label = std::move(lab);
         stride = st;
@@ -332,6 +341,7 @@ struct Bf16Copy {
         vec.reset();
         label.clear();
         rows = stride = 0;
+        max_norm = 0;
     }
 };
 
@@ -604,13 +614,16 @@ class Index {
     // best-first search as hnswlib's searchBaseLayerST (stop when the nearest open candidate is farther than the
     // width-th allowed result), except that (1) a node's unvisited neighbours are collected and all their vector
     // lines prefetched before any of their distances is computed, (2) distances are bf16 dots, (3) the filter is
-    // asked with the label from the compact array. Then the best min(width, max(2k, k + 16)) allowed candidates
-    // are re-scored in float32 and the best k of them returned, nearest first.
+    // asked with the label from the compact array. Then all (up to width) allowed candidates kept are re-scored
+    // in float32 and the best k of them returned, nearest first.
     static size_t search_bf16(const Alg &alg, const Bf16Copy &c, size_t dim, const float *q, size_t k,
                               size_t width, hnswlib::BaseFilterFunctor *filter, int64_t *labels, float *dists) {
         if (alg.cur_element_count == 0) return 0;
         const size_t lines = (dim * sizeof(uint16_t) + 63) / 64;
         auto dist = [&](tableint id) { return 1.0f - dot_bf16(q, c.row(id), dim); };
+        double qsq = 0;
+        for (size_t d = 0; d < dim; d++) qsq += double(q[d]) * double(q[d]);
+        const float qnorm = float(std::sqrt(qsq));
         tableint cur = alg.enterpoint_node_;
         float curdist = dist(cur);
         for (int level = alg.maxlevel_; level > 0; level--) {
@@ -689,21 +702,47 @@ class Index {
             }
         }
 
-        // re-score the best candidates in float32 (the heap pops farthest first: keep the last `keep`)
-        const size_t keep = std::min(top.size(), std::max(2 * k, k + 16));
-        while (top.size() > keep) top.pop();
-        thread_local std::vector<Pair> exact;
-        exact.clear();
+        // Re-score in float32, nearest-by-bf16 first, and stop once no remaining candidate can beat the k-th exact
+        // distance: rounding to bf16 moves each element by at most 2^-8 of itself, so a bf16 dot is within
+        // 2^-8 * |q| * |v| of the float32 one (Cauchy-Schwarz), plus float32 accumulation slack. Equivalent to
+        // re-scoring every candidate, at the cost of usually k + a few (near-ties reorder under bf16: a true top-k
+        // item can sit well below rank k in the bf16 order, which a fixed window would miss).
+        const float err = float((1.0 / 256 + 1e-5) * double(qnorm) * double(c.max_norm) + 1e-6);
+        thread_local std::vector<Pair> cands, best;
+        cands.clear();
+        best.clear();
         while (!top.empty()) {
-            tableint id = top.top().second;
+            cands.push_back(top.top());
             top.pop();
-            exact.emplace_back(alg.fstdistfunc_(q, alg.getDataByInternalId(id), alg.dist_func_param_), id);
         }
-        const size_t n = std::min(k, exact.size());
-        std::partial_sort(exact.begin(), exact.begin() + n, exact.end());
+        std::reverse(cands.begin(), cands.end());  // nearest (by bf16) first
+        const size_t fp32_bytes = alg.data_size_;
+        auto prefetch_fp32 = [&](tableint id) {
+            const char *x = alg.getDataByInternalId(id);
+            for (size_t o = 0; o < fp32_bytes; o += 64) prefetch(x + o);
+            prefetch(x + fp32_bytes - 1);
+        };
+        const size_t ahead = k + 4;
+        for (size_t i = 0; i < std::min(ahead, cands.size()); i++) prefetch_fp32(cands[i].second);
+        for (size_t i = 0; i < cands.size(); i++) {
+            if (best.size() == k && cands[i].first - err > best.front().first) break;
+            if (i + ahead < cands.size()) prefetch_fp32(cands[i + ahead].second);
+            tableint id = cands[i].second;
+            float d = alg.fstdistfunc_(q, alg.getDataByInternalId(id), alg.dist_func_param_);
+            if (best.size() < k) {
+                best.emplace_back(d, id);
+                std::push_heap(best.begin(), best.end());
+            } else if (d < best.front().first) {
+                std::pop_heap(best.begin(), best.end());
+                best.back() = Pair(d, id);
+                std::push_heap(best.begin(), best.end());
+            }
+        }
+        std::sort(best.begin(), best.end());
+        const size_t n = best.size();
         for (size_t j = 0; j < n; j++) {
-            dists[j] = exact[j].first;
-            labels[j] = c.label[exact[j].second];
+            dists[j] = best[j].first;
+            labels[j] = c.label[best[j].second];
         }
         return n;
     }
