@@ -10,6 +10,7 @@ path's (``tests/test_server_fastpath.py``).
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from typing import Any
@@ -19,6 +20,8 @@ import numpy as np
 from recsys import service
 from recsys.v1 import recommender_pb2 as pb
 
+log = logging.getLogger("recsys.server")
+
 _CACHE: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 _NONE = object()  # cached "no fast path for this bundle"
@@ -26,8 +29,10 @@ _NONE = object()  # cached "no fast path for this bundle"
 _LAST: tuple[Any, Any] = (lambda: None, _NONE)
 
 
-def build(bundle: Any) -> Any | None:
-    """A ``KnownUserRecommender`` for ``bundle``, or None when its index is not the native HNSW one."""
+def build(bundle: Any, *, check_users: int = 16) -> Any | None:
+    """A ``KnownUserRecommender`` for ``bundle``, or None when its index is not the native HNSW one -- or when its
+    answers for ``check_users`` users spread over the bundle (k=10, seen items excluded and not) differ from the
+    Python path's by a single byte: then the error is logged and the Python path serves every request."""
     from recsys.index import HnswIndex
 
     index = getattr(bundle, "index", None)
@@ -43,12 +48,36 @@ def build(bundle: Any) -> Any | None:
         # near that edge (or not unit at all) are left to it, so both paths search the same vector
         ok &= np.abs(sq - 1.0) <= 0.9e-4
     offsets, rows = bundle.seen_csr()
-    return _hnsw.KnownUserRecommender(
+    fast = _hnsw.KnownUserRecommender(
         index._index, [str(u) for u in np.asarray(bundle.user_ids).tolist()], users,
         np.ascontiguousarray(ok, dtype=np.uint8), np.ascontiguousarray(offsets, dtype=np.int64),
         np.ascontiguousarray(rows, dtype=np.int64), service.prepared(bundle).item_ids, str(bundle.version),
         int(pb.SOURCE_KNOWN_USER), int(index.ef), int(index.ef_filtered), float(index.exact_fallback_fraction),
     )
+    problem = _disagreement(fast, bundle, check_users)
+    if problem:
+        log.error("native Recommend disabled for model %s: %s", bundle.version, problem)
+        return None
+    return fast
+
+
+def _disagreement(fast: Any, bundle: Any, n: int) -> str | None:
+    """The first request (of ``n`` users x seen excluded / included) on which ``fast`` and the Python path differ."""
+    from server.servicer import recommend_response  # (servicer imports this module)
+
+    limits = service.Limits()
+    n_users, n_items = int(bundle.n_users), int(bundle.n_items)
+    for row in np.unique(np.linspace(0, n_users - 1, min(n, n_users)).astype(np.int64)) if n_users else []:
+        for include_seen in (False, True):
+            req = pb.RecommendRequest(user_id=str(bundle.user_ids[row]), k=min(10, n_items), include_seen=include_seen)
+            got = fast.recommend(req.SerializeToString(), limits.max_k, limits.max_id_length)
+            if got is None:
+                continue  # declined: the Python path answers it anyway
+            want = recommend_response(bundle, req, limits).SerializeToString()
+            if got != want:
+                return (f"answers differ for user {req.user_id!r} (include_seen={include_seen}): "
+                        f"{len(got)} bytes vs {len(want)} from the Python path")
+    return None
 
 
 def for_bundle(bundle: Any) -> Any | None:

@@ -186,20 +186,7 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
         return self._recommend(bundle, request).SerializeToString()
 
     def _recommend(self, bundle, r):
-        rec = service.recommend(
-            bundle, user_id=r.user_id, history_item_ids=r.history_item_ids, k=r.k, include_seen=r.include_seen,
-            exclude_item_ids=r.exclude_item_ids, allowed_item_ids=r.allowed_item_ids,
-            allow_fallback=r.allow_fallback, limits=self.limits,
-        )
-        if rec.fallback or rec.unknown_item_ids:
-            response = pb.RecommendResponse(
-                model_version=bundle.version, fallback=rec.fallback, source=SOURCE[rec.source],
-                unknown_item_ids=rec.unknown_item_ids,
-            )
-        else:  # the common answer: unset fields stay at their defaults (cheaper than setting them)
-            response = pb.RecommendResponse(model_version=bundle.version, source=SOURCE[rec.source])
-        _add_items(response.items, rec)
-        return response
+        return recommend_response(bundle, r, self.limits)
 
     def BatchRecommend(self, request, context):  # noqa: N802
         return self._call("BatchRecommend", request, context, self._batch)
@@ -255,6 +242,24 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
 
     def _info(self, bundle, r):
         return pb.ModelInfo(**service.model_info(bundle), loaded_at=self.store.loaded_at)
+
+
+def recommend_response(bundle: Any, r: pb.RecommendRequest, limits: Limits) -> pb.RecommendResponse:
+    """The Python path's answer to a RecommendRequest (the native fast path must give these exact bytes)."""
+    rec = service.recommend(
+        bundle, user_id=r.user_id, history_item_ids=r.history_item_ids, k=r.k, include_seen=r.include_seen,
+        exclude_item_ids=r.exclude_item_ids, allowed_item_ids=r.allowed_item_ids,
+        allow_fallback=r.allow_fallback, limits=limits,
+    )
+    if rec.fallback or rec.unknown_item_ids:
+        response = pb.RecommendResponse(
+            model_version=bundle.version, fallback=rec.fallback, source=SOURCE[rec.source],
+            unknown_item_ids=rec.unknown_item_ids,
+        )
+    else:  # the common answer: unset fields stay at their defaults (cheaper than setting them)
+        response = pb.RecommendResponse(model_version=bundle.version, source=SOURCE[rec.source])
+    _add_items(response.items, rec)
+    return response
 
 
 def add_to_server(servicer: _Base, server: grpc.Server) -> None:

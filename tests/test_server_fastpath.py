@@ -123,3 +123,22 @@ def test_server_answers_match_and_malformed_bytes_are_invalid_argument(published
         resp = stub.Recommend(pb.RecommendRequest(user_id="nobody", k=3, allow_fallback=True))
         assert resp.fallback and resp.source == pb.SOURCE_POPULARITY and len(resp.items) == 3
         assert np.isfinite([it.score for it in resp.items]).all()
+
+
+def test_a_fast_path_that_disagrees_with_the_python_path_is_not_used(published, monkeypatch, caplog):
+    import server.servicer as servicer_mod
+    from server import fastpath
+
+    _models, bundle = published
+    real = servicer_mod.recommend_response
+
+    def other_version(b, r, limits):
+        response = real(b, r, limits)
+        response.model_version = "not-" + response.model_version
+        return response
+
+    assert fastpath.build(bundle) is not None
+    monkeypatch.setattr(servicer_mod, "recommend_response", other_version)
+    with caplog.at_level("ERROR", logger="recsys.server"):
+        assert fastpath.build(bundle) is None
+    assert "native Recommend disabled for model v1: answers differ for user" in caplog.text
