@@ -142,3 +142,40 @@ def test_a_fast_path_that_disagrees_with_the_python_path_is_not_used(published, 
     with caplog.at_level("ERROR", logger="recsys.server"):
         assert fastpath.build(bundle) is None
     assert "native Recommend disabled for model v1: answers differ for user" in caplog.text
+
+
+def test_native_path_on_unicode_ids_matches_a_hand_built_response():
+    from recsys import _hnsw
+    from recsys.index import HnswIndex
+
+    rng = np.random.default_rng(4)
+    items = rng.normal(size=(60, 8)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    users = rng.normal(size=(3, 8)).astype(np.float32)
+    users /= np.linalg.norm(users, axis=1, keepdims=True)
+    user_ids = ["ü-1", "用户2", "plain"]
+    item_ids = [f"é{i}" for i in range(60)]
+    seen = [np.array([3, 7], np.int64), np.zeros(0, np.int64), np.array([59], np.int64)]
+    offsets = np.array([0, 2, 2, 3], np.int64)
+    index = HnswIndex(items, ef=60, num_threads=1)
+    fast = _hnsw.KnownUserRecommender(
+        index._index, user_ids, users, np.ones(3, np.uint8), offsets, np.concatenate(seen), item_ids, "v9",
+        int(pb.SOURCE_KNOWN_USER), 60, 60, 0.25,
+    )
+    for row, user in enumerate(user_ids):
+        for include_seen in (False, True):
+            ids, scores = index.search(users[row:row + 1], 5, exclude=None if include_seen else [seen[row]])
+            want = pb.RecommendResponse(model_version="v9", source=pb.SOURCE_KNOWN_USER)
+            for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True):
+                want.items.add(item_id=item_ids[i], score=s)
+            req = pb.RecommendRequest(user_id=user, k=5, include_seen=include_seen)
+            assert fast.recommend(req.SerializeToString(), 100, 64) == want.SerializeToString(), (user, include_seen)
+    # a user whose row is flagged as not usable (e.g. not unit length) is declined
+    fast2 = _hnsw.KnownUserRecommender(
+        index._index, user_ids, users, np.array([1, 0, 1], np.uint8), offsets, np.concatenate(seen), item_ids, "v9",
+        int(pb.SOURCE_KNOWN_USER), 60, 60, 0.25,
+    )
+    assert fast2.recommend(pb.RecommendRequest(user_id="用户2", k=5).SerializeToString(), 100, 64) is None
+    with pytest.raises(ValueError, match="item_ids"):
+        _hnsw.KnownUserRecommender(index._index, user_ids, users, np.ones(3, np.uint8), offsets,
+                                   np.concatenate(seen), item_ids[:10], "v9", 1, 60, 60, 0.25)
