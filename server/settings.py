@@ -42,8 +42,9 @@ class ServeSettings:
     max_message_bytes: int = 4 * 1024 * 1024
     # RPCs admitted at once (running + queued); above it callers get RESOURCE_EXHAUSTED at once
     max_concurrency: int = 64
-    # threads answering RPCs; 0 = one per usable CPU core, at least 2 (the known-user Recommend searches without the
-    # GIL, so one thread per core keeps every core busy; more threads only add GIL hand-offs)
+    # threads answering RPCs; 0 = one per usable CPU core, 2 to 8 (the known-user Recommend searches without the
+    # GIL, so one thread per core keeps the cores busy; past that, and past ~8 on big hosts, threads mostly queue
+    # for the GIL: run more replicas instead)
     workers: int = 0
     # bearer token for RecommenderAdmin; empty: every admin call is UNAUTHENTICATED
     admin_token: str = ""
@@ -65,8 +66,8 @@ class ServeSettings:
     log_requests: bool = False
 
     def resolved_workers(self) -> int:
-        """``workers``, with 0 resolved to one per usable CPU core (at least 2)."""
-        return self.workers or max(2, usable_cpus())
+        """``workers``, with 0 resolved to one per usable CPU core, clamped to [2, 8]."""
+        return self.workers or min(8, max(2, usable_cpus()))
 
     def validate(self) -> None:
         for name in ("max_k", "max_ids", "max_history", "max_id_length", "max_message_bytes", "max_concurrency"):

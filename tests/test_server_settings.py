@@ -43,8 +43,10 @@ def test_workers_default_to_one_per_usable_core(tmp_path, monkeypatch):
 
     monkeypatch.setattr(settings_mod, "usable_cpus", lambda: 1)
     assert ServeSettings().resolved_workers() == 2  # at least 2 even on one core
-    monkeypatch.setattr(settings_mod, "usable_cpus", lambda: 12)
-    assert ServeSettings().resolved_workers() == 12
+    monkeypatch.setattr(settings_mod, "usable_cpus", lambda: 6)
+    assert ServeSettings().resolved_workers() == 6
+    monkeypatch.setattr(settings_mod, "usable_cpus", lambda: 64)
+    assert ServeSettings().resolved_workers() == 8  # a big host: more threads would only queue for the GIL
     assert ServeSettings(workers=3).resolved_workers() == 3
     with pytest.raises(ConfigError, match=r"`serve.workers` must be >= 0 \(0 = one per CPU core\), got -1"):
         load_settings(env={}, overrides={"workers": -1})

@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-ids", type=int, help="most IDs in one list field of a request (default 1000)")
     p.add_argument("--max-concurrency", type=int,
                    help="RPCs admitted at once; above it callers get RESOURCE_EXHAUSTED (default 64)")
-    p.add_argument("--workers", type=int, help="RPC handler threads (default 0 = one per usable CPU core, at least 2)")
+    p.add_argument("--workers", type=int, help="RPC handler threads (default 0 = one per usable CPU core, 2 to 8)")
     p.add_argument("--admin-token", help="bearer token of the admin RPCs (or env RECSYS_ADMIN_TOKEN; unset: disabled)")
     p.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (enables TLS with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="server private key")
