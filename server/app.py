@@ -108,6 +108,7 @@ def create_server(
         store = ModelStore(
             settings.models_dir, loader=loader or default_loader, metrics=metrics,
             warmup_queries=settings.warmup_queries, on_change=_set_serving(health_servicer),
+            native_recommend=settings.native_recommend,
         )
     limits = Limits(
         max_k=settings.max_k, max_ids=settings.max_ids, max_history=settings.max_history,
@@ -124,7 +125,7 @@ def create_server(
         maximum_concurrent_rpcs=settings.max_concurrency,
     )
     kw = {"log_requests": settings.log_requests}
-    add_to_server(RecommenderServicer(store, limits, metrics, **kw), server)
+    add_to_server(RecommenderServicer(store, limits, metrics, native=settings.native_recommend, **kw), server)
     add_to_server(AdminServicer(store, limits, metrics, admin_token=settings.admin_token, **kw), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

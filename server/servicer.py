@@ -173,8 +173,12 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
             return self._call("Recommend", request, context, self._recommend_bytes)
         return self._call("Recommend", request, context, self._recommend)  # a message (direct calls)
 
+    def __init__(self, store: ModelStore, limits: Limits, metrics: Metrics, *, native: bool = True, **kw) -> None:
+        super().__init__(store, limits, metrics, **kw)
+        self.native = native  # the native known-user Recommend (server/fastpath.py); False = Python path only
+
     def _recommend_bytes(self, bundle, data: bytes) -> bytes:
-        fast = fastpath.for_bundle(bundle)
+        fast = fastpath.for_bundle(bundle) if self.native else None
         if fast is not None:
             out = fast.recommend(data, self.limits.max_k, self.limits.max_id_length)
             if out is not None:

@@ -62,6 +62,9 @@ class ServeSettings:
     grace_s: float = 10.0
     # queries run on a freshly loaded bundle before it takes traffic
     warmup_queries: int = 8
+    # answer known-user Recommend requests natively (server/fastpath.py: request bytes to response bytes in C++,
+    # byte-identical to the Python path; holds a second user-ID map, ~60 bytes per user); false = Python path only
+    native_recommend: bool = True
     # log every request at INFO (default: only errors; OK requests at DEBUG)
     log_requests: bool = False
 

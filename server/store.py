@@ -37,11 +37,13 @@ def default_loader(path: Path) -> Any:
     return Bundle.load(path, verify=True)
 
 
-def warm_up(bundle: Any, n: int) -> None:
+def warm_up(bundle: Any, n: int, *, native: bool = True) -> None:
     """Run ``n`` of each query kind on a new bundle: first-touch page faults and lazy inits happen here, not on
-    the first real request. Raises whatever the bundle raises (the bundle is then refused)."""
+    the first real request. Raises whatever the bundle raises (the bundle is then refused). ``native``: also build
+    the native known-user Recommend (server/fastpath.py)."""
     service.prepared(bundle)  # the request path's cached views (100k str item IDs: ~10 ms), off the request path
-    fastpath.for_bundle(bundle)  # the native known-user Recommend (user ID map, item ID fields), likewise
+    if native:
+        fastpath.for_bundle(bundle)  # the native known-user Recommend (user ID map, item ID fields), likewise
     if n <= 0:
         return
     k = min(10, int(bundle.n_items))
@@ -66,11 +68,13 @@ class ModelStore:
         metrics: Metrics | None = None,
         warmup_queries: int = 8,
         on_change: Callable[[Any], None] | None = None,
+        native_recommend: bool = True,
     ) -> None:
         self.models_dir = Path(models_dir)
         self._loader = loader
         self._metrics = metrics
         self._warmup = warmup_queries
+        self._native = native_recommend
         self._on_change = on_change
         self.current: Any = None  # read without a lock: a reference read/assignment is atomic
         self.loaded_at: str = ""
@@ -130,7 +134,7 @@ class ModelStore:
             t0 = time.perf_counter()
             try:
                 bundle = self._loader(path)
-                warm_up(bundle, self._warmup)
+                warm_up(bundle, self._warmup, native=self._native)
             except Exception as e:
                 self._refused.add(target)
                 self._count("refused")

@@ -179,3 +179,19 @@ def test_native_path_on_unicode_ids_matches_a_hand_built_response():
     with pytest.raises(ValueError, match="item_ids"):
         _hnsw.KnownUserRecommender(index._index, user_ids, users, np.ones(3, np.uint8), offsets,
                                    np.concatenate(seen), item_ids[:10], "v9", 1, 60, 60, 0.25)
+
+
+def test_native_recommend_can_be_switched_off(published, monkeypatch):
+    from server import fastpath
+    from server.settings import load_settings
+    from server.store import default_loader
+
+    models, bundle = published
+    assert load_settings(env={"RECSYS_NATIVE_RECOMMEND": "false"}).native_recommend is False
+    calls = []
+    monkeypatch.setattr(fastpath, "for_bundle", lambda b: calls.append(b))
+    with running_server(models, loader=default_loader, max_k=100, native_recommend=False) as (app, target), \
+            grpc.insecure_channel(target) as ch:
+        resp = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(user_id="u5", k=4))
+        assert len(resp.items) == 4 and resp.source == pb.SOURCE_KNOWN_USER
+    assert calls == []  # neither built at warm-up nor asked per request

@@ -15,6 +15,7 @@ _FLAGS = {
     "max_concurrency": "max_concurrency", "admin_token": "admin_token", "tls_cert": "tls_cert",
     "tls_key": "tls_key", "tls_client_ca": "tls_client_ca", "metrics_port": "metrics_port", "workers": "workers",
     "poll_s": "poll_s", "grace_s": "grace_s", "log_requests": "log_requests",
+    "native_recommend": "native_recommend",
 }
 
 
@@ -40,6 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--poll-s", type=float, help="seconds between LATEST polls for hot reload, 0 = off (default 2)")
     p.add_argument("--grace-s", type=float, help="seconds to drain in-flight requests on SIGTERM (default 10)")
     p.add_argument("--log-requests", action="store_const", const=True, help="log every request at INFO")
+    p.add_argument("--no-native-recommend", dest="native_recommend", action="store_const", const=False,
+                   help="answer every Recommend in Python (default: known-user requests natively, byte-identical)")
     p.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format (default json)")
     p.set_defaults(func=run)
 
