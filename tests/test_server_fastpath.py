@@ -195,3 +195,67 @@ def test_native_recommend_can_be_switched_off(published, monkeypatch):
         resp = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(user_id="u5", k=4))
         assert len(resp.items) == 4 and resp.source == pb.SOURCE_KNOWN_USER
     assert calls == []  # neither built at warm-up nor asked per request
+
+
+def test_native_answers_survive_hot_reloads_under_load(tmp_path_factory, tmp_path):
+    """Callers hammer the native path while two new versions are published: no failed request, each caller's
+    versions never go backwards, and every answer matches its version's own Python-path answer."""
+    import threading
+    import time
+
+    from recsys.bundle import Bundle, export
+    from server.store import default_loader
+
+    _data, run = test_bundle.trained(tmp_path_factory)
+    models = tmp_path / "models"
+    export(run, models, index_cfg=test_bundle.index_cfg(), version="v1")
+    stop = threading.Event()
+    seen: list[list[tuple[str, bytes]]] = [[] for _ in range(3)]
+    errors: list[BaseException] = []
+
+    with running_server(models, loader=default_loader, max_k=100, poll_s=0.05) as (_app, target):
+        def caller(slot: int) -> None:
+            with grpc.insecure_channel(target) as ch:
+                stub = pb_grpc.RecommenderStub(ch)
+                i = 0
+                while not stop.is_set():
+                    req = pb.RecommendRequest(user_id=f"u{(7 * i + slot) % 160}", k=5)
+                    try:
+                        resp = stub.Recommend(req, timeout=10)
+                    except grpc.RpcError as e:  # any failure fails the test
+                        errors.append(e)
+                        return
+                    seen[slot].append((req.user_id, resp.SerializeToString()))
+                    i += 1
+
+        threads = [threading.Thread(target=caller, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            for version in ("v2", "v3"):
+                time.sleep(0.3)
+                export(run, models, index_cfg=test_bundle.index_cfg(), version=version)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and not any(
+                    pb.RecommendResponse.FromString(r).model_version == version for lst in seen for _, r in lst[-5:]
+                ):
+                    time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+    assert not errors, errors[:1]
+    order = {"v1": 1, "v2": 2, "v3": 3}
+    servicer_limits = LIMITS
+    from server.servicer import recommend_response
+
+    bundles = {v: Bundle.load(models / v) for v in order}
+    for lst in seen:
+        versions = [order[pb.RecommendResponse.FromString(r).model_version] for _, r in lst]
+        assert versions == sorted(versions) and len(lst) > 10  # never backwards, per caller
+        for user, raw in lst[:: max(1, len(lst) // 40)]:  # a sample: each equals its version's Python answer
+            version = pb.RecommendResponse.FromString(raw).model_version
+            want = recommend_response(bundles[version], pb.RecommendRequest(user_id=user, k=5), servicer_limits)
+            assert raw == want.SerializeToString()
+    assert {pb.RecommendResponse.FromString(r).model_version for lst in seen for _, r in lst} == set(order)
