@@ -223,6 +223,19 @@ float dot_bf16_scalar(const float *q, const uint16_t *v, size_t dim) {
 
 #ifdef RECSYS_X86
 // Compiled for these instruction sets whatever -march says (a portable build still gets them), picked at run time.
+// 8 bf16 values -> 8 floats (a bf16 is the top half of a float32)
+__attribute__((target("avx2"))) inline __m256 bf16x8(const uint16_t *v) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(v)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+__attribute__((target("avx"))) inline float hsum256(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+
 __attribute__((target("avx512f"))) float dot_bf16_avx512(const float *q, const uint16_t *v, size_t dim) {
     __m512 acc = _mm512_setzero_ps();
     size_t d = 0;
@@ -231,35 +244,24 @@ __attribute__((target("avx512f"))) float dot_bf16_avx512(const float *q, const u
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), acc);
     }
     // (not _mm512_reduce_add_ps: GCC 12's header trips its own -Wuninitialized there)
-    __m256 lo = _mm512_castps512_ps256(acc);
     __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
-    __m256 a8 = _mm256_add_ps(lo, hi);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    float s = _mm_cvtss_f32(h);
+    float s = hsum256(_mm256_add_ps(_mm512_castps512_ps256(acc), hi));
     for (; d < dim; d++) s += q[d] * from_bf16(v[d]);
     return s;
 }
 
 __attribute__((target("avx2,fma"))) float dot_bf16_avx2(const float *q, const uint16_t *v, size_t dim) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // two chains: FMA latency
     size_t d = 0;
     for (; d + 16 <= dim; d += 16) {
-        __m256i w0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(v + d)));
-        __m256i w1 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(v + d + 8)));
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), bf16x8(v + d), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), bf16x8(v + d + 8), acc1);
     }
-    for (; d + 8 <= dim; d += 8) {
-        __m256i w0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(v + d)));
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), acc0);
+    if (d + 8 <= dim) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), bf16x8(v + d), acc0);
+        d += 8;
     }
-    __m256 acc = _mm256_add_ps(acc0, acc1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    float s = _mm_cvtss_f32(h);
+    float s = hsum256(_mm256_add_ps(acc0, acc1));
     for (; d < dim; d++) s += q[d] * from_bf16(v[d]);
     return s;
 }
@@ -503,8 +505,6 @@ class Index {
                     value_error("`exclude_offsets` must be non-decreasing, got " + std::to_string(off[i]) + " then " +
                                 std::to_string(off[i + 1]) + " at " + std::to_string(i));
         }
-        const size_t width = std::max(ef ? ef : ef_, k);
-        const size_t width_filtered = std::max(ef_filtered ? ef_filtered : (ef ? ef : ef_), k);
         py::array_t<int64_t> labels_out({rows, k});
         py::array_t<float> dist_out({rows, k});
         int64_t *lo = labels_out.mutable_data();
@@ -516,7 +516,7 @@ class Index {
             std::shared_lock<std::shared_mutex> lock(mu_);
             ParallelFor(0, rows, threads, [&](size_t row, size_t) {
                 const int64_t *eb = ex ? ex + off[row] : nullptr, *ee = ex ? ex + off[row + 1] : nullptr;
-                search_row(alg, q + row * size_t(dim_), k, width, width_filtered, eb, ee, bitset, lo + row * k,
+                search_row(alg, q + row * size_t(dim_), k, ef, ef_filtered, eb, ee, bitset, lo + row * k,
                            dout + row * k);
             });
         }
@@ -526,9 +526,12 @@ class Index {
     const Alg &alg() const { return inited(); }
 
     // One query: top-k labels/distances nearest first, -1 / +inf padded. [eb, ee): labels it must not return (any
-    // order, repeats and negatives allowed; empty = no filter). Caller holds mu_ (shared) and no GIL.
-    void search_row(const Alg &alg, const float *qi, size_t k, size_t width, size_t width_filtered,
+    // order, repeats and negatives allowed; empty = no filter). Search width max(ef, k), 0 = the index's ef; with
+    // a filter max(ef_filtered, k), 0 = that ef. Caller holds mu_ (shared) and no GIL.
+    void search_row(const Alg &alg, const float *qi, size_t k, size_t ef, size_t ef_filtered,
                     const int64_t *eb, const int64_t *ee, int bitset, int64_t *l, float *d) const {
+        const size_t width = std::max(ef ? ef : ef_, k);
+        const size_t width_filtered = std::max(ef_filtered ? ef_filtered : (ef ? ef : ef_), k);
         hnswlib::BaseFilterFunctor *filter = nullptr;
         ExcludeBitset fb;
         ExcludeSorted fs;
@@ -570,14 +573,13 @@ class Index {
     }
 
  private:
-    // hnswlib's HierarchicalNSW::searchKnn with the search width as an argument (hnswlib reads the shared ef_,
-    // which would make a per-call ef racy) and without its metric counters (atomics shared by all threads).
-    // Writes up to k results nearest first; returns how many.
-    static size_t search_one(const Alg &alg, const float *q, size_t k, size_t width,
-                             hnswlib::BaseFilterFunctor *filter, int64_t *labels, float *dists) {
-        if (alg.cur_element_count == 0) return 0;
+    // hnswlib's greedy descent from the entry point through the upper layers to the layer-0 starting node.
+    // `dist(id)`: distance of the query to node `id`; `prefetch(id)`: called for a node's neighbours before any
+    // of their distances is computed.
+    template <class Dist, class Prefetch>
+    static tableint descend(const Alg &alg, Dist dist, Prefetch prefetch_node) {
         tableint cur = alg.enterpoint_node_;
-        float curdist = alg.fstdistfunc_(q, alg.getDataByInternalId(cur), alg.dist_func_param_);
+        float curdist = dist(cur);
         for (int level = alg.maxlevel_; level > 0; level--) {
             bool changed = true;
             while (changed) {
@@ -585,10 +587,11 @@ class Index {
                 unsigned int *data = (unsigned int *)alg.get_linklist(cur, level);
                 int size = alg.getListCount(data);
                 tableint *datal = (tableint *)(data + 1);
+                for (int i = 0; i < size; i++) prefetch_node(datal[i]);
                 for (int i = 0; i < size; i++) {
                     tableint cand = datal[i];
                     if (cand > alg.max_elements_) throw std::runtime_error("cand error");
-                    float d = alg.fstdistfunc_(q, alg.getDataByInternalId(cand), alg.dist_func_param_);
+                    float d = dist(cand);
                     if (d < curdist) {
                         curdist = d;
                         cur = cand;
@@ -597,6 +600,18 @@ class Index {
                 }
             }
         }
+        return cur;
+    }
+
+    // hnswlib's HierarchicalNSW::searchKnn with the search width as an argument (hnswlib reads the shared ef_,
+    // which would make a per-call ef racy) and without its metric counters (atomics shared by all threads).
+    // Writes up to k results nearest first; returns how many.
+    static size_t search_one(const Alg &alg, const float *q, size_t k, size_t width,
+                             hnswlib::BaseFilterFunctor *filter, int64_t *labels, float *dists) {
+        if (alg.cur_element_count == 0) return 0;
+        tableint cur = descend(alg, [&](tableint id) {
+            return alg.fstdistfunc_(q, alg.getDataByInternalId(id), alg.dist_func_param_);
+        }, [](tableint) {});
         auto top = (!alg.num_deleted_ && !filter)
                        ? alg.searchBaseLayerST<true>(cur, q, width, filter)
                        : alg.searchBaseLayerST<false>(cur, q, width, filter);
@@ -624,28 +639,8 @@ class Index {
         double qsq = 0;
         for (size_t d = 0; d < dim; d++) qsq += double(q[d]) * double(q[d]);
         const float qnorm = float(std::sqrt(qsq));
-        tableint cur = alg.enterpoint_node_;
-        float curdist = dist(cur);
-        for (int level = alg.maxlevel_; level > 0; level--) {
-            bool changed = true;
-            while (changed) {
-                changed = false;
-                unsigned int *data = (unsigned int *)alg.get_linklist(cur, level);
-                int size = alg.getListCount(data);
-                tableint *datal = (tableint *)(data + 1);
-                for (int i = 0; i < size; i++) prefetch(c.row(datal[i]));
-                for (int i = 0; i < size; i++) {
-                    tableint cand = datal[i];
-                    if (cand > alg.max_elements_) throw std::runtime_error("cand error");
-                    float d = dist(cand);
-                    if (d < curdist) {
-                        curdist = d;
-                        cur = cand;
-                        changed = true;
-                    }
-                }
-            }
-        }
+        const tableint cur = descend(alg, dist, [&](tableint id) { prefetch(c.row(id)); });
+        const float curdist = dist(cur);
 
         using Pair = std::pair<float, tableint>;
         thread_local std::vector<Pair> top_buf, cand_buf;
@@ -922,10 +917,8 @@ class KnownUserRecommender {
             std::shared_lock<std::shared_mutex> lock(index_->mu_);
             const Alg &alg = index_->alg();
             if (alg.cur_element_count != n_items_) return false;
-            // the widths as knn() computes them: at least k
-            index_->search_row(alg, emb_ + size_t(row) * size_t(index_->dim()), kk, std::max(ef_, kk),
-                               std::max(ef_filtered_ ? ef_filtered_ : ef_, kk), eb, ee, -1, labels.data(),
-                               dists.data());
+            index_->search_row(alg, emb_ + size_t(row) * size_t(index_->dim()), kk, ef_, ef_filtered_, eb, ee, -1,
+                               labels.data(), dists.data());
         }
         if (n_items_ >= kk && labels[kk - 1] < 0) return false;  // short: the Python path's exact fallback
         out.clear();
