@@ -95,6 +95,8 @@ def test_fast_path_declines_what_it_does_not_own(published):
     assert ask(good) is not None
     assert ask(good, max_id=1) is None  # "u1" is longer than the limit: Python names the error
     assert ask(good, max_k=4) is None
+    # more than the catalogue holds (64 items): a short answer, whose completeness the Python path checks
+    assert ask(pb.RecommendRequest(user_id="u1", k=65).SerializeToString()) is None
     assert ask(good[:-1]) is None  # truncated
     assert ask(good + b"\x50\x01") is None  # an unknown field (10, varint)
     assert ask(b"\x0a\x7f" + b"u1") is None  # length past the end

@@ -920,7 +920,9 @@ class KnownUserRecommender {
             index_->search_row(alg, emb_ + size_t(row) * size_t(index_->dim()), kk, ef_, ef_filtered_, eb, ee, -1,
                                labels.data(), dists.data());
         }
-        if (n_items_ >= kk && labels[kk - 1] < 0) return false;  // short: the Python path's exact fallback
+        // short (fewer allowed items than k, or the graph missed some): the Python path checks the answer is
+        // complete and scans exactly when it is not
+        if (labels[kk - 1] < 0) return false;
         out.clear();
         out.reserve(kk * 24 + tail_.size());
         for (size_t j = 0; j < kk && labels[j] >= 0; j++) {
