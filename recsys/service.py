@@ -138,28 +138,43 @@ class Prepared:
         self.native = getattr(bundle.index, "native_filter", False) is True
 
 
-_PREPARED: weakref.WeakKeyDictionary[Any, Prepared] = weakref.WeakKeyDictionary()
-_PREPARED_LOCK = threading.Lock()
-# The serving bundle's entry, checked first: calling a weakref is cheaper than WeakKeyDictionary.get (which builds
-# a new weakref per call). A weakref, so a swapped-out bundle is not kept alive; one tuple, so readers see a
-# consistent pair while another thread replaces it.
-_LAST: tuple[Any, Prepared | None] = (lambda: None, None)
+_MISSING = object()
+
+
+class PerBundle:
+    """A value built once per bundle by ``build(bundle)`` (None included), kept while the bundle lives.
+
+    The last bundle's entry is checked first: calling a weakref is cheaper than WeakKeyDictionary.get (which builds
+    a new weakref per call). A weakref, so a swapped-out bundle is not kept alive; one tuple, so readers see a
+    consistent pair while another thread replaces it. Built under a lock, once per bundle.
+    """
+
+    def __init__(self, build: Any) -> None:
+        self._build = build
+        self._cache: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._last: tuple[Any, Any] = (lambda: None, _MISSING)
+
+    def get(self, bundle: Any) -> Any:
+        ref, value = self._last
+        if ref() is bundle and value is not _MISSING:
+            return value
+        value = self._cache.get(bundle, _MISSING)
+        if value is _MISSING:
+            with self._lock:
+                value = self._cache.get(bundle, _MISSING)
+                if value is _MISSING:
+                    value = self._cache[bundle] = self._build(bundle)
+        self._last = (weakref.ref(bundle), value)
+        return value
+
+
+_PREPARED = PerBundle(Prepared)
 
 
 def prepared(bundle: Any) -> Prepared:
     """The bundle's :class:`Prepared` views (built on first use; dropped with the bundle after a hot reload)."""
-    global _LAST
-    ref, p = _LAST
-    if ref() is bundle and p is not None:
-        return p
-    p = _PREPARED.get(bundle)
-    if p is None:
-        with _PREPARED_LOCK:
-            p = _PREPARED.get(bundle)
-            if p is None:
-                p = _PREPARED[bundle] = Prepared(bundle)
-    _LAST = (weakref.ref(bundle), p)
-    return p
+    return _PREPARED.get(bundle)
 
 
 def _known_rows(bundle: Any, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:

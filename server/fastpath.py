@@ -11,8 +11,6 @@ path's (``tests/test_server_fastpath.py``).
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 from typing import Any
 
 import numpy as np
@@ -21,13 +19,6 @@ from recsys import service
 from recsys.v1 import recommender_pb2 as pb
 
 log = logging.getLogger("recsys.server")
-
-_CACHE: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
-_NONE = object()  # cached "no fast path for this bundle"
-# The serving bundle's entry, checked first (as service.prepared): one weakref call on the request path.
-_LAST: tuple[Any, Any] = (lambda: None, _NONE)
-
 
 def build(bundle: Any, *, check_users: int = 16) -> Any | None:
     """A ``KnownUserRecommender`` for ``bundle``, or None when its index is not the native HNSW one -- or when its
@@ -80,18 +71,9 @@ def _disagreement(fast: Any, bundle: Any, n: int) -> str | None:
     return None
 
 
+_FAST = service.PerBundle(build)
+
+
 def for_bundle(bundle: Any) -> Any | None:
     """The bundle's fast path (built on first use -- the model store builds it at warm-up), or None."""
-    global _LAST
-    ref, fast = _LAST
-    if ref() is bundle and fast is not _NONE:
-        return fast
-    fast = _CACHE.get(bundle, _NONE)
-    if fast is _NONE:
-        with _LOCK:
-            fast = _CACHE.get(bundle, _NONE)
-            if fast is _NONE:
-                fast = build(bundle)
-                _CACHE[bundle] = fast
-    _LAST = (weakref.ref(bundle), fast)
-    return fast
+    return _FAST.get(bundle)
