@@ -1141,7 +1141,7 @@ class HnswIndex:
         h = check_hnsw_file(path, dim=dim, size=size)
         self = cls(None, metric=metric, ef=ef, num_threads=num_threads, dim=dim, M=h["M"],
                    ef_construction=h["ef_construction"], ef_filtered=ef_filtered, native=native,
-                   search_precision="fp32")
+                   search_precision=search_precision)  # the native side builds a bf16 copy as it loads
         count = h["count"]
         # Pass max_elements explicitly: otherwise hnswlib allocates the header's max_elements (untrusted).
         self._index.load_index(str(path), max(count, max_elements or 0, 1))
@@ -1152,7 +1152,6 @@ class HnswIndex:
         # Keep insertion-ish order stable: sort labels (the bundle's are item rows 0..n-1).
         self._idmap = _IdMap(np.sort(ids))
         self._index.set_ef(self._ef)
-        self.set_search_precision(search_precision)
         return self
 
 
