@@ -3,26 +3,22 @@ the fallback when the extension is missing."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import threading
 
 import numpy as np
 import pytest
+import test_index
 
 from recsys.index import ExactIndex, HnswIndex, autotune_ef, native_available, recall_vs_exact
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="recsys._hnsw not built (no C++ compiler)")
 
 
-def clustered(n: int, dim: int, *, n_clusters: int = 30, n_queries: int = 200, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(n_clusters, dim))
-    items = centres[rng.integers(0, n_clusters, n)] + 0.6 * rng.normal(size=(n, dim))
-    queries = centres[rng.integers(0, n_clusters, n_queries)] + 0.8 * rng.normal(size=(n_queries, dim))
-    items /= np.linalg.norm(items, axis=1, keepdims=True)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    return items.astype(np.float32), queries.astype(np.float32)
+# test_index's trained-like geometry, with this module's sizes (30 clusters, 200 queries)
+clustered = functools.partial(test_index.clustered, n_clusters=30, n_queries=200)
 
 
 @pytest.fixture(scope="module")
