@@ -217,6 +217,10 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
+# A cosine query row whose squared norm is within this of 1 is used as it is; others are normalised.
+UNIT_SQ_TOL = 1e-4
+
+
 def _as_matrix(x: Any, dim: int | None, metric: str, *, name: str) -> np.ndarray:
     """Validate and return a C-contiguous float32 ``[n, dim]`` copy-if-needed; unit rows for cosine."""
     # This runs on every serving query: the common case (one float32 unit row) costs ~1.5 us.
@@ -238,7 +242,7 @@ def _as_matrix(x: Any, dim: int | None, metric: str, *, name: str) -> np.ndarray
         sq1 = float(np.vdot(arr, arr))
         finite = math.isfinite(sq1)
         if finite:  # scalar checks: no array ops on the hot path
-            if metric == "dot" or 0.0 < sq1 and abs(sq1 - 1.0) <= 1e-4:
+            if metric == "dot" or 0.0 < sq1 and abs(sq1 - 1.0) <= UNIT_SQ_TOL:
                 return arr
         sq = np.array([sq1], dtype=np.float32)
     else:
@@ -253,8 +257,8 @@ def _as_matrix(x: Any, dim: int | None, metric: str, *, name: str) -> np.ndarray
         if (sq <= 0).any():
             bad = int(np.flatnonzero(sq <= 0)[0])
             raise ValueError(f"`{name}` row {bad} is all zeros: it has no direction under metric 'cosine'")
-        # Already unit (the towers' output)? Leave the caller's array alone; float error is far below 1e-4.
-        if np.abs(sq - 1.0).max() > 1e-4:
+        # Already unit (the towers' output)? Leave the caller's array alone; float error is far below the tolerance.
+        if np.abs(sq - 1.0).max() > UNIT_SQ_TOL:
             arr = (arr / np.sqrt(sq)[:, None]).astype(np.float32)
     return arr
 

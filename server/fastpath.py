@@ -24,7 +24,7 @@ def build(bundle: Any, *, check_users: int = 16) -> Any | None:
     """A ``KnownUserRecommender`` for ``bundle``, or None when its index is not the native HNSW one -- or when its
     answers for ``check_users`` users spread over the bundle (k=10, seen items excluded and not) differ from the
     Python path's by a single byte: then the error is logged and the Python path serves every request."""
-    from recsys.index import HnswIndex
+    from recsys.index import UNIT_SQ_TOL, HnswIndex
 
     index = getattr(bundle, "index", None)
     if not isinstance(index, HnswIndex) or not index.native_filter:
@@ -35,9 +35,9 @@ def build(bundle: Any, *, check_users: int = 16) -> Any | None:
     sq = np.einsum("ij,ij->i", users, users, dtype=np.float64) if users.size else np.zeros(len(users))
     ok = np.isfinite(sq)
     if index.metric == "cosine":
-        # the Python path uses a row as-is when its squared norm is within 1e-4 of 1, else normalises it: rows
-        # near that edge (or not unit at all) are left to it, so both paths search the same vector
-        ok &= np.abs(sq - 1.0) <= 0.9e-4
+        # the Python path uses a row as-is when its squared norm is within UNIT_SQ_TOL of 1, else normalises it:
+        # rows near that edge (or not unit at all) are left to it, so both paths search the same vector
+        ok &= np.abs(sq - 1.0) <= 0.9 * UNIT_SQ_TOL
     offsets, rows = bundle.seen_csr()
     fast = _hnsw.KnownUserRecommender(
         index._index, [str(u) for u in np.asarray(bundle.user_ids).tolist()], users,
