@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The local CPU wheel; installed before the project so `torch>=2.4` is already met and no CUDA build is pulled.
 TORCH_SPEC ?= torch==2.13.0
+# The GPU machines' Triton (torch 2.11's); on a CPU box the tests run the fused loss kernels in its interpreter.
+TRITON_SPEC ?= triton==3.6.0
 DEMO_DIR ?= demo
 SERVE ?= 0
 
@@ -13,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TRITON_SPEC); sys_platform == 'linux' and platform_machine == 'x86_64'"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -255,6 +256,7 @@ def contrastive_loss(
     extra_ids: Tensor | None,
     extra_log_q: Tensor | None,
     chunk_size: int = 0,
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The trainer's in-batch softmax, single-process or one rank's share of the global batch's.
 
@@ -262,6 +264,7 @@ def contrastive_loss(
         q, c: ``[b, d]`` this rank's query / positive embeddings; ``items``, ``users``, ``log_q``, ``weights``
             ``[b]`` alike. ``extra_*``: this rank's extra negatives (uniform samples, queue), ``[M, d]`` / ``[M]``.
         chunk_size: > 0 computes the softmax in row blocks (no full ``[b, B + M]`` float32 logits).
+        fused: use the Triton kernels of :mod:`recsys.fused_loss` (``chunk_size`` is then irrelevant).
     Returns:
         ``(loss, c_all [B, d], items_all [B])``: the loss to backpropagate (with ``W`` ranks its mean over ranks is
         the single-process loss of the concatenated batch, and so are the averaged gradients), and the global
@@ -273,8 +276,14 @@ def contrastive_loss(
         temperature=temperature, log_q=log_q, correct_positive=correct_positive, extra_c=extra_c,
         extra_item_ids=extra_ids if mask_items else None, extra_log_q=extra_log_q,
     )  # fmt: skip
+    if fused:
+        from recsys.fused_loss import in_batch_softmax_fused as shard_loss
+    else:
+        shard_loss = partial(losses.in_batch_softmax_shard, chunk_size=chunk_size)
     if not ctx.enabled:
         kw.update(item_ids=items if mask_items else None, user_ids=users if mask_users else None, weights=weights)
+        if fused:
+            return shard_loss(q, c, **kw), c, items
         if chunk_size:
             return losses.in_batch_softmax_chunked(q, c, chunk_size=chunk_size, **kw), c, items
         return losses.in_batch_softmax(q, c, **kw), c, items
@@ -284,9 +293,7 @@ def contrastive_loss(
     kw["log_q"] = None if log_q is None else all_gather_nograd(log_q, ctx)
     kw.update(item_ids=items_all if mask_items else None,
               user_ids=all_gather_nograd(users, ctx) if mask_users else None)  # fmt: skip
-    total = losses.in_batch_softmax_shard(
-        q, c_all, row_offset=ctx.rank * b, weights=weights, reduction="sum", chunk_size=chunk_size, **kw
-    )
+    total = shard_loss(q, c_all, row_offset=ctx.rank * b, weights=weights, reduction="sum", **kw)
     # global mean = sum over every rank's rows / (B or the global weight sum); times W so that the DDP *mean*
     # of the ranks' gradients (and losses) is the single-process gradient (and loss)
     denom = float(b * w) if weights is None else all_gather_nograd(weights.reshape(-1), ctx).sum()

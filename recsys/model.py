@@ -198,6 +198,10 @@ class TrainConfig:
     """Learning rate of the embedding tables' optimizer with ``sparse_embeddings`` (0 = ``lr``)."""
     loss_chunk_size: int = 0
     """In-batch softmax computed this many rows at a time, never all B x B float32 logits at once (0 = one block)."""
+    loss_kernel: Literal["auto", "torch", "triton"] = "auto"
+    """In-batch softmax implementation: "triton" = fused kernels that never hold the B x B logits (recsys.fused_loss;
+    CUDA + triton); "torch" = recsys.losses (chunked by ``loss_chunk_size``); "auto" = triton on CUDA when it is
+    installed and passes a self-check against torch at start, else torch."""
     compile: bool = False
     """torch.compile the two towers (CUDA; the first steps are slow while it compiles)."""
     cuda_graphs: bool = False
@@ -212,6 +216,8 @@ class TrainConfig:
         for name in ("lr",):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`train.{name}` must be > 0, got {getattr(self, name)}")
+        if self.loss_kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"`train.loss_kernel` must be 'auto', 'torch' or 'triton', got {self.loss_kernel!r}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise ValueError(f"`train.lr_schedule` must be 'constant', 'cosine' or 'linear', got {self.lr_schedule!r}")
         for name in ("weight_decay", "embedding_weight_decay", "grad_clip", "max_eval_users", "patience",

@@ -40,7 +40,8 @@ STATE_WEIGHTS = "state.safetensors"
 STATE_JSON = "state.json"
 # Fields that may change between a run and its --resume without changing the result of the finished epochs.
 RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.progress", "train.log_every", "train.num_threads",
-                     "train.tensorboard", "train.eval_batch_users", "train.compile", "train.cuda_graphs"}
+                     "train.tensorboard", "train.eval_batch_users", "train.compile", "train.cuda_graphs",
+                     "train.loss_kernel"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -223,6 +224,51 @@ def _validation(data: PreparedData, model_cfg: ModelConfig, train_cfg: TrainConf
     )  # fmt: skip
 
 
+def choose_loss_kernel(train_cfg: TrainConfig, loss_cfg: LossConfig, *, dim: int, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"``: the in-batch softmax this run uses (``train.loss_kernel``, see its docstring).
+
+    "auto" picks the fused kernels only on CUDA, with triton importable, and after :func:`recsys.fused_loss.
+    self_check` agreed with the torch loss on this device with this run's loss options: a kernel that does not
+    compile for this GPU or triton version, or computes something else, costs speed, never a run.
+    """
+    want = train_cfg.loss_kernel
+    if want == "torch" or (want == "auto" and device.type != "cuda"):
+        return "torch"
+    try:
+        from recsys import fused_loss
+    except ImportError as e:
+        if want == "triton":
+            raise ValueError("`train.loss_kernel` = 'triton' needs the triton package (pip install triton)") from e
+        return "torch"
+    why = fused_loss.supported(dim, device)
+    if why:
+        if want == "triton":
+            raise ValueError(f"`train.loss_kernel` = 'triton' cannot run here: {why}")
+        return "torch"
+    # bf16 operands under CUDA autocast differ from the torch path's bf16 matmul by rounding order only
+    tol = 2e-2 if device.type == "cuda" else 1e-4
+    lc = loss_cfg
+    try:
+        err = fused_loss.self_check(
+            device, dim=dim, extra=64 if lc.n_uniform_negatives or lc.queue_size else 0,
+            mask_items=lc.mask_accidental_hits, mask_users=lc.mask_same_user, logq=lc.logq_correction,
+            correct_positive=lc.logq_correct_positive,
+        )  # fmt: skip
+    except Exception as e:  # any failure to compile or launch means: not on this machine
+        if want == "triton":
+            raise
+        log.warning("fused loss kernels failed their self-check (%s: %s); using the torch loss", type(e).__name__, e)
+        return "torch"
+    if not err <= tol:
+        msg = f"fused loss kernels disagree with the torch loss (relative error {err:.3g} > {tol:g})"
+        if want == "triton":
+            raise RuntimeError(msg)
+        log.warning("%s; using the torch loss", msg)
+        return "torch"
+    log.info("in-batch softmax: fused triton kernels (self-check relative error %.2g)", err)
+    return "triton"
+
+
 # ---------------------------------------------------------------------------------------------------- the trainer
 class Trainer:
     """Owns the model, optimizers, loss options and device tensors of one run; ``train()`` drives it."""
@@ -253,6 +299,7 @@ class Trainer:
         )
         self.title_emb = title_emb
         self.log_p = torch.as_tensor(np.log(data.item_prob), dtype=torch.float32, device=device)  # [n_items]
+        self.loss_kernel = choose_loss_kernel(train_cfg, loss_cfg, dim=model_cfg.dim, device=device)
         self.build(seed=train_cfg.seed)
 
     def build(self, *, seed: int) -> None:
@@ -439,6 +486,7 @@ class Trainer:
                 log_q=log_q, correct_positive=lc.logq_correct_positive,
                 extra_c=extra_c, extra_ids=extra_ids, extra_log_q=extra_log_q,
                 weights=self.t_weight[rows] if lc.use_weights else None, chunk_size=self.tcfg.loss_chunk_size,
+                fused=self.loss_kernel == "triton",
             )  # fmt: skip
             if lc.ssl_weight > 0:
                 uniq = torch.unique(items)
@@ -845,6 +893,7 @@ def _summary(run_dir: Path, progress: _Progress, trainer: Trainer, *, status: st
         "train_seconds": round(progress.train_seconds, 3),
         "examples_per_s": round(progress.examples / progress.train_seconds, 1) if progress.train_seconds else None,
         "device": str(trainer.device),
+        "loss_kernel": trainer.loss_kernel,
         "n_parameters": sum(p.numel() for p in trainer.model.parameters()),
         "metric": trainer.model.metric,
         "temperature": trainer.temperature_value(),

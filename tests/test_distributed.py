@@ -58,15 +58,19 @@ def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- worker processes
-def _step_worker(rank: int, world: int, port: int, data_dir: str, out: str, rows: list[int], chunk: int) -> None:
+def _step_worker(rank: int, world: int, port: int, data_dir: str, out: str, rows: list[int], chunk: int,
+                 kernel: str) -> None:  # fmt: skip
     """One rank: its shard of the global batch ``rows``, loss + backward + gradient averaging; rank 0 saves."""
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
+    if kernel == "triton" and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused kernels on CPU: Triton's interpreter
     _env(rank, world, port)
     ctx, dev = init_from_env("cpu")
     try:
-        m, t, lc = _cfgs(sparse_embeddings=True, sparse_optimizer="rowwise_adagrad", loss_chunk_size=chunk)
+        m, t, lc = _cfgs(sparse_embeddings=True, sparse_optimizer="rowwise_adagrad", loss_chunk_size=chunk,
+                         loss_kernel=kernel)  # fmt: skip
         data = load_prepared(data_dir)
         trainer = Trainer(data, model_cfg=m, train_cfg=t, loss_cfg=lc, device=torch.device("cpu"), dist=ctx)
         trainer.set_interactions(data.train)
@@ -163,17 +167,20 @@ def test_chunked_loss_in_trainer_equals_plain(data_dir):
         torch.testing.assert_close(out[0][1][k], out[1][1][k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(data_dir, tmp_path):
-    """gloo, 2 ranks x 32 rows (chunked loss, sparse embedding grads) == 1 process x 64 rows (plain loss)."""
+@pytest.mark.parametrize("chunk,kernel", [(8, "torch"), (0, "triton")], ids=["chunked", "fused"])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(data_dir, tmp_path, chunk, kernel):
+    """gloo, 2 ranks x 32 rows (chunked or fused loss, sparse embedding grads) == 1 process x 64 rows (plain)."""
     from safetensors.torch import load_file
 
+    if kernel == "triton":
+        pytest.importorskip("triton")
     data = load_prepared(data_dir)
     rows = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(2))[:64]
     out = tmp_path / "rank0.safetensors"
-    _spawn(_step_worker, str(data_dir), str(out), rows.tolist(), 8)
+    _spawn(_step_worker, str(data_dir), str(out), rows.tolist(), chunk, kernel)
     got = load_file(str(out))
 
-    m, t, lc = _cfgs(sparse_embeddings=True, sparse_optimizer="rowwise_adagrad")
+    m, t, lc = _cfgs(sparse_embeddings=True, sparse_optimizer="rowwise_adagrad", loss_kernel="torch")
     trainer = Trainer(data, model_cfg=m, train_cfg=t, loss_cfg=lc, device=torch.device("cpu"), dist=DistContext())
     trainer.set_interactions(data.train)
     loss = trainer.loss(rows)
@@ -233,7 +240,7 @@ def test_cuda_chunked_equals_plain_under_bf16(data_dir):
     out = []
     for chunk in (0, 64):
         m, t, lc = _cfgs(loss_chunk_size=chunk, batch_size=256, sparse_embeddings=True,
-                         sparse_optimizer="rowwise_adagrad")  # fmt: skip
+                         sparse_optimizer="rowwise_adagrad", loss_kernel="torch")  # fmt: skip
         trainer = Trainer(data, model_cfg=m, train_cfg=t, loss_cfg=lc, device=torch.device("cuda"))
         trainer.set_interactions(data.train)
         loss = trainer.loss(rows)
