@@ -1,11 +1,14 @@
-"""Chunked vs plain in-batch softmax at large batch: time (forward + backward) and peak extra memory.
+"""Chunked vs plain (vs fused) in-batch softmax at large batch: time (forward + backward) and peak extra memory.
 
-Both variants get the same inputs (L2-normalised q/c, duplicate item ids for masking, logQ, optional extra
+Every variant gets the same inputs (L2-normalised q/c, duplicate item ids for masking, logQ, optional extra
 negatives). Times are medians over ``--reps`` runs, measured side by side in this process. Peak memory is measured
 per variant in a fresh subprocess: on CPU the rise of the peak RSS over the RSS after the inputs were built, on CUDA
-``torch.cuda.max_memory_allocated`` over the allocation before the loss.
+``torch.cuda.max_memory_allocated`` over the allocation before the loss. On CUDA the fused Triton kernels
+(recsys.fused_loss) are a third variant, and ``--bf16`` runs all of them under bf16 autocast, as training does.
 
     python benchmarks/loss_bench.py --batch-sizes 1024 4096 8192 --dim 64 --chunk-size 1024
+    python benchmarks/loss_bench.py --device cuda --batch-sizes 8192 65536 --dim 128 --chunk-size 8192 --bf16 \
+        --no-plain-above 16384
 
 Writes benchmarks/results/loss_bench.json.
 """
@@ -52,13 +55,19 @@ def make_inputs(b: int, *, dim: int, extra: int, n_items: int, device: str, seed
     return kw
 
 
-def run_once(variant: str, kw: dict, chunk_size: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+def run_once(variant: str, kw: dict, chunk_size: int, bf16: bool = False) -> tuple[float, torch.Tensor, torch.Tensor]:
     kw["q"].grad = None
     kw["c"].grad = None
-    if variant == "plain":
-        loss = in_batch_softmax(**kw)
-    else:
-        loss = in_batch_softmax_chunked(**kw, chunk_size=chunk_size)
+    dev = kw["q"].device.type
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+        if variant == "plain":
+            loss = in_batch_softmax(**kw)
+        elif variant == "chunked":
+            loss = in_batch_softmax_chunked(**kw, chunk_size=chunk_size)
+        else:
+            from recsys.fused_loss import in_batch_softmax_fused
+
+            loss = in_batch_softmax_fused(**kw)
     loss.backward()
     return loss.item(), kw["q"].grad.clone(), kw["c"].grad.clone()
 
@@ -76,7 +85,7 @@ def measure_memory(variant: str, b: int, args: argparse.Namespace) -> float:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        run_once(variant, kw, args.chunk_size)
+        run_once(variant, kw, args.chunk_size, args.bf16)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     # warm the allocator/kernels on a tiny problem so the baseline includes torch's own startup memory
@@ -100,6 +109,7 @@ def memory_in_subprocess(variant: str, b: int, args: argparse.Namespace) -> floa
     cmd = [sys.executable, __file__, "--measure-memory", variant, "--batch-sizes", str(b)]
     cmd += ["--dim", str(args.dim), "--extra", str(args.extra), "--n-items", str(args.n_items)]
     cmd += ["--chunk-size", str(args.chunk_size), "--threads", str(args.threads), "--device", args.device]
+    cmd += ["--bf16"] if args.bf16 else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -116,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--measure-memory", choices=["plain", "chunked"], help=argparse.SUPPRESS)
+    ap.add_argument("--bf16", action="store_true", help="under bf16 autocast (CUDA), as the trainer runs the loss")
+    ap.add_argument("--no-plain-above", type=int, default=0,
+                    help="skip the plain variant (full [B, B] logits) above this batch size (0 = never skip)")
+    ap.add_argument("--measure-memory", choices=["plain", "chunked", "fused"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.measure_memory:
@@ -125,45 +138,46 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     rows = []
-    header = f"{'B':>7} {'M':>6} {'chunk':>6} {'plain ms':>10} {'chunked ms':>11} {'ratio':>6} "
-    header += f"{'plain MiB':>10} {'chunked MiB':>12} {'|dloss|/loss':>13} {'max|dgrad|':>11}"
+    all_variants = ["plain", "chunked"] + (["fused"] if args.device.startswith("cuda") else [])
+    header = f"{'B':>7} {'M':>6} {'chunk':>6} " + " ".join(f"{v + ' ms':>10}" for v in all_variants)
+    header += " " + " ".join(f"{v + ' MiB':>11}" for v in all_variants) + f" {'|dloss|/loss':>13} {'max|dgrad|':>11}"
     print(header)
     for b in args.batch_sizes:
+        variants = [v for v in all_variants if not (v == "plain" and args.no_plain_above and b > args.no_plain_above)]
         kw = make_inputs(b, dim=args.dim, extra=args.extra, n_items=args.n_items, device=args.device)
-        times: dict[str, list[float]] = {"plain": [], "chunked": []}
+        times: dict[str, list[float]] = {v: [] for v in variants}
         results = {}
         for _ in range(args.reps):
-            for variant in ("plain", "chunked"):  # interleaved so drift hits both alike
+            for variant in variants:  # interleaved so drift hits all alike
                 _sync(args.device)
                 t0 = time.perf_counter()
-                results[variant] = run_once(variant, kw, args.chunk_size)
+                results[variant] = run_once(variant, kw, args.chunk_size, args.bf16)
                 _sync(args.device)
                 times[variant].append(time.perf_counter() - t0)
-        (lp, gqp, gcp), (lc, gqc, gcc) = results["plain"], results["chunked"]
-        row = {
-            "batch_size": b,
-            "extra": args.extra,
-            "chunk_size": args.chunk_size,
-            "plain_ms": 1000 * statistics.median(times["plain"]),
-            "chunked_ms": 1000 * statistics.median(times["chunked"]),
-            "rel_loss_diff": abs(lp - lc) / abs(lp),
-            "max_abs_grad_diff": max((gqp - gqc).abs().max().item(), (gcp - gcc).abs().max().item()),
-            "plain_mib": None,
-            "chunked_mib": None,
-        }
+        ref = results[variants[0]]  # the others against it (plain when it ran)
+        row = {"batch_size": b, "extra": args.extra, "chunk_size": args.chunk_size, "reference": variants[0]}
+        for v in all_variants:
+            row[f"{v}_ms"] = 1000 * statistics.median(times[v]) if v in times else None
+            row[f"{v}_mib"] = None
+        others = [results[v] for v in variants[1:]]
+        row["rel_loss_diff"] = max((abs(ref[0] - o[0]) / abs(ref[0]) for o in others), default=0.0)
+        row["max_abs_grad_diff"] = max(
+            (max((ref[1] - o[1]).abs().max().item(), (ref[2] - o[2]).abs().max().item()) for o in others), default=0.0
+        )
         del kw, results
         if not args.no_memory:
-            row["plain_mib"] = memory_in_subprocess("plain", b, args)
-            row["chunked_mib"] = memory_in_subprocess("chunked", b, args)
+            for v in variants:
+                row[f"{v}_mib"] = memory_in_subprocess(v, b, args)
         rows.append(row)
 
-        def mib(v: float | None) -> str:
-            return "-" if v is None else f"{v:.0f}"
+        def num(v: float | None, fmt: str) -> str:
+            return "-" if v is None else format(v, fmt)
 
         print(
-            f"{b:>7} {args.extra:>6} {args.chunk_size:>6} {row['plain_ms']:>10.1f} {row['chunked_ms']:>11.1f} "
-            f"{row['chunked_ms'] / row['plain_ms']:>6.2f} {mib(row['plain_mib']):>10} {mib(row['chunked_mib']):>12} "
-            f"{row['rel_loss_diff']:>13.1e} {row['max_abs_grad_diff']:>11.1e}",
+            f"{b:>7} {args.extra:>6} {args.chunk_size:>6} "
+            + " ".join(f"{num(row[f'{v}_ms'], '.2f'):>10}" for v in all_variants) + " "
+            + " ".join(f"{num(row[f'{v}_mib'], '.0f'):>11}" for v in all_variants)
+            + f" {row['rel_loss_diff']:>13.1e} {row['max_abs_grad_diff']:>11.1e}",
             flush=True,
         )
     meta = {
@@ -175,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "dim": args.dim,
         "n_items": args.n_items,
         "reps": args.reps,
-        "timing": "median of reps, forward + backward, float32",
+        "timing": f"median of reps, forward + backward, {'bf16 autocast' if args.bf16 else 'float32'}",
         "memory": "peak RSS rise (CPU) / max_memory_allocated rise (CUDA) in a fresh process, MiB",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

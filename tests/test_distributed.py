@@ -93,14 +93,14 @@ def _train_worker(rank: int, world: int, port: int, data_dir: str, run: str, epo
 
 def _spawn(fn, *args, fresh: Path | None = None) -> None:
     """Run ``fn`` on WORLD ranks. A worker killed by a signal (gloo has been seen to SIGABRT on teardown about once
-    in eight runs on a loaded 2-core machine, or the free port is taken between probe and bind) is retried once on a
+    in eight runs on a loaded 2-core machine, or the free port is taken between probe and bind) is retried twice on a
     new port; an exception raised inside a worker (a failed check) is never retried."""
-    for attempt in range(2):
+    for attempt in range(3):
         try:
             torch.multiprocessing.spawn(fn, args=(WORLD, _free_port(), *args), nprocs=WORLD, join=True)
             return
         except torch.multiprocessing.ProcessExitedException as e:
-            if attempt or e.signal_name is None:
+            if attempt == 2 or e.signal_name is None:
                 raise
             if fresh is not None:  # the output of the killed attempt would make the retry a resume
                 shutil.rmtree(fresh, ignore_errors=True)
