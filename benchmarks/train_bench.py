@@ -119,7 +119,8 @@ def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, args, device:
     tcfg = TrainConfig(batch_size=batch, lr=1e-3, embedding_lr=0.05, sparse_embeddings=sparse,
                        sparse_optimizer=args.optimizer if sparse else "sparse_adam",
                        loss_chunk_size=min(args.chunk, batch) if args.chunk else 0, compile=args.compile,
-                       loss_kernel=loss_kernel, progress=False, tensorboard=False)  # fmt: skip
+                       loss_kernel=loss_kernel, cuda_graphs=args.cuda_graphs, progress=False,
+                       tensorboard=False)  # fmt: skip
     torch.manual_seed(0)
     trainer = Trainer(data, model_cfg=mcfg, train_cfg=tcfg, loss_cfg=LossConfig(), device=device)
     trainer.set_interactions(data.train)
@@ -136,7 +137,9 @@ def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, args, device:
         _profile(step, f"ours/{towers}/{batch}", device)
     loss = float(trainer.loss(perm[:batch]).detach())  # after training: finite and below log(B)
     return {"step_ms": med * 1e3, "interactions_per_s": args.steps * batch / wall, "final_loss": loss,
-            "n_parameters": sum(p.numel() for p in trainer.model.parameters()), "loss_kernel": trainer.loss_kernel}
+            "n_parameters": sum(p.numel() for p in trainer.model.parameters()), "loss_kernel": trainer.loss_kernel,
+            "cuda_graphs": trainer.graphed is not None and trainer.graphed.graph is not None,
+            "graphs_off": trainer.graphs_off if args.cuda_graphs else None}
 
 
 def _profile(step, name: str, device: torch.device, n: int = 5) -> None:
@@ -230,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss-kernels", nargs="+", default=["auto"], choices=["auto", "torch", "triton"],
                     help="our train.loss_kernel: one 'ours' row per value (auto = the fused kernels on CUDA)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our towers")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="train.cuda_graphs: our whole step as one CUDA graph (recorded per row: used, or why not)")
     ap.add_argument("--no-reference", action="store_true", help="skip the bare-PyTorch reference")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of our steps")
     ap.add_argument("--steps", type=int, default=30)
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['impl']:<10} {r['towers']:<17} {r.get('loss_kernel', '-'):<7} {r['batch']:>6} "
               f"{r['step_ms'] if ok else float('nan'):>9.2f} {r['interactions_per_s'] if ok else float('nan'):>12.0f} "
               f"{(r.get('peak_mem_mib') or float('nan')):>9.0f} {r['final_loss'] if ok else float('nan'):>7.3f} "
-              f"{r['status']}")  # fmt: skip
+              f"{r['status']}{' (graph)' if r.get('cuda_graphs') else ''}"
+              f"{' (no graph: ' + r['graphs_off'] + ')' if r.get('graphs_off') else ''}")  # fmt: skip
     by: dict[str, dict[str, Any]] = {}  # the fastest row of each implementation / towers / batch
     for r in rows:
         key = f"{r['impl']}/{r['towers']}/{r['batch']}"

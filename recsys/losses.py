@@ -471,7 +471,7 @@ def in_batch_softmax_chunked(
     )  # fmt: skip
     if not isinstance(temperature, Tensor):
         dtype = _logit_dtype(_compute_dtype(p.q))
-        temperature = torch.tensor(float(temperature), dtype=dtype, device=q.device)
+        temperature = torch.full((), float(temperature), dtype=dtype, device=q.device)  # a fill: capturable
     per_row = _ChunkedSoftmax.apply(
         p.q, p.cands, temperature, p.full_log_q, item_ids, user_ids, p.extra_item_ids, correct_positive, chunk_size,
         0, p.q.shape[0],
@@ -538,7 +538,7 @@ def in_batch_softmax_shard(
     cands = p.cands.to(q.dtype)
     if chunk_size:
         if not isinstance(temperature, Tensor):
-            temperature = torch.tensor(float(temperature), dtype=_logit_dtype(_compute_dtype(q)), device=q.device)
+            temperature = torch.full((), float(temperature), dtype=_logit_dtype(_compute_dtype(q)), device=q.device)
         per_row = _ChunkedSoftmax.apply(
             q, cands, temperature, p.full_log_q, item_ids, user_ids, p.extra_item_ids, correct_positive, chunk_size,
             row_offset, n_batch,

@@ -205,7 +205,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the two towers (CUDA; the first steps are slow while it compiles)."""
     cuda_graphs: bool = False
-    """With ``compile``: mode "reduce-overhead" (CUDA graphs) instead of the default mode."""
+    """Capture the whole training step (forward, backward, optimizers) as one CUDA graph and replay it (CUDA, one
+    process; recsys.graphs says what cannot be captured). The first replay is checked against an eager step; on any
+    failure training goes on eagerly with a warning."""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "target_window", "eval_every", "eval_k", "eval_batch_users"):
@@ -246,6 +248,18 @@ def _mlp(d_in: int, hidden: tuple[int, ...], d_out: int, dropout: float) -> nn.S
         d_in = h
     layers.append(nn.Linear(d_in, d_out))
     return nn.Sequential(*layers)
+
+
+class _CodeEmbedding(nn.Embedding):
+    """Categorical feature codes -> vectors; code 0 (missing / unknown) is a fixed zero vector that learns nothing.
+
+    What ``nn.Embedding(padding_idx=0)`` does, written as a mask: with ``sparse=True`` a padding index makes the
+    backward drop the padding entries through a boolean index (a host sync, which a CUDA graph cannot capture);
+    here row 0 stays zero because its output is multiplied by 0, so its gradient is 0 too.
+    """
+
+    def forward(self, codes: Tensor) -> Tensor:
+        return super().forward(codes) * (codes != 0).unsqueeze(-1).to(self.weight.dtype)
 
 
 class _AttentionPool(nn.Module):
@@ -303,17 +317,13 @@ class TwoTower(nn.Module):
         # item tower
         self.item_id = nn.Embedding(spec.n_items, e)
         # code 0 = missing/unknown: a fixed zero row, so an unknown value adds nothing instead of untrained noise
-        self.item_feat = nn.ModuleList(
-            [nn.Embedding(spec.item_features[n], e, padding_idx=0) for n in self.item_feature_names]
-        )
+        self.item_feat = nn.ModuleList([_CodeEmbedding(spec.item_features[n], e) for n in self.item_feature_names])
         self.item_text_proj = nn.Linear(self.text_dim, e) if self.text_dim else None
         self.item_mlp = _mlp(e, cfg.hidden, cfg.dim, cfg.dropout)
 
         # user tower
         self.user_id = nn.Embedding(spec.n_users, e) if cfg.use_user_id else None
-        self.user_feat = nn.ModuleList(
-            [nn.Embedding(spec.user_features[n], e, padding_idx=0) for n in self.user_feature_names]
-        )
+        self.user_feat = nn.ModuleList([_CodeEmbedding(spec.user_features[n], e) for n in self.user_feature_names])
         self.history_emb = None if cfg.share_history_embeddings else nn.Embedding(spec.n_items, e)
         self.pool = _AttentionPool(e, cfg.history_len) if cfg.history_pooling == "attention" else None
         self.user_mlp = _mlp((3 if cfg.last_item else 2) * e, cfg.hidden, cfg.dim, cfg.dropout)
@@ -338,9 +348,9 @@ class TwoTower(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Embedding) and m is not getattr(self.pool, "recency", None):
                 nn.init.normal_(m.weight, std=self.cfg.init_std)
-                if m.padding_idx is not None:
+                if isinstance(m, _CodeEmbedding):
                     with torch.no_grad():
-                        m.weight[m.padding_idx].zero_()
+                        m.weight[0].zero_()
 
     # ------------------------------------------------------------------ item tower
     def _item_input(

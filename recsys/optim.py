@@ -52,7 +52,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
 
     Args:
         params: the embedding weights ``[n_rows, E]`` (2-D).
-        lr: learning rate.
+        lr: learning rate: a float, or a 0-dim tensor on the parameters' device (a CUDA graph reads it in place).
         eps: added to ``sqrt(G_r)``.
         initial_accumulator_value: starting ``G_r`` (> 0 damps the first steps of rare rows).
     """
@@ -114,5 +114,5 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                     # dense gradient (e.g. a small table): rows with an all-zero gradient are left as they are
                     gf = g.float()
                     acc.add_(gf.pow(2).mean(1))
-                    p.add_((gf / (acc.sqrt() + eps).clamp_min(1e-30)[:, None]).to(p.dtype), alpha=-lr)
+                    p.sub_((lr * gf / (acc.sqrt() + eps).clamp_min(1e-30)[:, None]).to(p.dtype))
         return loss

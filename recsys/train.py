@@ -369,10 +369,11 @@ class Trainer:
             # data-parallel all-gather needs one size on every rank: coalesce, then pad with zero rows.
             self.model.item_id.weight.register_hook(self._fixed_size_sparse_grad)
         self.users_fn, self.items_fn = self.model._users, self.model._items
-        if tc.compile:
-            mode = "reduce-overhead" if tc.cuda_graphs else None
-            self.users_fn = torch.compile(self.model._users, mode=mode)
-            self.items_fn = torch.compile(self.model._items, mode=mode)
+        if tc.compile:  # the default mode: train.cuda_graphs captures the whole step instead (recsys.graphs)
+            self.users_fn = torch.compile(self.model._users)
+            self.items_fn = torch.compile(self.model._items)
+        self.graphed = None  # recsys.graphs.GraphedStep, made at the first step
+        self.graphs_off: str | None = None  # why train.cuda_graphs is not in use
         from recsys.losses import ItemEmbeddingQueue
 
         self.queue = ItemEmbeddingQueue(lc.queue_size, self.mcfg.dim, device=self.device, dtype=torch.float32) \
@@ -382,7 +383,10 @@ class Trainer:
         """Every optimizer's learning rate = its base rate (``initial_lr``) * ``factor`` (the lr schedule)."""
         for opt in self.optimizers:
             for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * factor
+                if isinstance(g["lr"], torch.Tensor):  # a CUDA graph reads this tensor: update it in place
+                    g["lr"].fill_(g["initial_lr"] * factor)
+                else:
+                    g["lr"] = g["initial_lr"] * factor
 
     def _fixed_size_sparse_grad(self, g: torch.Tensor) -> torch.Tensor:
         """Sparse [n_items, E] gradient -> the same gradient with exactly ``min(n_items, bound)`` index entries,
@@ -504,8 +508,25 @@ class Trainer:
 
         ``check``: read the loss on the host first (a device sync; a collective with several ranks) and return
         without touching any weight when it is not finite. Without it nothing here waits for the device: the
-        caller checks the returned losses every few steps.
+        caller checks the returned losses every few steps. With ``train.cuda_graphs`` an unchecked step is a CUDA
+        graph replay (recsys.graphs) once the graph is captured and has passed its check.
         """
+        if self.tcfg.cuda_graphs and not check and self.graphs_off is None:
+            if self.graphed is None:
+                from recsys import graphs
+
+                self.graphs_off = graphs.unsupported(self)
+                if self.graphs_off:
+                    log.warning("train.cuda_graphs is off: %s", self.graphs_off)
+                    return self.eager_step(rows, check=check)
+                self.graphed = graphs.GraphedStep(self, batch=int(rows.shape[0]))
+            out = self.graphed(rows)
+            self.graphs_off = self.graphed.failed
+            return out
+        return self.eager_step(rows, check=check)
+
+    def eager_step(self, rows: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """:meth:`step`, always run op by op (what a CUDA graph captures)."""
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss = self.loss(rows)
@@ -553,7 +574,11 @@ class Trainer:
                 str(pid): {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
                 for pid, st in sd["state"].items()
             }
-            meta["optimizers"].append({"param_groups": sd["param_groups"], "scalars": scalars,
+            # CUDA graphs keep the learning rates as device tensors and make AdamW capturable: a checkpoint
+            # stores plain rates and the default, so it resumes anywhere (a new graph sets them again)
+            groups = [{k: float(v) if isinstance(v, torch.Tensor) else False if k == "capturable" else v
+                       for k, v in g.items()} for g in sd["param_groups"]]  # fmt: skip
+            meta["optimizers"].append({"param_groups": groups, "scalars": scalars,
                                        "params_with_state": sorted(int(p) for p in sd["state"])})
         if self.queue is not None:
             meta["queue"] = {"ptr": self.queue._ptr, "count": self.queue._count}
@@ -895,6 +920,7 @@ def _summary(run_dir: Path, progress: _Progress, trainer: Trainer, *, status: st
         "examples_per_s": round(progress.examples / progress.train_seconds, 1) if progress.train_seconds else None,
         "device": str(trainer.device),
         "loss_kernel": trainer.loss_kernel,
+        "cuda_graphs": trainer.graphed is not None and trainer.graphed.graph is not None,
         "n_parameters": sum(p.numel() for p in trainer.model.parameters()),
         "metric": trainer.model.metric,
         "temperature": trainer.temperature_value(),

@@ -64,8 +64,8 @@ def _step_worker(rank: int, world: int, port: int, data_dir: str, out: str, rows
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    if kernel == "triton" and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused kernels on CPU: Triton's interpreter
+    if kernel == "triton":  # gloo ranks run on CPU, even on a GPU machine: the fused kernels in the interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
     _env(rank, world, port)
     ctx, dev = init_from_env("cpu")
     try:

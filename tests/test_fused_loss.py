@@ -207,7 +207,8 @@ def test_errors_and_support():
         in_batch_softmax_fused(q.double(), q.double(), temperature=1.0)
     assert fused_loss.supported(300, DEVICE) == "embedding width 300 is over the fused kernels' 256"
     assert fused_loss.supported(128, DEVICE) is None
-    assert fused_loss.self_check(DEVICE, dim=16, extra=8, mask_users=True) < 1e-5
+    # float32 on CPU; under CUDA's bf16 autocast the two paths round the scores differently
+    assert fused_loss.self_check(DEVICE, dim=16, extra=8, mask_users=True) < (1e-5 if DEVICE.type == "cpu" else 2e-2)
 
 
 # ------------------------------------------------------------------------------------------------ in the trainer
@@ -248,9 +249,11 @@ def test_trainer_steps_with_fused_kernels_equal_the_torch_loss(data_dir, monkeyp
         losses_ = [float(trainer.step(perm[a : a + 64].to(DEVICE))) for a in (0, 64)]
         runs[kernel] = (losses_, {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()})
         assert len(calls) == (2 if kernel == "triton" else 0)  # the trainer's steps, not only its self-check
-    assert runs["triton"][0] == pytest.approx(runs["torch"][0], rel=1e-5)
+    # float32 on CPU; on CUDA the trainer's bf16 autocast rounds the two paths' scores differently
+    rel, atol = (1e-5, 1e-5) if DEVICE.type == "cpu" else (5e-3, 2e-3)
+    assert runs["triton"][0] == pytest.approx(runs["torch"][0], rel=rel)
     for k, v in runs["torch"][1].items():
-        torch.testing.assert_close(runs["triton"][1][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(runs["triton"][1][k], v, rtol=10 * rel, atol=atol, msg=k)
 
 
 def test_choose_loss_kernel_falls_back_or_refuses(monkeypatch, caplog):
