@@ -451,7 +451,9 @@ class Trainer:
         m, lc, mc = self.model, self.lcfg, self.mcfg
         users, items = self.t_user[rows], self.t_item[rows]
         cuda = self.device.type == "cuda"
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cuda):
+        # autocast's cache of cast weights must be off inside a CUDA graph capture (torch's CUDA graphs notes)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cuda,
+                            cache_enabled=not self.tcfg.cuda_graphs):  # fmt: skip
             gap = None
             if self.tcfg.target_window > 1:
                 # the target is 1..W steps after the history's last item: evaluation asks for the next few items
