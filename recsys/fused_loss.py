@@ -112,6 +112,13 @@ def _tile_logits(
 
 
 @triton.jit
+def _dlogit(logit, diag, lse, g, ok_r):
+    """d loss_i / d logit_ij = g_i (softmax_ij - [j is i's positive]) (masked logits: softmax 0); rows past the end 0."""
+    dl = g[:, None] * (tl.exp(logit - lse[:, None]) - tl.where(diag, 1.0, 0.0))
+    return tl.where(ok_r[:, None], dl, 0.0)
+
+
+@triton.jit
 def _load_rows(Q, ITEM, USER, LSE, G, rm, rd, b, d, stride, row_offset,
                MASK_ITEM: tl.constexpr, MASK_USER: tl.constexpr, WITH_GRAD: tl.constexpr):  # fmt: skip
     ok = rm < b
@@ -171,8 +178,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
     lo = split * cols_per_split
-    for step in range(0, cols_per_split, BLOCK_N):  # host-int bounds ; the last split may run past the end
-        # into fully masked tiles (the interpreter cannot range() over a program id)
+    for step in range(0, cols_per_split, BLOCK_N):  # see _splits
         start = lo + step
         rn = start + tl.arange(0, BLOCK_N)
         _, c, bias_c, item_c, user_c = _load_cols(C, BIAS, ITEM_C, USER, rn, rd, n_cols, n_batch, d, stride_c,
@@ -208,8 +214,7 @@ def _dq_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dt = tl.zeros([BLOCK_M], tl.float32)
     lo = split * cols_per_split
-    for step in range(0, cols_per_split, BLOCK_N):  # host-int bounds ; the last split may run past the end
-        # into fully masked tiles (the interpreter cannot range() over a program id)
+    for step in range(0, cols_per_split, BLOCK_N):  # see _splits
         start = lo + step
         rn = start + tl.arange(0, BLOCK_N)
         _, c, bias_c, item_c, user_c = _load_cols(C, BIAS, ITEM_C, USER, rn, rd, n_cols, n_batch, d, stride_c,
@@ -217,9 +222,7 @@ def _dq_kernel(
         s = _dot(q, tl.trans(c), IEEE)
         logit, diag = _tile_logits(s, inv_t, rm, rn, bias_c, item_r, item_c, user_r, user_c, offset, n_batch,
                                    n_cols, HAS_BIAS, CORRECT_POS, MASK_ITEM, MASK_EXTRA, MASK_USER)  # fmt: skip
-        p = tl.exp(logit - lse[:, None])  # softmax; masked columns 0
-        dl = g[:, None] * (p - tl.where(diag, 1.0, 0.0))  # d loss / d logit
-        dl = tl.where(ok_r[:, None], dl, 0.0)
+        dl = _dlogit(logit, diag, lse, g, ok_r)
         if NEED_T:
             dt += tl.sum(dl * s, 1)
         acc += _dot((dl * inv_t).to(c.dtype), c, IEEE)
@@ -246,8 +249,7 @@ def _dc_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     db = tl.zeros([BLOCK_N], tl.float32)
     lo = split * rows_per_split
-    for step in range(0, rows_per_split, BLOCK_M):  # host-int bounds ; the last split may run past the end
-        # into fully masked tiles (the interpreter cannot range() over a program id)
+    for step in range(0, rows_per_split, BLOCK_M):  # see _splits
         start = lo + step
         rm = start + tl.arange(0, BLOCK_M)
         ok_r, q, item_r, user_r, lse, g = _load_rows(Q, ITEM, USER, LSE, G, rm, rd, b, d, stride_q, offset,
@@ -255,9 +257,7 @@ def _dc_kernel(
         s = _dot(q, tl.trans(c), IEEE)  # [BM, BN]
         logit, diag = _tile_logits(s, inv_t, rm, rn, bias_c, item_r, item_c, user_r, user_c, offset, n_batch,
                                    n_cols, HAS_BIAS, CORRECT_POS, MASK_ITEM, MASK_EXTRA, MASK_USER)  # fmt: skip
-        p = tl.exp(logit - lse[:, None])
-        dl = g[:, None] * (p - tl.where(diag, 1.0, 0.0))
-        dl = tl.where(ok_r[:, None], dl, 0.0)
+        dl = _dlogit(logit, diag, lse, g, ok_r)
         if NEED_BIAS:
             if CORRECT_POS:
                 db -= tl.sum(dl, 0)
@@ -278,7 +278,11 @@ def _n_sm(device: torch.device) -> int:
 
 def _splits(n_blocks: int, loop_len: int, block: int, cfg: KernelConfig, device: torch.device) -> tuple[int, int]:
     """(number of splits, items per split, a multiple of ``block``) for a loop of ``loop_len`` in ``n_blocks``
-    programs: enough splits to give every multiprocessor ~2 programs, never a split of less than 4 blocks."""
+    programs: enough splits to give every multiprocessor ~2 programs, never a split of less than 4 blocks.
+
+    The kernels loop ``range(0, per_split, BLOCK)`` from ``split * per_split``: bounds that are kernel arguments, not
+    derived from a program id (the interpreter cannot ``range()`` over one). The last split may run past the end
+    into fully masked tiles."""
     n_loop_blocks = triton.cdiv(loop_len, block)
     want = cfg.splits or max(1, math.ceil(2 * _n_sm(device) / n_blocks))
     splits = max(1, min(want, n_loop_blocks // 4 if not cfg.splits else n_loop_blocks))
@@ -402,18 +406,11 @@ def in_batch_softmax_fused(
     why = supported(q.shape[-1], q.device)
     if why:
         raise ValueError(f"in_batch_softmax_fused: {why}")
-    p = losses._prepare(
-        c, c, temperature=temperature, item_ids=item_ids, user_ids=user_ids, log_q=log_q, extra_c=extra_c,
-        extra_item_ids=extra_item_ids, extra_log_q=extra_log_q, weights=None, reduction=reduction,
+    p, q, cands = losses._prepare_shard(
+        q, c, row_offset=row_offset, temperature=temperature, item_ids=item_ids, user_ids=user_ids, log_q=log_q,
+        extra_c=extra_c, extra_item_ids=extra_item_ids, extra_log_q=extra_log_q, weights=weights, reduction=reduction,
     )  # fmt: skip
     n_batch = c.shape[0]
-    if q.ndim != 2 or q.shape[1] != c.shape[1] or q.shape[0] == 0:
-        raise ValueError(f"`q` must have shape [b >= 1, {c.shape[1]}], got {list(q.shape)}")
-    b = q.shape[0]
-    if isinstance(row_offset, bool) or not isinstance(row_offset, int) or not 0 <= row_offset <= n_batch - b:
-        raise ValueError(f"`row_offset` must be an int in [0, {n_batch - b}] (B={n_batch}, b={b}), got {row_offset!r}")
-    losses._check_vector("weights", weights, b)
-    q, cands = losses._promote(q, p.cands)
     compute = losses._compute_dtype(q)
     if compute not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the fused kernels take float32/bfloat16/float16 towers, got {compute}")

@@ -484,6 +484,23 @@ def in_batch_softmax_chunked(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _prepare_shard(q: Tensor, c: Tensor, *, row_offset: int, weights: Tensor | None,
+                   **kw) -> tuple[_Prepared, Tensor, Tensor]:  # fmt: skip
+    """:func:`_prepare` for one shard's queries ``q [b, d]`` against the global batch ``c [B, d]``: checks ``q``,
+    ``row_offset`` and ``weights [b]``; returns the prepared candidate side and ``q`` / candidates in one dtype."""
+    # the candidate side is validated as a B-row batch (q stands in for nothing there)
+    p = _prepare(c, c, weights=None, **kw)
+    n_batch = c.shape[0]
+    if q.ndim != 2 or q.shape[1] != c.shape[1] or q.shape[0] == 0:
+        raise ValueError(f"`q` must have shape [b >= 1, {c.shape[1]}], got {list(q.shape)}")
+    b = q.shape[0]
+    if isinstance(row_offset, bool) or not isinstance(row_offset, int) or not 0 <= row_offset <= n_batch - b:
+        raise ValueError(f"`row_offset` must be an int in [0, {n_batch - b}] (B={n_batch}, b={b}), got {row_offset!r}")
+    _check_vector("weights", weights, b)
+    q, cands = _promote(q, p.cands)
+    return p, q, cands
+
+
 def in_batch_softmax_shard(
     q: Tensor,
     c: Tensor,
@@ -522,20 +539,11 @@ def in_batch_softmax_shard(
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
         raise ValueError(f"`chunk_size` must be an int >= 0, got {chunk_size!r}")
-    # the candidate side is validated as a B-row batch (q stands in for nothing there)
-    p = _prepare(
-        c, c, temperature=temperature, item_ids=item_ids, user_ids=user_ids, log_q=log_q, extra_c=extra_c,
-        extra_item_ids=extra_item_ids, extra_log_q=extra_log_q, weights=None, reduction=reduction,
+    p, q, cands = _prepare_shard(
+        q, c, row_offset=row_offset, temperature=temperature, item_ids=item_ids, user_ids=user_ids, log_q=log_q,
+        extra_c=extra_c, extra_item_ids=extra_item_ids, extra_log_q=extra_log_q, weights=weights, reduction=reduction,
     )  # fmt: skip
     n_batch = c.shape[0]
-    if q.ndim != 2 or q.shape[1] != c.shape[1] or q.shape[0] == 0:
-        raise ValueError(f"`q` must have shape [b >= 1, {c.shape[1]}], got {list(q.shape)}")
-    b = q.shape[0]
-    if isinstance(row_offset, bool) or not isinstance(row_offset, int) or not 0 <= row_offset <= n_batch - b:
-        raise ValueError(f"`row_offset` must be an int in [0, {n_batch - b}] (B={n_batch}, b={b}), got {row_offset!r}")
-    _check_vector("weights", weights, b)
-    q = q.to(torch.promote_types(q.dtype, p.cands.dtype))
-    cands = p.cands.to(q.dtype)
     if chunk_size:
         if not isinstance(temperature, Tensor):
             temperature = torch.full((), float(temperature), dtype=_logit_dtype(_compute_dtype(q)), device=q.device)
@@ -550,7 +558,7 @@ def in_batch_softmax_shard(
         logits, row_offset, b=n_batch, full_log_q=p.full_log_q, correct_positive=correct_positive,
         item_ids=item_ids, user_ids=user_ids, extra_item_ids=p.extra_item_ids,
     )  # fmt: skip
-    target = torch.arange(row_offset, row_offset + b, device=q.device)
+    target = torch.arange(row_offset, row_offset + q.shape[0], device=q.device)
     per_row = F.cross_entropy(logits, target, reduction="none")  # [b]
     return _reduce(per_row, weights, reduction)
 

@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from test_losses import _random_case  # noqa: E402 - float64 cases with many duplicate ids
+
 from recsys import fused_loss  # noqa: E402 - after TRITON_INTERPRET is set
 from recsys.fused_loss import KernelConfig, in_batch_softmax_fused  # noqa: E402
 from recsys.losses import in_batch_softmax, in_batch_softmax_shard  # noqa: E402
@@ -42,23 +44,6 @@ def _f32(case: dict) -> dict:
         else:
             out[k] = v
     return out
-
-
-def _random_case(seed: int, b: int = 37, m: int = 7, d: int = 20) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    kw = dict(generator=g, dtype=torch.float64)
-    return dict(
-        q=torch.randn(b, d, **kw).requires_grad_(),
-        c=torch.randn(b, d, **kw).requires_grad_(),
-        temperature=(0.2 + torch.rand((), **kw)).requires_grad_(),
-        item_ids=torch.randint(0, 12, (b,), generator=g),  # plenty of duplicates
-        user_ids=torch.randint(0, 9, (b,), generator=g),
-        log_q=(-5 * torch.rand(b, **kw)).requires_grad_(),
-        extra_c=torch.randn(m, d, **kw).requires_grad_(),
-        extra_item_ids=torch.randint(0, 14, (m,), generator=g),
-        extra_log_q=(-5 * torch.rand(m, **kw)).requires_grad_(),
-        weights=torch.rand(b, **kw),
-    )
 
 
 def _assert_same(got_loss, got_grads, ref_loss, ref_grads, names, rtol=2e-5):
