@@ -22,17 +22,16 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fused_loss_sweep.json"
 
-CONFIGS = {  # name -> KernelConfig fields
-    "64x64 w4 s3": {},
+CONFIGS = {  # name -> KernelConfig fields; registers / spills per kernel at d = 128: recsys.fused_loss.compile_report
+    "64x64 w4 s3": {},  # the default; no spills
     "64x64 w4 s2": dict(num_stages=2),
-    "64x64 w4 s4": dict(num_stages=4),
-    "128x64 w8 s3": dict(fwd_block_m=128, dq_block_m=128, dc_block_n=128, num_warps=8),
-    "128x64 w4 s3": dict(fwd_block_m=128, dq_block_m=128, dc_block_n=128),
-    "64x128 w4 s3": dict(fwd_block_n=128, dq_block_n=128, dc_block_m=128),
+    "64x64 w8 s3": dict(num_warps=8),  # no spills, fewer registers per thread
+    "fwd128 w8 s3": dict(fwd_block_m=128, num_warps=8),  # the forward in 128-row tiles, no spills
+    "128x32 w8 s3": dict(fwd_block_m=128, fwd_block_n=32, dq_block_m=128, dq_block_n=32, dc_block_m=32,
+                         dc_block_n=128, num_warps=8),  # fmt: skip
+    "64x32 w4 s3": dict(fwd_block_n=32, dq_block_n=32, dc_block_m=32),
     "128x128 w8 s2": dict(fwd_block_m=128, fwd_block_n=128, dq_block_m=128, dq_block_n=128, dc_block_m=128,
-                          dc_block_n=128, num_warps=8, num_stages=2),  # fmt: skip
-    "128x32 w4 s3": dict(fwd_block_m=128, fwd_block_n=32, dq_block_m=128, dq_block_n=32, dc_block_m=32,
-                         dc_block_n=128),  # fmt: skip
+                          dc_block_n=128, num_warps=8, num_stages=2),  # fmt: skip  (dq / dc spill: a reference)
 }
 
 
@@ -93,6 +92,16 @@ def bench_batch(b: int, args: argparse.Namespace, tflops: float) -> list[dict]:
         cfg = KernelConfig(**CONFIGS[name])
         variants.append((name, lambda q_, c_, cfg=cfg, **k: in_batch_softmax_fused(q_, c_, config=cfg, **k), cfg))
     rows = []
+    resources: dict[str, str] = {}
+    if dev.type == "cuda":
+        from recsys.fused_loss import compile_report
+
+        for name, _fn, cfg in variants[1:]:  # registers / spill bytes per kernel, from the cubin
+            try:
+                rep = compile_report(cfg, dim=args.dim)
+                resources[name] = " ".join(f"{r['name']}:{r['regs']}/{r['stack']}" for r in rep)
+            except Exception as e:  # noqa: BLE001 - a report is a nicety; the timing below says what counts
+                resources[name] = f"{type(e).__name__}"
     for name, fn, cfg in variants:
         try:
             loss = fwd_bwd(fn).item()
@@ -104,9 +113,10 @@ def bench_batch(b: int, args: argparse.Namespace, tflops: float) -> list[dict]:
             err, t_fwd, t_all, status = float("nan"), float("nan"), float("nan"), f"{type(e).__name__}: {e}"[:200]
         rows.append({"batch": b, "dim": args.dim, "config": name, "kernel_config": asdict(cfg) if cfg else None,
                      "fwd_ms": t_fwd, "fwd_bwd_ms": t_all, "floor_ms": floor_ms, "rel_err": err,
-                     "status": status})  # fmt: skip
+                     "status": status, "regs/stack": resources.get(name)})  # fmt: skip
         print(f"{b:>6} {name:<14} {t_fwd:>8.3f} {t_all:>11.3f} {floor_ms:>9.3f} "
-              f"{100 * floor_ms / t_all:>7.0f}% {err:>8.1e} {'' if status == 'ok' else status}", flush=True)
+              f"{100 * floor_ms / t_all:>7.0f}% {err:>8.1e} {resources.get(name, '')} "
+              f"{'' if status == 'ok' else status}", flush=True)  # fmt: skip
     return rows
 
 
@@ -130,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"{name}: matmul {tflops:.1f} TFLOP/s; torch {torch.__version__}, triton {triton.__version__}")
     rows = []
-    print(f"{'B':>6} {'config':<14} {'fwd ms':>8} {'fwd+bwd ms':>11} {'floor ms':>9} {'% floor':>8} {'rel err':>8}")
+    print(f"{'B':>6} {'config':<14} {'fwd ms':>8} {'fwd+bwd ms':>11} {'floor ms':>9} {'% floor':>8} {'rel err':>8} "
+          "regs/spill bytes")
     for b in args.batch_sizes:
         rows += bench_batch(b, args, tflops)
         if dev.type == "cuda":

@@ -32,7 +32,8 @@ fi
 if on 2; then
 stage "2. tile sweep"
 timeout 200 $PY benchmarks/fused_loss_sweep.py --batch-sizes 8192 65536 --dim 128 \
-    --configs "64x64 w4 s3" "128x64 w8 s3" "64x128 w4 s3" "128x128 w8 s2" --out "$OUT/fused_loss_sweep.json"
+    --configs "64x64 w4 s3" "64x64 w8 s3" "fwd128 w8 s3" "128x32 w8 s3" "128x128 w8 s2" \
+    --out "$OUT/fused_loss_sweep.json"
 
 fi
 if on 3; then

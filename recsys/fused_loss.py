@@ -171,8 +171,9 @@ def _fwd_kernel(
     pid, split = tl.program_id(0), tl.program_id(1)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
-    ok_r, q, item_r, user_r, _, _ = _load_rows(Q, ITEM, USER, Q, Q, rm, rd, b, d, stride_q, offset,
-                                               MASK_ITEM, MASK_USER, False)  # fmt: skip
+    # (no ``_`` names: Triton would treat one assigned again in the loop below as a loop-carried variable)
+    ok_r, q, item_r, user_r, no_lse, no_g = _load_rows(Q, ITEM, USER, Q, Q, rm, rd, b, d, stride_q, offset,
+                                                       MASK_ITEM, MASK_USER, False)  # fmt: skip
     inv_t = tl.load(INV_T)
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: a fully masked tile gives exp(-inf) = 0, not nan
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -181,8 +182,8 @@ def _fwd_kernel(
     for step in range(0, cols_per_split, BLOCK_N):  # see _splits
         start = lo + step
         rn = start + tl.arange(0, BLOCK_N)
-        _, c, bias_c, item_c, user_c = _load_cols(C, BIAS, ITEM_C, USER, rn, rd, n_cols, n_batch, d, stride_c,
-                                                  HAS_BIAS, MASK_ITEM, MASK_EXTRA, MASK_USER)  # fmt: skip
+        ok_c, c, bias_c, item_c, user_c = _load_cols(C, BIAS, ITEM_C, USER, rn, rd, n_cols, n_batch, d, stride_c,
+                                                     HAS_BIAS, MASK_ITEM, MASK_EXTRA, MASK_USER)  # fmt: skip
         s = _dot(q, tl.trans(c), IEEE)  # [BM, BN] float32
         logit, diag = _tile_logits(s, inv_t, rm, rn, bias_c, item_r, item_c, user_r, user_c, offset, n_batch,
                                    n_cols, HAS_BIAS, CORRECT_POS, MASK_ITEM, MASK_EXTRA, MASK_USER)  # fmt: skip
@@ -217,8 +218,8 @@ def _dq_kernel(
     for step in range(0, cols_per_split, BLOCK_N):  # see _splits
         start = lo + step
         rn = start + tl.arange(0, BLOCK_N)
-        _, c, bias_c, item_c, user_c = _load_cols(C, BIAS, ITEM_C, USER, rn, rd, n_cols, n_batch, d, stride_c,
-                                                  HAS_BIAS, MASK_ITEM, MASK_EXTRA, MASK_USER)  # fmt: skip
+        ok_c, c, bias_c, item_c, user_c = _load_cols(C, BIAS, ITEM_C, USER, rn, rd, n_cols, n_batch, d, stride_c,
+                                                     HAS_BIAS, MASK_ITEM, MASK_EXTRA, MASK_USER)  # fmt: skip
         s = _dot(q, tl.trans(c), IEEE)
         logit, diag = _tile_logits(s, inv_t, rm, rn, bias_c, item_r, item_c, user_r, user_c, offset, n_batch,
                                    n_cols, HAS_BIAS, CORRECT_POS, MASK_ITEM, MASK_EXTRA, MASK_USER)  # fmt: skip
@@ -470,3 +471,59 @@ def self_check(device: torch.device, *, dim: int, extra: int = 0, seed: int = 0,
         err = float((a - ref).norm() / ref.norm().clamp_min(1e-30))
         worst = max(worst, err if math.isfinite(err) else math.inf)
     return worst
+
+
+def compile_report(
+    config: KernelConfig | None = None, *, dtype: str = "bf16", dim: int = 128, arch: int = 90, **flags: bool
+) -> list[dict]:
+    """Compile the three kernels ahead of time for NVIDIA compute capability ``arch`` (no GPU needed: Triton's own
+    LLVM and ptxas) and read each one's resources from the cubin (``cuobjdump``, shipped with Triton).
+
+    ``flags``: the loss options as the kernels see them (HAS_BIAS, CORRECT_POS, MASK_ITEM, MASK_EXTRA, MASK_USER,
+    NEED_T, NEED_BIAS); the defaults are the trainer's defaults. Returns one dict per kernel: name, shared (bytes),
+    regs and stack (bytes per thread; > 0 means spills to local memory). Raises what Triton raises when a kernel
+    does not compile. Not under TRITON_INTERPRET (the kernels are then interpreter objects).
+    """
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRET:
+        raise RuntimeError("compile_report needs the compiled kernels; unset TRITON_INTERPRET")
+    cfg = config or KernelConfig()
+    f = dict(HAS_BIAS=True, CORRECT_POS=False, MASK_ITEM=True, MASK_EXTRA=False, MASK_USER=True, NEED_T=False,
+             NEED_BIAS=False)  # fmt: skip
+    f.update(flags)
+    tensor = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[dtype]
+    ptrs = dict(Q=tensor, C=tensor, INV_T="*fp32", BIAS="*fp32", ITEM="*i64", ITEM_C="*i64", USER="*i64",
+                M_OUT="*fp32", L_OUT="*fp32", POS_OUT="*fp32", LSE="*fp32", G="*fp32", DQ="*fp32", DT="*fp32",
+                DC="*fp32", DB="*fp32")  # fmt: skip
+    masks = {k: f[k] for k in ("HAS_BIAS", "CORRECT_POS", "MASK_ITEM", "MASK_EXTRA", "MASK_USER")}
+    block_d = max(16, triton.next_power_of_2(dim))
+    kernels = (
+        ("forward", _fwd_kernel, cfg.fwd_block_m, cfg.fwd_block_n, {}),
+        ("dq", _dq_kernel, cfg.dq_block_m, cfg.dq_block_n, {"NEED_T": f["NEED_T"]}),
+        ("dc", _dc_kernel, cfg.dc_block_m, cfg.dc_block_n, {"NEED_BIAS": f["NEED_BIAS"]}),
+    )
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    out = []
+    for name, fn, bm, bn, extra in kernels:
+        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE=dtype == "fp32", **masks, **extra)
+        sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
+                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))  # fmt: skip
+        row = {"name": name, "shared": int(k.metadata.shared), "regs": None, "stack": None}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.cubin"
+            path.write_bytes(k.asm["cubin"])
+            res = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True,
+                                 text=True, check=True).stdout  # fmt: skip
+        m = re.search(r"REG:(\d+) STACK:(\d+)", res)
+        if m:
+            row["regs"], row["stack"] = int(m.group(1)), int(m.group(2))
+        out.append(row)
+    return out
