@@ -37,7 +37,7 @@ from torch import Tensor
 
 from recsys import losses
 
-__all__ = ["KernelConfig", "in_batch_softmax_fused", "self_check", "supported"]
+__all__ = ["KernelConfig", "compile_report", "default_config", "in_batch_softmax_fused", "self_check", "supported"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_DIM = 256  # one tile holds a whole embedding row
@@ -72,6 +72,12 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     splits: int = 0
+
+
+def default_config(dim: int) -> KernelConfig:
+    """The tiles for embedding width ``dim`` that keep every kernel in registers on sm_90 (:func:`compile_report`):
+    64 x 64 with 4 warps up to d = 128; wider rows take 32-row dq and 32-column dc tiles with 8 warps."""
+    return KernelConfig() if dim <= 128 else KernelConfig(dq_block_m=32, dc_block_n=32, num_warps=8)
 
 
 # ------------------------------------------------------------------------------------------------------- kernels
@@ -112,14 +118,17 @@ def _tile_logits(
 
 
 @triton.jit
-def _dlogit(logit, diag, lse, g, ok_r):
-    """d loss_i / d logit_ij = g_i (softmax_ij - [j is i's positive]) (masked logits: softmax 0); rows past the end 0."""
-    dl = g[:, None] * (tl.exp(logit - lse[:, None]) - tl.where(diag, 1.0, 0.0))
+def _dlogit(logit, diag, top, log_l, g, ok_r):
+    """d loss_i / d logit_ij = g_i (softmax_ij - [j is i's positive]) (masked logits: softmax 0); rows past the end 0.
+
+    softmax = exp((logit - top) - log_l), not exp(logit - lse): for the row's largest logit the first difference is
+    exactly 0, so a near-certain row keeps float32 precision in ``softmax - 1`` (lse - logit would cancel)."""
+    dl = g[:, None] * (tl.exp((logit - top[:, None]) - log_l[:, None]) - tl.where(diag, 1.0, 0.0))
     return tl.where(ok_r[:, None], dl, 0.0)
 
 
 @triton.jit
-def _load_rows(Q, ITEM, USER, LSE, G, rm, rd, b, d, stride, row_offset,
+def _load_rows(Q, ITEM, USER, STATS, G, rm, rd, b, d, stride, row_offset,
                MASK_ITEM: tl.constexpr, MASK_USER: tl.constexpr, WITH_GRAD: tl.constexpr):  # fmt: skip
     ok = rm < b
     q = tl.load(Q + rm[:, None] * stride + rd[None, :], mask=ok[:, None] & (rd[None, :] < d), other=0.0)
@@ -130,12 +139,14 @@ def _load_rows(Q, ITEM, USER, LSE, G, rm, rd, b, d, stride, row_offset,
     if MASK_USER:
         user = tl.load(USER + row_offset + rm, mask=ok, other=0)
     if WITH_GRAD:
-        lse = tl.load(LSE + rm, mask=ok, other=0.0)
+        top = tl.load(STATS + rm, mask=ok, other=0.0)  # STATS [2, b]: the row's max logit, log sum exp(logit - max)
+        log_l = tl.load(STATS + b + rm, mask=ok, other=0.0)
         g = tl.load(G + rm, mask=ok, other=0.0)
     else:
-        lse = tl.zeros_like(rm).to(tl.float32)
-        g = lse
-    return ok, q, item, user, lse, g
+        top = tl.zeros_like(rm).to(tl.float32)
+        log_l = top
+        g = top
+    return ok, q, item, user, top, log_l, g
 
 
 @triton.jit
@@ -172,8 +183,8 @@ def _fwd_kernel(
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     # (no ``_`` names: Triton would treat one assigned again in the loop below as a loop-carried variable)
-    ok_r, q, item_r, user_r, no_lse, no_g = _load_rows(Q, ITEM, USER, Q, Q, rm, rd, b, d, stride_q, offset,
-                                                       MASK_ITEM, MASK_USER, False)  # fmt: skip
+    ok_r, q, item_r, user_r, no_top, no_log_l, no_g = _load_rows(Q, ITEM, USER, Q, Q, rm, rd, b, d, stride_q, offset,
+                                                                 MASK_ITEM, MASK_USER, False)  # fmt: skip
     inv_t = tl.load(INV_T)
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: a fully masked tile gives exp(-inf) = 0, not nan
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -199,7 +210,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, C, INV_T, BIAS, ITEM, ITEM_C, USER, LSE, G, DQ, DT,
+    Q, C, INV_T, BIAS, ITEM, ITEM_C, USER, STATS, G, DQ, DT,
     b, n_cols, n_batch, offset, d, stride_q, stride_c, cols_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     HAS_BIAS: tl.constexpr, CORRECT_POS: tl.constexpr, MASK_ITEM: tl.constexpr, MASK_EXTRA: tl.constexpr,
@@ -209,8 +220,8 @@ def _dq_kernel(
     pid, split = tl.program_id(0), tl.program_id(1)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
-    ok_r, q, item_r, user_r, lse, g = _load_rows(Q, ITEM, USER, LSE, G, rm, rd, b, d, stride_q, offset,
-                                                 MASK_ITEM, MASK_USER, True)  # fmt: skip
+    ok_r, q, item_r, user_r, top, log_l, g = _load_rows(Q, ITEM, USER, STATS, G, rm, rd, b, d, stride_q, offset,
+                                                        MASK_ITEM, MASK_USER, True)  # fmt: skip
     inv_t = tl.load(INV_T)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dt = tl.zeros([BLOCK_M], tl.float32)
@@ -223,7 +234,7 @@ def _dq_kernel(
         s = _dot(q, tl.trans(c), IEEE)
         logit, diag = _tile_logits(s, inv_t, rm, rn, bias_c, item_r, item_c, user_r, user_c, offset, n_batch,
                                    n_cols, HAS_BIAS, CORRECT_POS, MASK_ITEM, MASK_EXTRA, MASK_USER)  # fmt: skip
-        dl = _dlogit(logit, diag, lse, g, ok_r)
+        dl = _dlogit(logit, diag, top, log_l, g, ok_r)
         if NEED_T:
             dt += tl.sum(dl * s, 1)
         acc += _dot((dl * inv_t).to(c.dtype), c, IEEE)
@@ -234,7 +245,7 @@ def _dq_kernel(
 
 @triton.jit
 def _dc_kernel(
-    Q, C, INV_T, BIAS, ITEM, ITEM_C, USER, LSE, G, DC, DB,
+    Q, C, INV_T, BIAS, ITEM, ITEM_C, USER, STATS, G, DC, DB,
     b, n_cols, n_batch, offset, d, stride_q, stride_c, rows_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     HAS_BIAS: tl.constexpr, CORRECT_POS: tl.constexpr, MASK_ITEM: tl.constexpr, MASK_EXTRA: tl.constexpr,
@@ -253,12 +264,12 @@ def _dc_kernel(
     for step in range(0, rows_per_split, BLOCK_M):  # see _splits
         start = lo + step
         rm = start + tl.arange(0, BLOCK_M)
-        ok_r, q, item_r, user_r, lse, g = _load_rows(Q, ITEM, USER, LSE, G, rm, rd, b, d, stride_q, offset,
-                                                     MASK_ITEM, MASK_USER, True)  # fmt: skip
+        ok_r, q, item_r, user_r, top, log_l, g = _load_rows(Q, ITEM, USER, STATS, G, rm, rd, b, d, stride_q,
+                                                            offset, MASK_ITEM, MASK_USER, True)  # fmt: skip
         s = _dot(q, tl.trans(c), IEEE)  # [BM, BN]
         logit, diag = _tile_logits(s, inv_t, rm, rn, bias_c, item_r, item_c, user_r, user_c, offset, n_batch,
                                    n_cols, HAS_BIAS, CORRECT_POS, MASK_ITEM, MASK_EXTRA, MASK_USER)  # fmt: skip
-        dl = _dlogit(logit, diag, lse, g, ok_r)
+        dl = _dlogit(logit, diag, top, log_l, g, ok_r)
         if NEED_BIAS:
             if CORRECT_POS:
                 db -= tl.sum(dl, 0)
@@ -315,16 +326,16 @@ class _Fused(torch.autograd.Function):
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         m, s, pos = part[0], part[1], part[2]
-        top = m.amax(0)  # [b]
-        lse = top + torch.log((s * torch.exp(m - top)).sum(0))
-        loss = lse - pos.sum(0)
-        ctx.save_for_backward(q, cands, inv_t, bias, item_ids, col_item, user_ids, lse)
+        top = m.amax(0)  # [b]: the row's largest logit
+        log_l = torch.log((s * torch.exp(m - top)).sum(0))  # log sum exp(logit - top): >= 0, small when one dominates
+        loss = (top - pos.sum(0)) + log_l  # lse - positive, without cancelling two large numbers
+        ctx.save_for_backward(q, cands, inv_t, bias, item_ids, col_item, user_ids, torch.stack([top, log_l]))
         ctx.meta = (offset, n_batch, flags, cfg, block_d, ieee)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        q, cands, inv_t, bias, item_ids, col_item, user_ids, lse = ctx.saved_tensors
+        q, cands, inv_t, bias, item_ids, col_item, user_ids, stats = ctx.saved_tensors
         offset, n_batch, flags, cfg, block_d, ieee = ctx.meta
         need_q, need_c, need_t, need_b = ctx.needs_input_grad[:4]
         b, d = q.shape
@@ -346,7 +357,7 @@ class _Fused(torch.autograd.Function):
             dq_part = torch.empty(splits, b, block_d, dtype=torch.float32, device=q.device)
             dt_part = torch.empty(splits, n_rb, dtype=torch.float32, device=q.device)
             _dq_kernel[(n_rb, splits)](
-                q, cands, inv_t, *args, lse, g, dq_part, dt_part, *common, per,
+                q, cands, inv_t, *args, stats, g, dq_part, dt_part, *common, per,
                 BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_D=block_d, IEEE=ieee, **flags,
                 NEED_T=bool(need_t), **launch,
             )  # fmt: skip
@@ -358,7 +369,7 @@ class _Fused(torch.autograd.Function):
             dc_part = torch.empty(splits, n_cols, block_d, dtype=torch.float32, device=q.device)
             db_part = torch.empty(splits, n_cols, dtype=torch.float32, device=q.device)
             _dc_kernel[(n_cb, splits)](
-                q, cands, inv_t, *args, lse, g, dc_part, db_part, *common, per,
+                q, cands, inv_t, *args, stats, g, dc_part, db_part, *common, per,
                 BLOCK_M=cfg.dc_block_m, BLOCK_N=cfg.dc_block_n, BLOCK_D=block_d, IEEE=ieee, **flags,
                 NEED_BIAS=bool(need_b), **launch,
             )  # fmt: skip
@@ -400,7 +411,7 @@ def in_batch_softmax_fused(
         c: ``[B, d]`` every row's positive, in global row order.
         item_ids, user_ids, log_q: ``[B]`` (global), as in :func:`recsys.losses.in_batch_softmax`.
         weights: ``[b]`` this shard's example weights.
-        config: tile shapes / launch options (defaults: :class:`KernelConfig`).
+        config: tile shapes / launch options (default: :func:`default_config` of the width).
     Returns:
         A scalar, or ``[b]`` with ``reduction="none"``; float32.
     """
@@ -431,7 +442,8 @@ def in_batch_softmax_fused(
                  MASK_EXTRA=mask_extra, MASK_USER=user_ids is not None)  # fmt: skip
     per_row = _Fused.apply(
         qc, cc, inv_t, bias, None if item_ids is None else item_ids.contiguous(), col_item,
-        None if user_ids is None else user_ids.contiguous(), row_offset, n_batch, flags, config or KernelConfig(),
+        None if user_ids is None else user_ids.contiguous(), row_offset, n_batch, flags,
+        config or default_config(q.shape[1]),
     )  # fmt: skip
     return losses._reduce(per_row, weights, reduction)
 
@@ -494,13 +506,13 @@ def compile_report(
 
     if INTERPRET:
         raise RuntimeError("compile_report needs the compiled kernels; unset TRITON_INTERPRET")
-    cfg = config or KernelConfig()
+    cfg = config or default_config(dim)
     f = dict(HAS_BIAS=True, CORRECT_POS=False, MASK_ITEM=True, MASK_EXTRA=False, MASK_USER=True, NEED_T=False,
              NEED_BIAS=False)  # fmt: skip
     f.update(flags)
     tensor = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[dtype]
     ptrs = dict(Q=tensor, C=tensor, INV_T="*fp32", BIAS="*fp32", ITEM="*i64", ITEM_C="*i64", USER="*i64",
-                M_OUT="*fp32", L_OUT="*fp32", POS_OUT="*fp32", LSE="*fp32", G="*fp32", DQ="*fp32", DT="*fp32",
+                M_OUT="*fp32", L_OUT="*fp32", POS_OUT="*fp32", STATS="*fp32", G="*fp32", DQ="*fp32", DT="*fp32",
                 DC="*fp32", DB="*fp32")  # fmt: skip
     masks = {k: f[k] for k in ("HAS_BIAS", "CORRECT_POS", "MASK_ITEM", "MASK_EXTRA", "MASK_USER")}
     block_d = max(16, triton.next_power_of_2(dim))

@@ -309,13 +309,13 @@ def test_kernels_compile_for_hopper_without_spills():
     script = (
         "import json\n"
         "from recsys.fused_loss import compile_report\n"
-        "print(json.dumps({'bf16': compile_report(), 'fp32_all': compile_report(dtype='fp32', NEED_T=True, "
-        "NEED_BIAS=True, MASK_EXTRA=True, CORRECT_POS=True)}))\n"
+        "print(json.dumps({'bf16': compile_report(), 'bf16_256': compile_report(dim=256), "
+        "'fp32_all': compile_report(dtype='fp32', NEED_T=True, NEED_BIAS=True, MASK_EXTRA=True, CORRECT_POS=True)}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["name"] for r in rep["bf16"]] == ["forward", "dq", "dc"] == [r["name"] for r in rep["fp32_all"]]
-    for r in rep["bf16"]:
+    for r in rep["bf16"] + rep["bf16_256"]:  # the default tiles of d = 128 and of d = 256
         assert r["stack"] == 0 and 0 < r["regs"] <= 255 and r["shared"] <= 228 * 1024, r
