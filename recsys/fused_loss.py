@@ -494,7 +494,9 @@ def compile_report(
     ``flags``: the loss options as the kernels see them (HAS_BIAS, CORRECT_POS, MASK_ITEM, MASK_EXTRA, MASK_USER,
     NEED_T, NEED_BIAS); the defaults are the trainer's defaults. Returns one dict per kernel: name, shared (bytes),
     regs and stack (bytes per thread; > 0 means spills to local memory). Raises what Triton raises when a kernel
-    does not compile. Not under TRITON_INTERPRET (the kernels are then interpreter objects).
+    does not compile, plus counts of a few instructions in the SASS (HGMMA: Hopper tensor cores; LDGSTS /
+    LDG.E.128: async / 16-byte loads; LDG.E.U16: 2-byte loads; STL / LDL: spills). Not under TRITON_INTERPRET (the
+    kernels are then interpreter objects).
     """
     import re
     import subprocess
@@ -526,7 +528,10 @@ def compile_report(
     for name, fn, bm, bn, extra in kernels:
         const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE=dtype == "fp32", **masks, **extra)
         sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
+        # what a launch specializes on for 16-aligned pointers and sizes that are multiples of 16 (B = 8192, d = 128)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in const}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                           target=GPUTarget("cuda", arch, 32),
                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))  # fmt: skip
         row = {"name": name, "shared": int(k.metadata.shared), "regs": None, "stack": None}
         with tempfile.TemporaryDirectory() as tmp:
@@ -534,8 +539,13 @@ def compile_report(
             path.write_bytes(k.asm["cubin"])
             res = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True,
                                  text=True, check=True).stdout  # fmt: skip
+            sass = subprocess.run([str(cuobjdump), "--dump-sass", str(path)], capture_output=True, text=True,
+                                  check=True).stdout  # fmt: skip
         m = re.search(r"REG:(\d+) STACK:(\d+)", res)
         if m:
             row["regs"], row["stack"] = int(m.group(1)), int(m.group(2))
+        # instruction counts that say whether the tiles go through the tensor cores and wide / async loads
+        for op in ("HGMMA", "HMMA", "MUFU.EX2", "LDGSTS", "LDG.E.128", "LDG.E.U16", "STL", "LDL"):
+            row[op] = len(re.findall(rf"\b{re.escape(op)}\b", sass))
         out.append(row)
     return out

@@ -300,8 +300,8 @@ def test_cuda_fused_trainer_under_bf16_and_quality_band(data_dir, tmp_path):
 
 def test_kernels_compile_for_hopper_without_spills():
     """Ahead-of-time compile for an H100 (sm_90) with Triton's own LLVM + ptxas, no GPU needed: every kernel builds
-    (bf16 as training runs them, float32 with every option as these tests run them), and the training build keeps
-    everything in registers (cuobjdump's STACK = 0). Runs in a subprocess: the kernels here are interpreter objects."""
+    (bf16 as training runs them, float32 with every option as these tests run them), and the training build runs
+    its products on the tensor cores, loads 16 bytes at a time and keeps everything in registers (cuobjdump). Runs in a subprocess: the kernels here are interpreter objects."""
     import json
     import subprocess
     import sys
@@ -318,4 +318,7 @@ def test_kernels_compile_for_hopper_without_spills():
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["name"] for r in rep["bf16"]] == ["forward", "dq", "dc"] == [r["name"] for r in rep["fp32_all"]]
     for r in rep["bf16"] + rep["bf16_256"]:  # the default tiles of d = 128 and of d = 256
+        # tensor cores (wgmma, or mma for the 32-row tiles of d = 256), 16-byte / async loads, no local memory
+        assert r["HGMMA"] + r["HMMA"] > 0 and r["LDG.E.U16"] == 0 and r["STL"] == r["LDL"] == 0, r
         assert r["stack"] == 0 and 0 < r["regs"] <= 255 and r["shared"] <= 228 * 1024, r
+    assert all(r["HGMMA"] > 0 for r in rep["bf16"]), rep["bf16"]  # d = 128: Hopper's wgmma throughout
