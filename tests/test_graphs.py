@@ -163,3 +163,100 @@ def test_feature_code_zero_stays_a_zero_vector_without_padding_idx(data_dir, ove
     codes = torch.tensor([[0], [2]])
     out = model.item_feat[0](codes)
     assert out.shape == (2, 1, 16) and float(out[0].abs().sum()) == 0 and float(out[1].abs().sum()) > 0
+
+
+# ------------------------------------------------------------------------------------ the orchestration, on CPU
+class _FakeStream:
+    def __init__(self, *a, **k) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:  # noqa: ANN001
+        pass
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: "capture" runs the body and then puts every tensor back (a real
+    capture runs nothing), replay runs the body again and writes its loss into the captured output tensor."""
+
+    def __init__(self) -> None:
+        self.body = None
+
+    def replay(self) -> None:
+        self.body()
+
+
+def _fake_cuda(monkeypatch, step: graphs.GraphedStep, *, replay_noise: float = 0.0, capture_error: bool = False):
+    """Returns the list that gets one entry per capture."""
+    import contextlib
+
+    captures = []
+
+    @contextlib.contextmanager
+    def graph(g):
+        captures.append(1)
+        before = step._snapshot()
+        if capture_error:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+        captured = step.loss
+
+        def body():
+            out = step.trainer.eager_step(step.rows, check=False)
+            if replay_noise:  # a graph that computes something else than the eager step
+                with torch.no_grad():
+                    next(step.trainer.model.parameters()).add_(replay_noise)
+            captured.copy_(out)
+
+        g.body = body
+        step._restore(before)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: torch.get_rng_state())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, *a: torch.set_rng_state(s))
+    return captures
+
+
+@pytest.mark.parametrize("mode", ["graph", "mismatch", "capture-error"])
+def test_graphed_steps_are_exactly_the_eager_steps(data_dir, monkeypatch, caplog, mode):
+    """Ten calls = ten optimizer steps, whatever happens to the graph: warm-up steps, the capture call (which must
+    leave exactly one step behind), replays, learning rates changed in place in between; a replay that differs from
+    the eager step, or a capture that fails, switches to eager steps with a warning and the same result."""
+    data = load_prepared(data_dir)
+    perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(5))
+    batches = [perm[(i % 5) * 64 : (i % 5 + 1) * 64] for i in range(10)]
+    runs = {}
+    for graphed in (False, True):
+        m, t, lc = _cfgs(lr_schedule="linear")
+        m = ModelConfig(**{**m.__dict__, "dropout": 0.1, "user_id_dropout": 0.2})  # random draws inside the step
+        torch.manual_seed(0)
+        trainer = Trainer(data, model_cfg=m, train_cfg=t, loss_cfg=lc, device=torch.device("cpu"))
+        trainer.set_interactions(data.train)
+        step = trainer.eager_step
+        if graphed:
+            gs = graphs.GraphedStep.__new__(graphs.GraphedStep)
+            captures = _fake_cuda(monkeypatch, gs, replay_noise=0.5 if mode == "mismatch" else 0.0,
+                                  capture_error=mode == "capture-error")  # fmt: skip
+            gs.__init__(trainer, batch=64)
+            step = gs
+        losses = []
+        with caplog.at_level("WARNING", logger="recsys.graphs"):
+            for i, rows in enumerate(batches):
+                trainer.set_lr_factor(1.0 - i / 10)
+                losses.append(float(step(rows) if graphed else step(rows, check=False)))
+        runs[graphed] = (losses, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+        if graphed:
+            assert len(captures) == 1  # after the warm-up steps, once; a failure is not retried
+            assert all(isinstance(g["lr"], torch.Tensor) for o in trainer.optimizers for g in o.param_groups)
+            if mode == "graph":
+                assert gs.graph is not None and gs.failed is None and gs.check_error == 0.0
+            else:
+                assert gs.graph is None and gs.failed
+                assert ("differs from the eager one" if mode == "mismatch" else "capture failed") in caplog.text
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6, abs=1e-7)
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-5, atol=1e-6, msg=k)
