@@ -7,7 +7,7 @@
 #   2. the kernels' tile shapes against the matmul floor at B = 8192 / 65536, d = 128
 #   3. the loss alone: plain / chunked / fused, bf16
 #   4-5. train_bench: fused vs chunked softmax inside the trainer with the reference loop, then with CUDA graphs
-#   6. a profile of one eager step
+#   6. a profile of eager steps, ID-only and history + features
 # Arguments pick stages (default: all). The device tool stops a command at 10 minutes, so run it as two calls:
 #   bash benchmarks/gpu_session.sh 1 2 3      then      bash benchmarks/gpu_session.sh 4 5 6
 set -uo pipefail
@@ -44,7 +44,7 @@ timeout 120 $PY benchmarks/loss_bench.py --device cuda --batch-sizes 8192 65536 
 fi
 if on 4; then
 stage "4. train_bench: fused vs chunked softmax, eager, with the reference"
-timeout 260 $PY benchmarks/train_bench.py --device cuda --loss-kernels triton torch --steps 15 --warmup 5 \
+timeout 250 $PY benchmarks/train_bench.py --device cuda --loss-kernels triton torch --steps 15 --warmup 5 \
     --out "$OUT/train_bench.json"
 
 fi
@@ -55,8 +55,8 @@ timeout 200 $PY benchmarks/train_bench.py --device cuda --loss-kernels triton --
 
 fi
 if on 6; then
-stage "6. profile of one eager fused step"
-timeout 100 $PY benchmarks/train_bench.py --device cuda --loss-kernels triton --towers id_only --batch-sizes 8192 \
+stage "6. profile of eager fused steps (both tower kinds)"
+timeout 140 $PY benchmarks/train_bench.py --device cuda --loss-kernels triton --batch-sizes 8192 \
     --no-reference --steps 10 --warmup 5 --profile --out "$OUT/train_bench_profile.json"
 fi
 stage done
