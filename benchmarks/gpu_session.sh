@@ -25,8 +25,8 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 if on 1; then
 stage "1. kernels and graphs vs eager on CUDA"
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_fused_loss.py tests/test_graphs.py \
-    tests/test_distributed.py -k "cuda or fused or equal" 2>&1 | tail -15
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_fused_loss.py tests/test_triton_optim.py tests/test_graphs.py \
+    tests/test_distributed.py -k "cuda or fused or equal or hand_worked or self_check" 2>&1 | tail -15
 
 fi
 if on 2; then

@@ -27,7 +27,6 @@ small random problem on the target device, which is what the trainer does before
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -36,24 +35,12 @@ import triton.language as tl
 from torch import Tensor
 
 from recsys import losses
+from recsys._triton import INTERPRET
+
+MAX_DIM = 256  # one tile holds a whole embedding row
 
 __all__ = ["KernelConfig", "compile_report", "default_config", "in_batch_softmax_fused", "self_check", "supported"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-MAX_DIM = 256  # one tile holds a whole embedding row
-
-if INTERPRET:
-    from triton.runtime import interpreter as _interpreter
-
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor_np24(tensor, scope) -> None:  # noqa: ANN001 - the interpreter's own signature
-        # The interpreter holds scalars as 1-element 1-d arrays and converts them with int(), which NumPy >= 2.4
-        # refuses ("only 0-dimensional arrays ..."): every range() over a kernel argument would fail.
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interpreter._patch_lang_tensor = _patch_lang_tensor_np24
 
 
 @dataclass(frozen=True)
@@ -488,26 +475,14 @@ def self_check(device: torch.device, *, dim: int, extra: int = 0, seed: int = 0,
 def compile_report(
     config: KernelConfig | None = None, *, dtype: str = "bf16", dim: int = 128, arch: int = 90, **flags: bool
 ) -> list[dict]:
-    """Compile the three kernels ahead of time for NVIDIA compute capability ``arch`` (no GPU needed: Triton's own
-    LLVM and ptxas) and read each one's resources from the cubin (``cuobjdump``, shipped with Triton).
+    """Compile the three kernels ahead of time for NVIDIA compute capability ``arch`` (no GPU needed) and read their
+    resources and instructions from the cubin (:func:`recsys._triton.kernel_report`): one dict per kernel.
 
     ``flags``: the loss options as the kernels see them (HAS_BIAS, CORRECT_POS, MASK_ITEM, MASK_EXTRA, MASK_USER,
-    NEED_T, NEED_BIAS); the defaults are the trainer's defaults. Returns one dict per kernel: name, shared (bytes),
-    regs and stack (bytes per thread; > 0 means spills to local memory). Raises what Triton raises when a kernel
-    does not compile, plus counts of a few instructions in the SASS (HGMMA: Hopper tensor cores; LDGSTS /
-    LDG.E.128: async / 16-byte loads; LDG.E.U16: 2-byte loads; STL / LDL: spills). Not under TRITON_INTERPRET (the
-    kernels are then interpreter objects).
+    NEED_T, NEED_BIAS); the defaults are the trainer's defaults.
     """
-    import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
+    from recsys._triton import kernel_report
 
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if INTERPRET:
-        raise RuntimeError("compile_report needs the compiled kernels; unset TRITON_INTERPRET")
     cfg = config or default_config(dim)
     f = dict(HAS_BIAS=True, CORRECT_POS=False, MASK_ITEM=True, MASK_EXTRA=False, MASK_USER=True, NEED_T=False,
              NEED_BIAS=False)  # fmt: skip
@@ -523,29 +498,9 @@ def compile_report(
         ("dq", _dq_kernel, cfg.dq_block_m, cfg.dq_block_n, {"NEED_T": f["NEED_T"]}),
         ("dc", _dc_kernel, cfg.dc_block_m, cfg.dc_block_n, {"NEED_BIAS": f["NEED_BIAS"]}),
     )
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    out = []
-    for name, fn, bm, bn, extra in kernels:
-        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE=dtype == "fp32", **masks, **extra)
-        sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
-        # what a launch specializes on for 16-aligned pointers and sizes that are multiples of 16 (B = 8192, d = 128)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in const}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                           target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))  # fmt: skip
-        row = {"name": name, "shared": int(k.metadata.shared), "regs": None, "stack": None}
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{name}.cubin"
-            path.write_bytes(k.asm["cubin"])
-            res = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True,
-                                 text=True, check=True).stdout  # fmt: skip
-            sass = subprocess.run([str(cuobjdump), "--dump-sass", str(path)], capture_output=True, text=True,
-                                  check=True).stdout  # fmt: skip
-        m = re.search(r"REG:(\d+) STACK:(\d+)", res)
-        if m:
-            row["regs"], row["stack"] = int(m.group(1)), int(m.group(2))
-        # instruction counts that say whether the tiles go through the tensor cores and wide / async loads
-        for op in ("HGMMA", "HMMA", "MUFU.EX2", "LDGSTS", "LDG.E.128", "LDG.E.U16", "STL", "LDL"):
-            row[op] = len(re.findall(rf"\b{re.escape(op)}\b", sass))
-        out.append(row)
-    return out
+    return [
+        {"name": name, **kernel_report(fn, ptrs, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE=dtype == "fp32",
+                                                      **masks, **extra),
+                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch)}
+        for name, fn, bm, bn, extra in kernels
+    ]  # fmt: skip
