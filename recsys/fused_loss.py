@@ -42,7 +42,6 @@ MAX_DIM = 256  # one tile holds a whole embedding row
 __all__ = ["KernelConfig", "compile_report", "default_config", "in_batch_softmax_fused", "self_check", "supported"]
 
 
-
 @dataclass(frozen=True)
 class KernelConfig:
     """Tile shapes and launch options (the defaults are FlashAttention-like for d <= 128 on Hopper).
@@ -289,6 +288,11 @@ def _splits(n_blocks: int, loop_len: int, block: int, cfg: KernelConfig, device:
     return triton.cdiv(loop_len, per), per
 
 
+def _pointers(stand_in: Tensor, *optional: Tensor | None) -> tuple[Tensor, ...]:
+    """The kernels' optional pointer arguments; an absent one becomes ``stand_in`` (never read: its flag is off)."""
+    return tuple(stand_in if t is None else t for t in optional)
+
+
 class _Fused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, cands, inv_t, bias, item_ids, col_item, user_ids, offset, n_batch, flags, cfg):
@@ -296,13 +300,7 @@ class _Fused(torch.autograd.Function):
         n_cols = cands.shape[0]
         block_d = max(16, triton.next_power_of_2(d))
         ieee = q.dtype == torch.float32  # float32 towers: exact products, as torch's matmul does by default
-        dummy = inv_t  # stands in for absent optional pointers (never read: the flag is off)
-        args = (
-            bias if bias is not None else dummy,
-            item_ids if item_ids is not None else dummy,
-            col_item if col_item is not None else dummy,
-            user_ids if user_ids is not None else dummy,
-        )
+        args = _pointers(inv_t, bias, item_ids, col_item, user_ids)
         n_rb = triton.cdiv(b, cfg.fwd_block_m)
         splits, per = _splits(n_rb, n_cols, cfg.fwd_block_n, cfg, q.device)
         part = torch.empty(3, splits, b, dtype=torch.float32, device=q.device)
@@ -328,13 +326,7 @@ class _Fused(torch.autograd.Function):
         b, d = q.shape
         n_cols = cands.shape[0]
         g = grad_loss.float().contiguous()
-        dummy = inv_t
-        args = (
-            bias if bias is not None else dummy,
-            item_ids if item_ids is not None else dummy,
-            col_item if col_item is not None else dummy,
-            user_ids if user_ids is not None else dummy,
-        )
+        args = _pointers(inv_t, bias, item_ids, col_item, user_ids)
         common = (b, n_cols, n_batch, offset, d, q.stride(0), cands.stride(0))
         launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         dq = dc = dt = db = None

@@ -19,14 +19,18 @@ them with the torch update.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from recsys._triton import INTERPRET  # noqa: F401 - also patches the interpreter for NumPy >= 2.4
+from recsys.optim import RowWiseAdagrad, sorted_segments
 
 BLOCK_ROWS = 32
+log = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -79,10 +83,7 @@ def rowwise_adagrad_update_(weight: Tensor, acc: Tensor, idx: Tensor, values: Te
     n, e = values.shape
     if n == 0:
         return
-    rows, order = torch.sort(idx)
-    first = torch.ones_like(rows, dtype=torch.bool)
-    first[1:] = rows[1:] != rows[:-1]
-    seg = torch.cumsum(first, 0) - 1  # [n]: the segment (distinct row) of each sorted entry
+    rows, order, _, seg = sorted_segments(idx)  # the kernels find each run's first entry from ``rows`` themselves
     block_e = triton.next_power_of_2(e)
     sums = torch.zeros(n, block_e, dtype=torch.float32, device=values.device)  # one row per possible segment
     lr_t = lr.reshape(1).float() if isinstance(lr, Tensor) else torch.full((1,), float(lr), device=values.device)
@@ -96,8 +97,6 @@ def rowwise_adagrad_update_(weight: Tensor, acc: Tensor, idx: Tensor, values: Te
 def self_check(device: torch.device, *, seed: int = 0) -> float:
     """Largest relative difference between these kernels and recsys.optim's torch update (weights and accumulators)
     after one step on a random problem with heavy repeats, on ``device``."""
-    from recsys.optim import RowWiseAdagrad
-
     g = torch.Generator().manual_seed(seed)
     n_rows, n, e = 300, 2000, 24
     idx = (torch.randint(0, n_rows, (n,), generator=g) ** 2 // n_rows).to(device)  # skewed: long segments
@@ -121,8 +120,6 @@ _CHOICE: dict[str, bool] = {}
 def choose(device: torch.device) -> bool:
     """Whether RowWiseAdagrad(fused=None) uses the kernels on ``device``: CUDA only, after :func:`self_check` passed
     (once per device and process); a failure to compile or a mismatch logs a warning and keeps the torch update."""
-    import logging
-
     key = str(device)
     if key not in _CHOICE:
         ok = False
@@ -131,15 +128,11 @@ def choose(device: torch.device) -> bool:
                 err = self_check(device)
                 ok = err <= 1e-4
                 if not ok:
-                    logging.getLogger(__name__).warning(
-                        "row-wise Adagrad kernels disagree with the torch update (relative error %.3g); using torch",
-                        err,
-                    )
+                    log.warning("row-wise Adagrad kernels disagree with the torch update (relative error %.3g); "
+                                "using torch", err)
             except Exception as e:  # any failure to compile or launch means: not on this machine
-                logging.getLogger(__name__).warning(
-                    "row-wise Adagrad kernels failed their self-check (%s: %s); using the torch update",
-                    type(e).__name__, e,
-                )  # fmt: skip
+                log.warning("row-wise Adagrad kernels failed their self-check (%s: %s); using the torch update",
+                            type(e).__name__, e)
         _CHOICE[key] = ok
     return _CHOICE[key]
 
