@@ -11,8 +11,10 @@ Measured per (implementation, towers, batch size), side by side in one process o
   duplicate mask and cross-entropy: the textbook loop, ID towers only.
 
 Towers: ``id_only`` (ID embeddings; the user tower pools a 1-item history from the shared item table, the
-smallest the model allows) and ``history_features`` (``--history-len`` items mean-pooled from their own table +
-categorical item/user features + an MLP with one hidden layer in each tower).
+smallest the model allows) and ``history_features`` (the default user tower: the last ``--history-len`` items
+attention-pooled from the item tower's ID table, plus the most recent item's own row, categorical item/user features,
+and an MLP with one hidden layer in each tower; ``--history-kernels``: the fused lookup + pooling of
+recsys.fused_pool and/or the torch path).
 
 Throughput = interactions per second over ``--steps`` steps without a sync between them; step time = median of
 the per-step times (CUDA events on GPU, wall clock on CPU); peak memory = ``torch.cuda.max_memory_allocated``
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import platform
 import statistics
 import sys
@@ -104,7 +107,8 @@ def _timed(step, n_steps: int, warmup: int, device: torch.device) -> tuple[float
     return statistics.median(times), wall
 
 
-def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, args, device: torch.device) -> dict[str, Any]:
+def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, history_kernel: str, graphs: bool, args,
+               device: torch.device) -> dict[str, Any]:  # fmt: skip
     from recsys.model import LossConfig, ModelConfig, TrainConfig
     from recsys.train import Trainer
 
@@ -119,7 +123,8 @@ def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, args, device:
     tcfg = TrainConfig(batch_size=batch, lr=1e-3, embedding_lr=0.05, sparse_embeddings=sparse,
                        sparse_optimizer=args.optimizer if sparse else "sparse_adam",
                        loss_chunk_size=min(args.chunk, batch) if args.chunk else 0, compile=args.compile,
-                       loss_kernel=loss_kernel, cuda_graphs=args.cuda_graphs, progress=False,
+                       loss_kernel=loss_kernel, history_kernel=history_kernel, cuda_graphs=graphs,
+                       progress=False,
                        tensorboard=False)  # fmt: skip
     torch.manual_seed(0)
     trainer = Trainer(data, model_cfg=mcfg, train_cfg=tcfg, loss_cfg=LossConfig(), device=device)
@@ -138,8 +143,9 @@ def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, args, device:
     loss = float(trainer.loss(perm[:batch]).detach())  # after training: finite and below log(B)
     return {"step_ms": med * 1e3, "interactions_per_s": args.steps * batch / wall, "final_loss": loss,
             "n_parameters": sum(p.numel() for p in trainer.model.parameters()), "loss_kernel": trainer.loss_kernel,
+            "history_kernel": trainer.history_kernel, "cuda_graphs_asked": graphs,
             "cuda_graphs": trainer.graphed is not None and trainer.graphed.graph is not None,
-            "graphs_off": trainer.graphs_off if args.cuda_graphs else None}
+            "graphs_off": trainer.graphs_off if graphs else None}
 
 
 def _profile(step, name: str, device: torch.device, n: int = 5) -> None:
@@ -232,9 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=8192, help="our loss_chunk_size (0 = plain softmax)")
     ap.add_argument("--loss-kernels", nargs="+", default=["auto"], choices=["auto", "torch", "triton"],
                     help="our train.loss_kernel: one 'ours' row per value (auto = the fused kernels on CUDA)")
+    ap.add_argument("--history-kernels", nargs="+", default=["auto"], choices=["auto", "torch", "triton"],
+                    help="our train.history_kernel (attention pooling): one 'ours' row per value and softmax "
+                         "(auto = the fused kernels on CUDA when faster at the batch shape)")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="torch.compile our towers")
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="train.cuda_graphs: our whole step as one CUDA graph (recorded per row: used, or why not)")
+    ap.add_argument("--cuda-graphs", nargs="*", choices=["off", "on"], default=["off"],
+                    help="train.cuda_graphs: our whole step as one CUDA graph (recorded per row: used, or why not); "
+                         "one 'ours' row per value; the flag alone = on")  # fmt: skip
     ap.add_argument("--no-reference", action="store_true", help="skip the bare-PyTorch reference")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of our steps")
     ap.add_argument("--steps", type=int, default=30)
@@ -242,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    # the trainer's kernel choices (self-checks, the pooling's timing at the batch shape) and graph capture, logged
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -256,17 +268,23 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch_sizes:
         for towers in args.towers:
             for kernel in args.loss_kernels:
-                r = run_one(bench_ours, device, data=data, towers=towers, batch=batch, loss_kernel=kernel, args=args)
-                rows.append({"impl": "ours", "towers": towers, "batch": batch, "loss_kernel": kernel, **r})
+                for pool in args.history_kernels:
+                    for graphs in args.cuda_graphs or ["on"]:
+                        r = run_one(bench_ours, device, data=data, towers=towers, batch=batch, loss_kernel=kernel,
+                                    history_kernel=pool, graphs=graphs == "on", args=args)  # fmt: skip
+                        rows.append({"impl": "ours", "towers": towers, "batch": batch, "loss_kernel": kernel,
+                                     "history_kernel": pool, **r})  # fmt: skip (r: the kernels actually used)
         if not args.no_reference:
             r = run_one(bench_reference, device, data=data, batch=batch, args=args)
             rows.append({"impl": "reference", "towers": "id_only", "batch": batch, **r})
 
-    print(f"{'impl':<10} {'towers':<17} {'softmax':<7} {'batch':>6} {'step ms':>9} {'inter/s':>12} {'peak MiB':>9} "
+    print(f"{'impl':<10} {'towers':<17} {'softmax':<7} {'pool':<6} {'batch':>6} {'step ms':>9} {'inter/s':>12} "
+          f"{'peak MiB':>9} "
           f"{'loss':>7} status")  # fmt: skip
     for r in rows:
         ok = r["status"] == "ok"
-        print(f"{r['impl']:<10} {r['towers']:<17} {r.get('loss_kernel', '-'):<7} {r['batch']:>6} "
+        print(f"{r['impl']:<10} {r['towers']:<17} {r.get('loss_kernel', '-'):<7} {r.get('history_kernel', '-'):<6} "
+              f"{r['batch']:>6} "
               f"{r['step_ms'] if ok else float('nan'):>9.2f} {r['interactions_per_s'] if ok else float('nan'):>12.0f} "
               f"{(r.get('peak_mem_mib') or float('nan')):>9.0f} {r['final_loss'] if ok else float('nan'):>7.3f} "
               f"{r['status']}{' (graph)' if r.get('cuda_graphs') else ''}"

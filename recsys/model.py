@@ -202,6 +202,11 @@ class TrainConfig:
     """In-batch softmax implementation: "triton" = fused kernels that never hold the B x B logits (recsys.fused_loss;
     CUDA + triton); "torch" = recsys.losses (chunked by ``loss_chunk_size``); "auto" = triton on CUDA when it is
     installed and passes a self-check against torch at start, else torch."""
+    history_kernel: Literal["auto", "torch", "triton"] = "auto"
+    """User-tower attention pooling: "triton" = the history lookup and the pooling fused in two kernels that never
+    write the [B, N, E] history (recsys.fused_pool; CUDA + triton, width <= 128); "torch" = an embedding lookup and
+    recsys.model's pooling; "auto" = triton on CUDA when it passes a self-check against torch at start and is the
+    faster of the two at this run's batch shape, else torch."""
     compile: bool = False
     """torch.compile the two towers (CUDA; the first steps are slow while it compiles)."""
     cuda_graphs: bool = False
@@ -218,8 +223,9 @@ class TrainConfig:
         for name in ("lr",):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`train.{name}` must be > 0, got {getattr(self, name)}")
-        if self.loss_kernel not in ("auto", "torch", "triton"):
-            raise ValueError(f"`train.loss_kernel` must be 'auto', 'torch' or 'triton', got {self.loss_kernel!r}")
+        for name in ("loss_kernel", "history_kernel"):
+            if getattr(self, name) not in ("auto", "torch", "triton"):
+                raise ValueError(f"`train.{name}` must be 'auto', 'torch' or 'triton', got {getattr(self, name)!r}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise ValueError(f"`train.lr_schedule` must be 'constant', 'cosine' or 'linear', got {self.lr_schedule!r}")
         for name in ("weight_decay", "embedding_weight_decay", "grad_clip", "max_eval_users", "patience",
@@ -271,6 +277,10 @@ class _AttentionPool(nn.Module):
         nn.init.zeros_(self.recency.weight)
         self.key = nn.Linear(dim, dim)
         self.query = nn.Parameter(torch.zeros(dim))
+        # "triton": TwoTower.pool_history fuses the lookup and this pooling in training mode (recsys.fused_pool); set
+        # by the trainer
+        # after a self-check on its device, never saved (evaluation and a loaded model pool with torch)
+        self.kernel = "torch"
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
         """h [B, N, E] (oldest first, right-aligned), mask [B, N] bool -> [B, E]."""
@@ -440,6 +450,10 @@ class TwoTower(nn.Module):
 
     def pool_history(self, history: Tensor) -> Tensor:
         """history [B, N] item rows (-1 = pad) -> pooled [B, E]; an empty history pools to zeros."""
+        if self.pool is not None and self.pool.kernel == "triton" and self.training:
+            from recsys import fused_pool
+
+            return fused_pool.attention_pool(self._history_table(), history, self.pool)
         mask = history >= 0
         h = self._history_table()(history.clamp(min=0))  # [B, N, E]
         if self.pool is not None:

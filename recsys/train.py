@@ -15,6 +15,7 @@ training 1 epoch and resuming for 1 more, bit for bit.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ STATE_JSON = "state.json"
 # Fields that may change between a run and its --resume without changing the result of the finished epochs.
 RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.progress", "train.log_every", "train.num_threads",
                      "train.tensorboard", "train.eval_batch_users", "train.compile", "train.cuda_graphs",
-                     "train.loss_kernel"}
+                     "train.loss_kernel", "train.history_kernel"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -224,49 +225,95 @@ def _validation(data: PreparedData, model_cfg: ModelConfig, train_cfg: TrainConf
     )  # fmt: skip
 
 
-def choose_loss_kernel(train_cfg: TrainConfig, loss_cfg: LossConfig, *, dim: int, device: torch.device) -> str:
-    """``"triton"`` or ``"torch"``: the in-batch softmax this run uses (``train.loss_kernel``, see its docstring).
+def _choose_kernel(setting: str, want: str, device: torch.device, *, module: str, what: str, reference: str,
+                   supported, self_check, faster=None) -> str:  # fmt: skip
+    """What ``train.loss_kernel`` and ``train.history_kernel`` share: ``"triton"`` or ``"torch"`` for ``want``.
 
-    "auto" picks the fused kernels only on CUDA, with triton importable, and after :func:`recsys.fused_loss.
-    self_check` agreed with the torch loss on this device with this run's loss options: a kernel that does not
-    compile for this GPU or triton version, or computes something else, costs speed, never a run.
+    "auto" takes the Triton kernels of ``recsys.<module>`` only on CUDA, with triton importable, when
+    ``supported(module)`` is None, ``self_check(module)`` (a relative error against the torch path on this device)
+    is within tolerance and, where given, ``faster(module)`` is true: a kernel that does not compile for this GPU or
+    triton version, computes something else or is slower costs nothing, never a run. "triton" raises instead of
+    falling back (and skips the timing).
     """
-    want = train_cfg.loss_kernel
     if want == "torch" or (want == "auto" and device.type != "cuda"):
         return "torch"
     try:
-        from recsys import fused_loss
+        mod = importlib.import_module(f"recsys.{module}")
     except ImportError as e:
         if want == "triton":
-            raise ValueError("`train.loss_kernel` = 'triton' needs the triton package (pip install triton)") from e
+            raise ValueError(f"`train.{setting}` = 'triton' needs the triton package (pip install triton)") from e
         return "torch"
-    why = fused_loss.supported(dim, device)
+    why = supported(mod)
     if why:
         if want == "triton":
-            raise ValueError(f"`train.loss_kernel` = 'triton' cannot run here: {why}")
+            raise ValueError(f"`train.{setting}` = 'triton' cannot run here: {why}")
         return "torch"
-    # bf16 operands under CUDA autocast differ from the torch path's bf16 matmul by rounding order only
+    # bf16 operands under CUDA autocast differ from the torch path's bf16 products by rounding order only
     tol = 2e-2 if device.type == "cuda" else 1e-4
-    lc = loss_cfg
     try:
-        err = fused_loss.self_check(
-            device, dim=dim, extra=64 if lc.n_uniform_negatives or lc.queue_size else 0,
-            mask_items=lc.mask_accidental_hits, mask_users=lc.mask_same_user, logq=lc.logq_correction,
-            correct_positive=lc.logq_correct_positive,
-        )  # fmt: skip
+        err = self_check(mod)
     except Exception as e:  # any failure to compile or launch means: not on this machine
         if want == "triton":
             raise
-        log.warning("fused loss kernels failed their self-check (%s: %s); using the torch loss", type(e).__name__, e)
+        log.warning("%s failed their self-check (%s: %s); using the %s", what, type(e).__name__, e, reference)
         return "torch"
     if not err <= tol:
-        msg = f"fused loss kernels disagree with the torch loss (relative error {err:.3g} > {tol:g})"
+        msg = f"{what} disagree with the {reference} (relative error {err:.3g} > {tol:g})"
         if want == "triton":
             raise RuntimeError(msg)
-        log.warning("%s; using the torch loss", msg)
+        log.warning("%s; using the %s", msg, reference)
         return "torch"
-    log.info("in-batch softmax: fused triton kernels (self-check relative error %.2g)", err)
+    if want == "auto" and faster is not None and not faster(mod):
+        return "torch"
+    log.info("%s: in use (self-check relative error %.2g)", what, err)
     return "triton"
+
+
+def choose_history_kernel(train_cfg: TrainConfig, model_cfg: ModelConfig, *, n_items: int,
+                          device: torch.device) -> str:  # fmt: skip
+    """``"triton"`` or ``"torch"``: the user tower's history pooling in this run (``train.history_kernel``).
+
+    Only attention pooling has fused kernels (recsys.fused_pool). "auto" also times one forward + backward of both
+    paths at this run's shape (batch, history length, width, table size) and keeps torch unless the kernels are
+    faster (:func:`recsys.fused_pool.timings`).
+    """
+    want = train_cfg.history_kernel
+    if model_cfg.history_pooling != "attention":
+        if want == "triton":
+            raise ValueError("`train.history_kernel` = 'triton' fuses attention pooling; `model.history_pooling` is "
+                             f"{model_cfg.history_pooling!r}")
+        return "torch"
+    dim, n, batch = model_cfg.embedding_dim, model_cfg.history_len, train_cfg.batch_size
+
+    def faster(fp) -> bool:  # noqa: ANN001 - the module
+        fused_ms, torch_ms = fp.timings(device, batch=batch, history_len=n, dim=dim, n_rows=n_items,
+                                        sparse=train_cfg.sparse_embeddings)  # fmt: skip
+        log.info("history pooling at batch %d: fused kernels %.3f ms, torch %.3f ms (forward + backward)", batch,
+                 fused_ms, torch_ms)
+        return fused_ms < torch_ms
+
+    return _choose_kernel(
+        "history_kernel", want, device, module="fused_pool", what="fused history pooling kernels",
+        reference="torch path", supported=lambda fp: fp.supported(dim, n, device, batch=batch),
+        self_check=lambda fp: fp.self_check(device, dim=dim, history_len=n), faster=faster,
+    )  # fmt: skip
+
+
+def choose_loss_kernel(train_cfg: TrainConfig, loss_cfg: LossConfig, *, dim: int, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"``: the in-batch softmax this run uses (``train.loss_kernel``, see its docstring).
+
+    The self-check (:func:`recsys.fused_loss.self_check`) runs with this run's loss options.
+    """
+    lc = loss_cfg
+    return _choose_kernel(
+        "loss_kernel", train_cfg.loss_kernel, device, module="fused_loss", what="fused loss kernels",
+        reference="torch loss", supported=lambda fl: fl.supported(dim, device),
+        self_check=lambda fl: fl.self_check(
+            device, dim=dim, extra=64 if lc.n_uniform_negatives or lc.queue_size else 0,
+            mask_items=lc.mask_accidental_hits, mask_users=lc.mask_same_user, logq=lc.logq_correction,
+            correct_positive=lc.logq_correct_positive,
+        ),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- the trainer
@@ -300,6 +347,7 @@ class Trainer:
         self.title_emb = title_emb
         self.log_p = torch.as_tensor(np.log(data.item_prob), dtype=torch.float32, device=device)  # [n_items]
         self.loss_kernel = choose_loss_kernel(train_cfg, loss_cfg, dim=model_cfg.dim, device=device)
+        self.history_kernel = choose_history_kernel(train_cfg, model_cfg, n_items=data.n_items, device=device)
         self.build(seed=train_cfg.seed)
 
     def build(self, *, seed: int) -> None:
@@ -320,6 +368,8 @@ class Trainer:
             self.warm_start_stats = warm_start(self.model, self.init_from, self.data.path)
         self.model = self.model.to(self.device)
         self.model.train()
+        if self.model.pool is not None:
+            self.model.pool.kernel = self.history_kernel
         lc = self.lcfg
         # learned temperature: log(1/t), clamped so t stays in [min_temperature, 1]
         self.log_inv_t = torch.nn.Parameter(
@@ -922,6 +972,7 @@ def _summary(run_dir: Path, progress: _Progress, trainer: Trainer, *, status: st
         "examples_per_s": round(progress.examples / progress.train_seconds, 1) if progress.train_seconds else None,
         "device": str(trainer.device),
         "loss_kernel": trainer.loss_kernel,
+        "history_kernel": trainer.history_kernel,
         "cuda_graphs": trainer.graphed is not None and trainer.graphed.graph is not None,
         "n_parameters": sum(p.numel() for p in trainer.model.parameters()),
         "metric": trainer.model.metric,

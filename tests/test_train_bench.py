@@ -43,7 +43,8 @@ def test_train_bench_tiny_cpu(tmp_path):
     # the history+features towers have more parameters than the ID-only ones
     assert rows[1]["n_parameters"] > rows[0]["n_parameters"]
     table = proc.stdout
-    assert table.splitlines()[0].split()[:5] == ["impl", "towers", "softmax", "batch", "step"]
-    # "auto" on CPU: the torch softmax (the fused kernels are CUDA-only outside Triton's interpreter)
+    assert table.splitlines()[0].split()[:6] == ["impl", "towers", "softmax", "pool", "batch", "step"]
+    # "auto" on CPU: the torch softmax and pooling (the fused kernels are CUDA-only outside Triton's interpreter)
     assert {r["loss_kernel"] for r in rows if r["impl"] == "ours"} == {"torch"}
+    assert {r["history_kernel"] for r in rows if r["impl"] == "ours"} == {"torch"}
     assert sum(line.startswith(("ours", "reference")) for line in table.splitlines()) == 6

@@ -12,7 +12,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Train the two-tower model on the output of `recsys prepare`; writes config.json, model.json, "
         "model.safetensors (best weights), checkpoint/, metrics.jsonl and summary.json to the run dir. Every field "
         "of recsys/configs/default.toml can be set; on a GPU the speed-related ones are train.loss_kernel (auto: "
-        "fused Triton in-batch softmax), train.cuda_graphs (the whole step as one CUDA graph), "
+        "fused Triton in-batch softmax), train.history_kernel (auto: fused history lookup + attention pooling when "
+        "faster), train.cuda_graphs (the whole step as one CUDA graph), "
         "train.sparse_embeddings + train.sparse_optimizer=rowwise_adagrad (big ID tables), train.batch_size.",
     )
     p.add_argument("--data", required=True, metavar="PREPARED_DIR", help="output dir of `recsys prepare`")
