@@ -108,7 +108,10 @@ class PrepareConfig:
     format: Literal["auto", "csv", "tsv", "parquet", "ndjson", "movielens"] = "auto"
     """Input format. "auto" goes by the file name (.csv/.tsv/.parquet/.ndjson/.jsonl, optionally .gz/.zst;
     u.data, *.dat, *.inter are MovieLens). "movielens" reads u.data (tab, no header), ratings.dat ("::") and
-    RecBole .inter (typed header) and uses the columns user_id, item_id, rating (as weight), timestamp."""
+    RecBole .inter (typed header) and uses the columns user_id, item_id, rating (as weight), timestamp. MovieLens's
+    CSV releases need no setting: a ratings.csv with userId / movieId (and the default column names) uses them and
+    its rating as the weight. Item / user files: movies.csv, movies.dat, users.dat, u.item, u.user and RecBole
+    .item / .user are recognised (genres, a year from the title, gender / age / occupation)."""
     separator: str = ""
     """CSV field separator; empty = "," for csv and tab for tsv."""
     user_col: str = "user_id"
@@ -321,7 +324,7 @@ def detect_format(path: str | Path) -> str:
         return "tsv"
     if name.endswith(".csv"):
         return "csv"
-    if name.endswith((".inter", ".dat", ".data")):
+    if name.endswith((".inter", ".dat", ".data", ".item", ".user")):  # .item / .user: u.item, u.user, RecBole's
         return "movielens"
     raise ValueError(f"cannot tell the format of {str(path)!r} from its name; pass --format")
 
@@ -376,6 +379,15 @@ class _Columns:
     event: str | None
 
 
+_ML_CSV_IDS = {"user": "userId", "item": "movieId"}  # the ID columns of MovieLens's CSV releases
+
+
+def _movielens_csv(cfg: PrepareConfig, names: Sequence[str]) -> bool:
+    """A MovieLens CSV ratings file read with the default column names: its userId / movieId stand in for them."""
+    return (cfg.user_col, cfg.item_col) == ("user_id", "item_id") and not {"user_id", "item_id"} & set(names) \
+        and set(_ML_CSV_IDS.values()) <= set(names)
+
+
 def _resolve_columns(cfg: PrepareConfig, fmt: str, names: Sequence[str], path: Path) -> _Columns:
     if fmt == "movielens":
         user, item, tcol, weight = "user_id", "item_id", "timestamp", "rating"
@@ -383,6 +395,10 @@ def _resolve_columns(cfg: PrepareConfig, fmt: str, names: Sequence[str], path: P
     else:
         user, item, tcol = cfg.user_col, cfg.item_col, cfg.time_col
         weight = cfg.weight_col if cfg.weight_col is not None else ("weight" if "weight" in names else None)
+        if _movielens_csv(cfg, names):  # ratings.csv of ML-latest / 20M / 25M / 32M: userId,movieId,rating,timestamp
+            user, item = _ML_CSV_IDS["user"], _ML_CSV_IDS["item"]
+            if cfg.weight_col is None and "rating" in names:
+                weight = "rating"
     event = cfg.event_col if cfg.event_col is not None else ("event" if "event" in names else None)
     need = {"--user-col": user, "--item-col": item, "--time-col": tcol}
     if cfg.weight_col is not None and fmt != "movielens":
@@ -712,21 +728,93 @@ def _vocab_order(ids: pl.Series, n_train: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                  "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                  "War", "Western")  # fmt: skip
+_ML_YEAR = r"\((\d{4})\)\s*$"  # "Toy Story (1995)"
+
+
+def _read_text(path: Path) -> str:
+    """A whole (optionally compressed) text file; MovieLens's older releases are Latin-1, not UTF-8."""
+    name = path.name.lower()
+    if name.endswith((".gz", ".gzip")):
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    elif name.endswith((".zst", ".zstd")):
+        with pa.CompressedInputStream(pa.OSFile(str(path)), "zstd") as f:
+            raw = f.read()
+    else:
+        raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _read_movielens_meta(path: Path, *, id_col: str, entity: str, title_col: str) -> pl.DataFrame:
+    """MovieLens metadata as a table: movies.dat (``id::title::genres``, ML-1M / 10M), users.dat
+    (``id::gender::age::occupation::zip``), ML-100K's u.item (``id|title|release date|video release date|IMDb URL|``
+    19 genre flags) and u.user (``id|age|gender|occupation|zip``). Items get ``title``, ``genres`` (``|``-joined)
+    and ``year`` (from the title); zip codes are left out (nearly one per user: a second user ID, not a feature)."""
+    lines = [ln for ln in _read_text(path).splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"{path}: the {entity}s file is empty")
+    sep = "::" if "::" in lines[0] else "|"
+    layouts = {  # (separator, entity, field count) -> column names (None = not kept)
+        ("::", "item", 3): (id_col, title_col, "genres"),
+        ("::", "user", 5): (id_col, "gender", "age", "occupation", None),
+        ("|", "item", 5 + len(_ML100K_GENRES)): (id_col, title_col, None, None, None) + _ML100K_GENRES,
+        ("|", "user", 5): (id_col, "age", "gender", "occupation", None),
+    }
+    n_fields = len(lines[0].split(sep))
+    names = layouts.get((sep, entity, n_fields))
+    if names is None:
+        known = ", ".join(f"{n} fields separated by {s!r}" for (s, e, n) in layouts if e == entity)
+        raise ValueError(f"{path}: row 1 has {n_fields} fields separated by {sep!r}; a MovieLens {entity}s file has "
+                         f"{known}")
+    rows = []
+    for k, line in enumerate(lines, start=1):
+        fields = line.split(sep, n_fields - 1) if sep == "::" else line.split(sep)
+        if len(fields) != n_fields:
+            raise ValueError(f"{path}: row {k} has {len(fields)} fields, row 1 has {n_fields} (value {line[:120]!r})")
+        rows.append(fields)
+    df = pl.DataFrame(rows, schema=[f"c{j}" for j in range(n_fields)], orient="row")
+    df = df.rename({f"c{j}": c for j, c in enumerate(names) if c is not None})
+    df = df.select([c for c in names if c is not None])
+    if sep == "|" and entity == "item":  # 19 0/1 genre flags -> "Action|Comedy"
+        flags = [pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in _ML100K_GENRES]
+        df = df.with_columns(pl.concat_str(flags, separator="|", ignore_nulls=True).alias("genres")).drop(
+            _ML100K_GENRES)
+    if entity == "item":
+        df = _with_movielens_year(df, title_col)
+    return df
+
+
+def _with_movielens_year(df: pl.DataFrame, title_col: str) -> pl.DataFrame:
+    """Add ``year`` from MovieLens titles ("Toy Story (1995)"), a categorical feature; no year = missing."""
+    return df.with_columns(pl.col(title_col).str.extract(_ML_YEAR, 1).alias("year"))
+
+
 def _read_meta(path: Path, *, id_col: str, cfg: PrepareConfig, entity: str) -> pl.DataFrame:
     name = _strip_compression(path.name.lower())
     typed = name.endswith((".item", ".user")) and re.search(r":(token|float|token_seq|float_seq)\b",
                                                              _first_line(path))
     fmt = "recbole" if typed else detect_format(path) if cfg.format in ("auto", "movielens") else cfg.format
-    if fmt == "movielens":
-        raise ValueError(f"{path}: cannot read a {entity}s file in MovieLens format; convert it to csv/parquet")
     try:
-        if fmt == "recbole":  # RecBole .item / .user: tab-separated with a typed header ("item_id:token")
+        if fmt == "movielens":
+            df = _read_movielens_meta(path, id_col=id_col, entity=entity, title_col=cfg.title_col)
+        elif fmt == "recbole":  # RecBole .item / .user: tab-separated with a typed header ("item_id:token")
             lf = pl.scan_csv(path, separator="\t", infer_schema=False, quote_char=None)
             df = lf.rename(lambda c: c.split(":", 1)[0]).collect()
         else:
             df = scan_file(path, fmt, separator=cfg.separator).collect()
     except pl.exceptions.PolarsError as e:
         raise ValueError(f"{path}: cannot read the {entity}s file: {e}") from None
+    ml_id = _ML_CSV_IDS[entity]
+    if id_col == f"{entity}_id" and id_col not in df.columns and ml_id in df.columns:  # MovieLens CSV: movies.csv
+        df = df.rename({ml_id: id_col})
+        if entity == "item" and cfg.title_col in df.columns and "year" not in df.columns:
+            df = _with_movielens_year(df, cfg.title_col)
     if id_col not in df.columns:
         raise ValueError(f"{path}: missing column {id_col!r} (the {entity} ID); the file has columns {df.columns}")
     df = df.with_columns(pl.col(id_col).cast(pl.String))  # IDs are strings everywhere

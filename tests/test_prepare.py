@@ -346,6 +346,76 @@ def test_movielens_u_data_ratings_dat_and_recbole_inter(tmp_path):
         assert set(data["train"][schema.WEIGHT].to_list()) == {4.0}  # the rating is the weight
 
 
+def test_movielens_csv_release_needs_no_column_flags(tmp_path):
+    """ML-latest / 20M / 25M / 32M: ratings.csv (userId, movieId, rating, timestamp) and movies.csv (movieId, title
+    with the year, |-joined genres) are read with the default settings: rating as the weight, year from the title."""
+    ratings = write_csv(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp",
+                        [f"{u},{i},{3.5 + k},{t}" for k, (u, i, t) in enumerate(EVENTS)])
+    movies = write_csv(tmp_path / "movies.csv", "movieId,title,genres",
+                       ['10,"American President, The (1995)",Comedy|Drama|Romance', "11,Heat (1995),Action|Crime",
+                        "12,Untitled,(no genres listed)"])  # fmt: skip
+    out = tmp_path / "out"
+    prepare([ratings], out, items=movies, config=PrepareConfig(kcore_users=1, kcore_items=1, drop_cold=False))
+    data = load_prepared(out)
+    assert triples(data) == EXPECTED
+    assert sorted(data["train"][schema.WEIGHT].to_list() + data["valid"][schema.WEIGHT].to_list()
+                  + data["test"][schema.WEIGHT].to_list()) == [3.5, 4.5, 5.5, 6.5]  # fmt: skip
+    by_id = {r[schema.ITEM_ID]: r for r in data["items"].iter_rows(named=True)}
+    assert by_id["10"][schema.TITLE] == "American President, The (1995)"
+    assert by_id["10"]["feat_year"] == by_id["11"]["feat_year"] == 1 and by_id["12"]["feat_year"] == 0  # no year
+    assert len({by_id[i]["feat_genres"] for i in "10 11 12".split()}) == 3
+    # named columns still win: --user-col picks the column, and a file without it is an error naming the flag
+    with pytest.raises(ValueError, match=r"missing column 'uid' \(--user-col\)"):
+        _prep(tmp_path, [ratings], user_col="uid")
+
+
+def test_movielens_metadata_files(tmp_path):
+    """movies.dat / users.dat (ML-1M: '::', Latin-1) and ML-100K's u.item / u.user ('|', 19 genre flags)."""
+    ratings = tmp_path / "ratings.dat"
+    ratings.write_text("".join(f"{u}::{i}::4::{t}\n" for u, i, t in EVENTS))
+    movies = tmp_path / "movies.dat"
+    movies.write_bytes("10::Star Wars: Episode IV - A New Hope (1977)::Action|Sci-Fi\n11::Heat (1995)::Action\n"
+                       "12::Cit\u00e9 des enfants perdus, La (1995)::Adventure|Sci-Fi\n".encode("latin-1"))
+    users = tmp_path / "users.dat"
+    users.write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
+    cfg = PrepareConfig(format="movielens", kcore_users=1, kcore_items=1, drop_cold=False)
+    prepare([ratings], tmp_path / "out1", items=movies, users=users, config=cfg)
+    data = load_prepared(tmp_path / "out1")
+    by_id = {r[schema.ITEM_ID]: r for r in data["items"].iter_rows(named=True)}
+    assert by_id["10"][schema.TITLE] == "Star Wars: Episode IV - A New Hope (1977)"
+    assert by_id["12"][schema.TITLE] == "Cit\u00e9 des enfants perdus, La (1995)"
+    assert by_id["11"]["feat_year"] == by_id["12"]["feat_year"] != by_id["10"]["feat_year"]
+    assert {c for c in data["users"].columns if c.startswith("feat_")} == {"feat_gender", "feat_age",
+                                                                          "feat_occupation"}  # no zip code
+    uby = {r[schema.USER_ID]: r for r in data["users"].iter_rows(named=True)}
+    assert uby["1"]["feat_gender"] != uby["2"]["feat_gender"]
+
+    flags = ["0"] * 19
+    action_scifi = flags.copy()
+    action_scifi[1] = action_scifi[15] = "1"  # Action, Sci-Fi
+    action = flags.copy()
+    action[1] = "1"
+    u_item = tmp_path / "u.item"
+    u_item.write_bytes("".join(f"{i}|{t}|01-Jan-1995||http://x|{'|'.join(f)}\n" for i, t, f in (
+        ("10", "Star Wars (1977)", action_scifi), ("11", "Heat (1995)", action),
+        ("12", "Cit\u00e9 (1995)", action_scifi))).encode("latin-1"))  # fmt: skip
+    u_user = tmp_path / "u.user"
+    u_user.write_text("1|24|M|technician|85711\n2|53|F|other|94043\n")
+    prepare([ratings], tmp_path / "out2", items=u_item, users=u_user, config=cfg)
+    data2 = load_prepared(tmp_path / "out2")
+    by_id2 = {r[schema.ITEM_ID]: r for r in data2["items"].iter_rows(named=True)}
+    assert by_id2["10"]["feat_genres"] == by_id2["12"]["feat_genres"] != by_id2["11"]["feat_genres"]
+    assert by_id2["12"][schema.TITLE] == "Cit\u00e9 (1995)"
+    vocab = data2["feature_vocab"].filter(pl.col("feature") == "genres")
+    assert set(vocab["value"].to_list()) == {"Action|Sci-Fi", "Action"}
+
+    bad = tmp_path / "bad.dat"
+    bad.write_text("10::Heat (1995)::Action::extra\n")
+    with pytest.raises(ValueError, match=r"bad.dat: row 1 has 4 fields separated by '::'; a MovieLens items file has "
+                                         r"3 fields"):  # fmt: skip
+        prepare([ratings], tmp_path / "out3", items=bad, config=cfg)
+
+
 def test_iso_epoch_seconds_and_epoch_ms_give_the_same_times(tmp_path):
     def iso(t):
         return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
