@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys import schema
@@ -70,25 +71,31 @@ class PreparedData:
     train: Interactions
     valid: Interactions
     item_prob: np.ndarray  # [n_items] float64, sums to 1 (logQ)
-    item_features: dict[str, np.ndarray]  # name -> [n_items] int64 codes (0 = missing)
-    user_features: dict[str, np.ndarray]  # name -> [n_users] int64 codes
+    item_features: dict[str, np.ndarray]  # name -> [n_items] int64 codes (0 = missing); [n_items, K] multi-valued
+    user_features: dict[str, np.ndarray]  # name -> [n_users] int64 codes; [n_users, K] multi-valued
     item_cardinality: dict[str, int]
     user_cardinality: dict[str, int]
     titles: list[str] | None  # [n_items] or None
     fingerprint: str
 
     def item_feature_matrix(self) -> np.ndarray:
-        """[n_items, F] int64, columns in ``item_features`` order."""
+        """[n_items, sum of widths] int64, features in ``item_features`` order, a multi-valued one taking
+        ``feature_widths(item_features)[name]`` columns (its codes, 0-padded)."""
         return _stack(self.item_features, self.n_items)
 
     def user_feature_matrix(self) -> np.ndarray:
         return _stack(self.user_features, self.n_users)
 
 
+def feature_widths(feats: dict[str, np.ndarray]) -> dict[str, int]:
+    """Columns per feature in the feature matrix: 1, or K for a multi-valued feature's ``[n, K]`` codes."""
+    return {k: 1 if v.ndim == 1 else int(v.shape[1]) for k, v in feats.items()}
+
+
 def _stack(feats: dict[str, np.ndarray], n: int) -> np.ndarray:
     if not feats:
         return np.zeros((n, 0), dtype=np.int64)
-    return np.stack([feats[k] for k in feats], axis=1).astype(np.int64)
+    return np.concatenate([v.reshape(n, -1) for v in feats.values()], axis=1).astype(np.int64)
 
 
 def read_interactions(path: str | Path, *, n_users: int, n_items: int) -> Interactions:
@@ -126,13 +133,30 @@ def _features(table, path: Path, n: int) -> tuple[dict[str, np.ndarray], dict[st
         if not c.startswith(schema.FEAT_PREFIX):
             continue
         name = c[len(schema.FEAT_PREFIX) :]
-        a = table.column(c).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        col = table.column(c)
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):  # multi-valued: [n, K]
+            a = list_codes(col)
+        else:
+            a = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         if a.size and a.min() < 0:
-            bad = int(np.flatnonzero(a < 0)[0])
-            raise ValueError(f"{str(path)!r} row {bad}: `{c}` codes must be >= 0, got {int(a[bad])}")
+            bad = int(np.flatnonzero((a < 0).reshape(n, -1).any(1))[0])
+            raise ValueError(f"{str(path)!r} row {bad}: `{c}` codes must be >= 0, got {a[bad].tolist()}")
         feats[name] = a
         card[name] = int(a.max(initial=0)) + 1
     return feats, card
+
+
+def list_codes(col: pa.ChunkedArray) -> np.ndarray:
+    """A multi-valued feature's ``list<int>`` column (``n`` rows) -> ``[n, K]`` int64 codes, 0-padded, ``K`` the
+    longest list (at least 1). prepare writes each list sorted, so column 0 is the row's most frequent value."""
+    arr = col.combine_chunks()
+    n = len(arr)
+    lengths = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = arr.flatten().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    out = np.zeros((n, max(1, int(lengths.max(initial=0)))), dtype=np.int64)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # each value's row start in ``values``
+    out[np.repeat(np.arange(n), lengths), np.arange(values.size) - starts] = values
+    return out
 
 
 def _check_vocab_order(col: np.ndarray, path: Path, name: str) -> None:

@@ -9,6 +9,8 @@ Item tower::
     x_item = [keep_id] * E_id[item] + sum_f E_f[feat_f(item)] (+ W_text @ title_emb(item))      # [B, E]
     item   = normalize(MLP(x_item))                                                             # [B, dim]
 
+A multi-valued feature (genres, tags) contributes the mean of its values' embeddings.
+
 ``keep_id`` is dropped at random while training (``item_id_dropout``) so the features-only path
 (:meth:`TwoTower.encode_item_features`) gives a usable vector to an item that was never trained on.
 
@@ -245,6 +247,10 @@ class FeatureSpec:
     user_features: dict[str, int] = field(default_factory=dict)
     text_dim: int = 0
     """Size of the title embeddings (0 = no text feature)."""
+    item_feature_widths: dict[str, int] = field(default_factory=dict)
+    """Columns per item feature in the feature buffer: K for a multi-valued feature (up to K codes per item, whose
+    embeddings are averaged); absent = 1."""
+    user_feature_widths: dict[str, int] = field(default_factory=dict)
 
 
 def _mlp(d_in: int, hidden: tuple[int, ...], d_out: int, dropout: float) -> nn.Sequential:
@@ -339,7 +345,11 @@ class TwoTower(nn.Module):
         self.user_mlp = _mlp((3 if cfg.last_item else 2) * e, cfg.hidden, cfg.dim, cfg.dropout)
         self.input_dropout = nn.Dropout(cfg.dropout)
 
-        n_if, n_uf = len(self.item_feature_names), len(self.user_feature_names)
+        # column slices of the feature buffers: (start, width) per feature, width > 1 for a multi-valued one
+        self._item_cols = _slices(self.item_feature_names, spec.item_feature_widths)
+        self._user_cols = _slices(self.user_feature_names, spec.user_feature_widths)
+        n_if = sum(w for _, w in self._item_cols)
+        n_uf = sum(w for _, w in self._user_cols)
         self.register_buffer("item_feats", _codes(item_feats, spec.n_items, n_if, "item_feats"))
         self.register_buffer("user_feats", _codes(user_feats, spec.n_users, n_uf, "user_feats"))
         if self.text_dim:
@@ -374,7 +384,7 @@ class TwoTower(nn.Module):
             if id_keep is not None:
                 x = x * id_keep.unsqueeze(1)
         for j, emb in enumerate(self.item_feat):
-            v = emb(feats[:, j])
+            v = _feature_input(emb, feats, *self._item_cols[j])
             if feat_keep is not None:
                 v = v * feat_keep[:, j : j + 1]
             x = x + v
@@ -411,14 +421,17 @@ class TwoTower(nn.Module):
 
         Columns follow ``item_feature_names``; ``title_emb`` [B, T] when the model uses text.
         """
-        if feats.dim() != 2 or feats.shape[1] != len(self.item_feature_names):
+        widths = [w for _, w in self._item_cols]
+        if feats.dim() != 2 or feats.shape[1] != sum(widths):
+            cols = f", columns {widths}" if any(w > 1 for w in widths) else ""
             raise ValueError(
-                f"`feats` must have shape [B, {len(self.item_feature_names)}] (features "
-                f"{self.item_feature_names}), got {list(feats.shape)}"
+                f"`feats` must have shape [B, {sum(widths)}] (features {self.item_feature_names}{cols}), got "
+                f"{list(feats.shape)}"
             )
         feats = feats.long()
         for j, emb in enumerate(self.item_feat):
-            col = feats[:, j]
+            a, w = self._item_cols[j]
+            col = feats[:, a : a + w]
             if col.numel() and (int(col.min()) < 0 or int(col.max()) >= emb.num_embeddings):
                 raise ValueError(
                     f"item feature {self.item_feature_names[j]!r} codes must be in [0, {emb.num_embeddings}), "
@@ -502,7 +515,7 @@ class TwoTower(nn.Module):
         if self.user_feature_names:
             codes = self.user_feats[rows] * keep.unsqueeze(1).long()  # dropped / unknown user -> code 0 ("missing")
             for j, emb in enumerate(self.user_feat):
-                x = x + emb(codes[:, j])
+                x = x + _feature_input(emb, codes, *self._user_cols[j])
         h = self.pool_history(history)
         parts = [x, h]
         if self.cfg.last_item:
@@ -535,8 +548,9 @@ class TwoTower(nn.Module):
             "n_items": self.n_items,
             # lists of [name, cardinality]: the order is the column order of the feature buffers (JSON objects
             # get their keys sorted on write, so a dict would lose it)
-            "item_features": [[k, v] for k, v in self.spec.item_features.items()],
-            "user_features": [[k, v] for k, v in self.spec.user_features.items()],
+            # a multi-valued feature has a third entry: its columns in the feature buffer
+            "item_features": _feature_meta(self.spec.item_features, self.spec.item_feature_widths),
+            "user_features": _feature_meta(self.spec.user_features, self.spec.user_feature_widths),
             "item_feature_names": self.item_feature_names,
             "user_feature_names": self.user_feature_names,
             "text_dim": self.spec.text_dim,
@@ -555,9 +569,11 @@ class TwoTower(nn.Module):
         spec = FeatureSpec(
             n_users=int(meta["n_users"]),
             n_items=int(meta["n_items"]),
-            item_features={str(k): int(v) for k, v in meta["item_features"]},
-            user_features={str(k): int(v) for k, v in meta["user_features"]},
+            item_features={str(f[0]): int(f[1]) for f in meta["item_features"]},
+            user_features={str(f[0]): int(f[1]) for f in meta["user_features"]},
             text_dim=int(meta.get("text_dim", 0)),
+            item_feature_widths={str(f[0]): int(f[2]) for f in meta["item_features"] if len(f) > 2},
+            user_feature_widths={str(f[0]): int(f[2]) for f in meta["user_features"] if len(f) > 2},
         )
         return cls(spec, from_dict(ModelConfig, meta["config"]))
 
@@ -580,6 +596,31 @@ class TwoTower(nn.Module):
                 f"unexpected {sorted(unexpected)}"
             )
         return model.to(device).eval()
+
+
+def _feature_meta(cards: dict[str, int], widths: dict[str, int]) -> list[list]:
+    """model.json's feature list: [name, cardinality], or [name, cardinality, columns] for a multi-valued one."""
+    return [[k, v] + ([widths[k]] if widths.get(k, 1) != 1 else []) for k, v in cards.items()]
+
+
+def _slices(names: list[str], widths: dict[str, int]) -> list[tuple[int, int]]:
+    """(start column, width) of each feature in a feature buffer."""
+    out, start = [], 0
+    for n in names:
+        w = int(widths.get(n, 1))
+        out.append((start, w))
+        start += w
+    return out
+
+
+def _feature_input(emb: nn.Embedding, codes: Tensor, start: int, width: int) -> Tensor:
+    """codes [B, columns] -> [B, E]: a feature's embedding, or for a multi-valued one the mean over its codes
+    present (code 0 pads and embeds to zero; no code at all gives zeros)."""
+    if width == 1:
+        return emb(codes[:, start])
+    c = codes[:, start : start + width]  # [B, K]
+    n = (c != 0).sum(1, keepdim=True).clamp(min=1)
+    return emb(c).sum(1) / n
 
 
 def _codes(t: Tensor | None, n: int, f: int, name: str) -> Tensor:

@@ -191,8 +191,20 @@ class PrepareConfig:
     """Columns of the users file to encode as feat_<name>; None = every string/integer/boolean column."""
     item_features: tuple[str, ...] | None = None
     """Columns of the items file to encode as feat_<name>; None = every string/integer/boolean column but title."""
+    multi_valued: dict[str, str] = field(default_factory=dict)
+    """Columns of the items / users files that hold several values in one string, with their separator, e.g.
+    {tags = ",", categories = "|"}: each value gets its own code and the tower averages their embeddings. MovieLens
+    genres and RecBole ``token_seq`` columns are read as multi-valued without this."""
+    max_values: int = 32
+    """A multi-valued feature keeps at most this many values per row: the most frequent ones."""
 
     def validate(self) -> None:
+        for col, sep in self.multi_valued.items():
+            if not isinstance(sep, str) or not sep:
+                raise ValueError(f"`prepare.multi_valued` separator of column {col!r} must be a non-empty string, "
+                                 f"got {sep!r}")
+        if self.max_values < 1:
+            raise ValueError(f"`prepare.max_values` must be >= 1, got {self.max_values}")
         for name in ("kcore_users", "kcore_items", "min_train"):
             if getattr(self, name) < (0 if name == "min_train" else 1):
                 raise ValueError(f"`prepare.{name}` must be >= {0 if name == 'min_train' else 1}, "
@@ -754,8 +766,9 @@ def _read_text(path: Path) -> str:
 def _read_movielens_meta(path: Path, *, id_col: str, entity: str, title_col: str) -> pl.DataFrame:
     """MovieLens metadata as a table: movies.dat (``id::title::genres``, ML-1M / 10M), users.dat
     (``id::gender::age::occupation::zip``), ML-100K's u.item (``id|title|release date|video release date|IMDb URL|``
-    19 genre flags) and u.user (``id|age|gender|occupation|zip``). Items get ``title``, ``genres`` (``|``-joined)
-    and ``year`` (from the title); zip codes are left out (nearly one per user: a second user ID, not a feature)."""
+    19 genre flags) and u.user (``id|age|gender|occupation|zip``). Items get ``title``, ``genres`` (a list: a
+    multi-valued feature) and ``year`` (from the title); zip codes are left out (nearly one per user: a second user
+    ID, not a feature)."""
     lines = [ln for ln in _read_text(path).splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"{path}: the {entity}s file is empty")
@@ -781,10 +794,11 @@ def _read_movielens_meta(path: Path, *, id_col: str, entity: str, title_col: str
     df = pl.DataFrame(rows, schema=[f"c{j}" for j in range(n_fields)], orient="row")
     df = df.rename({f"c{j}": c for j, c in enumerate(names) if c is not None})
     df = df.select([c for c in names if c is not None])
-    if sep == "|" and entity == "item":  # 19 0/1 genre flags -> "Action|Comedy"
+    if sep == "|" and entity == "item":  # 19 0/1 genre flags -> ["Action", "Comedy"]
         flags = [pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in _ML100K_GENRES]
-        df = df.with_columns(pl.concat_str(flags, separator="|", ignore_nulls=True).alias("genres")).drop(
-            _ML100K_GENRES)
+        df = df.with_columns(pl.concat_list(flags).list.drop_nulls().alias("genres")).drop(_ML100K_GENRES)
+    elif entity == "item":
+        df = df.with_columns(pl.col("genres").str.split("|"))
     if entity == "item":
         df = _with_movielens_year(df, title_col)
     return df
@@ -805,9 +819,14 @@ def _read_meta(path: Path, *, id_col: str, cfg: PrepareConfig, entity: str) -> p
             df = _read_movielens_meta(path, id_col=id_col, entity=entity, title_col=cfg.title_col)
         elif fmt == "recbole":  # RecBole .item / .user: tab-separated with a typed header ("item_id:token")
             lf = pl.scan_csv(path, separator="\t", infer_schema=False, quote_char=None)
+            seqs = [c.split(":", 1)[0] for c in lf.collect_schema().names() if c.endswith(":token_seq")]
             df = lf.rename(lambda c: c.split(":", 1)[0]).collect()
+            # token_seq: space-separated values (a multi-valued feature), except the title's words
+            df = df.with_columns(pl.col(c).str.split(" ") for c in seqs if c != cfg.title_col)
         else:
             df = scan_file(path, fmt, separator=cfg.separator).collect()
+        df = df.with_columns(pl.col(c).str.split(sep) for c, sep in cfg.multi_valued.items()
+                             if df.schema.get(c) == pl.String)  # fmt: skip
     except pl.exceptions.PolarsError as e:
         raise ValueError(f"{path}: cannot read the {entity}s file: {e}") from None
     ml_id = _ML_CSV_IDS[entity]
@@ -815,6 +834,8 @@ def _read_meta(path: Path, *, id_col: str, cfg: PrepareConfig, entity: str) -> p
         df = df.rename({ml_id: id_col})
         if entity == "item" and cfg.title_col in df.columns and "year" not in df.columns:
             df = _with_movielens_year(df, cfg.title_col)
+        if entity == "item" and df.schema.get("genres") == pl.String:
+            df = df.with_columns(pl.col("genres").str.split("|"))
     if id_col not in df.columns:
         raise ValueError(f"{path}: missing column {id_col!r} (the {entity} ID); the file has columns {df.columns}")
     df = df.with_columns(pl.col(id_col).cast(pl.String))  # IDs are strings everywhere
@@ -831,10 +852,26 @@ def _read_meta(path: Path, *, id_col: str, cfg: PrepareConfig, entity: str) -> p
     return df
 
 
+def _encode_multi(col: pl.Series, name: str, max_values: int) -> tuple[pl.DataFrame, pl.Series]:
+    """A multi-valued column (lists of strings) -> (its vocabulary: value, code >= 1 by frequency then value; the
+    rows' codes: sorted distinct codes, at most ``max_values``, so the most frequent values are kept)."""
+    vals = col.cast(pl.List(pl.String)).list.eval(pl.element().str.strip_chars().filter(pl.element() != ""))
+    vals = vals.list.unique(maintain_order=True)  # a value repeated within one row counts once
+    flat = vals.explode().drop_nulls()
+    table = (flat.value_counts(name="n").sort(["n", name], descending=[True, False])
+             .with_row_index("code", offset=1).select(pl.col(name).alias("value"), pl.col("code").cast(pl.Int32)))
+    mapping = dict(zip(table["value"].to_list(), table["code"].to_list(), strict=True))
+    coded = vals.list.eval(pl.element().replace_strict(mapping, return_dtype=pl.Int32)).list.sort()
+    return table, coded.list.head(max_values).fill_null([])
+
+
 def encode_features(vocab_ids: pl.Series, meta: pl.DataFrame | None, *, id_col: str, entity: str,
-                    features: Sequence[str] | None, exclude: Sequence[str] = (), path: Path | None = None
-                    ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
+                    features: Sequence[str] | None, exclude: Sequence[str] = (), path: Path | None = None,
+                    max_values: int = 32) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:  # fmt: skip
     """Encode categorical metadata columns with their own vocabularies.
+
+    A list-of-strings column (a multi-valued feature: genres, tags) becomes a ``list[i32]`` column of its values'
+    codes (at most ``max_values`` per row, the most frequent; empty = missing).
 
     ``vocab_ids``: ``[n]`` external IDs in vocabulary order. Returns ``(codes, feature_vocab, cardinality)``:
     ``codes`` has one ``feat_<name>`` Int32 column per feature, ``[n]`` rows in vocabulary order (0 = missing or
@@ -848,7 +885,7 @@ def encode_features(vocab_ids: pl.Series, meta: pl.DataFrame | None, *, id_col: 
         return pl.DataFrame(), _empty_feature_vocab(), cards
     if features is None:
         features = [c for c in meta.columns if c != id_col and c not in exclude and (
-            meta.schema[c] in (pl.String, pl.Boolean) or meta.schema[c].is_integer()
+            meta.schema[c] in (pl.String, pl.Boolean, pl.List(pl.String)) or meta.schema[c].is_integer()
             or isinstance(meta.schema[c], (pl.Categorical, pl.Enum)))]
         skipped = [c for c in meta.columns if c != id_col and c not in exclude and c not in features]
         if skipped:
@@ -860,6 +897,13 @@ def encode_features(vocab_ids: pl.Series, meta: pl.DataFrame | None, *, id_col: 
     joined = base.join(meta, on=id_col, how="left").sort("_k")
     codes = joined.select("_k")
     for name in features:
+        if isinstance(joined.schema[name], pl.List):
+            table, coded = _encode_multi(joined[name], name, max_values)
+            cards[name] = table.height
+            vocab_rows.append(table.select(pl.lit(entity).alias("entity"), pl.lit(name).alias("feature"), "value",
+                                           "code"))  # fmt: skip
+            codes = codes.with_columns(coded.alias(f"{schema.FEAT_PREFIX}{name}"))
+            continue
         val = joined[name].cast(pl.String)
         val = pl.Series(name, val).str.strip_chars()
         present = val.filter(val.is_not_null() & (val != ""))
@@ -1168,11 +1212,18 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         # vocabularies + feature tables
         item_meta = _read_meta(items_path, id_col=cfg.item_col, cfg=cfg, entity="item") if items_path else None
         user_meta = _read_meta(users_path, id_col=cfg.user_col, cfg=cfg, entity="user") if users_path else None
+        missing = [c for c in cfg.multi_valued
+                   if not any(m is not None and c in m.columns for m in (item_meta, user_meta))]  # fmt: skip
+        if missing:
+            raise ValueError(f"`prepare.multi_valued` names column(s) {missing} that neither the items file "
+                             f"({items_path}) nor the users file ({users_path}) has")
         i_codes, i_fv, i_cards = encode_features(item_ids.rename(cfg.item_col), item_meta, id_col=cfg.item_col,
                                                  entity="item", features=cfg.item_features,
-                                                 exclude=(cfg.title_col,), path=items_path)
+                                                 exclude=(cfg.title_col,), path=items_path,
+                                                 max_values=cfg.max_values)  # fmt: skip
         u_codes, u_fv, u_cards = encode_features(user_ids.rename(cfg.user_col), user_meta, id_col=cfg.user_col,
-                                                 entity="user", features=cfg.user_features, path=users_path)
+                                                 entity="user", features=cfg.user_features, path=users_path,
+                                                 max_values=cfg.max_values)  # fmt: skip
         items_df = pl.DataFrame({
             schema.ITEM_ID: item_ids,
             schema.ITEM_IDX: np.arange(n_items, dtype=np.int32),

@@ -11,7 +11,8 @@ Prepared dataset (``recsys prepare --out DIR``)
     columns: user_idx i32, item_idx i32, ts i64 (epoch milliseconds, UTC), weight f32
 ``users.parquet``            user vocabulary, row order == user_idx (most frequent first):
     user_id str (external id, always a string), user_idx i32, n_train i32, and one ``feat_<name>`` i32 column
-    per encoded user feature (code 0 means "missing or unknown value").
+    per encoded user feature (code 0 means "missing or unknown value"; a multi-valued feature is a list[i32]
+    column of its values' codes, empty when missing).
 ``items.parquet``            item vocabulary, row order == item_idx (most frequent first):
     item_id str, item_idx i32, n_train i32, prob f64 (sampling probability for logQ; sums to 1),
     first_ts i64 (first time the item appears anywhere), ``feat_<name>`` i32 columns, and ``title`` str when the

@@ -30,7 +30,7 @@ import torch
 
 from recsys import schema
 from recsys.config import to_dict
-from recsys.data import Interactions, PreparedData, last_items, load_prepared, user_item_lists
+from recsys.data import Interactions, PreparedData, feature_widths, last_items, load_prepared, user_item_lists
 from recsys.distributed import DistContext
 from recsys.io import atomic_dir, atomic_write_json
 from recsys.model import FeatureSpec, LossConfig, ModelConfig, TrainConfig, TwoTower
@@ -343,6 +343,8 @@ class Trainer:
             item_features=dict(data.item_cardinality),
             user_features=dict(data.user_cardinality),
             text_dim=0 if title_emb is None else int(title_emb.shape[1]),
+            item_feature_widths=feature_widths(data.item_features),
+            user_feature_widths=feature_widths(data.user_features),
         )
         self.title_emb = title_emb
         self.log_p = torch.as_tensor(np.log(data.item_prob), dtype=torch.float32, device=device)  # [n_items]

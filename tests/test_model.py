@@ -106,6 +106,29 @@ def test_padding_and_unknown_user_rules():
     assert not torch.allclose(x, y, atol=1e-4)
 
 
+def test_multi_valued_feature_is_the_mean_of_its_values():
+    """A feature with 2 columns: the item input adds the mean embedding of the codes present (0 pads), so [1, 3]
+    gives (E1 + E3) / 2, [2, 0] gives E2 and [0, 0] nothing; model.json records the width and rebuilds it."""
+    spec = FeatureSpec(n_users=2, n_items=3, item_features={"genre": 4, "year": 3}, item_feature_widths={"genre": 2})
+    feats = torch.tensor([[1, 3, 2], [2, 0, 1], [0, 0, 0]])
+    m = TwoTower(spec, ModelConfig(dim=8, embedding_dim=8), item_feats=feats).eval()
+    ids = torch.arange(3)
+    got = m._item_input(ids, m.item_feats[ids], None)
+    e_id, e_genre, e_year = m.item_id.weight, m.item_feat[0].weight, m.item_feat[1].weight
+    torch.testing.assert_close(got[0], e_id[0] + (e_genre[1] + e_genre[3]) / 2 + e_year[2])
+    torch.testing.assert_close(got[1], e_id[1] + e_genre[2] + e_year[1])
+    torch.testing.assert_close(got[2], e_id[2])
+    # a new item from its features alone: the same columns
+    torch.testing.assert_close(m.encode_item_features(feats[:1]), m._item_head(got[:1] - e_id[:1]))
+    with pytest.raises(ValueError, match=r"`feats` must have shape \[B, 3\] \(features \['genre', 'year'\], "
+                                         r"columns \[2, 1\]\), got \[1, 2\]"):  # fmt: skip
+        m.encode_item_features(torch.zeros(1, 2, dtype=torch.long))
+    meta = m.model_json()
+    assert meta["item_features"] == [["genre", 4, 2], ["year", 3]]
+    again = TwoTower.from_model_json(meta)
+    assert again.item_feats.shape == (3, 3) and again._item_cols == [(0, 2), (2, 1)]
+
+
 def test_bad_inputs_name_the_argument_and_value():
     m = TwoTower(FeatureSpec(n_users=3, n_items=10, item_features={"genre": 4}), ModelConfig(dim=8, embedding_dim=8))
     with pytest.raises(ValueError, match=r"`item_idx` must be in \[0, 10\), got values in \[0, 10\]"):

@@ -363,7 +363,11 @@ def test_movielens_csv_release_needs_no_column_flags(tmp_path):
     by_id = {r[schema.ITEM_ID]: r for r in data["items"].iter_rows(named=True)}
     assert by_id["10"][schema.TITLE] == "American President, The (1995)"
     assert by_id["10"]["feat_year"] == by_id["11"]["feat_year"] == 1 and by_id["12"]["feat_year"] == 0  # no year
-    assert len({by_id[i]["feat_genres"] for i in "10 11 12".split()}) == 3
+    # genres are multi-valued: one code per genre, by frequency (Action 1 of 3, Comedy, Crime, Drama, Romance ...)
+    genres = dict(data["feature_vocab"].filter(pl.col("feature") == "genres").select("value", "code").iter_rows())
+    assert by_id["10"]["feat_genres"] == sorted(genres[g] for g in ("Comedy", "Drama", "Romance"))
+    assert by_id["11"]["feat_genres"] == sorted(genres[g] for g in ("Action", "Crime"))
+    assert by_id["12"]["feat_genres"] == [genres["(no genres listed)"]]
     # named columns still win: --user-col picks the column, and a file without it is an error naming the flag
     with pytest.raises(ValueError, match=r"missing column 'uid' \(--user-col\)"):
         _prep(tmp_path, [ratings], user_col="uid")
@@ -404,16 +408,51 @@ def test_movielens_metadata_files(tmp_path):
     prepare([ratings], tmp_path / "out2", items=u_item, users=u_user, config=cfg)
     data2 = load_prepared(tmp_path / "out2")
     by_id2 = {r[schema.ITEM_ID]: r for r in data2["items"].iter_rows(named=True)}
-    assert by_id2["10"]["feat_genres"] == by_id2["12"]["feat_genres"] != by_id2["11"]["feat_genres"]
     assert by_id2["12"][schema.TITLE] == "Cit\u00e9 (1995)"
-    vocab = data2["feature_vocab"].filter(pl.col("feature") == "genres")
-    assert set(vocab["value"].to_list()) == {"Action|Sci-Fi", "Action"}
+    vocab = dict(data2["feature_vocab"].filter(pl.col("feature") == "genres").select("value", "code").iter_rows())
+    assert vocab == {"Action": 1, "Sci-Fi": 2}  # Action on all three movies, Sci-Fi on two
+    assert by_id2["10"]["feat_genres"] == by_id2["12"]["feat_genres"] == [1, 2] and by_id2["11"]["feat_genres"] == [1]
 
     bad = tmp_path / "bad.dat"
     bad.write_text("10::Heat (1995)::Action::extra\n")
     with pytest.raises(ValueError, match=r"bad.dat: row 1 has 4 fields separated by '::'; a MovieLens items file has "
                                          r"3 fields"):  # fmt: skip
         prepare([ratings], tmp_path / "out3", items=bad, config=cfg)
+
+
+def test_multi_valued_features(tmp_path):
+    """`prepare.multi_valued`: one code per value (by how many items carry it), a value repeated in one row counted
+    once, at most `max_values` codes per row (the most frequent), empty or absent rows = no code; the data loader
+    pads them into [n, K] columns."""
+    ratings = write_csv(tmp_path / "r.csv", "user_id,item_id,timestamp", [f"{u},{i},{t}" for u, i, t in EVENTS])
+    items = write_csv(tmp_path / "items.csv", "item_id,tags,brand", ['10,"b,a,b, c",x', "11,,y", "12,c,x"])
+    out = tmp_path / "out"
+    cfg = PrepareConfig(kcore_users=1, kcore_items=1, drop_cold=False, multi_valued={"tags": ","}, max_values=2)
+    prepare([ratings], out, items=items, config=cfg)
+    data = load_prepared(out)
+    vocab = dict(data["feature_vocab"].filter(pl.col("feature") == "tags").select("value", "code").iter_rows())
+    assert vocab == {"c": 1, "a": 2, "b": 3}  # c on two items; a and b on one (b twice in item 10: counted once)
+    by_id = {r[schema.ITEM_ID]: r for r in data["items"].iter_rows(named=True)}
+    assert by_id["10"]["feat_tags"] == [1, 2]  # c, a: b is the least frequent of its three, over max_values
+    assert by_id["11"]["feat_tags"] == [] and by_id["12"]["feat_tags"] == [1]
+    assert isinstance(by_id["10"]["feat_brand"], int)  # single-valued columns stay as they were
+
+    from recsys.data import feature_widths
+    from recsys.data import load_prepared as load_for_training
+
+    pd_ = load_for_training(out)
+    rows = {i: k for k, i in enumerate(data["items"][schema.ITEM_ID].to_list())}
+    tags = pd_.item_features["tags"]
+    assert tags.shape == (3, 2) and tags[rows["10"]].tolist() == [1, 2] and tags[rows["11"]].tolist() == [0, 0]
+    assert feature_widths(pd_.item_features) == {"tags": 2, "brand": 1}
+    m = pd_.item_feature_matrix()
+    assert m.shape == (3, 3) and m[rows["12"]].tolist() == [1, 0, pd_.item_features["brand"][rows["12"]]]
+
+    with pytest.raises(ValueError, match=r"`prepare.multi_valued` names column\(s\) \['genre'\] that neither"):
+        prepare([ratings], tmp_path / "o2", items=items,
+                config=PrepareConfig(kcore_users=1, kcore_items=1, multi_valued={"genre": "|"}))
+    with pytest.raises(ValueError, match="`prepare.multi_valued` separator of column 'tags' must be a non-empty"):
+        PrepareConfig(multi_valued={"tags": ""}).validate()
 
 
 def test_iso_epoch_seconds_and_epoch_ms_give_the_same_times(tmp_path):
@@ -526,4 +565,5 @@ def test_recbole_item_file_with_typed_header(tmp_path):
     prepare([inter], tmp_path / "out", items=item, config=cfg)
     it = load_prepared(tmp_path / "out")["items"]
     by_id = {r[schema.ITEM_ID]: r for r in it.iter_rows(named=True)}
-    assert by_id["11"][schema.TITLE] == "Heat" and by_id["10"]["feat_class"] == by_id["12"]["feat_class"] == 1
+    # class is a token_seq: space-separated values, a multi-valued feature
+    assert by_id["11"][schema.TITLE] == "Heat" and by_id["10"]["feat_class"] == by_id["12"]["feat_class"] == [1]
