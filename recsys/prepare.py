@@ -991,6 +991,14 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
     # string again, and the scratch file stays small.
     if not hasattr(pl, "Categories"):
         raise RuntimeError(f"recsys prepare needs polars >= 1.32 (pl.Categories), found {pl.__version__}")
+    # -- 0. the item / user metadata files (small next to the logs): read first, so their errors come at once ------
+    item_meta = _read_meta(items_path, id_col=cfg.item_col, cfg=cfg, entity="item") if items_path else None
+    user_meta = _read_meta(users_path, id_col=cfg.user_col, cfg=cfg, entity="user") if users_path else None
+    missing = [c for c in cfg.multi_valued
+               if not any(m is not None and c in m.columns for m in (item_meta, user_meta))]  # fmt: skip
+    if missing:
+        raise ValueError(f"`prepare.multi_valued` names column(s) {missing} that neither the items file "
+                         f"({items_path}) nor the users file ({users_path}) has")
     tag = os.urandom(6).hex()
     user_codes, item_codes = pl.Categories(f"recsys-prepare-users-{tag}"), pl.Categories(f"recsys-prepare-items-{tag}")
     with steps.step("read+validate") as rec:
@@ -1210,13 +1218,6 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         del rows_np, split
 
         # vocabularies + feature tables
-        item_meta = _read_meta(items_path, id_col=cfg.item_col, cfg=cfg, entity="item") if items_path else None
-        user_meta = _read_meta(users_path, id_col=cfg.user_col, cfg=cfg, entity="user") if users_path else None
-        missing = [c for c in cfg.multi_valued
-                   if not any(m is not None and c in m.columns for m in (item_meta, user_meta))]  # fmt: skip
-        if missing:
-            raise ValueError(f"`prepare.multi_valued` names column(s) {missing} that neither the items file "
-                             f"({items_path}) nor the users file ({users_path}) has")
         i_codes, i_fv, i_cards = encode_features(item_ids.rename(cfg.item_col), item_meta, id_col=cfg.item_col,
                                                  entity="item", features=cfg.item_features,
                                                  exclude=(cfg.title_col,), path=items_path,

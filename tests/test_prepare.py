@@ -449,8 +449,7 @@ def test_multi_valued_features(tmp_path):
     assert m.shape == (3, 3) and m[rows["12"]].tolist() == [1, 0, pd_.item_features["brand"][rows["12"]]]
 
     with pytest.raises(ValueError, match=r"`prepare.multi_valued` names column\(s\) \['genre'\] that neither"):
-        prepare([ratings], tmp_path / "o2", items=items,
-                config=PrepareConfig(kcore_users=1, kcore_items=1, multi_valued={"genre": "|"}))
+        prepare([ratings], tmp_path / "o2", items=items, config=PrepareConfig(multi_valued={"genre": "|"}))
     with pytest.raises(ValueError, match="`prepare.multi_valued` separator of column 'tags' must be a non-empty"):
         PrepareConfig(multi_valued={"tags": ""}).validate()
 
