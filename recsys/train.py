@@ -38,6 +38,7 @@ from recsys.model import FeatureSpec, LossConfig, ModelConfig, TrainConfig, TwoT
 log = logging.getLogger(__name__)
 
 STATE_WEIGHTS = "state.safetensors"
+SPARSE_HINT_ROWS = 100_000  # ID-table rows from which dense updates dominate a CPU step (train_bench, 2 cores)
 STATE_JSON = "state.json"
 # Fields that may change between a run and its --resume without changing the result of the finished epochs.
 RESUMABLE_CHANGES = {"train.epochs", "train.patience", "train.progress", "train.log_every", "train.num_threads",
@@ -795,6 +796,12 @@ def _train(
     ctx.barrier()
 
     data = load_prepared(data_dir)
+    rows = data.n_items + (data.n_users if model_cfg.use_user_id else 0)
+    if not train_cfg.sparse_embeddings and rows >= SPARSE_HINT_ROWS and ctx.is_main:
+        # dense AdamW reads and writes every row of the ID tables (and two moments) at every step
+        log.warning("the ID tables hold %d rows and train.sparse_embeddings is off: every step updates all of them; "
+                    "--set train.sparse_embeddings=true updates only the batch's rows (3x faster steps on 2 CPU cores "
+                    "at 200k items, benchmarks/train_bench.py; the same quality on MovieLens-100K)", rows)
     title_emb = _load_title_embeddings(data, model_cfg, run_dir)
     trainer = Trainer(data, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg, device=dev,
                       title_emb=title_emb, init_from=None if resume else init_from, dist=ctx)

@@ -155,6 +155,19 @@ def test_resume_refuses_changed_config_and_existing_dir(data_dir, tmp_path):
         train(data_dir, tmp_path / "other", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu", resume=True)
 
 
+def test_big_dense_id_tables_get_a_sparse_hint(data_dir, tmp_path, monkeypatch, caplog):
+    import recsys.train
+
+    monkeypatch.setattr(recsys.train, "SPARSE_HINT_ROWS", 100)  # the clustered data: 48 items + 96 users
+    m, t, lc = tiny_cfgs(epochs=1)
+    train(data_dir, tmp_path / "dense", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
+    assert "train.sparse_embeddings is off: every step updates all of them" in caplog.text
+    caplog.clear()
+    t_sparse = TrainConfig(**{**t.__dict__, "sparse_embeddings": True})
+    train(data_dir, tmp_path / "sparse", model_cfg=m, train_cfg=t_sparse, loss_cfg=lc, device="cpu")
+    assert "sparse_embeddings is off" not in caplog.text
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     import recsys.losses
 
