@@ -133,11 +133,7 @@ def _features(table, path: Path, n: int) -> tuple[dict[str, np.ndarray], dict[st
         if not c.startswith(schema.FEAT_PREFIX):
             continue
         name = c[len(schema.FEAT_PREFIX) :]
-        col = table.column(c)
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):  # multi-valued: [n, K]
-            a = list_codes(col)
-        else:
-            a = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        a = feature_codes(table.column(c))
         if a.size and a.min() < 0:
             bad = int(np.flatnonzero((a < 0).reshape(n, -1).any(1))[0])
             raise ValueError(f"{str(path)!r} row {bad}: `{c}` codes must be >= 0, got {a[bad].tolist()}")
@@ -146,9 +142,12 @@ def _features(table, path: Path, n: int) -> tuple[dict[str, np.ndarray], dict[st
     return feats, card
 
 
-def list_codes(col: pa.ChunkedArray) -> np.ndarray:
-    """A multi-valued feature's ``list<int>`` column (``n`` rows) -> ``[n, K]`` int64 codes, 0-padded, ``K`` the
-    longest list (at least 1). prepare writes each list sorted, so column 0 is the row's most frequent value."""
+def feature_codes(col: pa.ChunkedArray) -> np.ndarray:
+    """A ``feat_<name>`` column -> int64 codes (null = 0): ``[n]``, or ``[n, K]`` for a multi-valued feature's
+    ``list<int>`` column, 0-padded, ``K`` the longest list (at least 1). prepare writes each list sorted, so column 0
+    is the row's most frequent value."""
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        return col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     arr = col.combine_chunks()
     n = len(arr)
     lengths = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)

@@ -282,7 +282,6 @@ def self_check(device: torch.device, *, dim: int, history_len: int, seed: int = 
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     b, n_rows = 300, 500
-    torch.manual_seed(seed)
     pool = _AttentionPool(dim, history_len).to(device)
     with torch.no_grad():
         for p in pool.parameters():

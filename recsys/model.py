@@ -284,8 +284,7 @@ class _AttentionPool(nn.Module):
         self.key = nn.Linear(dim, dim)
         self.query = nn.Parameter(torch.zeros(dim))
         # "triton": TwoTower.pool_history fuses the lookup and this pooling in training mode (recsys.fused_pool); set
-        # by the trainer
-        # after a self-check on its device, never saved (evaluation and a loaded model pool with torch)
+        # by the trainer after a self-check on its device, never saved (evaluation and a loaded model pool with torch)
         self.kernel = "torch"
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:

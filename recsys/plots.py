@@ -107,10 +107,10 @@ def embedding_2d(vectors: np.ndarray, *, method: str = "auto", seed: int = 0) ->
 
 def _item_labels(bundle: Any) -> tuple[np.ndarray, dict[int, str], str]:
     """Category codes [n_items] + code -> value, for the feature named like 'category' (else the first one)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from recsys import schema
+    from recsys.data import feature_codes
 
     items = bundle.item_table
     feats = [c for c in items.column_names if c.startswith(schema.FEAT_PREFIX)]
@@ -118,13 +118,9 @@ def _item_labels(bundle: Any) -> tuple[np.ndarray, dict[int, str], str]:
         return np.zeros(bundle.n_items, dtype=np.int64), {0: "all items"}, "(no item features)"
     col = next((c for c in feats if "categ" in c), feats[0])
     name = col[len(schema.FEAT_PREFIX) :]
-    column = items.column(col)
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        from recsys.data import list_codes
-
-        codes = list_codes(column)[:, 0]  # a multi-valued feature: each item's most frequent value
-    else:
-        codes = column.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    codes = feature_codes(items.column(col))
+    if codes.ndim == 2:  # a multi-valued feature: each item's most frequent value
+        codes = codes[:, 0]
     vocab = pq.read_table(bundle.path / schema.FEATURE_VOCAB).to_pydict()
     names = {0: "(missing)"}
     for ent, feat, value, code in zip(vocab["entity"], vocab["feature"], vocab["value"], vocab["code"], strict=True):

@@ -341,18 +341,19 @@ def detect_format(path: str | Path) -> str:
     raise ValueError(f"cannot tell the format of {str(path)!r} from its name; pass --format")
 
 
-def _first_line(path: Path) -> str:
+def _open_bytes(path: Path):  # noqa: ANN202 - a binary file object
+    """``path`` opened for binary reading, gzip / zstd decompressed by its name."""
     name = path.name.lower()
     if name.endswith((".gz", ".gzip")):
-        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
-            return f.readline()
+        return gzip.open(path, "rb")
     if name.endswith((".zst", ".zstd")):
-        import pyarrow as pa
+        return pa.CompressedInputStream(pa.OSFile(str(path)), "zstd")
+    return open(path, "rb")
 
-        with pa.CompressedInputStream(pa.OSFile(str(path)), "zstd") as f:
-            return f.read(4096).decode("utf-8", errors="replace").split("\n", 1)[0]
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.readline()
+
+def _first_line(path: Path) -> str:
+    with _open_bytes(path) as f:
+        return f.read(1 << 16).decode("utf-8", errors="replace").split("\n", 1)[0]
 
 
 _ML_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
@@ -748,15 +749,8 @@ _ML_YEAR = r"\((\d{4})\)\s*$"  # "Toy Story (1995)"
 
 def _read_text(path: Path) -> str:
     """A whole (optionally compressed) text file; MovieLens's older releases are Latin-1, not UTF-8."""
-    name = path.name.lower()
-    if name.endswith((".gz", ".gzip")):
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    elif name.endswith((".zst", ".zstd")):
-        with pa.CompressedInputStream(pa.OSFile(str(path)), "zstd") as f:
-            raw = f.read()
-    else:
-        raw = path.read_bytes()
+    with _open_bytes(path) as f:
+        raw = f.read()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -852,14 +846,19 @@ def _read_meta(path: Path, *, id_col: str, cfg: PrepareConfig, entity: str) -> p
     return df
 
 
+def _value_codes(present: pl.Series, name: str) -> pl.DataFrame:
+    """A feature's vocabulary from its present values (one per row, or per row and value): value, code >= 1, codes
+    by frequency, ties by value."""
+    return (present.value_counts(name="n").sort(["n", name], descending=[True, False])
+            .with_row_index("code", offset=1).select(pl.col(name).alias("value"), pl.col("code").cast(pl.Int32)))
+
+
 def _encode_multi(col: pl.Series, name: str, max_values: int) -> tuple[pl.DataFrame, pl.Series]:
     """A multi-valued column (lists of strings) -> (its vocabulary: value, code >= 1 by frequency then value; the
     rows' codes: sorted distinct codes, at most ``max_values``, so the most frequent values are kept)."""
     vals = col.cast(pl.List(pl.String)).list.eval(pl.element().str.strip_chars().filter(pl.element() != ""))
     vals = vals.list.unique(maintain_order=True)  # a value repeated within one row counts once
-    flat = vals.explode().drop_nulls()
-    table = (flat.value_counts(name="n").sort(["n", name], descending=[True, False])
-             .with_row_index("code", offset=1).select(pl.col(name).alias("value"), pl.col("code").cast(pl.Int32)))
+    table = _value_codes(vals.explode().drop_nulls(), name)
     mapping = dict(zip(table["value"].to_list(), table["code"].to_list(), strict=True))
     coded = vals.list.eval(pl.element().replace_strict(mapping, return_dtype=pl.Int32)).list.sort()
     return table, coded.list.head(max_values).fill_null([])
@@ -899,20 +898,14 @@ def encode_features(vocab_ids: pl.Series, meta: pl.DataFrame | None, *, id_col: 
     for name in features:
         if isinstance(joined.schema[name], pl.List):
             table, coded = _encode_multi(joined[name], name, max_values)
-            cards[name] = table.height
-            vocab_rows.append(table.select(pl.lit(entity).alias("entity"), pl.lit(name).alias("feature"), "value",
-                                           "code"))  # fmt: skip
-            codes = codes.with_columns(coded.alias(f"{schema.FEAT_PREFIX}{name}"))
-            continue
-        val = joined[name].cast(pl.String)
-        val = pl.Series(name, val).str.strip_chars()
-        present = val.filter(val.is_not_null() & (val != ""))
-        table = (present.value_counts(name="n").sort(["n", name], descending=[True, False])
-                 .with_row_index("code", offset=1).select(pl.col(name).alias("value"), pl.col("code").cast(pl.Int32)))
+        else:
+            val = pl.Series(name, joined[name].cast(pl.String)).str.strip_chars()
+            table = _value_codes(val.filter(val.is_not_null() & (val != "")), name)
+            coded = pl.DataFrame({"value": val}).join(table, on="value", how="left", maintain_order="left")["code"]
+            coded = coded.fill_null(0).cast(pl.Int32)
         cards[name] = table.height
         vocab_rows.append(table.select(pl.lit(entity).alias("entity"), pl.lit(name).alias("feature"), "value", "code"))
-        coded = pl.DataFrame({"value": val}).join(table, on="value", how="left", maintain_order="left")["code"]
-        codes = codes.with_columns(coded.fill_null(0).cast(pl.Int32).alias(f"{schema.FEAT_PREFIX}{name}"))
+        codes = codes.with_columns(coded.alias(f"{schema.FEAT_PREFIX}{name}"))
     fv = pl.concat(vocab_rows) if vocab_rows else _empty_feature_vocab()
     return codes.drop("_k"), fv, cards
 
