@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -462,13 +463,20 @@ def export(
     ``data_dir`` defaults to the dataset named in the run's config.json. ``index_cfg`` is an
     ``recsys.index.IndexConfig`` (defaults when None). ``ef`` is auto-tuned on up to ``tune_queries`` held-out
     users' embeddings (default: ``max(1000, index_cfg.autotune_queries)``; test users first, then valid users, then
-    others), to the config's ``target_recall`` (0.99) at ``autotune_k``. With ``evaluate_split`` a quick
-    exact/ANN evaluation of that split is stored in the manifest (``evaluation``). After publishing, all but the
-    newest ``keep`` versions are deleted (never the one ``LATEST`` points to).
+    others), to the config's ``target_recall`` (0.99) at ``autotune_k``. After publishing, all but the newest
+    ``keep`` versions are deleted (never the one ``LATEST`` points to).
+
+    What the bundle knows is what its model was fit on: when the run's final fit included the test split
+    (``train.final_fit = "all"``, the default), the serving state -- histories, seen sets, the popularity counts
+    (``items.parquet``'s ``n_train`` and ``prob``) -- is rebuilt from every split; otherwise it is the prepared
+    train + valid state. The manifest's ``trained_on`` records the final fit (splits, rows, time range, sha256 of
+    each split file) for ``recsys evaluate``'s in-sample check. With ``evaluate_split`` and a split the final fit
+    did not see, a quick exact/ANN evaluation of it is stored as ``evaluation``; when the model saw it, the
+    ``evaluation`` is the holdout estimate (the fit's validation metrics), labelled as such.
     """
     import pyarrow.parquet as pq
 
-    from recsys.index import ExactIndex, HnswIndex, IndexConfig, autotune_ef
+    from recsys.index import IndexConfig
     from recsys.model import TwoTower
 
     if keep < 1:
@@ -495,7 +503,6 @@ def export(
     metric = str(getattr(model, "metric", model_json.get("metric", schema.METRIC)))
     if metric != schema.METRIC:
         raise BundleError(f"{schema.MODEL_JSON}: model metric is {metric!r}, the system serves {schema.METRIC!r}")
-    dim = int(model.dim)
     n_users, n_items = int(model.n_users), int(model.n_items)
     n_users_data = pq.read_metadata(data_dir / schema.USERS).num_rows
     n_items_data = pq.read_metadata(data_dir / schema.ITEMS).num_rows
@@ -505,9 +512,65 @@ def export(
             f"{n_users_data} / {n_items_data}: the run was not trained on this dataset"
         )
 
+    trained_on = summary.get("final_fit")  # absent in runs from before it was recorded
+    full_state = trained_on is not None and "test" in trained_on.get("splits", ())
+    state_dir = Path(tempfile.mkdtemp(prefix="recsys-serving-state-"))
+    try:
+        if full_state:
+            _write_serving_state(data_dir, state_dir, data_manifest, n_users=n_users, n_items=n_items)
+        else:
+            for name in DATA_FILES:
+                shutil.copyfile(data_dir / name, state_dir / name)
+        return _export(run_dir, models_dir, data_dir, state_dir, model=model, model_json=model_json,
+                       run_config=run_config, summary=summary, data_manifest=data_manifest, index_cfg=index_cfg,
+                       keep=keep, version=version, tune_queries=tune_queries, seed=seed,
+                       evaluate_split=evaluate_split, trained_on=trained_on)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _write_serving_state(data_dir: Path, out: Path, data_manifest: Mapping[str, Any], *, n_users: int,
+                         n_items: int) -> None:
+    """The bundle's data files from EVERY split of ``data_dir``: history (last N, oldest first), seen sets, and
+    users / items with ``n_train`` = interactions in all splits (``prob`` recomputed by prepare's rule)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys.data import Interactions, history_and_seen, read_interactions, write_ragged
+    from recsys.prepare import logq_prob
+
+    inter = Interactions.concat(*(read_interactions(data_dir / f, n_users=n_users, n_items=n_items)
+                                  for f in schema.SPLITS.values() if (data_dir / f).is_file()))
+    cfg = data_manifest.get("config") or {}
+    history_len = int(data_manifest.get("history_len") or cfg.get("history_len") or 50)
+    (h_off, h_val), (s_off, s_val) = history_and_seen(inter.user_idx, inter.item_idx, n_users=n_users,
+                                                      n_items=n_items, history_len=history_len)
+    write_ragged(out / schema.HISTORY, h_off, h_val)
+    write_ragged(out / schema.SEEN, s_off, s_val)
+    shutil.copyfile(data_dir / schema.FEATURE_VOCAB, out / schema.FEATURE_VOCAB)
+    for name, col, n in ((schema.ITEMS, inter.item_idx, n_items), (schema.USERS, inter.user_idx, n_users)):
+        t = pq.read_table(data_dir / name)
+        counts = np.bincount(col, minlength=n)
+        if "n_train" in t.column_names:
+            t = t.set_column(t.column_names.index("n_train"), "n_train", pa.array(counts.astype(np.int32)))
+        if "prob" in t.column_names:
+            prob = logq_prob(counts, smoothing=float(cfg.get("prob_smoothing") or 0.0))
+            t = t.set_column(t.column_names.index("prob"), "prob", pa.array(prob))
+        pq.write_table(t, out / name)
+
+
+def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *, model: Any, model_json: dict,
+            run_config: dict, summary: dict, data_manifest: dict, index_cfg: Any, keep: int, version: str | None,
+            tune_queries: int | None, seed: int, evaluate_split: str | None,
+            trained_on: dict[str, Any] | None) -> Path:
+    from recsys.index import ExactIndex, HnswIndex, autotune_ef
+
+    metric = str(getattr(model, "metric", model_json.get("metric", schema.METRIC)))
+    dim = int(model.dim)
+    n_users, n_items = int(model.n_users), int(model.n_items)
     # Embeddings with the exported towers: users from their serving history, exactly as serving would.
     item_emb = embed_items(model, n_items)
-    hist_off, hist_val = read_ragged(data_dir / schema.HISTORY, n_rows=n_users, what=schema.HISTORY)
+    hist_off, hist_val = read_ragged(state_dir / schema.HISTORY, n_rows=n_users, what=schema.HISTORY)
     max_history = _max_history(model, model_json)
     user_emb = embed_users(
         model,
@@ -529,7 +592,7 @@ def export(
     if index_cfg.autotune:
         rows, query_source = _tuning_users(data_dir, user_emb, n_queries=n_queries, seed=seed)
         # The same users minus their seen items (what serving excludes) tune the width of excluding searches.
-        seen_off, seen_val = read_ragged(data_dir / schema.SEEN, n_rows=n_users, what=schema.SEEN)
+        seen_off, seen_val = read_ragged(state_dir / schema.SEEN, n_rows=n_users, what=schema.SEEN)
         ef, table = autotune_ef(
             index, exact, user_emb[rows], k=tune_k, target_recall=index_cfg.target_recall,
             efs=index_cfg.autotune_efs, exclude=_ragged_rows(seen_off, seen_val, rows),
@@ -538,7 +601,13 @@ def export(
     index.set_ef(int(ef))
 
     evaluation: dict[str, Any] = {}
-    if evaluate_split is not None and (data_dir / schema.SPLITS[evaluate_split]).is_file():
+    seen_splits = (trained_on or {}).get("splits", ())
+    if evaluate_split is not None and evaluate_split in seen_splits:
+        holdout = summary.get("holdout") or {}
+        if holdout.get("metrics"):  # the split is in-sample: the estimate is the fit's validation metrics
+            evaluation = {"split": holdout.get("split", "valid"), "source": "holdout run: " + holdout["estimate"],
+                          **holdout["metrics"]}
+    elif evaluate_split is not None and _has_rows(data_dir / schema.SPLITS[evaluate_split]):
         from recsys.evaluate import quick_evaluation
 
         evaluation = quick_evaluation(
@@ -558,7 +627,7 @@ def export(
             for name in (schema.MODEL_JSON, schema.MODEL_WEIGHTS):
                 shutil.copyfile(run_dir / name, tmp / name)
             for name in DATA_FILES:
-                shutil.copyfile(data_dir / name, tmp / name)
+                shutil.copyfile(state_dir / name, tmp / name)
             np.save(tmp / schema.ITEM_EMBEDDINGS, item_emb, allow_pickle=False)
             np.save(tmp / schema.USER_EMBEDDINGS, user_emb, allow_pickle=False)
             index.save(tmp / schema.INDEX_FILE)
@@ -596,6 +665,10 @@ def export(
                     },
                 },
                 "training": summary,
+                "trained_on": trained_on,
+                "catalogue": {"servable_items": n_items,
+                              "filtered_rows": (data_manifest.get("rows") or {}).get("filtered"),
+                              "items_before_kcore": (data_manifest.get("counts") or {}).get("items_before_kcore")},
                 "evaluation": evaluation,
                 "packages": _package_versions(),
                 "files": {
@@ -609,6 +682,12 @@ def export(
         log.info("published %s (ef=%d, %d items, %d users)", final, ef, n_items, n_users)
         _prune_locked(models_dir, keep=keep)
     return final
+
+
+def _has_rows(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    return path.is_file() and pq.read_metadata(path).num_rows > 0
 
 
 def _data_fingerprint(data_manifest: Mapping[str, Any]) -> Any:

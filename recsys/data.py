@@ -46,15 +46,15 @@ class Interactions:
         return starts[np.cumsum(new) - 1].astype(np.int64)
 
     @staticmethod
-    def concat(a: Interactions, b: Interactions) -> Interactions:
-        """Both splits merged and re-sorted by (user, ts); ties keep ``a`` before ``b``."""
-        out = Interactions(
-            np.concatenate([a.user_idx, b.user_idx]),
-            np.concatenate([a.item_idx, b.item_idx]),
-            np.concatenate([a.ts, b.ts]),
-            np.concatenate([a.weight, b.weight]),
-        )
+    def concat(*parts: Interactions) -> Interactions:
+        """The splits merged and re-sorted by (user, ts); ties keep the earlier argument's rows first."""
+        out = Interactions(*(np.concatenate([getattr(p, f) for p in parts])
+                             for f in ("user_idx", "item_idx", "ts", "weight")))
         return out.sorted()
+
+    @staticmethod
+    def empty() -> Interactions:
+        return Interactions(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.int64, np.float32)))
 
     def sorted(self) -> Interactions:
         order = np.lexsort((np.arange(len(self)), self.ts, self.user_idx))  # stable: (user, ts, row)
@@ -70,6 +70,7 @@ class PreparedData:
     n_items: int
     train: Interactions
     valid: Interactions
+    test: Interactions
     item_prob: np.ndarray  # [n_items] float64, sums to 1 (logQ)
     item_features: dict[str, np.ndarray]  # name -> [n_items] int64 codes (0 = missing); [n_items, K] multi-valued
     user_features: dict[str, np.ndarray]  # name -> [n_users] int64 codes; [n_users, K] multi-valued
@@ -201,11 +202,8 @@ def load_prepared(data_dir: str | Path) -> PreparedData:
         titles = [t if t is not None else "" for t in items.column(schema.TITLE).to_pylist()]
 
     train = read_interactions(d / schema.TRAIN, n_users=n_users, n_items=n_items)
-    valid_path = d / schema.VALID
-    if valid_path.exists():
-        valid = read_interactions(valid_path, n_users=n_users, n_items=n_items)
-    else:
-        valid = Interactions(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.int64, np.float32)))
+    valid, test = (read_interactions(d / schema.SPLITS[s], n_users=n_users, n_items=n_items)
+                   if (d / schema.SPLITS[s]).exists() else Interactions.empty() for s in ("valid", "test"))
     if len(train) == 0:
         raise ValueError(f"{str(d / schema.TRAIN)!r} holds no interactions")
     return PreparedData(
@@ -214,6 +212,7 @@ def load_prepared(data_dir: str | Path) -> PreparedData:
         n_items=n_items,
         train=train,
         valid=valid,
+        test=test,
         item_prob=prob,
         item_features=item_feats,
         user_features=user_feats,
@@ -259,6 +258,41 @@ def last_items(inter: Interactions, n_users: int, n: int) -> np.ndarray:
     keep = col >= 0
     out[inter.user_idx[keep], col[keep]] = inter.item_idx[keep]
     return out
+
+
+def history_and_seen(
+    user_idx: np.ndarray, item_idx: np.ndarray, *, n_users: int, n_items: int, history_len: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The serving state of a set of interactions: ``((hist_off, hist_items), (seen_off, seen_items))``.
+
+    ``user_idx`` / ``item_idx`` ``[n]``: rows grouped by user in ascending ``user_idx`` order, each user's rows in
+    time order (the order of the split files and of :meth:`Interactions.sorted`). History: each user's last
+    ``history_len`` items, oldest first; seen: each user's distinct items, ascending. Both are CSR pairs
+    (offsets ``[n_users + 1]`` int64, values int32), built from offsets without per-user Python objects.
+    """
+    n = max(n_items, 1)
+    off = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(user_idx, minlength=n_users), out=off[1:])
+    h_start = np.maximum(off[:-1], off[1:] - history_len)
+    h_len = off[1:] - h_start
+    h_off = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(h_len, out=h_off[1:])
+    h_vals = item_idx[np.repeat(h_start - h_off[:-1], h_len) + np.arange(h_off[-1])].astype(np.int32)
+    key = np.unique(user_idx.astype(np.int64) * n + item_idx)  # sorted: blocks stay in user order
+    s_off = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(key // n, minlength=n_users), out=s_off[1:])
+    return (h_off, h_vals), (s_off, (key % n).astype(np.int32))
+
+
+def write_ragged(path: str | Path, offsets: np.ndarray, values: np.ndarray) -> None:
+    """CSR rows -> the ``user_idx i32, items list<i32>`` parquet of history.parquet / seen.parquet (one row per
+    user, in user order); read back with ``recsys.bundle.read_ragged``."""
+    n_rows = len(offsets) - 1
+    off = offsets.astype(np.int32 if offsets[-1] < 2**31 else np.int64)
+    items = (pa.ListArray if off.dtype == np.int32 else pa.LargeListArray).from_arrays(
+        pa.array(off), pa.array(values.astype(np.int32, copy=False)))
+    pq.write_table(pa.table({schema.USER_IDX: pa.array(np.arange(n_rows, dtype=np.int32)), "items": items}),
+                   path, compression="zstd")
 
 
 def user_item_lists(inter: Interactions, n_users: int) -> list[np.ndarray]:

@@ -15,6 +15,9 @@ Protocol, stated once:
 * Baselines (Popularity, ItemKNN, EASE) are fitted on the interactions before the split and scored the same way.
 * Metrics come from ``recsys.metrics.ranking_metrics`` (recall@K = hits / |relevant|), plus catalogue coverage@K
   and popularity bias (mean train-popularity percentile of the recommended items, 1 = most popular).
+* A bundle is never silently scored on interactions it was trained on: the manifest's ``trained_on`` (what the
+  final fit saw: splits and the sha256 of each split file) is checked against the split, and a match is refused
+  (:class:`InSampleError`) unless ``in_sample=True``, which reports the numbers marked as in-sample.
 * Segments: users ``cold`` (at most ``cold_threshold`` prior items) / ``warm``; items ``head`` / ``torso`` /
   ``tail`` (train popularity ranks covering the first 50% / next 30% / last 20% of train interactions) and
   ``new`` (``first_ts`` after the last train interaction). An item segment restricts ``relevant`` to its items
@@ -46,6 +49,27 @@ HEAD_SHARE, TORSO_SHARE = 0.5, 0.8
 # ef values swept for the ANN recall / latency curve (the tuned ef is added)
 SWEEP_EFS = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 _SEARCH_BATCH = 1024
+
+
+class InSampleError(ValueError):
+    """The bundle's final fit trained on the interactions the evaluation would score."""
+
+
+def in_sample_reason(bundle: Any, data_dir: str | Path, split: str) -> str | None:
+    """Why scoring ``bundle`` on ``split`` of ``data_dir`` would score interactions its final fit trained on, or
+    None. Matched by content (the split file's sha256 against each split the fit saw), so a copied or renamed
+    dataset is caught too; bundles from before ``trained_on`` was recorded were fit on train + valid at most."""
+    from recsys.io import sha256_file
+
+    trained = bundle.manifest.get("trained_on") or {}
+    path = Path(data_dir) / schema.SPLITS[split]
+    sha = sha256_file(path)
+    for name, h in (trained.get("split_sha256") or {}).items():
+        if h == sha:
+            return (f"bundle {bundle.version!r} was trained on these interactions: its final fit saw splits "
+                    f"{trained.get('splits')} ({trained.get('rows')} rows) and {str(path)!r} is identical to the "
+                    f"{name!r} split it trained on (sha256 {sha[:16]})")
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -118,6 +142,9 @@ def load_eval_set(
     n_users, n_items = users_t.num_rows, items_t.num_rows
     train = read_interactions(d / schema.TRAIN, n_users=n_users, n_items=n_items)
     target = read_interactions(d / schema.SPLITS[split], n_users=n_users, n_items=n_items)
+    if len(target) == 0:
+        raise ValueError(f"{str(d / schema.SPLITS[split])!r} holds no interactions: nothing to evaluate (was the "
+                         f"dataset prepared with `prepare.{split}_frac = 0`?)")
     if split == "test":
         before = train
         if (d / schema.VALID).is_file():
@@ -344,9 +371,9 @@ def _run_bundle(bundle: Any, es: EvalSet, big_k: int, ks: Sequence[int], *, prog
     seen_b = [to_b(s) for s in es.seen]
     t0 = time.perf_counter()
     # The bundle's stored embeddings were computed from this very dataset's serving history: reuse them for test.
-    stored = same_vocab and es.split == "test" and bundle.manifest.get("data", {}).get("manifest_sha256") == (
-        es.manifest_sha256
-    )
+    stored = (same_vocab and es.split == "test"
+              and "test" not in (bundle.manifest.get("trained_on") or {}).get("splits", ())
+              and bundle.manifest.get("data", {}).get("manifest_sha256") == es.manifest_sha256)
     if stored:
         queries = np.asarray(bundle.user_embeddings[rows])
     else:
@@ -478,8 +505,12 @@ def evaluate(
     sweep: bool = True,
     seed: int = 0,
     progress: bool = False,
+    in_sample: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a bundle (a ``Bundle`` or a path for ``Bundle.load``) on ``split`` of ``data_dir``.
+
+    A bundle whose final fit trained on ``split`` (see :func:`in_sample_reason`) raises :class:`InSampleError`;
+    with ``in_sample=True`` it is scored and the report says so (``report["in_sample"]``).
 
     ``compare``: a second bundle for an A/B. ``baselines``: any of ``popularity``, ``itemknn``, ``ease`` (EASE is
     skipped with a note above ``ease_max_items`` items). ``max_users``: evaluate a seeded sample of users.
@@ -502,6 +533,15 @@ def evaluate(
     b = None if compare is None else (compare if isinstance(compare, Bundle) else Bundle.load(compare))
     history_len = a.max_history
     es = load_eval_set(data_dir, split, max_users=max_users, seed=seed, history_len=history_len)
+    leaks = {name: why for name, bun in (("two_tower", a), ("compare", b))
+             if bun is not None and (why := in_sample_reason(bun, data_dir, split)) is not None}
+    if leaks and not in_sample:
+        raise InSampleError(
+            f"refusing to score on split {split!r} of {str(data_dir)!r}: {'; '.join(dict.fromkeys(leaks.values()))}. "
+            f"Its numbers "
+            f"would measure memorisation, not the future. Evaluate a bundle trained with `train.final_fit = "
+            f"\"train_valid\"` (test held out), or pass --in-sample (in_sample=True) to report them marked as "
+            f"in-sample; the bundle's holdout estimate is in its manifest (`evaluation`).")
     big_k = ks[-1]
     if big_k > es.n_items:
         raise ValueError(f"`ks` must be at most the catalogue size {es.n_items}, got {big_k}")
@@ -560,6 +600,7 @@ def evaluate(
             "items:new": "first_ts after the last train interaction",
         },
         "notes": notes,
+        "in_sample": leaks or None,
         "summary": {**models["two_tower"]["metrics"], **ann["two_tower"]},
     }
     if b is not None:
@@ -720,6 +761,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "already seen and are excluded).",
         "",
     ]
+    for name, why in (report.get("in_sample") or {}).items():
+        lines += [f"**IN-SAMPLE: `{name}` was trained on the scored interactions; its numbers are not an estimate "
+                  f"of future quality.** ({why})", ""]
     for name, info in report.get("bundles", {}).items():
         lines.append(f"- `{name}`: bundle `{info['version']}` (ef={info['ef']}, "
                      f"users unknown to it: {info['users_unknown_to_bundle']}, "

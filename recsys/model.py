@@ -185,7 +185,12 @@ class TrainConfig:
     patience: int = 10
     """Stop after this many validations without improvement of ``early_stop_metric`` (0 = never stop early)."""
     refit: bool = True
-    """After picking the best epoch on validation, retrain from scratch on train + valid for that many epochs."""
+    """After picking the best epoch on validation, retrain from scratch for that many epochs on the splits
+    ``final_fit`` names; that refit is the model a run publishes (off: the best epoch of the fit on train)."""
+    final_fit: Literal["all", "train_valid"] = "all"
+    """What the refit (the published model) trains on: "all" = train + valid + test, every kept interaction (the
+    production choice: the newest events are the most predictive; the held-out estimate is the fit's validation
+    metrics); "train_valid" = test stays unseen, so ``recsys evaluate`` can score the published model on it."""
     log_every: int = 50
     """Write a training-loss line to metrics.jsonl every this many steps (0 = only per epoch)."""
     progress: bool = True
@@ -228,6 +233,8 @@ class TrainConfig:
         for name in ("loss_kernel", "history_kernel"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 raise ValueError(f"`train.{name}` must be 'auto', 'torch' or 'triton', got {getattr(self, name)!r}")
+        if self.final_fit not in ("all", "train_valid"):
+            raise ValueError(f"`train.final_fit` must be 'all' or 'train_valid', got {self.final_fit!r}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise ValueError(f"`train.lr_schedule` must be 'constant', 'cosine' or 'linear', got {self.lr_schedule!r}")
         for name in ("weight_decay", "embedding_weight_decay", "grad_clip", "max_eval_users", "patience",

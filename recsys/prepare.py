@@ -50,10 +50,10 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from recsys import schema
 from recsys.config import to_dict
+from recsys.data import history_and_seen, write_ragged
 from recsys.io import atomic_dir, atomic_write_json, sha256_file
 from recsys.vocab import Vocab
 
@@ -1100,6 +1100,9 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
     n_item_codes = int(cols_np["i"].max()) + 1
 
     # -- 4. k-core to a fixed point --------------------------------------------------------------------------------
+    # the catalogue before k-core (what prepare.kcore_items may cut from it)
+    items_before_kcore = int(np.count_nonzero(np.bincount(cols_np["i"], minlength=n_item_codes)))
+    users_before_kcore = int(np.count_nonzero(np.bincount(cols_np["u"], minlength=n_user_codes)))
     with steps.step("kcore") as rec:
         keep, why, iters = kcore_filter(cols_np["u"], cols_np["i"], min_user=cfg.kcore_users,
                                         min_item=cfg.kcore_items)
@@ -1186,23 +1189,14 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
             del frame, m
 
         # serving state, one row per user in user_idx order: the last N items of train+valid (oldest first) and
-        # the distinct items of train+valid (ascending), as list<int32> built from offsets (no per-user objects)
+        # the distinct items of train+valid (ascending)
         m = split < 2
-        seen_u, seen_i = rows_np[schema.USER_IDX][m], rows_np[schema.ITEM_IDX][m]
-        off = np.concatenate([[0], np.cumsum(np.bincount(seen_u, minlength=n_users))])
-        h_start = np.maximum(off[:-1], off[1:] - cfg.history_len)
-        h_len = off[1:] - h_start
-        h_off = np.concatenate([[0], np.cumsum(h_len)])
-        h_vals = seen_i[np.repeat(h_start - h_off[:-1], h_len) + np.arange(h_off[-1])]
-        key = np.sort(seen_u.astype(np.int64) * max(n_items, 1) + seen_i)  # blocks stay in user order
-        s_vals = (key % max(n_items, 1)).astype(np.int32)
-        del key, seen_u, seen_i, m
-        user_col = pa.array(np.arange(n_users, dtype=np.int32))
-        for offsets, vals, fname in ((h_off, h_vals, schema.HISTORY), (off, s_vals, schema.SEEN)):
-            items_col = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32 if offsets[-1] < 2**31 else
-                                                                          np.int64)), pa.array(vals))
-            pq.write_table(pa.table({schema.USER_IDX: user_col, "items": items_col}), tmp / fname,
-                           compression="zstd")
+        (h_off, h_vals), (s_off, s_vals) = history_and_seen(
+            rows_np[schema.USER_IDX][m], rows_np[schema.ITEM_IDX][m], n_users=n_users, n_items=n_items,
+            history_len=cfg.history_len)
+        del m
+        write_ragged(tmp / schema.HISTORY, h_off, h_vals)
+        write_ragged(tmp / schema.SEEN, s_off, s_vals)
         del h_vals, s_vals
         first_ts = (pl.DataFrame({"i": rows_np[schema.ITEM_IDX], "ts": rows_np[schema.TS]})
                     .group_by("i").agg(pl.col("ts").min()).sort("i")["ts"].to_numpy())
@@ -1274,7 +1268,8 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         "users_file": fingerprint_file(users_path) if users_path else None,
         "rows": rows,
         "counts": {"n_users": n_users, "n_items": n_items, "train": rows["train"], "valid": rows["valid"],
-                   "test": rows["test"]},
+                   "test": rows["test"], "items_before_kcore": items_before_kcore,
+                   "users_before_kcore": users_before_kcore},
         "split": split_desc,
         "dedupe": {"policy": cfg.dedupe, "note": "dedupe happens before the split: each (user, item) pair appears "
                                                  "once in the whole dataset"},

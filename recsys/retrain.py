@@ -10,6 +10,14 @@ The gate compares the candidate with the serving model (``LATEST``) on the newes
 both retrieving through the same path (users embedded from their history in the new data, exact search, seen items
 excluded, scored by external IDs, so the two vocabularies need not match), and publishes only when
 ``recall_candidate >= recall_serving - tolerance``. The gate report is written either way.
+
+The candidate is fit without the newest slice (``train.final_fit = "train_valid"``: the slice must be unseen to
+judge it). What is published when the gate passes is a refit on every split, the newest slice included, for the
+epoch count the candidate's validation chose, from the same warm start and seed (``train.final_fit = "all"``, the
+default; ``"train_valid"`` publishes the gated candidate itself). A refit rather than continued training on the
+slice: it is the model ``recsys train`` would publish from the same logs, the gated candidate and the published
+model differ only by the newest slice, and a few epochs on the slice alone would over-weight it and restart the
+learning-rate schedule on 10% of the data.
 """
 
 from __future__ import annotations
@@ -113,9 +121,10 @@ class JobState:
     def done(self, stage: str) -> dict[str, Any] | None:
         return self.data["stages"].get(stage)
 
-    def mark(self, stage: str, **info: Any) -> None:
+    def mark(self, stage: str, **info: Any) -> dict[str, Any]:
         self.data["stages"][stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
         atomic_write_json(self.path, self.data)
+        return self.data["stages"][stage]
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -161,6 +170,10 @@ def _gate_users(data_dir: Path, *, split: str, max_users: int, seed: int):
     import pyarrow.parquet as pq
 
     from recsys import schema
+
+    if pq.read_metadata(data_dir / schema.SPLITS[split]).num_rows == 0:
+        raise ValueError(f"the gate's slice {str(data_dir / schema.SPLITS[split])!r} holds no interactions: the new "
+                         f"logs are too few or too short for `retrain.newest_fraction`")
 
     items = pq.read_table(data_dir / schema.ITEMS, columns=[schema.ITEM_ID]).column(schema.ITEM_ID).to_pylist()
     users = pq.read_table(data_dir / schema.USERS, columns=[schema.USER_ID]).column(schema.USER_ID).to_pylist()
@@ -287,25 +300,37 @@ def retrain(
 
         serving_dir = _serving_dir(models_dir)
         run_dir = job_dir / "run"
+        warm_from = serving_dir if cfg.warm_start else None
+        # the gated candidate never sees the newest slice
+        cand_cfg = dataclasses.replace(train_cfg, final_fit="train_valid")
         if not state.done("train"):
-            resume = (run_dir / "checkpoint" / "state.json").exists()
-            warm = serving_dir if (cfg.warm_start and serving_dir is not None and not resume) else None
-            if run_dir.exists() and not resume:
-                import shutil
-
-                shutil.rmtree(run_dir)  # a crash before the first checkpoint: start the run over
-            summary = train(data_dir, run_dir, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg,
-                            device=cfg.device, resume=resume, init_from=warm)
-            state.mark("train", run_dir=str(run_dir), warm_start=str(warm) if warm else None,
-                       best=summary.get("best_metrics"))
+            summary = _train_stage(train, data_dir, run_dir, warm_from, model_cfg=model_cfg, train_cfg=cand_cfg,
+                                   loss_cfg=loss_cfg, device=cfg.device)
+            state.mark("train", run_dir=str(run_dir), warm_start=str(warm_from) if warm_from else None,
+                       best=summary.get("best_metrics"), final_fit=summary.get("final_fit"))
 
         gate = state.done("gate")
         if not gate:
             gate = run_gate(run_dir, serving_dir, data_dir, cfg=cfg)
             state.mark("gate", **gate)
-        report: dict[str, Any] = {"job": job, "job_dir": str(job_dir), "gate": gate, "published": None}
+        report: dict[str, Any] = {"job": job, "job_dir": str(job_dir), "gate": gate, "published": None,
+                                  "candidate": {"run_dir": str(run_dir), "trained_on": state.done("train").get(
+                                      "final_fit")}}
+        publish_dir = run_dir
+        if gate["passed"] and train_cfg.refit and train_cfg.final_fit == "all":
+            publish_dir = job_dir / "run_final"
+            final = state.done("final_fit")
+            if not final:
+                summary = _train_stage(train, data_dir, publish_dir, warm_from, model_cfg=model_cfg,
+                                       train_cfg=train_cfg, loss_cfg=loss_cfg, device=cfg.device,
+                                       final_fit_epochs=_chosen_epochs(run_dir))
+                final = state.mark("final_fit", run_dir=str(publish_dir), trained_on=summary.get("final_fit"))
+            report["published_fit"] = {"run_dir": str(publish_dir), "trained_on": final.get("trained_on"),
+                                       "why": "refit on every split, the gate's slice included, for the epochs the "
+                                              "candidate chose"}
         if gate["passed"]:
-            version_dir = bundle_mod.export(run_dir, models_dir, data_dir=data_dir, index_cfg=index_cfg, keep=cfg.keep)
+            version_dir = bundle_mod.export(publish_dir, models_dir, data_dir=data_dir, index_cfg=index_cfg,
+                                            keep=cfg.keep)
             report["published"] = version_dir.name
             atomic_write_json(job_dir / "report.json", report)
             state.mark("publish", version=version_dir.name)
@@ -315,6 +340,22 @@ def retrain(
             log.warning("candidate rejected, %s keeps serving: %s", gate.get("serving_version"), gate["reason"])
         report["seconds"] = round(time.perf_counter() - t0, 2)
         return report
+
+
+def _chosen_epochs(run_dir: Path) -> int:
+    """The epoch count a finished run's validation chose (its refit's length, or its best epoch without one)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return max(1, int(summary.get("refit_epochs") or summary.get("best_epoch") or 1))
+
+
+def _train_stage(train: Any, data_dir: Path, run_dir: Path, warm_from: Path | None, **kw: Any) -> dict[str, Any]:
+    """One training run of the job, resumed from its checkpoint after a crash, warm-started otherwise."""
+    resume = (run_dir / "checkpoint" / "state.json").exists()
+    if run_dir.exists() and not resume:
+        import shutil
+
+        shutil.rmtree(run_dir)  # a crash before the first checkpoint: start the run over
+    return train(data_dir, run_dir, resume=resume, init_from=None if resume else warm_from, **kw)
 
 
 def _serving_dir(models_dir: Path) -> Path | None:

@@ -32,13 +32,18 @@ Training run (``recsys train --out RUN_DIR``)
                              self-contained given item_idx / user_idx / history).
 ``checkpoint/``              last checkpoint for ``--resume``: state.safetensors + state.json.
 ``metrics.jsonl``            one JSON object per validation / log event.
-``summary.json``             best epoch, best validation metrics, timing, device.
+``summary.json``             best epoch, best validation metrics (``holdout``: the estimate from the fit on train),
+                             ``final_fit`` (what the saved weights were fit on: splits, rows, time range, each
+                             split file's sha256), timing, device.
 
 Model bundle (``recsys export --models MODELS_DIR``)
 ----------------------------------------------------
 ``MODELS_DIR/<version>/``    manifest.json, model.json, model.safetensors, item_embeddings.npy,
                              user_embeddings.npy, users.parquet, items.parquet, feature_vocab.parquet,
-                             history.parquet, seen.parquet, index.hnsw
+                             history.parquet, seen.parquet, index.hnsw. The serving state covers what the final
+                             fit saw (``manifest["trained_on"]``): with ``train.final_fit = "all"`` (the default)
+                             history / seen / ``n_train`` / ``prob`` are rebuilt from every split, else they are
+                             the prepared dataset's (train + valid).
 ``MODELS_DIR/LATEST``        a text file holding the current version name, replaced atomically.
 """
 

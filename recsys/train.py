@@ -91,7 +91,7 @@ def lr_factor(step: int, total: int, *, schedule: str = "constant", warmup: int 
 class _Progress:
     """Everything besides tensors that a checkpoint must restore."""
 
-    phase: str = "fit"  # "fit" (with validation) | "refit" (train + valid, fixed epochs) | "done"
+    phase: str = "fit"  # "fit" (on train, validated) | "refit" (the final fit, fixed epochs) | "done"
     epoch: int = 0  # epochs completed in the current phase
     step: int = 0  # optimizer steps in the current phase
     best_epoch: int = 0
@@ -100,6 +100,7 @@ class _Progress:
     bad_evals: int = 0
     stopped_early: bool = False
     refit_epochs: int = 0
+    final_splits: list[str] = field(default_factory=lambda: ["train"])  # what the saved weights were fit on
     train_seconds: float = 0.0
     examples: int = 0
 
@@ -735,11 +736,20 @@ def train(
     device: str | torch.device = "auto",
     resume: bool = False,
     init_from: str | Path | None = None,
+    final_fit_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train a two-tower model on a prepared dataset; write the run directory; return the summary dict.
 
+    Two fits: the fit on train, validated every epoch, picks the epoch count (early stopping); the final fit
+    (``train.refit``) trains from scratch for that many epochs on the splits ``train.final_fit`` names and is the
+    model the run publishes. The summary keeps the fit's validation metrics as ``holdout`` and records what the
+    final fit saw as ``final_fit`` (splits, rows, time range, the split files' sha256), which export copies into
+    the bundle and ``recsys evaluate`` checks.
+
     ``init_from``: a bundle version directory (or a run with its vocabularies) to warm-start from, as retraining
     does: see :func:`recsys.warmstart.warm_start`. Ignored when resuming (the checkpoint has the weights).
+    ``final_fit_epochs``: skip the fit on train and run only the final fit, for this many epochs (an epoch count
+    another run chose on validation, as retraining does after its gate).
 
     Raises:
         FileExistsError: ``out_dir`` already holds a run and ``resume`` is false.
@@ -754,7 +764,8 @@ def train(
     ctx, device = init_from_env(device)
     try:
         summary = _train(data_dir, run_dir, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg,
-                         device=device, resume=resume, init_from=init_from, ctx=ctx)
+                         device=device, resume=resume, init_from=init_from, ctx=ctx,
+                         final_fit_epochs=final_fit_epochs)
         ctx.barrier()  # no rank tears the group down while a peer still talks to it (gloo aborts on that)
         return summary
     finally:
@@ -765,7 +776,10 @@ def train(
 def _train(
     data_dir: str | Path, run_dir: Path, *, model_cfg: ModelConfig, train_cfg: TrainConfig, loss_cfg: LossConfig,
     device: str | torch.device, resume: bool, init_from: str | Path | None, ctx: DistContext,
+    final_fit_epochs: int | None = None,
 ) -> dict[str, Any]:
+    if final_fit_epochs is not None and final_fit_epochs < 1:
+        raise ValueError(f"`final_fit_epochs` must be >= 1, got {final_fit_epochs}")
     dev = resolve_device(device)
     if train_cfg.num_threads and dev.type == "cpu":
         torch.set_num_threads(train_cfg.num_threads)
@@ -828,6 +842,10 @@ def _train(
         log.info("resuming %s: phase %s after epoch %d", run_dir, progress.phase, progress.epoch)
     elif ctx.is_main:
         (run_dir / schema.METRICS_JSONL).unlink(missing_ok=True)
+    final = final_fit_splits(data, train_cfg)
+    if final_fit_epochs is not None and not resume:
+        progress.phase, progress.refit_epochs = "refit", final_fit_epochs
+        trainer.build(seed=train_cfg.seed + 1)
 
     writer = _Writer(run_dir, tensorboard=train_cfg.tensorboard, enabled=ctx.is_main)
     try:
@@ -844,7 +862,7 @@ def _train(
             if evaluator is None:  # nothing to choose from: the last epoch is the model
                 progress.best_epoch = progress.epoch
                 _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
-            if train_cfg.refit and len(data.valid) and progress.best_epoch > 0:
+            if len(final) > 1 and progress.best_epoch > 0:
                 progress.phase, progress.epoch, progress.step = "refit", 0, 0
                 progress.refit_epochs = progress.best_epoch
                 trainer.build(seed=train_cfg.seed + 1)
@@ -852,15 +870,49 @@ def _train(
             else:
                 progress.phase = "done"
         if progress.phase == "refit":
-            trainer.set_interactions(Interactions.concat(data.train, data.valid))
-            trainer.count_in_sampling(data.valid)
+            parts = [getattr(data, s) for s in final[1:]]
+            extra = Interactions.concat(*parts) if parts else Interactions.empty()
+            trainer.set_interactions(Interactions.concat(data.train, extra))
+            trainer.count_in_sampling(extra)
             _run_phase(trainer, progress, writer, run_dir, evaluator=None, epochs=progress.refit_epochs)
             _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
-            progress.phase = "done"
+            progress.phase, progress.final_splits = "done", list(final)
         _save_checkpoint(run_dir, trainer, progress)
         return _summary(run_dir, progress, trainer, status="done")
     finally:
         writer.close()
+
+
+def final_fit_splits(data: PreparedData, train_cfg: TrainConfig) -> tuple[str, ...]:
+    """The splits the published weights are fit on: train, plus (with ``train.refit``) the non-empty splits that
+    ``train.final_fit`` adds. Just ("train",) means there is no refit: the fit's best epoch is the model."""
+    if not train_cfg.refit:
+        return ("train",)
+    wanted = ("valid", "test") if train_cfg.final_fit == "all" else ("valid",)
+    return ("train", *(s for s in wanted if len(getattr(data, s))))
+
+
+def final_fit_record(data_dir: str | Path, splits: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """What a final fit saw, for the bundle manifest and ``recsys evaluate``'s in-sample check: the splits, their
+    row count and time range, the prepared dataset's fingerprint and each split file's sha256."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from recsys.data import fingerprint
+    from recsys.io import sha256_file
+
+    d = Path(data_dir)
+    rows, lo, hi = 0, None, None
+    for s in splits:
+        t = pq.read_table(d / schema.SPLITS[s], columns=[schema.TS])
+        rows += t.num_rows
+        if t.num_rows:
+            mm = pc.min_max(t.column(schema.TS))
+            lo = mm["min"].as_py() if lo is None else min(lo, mm["min"].as_py())
+            hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
+    return {"splits": list(splits), "rows": rows, "ts_min_ms": lo, "ts_max_ms": hi,
+            "data_fingerprint": fingerprint(d),
+            "split_sha256": {s: sha256_file(d / schema.SPLITS[s]) for s in splits}}
 
 
 def _run_phase(
@@ -975,6 +1027,14 @@ def _summary(run_dir: Path, progress: _Progress, trainer: Trainer, *, status: st
         "epochs_run": progress.epoch if progress.phase != "done" else None,
         "stopped_early": progress.stopped_early,
         "refit_epochs": progress.refit_epochs,
+        "holdout": {
+            "estimate": "validation metrics of the fit on train at its best epoch (the split the final fit "
+                        "then trains on is no longer held out)",
+            "fit_on": ["train"], "split": "valid", "best_epoch": progress.best_epoch,
+            "metrics": progress.best_metrics,
+        },
+        "final_fit": (final_fit_record(trainer.data.path, progress.final_splits)
+                      if status == "done" else None),
         "phase": progress.phase,
         "steps": progress.step,
         "train_seconds": round(progress.train_seconds, 3),

@@ -129,8 +129,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         data = make_dataset(root / "data")
         # dim == n_items so test_evaluate can swap in one-hot (oracle) item embeddings
         model = ModelConfig(dim=N_CLUSTERS * ITEMS_PER_CLUSTER, embedding_dim=16, history_len=HISTORY_LEN)
+        # test held out of the published fit: test_evaluate scores this bundle on it
         tr = TrainConfig(batch_size=64, lr=0.02, epochs=8, progress=False, tensorboard=False, patience=0,
-                         num_threads=1)
+                         num_threads=1, final_fit="train_valid")
         train(data, root / "run", model_cfg=model, train_cfg=tr, loss_cfg=LossConfig(temperature=0.1), device="cpu")
         _CACHE["data"], _CACHE["run"] = data, root / "run"
     return _CACHE["data"], _CACHE["run"]
@@ -186,7 +187,9 @@ def test_export_layout_and_manifest(published):
     # ...and the width of excluding searches on the same users minus their seen items (at least ef)
     ft = tune["filtered_table"]
     if ft:  # tuned only on the native (in-search filter) path
-        assert m["index"]["ef_filtered"] == ft[-1]["ef"] >= m["index"]["ef"] and ft[-1]["recall"] >= 0.99
+        # the smallest width reaching the target (the ladder's last step may have been bisected below its top)
+        reached = [r["ef"] for r in ft if r["recall"] >= 0.99]
+        assert m["index"]["ef_filtered"] == min(reached) >= m["index"]["ef"]
     else:
         assert m["index"]["ef_filtered"] == m["index"]["ef"]
     assert {"torch", "numpy", "hnswlib", "polars", "recsys"} <= set(m["packages"])

@@ -19,6 +19,7 @@ from test_bundle import HISTORY_LEN, index_cfg, make_dataset, trained
 from recsys import schema
 from recsys.bundle import Bundle, export
 from recsys.evaluate import (
+    InSampleError,
     evaluate,
     load_eval_set,
     popularity_percentile,
@@ -192,7 +193,11 @@ def test_eval_set_known_answer(setup, tmp_path):
 
 def test_valid_split_embeds_users_with_train_history(setup):
     data, _, models = setup
-    r = evaluate(models, data, split="valid", ks=KS, baselines=("popularity",), sweep=False)
+    # the bundle's refit trained on valid: refused unless marked in-sample
+    with pytest.raises(InSampleError, match="'valid' split it trained on"):
+        evaluate(models, data, split="valid", ks=KS, baselines=("popularity",), sweep=False)
+    r = evaluate(models, data, split="valid", ks=KS, baselines=("popularity",), sweep=False, in_sample=True)
+    assert set(r["in_sample"]) == {"two_tower"}
     info = r["bundles"]["two_tower"]
     assert info["stored_user_embeddings"] is False and info["users_unknown_to_bundle"] == 0
     assert r["models"]["two_tower"]["metrics"]["recall@10"] >= 0.6

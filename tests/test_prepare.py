@@ -538,7 +538,8 @@ def test_manifest_and_cli(tmp_path, capsys):
     assert man["config"]["user_col"] == "uid" and man["config"]["kcore_items"] == 1
     assert man["inputs"][0]["path"] == str(log.resolve()) and man["inputs"][0]["rows"] == 4
     assert man["inputs"][0]["size"] == log.stat().st_size and len(man["inputs"][0]["sha256"]) == 64
-    assert man["counts"] == {"n_users": 2, "n_items": 3, "train": 2, "valid": 0, "test": 2}
+    assert man["counts"] == {"n_users": 2, "n_items": 3, "train": 2, "valid": 0, "test": 2, "items_before_kcore": 3,
+                             "users_before_kcore": 2}
     assert isinstance(man["fingerprint"], str) and [s["step"] for s in man["steps"]][0] == "read+validate"
     # existing output: refused without --overwrite, replaced with it
     assert main(argv) == 2

@@ -101,12 +101,21 @@ def test_warm_started_retrain_publishes_and_resumes_once(first: tuple[Path, dict
     job_dirs = [d for d in (models / ".retrain").iterdir() if d.name != first_report["job"]]
     assert len(job_dirs) == 1
     state = json.loads((job_dirs[0] / "state.json").read_text())
-    assert set(state["stages"]) == {"prepare", "train", "gate"}
+    assert set(state["stages"]) == {"prepare", "train", "gate", "final_fit"}
     assert state["stages"]["train"]["warm_start"].endswith(before)
+    # the gated candidate never saw the newest slice; the model to publish is a refit that did
+    prepared = json.loads((job_dirs[0] / "prepared" / "manifest.json").read_text())["counts"]
+    cand, final = state["stages"]["train"]["final_fit"], state["stages"]["final_fit"]["trained_on"]
+    assert cand["splits"] == ["train", "valid"] and cand["rows"] == prepared["train"] + prepared["valid"]
+    assert final["splits"] == ["train", "valid", "test"]
+    assert final["rows"] == prepared["train"] + prepared["valid"] + prepared["test"] > cand["rows"]
 
     monkeypatch.setattr(bundle_mod, "export", real_export)
     resumed = _retrain(logs, "all", models, "retrain.tolerance=0.05")
     assert resumed["published"] and resumed["published"] != before
+    manifest = json.loads((models / resumed["published"] / "manifest.json").read_text())
+    assert manifest["trained_on"] == final  # the published version's final fit includes the newest slice
+    assert resumed["published_fit"]["trained_on"] == final and resumed["candidate"]["trained_on"] == cand
     assert bundle_mod.read_latest(models) == resumed["published"]
     n_versions = len(bundle_mod.list_versions(models))
     again = _retrain(logs, "all", models, "retrain.tolerance=0.05")  # same job: publishes once

@@ -43,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     p.add_argument("--no-sweep", action="store_true", help="skip the ef sweep (ANN recall vs latency)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-sample", action="store_true",
+                   help="score a bundle whose final fit trained on this split (refused otherwise: by default a "
+                        "published model is fit on every split); the report marks the numbers as in-sample")
     p.set_defaults(func=run)
     return p
 
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         bundle, args.data, split=args.split, ks=args.ks, baselines=[b for b in args.baselines.split(",") if b],
         compare=args.compare, max_users=args.max_users, cold_threshold=args.cold_threshold,
         ease_max_items=args.ease_max_items, sweep=not args.no_sweep, seed=args.seed, progress=sys.stderr.isatty(),
+        in_sample=args.in_sample,
     )
     written = write_report(report, args.report, bundle=bundle, plots=not args.no_plots,
                            embedding_map=args.embedding_map)

@@ -1,0 +1,172 @@
+"""Serve what the logs say: the published model and its serving state cover every kept interaction.
+
+Hand-built logs where each user's newest event is known: 4 taste clusters of 20 items, 12 users each, 10 events per
+user in time order. ``prepare`` (defaults but a 1-core, so every row is kept) puts each user's last event in test
+and the one before it in valid; the default ``train.final_fit = "all"`` must then train on, remember and exclude
+those newest events. ``train_valid`` is the documented way back to the holdout model, and shows the checks can fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recsys import schema
+from recsys.bundle import Bundle, export
+from recsys.cli import main
+from recsys.evaluate import InSampleError, evaluate, render_markdown
+from recsys.index import IndexConfig
+from recsys.model import LossConfig, ModelConfig, TrainConfig
+from recsys.prepare import PrepareConfig, prepare
+from recsys.service import recommend
+from recsys.train import train
+
+torch.set_num_threads(1)
+
+N_CLUSTERS, ITEMS_PER_CLUSTER, USERS_PER_CLUSTER, EVENTS = 4, 20, 12, 10
+TINY_MODEL = ModelConfig(dim=16, embedding_dim=16, history_len=8)
+
+
+def write_logs(path: Path, *, seed: int = 0) -> dict[str, list[str]]:
+    """A CSV of raw logs; returns each user's items in time order (the last one is their newest event)."""
+    rng = np.random.default_rng(seed)
+    events: dict[str, list[str]] = {}
+    rows = []
+    for u in range(N_CLUSTERS * USERS_PER_CLUSTER):
+        c = u // USERS_PER_CLUSTER
+        items = c * ITEMS_PER_CLUSTER + rng.choice(ITEMS_PER_CLUSTER, size=EVENTS, replace=False)
+        events[f"u{u}"] = [f"i{i}" for i in items]
+        rows += [(f"u{u}", f"i{i}", 1_700_000_000 + 3600 * t + u) for t, i in enumerate(items)]
+    rng.shuffle(rows)  # the logs' order is not time order
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "item_id", "timestamp"])
+        w.writerows(rows)
+    return events
+
+
+def tiny_train(**over) -> TrainConfig:
+    return TrainConfig(**{"batch_size": 64, "lr": 0.01, "epochs": 3, "progress": False, "tensorboard": False,
+                          "patience": 0, "num_threads": 1, **over})
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
+    root = tmp_path_factory.mktemp("final_fit")
+    events = write_logs(root / "logs.csv")
+    prepare([root / "logs.csv"], root / "data", config=PrepareConfig(kcore_users=1, kcore_items=1))
+    return root, events
+
+
+def _publish(root: Path, name: str, **train_over) -> tuple[dict, Bundle]:
+    summary = train(root / "data", root / f"run-{name}", model_cfg=TINY_MODEL, train_cfg=tiny_train(**train_over),
+                    loss_cfg=LossConfig(), device="cpu")
+    path = export(root / f"run-{name}", root / f"models-{name}", index_cfg=IndexConfig(num_threads=1))
+    return summary, Bundle.load(path)
+
+
+@pytest.fixture(scope="module")
+def published(logs) -> tuple[dict, Bundle]:
+    """The default path: prepare -> train -> export."""
+    return _publish(logs[0], "all")
+
+
+@pytest.fixture(scope="module")
+def holdout(logs) -> tuple[dict, Bundle]:
+    """The opt-out: the published model leaves test unseen."""
+    return _publish(logs[0], "holdout", final_fit="train_valid")
+
+
+def test_final_fit_trains_on_every_kept_row(logs, published) -> None:
+    root, _ = logs
+    summary, bundle = published
+    counts = json.loads((root / "data" / schema.MANIFEST).read_text())["counts"]
+    kept = counts["train"] + counts["valid"] + counts["test"]
+    assert counts["test"] == N_CLUSTERS * USERS_PER_CLUSTER  # one newest event per user in test
+    assert summary["final_fit"]["splits"] == ["train", "valid", "test"]
+    assert summary["final_fit"]["rows"] == kept == N_CLUSTERS * USERS_PER_CLUSTER * EVENTS
+    assert bundle.manifest["trained_on"] == summary["final_fit"]
+    # the popularity counts of the bundle count every kept row too
+    assert int(bundle.item_popularity.sum()) == kept
+    # the held-out estimate is the fit's validation metrics, labelled as such (test is in-sample)
+    ev = bundle.manifest["evaluation"]
+    assert ev["split"] == "valid" and ev["source"].startswith("holdout run") and "ndcg@20" in ev
+
+
+def test_serving_state_holds_and_excludes_the_newest_event(logs, published) -> None:
+    _, events = logs
+    _, bundle = published
+    for user, items in events.items():
+        row = bundle.user_row(user)
+        newest = bundle.item_row(items[-1])
+        assert newest in bundle.seen_items(row).tolist()
+        assert bundle.history(row)[-1] == newest  # oldest first: the newest event ends the history
+        assert sorted(bundle.item_ids[bundle.seen_items(row)].tolist()) == sorted(items)
+        rec = recommend(bundle, user_id=user, k=bundle.n_items)
+        assert items[-1] not in rec.item_ids and not set(items) & set(rec.item_ids)
+        assert len(rec.item_ids) == bundle.n_items - EVENTS
+
+
+def test_holdout_setting_keeps_test_out_of_model_and_state(logs, holdout) -> None:
+    _, events = logs
+    summary, bundle = holdout
+    assert summary["final_fit"]["splits"] == ["train", "valid"]
+    assert bundle.manifest["trained_on"]["splits"] == ["train", "valid"]
+    newest = [bundle.item_row(items[-1]) for items in events.values()]
+    assert all(n not in bundle.seen_items(bundle.user_row(u)).tolist() for u, n in zip(events, newest, strict=True))
+    assert bundle.manifest["evaluation"]["split"] == "test"  # a real held-out evaluation at export
+
+
+def test_evaluate_refuses_a_bundle_fit_on_the_split(logs, published, holdout) -> None:
+    root, _ = logs
+    _, bundle = published
+    with pytest.raises(InSampleError, match=rf"bundle '{bundle.version}' was trained on these interactions.*"
+                                            r"'test' split it trained on"):
+        evaluate(bundle, root / "data", split="test", baselines=(), sweep=False, ks=(10, 20))
+    with pytest.raises(InSampleError, match="'valid' split"):
+        evaluate(bundle, root / "data", split="valid", baselines=(), sweep=False, ks=(10, 20))
+    marked = evaluate(bundle, root / "data", split="test", baselines=(), sweep=False, ks=(10, 20), in_sample=True)
+    assert set(marked["in_sample"]) == {"two_tower"} and "IN-SAMPLE" in render_markdown(marked)
+    # the holdout bundle is scored on test without a flag, and nothing is marked
+    report = evaluate(holdout[1], root / "data", split="test", baselines=(), sweep=False, ks=(10, 20))
+    assert report["in_sample"] is None and "IN-SAMPLE" not in render_markdown(report)
+    # ...but an A/B against the fit-on-everything bundle is refused again
+    with pytest.raises(InSampleError):
+        evaluate(holdout[1], root / "data", split="test", baselines=(), sweep=False, ks=(10, 20), compare=bundle)
+
+
+def test_cli_evaluate_refusal_names_both_and_in_sample_flag(logs, published, capsys) -> None:
+    root, _ = logs
+    _, bundle = published
+    args = ["evaluate", "--bundle", str(bundle.path), "--data", str(root / "data"), "--baselines", "",
+            "--no-plots", "--no-sweep", "--k", "10,20", "--report", str(root / "report-cli")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert bundle.version in err and str(root / "data" / "test.parquet") in err and "--in-sample" in err
+    assert main([*args, "--in-sample"]) == 0
+    assert json.loads((root / "report-cli" / "report.json").read_text())["in_sample"]
+
+
+def test_empty_test_split_through_every_command(tmp_path: Path, capsys) -> None:
+    events = write_logs(tmp_path / "logs.csv", seed=1)
+    data, run, models = tmp_path / "data", tmp_path / "run", tmp_path / "models"
+    assert main(["prepare", "--logs", str(tmp_path / "logs.csv"), "--out", str(data), "--set",
+                 "prepare.test_frac=0", "--set", "prepare.kcore_items=1"]) == 0
+    assert json.loads((data / schema.MANIFEST).read_text())["counts"]["test"] == 0
+    assert main(["train", "--data", str(data), "--out", str(run), "--set", "train.epochs=2", "--set",
+                 "train.progress=false", "--set", "model.dim=16", "--set", "model.embedding_dim=16"]) == 0
+    summary = json.loads((run / schema.SUMMARY).read_text())
+    assert summary["final_fit"]["splits"] == ["train", "valid"]  # nothing to add: test is empty
+    assert main(["export", "--run", str(run), "--models", str(models)]) == 0
+    bundle = Bundle.load(models)
+    newest = events["u0"][-1]  # in valid now, so seen
+    assert newest in bundle.item_ids[bundle.seen_items(bundle.user_row("u0"))].tolist()
+    capsys.readouterr()
+    assert main(["evaluate", "--bundle", str(models), "--data", str(data), "--report", str(tmp_path / "r"),
+                 "--baselines", "", "--no-plots", "--no-sweep", "--k", "10,20"]) == 2
+    assert "test.parquet' holds no interactions" in capsys.readouterr().err
