@@ -24,7 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--set", dest="overrides", action="append", default=[], metavar="index.FIELD=VALUE",
         help="override an index config field, e.g. --set index.M=32 --set index.target_recall=0.995",
     )
-    p.add_argument("--no-eval", action="store_true", help="skip the quick test-split evaluation stored in the manifest")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the quick test-split evaluation stored in the manifest (when the final fit trained on "
+                        "test, the manifest stores the run's holdout estimate instead)")
     p.set_defaults(func=run)
     return p
 
@@ -45,5 +47,6 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({
         "version": manifest["version"], "path": str(path), "ef": manifest["index"]["ef"],
         "counts": manifest["counts"], "evaluation": manifest["evaluation"],
+        "trained_on": {k: (manifest.get("trained_on") or {}).get(k) for k in ("splits", "rows")},
     }, indent=2, sort_keys=True))  # fmt: skip
     return 0

@@ -10,7 +10,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "train",
         help="train the two-tower model (CPU or one CUDA GPU)",
         description="Train the two-tower model on the output of `recsys prepare`; writes config.json, model.json, "
-        "model.safetensors (best weights), checkpoint/, metrics.jsonl and summary.json to the run dir. Every field "
+        "model.safetensors, checkpoint/, metrics.jsonl and summary.json to the run dir. Two fits: one on the train "
+        "split, validated each epoch, picks the epoch count (its validation metrics are the run's holdout "
+        "estimate); then the final fit -- the weights `recsys export` publishes -- trains that many epochs on every "
+        "split (train.final_fit=all, the default) or on train + valid only (train.final_fit=train_valid: test stays "
+        "unseen, so `recsys evaluate` can score the published model on it). Every field "
         "of recsys/configs/default.toml can be set; on a GPU the speed-related ones are train.loss_kernel (auto: "
         "fused Triton in-batch softmax), train.history_kernel (auto: fused history lookup + attention pooling when "
         "faster), train.cuda_graphs (the whole step as one CUDA graph), "
