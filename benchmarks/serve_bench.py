@@ -9,9 +9,10 @@
 2. Starts ``recsys serve`` in a subprocess and, in the same run, two bare grpcio servers answering an empty
    message (sync with the same thread pool size, and grpc.aio): the transport ceiling on this machine.
 3. Drives them from this process (grpc.aio, one channel, N concurrent callers) for a fixed number of requests:
-   Recommend (known user, seen items excluded, k=10) and BatchRecommend (64 users), ``--repeat`` times
-   interleaved (medians quoted; the Recommend/empty ratio is taken within each repeat), and checks that with
-   --max-concurrency 32 and 256 concurrent callers every reply is OK or RESOURCE_EXHAUSTED.
+   Recommend (known user, seen items excluded, k=10), "Recommend+10 events" (the same users, each with 10 fresh
+   events: the user tower recomputes the embedding, a Python path) and BatchRecommend (64 users), ``--repeat``
+   times interleaved (medians quoted; the Recommend/empty and events/plain ratios are taken within each repeat),
+   and checks that with --max-concurrency 32 and 256 concurrent callers every reply is OK or RESOURCE_EXHAUSTED.
 Before any server starts, the handler's own CPU per Recommend is profiled in-process by component (protobuf,
 servicer glue, service logic, index search; today's code and, with --baseline-ref, the ref's): ``--breakdown-only``
 prints just that. Each measurement also records the CPU time per request of the server process and of this
@@ -37,6 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serve_bench.json"
+EVENTS = "Recommend+10 events"  # a known user with 10 fresh events (Python path: the user tower + the search)
 EMPTY_METHOD = "/bench.Empty/Call"
 
 
@@ -259,8 +261,13 @@ def breakdown(models: Path, *, n_users: int, n: int = 4000, rounds: int = 7, see
     index's excluding search, ``index`` = ``bundle.index.search(q, 10, exclude=[seen])``: the Python path. ``served``
     = the servicer's bytes handler, what the server runs (the native known-user path, server/fastpath.py, when the
     extension is built; the Python path plus protobuf otherwise). The gRPC server's own work (threads, completion
-    queue, HTTP/2) is not here: the load runs' ``server_cpu_us`` minus ``served``.
+    queue, HTTP/2) is not here: the load runs' ``server_cpu_us`` minus ``served``. ``events_us``: the same users
+    with 10 fresh events each -- the user tower alone (``bundle.embed_users`` on the stored history + the events)
+    and the whole bytes handler.
     """
+    from recsys.commands.serve import pin_threads
+
+    pin_threads()  # as `recsys serve` does: one BLAS / OpenMP (torch intra-op) thread
     from recsys import service
     from recsys.bundle import Bundle
     from recsys.v1 import recommender_pb2 as pb
@@ -293,6 +300,10 @@ def breakdown(models: Path, *, n_users: int, n: int = 4000, rounds: int = 7, see
     seen = [bundle.seen_items(r) for r in rows]
     parsed = [pb.RecommendRequest.FromString(b) for b in raw]
     responses = [servicer.Recommend(r, ctx) for r in parsed]
+    events = _fresh_events(rng, n, int(bundle.n_items))
+    raw_events = [pb.RecommendRequest(user_id=u, history_item_ids=e, k=10).SerializeToString()
+                  for u, e in zip(users, events, strict=True)]
+    combined = [np.concatenate((bundle.history(r), bundle.item_rows(e)[0])) for r, e in zip(rows, events, strict=True)]
     index = bundle.index
     stages = {
         "servicer.Recommend(bytes)": lambda i: servicer.Recommend(raw[i], ctx),
@@ -310,8 +321,22 @@ def breakdown(models: Path, *, n_users: int, n: int = 4000, rounds: int = 7, see
             for i in range(n):
                 fn(i)
             best[name] = min(best[name], (time.process_time() - t) / n * 1e6)
+    tower = {
+        "bundle.embed_users(1 user, history + 10 events)":
+            lambda i: bundle.embed_users(np.array([rows[i]]), [combined[i]]),
+        "servicer.Recommend(bytes), 10 events": lambda i: servicer.Recommend(raw_events[i], ctx),
+    }
+    for name in tower:
+        best[name] = float("inf")
+    for _ in range(rounds):  # a few hundred us each: a quarter of the requests
+        for name, fn in tower.items():
+            t = time.process_time()
+            for i in range(n // 4):
+                fn(i)
+            best[name] = min(best[name], (time.process_time() - t) / (n // 4) * 1e6)
     out = {
         "us": best,
+        "events_us": {name: best[name] for name in tower},
         "components_us": {
             "parse + serialize (protobuf)": best["parse request"] + best["serialize response"],
             "servicer glue (status, deadline, metrics, response)": best["servicer.Recommend"]
@@ -353,6 +378,14 @@ def print_breakdown(name: str, b: dict) -> None:
           flush=True)
     if "served_us" in b:
         print(f"  {'served (bytes handler: the native known-user path)':<52} {b['served_us']:6.1f} us", flush=True)
+    for name, us in b.get("events_us", {}).items():
+        print(f"  {name:<52} {us:6.1f} us", flush=True)
+
+
+def _fresh_events(rng: np.random.Generator, n: int, n_items: int, *, per_user: int = 10) -> list[list[str]]:
+    """``n`` lists of ``per_user`` random catalogue item IDs (the bundle's ``i{row}`` names): a known user's fresh
+    events in the "Recommend+10 events" rows."""
+    return [[f"i{j}" for j in rng.integers(0, n_items, per_user)] for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -526,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(0)
         users = [f"u{u}" for u in rng.integers(0, args.users, 100_000)]
         rec_bytes = [pb.RecommendRequest(user_id=u, k=10).SerializeToString() for u in users[:5000]]
+        # the same users, each with 10 fresh events: the tower recomputes the embedding (the Python path)
+        event_bytes = [pb.RecommendRequest(user_id=u, history_item_ids=e, k=10).SerializeToString()
+                       for u, e in zip(users[:5000], _fresh_events(rng, 5000, args.items), strict=True)]
         batch_bytes = [pb.BatchRecommendRequest(user_ids=users[i * 64:(i + 1) * 64], k=10).SerializeToString()
                        for i in range(200)]
 
@@ -545,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                 run("empty", ep, empty, EMPTY_METHOD, [b""], c, args.requests)
                 run("empty-aio", ap, empty_aio, EMPTY_METHOD, [b""], c, args.requests)
                 run("Recommend", sp, server, recommend, rec_bytes, c, args.requests)
+                run(EVENTS, sp, server, recommend, event_bytes, c, args.requests)
                 if args.baseline_ref:
                     run("Recommend@ref", bp, base, recommend, rec_bytes, c, args.requests)
             for c in (1, 8):
@@ -577,6 +614,19 @@ def main(argv: list[str] | None = None) -> int:
         return float(np.median([rq / max(e, a) for rq, e, a in zip(by["Recommend"], by["empty"], by["empty-aio"],
                                                                       strict=True)]))
 
+    def per_repeat(name: str, key: str, c: int) -> list[float]:
+        return [r[key] for r in results["runs"] if r["name"] == name and r["concurrency"] == c]
+
+    def events_ratio(key: str, c: int) -> float:
+        """Median over repeats of (known user + 10 events) / plain known user, ``key`` of the same repeat."""
+        return float(np.median([e / p for e, p in zip(per_repeat(EVENTS, key, c), per_repeat("Recommend", key, c),
+                                                      strict=True)]))
+
+    results["events_to_plain"] = {
+        str(c): {"p50_ratio": events_ratio("p50_ms", c), "qps_ratio": events_ratio("qps", c)} for c in args.concurrency
+    }
+    print("known user + 10 fresh events / plain known user (same repeat): ",
+          {c: {k: round(v, 2) for k, v in r.items()} for c, r in results["events_to_plain"].items()})
     results["ratio_to_empty"] = {str(c): ratio(c) for c in args.concurrency}
     print("Recommend QPS / empty-message QPS (same repeat, better of sync/aio):",
           {c: round(v, 2) for c, v in results["ratio_to_empty"].items()})
@@ -589,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
             "batch_users_per_s": max(find("BatchRecommend(64)", c)["users_per_s"] for c in (1, 8)),
             "batch_users_per_s_ge_20000": max(find("BatchRecommend(64)", c)["users_per_s"] for c in (1, 8)) >= 20000,
             "overload_only_ok_or_exhausted": results["overload_only_ok_or_exhausted"],
+            # issue 14: a known user's fresh events cost at most 2x the plain request's c=1 p50, and keep at
+            # least half of its c=8 throughput
+            "events_c1_p50_ratio": events_ratio("p50_ms", 1), "events_c1_p50_le_2x": events_ratio("p50_ms", 1) <= 2.0,
+            "events_c8_qps_ratio": events_ratio("qps", 8), "events_c8_qps_ge_0.5x": events_ratio("qps", 8) >= 0.5,
         }
         print(json.dumps(results["targets"], indent=2))
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())

@@ -64,10 +64,11 @@ def make_data(*, n_users: int, n_items: int, n_interactions: int, n_item_cats: i
     users = np.sort(rng.integers(0, n_users, size=n_interactions)).astype(np.int64)
     train = Interactions(users, items, np.arange(n_interactions, dtype=np.int64),
                          np.ones(n_interactions, dtype=np.float32))  # fmt: skip
-    empty = Interactions(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.int64, np.float32)))
+    empty = Interactions.empty()
     counts = np.bincount(items, minlength=n_items).astype(np.float64) + 1.0  # +1: every item has prob > 0
     return PreparedData(
-        path=Path("."), n_users=n_users, n_items=n_items, train=train, valid=empty, item_prob=counts / counts.sum(),
+        path=Path("."), n_users=n_users, n_items=n_items, train=train, valid=empty, test=empty,
+        item_prob=counts / counts.sum(),
         item_features={"category": rng.integers(1, n_item_cats, size=n_items), "brand": rng.integers(1, n_item_cats,
                                                                                                        size=n_items)},
         user_features={"region": rng.integers(1, n_user_cats, size=n_users)},

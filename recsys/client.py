@@ -13,7 +13,7 @@ raised as :class:`RecommenderError` carrying the status code and the server's me
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,9 @@ import numpy as np
 from recsys.v1 import recommender_pb2 as pb
 from recsys.v1 import recommender_pb2_grpc as pb_grpc
 
-_SOURCE = {pb.SOURCE_KNOWN_USER: "known_user", pb.SOURCE_HISTORY: "history", pb.SOURCE_POPULARITY: "popularity"}
+# the names of recsys.service's SOURCE_* constants; SOURCE_UNSPECIFIED (nothing answered) -> ""
+_SOURCE = {pb.SOURCE_KNOWN_USER: "known_user", pb.SOURCE_KNOWN_USER_WITH_EVENTS: "known_user_with_events",
+           pb.SOURCE_HISTORY: "history", pb.SOURCE_POPULARITY: "popularity"}
 
 
 def service_config(*, max_attempts: int = 4, initial_backoff_s: float = 0.05, max_backoff_s: float = 1.0) -> str:
@@ -59,7 +61,8 @@ class RecommenderError(Exception):
 
 @dataclass
 class Recommendation:
-    """Recommended item IDs and scores (best first) for one user."""
+    """Recommended item IDs and scores (best first) for one user; ``source``: "known_user",
+    "known_user_with_events", "history", "popularity" ("item" for similar items, "" when not found)."""
 
     item_ids: list[str]
     scores: list[float]
@@ -173,7 +176,9 @@ class RecommenderClient:
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> Recommendation:
-        """Top-``k`` items for a known ``user_id``, or for a new user from ``history`` (item IDs, oldest first)."""
+        """Top-``k`` items for a known ``user_id`` (with ``history``: its fresh events since the model was built,
+        oldest first, which move its embedding and are excluded unless ``include_seen``), or for a new user from
+        ``history`` (item IDs, oldest first)."""
         req = pb.RecommendRequest(
             user_id=user_id, history_item_ids=history, k=k, include_seen=include_seen, exclude_item_ids=exclude,
             allowed_item_ids=allowed, allow_fallback=allow_fallback,
@@ -193,17 +198,21 @@ class RecommenderClient:
         exclude: Sequence[str] = (),
         allowed: Sequence[str] = (),
         allow_fallback: bool = False,
+        histories: Mapping[str, Sequence[str]] | None = None,
         timeout: float | None = None,
     ) -> list[Recommendation]:
-        """One :class:`Recommendation` per user, in order; unknown users have ``found=False`` (no fallback)."""
+        """One :class:`Recommendation` per user, in order; unknown users without a usable history have
+        ``found=False`` (no fallback). ``histories``: per-user item IDs, oldest first, keyed by IDs of ``user_ids``
+        (a known user's fresh events, a new user's history; the semantics of :meth:`recommend`'s ``history``)."""
         req = pb.BatchRecommendRequest(
             user_ids=user_ids, k=k, include_seen=include_seen, exclude_item_ids=exclude, allowed_item_ids=allowed,
             allow_fallback=allow_fallback,
+            history_item_ids={u: pb.ItemIdList(item_ids=h) for u, h in (histories or {}).items()},
         )
         resp = self._call(self._stub.BatchRecommend, req, timeout=timeout)
         return [
             self._rec(r, model_version=resp.model_version, found=r.found, user_id=r.user_id,
-                      source="popularity" if r.fallback else ("known_user" if r.found else ""))
+                      source=_SOURCE.get(r.source, ""), unknown_item_ids=list(r.unknown_item_ids))
             for r in resp.results
         ]
 
@@ -245,9 +254,14 @@ class RecommenderClient:
                           timeout=timeout)
         return self._embeddings(resp)
 
-    def embed_user(self, history: Sequence[str], *, timeout: float | None = None) -> tuple[np.ndarray, list[str]]:
-        """(user-tower embedding [dim] float32 of a history of item IDs, unknown item IDs)."""
-        resp = self._call(self._stub.EmbedUser, pb.EmbedUserRequest(history_item_ids=history), timeout=timeout)
+    def embed_user(
+        self, history: Sequence[str] = (), *, user_id: str = "", timeout: float | None = None
+    ) -> tuple[np.ndarray, list[str]]:
+        """(embedding [dim] float32, unknown item IDs): the user tower on a new user's ``history`` (item IDs,
+        oldest first), or for a known ``user_id`` its stored embedding, or with ``history`` (its fresh events)
+        the tower on its stored history + the events."""
+        req = pb.EmbedUserRequest(history_item_ids=history, user_id=user_id)
+        resp = self._call(self._stub.EmbedUser, req, timeout=timeout)
         return np.asarray(resp.embedding, dtype=np.float32), list(resp.unknown_item_ids)
 
     def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:

@@ -52,7 +52,9 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
 }
 
 SOURCE = {
+    "": pb.SOURCE_UNSPECIFIED,  # nothing answered (a batch's unknown user, found = false)
     service.SOURCE_KNOWN_USER: pb.SOURCE_KNOWN_USER,
+    service.SOURCE_KNOWN_USER_WITH_EVENTS: pb.SOURCE_KNOWN_USER_WITH_EVENTS,
     service.SOURCE_HISTORY: pb.SOURCE_HISTORY,
     service.SOURCE_POPULARITY: pb.SOURCE_POPULARITY,
 }
@@ -196,14 +198,19 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
         return self._call("BatchRecommend", request, context, self._batch)
 
     def _batch(self, bundle, r):
+        histories = {u: lst.item_ids for u, lst in r.history_item_ids.items()} if r.history_item_ids else None
         results, unknown = service.batch_recommend(
             bundle, user_ids=r.user_ids, k=r.k, include_seen=r.include_seen, exclude_item_ids=r.exclude_item_ids,
-            allowed_item_ids=r.allowed_item_ids, allow_fallback=r.allow_fallback, limits=self.limits,
+            allowed_item_ids=r.allowed_item_ids, allow_fallback=r.allow_fallback, history_item_ids=histories,
+            limits=self.limits,
         )
         response = pb.BatchRecommendResponse(model_version=bundle.version, unknown_user_ids=unknown)
         add_result = response.results.add
         for u, rec in zip(r.user_ids, results, strict=True):
-            _add_items(add_result(user_id=u, found=rec.found, fallback=rec.fallback).items, rec)
+            result = add_result(user_id=u, found=rec.found, fallback=rec.fallback, source=SOURCE[rec.source])
+            if rec.unknown_item_ids:
+                result.unknown_item_ids.extend(rec.unknown_item_ids)
+            _add_items(result.items, rec)
         return response
 
     def SimilarItems(self, request, context):  # noqa: N802
@@ -236,9 +243,10 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
         return self._call("EmbedUser", request, context, self._embed_user)
 
     def _embed_user(self, bundle, r):
-        vec, unknown = service.embed_user(bundle, r.history_item_ids, limits=self.limits)
+        vec, unknown, source = service.embed_user(bundle, r.history_item_ids, user_id=r.user_id, limits=self.limits)
         return pb.EmbedUserResponse(
-            embedding=vec.tolist(), unknown_item_ids=unknown, dim=int(bundle.dim), model_version=bundle.version
+            embedding=vec.tolist(), unknown_item_ids=unknown, dim=int(bundle.dim), model_version=bundle.version,
+            source=SOURCE[source],
         )
 
     def GetModelInfo(self, request, context):  # noqa: N802

@@ -37,6 +37,12 @@ def test_client_methods_return_plain_python(served):
         assert unknown == ["nope"]
         vec, unknown = c.embed_user(["i1", "zz"])
         assert vec.shape == (8,) and unknown == ["zz"]
+        vec, unknown = c.embed_user(user_id="u5")  # a known user alone: the stored embedding
+        np.testing.assert_allclose(vec, bundle.user_embeddings[5], rtol=1e-6)
+        vec, unknown = c.embed_user(["i40", "zz"], user_id="u5")  # + fresh events: the tower (the fake's: sum)
+        want = bundle.embed_users(np.array([5]), [np.array([5, 6, 7, 40])])[0]
+        np.testing.assert_allclose(vec, want, rtol=1e-5)
+        assert unknown == ["zz"]
         assert c.model_info()["n_items"] == 120
         assert [m["version"] for m in c.list_models()] == ["v1"]
         assert c.reload_model() == {"previous_version": "v1", "version": "v1", "changed": False}
@@ -47,6 +53,23 @@ def test_client_methods_return_plain_python(served):
     with RecommenderClient(target) as anon, pytest.raises(RecommenderError) as e:
         anon.list_models()
     assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_client_fresh_events(served):
+    target, bundle = served
+    with RecommenderClient(target) as c:
+        rec = c.recommend("u5", history=["i40", "i41", "zz"], k=4)
+        q = bundle.embed_users(np.array([5]), [np.array([5, 6, 7, 40, 41])])[0]
+        assert rec.item_ids == bundle.expected_top(q, 4, exclude=[5, 6, 7, 40, 41])
+        assert rec.source == "known_user_with_events" and rec.unknown_item_ids == ["zz"]
+        batch = c.batch_recommend(["u5", "u1", "ghost", "new"], k=4,
+                                  histories={"u5": ["i40", "i41", "zz"], "new": ["i3"]})
+        assert batch[0].item_ids == rec.item_ids and batch[0].unknown_item_ids == ["zz"]
+        assert [(r.source, r.found) for r in batch] == [("known_user_with_events", True), ("known_user", True),
+                                                         ("", False), ("history", True)]
+        with pytest.raises(RecommenderError) as e:
+            c.batch_recommend(["u5"], histories={"u6": ["i1"]})
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "'u6'" in e.value.details
 
 
 def test_retry_policy_in_service_config():
@@ -68,6 +91,18 @@ def test_query_cli(served, capsys):
     assert len(json.loads(capsys.readouterr().out)["items"]) == 2
     assert main(["query", "embed", "--target", target, "--items", "i1", "x"]) == 0
     assert json.loads(capsys.readouterr().out)["unknown_ids"] == ["x"]
+    assert main(["query", "embed", "--target", target, "--user", "u5", "--history", "i40", "x"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = bundle.embed_users(np.array([5]), [np.array([5, 6, 7, 40])])[0]
+    np.testing.assert_allclose(out["embedding"], want, rtol=1e-5)
+    assert out["unknown_item_ids"] == ["x"]
+    assert main(["query", "embed", "--target", target, "--user", "u5"]) == 0
+    np.testing.assert_allclose(json.loads(capsys.readouterr().out)["embedding"], bundle.user_embeddings[5], rtol=1e-6)
+    assert main(["query", "embed", "--target", target]) == 2
+    assert "needs --users, --items, --history or --user" in capsys.readouterr().err
+    assert main(["query", "recommend", "--target", target, "--user", "u5", "--history", "i40", "-k", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["source"] == "known_user_with_events" and "i40" not in [it["item_id"] for it in out["items"]]
     assert main(["query", "info", "--target", target]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == "v1"
     assert main(["query", "recommend", "--target", target, "--user", "ghost"]) == 1

@@ -84,9 +84,11 @@ def test_batch_recommend_matches_single_calls_and_reports_unknown(stub):
     assert [it.item_id for it in resp.results[2].items] == singles["u2"]
     assert [it.item_id for it in resp.results[3].items] == singles["u1"]
     assert not resp.results[1].found and len(resp.results[1].items) == 0
+    assert [r.source for r in resp.results] == [pb.SOURCE_KNOWN_USER, pb.SOURCE_UNSPECIFIED, pb.SOURCE_KNOWN_USER,
+                                                pb.SOURCE_KNOWN_USER]
     assert list(resp.unknown_user_ids) == ["ghost"]
     fb = stub.BatchRecommend(pb.BatchRecommendRequest(user_ids=["ghost"], k=2, allow_fallback=True))
-    assert fb.results[0].found and fb.results[0].fallback
+    assert fb.results[0].found and fb.results[0].fallback and fb.results[0].source == pb.SOURCE_POPULARITY
     assert [it.item_id for it in fb.results[0].items] == ["i0", "i1"]
 
 
@@ -152,11 +154,23 @@ def test_invalid_argument_names_field_and_value(stub, request_, field, value):
     assert code == INVALID and field in details and value in details, details
 
 
+def _batch_with_history(users: list[str], histories: dict[str, list[str]]) -> pb.BatchRecommendRequest:
+    return pb.BatchRecommendRequest(user_ids=users, k=1, history_item_ids={
+        u: pb.ItemIdList(item_ids=h) for u, h in histories.items()})
+
+
 def test_invalid_argument_on_other_rpcs(stub):
     cases = [
         (stub.EmbedUser, pb.EmbedUserRequest(), "`history_item_ids` must not be empty"),
         (stub.BatchRecommend, pb.BatchRecommendRequest(user_ids=["u1"] * 101, k=1), "`user_ids`"),
         (stub.BatchRecommend, pb.BatchRecommendRequest(user_ids=[], k=1), "`user_ids` must not be empty"),
+        (stub.BatchRecommend, _batch_with_history(["u1"], {"u2": ["i1"]}),
+         "`history_item_ids` has the key 'u2', which is not one of `user_ids`"),
+        (stub.BatchRecommend, _batch_with_history(["u1", "u2", "u3"], {"u1": ["i1"] * 50, "u2": ["i2"] * 50,
+                                                                       "u3": ["i3"]}),
+         "`history_item_ids` may hold at most 100 IDs in all lists together, got 101"),
+        (stub.BatchRecommend, _batch_with_history(["u1"], {"u1": ["i1"] * 51}),
+         "`history_item_ids['u1']` may hold at most 50 IDs, got 51"),
         (stub.SimilarItems, pb.SimilarItemsRequest(item_id="", k=1), "`item_id`"),
         (stub.GetItemEmbeddings, pb.GetItemEmbeddingsRequest(item_ids=["ok", "y" * 40]), "`item_ids[1]`"),
     ]
@@ -172,6 +186,8 @@ def test_not_found(stub):
     assert code == grpc.StatusCode.NOT_FOUND and "history_item_ids" in details
     assert code_of(stub.SimilarItems, pb.SimilarItemsRequest(item_id="nope", k=3))[0] == grpc.StatusCode.NOT_FOUND
     assert code_of(stub.EmbedUser, pb.EmbedUserRequest(history_item_ids=["nope"]))[0] == grpc.StatusCode.NOT_FOUND
+    code, details = code_of(stub.EmbedUser, pb.EmbedUserRequest(user_id="ghost"))
+    assert code == grpc.StatusCode.NOT_FOUND and "`user_id` 'ghost'" in details
 
 
 def test_oversized_message_is_refused(stub):

@@ -61,7 +61,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 class FakeBundle:
     """Bundle-shaped: user ``u{j}`` / item ``i{j}``, random unit vectors from ``seed``; user j has seen items
-    ``{j, j + 1, j + 2}`` (mod n_items); popularity order = item row order; ``embed_history`` = normalised mean."""
+    ``{j, j + 1, j + 2}`` (mod n_items), its history; popularity order = item row order; ``embed_history`` =
+    normalised mean, ``embed_users`` = normalised (stored vector + mean)."""
 
     def __init__(self, path: Path, *, version: str, seed: int = 0, delay_s: float = 0.0, fail: bool = False):
         rng = np.random.default_rng(seed)
@@ -99,6 +100,15 @@ class FakeBundle:
 
     def embed_history(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         return _unit(np.stack([self.item_embeddings[np.asarray(h)].mean(axis=0) for h in histories]))
+
+    def embed_users(self, user_rows: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """A stand-in tower: a known user's stored vector + the mean of the history items, normalised (a new user,
+        row -1: ``embed_history``)."""
+        out = [
+            self.item_embeddings[np.asarray(h, dtype=np.int64)].mean(axis=0) + (self.user_embeddings[r] if r >= 0 else 0)
+            for r, h in zip(np.asarray(user_rows).tolist(), histories, strict=True)
+        ]
+        return _unit(np.stack(out))
 
     # expected answers, computed independently of recsys.service
     def expected_top(self, query: np.ndarray, k: int, exclude: Sequence[int] = ()) -> list[str]:

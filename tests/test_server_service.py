@@ -203,3 +203,84 @@ def test_prepared_alternating_bundles_get_their_own_views(tmp_path):
         assert service.prepared(old).item_ids[0] == "i0" and service.prepared(old).version == "v1"
         assert service.prepared(new).item_ids[0] == "n0" and service.prepared(new).version == "v2"
     assert service.prepared(old) is service.prepared(old) and service.prepared(new) is not service.prepared(old)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def test_fresh_events_single_and_batch_equal_the_exact_answer(bundle):
+    # the fake tower: unit(stored vector + mean of the history items); u4's stored history is {4, 5, 6}
+    index = bundle.index = _NativeCounting(bundle.item_embeddings, ef=10)
+    events = ["i50", "nope", "i51"]
+    q4 = _unit(bundle.user_embeddings[4] + bundle.item_embeddings[[4, 5, 6, 50, 51]].mean(axis=0))
+    want4 = bundle.expected_top(q4, 6, exclude=[4, 5, 6, 50, 51])
+    single = service.recommend(bundle, user_id="u4", history_item_ids=events, k=6)
+    assert single.item_ids == want4 and single.source == service.SOURCE_KNOWN_USER_WITH_EVENTS
+    assert single.unknown_item_ids == ["nope"]
+    kept = service.recommend(bundle, user_id="u4", history_item_ids=events, k=6, include_seen=True)
+    assert kept.item_ids == bundle.expected_top(q4, 6)
+    qnew = _unit(bundle.item_embeddings[[3, 9]].mean(axis=0))  # an unknown user with a history: a new user
+    index.calls.clear()
+    calls = []
+    real = bundle.embed_users
+    bundle.embed_users = lambda rows, histories: calls.append(rows.tolist()) or real(rows, histories)
+    users = ["u4", "u7", "new", "u4", "ghost"]
+    batch, unknown = service.batch_recommend(bundle, user_ids=users, k=6,
+                                             history_item_ids={"u4": events, "new": ["i3", "i9"], "u7": []})
+    assert calls == [[4, -1]]  # ONE tower call for the users with usable events (a duplicate embedded once)
+    assert index.calls == [(4, 6, True)]  # ONE search for every user answered from an embedding
+    assert unknown == ["new", "ghost"]
+    assert [r.source for r in batch] == [service.SOURCE_KNOWN_USER_WITH_EVENTS, service.SOURCE_KNOWN_USER,
+                                         service.SOURCE_HISTORY, service.SOURCE_KNOWN_USER_WITH_EVENTS, ""]
+    assert batch[0].item_ids == batch[3].item_ids == want4 and batch[0].unknown_item_ids == ["nope"]
+    assert batch[1].item_ids == bundle.expected_top(bundle.user_embeddings[7], 6, exclude=[7, 8, 9])
+    assert batch[2].item_ids == bundle.expected_top(qnew, 6, exclude=[3, 9])
+    assert not batch[4].found and batch[4].item_ids == []
+    for rec, user in zip(batch[:4], users, strict=False):  # the single path gives the same lists
+        single = service.recommend(bundle, user_id=user, history_item_ids={"u4": events, "new": ["i3", "i9"]}.get(
+            user, ()), k=6)
+        assert rec.item_ids == single.item_ids and rec.source == single.source
+
+
+def test_fresh_events_that_are_all_unknown_keep_the_stored_embedding(bundle):
+    plain = service.recommend(bundle, user_id="u2", k=5)
+    rec = service.recommend(bundle, user_id="u2", history_item_ids=["x", "y"], k=5)
+    assert rec.item_ids == plain.item_ids and rec.source == service.SOURCE_KNOWN_USER
+    assert rec.unknown_item_ids == ["x", "y"]
+    batch, _ = service.batch_recommend(bundle, user_ids=["u2"], k=5, history_item_ids={"u2": ["x", "y"]})
+    assert batch[0].item_ids == plain.item_ids and batch[0].source == service.SOURCE_KNOWN_USER
+    assert batch[0].unknown_item_ids == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    ("histories", "text"),
+    [
+        ({"u9": ["i1"]}, "`history_item_ids` has the key 'u9', which is not one of `user_ids`"),
+        ({"u1": ["i1"] * 3, "u2": ["i2"] * 3}, "`history_item_ids` may hold at most 5 IDs in all lists together, got 6"),
+        ({"u1": ["i1"] * 5}, "`history_item_ids['u1']` may hold at most 4 IDs, got 5"),
+        ({"u2": ["i1", ""]}, "`history_item_ids['u2'][1]` must be a non-empty ID, got ''"),
+    ],
+)
+def test_batch_history_errors_name_the_field_and_value(bundle, histories, text):
+    limits = service.Limits(max_ids=5, max_history=4)
+    with pytest.raises(service.InvalidArgument) as e:
+        service.batch_recommend(bundle, user_ids=["u1", "u2"], k=3, history_item_ids=histories, limits=limits)
+    assert text in str(e.value)
+
+
+def test_embed_user_by_user_id(bundle):
+    vec, unknown, source = service.embed_user(bundle, user_id="u6")
+    np.testing.assert_array_equal(vec, bundle.user_embeddings[6])
+    assert (unknown, source) == ([], service.SOURCE_KNOWN_USER)
+    vec, unknown, source = service.embed_user(bundle, ["i20", "zz"], user_id="u6")
+    np.testing.assert_allclose(vec, _unit(bundle.user_embeddings[6] + bundle.item_embeddings[[6, 7, 8, 20]].mean(0)),
+                               rtol=1e-6)
+    assert (unknown, source) == (["zz"], service.SOURCE_KNOWN_USER_WITH_EVENTS)
+    vec, _, source = service.embed_user(bundle, ["i20"], user_id="newcomer")
+    np.testing.assert_allclose(vec, bundle.item_embeddings[20], rtol=1e-6)
+    assert source == service.SOURCE_HISTORY
+    with pytest.raises(service.NotFound, match="unknown `user_id` 'ghost'"):
+        service.embed_user(bundle, user_id="ghost")
+    with pytest.raises(service.InvalidArgument, match="`history_item_ids` must not be empty"):
+        service.embed_user(bundle)

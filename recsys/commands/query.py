@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("recommend", parents=[common], help="top-k items for a user or a history")
     r.add_argument("--user", default="", help="user ID")
-    r.add_argument("--history", nargs="+", default=[], metavar="ITEM", help="item IDs, oldest first (new user)")
+    r.add_argument("--history", nargs="+", default=[], metavar="ITEM",
+                   help="item IDs, oldest first: a new user's history, or a known --user's fresh events")
     r.add_argument("-k", type=int, default=10, help="number of items (default 10)")
     r.add_argument("--include-seen", action="store_true", help="do not exclude the user's seen items")
     r.add_argument("--exclude", nargs="+", default=[], metavar="ITEM", help="items never to return")
@@ -36,10 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--exclude", nargs="+", default=[], metavar="ITEM", help="items never to return")
 
     e = sub.add_parser("embed", parents=[common], help="embeddings of users, items, or a history")
-    g = e.add_mutually_exclusive_group(required=True)
+    g = e.add_mutually_exclusive_group()
     g.add_argument("--users", nargs="+", metavar="USER", help="stored user embeddings")
     g.add_argument("--items", nargs="+", metavar="ITEM", help="stored item embeddings")
-    g.add_argument("--history", nargs="+", metavar="ITEM", help="user-tower embedding of a history")
+    e.add_argument("--history", nargs="+", default=[], metavar="ITEM",
+                   help="user-tower embedding of a new user's history, or of a known --user's fresh events")
+    e.add_argument("--user", default="", help="one user (EmbedUser): its stored embedding, or with --history the "
+                   "tower on its stored history + the events")
 
     sub.add_parser("info", parents=[common], help="the serving model")
     sub.add_parser("models", parents=[common], help="model versions on the server (admin)")
@@ -87,9 +91,13 @@ def _ask(client, args: argparse.Namespace) -> object:
             "items": [{"item_id": i, "score": s} for i, s in zip(rec.item_ids, rec.scores, strict=True)],
         }
     if args.query == "embed":
-        if args.history:
-            vec, unknown = client.embed_user(args.history)
+        if (args.users or args.items) and (args.user or args.history):
+            raise ValueError("`recsys query embed`: --users / --items cannot be combined with --user / --history")
+        if args.user or args.history:
+            vec, unknown = client.embed_user(args.history, user_id=args.user)
             return {"embedding": vec.tolist(), "unknown_item_ids": unknown}
+        if not (args.users or args.items):
+            raise ValueError("`recsys query embed` needs --users, --items, --history or --user")
         found, unknown = (client.user_embeddings(args.users) if args.users else client.item_embeddings(args.items))
         return {"embeddings": {k: v.tolist() for k, v in found.items()}, "unknown_ids": unknown}
     if args.query == "info":

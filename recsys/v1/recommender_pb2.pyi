@@ -13,10 +13,12 @@ class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_KNOWN_USER: _ClassVar[Source]
     SOURCE_HISTORY: _ClassVar[Source]
     SOURCE_POPULARITY: _ClassVar[Source]
+    SOURCE_KNOWN_USER_WITH_EVENTS: _ClassVar[Source]
 SOURCE_UNSPECIFIED: Source
 SOURCE_KNOWN_USER: Source
 SOURCE_HISTORY: Source
 SOURCE_POPULARITY: Source
+SOURCE_KNOWN_USER_WITH_EVENTS: Source
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score")
@@ -58,33 +60,52 @@ class RecommendResponse(_message.Message):
     unknown_item_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., fallback: _Optional[bool] = ..., source: _Optional[_Union[Source, str]] = ..., unknown_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ItemIdList(_message.Message):
+    __slots__ = ("item_ids",)
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class BatchRecommendRequest(_message.Message):
-    __slots__ = ("user_ids", "k", "include_seen", "exclude_item_ids", "allowed_item_ids", "allow_fallback")
+    __slots__ = ("user_ids", "k", "include_seen", "exclude_item_ids", "allowed_item_ids", "allow_fallback", "history_item_ids")
+    class HistoryItemIdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ItemIdList
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ItemIdList, _Mapping]] = ...) -> None: ...
     USER_IDS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     user_ids: _containers.RepeatedScalarFieldContainer[str]
     k: int
     include_seen: bool
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     allowed_item_ids: _containers.RepeatedScalarFieldContainer[str]
     allow_fallback: bool
-    def __init__(self, user_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., include_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., allowed_item_ids: _Optional[_Iterable[str]] = ..., allow_fallback: _Optional[bool] = ...) -> None: ...
+    history_item_ids: _containers.MessageMap[str, ItemIdList]
+    def __init__(self, user_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., include_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., allowed_item_ids: _Optional[_Iterable[str]] = ..., allow_fallback: _Optional[bool] = ..., history_item_ids: _Optional[_Mapping[str, ItemIdList]] = ...) -> None: ...
 
 class UserRecommendations(_message.Message):
-    __slots__ = ("user_id", "found", "items", "fallback")
+    __slots__ = ("user_id", "found", "items", "fallback", "source", "unknown_item_ids")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     found: bool
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     fallback: bool
-    def __init__(self, user_id: _Optional[str] = ..., found: _Optional[bool] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., fallback: _Optional[bool] = ...) -> None: ...
+    source: Source
+    unknown_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_id: _Optional[str] = ..., found: _Optional[bool] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., fallback: _Optional[bool] = ..., source: _Optional[_Union[Source, str]] = ..., unknown_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchRecommendResponse(_message.Message):
     __slots__ = ("results", "model_version", "unknown_user_ids")
@@ -149,22 +170,26 @@ class EmbeddingsResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., unknown_ids: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class EmbedUserRequest(_message.Message):
-    __slots__ = ("history_item_ids",)
+    __slots__ = ("history_item_ids", "user_id")
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
     history_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    user_id: str
+    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class EmbedUserResponse(_message.Message):
-    __slots__ = ("embedding", "unknown_item_ids", "dim", "model_version")
+    __slots__ = ("embedding", "unknown_item_ids", "dim", "model_version", "source")
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     embedding: _containers.RepeatedScalarFieldContainer[float]
     unknown_item_ids: _containers.RepeatedScalarFieldContainer[str]
     dim: int
     model_version: str
-    def __init__(self, embedding: _Optional[_Iterable[float]] = ..., unknown_item_ids: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    source: Source
+    def __init__(self, embedding: _Optional[_Iterable[float]] = ..., unknown_item_ids: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., model_version: _Optional[str] = ..., source: _Optional[_Union[Source, str]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

@@ -77,15 +77,17 @@ class RecommenderServicer:
     """
 
     def Recommend(self, request, context):
-        """Top-k items for one user: a known user's stored embedding, or, for a user the model has not seen, an
-        embedding computed by the user tower from `history_item_ids`; optionally the popularity fallback.
+        """Top-k items for one user: a known user's stored embedding, or the user tower on a known user's stored
+        history plus the request's fresh events, or, for a user the model has not seen, an embedding computed by the
+        user tower from `history_item_ids`; optionally the popularity fallback. See `RecommendRequest`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def BatchRecommend(self, request, context):
-        """Top-k items for many known users in one call (one batched index query).
+        """Top-k items for many users in one call (one batched user-tower call for the users with fresh events, then one
+        batched index query), with the same per-user semantics as Recommend.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,7 +115,8 @@ class RecommenderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EmbedUser(self, request, context):
-        """Embed a (new) user from an interaction history with the user tower.
+        """Embed a user with the user tower: a new user from an interaction history, or a known user from their stored
+        history plus fresh events (see `EmbedUserRequest`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
