@@ -265,11 +265,14 @@ class RecommenderClient:
         return np.asarray(resp.embedding, dtype=np.float32), list(resp.unknown_item_ids)
 
     def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
-        """Version, created_at, dim, metric, n_users, n_items, evaluation (flat dict), loaded_at."""
+        """Version, created_at, dim, metric, n_users, n_items, evaluation (flat dict), loaded_at, items_in_logs,
+        trained_interactions, trained_until."""
         m = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout=timeout)
         return {
             "version": m.version, "created_at": m.created_at, "dim": m.dim, "metric": m.metric,
             "n_users": m.n_users, "n_items": m.n_items, "evaluation": dict(m.evaluation), "loaded_at": m.loaded_at,
+            "items_in_logs": m.items_in_logs, "trained_interactions": m.trained_interactions,
+            "trained_until": m.trained_until,
         }
 
     # ------------------------------------------------------------------ admin

@@ -778,7 +778,15 @@ def flatten_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 
 
 def model_info(bundle: Any) -> dict[str, Any]:
-    """Version, created-at, dim, metric, counts and the flattened evaluation summary of a bundle."""
+    """Version, created-at, dim, metric, counts, the flattened evaluation summary ("split.metric" keys) and what
+    the final fit trained on (interactions, newest time) of a bundle."""
+    import datetime as dt
+
+    evaluation = bundle.evaluation or {}
+    split = evaluation.get("split")
+    manifest = getattr(bundle, "manifest", None) or {}
+    trained = manifest.get("trained_on") or {}
+    until = trained.get("ts_max_ms")
     return {
         "version": str(bundle.version),
         "created_at": str(bundle.created_at or ""),
@@ -786,5 +794,9 @@ def model_info(bundle: Any) -> dict[str, Any]:
         "metric": str(bundle.metric),
         "n_users": int(bundle.n_users),
         "n_items": int(bundle.n_items),
-        "evaluation": flatten_numbers(bundle.evaluation or {}),
+        "evaluation": flatten_numbers(evaluation, prefix=f"{split}." if isinstance(split, str) else ""),
+        "items_in_logs": int((manifest.get("catalogue") or {}).get("items_before_kcore") or 0),
+        "trained_interactions": int(trained.get("rows") or 0),
+        "trained_until": "" if until is None else
+        dt.datetime.fromtimestamp(until / 1000, dt.timezone.utc).isoformat().replace("+00:00", "Z"),
     }

@@ -170,3 +170,21 @@ def test_empty_test_split_through_every_command(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", "--bundle", str(models), "--data", str(data), "--report", str(tmp_path / "r"),
                  "--baselines", "", "--no-plots", "--no-sweep", "--k", "10,20"]) == 2
     assert "test.parquet' holds no interactions" in capsys.readouterr().err
+
+
+def test_model_info_says_what_the_model_knows(logs, published, holdout) -> None:
+    from recsys import service
+    from recsys.v1 import recommender_pb2 as pb
+
+    root, _ = logs
+    summary, bundle = published
+    info = service.model_info(bundle)
+    pb.ModelInfo(**info)  # every key is a ModelInfo field
+    assert info["trained_interactions"] == summary["final_fit"]["rows"] == N_CLUSTERS * USERS_PER_CLUSTER * EVENTS
+    assert info["items_in_logs"] == info["n_items"] == N_CLUSTERS * ITEMS_PER_CLUSTER  # a 1-core keeps them all
+    # the newest event of the logs: the last user's last event (ts = start + 3600 * 9 + u, in seconds)
+    newest_s = 1_700_000_000 + 3600 * (EVENTS - 1) + N_CLUSTERS * USERS_PER_CLUSTER - 1
+    assert info["trained_until"] == f"{np.datetime64(newest_s, 's')}Z"
+    assert "valid.ndcg@20" in info["evaluation"] and not any(k.startswith("test.") for k in info["evaluation"])
+    held = service.model_info(holdout[1])
+    assert "test.recall@20" in held["evaluation"] and held["trained_interactions"] < info["trained_interactions"]
