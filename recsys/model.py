@@ -194,7 +194,8 @@ class TrainConfig:
     log_every: int = 50
     """Write a training-loss line to metrics.jsonl every this many steps (0 = only per epoch)."""
     progress: bool = True
-    """Show a tqdm progress bar with loss and throughput."""
+    """Show a tqdm progress bar with loss and throughput (on a terminal only; the per-epoch log line is always
+    written)."""
     num_threads: int = 0
     """torch intra-op threads on CPU (0 = leave torch's default)."""
     tensorboard: bool = True

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -938,6 +939,8 @@ def _run_phase(
     total_steps = epochs * n_batches
     warmup_steps = round(tc.warmup_epochs * n_batches)
     scheduled = tc.lr_schedule != "constant" or warmup_steps > 0
+    # a bar only on a terminal: in a log file its redraws are noise (each epoch's line is logged either way)
+    show_bar = tc.progress and sys.stderr.isatty()
     # early stopping ends the fit phase only; the refit phase always runs its fixed number of epochs
     while progress.epoch < epochs and not (phase == "fit" and progress.stopped_early):
         epoch = progress.epoch + 1
@@ -952,7 +955,7 @@ def _run_phase(
         else:
             perm = torch.randperm(n).to(trainer.device)  # CPU generator: the same order on CPU and CUDA
         total_t = torch.zeros((), dtype=torch.float64, device=trainer.device)
-        total, bar = 0.0, tqdm(range(n_batches), desc=f"{phase} epoch {epoch}/{epochs}", disable=not tc.progress,
+        total, bar = 0.0, tqdm(range(n_batches), desc=f"{phase} epoch {epoch}/{epochs}", disable=not show_bar,
                                 leave=False, unit="batch")
         for b in bar:
             rows = ctx.shard(perm[b * bs : (b + 1) * bs])
@@ -982,7 +985,7 @@ def _run_phase(
             progress.step += 1
             if check and tc.log_every and progress.step % tc.log_every == 0:
                 writer.write("train", progress.step, phase=phase, epoch=epoch, loss=value)
-            if tc.progress and check:
+            if show_bar and check:
                 el = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{(b + 1) * bs / max(el, 1e-9):.0f}")
         bar.close()
