@@ -67,7 +67,7 @@ def make_data(*, n_users: int, n_items: int, n_interactions: int, n_item_cats: i
     empty = Interactions.empty()
     counts = np.bincount(items, minlength=n_items).astype(np.float64) + 1.0  # +1: every item has prob > 0
     return PreparedData(
-        path=Path("."), n_users=n_users, n_items=n_items, train=train, valid=empty, test=empty,
+        path=Path("."), n_users=n_users, n_items=n_items, train=train, valid=empty, test=empty, extra=empty,
         item_prob=counts / counts.sum(),
         item_features={"category": rng.integers(1, n_item_cats, size=n_items), "brand": rng.integers(1, n_item_cats,
                                                                                                        size=n_items)},

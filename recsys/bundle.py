@@ -513,7 +513,7 @@ def export(
         )
 
     trained_on = summary.get("final_fit")  # absent in runs from before it was recorded
-    full_state = trained_on is not None and "test" in trained_on.get("splits", ())
+    full_state = trained_on is not None and bool(set(trained_on.get("splits", ())) - {"train", "valid"})
     state_dir = Path(tempfile.mkdtemp(prefix="recsys-serving-state-"))
     try:
         if full_state:

@@ -71,6 +71,7 @@ class PreparedData:
     train: Interactions
     valid: Interactions
     test: Interactions
+    extra: Interactions  # never scored; the final fit trains on it (schema: extra.parquet)
     item_prob: np.ndarray  # [n_items] float64, sums to 1 (logQ)
     item_features: dict[str, np.ndarray]  # name -> [n_items] int64 codes (0 = missing); [n_items, K] multi-valued
     user_features: dict[str, np.ndarray]  # name -> [n_users] int64 codes; [n_users, K] multi-valued
@@ -202,8 +203,9 @@ def load_prepared(data_dir: str | Path) -> PreparedData:
         titles = [t if t is not None else "" for t in items.column(schema.TITLE).to_pylist()]
 
     train = read_interactions(d / schema.TRAIN, n_users=n_users, n_items=n_items)
-    valid, test = (read_interactions(d / schema.SPLITS[s], n_users=n_users, n_items=n_items)
-                   if (d / schema.SPLITS[s]).exists() else Interactions.empty() for s in ("valid", "test"))
+    valid, test, extra = (read_interactions(d / schema.SPLITS[s], n_users=n_users, n_items=n_items)
+                          if (d / schema.SPLITS[s]).exists() else Interactions.empty()
+                          for s in ("valid", "test", "extra"))
     if len(train) == 0:
         raise ValueError(f"{str(d / schema.TRAIN)!r} holds no interactions")
     return PreparedData(
@@ -213,6 +215,7 @@ def load_prepared(data_dir: str | Path) -> PreparedData:
         train=train,
         valid=valid,
         test=test,
+        extra=extra,
         item_prob=prob,
         item_features=item_feats,
         user_features=user_feats,

@@ -188,9 +188,10 @@ class TrainConfig:
     """After picking the best epoch on validation, retrain from scratch for that many epochs on the splits
     ``final_fit`` names; that refit is the model a run publishes (off: the best epoch of the fit on train)."""
     final_fit: Literal["all", "train_valid"] = "all"
-    """What the refit (the published model) trains on: "all" = train + valid + test, every kept interaction (the
-    production choice: the newest events are the most predictive; the held-out estimate is the fit's validation
-    metrics); "train_valid" = test stays unseen, so ``recsys evaluate`` can score the published model on it."""
+    """What the refit (the published model) trains on: "all" = train + valid + test + extra (the valid/test-period
+    rows of users and items new then), every kept interaction (the production choice: the newest events are the
+    most predictive; the held-out estimate is the fit's validation metrics); "train_valid" = test stays unseen,
+    so ``recsys evaluate`` can score the published model on it."""
     log_every: int = 50
     """Write a training-loss line to metrics.jsonl every this many steps (0 = only per epoch)."""
     progress: bool = True

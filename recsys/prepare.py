@@ -11,7 +11,8 @@ The pipeline, in order (every input row ends in exactly one bucket of ``manifest
                          until nothing changes (one pass is not enough: dropping an item can push a user
                          under the threshold)                                             -> rows.filtered[kcore_*]
     temporal split       per-user last fraction / last N, or a global time cutoff; valid/test rows of users or
-                         items with no train row are dropped (``drop_cold``)              -> rows.filtered[cold_*]
+                         items with no train row go to the ``extra`` split (``drop_cold``): never scored, but
+                         trained on by the final fit and part of the serving state        -> rows.extra[cold_*]
     vocabularies         users / items ordered by train frequency (ties by ID), features encoded with their own
                          vocabularies, logQ probabilities, histories, seen sets          -> rows.kept
 
@@ -95,8 +96,10 @@ FILTER_REASONS = (
     "nonpositive_weight",  # final weight <= 0 (e.g. an event type weighted 0)
     "kcore_users",  # user below `kcore_users` distinct items in the k-core iteration
     "kcore_items",  # item below `kcore_items` distinct users in the k-core iteration
-    "cold_user",  # valid/test row of a user with no train row (global-time split, `drop_cold`)
-    "cold_item",  # valid/test row of an item with no train row (`drop_cold`)
+)
+EXTRA_REASONS = (
+    "cold_user",  # valid/test row of a user with no train row (global-time split, `drop_cold`) -> extra split
+    "cold_item",  # valid/test row of an item with no train row (`drop_cold`) -> extra split
 )
 
 
@@ -175,8 +178,10 @@ class PrepareConfig:
     min_train: int = 1
     """Per-user splits never leave a user with fewer train interactions than this (valid/test shrink first)."""
     drop_cold: bool = True
-    """Drop valid/test rows whose user or item has no train row (they cannot be scored by ID; counted as
-    cold_user / cold_item)."""
+    """Valid/test rows whose user or item has no train row cannot be scored by ID: true moves them to the
+    ``extra`` split (counted as cold_user / cold_item), which no evaluation scores but the final fit
+    (``train.final_fit = "all"``) trains on and the bundle serves from, so the newest users and items are known to
+    the published model; false leaves them in valid / test."""
 
     # --- outputs ---------------------------------------------------------------------------------------------
     history_len: int = 50
@@ -1120,24 +1125,24 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
     # -- 5. temporal split ------------------------------------------------------------------------------------------
     with steps.step("split") as rec:
         cols_np["split"], split_desc = split_codes(cols_np["u"], cols_np["ts"], cfg=cfg)
+        extra: dict[str, int] = {}
         if cfg.drop_cold:
             u, i, train = cols_np["u"], cols_np["i"], cols_np["split"] == 0
             has_u = np.bincount(u[train], minlength=n_user_codes) > 0
             has_i = np.bincount(i[train], minlength=n_item_codes) > 0
             cold_u = ~train & ~has_u[u]
             cold_i = ~train & ~cold_u & ~has_i[i]
-            filtered["cold_user"] = int(cold_u.sum())
-            filtered["cold_item"] = int(cold_i.sum())
-            if filtered["cold_user"] or filtered["cold_item"]:
-                _take(cols_np, ~(cold_u | cold_i))
+            extra = {"cold_user": int(cold_u.sum()), "cold_item": int(cold_i.sum())}
+            cols_np["split"][cold_u | cold_i] = 3  # rows stay where they are: each user's block keeps its order
             del u, i, train, cold_u, cold_i
         u, i, ts, w, split = (cols_np[c] for c in ("u", "i", "ts", "weight", "split"))
         del cols_np
-        if not len(u):
-            raise ValueError(f"no interaction is left after the {cfg.split} split: every valid/test row is cold "
-                             f"({filtered.get('cold_user', 0)} cold-user and {filtered.get('cold_item', 0)} cold-item "
+        if cfg.drop_cold and not (split == 0).any():
+            raise ValueError(f"no interaction is left in train after the {cfg.split} split: every valid/test row is "
+                             f"cold ({extra.get('cold_user', 0)} cold-user and {extra.get('cold_item', 0)} cold-item "
                              f"rows) and no row is in train; set `prepare.drop_cold=false` or move the cutoff")
-        rec.update(train=int((split == 0).sum()), valid=int((split == 1).sum()), test=int((split == 2).sum()))
+        rec.update(train=int((split == 0).sum()), valid=int((split == 1).sum()), test=int((split == 2).sum()),
+                   extra=int((split == 3).sum()))
 
     # -- 6. vocabularies (train frequency order), outputs --------------------------------------------------------
     with steps.step("vocab+write") as rec:
@@ -1249,6 +1254,8 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         "train": rec["train"],
         "valid": rec["valid"],
         "test": rec["test"],
+        "extra": rec["extra"],
+        "extra_reasons": {k: extra[k] for k in EXTRA_REASONS if k in extra},
     }
     accounted = n_kept + n_dedup + sum(filtered.values()) + sum(rejected.values())
     if accounted != n_input:  # an internal invariant; failing it is a bug, never a data problem
@@ -1268,7 +1275,7 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         "users_file": fingerprint_file(users_path) if users_path else None,
         "rows": rows,
         "counts": {"n_users": n_users, "n_items": n_items, "train": rows["train"], "valid": rows["valid"],
-                   "test": rows["test"], "items_before_kcore": items_before_kcore,
+                   "test": rows["test"], "extra": rows["extra"], "items_before_kcore": items_before_kcore,
                    "users_before_kcore": users_before_kcore},
         "split": split_desc,
         "dedupe": {"policy": cfg.dedupe, "note": "dedupe happens before the split: each (user, item) pair appears "
@@ -1347,8 +1354,11 @@ def format_summary(manifest: Mapping[str, Any]) -> str:
         lines.append(f"{'  filtered: ' + k:<30} {v:>12,}")
     lines.append(f"{'  deduplicated':<30} {r['deduplicated']:>12,}")
     lines.append(f"{'  kept':<30} {r['kept']:>12,}")
-    for k in ("train", "valid", "test"):
-        lines.append(f"{'    ' + k:<30} {r[k]:>12,}")
+    for k in ("train", "valid", "test", "extra"):
+        if k in r:
+            lines.append(f"{'    ' + k:<30} {r[k]:>12,}")
+    for k, v in (r.get("extra_reasons") or {}).items():
+        lines.append(f"{'      extra: ' + k:<30} {v:>12,}")
     c = manifest["counts"]
     lines.append(f"{'users':<30} {c['n_users']:>12,}")
     lines.append(f"{'items':<30} {c['n_items']:>12,}")

@@ -8,6 +8,8 @@ Prepared dataset (``recsys prepare --out DIR``)
 ``train.parquet``            interactions used for training, sorted by (user_idx, ts, seq).
 ``valid.parquet``            validation interactions (later in time than the user's train ones).
 ``test.parquet``             test interactions (later in time than the user's train and valid ones).
+``extra.parquet``            valid/test-period interactions of users or items with no train row (``drop_cold``):
+                             never scored, trained on by the final fit (``train.final_fit = "all"``).
     columns: user_idx i32, item_idx i32, ts i64 (epoch milliseconds, UTC), weight f32
 ``users.parquet``            user vocabulary, row order == user_idx (most frequent first):
     user_id str (external id, always a string), user_idx i32, n_train i32, and one ``feat_<name>`` i32 column
@@ -65,7 +67,8 @@ FEATURE_VOCAB = "feature_vocab.parquet"
 HISTORY = "history.parquet"
 SEEN = "seen.parquet"
 REJECTS = "rejects.parquet"
-SPLITS = {"train": TRAIN, "valid": VALID, "test": TEST}
+EXTRA = "extra.parquet"
+SPLITS = {"train": TRAIN, "valid": VALID, "test": TEST, "extra": EXTRA}
 
 USER_IDX = "user_idx"
 ITEM_IDX = "item_idx"

@@ -889,7 +889,7 @@ def final_fit_splits(data: PreparedData, train_cfg: TrainConfig) -> tuple[str, .
     ``train.final_fit`` adds. Just ("train",) means there is no refit: the fit's best epoch is the model."""
     if not train_cfg.refit:
         return ("train",)
-    wanted = ("valid", "test") if train_cfg.final_fit == "all" else ("valid",)
+    wanted = ("valid", "test", "extra") if train_cfg.final_fit == "all" else ("valid",)
     return ("train", *(s for s in wanted if len(getattr(data, s))))
 
 

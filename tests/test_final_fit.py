@@ -3,7 +3,9 @@
 Hand-built logs where each user's newest event is known: 4 taste clusters of 20 items, 12 users each, 10 events per
 user in time order. ``prepare`` (defaults but a 1-core, so every row is kept) puts each user's last event in test
 and the one before it in valid; the default ``train.final_fit = "all"`` must then train on, remember and exclude
-those newest events. ``train_valid`` is the documented way back to the holdout model, and shows the checks can fail.
+those newest events. The newest event of three users is a brand-new item nobody had before: its rows are cold (the
+extra split) and the published model must know it too. ``train_valid`` is the documented way back to the holdout
+model, and shows the checks can fail.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from recsys.train import train
 torch.set_num_threads(1)
 
 N_CLUSTERS, ITEMS_PER_CLUSTER, USERS_PER_CLUSTER, EVENTS = 4, 20, 12, 10
+NEW_ITEM, NEW_ITEM_USERS = "i_new", ("u0", "u1", "u2")  # the newest event of these users (cluster 0)
+N_ITEMS = N_CLUSTERS * ITEMS_PER_CLUSTER + 1
 TINY_MODEL = ModelConfig(dim=16, embedding_dim=16, history_len=8)
 
 
@@ -41,7 +45,9 @@ def write_logs(path: Path, *, seed: int = 0) -> dict[str, list[str]]:
         c = u // USERS_PER_CLUSTER
         items = c * ITEMS_PER_CLUSTER + rng.choice(ITEMS_PER_CLUSTER, size=EVENTS, replace=False)
         events[f"u{u}"] = [f"i{i}" for i in items]
-        rows += [(f"u{u}", f"i{i}", 1_700_000_000 + 3600 * t + u) for t, i in enumerate(items)]
+        if f"u{u}" in NEW_ITEM_USERS:
+            events[f"u{u}"][-1] = NEW_ITEM
+        rows += [(f"u{u}", i, 1_700_000_000 + 3600 * t + u) for t, i in enumerate(events[f"u{u}"])]
     rng.shuffle(rows)  # the logs' order is not time order
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -86,9 +92,10 @@ def test_final_fit_trains_on_every_kept_row(logs, published) -> None:
     root, _ = logs
     summary, bundle = published
     counts = json.loads((root / "data" / schema.MANIFEST).read_text())["counts"]
-    kept = counts["train"] + counts["valid"] + counts["test"]
-    assert counts["test"] == N_CLUSTERS * USERS_PER_CLUSTER  # one newest event per user in test
-    assert summary["final_fit"]["splits"] == ["train", "valid", "test"]
+    kept = counts["train"] + counts["valid"] + counts["test"] + counts["extra"]
+    # one newest event per user in test, but the new item's: no train row, so not scorable -> extra
+    assert (counts["test"], counts["extra"]) == (N_CLUSTERS * USERS_PER_CLUSTER - 3, 3)
+    assert summary["final_fit"]["splits"] == ["train", "valid", "test", "extra"]
     assert summary["final_fit"]["rows"] == kept == N_CLUSTERS * USERS_PER_CLUSTER * EVENTS
     assert bundle.manifest["trained_on"] == summary["final_fit"]
     # the popularity counts of the bundle count every kept row too
@@ -109,7 +116,7 @@ def test_serving_state_holds_and_excludes_the_newest_event(logs, published) -> N
         assert sorted(bundle.item_ids[bundle.seen_items(row)].tolist()) == sorted(items)
         rec = recommend(bundle, user_id=user, k=bundle.n_items)
         assert items[-1] not in rec.item_ids and not set(items) & set(rec.item_ids)
-        assert len(rec.item_ids) == bundle.n_items - EVENTS
+        assert len(rec.item_ids) == bundle.n_items - EVENTS == N_ITEMS - EVENTS
 
 
 def test_holdout_setting_keeps_test_out_of_model_and_state(logs, holdout) -> None:
@@ -119,6 +126,8 @@ def test_holdout_setting_keeps_test_out_of_model_and_state(logs, holdout) -> Non
     assert bundle.manifest["trained_on"]["splits"] == ["train", "valid"]
     newest = [bundle.item_row(items[-1]) for items in events.values()]
     assert all(n not in bundle.seen_items(bundle.user_row(u)).tolist() for u, n in zip(events, newest, strict=True))
+    # the new item is in the vocabulary but nobody's seen set: the holdout fit never trained on its rows
+    assert bundle.item_popularity[bundle.item_row(NEW_ITEM)] == 0
     assert bundle.manifest["evaluation"]["split"] == "test"  # a real held-out evaluation at export
 
 
@@ -161,11 +170,12 @@ def test_empty_test_split_through_every_command(tmp_path: Path, capsys) -> None:
     assert main(["train", "--data", str(data), "--out", str(run), "--set", "train.epochs=2", "--set",
                  "train.progress=false", "--set", "model.dim=16", "--set", "model.embedding_dim=16"]) == 0
     summary = json.loads((run / schema.SUMMARY).read_text())
-    assert summary["final_fit"]["splits"] == ["train", "valid"]  # nothing to add: test is empty
+    # nothing from test (empty); the new item's rows, cold, are in extra
+    assert summary["final_fit"]["splits"] == ["train", "valid", "extra"]
     assert main(["export", "--run", str(run), "--models", str(models)]) == 0
     bundle = Bundle.load(models)
-    newest = events["u0"][-1]  # in valid now, so seen
-    assert newest in bundle.item_ids[bundle.seen_items(bundle.user_row("u0"))].tolist()
+    newest = events["u4"][-1]  # in valid now, so seen
+    assert newest in bundle.item_ids[bundle.seen_items(bundle.user_row("u4"))].tolist()
     capsys.readouterr()
     assert main(["evaluate", "--bundle", str(models), "--data", str(data), "--report", str(tmp_path / "r"),
                  "--baselines", "", "--no-plots", "--no-sweep", "--k", "10,20"]) == 2
@@ -181,10 +191,33 @@ def test_model_info_says_what_the_model_knows(logs, published, holdout) -> None:
     info = service.model_info(bundle)
     pb.ModelInfo(**info)  # every key is a ModelInfo field
     assert info["trained_interactions"] == summary["final_fit"]["rows"] == N_CLUSTERS * USERS_PER_CLUSTER * EVENTS
-    assert info["items_in_logs"] == info["n_items"] == N_CLUSTERS * ITEMS_PER_CLUSTER  # a 1-core keeps them all
+    assert info["items_in_logs"] == info["n_items"] == N_ITEMS  # a 1-core keeps them all
     # the newest event of the logs: the last user's last event (ts = start + 3600 * 9 + u, in seconds)
     newest_s = 1_700_000_000 + 3600 * (EVENTS - 1) + N_CLUSTERS * USERS_PER_CLUSTER - 1
     assert info["trained_until"] == f"{np.datetime64(newest_s, 's')}Z"
     assert "valid.ndcg@20" in info["evaluation"] and not any(k.startswith("test.") for k in info["evaluation"])
     held = service.model_info(holdout[1])
     assert "test.recall@20" in held["evaluation"] and held["trained_interactions"] < info["trained_interactions"]
+
+
+def test_a_brand_new_item_is_learned_and_served(published, holdout) -> None:
+    """Its rows are all in the newest period: the final fit trains on them, so it is counted, seen and embedded
+    near its cluster; the holdout model only has the untrained row of the vocabulary."""
+    _, bundle = published
+    row = bundle.item_row(NEW_ITEM)
+    assert bundle.item_popularity[row] == len(NEW_ITEM_USERS)
+    for u in NEW_ITEM_USERS:
+        assert row in bundle.seen_items(bundle.user_row(u)).tolist()
+        assert bundle.history(bundle.user_row(u))[-1] == row
+
+    def scores(b: Bundle) -> np.ndarray:
+        """The new item's score for each user [n_users], users in cluster order."""
+        rows = [b.user_row(f"u{u}") for u in range(N_CLUSTERS * USERS_PER_CLUSTER)]
+        return b.user_embeddings[rows] @ b.item_embeddings[b.item_row(NEW_ITEM)]
+
+    # trained with cluster-0 users, the new item scores higher for the other cluster-0 users than for the rest of
+    # the users, and higher for them than its untrained row in the holdout model did
+    s_all, s_holdout = scores(bundle), scores(holdout[1])
+    others = slice(len(NEW_ITEM_USERS), USERS_PER_CLUSTER)  # cluster 0 without the three
+    assert s_all[others].mean() > s_all[USERS_PER_CLUSTER:].mean()
+    assert s_all[others].mean() > s_holdout[others].mean()

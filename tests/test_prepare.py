@@ -47,7 +47,7 @@ def triples(data: dict) -> set[tuple[str, str, int]]:
     """(user_id, item_id, ts) of every kept interaction, in external IDs."""
     users, items = data["users"][schema.USER_ID], data["items"][schema.ITEM_ID]
     out = set()
-    for split in ("train", "valid", "test"):
+    for split in ("train", "valid", "test", "extra"):
         for u, i, t in data[split].select(schema.USER_IDX, schema.ITEM_IDX, schema.TS).iter_rows():
             out.add((users[u], items[i], t))
     return out
@@ -138,7 +138,7 @@ def test_repeated_pair_is_deduped_before_split_so_test_never_in_train(tmp_path):
     assert [items[k] for k in data["test"][schema.ITEM_IDX]] == ["i"]
 
 
-def test_global_time_split_drops_cold_users_and_items(tmp_path):
+def test_global_time_split_moves_cold_users_and_items_to_extra(tmp_path):
     rows = [
         "u1,a,2024-01-01T00:00:00Z", "u1,b,2024-01-02T00:00:00Z", "u1,c,2024-03-01T00:00:00Z",
         "u2,a,2024-01-05T00:00:00Z", "u2,c,2024-01-10 12:00:00", "u2,b,2024-02-20T00:00:00Z",
@@ -149,12 +149,19 @@ def test_global_time_split_drops_cold_users_and_items(tmp_path):
     cfg = PrepareConfig(kcore_users=1, kcore_items=1, split="global_time", valid_start="2024-02-15",
                         test_start="2024-03-01T00:00:00Z")
     man = prepare([log], tmp_path / "out", config=cfg)
-    assert man["rows"]["filtered"]["cold_user"] == 1 and man["rows"]["filtered"]["cold_item"] == 1
-    assert (man["rows"]["train"], man["rows"]["valid"], man["rows"]["test"]) == (4, 1, 1)
+    assert man["rows"]["extra_reasons"] == {"cold_user": 1, "cold_item": 1} and "cold_user" not in man["rows"]["filtered"]
+    assert (man["rows"]["train"], man["rows"]["valid"], man["rows"]["test"], man["rows"]["extra"]) == (4, 1, 1, 2)
     assert man["split"]["test_start"] == "2024-03-01T00:00:00Z"
     data = load_prepared(tmp_path / "out")
     assert ("u1", "c", parse_time("2024-03-01")) in triples(data)
-    assert "u3" not in data["users"][schema.USER_ID].to_list()
+    # the cold rows are never scored (not in test) but kept for the final fit, their user and item in the vocab
+    users, items = data["users"][schema.USER_ID].to_list(), data["items"][schema.ITEM_ID].to_list()
+    assert sorted((users[u], items[i]) for u, i in data["extra"].select(schema.USER_IDX, schema.ITEM_IDX).iter_rows()) \
+        == [("u2", "z"), ("u3", "a")]
+    assert data["users"].filter(pl.col(schema.USER_ID) == "u3")["n_train"].to_list() == [0]
+    # ...and the serving state of the prepared data (train + valid, for scoring test) leaves them out
+    seen_u3 = data["seen"].filter(pl.col(schema.USER_IDX) == users.index("u3"))["items"].to_list()
+    assert seen_u3 in ([], [[]])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -538,7 +545,7 @@ def test_manifest_and_cli(tmp_path, capsys):
     assert man["config"]["user_col"] == "uid" and man["config"]["kcore_items"] == 1
     assert man["inputs"][0]["path"] == str(log.resolve()) and man["inputs"][0]["rows"] == 4
     assert man["inputs"][0]["size"] == log.stat().st_size and len(man["inputs"][0]["sha256"]) == 64
-    assert man["counts"] == {"n_users": 2, "n_items": 3, "train": 2, "valid": 0, "test": 2, "items_before_kcore": 3,
+    assert man["counts"] == {"n_users": 2, "n_items": 3, "train": 2, "valid": 0, "test": 2, "extra": 0, "items_before_kcore": 3,
                              "users_before_kcore": 2}
     assert isinstance(man["fingerprint"], str) and [s["step"] for s in man["steps"]][0] == "read+validate"
     # existing output: refused without --overwrite, replaced with it

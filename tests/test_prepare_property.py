@@ -102,15 +102,16 @@ def test_every_input_row_is_accounted_for(rows, dedupe, kcore, split, drop_cold)
             dict(filtered)
         assert r["deduplicated"] == len(kept_events) - len(pairs)
         assert r["filtered"]["kcore_users"] + r["filtered"]["kcore_items"] == len(pairs) - len(core)
-        assert r["kept"] + r["filtered"].get("cold_user", 0) + r["filtered"].get("cold_item", 0) == len(core)
+        assert r["kept"] == len(core)  # cold valid/test rows are kept, in the extra split
+        assert r["extra"] == sum(r["extra_reasons"].values()) and (drop_cold or not r["extra"])
         assert r["input"] == len(rows) == (r["kept"] + r["deduplicated"] + sum(r["filtered"].values())
                                            + sum(r["rejected"].values()))
-        assert r["kept"] == r["train"] + r["valid"] + r["test"]
+        assert r["kept"] == r["train"] + r["valid"] + r["test"] + r["extra"]
 
         data = load_prepared(tmp / "out")
         users, items = data["users"][schema.USER_ID], data["items"][schema.ITEM_ID]
         out_pairs = []
-        for s in ("train", "valid", "test"):
+        for s in ("train", "valid", "test", "extra"):
             out_pairs += [(users[u], items[i]) for u, i in data[s].select(schema.USER_IDX, schema.ITEM_IDX).iter_rows()]
         assert len(out_pairs) == len(set(out_pairs)) == r["kept"]  # no pair twice, across all splits
         assert set(out_pairs) <= core

@@ -107,8 +107,9 @@ def test_warm_started_retrain_publishes_and_resumes_once(first: tuple[Path, dict
     prepared = json.loads((job_dirs[0] / "prepared" / "manifest.json").read_text())["counts"]
     cand, final = state["stages"]["train"]["final_fit"], state["stages"]["final_fit"]["trained_on"]
     assert cand["splits"] == ["train", "valid"] and cand["rows"] == prepared["train"] + prepared["valid"]
-    assert final["splits"] == ["train", "valid", "test"]
-    assert final["rows"] == prepared["train"] + prepared["valid"] + prepared["test"] > cand["rows"]
+    # ...and the newest period's new users / items (the extra split: cold, never scored by the gate)
+    assert final["splits"] == ["train", "valid", "test", "extra"] and prepared["extra"] > 0
+    assert final["rows"] == prepared["train"] + prepared["valid"] + prepared["test"] + prepared["extra"]
 
     monkeypatch.setattr(bundle_mod, "export", real_export)
     resumed = _retrain(logs, "all", models, "retrain.tolerance=0.05")
