@@ -175,6 +175,11 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     def calls(client: RecommenderClient) -> str:
         rec = client.recommend(known_user, k=5)
         _show(f"Recommend(user_id={known_user!r}, k=5)", rec, titles, cats)
+        fresh = new_history[-3:]  # what the known user just did (since the model was built), oldest first
+        rec_fresh = client.recommend(known_user, history=fresh, k=5)
+        cats_fresh = ", ".join(cats.get(i, "?") for i in fresh)
+        _show(f"Recommend(user_id={known_user!r}, history={fresh} [{cats_fresh}], k=5) -- the same user, right "
+              f"after these events", rec_fresh, titles, cats)
         rec2 = client.recommend(history=new_history, k=5)
         cats_seen = ", ".join(cats.get(i, "?") for i in new_history)
         _show(f"Recommend(history={new_history} [{cats_seen}], k=5) -- a user the model never saw",

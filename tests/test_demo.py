@@ -26,8 +26,10 @@ def test_demo_end_to_end_at_reduced_size(tmp_path: Path, capsys: pytest.CaptureF
         assert section in out, section
     for name in ("two_tower", "two_tower_hnsw", "popularity", "itemknn"):
         assert f"\n{name} " in out, name
-    # the four client calls: a known user, a new user by history, similar items, and the error case
-    assert "source=known_user" in out and "source=history" in out and "SimilarItems(" in out
+    # the client calls: a known user, the same user with fresh events, a new user by history, similar items, and
+    # the error case
+    assert "source=known_user)" in out and "source=history" in out and "SimilarItems(" in out
+    assert "source=known_user_with_events" in out  # the known user right after some fresh events
     assert "Recommend(k=0) -> INVALID_ARGUMENT" in out
     # the retrain either published a version that the running server then answered with, or was refused by the
     # gate and the server kept the old one
