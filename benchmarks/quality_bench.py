@@ -46,6 +46,7 @@ def ml100k_prepared(cache: Path, out: Path) -> dict:
 
     raw = fetch_ml100k(cache)
     cfg = PrepareConfig(
+        kcore_items=5,  # this table's published protocol: the 5-core
         binarize=True,  # implicit feedback: every rating is one interaction (the baselines see binary rows too)
         item_features=("release_year", "class"), user_features=("age", "gender", "occupation"),
         title_col="movie_title",
@@ -56,12 +57,13 @@ def ml100k_prepared(cache: Path, out: Path) -> dict:
 
 def synth_prepared(work: Path, out: Path, *, events: int, users: int, items: int) -> dict:
     """The built-in synthetic logs (recsys.synth) through ``recsys.prepare`` with its defaults."""
-    from recsys.prepare import prepare
+    from recsys.prepare import PrepareConfig, prepare
     from recsys.synth import SynthConfig, generate
 
     raw = work / "synth-raw"
     generate(raw, config=SynthConfig(events=events, users=users, items=items), overwrite=True)
-    return prepare([raw / "logs"], out, items=raw / "items.parquet", users=raw / "users.parquet", overwrite=True)
+    return prepare([raw / "logs"], out, items=raw / "items.parquet", users=raw / "users.parquet", overwrite=True,
+                   config=PrepareConfig(kcore_items=5))  # this table's published protocol: the 5-core
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
