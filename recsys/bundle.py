@@ -514,17 +514,15 @@ def export(
 
     trained_on = summary.get("final_fit")  # absent in runs from before it was recorded
     full_state = trained_on is not None and bool(set(trained_on.get("splits", ())) - {"train", "valid"})
+    kw = dict(model=model, model_json=model_json, run_config=run_config, summary=summary,
+              data_manifest=data_manifest, index_cfg=index_cfg, keep=keep, version=version,
+              tune_queries=tune_queries, seed=seed, evaluate_split=evaluate_split, trained_on=trained_on)
+    if not full_state:  # the prepared train + valid state is the bundle's as it is
+        return _export(run_dir, models_dir, data_dir, data_dir, **kw)
     state_dir = Path(tempfile.mkdtemp(prefix="recsys-serving-state-"))
     try:
-        if full_state:
-            _write_serving_state(data_dir, state_dir, data_manifest, n_users=n_users, n_items=n_items)
-        else:
-            for name in DATA_FILES:
-                shutil.copyfile(data_dir / name, state_dir / name)
-        return _export(run_dir, models_dir, data_dir, state_dir, model=model, model_json=model_json,
-                       run_config=run_config, summary=summary, data_manifest=data_manifest, index_cfg=index_cfg,
-                       keep=keep, version=version, tune_queries=tune_queries, seed=seed,
-                       evaluate_split=evaluate_split, trained_on=trained_on)
+        _write_serving_state(data_dir, state_dir, data_manifest, n_users=n_users, n_items=n_items)
+        return _export(run_dir, models_dir, data_dir, state_dir, **kw)
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
 
