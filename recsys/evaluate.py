@@ -129,7 +129,7 @@ def load_eval_set(
 
     from recsys.baselines import interaction_matrix
     from recsys.bundle import read_ragged
-    from recsys.data import Interactions, read_interactions
+    from recsys.data import Interactions, history_and_seen, read_interactions
     from recsys.io import sha256_file
 
     if split not in ("valid", "test"):
@@ -158,17 +158,11 @@ def load_eval_set(
         seen_off, seen_val = read_ragged(d / schema.SEEN, n_rows=n_users, what=f"{d / schema.SEEN}")
         hist_off, hist_val = read_ragged(d / schema.HISTORY, n_rows=n_users, what=f"{d / schema.HISTORY}")
     else:
-        pairs = np.unique(before.user_idx * n_items + before.item_idx)
-        seen_off, seen_val = _group(pairs // n_items, pairs % n_items, n_users)
-        # `before` is sorted by (user, ts): each user's slice is already oldest first
-        hist_off = np.zeros(n_users + 1, dtype=np.int64)
-        np.cumsum(np.bincount(before.user_idx, minlength=n_users), out=hist_off[1:])
-        hist_val = before.item_idx
-        if history_len is not None:
-            keep = np.arange(len(before)) >= np.repeat(hist_off[1:], np.diff(hist_off)) - history_len
-            hist_val = hist_val[keep]
-            hist_off = np.zeros(n_users + 1, dtype=np.int64)
-            np.cumsum(np.bincount(before.user_idx[keep], minlength=n_users), out=hist_off[1:])
+        # `before` is sorted by (user, ts): the same rule as the prepared files, over these rows
+        (hist_off, hist_val), (seen_off, seen_val) = history_and_seen(
+            before.user_idx, before.item_idx, n_users=n_users, n_items=n_items,
+            history_len=max(len(before), 1) if history_len is None else history_len)
+        hist_val, seen_val = hist_val.astype(np.int64), seen_val.astype(np.int64)
     seen_matrix = interaction_matrix(
         np.repeat(np.arange(n_users), np.diff(seen_off)), seen_val, n_users=n_users, n_items=n_items
     )
