@@ -10,8 +10,8 @@
    message (sync with the same thread pool size, and grpc.aio): the transport ceiling on this machine.
 3. Drives them from this process (grpc.aio, one channel, N concurrent callers) for a fixed number of requests:
    Recommend (known user, seen items excluded, k=10), "Recommend+10 events" (the same users, each with 10 fresh
-   events: the user tower recomputes the embedding, a Python path) and BatchRecommend (64 users), ``--repeat``
-   times interleaved (medians quoted; the Recommend/empty and events/plain ratios are taken within each repeat),
+   events: the user tower recomputes the embedding; native like the plain request when the extension is built)
+   and BatchRecommend (64 users), ``--repeat`` times interleaved (medians quoted; the Recommend/empty and events/plain ratios are taken within each repeat),
    and checks that with --max-concurrency 32 and 256 concurrent callers every reply is OK or RESOURCE_EXHAUSTED.
 Before any server starts, the handler's own CPU per Recommend is profiled in-process by component (protobuf,
 servicer glue, service logic, index search; today's code and, with --baseline-ref, the ref's): ``--breakdown-only``
@@ -38,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serve_bench.json"
-EVENTS = "Recommend+10 events"  # a known user with 10 fresh events (Python path: the user tower + the search)
+EVENTS = "Recommend+10 events"  # a known user with 10 fresh events (the user tower + the search)
 EMPTY_METHOD = "/bench.Empty/Call"
 
 
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(0)
         users = [f"u{u}" for u in rng.integers(0, args.users, 100_000)]
         rec_bytes = [pb.RecommendRequest(user_id=u, k=10).SerializeToString() for u in users[:5000]]
-        # the same users, each with 10 fresh events: the tower recomputes the embedding (the Python path)
+        # the same users, each with 10 fresh events: the tower recomputes the embedding
         event_bytes = [pb.RecommendRequest(user_id=u, history_item_ids=e, k=10).SerializeToString()
                        for u, e in zip(users[:5000], _fresh_events(rng, 5000, args.items), strict=True)]
         batch_bytes = [pb.BatchRecommendRequest(user_ids=users[i * 64:(i + 1) * 64], k=10).SerializeToString()

@@ -829,6 +829,11 @@ class Bundle:
         ``r``'s are ``rows[offsets[r]:offsets[r + 1]]`` (= :meth:`seen_items`)."""
         return self._seen_off, self._seen_val
 
+    def history_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every user's serving history at once: (offsets [n_users + 1] int64, item rows int64), read-only; user
+        ``r``'s are ``rows[offsets[r]:offsets[r + 1]]`` (= :meth:`history`)."""
+        return self._hist_off, self._hist_val
+
     def history(self, user_row: int) -> np.ndarray:
         """The user's serving history (item rows, oldest first)."""
         self._check_user_row(user_row)

@@ -188,57 +188,48 @@ def _known_rows(bundle: Any, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]
     return np.asarray(rows, dtype=np.int64), list(unknown)
 
 
-class UserTower:
-    """The bundle's user tower (``bundle.model.encode_users``) recorded once as a frozen TorchScript graph: the
-    request path's twin of ``bundle.embed_users``, checked against it when built (:func:`user_tower`).
-
-    Why: one user's eager forward is ~45 tiny ops, each a Python call with its own dispatch and GIL release --
-    measured ~270 us of CPU for ``bundle.embed_users`` on one user (100k items, dim 64, 2-core machine), more
-    than the whole gRPC round trip of a plain known-user Recommend. The recorded graph runs the SAME ops (the
-    tower's math stays in ``recsys.model``; the weights are shared, not copied) in one call without the GIL:
-    ~110-140 us, with identical outputs. Histories are padded / truncated by ``recsys.bundle.pad_histories`` with
-    the bundle's ``max_history``, exactly as ``bundle.embed_users`` does.
-    """
-
-    __slots__ = ("__weakref__", "_fn", "_max_history", "_pad", "_torch")
-
-    def __init__(self, fn: Any, max_history: int | None) -> None:
-        import torch
-
-        from recsys.bundle import pad_histories
-
-        # the scripted forward itself: calling the module adds nn.Module's hook dispatch (Python) to every call
-        self._fn, self._max_history, self._pad, self._torch = fn.forward, max_history, pad_histories, torch
-
-    def __call__(self, rows: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """user rows [n] int64 (-1 = a new user; valid rows only), histories (item rows, oldest first) ->
-        [n, dim] float32."""
-        torch = self._torch
-        padded = self._pad(histories, max_len=self._max_history)  # [n, N]
-        with torch.inference_mode():
-            out = self._fn(torch.from_numpy(rows), torch.from_numpy(padded))
-        return out.numpy()
-
-
 _TOWER_TOLERANCE = 1e-5  # largest |difference| to bundle.embed_users accepted in the self-check
 
 
-def _build_tower(bundle: Any) -> UserTower | None:
-    """Record the tower and check it against ``bundle.embed_users`` on a few users spread over the bundle (known
-    users with their stored history + a few items, and new users, several history lengths). None -- every call
-    then goes to ``bundle.embed_users`` -- when the bundle has no torch model or the recording disagrees."""
+class NativeUserTower:
+    """``recsys._hnsw.UserTower``: the C++ twin of the user tower (``recsys.model.NumpyUserTower``'s arrays, the
+    same math one user at a time, without the GIL), called like the numpy twin. The native known-user Recommend
+    (server/fastpath.py) runs the same object, so both paths embed a user bit for bit alike."""
+
+    __slots__ = ("__weakref__", "native")
+
+    def __init__(self, twin: Any) -> None:
+        from recsys import _hnsw
+
+        self.native = _hnsw.UserTower(**twin.arrays())
+
+    def __call__(self, rows: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """user rows [n] int64 (-1 = a new user), histories (item rows, oldest first) -> [n, dim] float32."""
+        offsets = np.zeros(len(histories) + 1, dtype=np.int64)
+        np.cumsum([len(h) for h in histories], out=offsets[1:])
+        items = np.concatenate(histories).astype(np.int64, copy=False) if len(histories) else offsets[:0]
+        return self.native.embed(np.asarray(rows, dtype=np.int64), offsets, items)
+
+
+def _build_tower(bundle: Any) -> Any:
+    """The bundle's user tower for request paths: :class:`NativeUserTower` where the extension is built, else
+    ``recsys.model.NumpyUserTower`` (the tower's math as a few numpy calls on the model's weights): one user in
+    ~10 / ~50 us where the torch forward takes ~300 us. Each is checked against ``bundle.embed_users`` on users
+    spread over the bundle (known users with their stored history + a few items, new users with and without a
+    history, several batch shapes); the first that agrees serves. None -- every call then goes to
+    ``bundle.embed_users`` -- when the bundle has no torch model or neither twin agrees (logged)."""
     import logging
-    import warnings
 
     log = logging.getLogger("recsys.service")
     try:
+        from recsys.model import NumpyUserTower, TwoTower
+
         model = bundle.model
-        import torch
     except Exception:  # a bundle without towers (test doubles) or without torch
         return None
-    n_users, n_items = int(bundle.n_users), int(bundle.n_items)
-    if n_users < 1 or n_items < 1:
+    if not isinstance(model, TwoTower) or int(bundle.n_users) < 1 or int(bundle.n_items) < 1:
         return None
+    n_users, n_items = int(bundle.n_users), int(bundle.n_items)
     rng = np.random.default_rng(0)
     rows = np.unique(np.linspace(0, n_users - 1, min(8, n_users)).astype(np.int64))
     rows = np.concatenate([rows, [-1, -1]])
@@ -248,46 +239,40 @@ def _build_tower(bundle: Any) -> UserTower | None:
                         rng.integers(0, n_items, 1 + i % max(width, 1)))).astype(np.int64)
         for i, r in enumerate(rows)
     ]
+    histories[-1] = histories[-1][:0]  # a new user with no history at all
 
-    class EncodeUsers(torch.nn.Module):  # what torch.jit.trace records: the tower's public entry point
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, user_idx: Any, history: Any) -> Any:
-            return self.model.encode_users(user_idx, history)
-
-    try:
-        from recsys.bundle import pad_histories
-
-        example = (torch.from_numpy(rows[:2]), torch.from_numpy(pad_histories(histories[:2], max_len=width)))
-        with warnings.catch_warnings(), torch.no_grad():
-            # torch.jit is deprecated in favour of torch.compile / torch.export, which on CPU either need a C++
-            # toolchain at load time or run slower than eager here (an exported graph: ~2x eager); the checks in
-            # encode_users turn into constants (TracerWarning): rows reaching the tower are valid by construction
-            warnings.simplefilter("ignore")
-            fn = torch.jit.freeze(torch.jit.trace(EncodeUsers().eval(), example, check_trace=False))
-        tower = UserTower(fn, bundle.max_history)
+    def disagreement(tower: Any) -> float:
+        worst = 0.0
         for batch in (slice(None), slice(0, 1), slice(len(rows) - 1, None), slice(2, 5)):
             got = tower(rows[batch], histories[batch])
             want = np.asarray(bundle.embed_users(rows[batch], histories[batch]), dtype=np.float32)
-            diff = float(np.abs(got - want).max())
-            if got.shape != want.shape or not diff <= _TOWER_TOLERANCE:
-                log.error("recorded user tower disabled for model %s: it differs from bundle.embed_users by %g",
-                          bundle.version, diff)
-                return None
+            worst = max(worst, float(np.abs(got - want).max()) if got.shape == want.shape else math.inf)
+        return worst
+
+    try:
+        twin = NumpyUserTower(model)
+        towers = [twin]
+        try:
+            towers.insert(0, NativeUserTower(twin))
+        except (ImportError, AttributeError):  # no extension (or an older one): the numpy twin
+            pass
+        for tower in towers:
+            diff = disagreement(tower)
+            if diff <= _TOWER_TOLERANCE:
+                return tower
+            log.error("%s disabled for model %s: it differs from bundle.embed_users by %g", type(tower).__name__,
+                      bundle.version, diff)
     except Exception:
-        log.exception("recorded user tower disabled for model %s (bundle.embed_users serves)", bundle.version)
-        return None
-    return tower
+        log.exception("request-path user tower disabled for model %s (bundle.embed_users serves)", bundle.version)
+    return None
 
 
 _TOWER = PerBundle(_build_tower)
 
 
-def user_tower(bundle: Any) -> UserTower | None:
-    """The bundle's recorded :class:`UserTower` (built and checked on first use; the model store builds it at
-    warm-up), or None when ``bundle.embed_users`` must serve (no torch model, or the recording disagreed)."""
+def user_tower(bundle: Any) -> Any:
+    """The bundle's checked request-path tower, :class:`NativeUserTower` or ``recsys.model.NumpyUserTower`` (built
+    on first use; the model store builds it at warm-up), or None when ``bundle.embed_users`` must serve."""
     return _TOWER.get(bundle)
 
 

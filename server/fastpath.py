@@ -1,15 +1,18 @@
-"""The known-user ``Recommend`` in one native call (``recsys._hnsw.KnownUserRecommender``), built once per bundle.
+"""``Recommend`` in one native call (``recsys._hnsw.KnownUserRecommender``), built once per bundle.
 
-The most common request -- a known ``user_id`` and ``k``, seen items excluded or not, no lists -- is answered from
-the serialized request straight to the serialized response in C++: protobuf parse, user lookup, the excluding
+The most common requests -- a known ``user_id`` and ``k``, seen items excluded or not, no lists; the same user
+with fresh events in ``history_item_ids``; a new user's ``history_item_ids`` -- are answered from the serialized
+request straight to the serialized response in C++: protobuf parse, user and item lookups, the user tower where
+there are events (``recsys.service.NativeUserTower``, the very object the Python path embeds with), the excluding
 graph search and the response bytes, without the GIL. Every other request (and any case the native side is not
-sure of: unknown or over-long IDs, k out of range, a huge exclusion, fewer than k results, a non-unit query row)
-gets ``None`` back and takes the Python path, which owns all errors. The answer is byte-identical to the Python
-path's (``tests/test_server_fastpath.py``).
+sure of: unknown or over-long IDs, k out of range, too many events, a huge exclusion, fewer than k results, a
+non-unit query row) gets ``None`` back and takes the Python path, which owns all errors and reports unknown items.
+The answer is byte-identical to the Python path's (checked here at build, and ``tests/test_server_fastpath.py``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -39,11 +42,20 @@ def build(bundle: Any, *, check_users: int = 16) -> Any | None:
         # rows near that edge (or not unit at all) are left to it, so both paths search the same vector
         ok &= np.abs(sq - 1.0) <= 0.9 * UNIT_SQ_TOL
     offsets, rows = bundle.seen_csr()
+    tower = service.user_tower(bundle)
+    events: dict = {}
+    if isinstance(tower, service.NativeUserTower):  # requests with history_item_ids: the same tower, natively
+        hist_off, hist_rows = bundle.history_csr()
+        events = {"tower": tower.native, "history_offsets": np.ascontiguousarray(hist_off, dtype=np.int64),
+                  "history_items": np.ascontiguousarray(hist_rows, dtype=np.int64),
+                  "events_source": int(pb.SOURCE_KNOWN_USER_WITH_EVENTS), "history_source": int(pb.SOURCE_HISTORY),
+                  "unit_sq_tol": UNIT_SQ_TOL}
     fast = _hnsw.KnownUserRecommender(
         index._index, [str(u) for u in np.asarray(bundle.user_ids).tolist()], users,
         np.ascontiguousarray(ok, dtype=np.uint8), np.ascontiguousarray(offsets, dtype=np.int64),
         np.ascontiguousarray(rows, dtype=np.int64), service.prepared(bundle).item_ids, str(bundle.version),
         int(pb.SOURCE_KNOWN_USER), int(index.ef), int(index.ef_filtered), float(index.exact_fallback_fraction),
+        **events,
     )
     problem = _disagreement(fast, bundle, check_users)
     if problem:
@@ -53,20 +65,27 @@ def build(bundle: Any, *, check_users: int = 16) -> Any | None:
 
 
 def _disagreement(fast: Any, bundle: Any, n: int) -> str | None:
-    """The first request (of ``n`` users x seen excluded / included) on which ``fast`` and the Python path differ."""
+    """The first request (of ``n`` users x seen excluded / included x alone / with fresh events / a new user with
+    their events) on which ``fast`` and the Python path differ."""
     from server.servicer import recommend_response  # (servicer imports this module)
 
     limits = service.Limits()
     n_users, n_items = int(bundle.n_users), int(bundle.n_items)
+    names = service.prepared(bundle).item_ids
+    rng = np.random.default_rng(0)
     for row in np.unique(np.linspace(0, n_users - 1, min(n, n_users)).astype(np.int64)) if n_users else []:
-        for include_seen in (False, True):
-            req = pb.RecommendRequest(user_id=str(bundle.user_ids[row]), k=min(10, n_items), include_seen=include_seen)
-            got = fast.recommend(req.SerializeToString(), limits.max_k, limits.max_id_length)
+        fresh = [names[i] for i in rng.integers(0, n_items, 1 + int(row) % 12)]
+        user = str(bundle.user_ids[row])
+        for include_seen, (user_id, history) in itertools.product((False, True), ((user, []), (user, fresh), ("", fresh))):
+            req = pb.RecommendRequest(user_id=user_id, history_item_ids=history, k=min(10, n_items),
+                                      include_seen=include_seen)
+            got = fast.recommend(req.SerializeToString(), limits.max_k, limits.max_id_length, limits.max_history)
             if got is None:
                 continue  # declined: the Python path answers it anyway
             want = recommend_response(bundle, req, limits).SerializeToString()
             if got != want:
-                return (f"answers differ for user {req.user_id!r} (include_seen={include_seen}): "
+                return (f"answers differ for user {req.user_id!r} with {len(history)} events "
+                        f"(include_seen={include_seen}): "
                         f"{len(got)} bytes vs {len(want)} from the Python path")
     return None
 

@@ -182,7 +182,7 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
     def _recommend_bytes(self, bundle, data: bytes) -> bytes:
         fast = fastpath.for_bundle(bundle) if self.native else None
         if fast is not None:
-            out = fast.recommend(data, self.limits.max_k, self.limits.max_id_length)
+            out = fast.recommend(data, self.limits.max_k, self.limits.max_id_length, self.limits.max_history)
             if out is not None:
                 return out
         try:

@@ -150,22 +150,23 @@ def test_embed_user_with_events_is_the_tower_on_the_combined_history(served):
     assert code == grpc.StatusCode.NOT_FOUND and "`user_id` 'ghost'" in details
 
 
-def test_the_recorded_tower_equals_bundle_embed_users(served, caplog):
+def test_the_request_tower_equals_bundle_embed_users(served, caplog):
     from recsys.bundle import Bundle
 
     _stub, bundle, _app = served
     tower = service.user_tower(bundle)
-    assert isinstance(tower, service.UserTower)
+    assert isinstance(tower, service.NativeUserTower)  # the extension is built: the C++ twin serves
     rng = np.random.default_rng(7)
     rows = np.array([0, 17, -1, 159, 80], dtype=np.int64)
     histories = [rng.integers(0, bundle.n_items, n) for n in (1, 12, 3, 30, 8)]
     for batch in (slice(None), slice(1, 2), slice(2, 4)):
         np.testing.assert_allclose(tower(rows[batch], histories[batch]),
                                    bundle.embed_users(rows[batch], histories[batch]), atol=1e-6)
-    # a recording that disagrees with the bundle's own tower is not used (bundle.embed_users serves)
+    # twins that disagree with the bundle's own tower are not used (bundle.embed_users serves)
     other = Bundle.load(bundle.path)
     real = other.embed_users
     other.embed_users = lambda r, h: real(r, h) + 1e-3
     with caplog.at_level(logging.ERROR, logger="recsys.service"):
         assert service._build_tower(other) is None
-    assert "recorded user tower disabled for model v1" in caplog.text
+    assert "NativeUserTower disabled for model v1" in caplog.text
+    assert "NumpyUserTower disabled for model v1" in caplog.text

@@ -64,6 +64,26 @@ def test_fast_answers_are_byte_identical_to_the_python_path(published, servicer)
                 seen = set(bundle.item_ids[bundle.seen_items(row)].tolist())
                 assert not seen & {it.item_id for it in resp.items}
     assert answered >= 0.95 * total  # it must actually take the requests it exists for
+    # fresh events of a known user, a new user's events: the user tower (the same native object both paths use)
+    rng = np.random.default_rng(3)
+    answered = total = 0
+    sources = set()
+    for row in range(0, bundle.n_users, 3):
+        events = [str(i) for i in bundle.item_ids[rng.integers(0, bundle.n_items, 1 + row % 9)]]
+        for user_id, include_seen in (("u%d" % row, False), ("u%d" % row, True), ("", False), ("stranger", False)):
+            req = pb.RecommendRequest(user_id=user_id, history_item_ids=events, k=5, include_seen=include_seen)
+            out = fast.recommend(req.SerializeToString(), LIMITS.max_k, LIMITS.max_id_length, LIMITS.max_history)
+            total += 1
+            if out is None:
+                continue
+            answered += 1
+            assert out == python_answer(servicer, bundle, req), (row, user_id, include_seen)
+            resp = pb.RecommendResponse.FromString(out)
+            sources.add(resp.source)
+            if not include_seen:
+                assert not set(events) & {it.item_id for it in resp.items}
+    assert answered >= 0.9 * total
+    assert sources == {pb.SOURCE_KNOWN_USER_WITH_EVENTS, pb.SOURCE_HISTORY}
     # allow_fallback is meaningless for a known user: same answer
     req = pb.RecommendRequest(user_id="u3", k=5, allow_fallback=True)
     assert fast.recommend(req.SerializeToString(), 100, 64) == python_answer(servicer, bundle, req)
@@ -75,8 +95,8 @@ def test_fast_path_declines_what_it_does_not_own(published):
     _models, bundle = published
     fast = fastpath.build(bundle)
 
-    def ask(data: bytes, max_k: int = 100, max_id: int = 64):
-        return fast.recommend(data, max_k, max_id)
+    def ask(data: bytes, max_k: int = 100, max_id: int = 64, max_history: int = 1000):
+        return fast.recommend(data, max_k, max_id, max_history)
 
     declined = [
         pb.RecommendRequest(user_id="nobody", k=5),  # unknown user: NOT_FOUND / fallback is Python's
@@ -86,8 +106,9 @@ def test_fast_path_declines_what_it_does_not_own(published):
         pb.RecommendRequest(user_id="u1", k=101),  # above max_k
         pb.RecommendRequest(user_id="u1", k=5, exclude_item_ids=["i1"]),
         pb.RecommendRequest(user_id="u1", k=5, allowed_item_ids=["i1", "i2"]),
-        pb.RecommendRequest(user_id="u1", k=5, history_item_ids=["i1"]),
-        pb.RecommendRequest(history_item_ids=["i1"], k=5),
+        pb.RecommendRequest(user_id="u1", k=5, history_item_ids=["i1", "nope"]),  # unknown items are reported
+        pb.RecommendRequest(history_item_ids=["nope"], k=5),
+        pb.RecommendRequest(user_id="u1", k=5, history_item_ids=["i1", ""]),
     ]
     for req in declined:
         assert ask(req.SerializeToString()) is None, req
@@ -95,6 +116,10 @@ def test_fast_path_declines_what_it_does_not_own(published):
     assert ask(good) is not None
     assert ask(good, max_id=1) is None  # "u1" is longer than the limit: Python names the error
     assert ask(good, max_k=4) is None
+    events = pb.RecommendRequest(user_id="u1", k=5, history_item_ids=["i1", "i2", "i3"]).SerializeToString()
+    assert ask(events) is not None and ask(events, max_history=3) is not None
+    assert ask(events, max_history=2) is None  # more events than the limit: Python names the error
+    assert fast.recommend(events, 100, 64) is None  # no limit given: no events taken
     # more than the catalogue holds (64 items): a short answer, whose completeness the Python path checks
     assert ask(pb.RecommendRequest(user_id="u1", k=65).SerializeToString()) is None
     assert ask(good[:-1]) is None  # truncated

@@ -785,13 +785,241 @@ void write_varint(std::string &out, uint64_t v) {
     out.push_back(char(v));
 }
 
+// A float32 C-contiguous 2-D array [rows, cols] (cols checked when >= 0); a null pointer for 0 rows.
+const float *f32_matrix(const py::array &a, const char *name, long cols, size_t *rows) {
+    if (a.ndim() != 2 || a.dtype().kind() != 'f' || a.itemsize() != 4 || !(a.flags() & py::array::c_style))
+        value_error(std::string("`") + name + "` must be a C-contiguous float32 2-D array");
+    if (cols >= 0 && a.shape(1) != cols)
+        value_error(std::string("`") + name + "` must have " + std::to_string(cols) + " columns, got " +
+                    std::to_string(a.shape(1)));
+    *rows = size_t(a.shape(0));
+    return static_cast<const float *>(a.data());
+}
+
+// The user tower of recsys.model.TwoTower (``encode_users`` in eval mode) on the arrays of
+// ``recsys.model.NumpyUserTower`` -- the same math in the same order, one user at a time, without the GIL:
+// the request path's tower (fresh events of a known user, a new user's history). recsys.service checks it
+// against the torch tower when a bundle loads and serves with it only when they agree.
+//   x      = user_id[row] + sum of the user's feature embeddings (a multi-valued feature: the mean of its codes
+//            present; code 0 embeds to zero); zeros for a new user (row -1)
+//   pooled = attention: softmax_i(tanh(h_i W_key^T + rec_key[steps back of i]) . query) weighted sum of h_i
+//            (query pre-scaled by 1/sqrt(E)); mean: the mean of h_i; zeros for an empty history
+//   z      = [x, pooled, (h_last)] -> Linear (-> GELU -> Linear)* -> L2-normalised
+// h_i: the history table's rows of the last ``history_len`` items of the user's history, oldest first.
+class UserTower {
+ public:
+    UserTower(py::array table, py::array user_id, py::list features, py::array user_feats, py::object pool,
+              bool last_item, py::list layers, int history_len)
+        : last_item_(last_item), history_len_(history_len > 0 ? size_t(history_len) : 0) {
+        if (history_len < 1) value_error("`history_len` must be >= 1, got " + std::to_string(history_len));
+        keep_ = py::list();
+        keep_.append(table);
+        table_ = f32_matrix(table, "table", -1, &n_items_);
+        e_ = size_t(table.shape(1));
+        size_t rows = 0;
+        uid_ = f32_matrix(user_id, "user_id", long(e_), &rows);
+        keep_.append(user_id);
+        if (user_feats.ndim() != 2 || user_feats.dtype().kind() != 'i' || user_feats.itemsize() != 8 ||
+            !(user_feats.flags() & py::array::c_style))
+            value_error("`user_feats` must be a C-contiguous int64 2-D array");
+        n_users_ = size_t(user_feats.shape(0));
+        n_cols_ = size_t(user_feats.shape(1));
+        if (rows != 0 && rows != n_users_)
+            value_error("`user_id` must have one row per user (" + std::to_string(n_users_) + "), got " +
+                        std::to_string(rows));
+        has_uid_ = rows != 0;
+        codes_ = static_cast<const int64_t *>(user_feats.data());
+        keep_.append(user_feats);
+        for (auto f : features) {
+            auto t = f.cast<py::tuple>();
+            py::array w = t[0].cast<py::array>();
+            Feature feat;
+            feat.w = f32_matrix(w, "feature weight", long(e_), &feat.card);
+            feat.start = t[1].cast<size_t>();
+            feat.width = t[2].cast<size_t>();
+            if (feat.start + feat.width > n_cols_) value_error("a feature's columns lie outside `user_feats`");
+            keep_.append(w);
+            feats_.push_back(feat);
+        }
+        if (!pool.is_none()) {
+            auto t = pool.cast<py::tuple>();
+            py::array wk = t[0].cast<py::array>(), rk = t[1].cast<py::array>(), q = t[2].cast<py::array>();
+            wk_ = f32_matrix(wk, "w_key", long(e_), &rows);
+            if (rows != e_) value_error("`w_key` must be [E, E]");
+            rk_ = f32_matrix(rk, "rec_key", long(e_), &rows);
+            if (rows < history_len_) value_error("`rec_key` must have a row per history position");
+            if (q.ndim() != 1 || size_t(q.shape(0)) != e_ || q.dtype().kind() != 'f' || q.itemsize() != 4)
+                value_error("`query` must be float32 [E]");
+            q_ = static_cast<const float *>(q.data());
+            keep_.append(wk);
+            keep_.append(rk);
+            keep_.append(q);
+        }
+        size_t in = (last_item ? 3 : 2) * e_;
+        in_ = in;
+        for (auto l : layers) {
+            auto t = l.cast<py::tuple>();
+            py::array w = t[0].cast<py::array>(), b = t[1].cast<py::array>();
+            Layer layer;
+            size_t r = 0;
+            layer.w = f32_matrix(w, "layer weight", -1, &r);
+            if (r != in) value_error("a layer's input size does not match the previous output");
+            layer.in = in;
+            layer.out = size_t(w.shape(1));
+            if (b.ndim() != 1 || size_t(b.shape(0)) != layer.out || b.dtype().kind() != 'f' || b.itemsize() != 4)
+                value_error("a layer's bias must be float32 [out]");
+            layer.b = static_cast<const float *>(b.data());
+            keep_.append(w);
+            keep_.append(b);
+            layers_.push_back(layer);
+            in = layer.out;
+        }
+        if (layers_.empty()) value_error("`layers` must hold at least one (weight, bias)");
+        dim_ = in;
+    }
+
+    size_t dim() const { return dim_; }
+    size_t n_users() const { return n_users_; }
+    size_t n_items() const { return n_items_; }
+
+    // One user: row (-1 = new) with the history a (oldest first) followed by b; out [dim]. Rows are valid.
+    void embed_one(int64_t row, const int64_t *a, size_t na, const int64_t *b, size_t nb, float *out) const {
+        const size_t e = e_, total = na + nb, n = std::min(total, history_len_);
+        thread_local std::vector<float> z, y, scores, key;
+        thread_local std::vector<const float *> h;
+        z.assign(in_, 0.0f);
+        float *x = z.data(), *pooled = z.data() + e;
+        h.resize(n);
+        for (size_t i = 0; i < n; i++) {
+            size_t idx = total - n + i;
+            h[i] = table_ + size_t(idx < na ? a[idx] : b[idx - na]) * e;
+        }
+        if (row >= 0) {
+            if (has_uid_) std::memcpy(x, uid_ + size_t(row) * e, e * sizeof(float));
+            const int64_t *codes = codes_ + size_t(row) * n_cols_;
+            for (const Feature &f : feats_) {
+                if (f.width == 1) {
+                    int64_t c = codes[f.start];
+                    if (c != 0) {
+                        const float *w = f.w + size_t(c) * e;
+                        for (size_t d = 0; d < e; d++) x[d] += w[d];
+                    }
+                    continue;
+                }
+                y.assign(e, 0.0f);
+                size_t cnt = 0;
+                for (size_t j = 0; j < f.width; j++) {
+                    int64_t c = codes[f.start + j];
+                    if (c == 0) continue;
+                    cnt++;
+                    const float *w = f.w + size_t(c) * e;
+                    for (size_t d = 0; d < e; d++) y[d] += w[d];
+                }
+                const float den = float(std::max<size_t>(cnt, 1));
+                for (size_t d = 0; d < e; d++) x[d] += y[d] / den;
+            }
+        }
+        if (n > 0 && wk_ != nullptr) {
+            scores.resize(n);
+            key.resize(e);
+            float top = -std::numeric_limits<float>::infinity();
+            for (size_t i = 0; i < n; i++) {
+                const float *rk = rk_ + (n - 1 - i) * e;  // recency row: steps back from the most recent item
+                std::memcpy(key.data(), rk, e * sizeof(float));
+                const float *hi = h[i];
+                for (size_t j = 0; j < e; j++) {
+                    const float v = hi[j];
+                    const float *w = wk_ + j * e;
+                    for (size_t o = 0; o < e; o++) key[o] += v * w[o];
+                }
+                float s = 0;
+                for (size_t o = 0; o < e; o++) s += std::tanh(key[o]) * q_[o];
+                scores[i] = s;
+                top = std::max(top, s);
+            }
+            float sum = 0;
+            for (size_t i = 0; i < n; i++) sum += (scores[i] = std::exp(scores[i] - top));
+            for (size_t i = 0; i < n; i++) {
+                const float w = scores[i] / sum;
+                for (size_t d = 0; d < e; d++) pooled[d] += w * h[i][d];
+            }
+        } else if (n > 0) {
+            for (size_t i = 0; i < n; i++)
+                for (size_t d = 0; d < e; d++) pooled[d] += h[i][d];
+            for (size_t d = 0; d < e; d++) pooled[d] /= float(n);
+        }
+        if (last_item_ && n > 0) std::memcpy(z.data() + 2 * e, h[n - 1], e * sizeof(float));
+        for (size_t l = 0; l < layers_.size(); l++) {
+            const Layer &L = layers_[l];
+            y.assign(L.b, L.b + L.out);
+            for (size_t i = 0; i < L.in; i++) {
+                const float v = z[i];
+                const float *w = L.w + i * L.out;
+                for (size_t o = 0; o < L.out; o++) y[o] += v * w[o];
+            }
+            if (l + 1 < layers_.size())  // nn.GELU (exact): x * Phi(x)
+                for (size_t o = 0; o < L.out; o++) y[o] = 0.5f * y[o] * (1.0f + std::erf(y[o] * 0.70710678118654752f));
+            z.swap(y);
+        }
+        double sq = 0;
+        for (size_t o = 0; o < dim_; o++) sq += double(z[o]) * double(z[o]);
+        const float norm = std::max(float(std::sqrt(sq)), 1e-12f);
+        for (size_t o = 0; o < dim_; o++) out[o] = z[o] / norm;
+    }
+
+    // rows [n] int64 (-1 = new user), histories as CSR: offsets [n + 1], items [offsets[n]] -> [n, dim] float32
+    py::array_t<float> embed(const py::array &rows, const py::array &offsets, const py::array &items) const {
+        size_t n = 0, n_off = 0, n_val = 0;
+        const int64_t *r = check_int64(rows, "rows", &n);
+        const int64_t *off = check_int64(offsets, "offsets", &n_off);
+        const int64_t *val = check_int64(items, "items", &n_val);
+        if (n_off != n + 1 || off[0] != 0 || size_t(off[n]) != n_val)
+            value_error("`offsets` must hold len(rows) + 1 offsets from 0 to len(items)");
+        for (size_t i = 0; i < n; i++) {
+            if (r[i] < -1 || r[i] >= int64_t(n_users_))
+                value_error("`rows` must be in [-1, " + std::to_string(n_users_) + "), got " + std::to_string(r[i]));
+            if (off[i + 1] < off[i]) value_error("`offsets` must not decrease");
+        }
+        for (size_t j = 0; j < n_val; j++)
+            if (val[j] < 0 || val[j] >= int64_t(n_items_))
+                value_error("`items` must be in [0, " + std::to_string(n_items_) + "), got " + std::to_string(val[j]));
+        py::array_t<float> out({n, dim_});
+        float *o = out.mutable_data();
+        {
+            py::gil_scoped_release release;
+            for (size_t i = 0; i < n; i++)
+                embed_one(r[i], val + off[i], size_t(off[i + 1] - off[i]), nullptr, 0, o + i * dim_);
+        }
+        return out;
+    }
+
+ private:
+    struct Feature {
+        const float *w = nullptr;
+        size_t card = 0, start = 0, width = 1;
+    };
+    struct Layer {
+        const float *w = nullptr, *b = nullptr;  // w: [in, out] (the transposed nn.Linear weight)
+        size_t in = 0, out = 0;
+    };
+    py::list keep_;  // keeps every array alive
+    const float *table_ = nullptr, *uid_ = nullptr, *wk_ = nullptr, *rk_ = nullptr, *q_ = nullptr;
+    const int64_t *codes_ = nullptr;
+    bool has_uid_ = false, last_item_ = true;
+    size_t history_len_ = 0, n_items_ = 0, n_users_ = 0, n_cols_ = 0, e_ = 0, in_ = 0, dim_ = 0;
+    std::vector<Feature> feats_;
+    std::vector<Layer> layers_;
+};
+
 class KnownUserRecommender {
  public:
     KnownUserRecommender(py::object index, const py::list &user_ids, py::array user_emb, py::array user_ok,
                          py::array seen_offsets, py::array seen_labels, const py::list &item_ids,
                          const std::string &model_version, int source, size_t ef, size_t ef_filtered,
-                         double exact_fraction)
-        : index_obj_(index), index_(index.cast<Index *>()), ef_(ef), ef_filtered_(ef_filtered) {
+                         double exact_fraction, py::object tower, py::object history_offsets,
+                         py::object history_items, int events_source, int history_source, double unit_sq_tol)
+        : index_obj_(index), index_(index.cast<Index *>()), ef_(ef), ef_filtered_(ef_filtered),
+          unit_sq_tol_(unit_sq_tol) {
         const Alg &alg = index_->alg();
         n_items_ = alg.cur_element_count;
         size_t n_users = py::len(user_ids);
@@ -834,8 +1062,11 @@ class KnownUserRecommender {
             value_error("`item_ids` must name every indexed item (" + std::to_string(n_items_) + "), got " +
                         std::to_string(n_names));
         item_field_.reserve(n_names);
+        std::vector<std::string> names;
+        if (!tower.is_none()) names.reserve(n_names);
         for (auto it : item_ids) {
             std::string id = it.cast<std::string>(), f;
+            if (!tower.is_none()) names.push_back(id);
             if (!id.empty()) {  // proto3: an empty string is not written
                 f.push_back('\x0a');
                 write_varint(f, id.size());
@@ -852,13 +1083,47 @@ class KnownUserRecommender {
             write_varint(tail_, model_version.size());
             tail_ += model_version;
         }
+        tail_events_ = tail_history_ = tail_;
         if (source != 0) {
             tail_.push_back('\x20');
             write_varint(tail_, uint64_t(int64_t(source)));
         }
+        // requests with history_item_ids: the user tower on the stored history + the request's items
+        if (!tower.is_none()) {
+            tower_obj_ = tower;
+            tower_ = tower.cast<UserTower *>();
+            if (tower_->dim() != size_t(index_->dim()) || tower_->n_users() != n_users || tower_->n_items() != n_items_)
+                value_error("`tower` must embed the index's users and items in its dim");
+            size_t n_hoff = 0, n_hval = 0;
+            py::array ho = history_offsets.cast<py::array>(), hv = history_items.cast<py::array>();
+            hoff_ = check_int64(ho, "history_offsets", &n_hoff);
+            hval_ = check_int64(hv, "history_items", &n_hval);
+            if (n_hoff != n_users + 1 || hoff_[0] != 0 || size_t(hoff_[n_users]) != n_hval)
+                value_error("`history_offsets` must hold n_users + 1 offsets from 0 to len(history_items)");
+            for (size_t j = 0; j < n_hval; j++)
+                if (hval_[j] < 0 || size_t(hval_[j]) >= n_items_) value_error("`history_items` must be item rows");
+            history_arrays_ = py::make_tuple(ho, hv);
+            size_t total_names = 0;
+            for (auto &nm : names) total_names += nm.size();
+            item_blob_.reserve(total_names);
+            for (auto &nm : names) item_blob_ += nm;
+            item_row_.reserve(n_names * 2);
+            size_t at = 0;
+            for (size_t i = 0; i < n_names; i++) {
+                item_row_.emplace(std::string_view(item_blob_.data() + at, names[i].size()), int64_t(i));
+                at += names[i].size();
+            }
+            for (auto [tail, src] : {std::pair<std::string *, int>{&tail_events_, events_source},
+                                     std::pair<std::string *, int>{&tail_history_, history_source}}) {
+                if (src != 0) {
+                    tail->push_back('\x20');
+                    write_varint(*tail, uint64_t(int64_t(src)));
+                }
+            }
+        }
     }
 
-    py::object recommend(const py::bytes &request, int64_t max_k, size_t max_id_bytes) {
+    py::object recommend(const py::bytes &request, int64_t max_k, size_t max_id_bytes, size_t max_history) {
         char *buf = nullptr;
         Py_ssize_t len = 0;
         if (PyBytes_AsStringAndSize(request.ptr(), &buf, &len) != 0) throw py::error_already_set();
@@ -866,7 +1131,8 @@ class KnownUserRecommender {
         bool done;
         {
             py::gil_scoped_release release;
-            done = answer(reinterpret_cast<const uint8_t *>(buf), size_t(len), max_k, max_id_bytes, out);
+            done = answer(reinterpret_cast<const uint8_t *>(buf), size_t(len), max_k, max_id_bytes, max_history,
+                          out);
         }
         if (!done) return py::none();
         return py::bytes(out);
@@ -875,11 +1141,14 @@ class KnownUserRecommender {
     size_t n_users() const { return row_of_.size(); }
 
  private:
-    bool answer(const uint8_t *p, size_t len, int64_t max_k, size_t max_id_bytes, std::string &out) const {
+    bool answer(const uint8_t *p, size_t len, int64_t max_k, size_t max_id_bytes, size_t max_history,
+                std::string &out) const {
         const uint8_t *end = p + len;
         std::string_view user;
         int64_t k = 0;
         bool include_seen = false;
+        thread_local std::vector<int64_t> events;  // history_item_ids as item rows, in request order
+        events.clear();
         while (p < end) {
             uint64_t key = 0, v = 0;
             if (!read_varint(p, end, key)) return false;
@@ -888,6 +1157,14 @@ class KnownUserRecommender {
                 if (!read_varint(p, end, v) || v > uint64_t(end - p)) return false;
                 user = std::string_view(reinterpret_cast<const char *>(p), size_t(v));
                 p += v;
+            } else if (field == 2 && wire == 2) {  // history_item_ids: every one known, or the Python path
+                if (!tower_ || !read_varint(p, end, v) || v > uint64_t(end - p)) return false;
+                std::string_view id(reinterpret_cast<const char *>(p), size_t(v));
+                p += v;
+                if (id.empty() || id.size() > max_id_bytes || events.size() >= max_history) return false;
+                auto found = item_row_.find(id);
+                if (found == item_row_.end()) return false;  // unknown items are reported by the Python path
+                events.push_back(found->second);
             } else if ((field == 3 || field == 4 || field == 7) && wire == 0) {
                 if (!read_varint(p, end, v)) return false;
                 if (field == 3) k = int64_t(int32_t(uint32_t(v)));  // int32: the low 32 bits
@@ -897,17 +1174,47 @@ class KnownUserRecommender {
                 return false;  // lists, unknown fields: the Python path
             }
         }
-        if (user.empty() || user.size() > max_id_bytes || k < 1 || k > max_k) return false;
-        auto it = row_of_.find(user);
-        if (it == row_of_.end()) return false;
-        const int64_t row = it->second;
-        if (!ok_[row]) return false;
-        const int64_t *eb = nullptr, *ee = nullptr;
-        if (!include_seen) {
-            eb = val_ + off_[row];
-            ee = val_ + off_[row + 1];
-            if (double(ee - eb) > max_exclude_) return false;  // the exact scan's territory
+        if (user.size() > max_id_bytes || k < 1 || k > max_k) return false;
+        if (user.empty() && events.empty()) return false;
+        int64_t row = -1;
+        if (!user.empty()) {
+            auto it = row_of_.find(user);
+            if (it != row_of_.end()) row = it->second;
+            else if (events.empty()) return false;  // an unknown user alone: NOT_FOUND or the fallback
         }
+        const int64_t *eb = nullptr, *ee = nullptr;
+        const float *query = nullptr;
+        const std::string *tail = &tail_;
+        thread_local std::vector<float> q;
+        thread_local std::vector<int64_t> excluded;
+        if (events.empty()) {  // a known user alone: the stored embedding
+            if (!ok_[row]) return false;
+            query = emb_ + size_t(row) * size_t(index_->dim());
+            if (!include_seen) {
+                eb = val_ + off_[row];
+                ee = val_ + off_[row + 1];
+            }
+        } else {  // the tower on the stored history (known user) + the request's items; those excluded like seen
+            q.resize(size_t(index_->dim()));
+            if (row >= 0)
+                tower_->embed_one(row, hval_ + hoff_[row], size_t(hoff_[row + 1] - hoff_[row]), events.data(),
+                                  events.size(), q.data());
+            else
+                tower_->embed_one(-1, nullptr, 0, events.data(), events.size(), q.data());
+            double sq = 0;
+            for (float v : q) sq += double(v) * double(v);
+            if (!(std::abs(sq - 1.0) <= 0.9 * unit_sq_tol_)) return false;  // the Python path would renormalise
+            query = q.data();
+            tail = row >= 0 ? &tail_events_ : &tail_history_;
+            if (!include_seen) {
+                excluded.clear();
+                if (row >= 0) excluded.insert(excluded.end(), val_ + off_[row], val_ + off_[row + 1]);
+                excluded.insert(excluded.end(), events.begin(), events.end());
+                eb = excluded.data();
+                ee = excluded.data() + excluded.size();
+            }
+        }
+        if (double(ee - eb) > max_exclude_) return false;  // the exact scan's territory
         const size_t kk = size_t(k);
         thread_local std::vector<int64_t> labels;
         thread_local std::vector<float> dists;
@@ -917,8 +1224,7 @@ class KnownUserRecommender {
             std::shared_lock<std::shared_mutex> lock(index_->mu_);
             const Alg &alg = index_->alg();
             if (alg.cur_element_count != n_items_) return false;
-            index_->search_row(alg, emb_ + size_t(row) * size_t(index_->dim()), kk, ef_, ef_filtered_, eb, ee, -1,
-                               labels.data(), dists.data());
+            index_->search_row(alg, query, kk, ef_, ef_filtered_, eb, ee, -1, labels.data(), dists.data());
         }
         // short (fewer allowed items than k, or the graph missed some): the Python path checks the answer is
         // complete and scans exactly when it is not
@@ -938,7 +1244,7 @@ class KnownUserRecommender {
                 for (int b = 0; b < 4; b++) out.push_back(char((bits >> (8 * b)) & 0xff));
             }
         }
-        out += tail_;
+        out += *tail;
         return true;
     }
 
@@ -954,7 +1260,14 @@ class KnownUserRecommender {
     std::string blob_;
     std::unordered_map<std::string_view, int64_t> row_of_;
     std::vector<std::string> item_field_;
-    std::string tail_;
+    std::string tail_, tail_events_, tail_history_;  // the response's fields after the items, per source
+    double unit_sq_tol_ = 0;
+    py::object tower_obj_;  // keeps the tower alive
+    const UserTower *tower_ = nullptr;
+    py::tuple history_arrays_;
+    const int64_t *hoff_ = nullptr, *hval_ = nullptr;
+    std::string item_blob_;
+    std::unordered_map<std::string_view, int64_t> item_row_;
 };
 }  // namespace
 
@@ -1004,11 +1317,20 @@ PYBIND11_MODULE(_hnsw, m) {
         .def_property_readonly("ef_construction", &Index::ef_construction);
     py::class_<KnownUserRecommender>(m, "KnownUserRecommender")
         .def(py::init<py::object, const py::list &, py::array, py::array, py::array, py::array, const py::list &,
-                      const std::string &, int, size_t, size_t, double>(),
+                      const std::string &, int, size_t, size_t, double, py::object, py::object, py::object, int, int,
+                      double>(),
              py::arg("index"), py::arg("user_ids"), py::arg("user_emb"), py::arg("user_ok"), py::arg("seen_offsets"),
              py::arg("seen_labels"), py::arg("item_ids"), py::arg("model_version"), py::arg("source"), py::arg("ef"),
-             py::arg("ef_filtered"), py::arg("exact_fraction"))
+             py::arg("ef_filtered"), py::arg("exact_fraction"), py::arg("tower") = py::none(),
+             py::arg("history_offsets") = py::none(), py::arg("history_items") = py::none(),
+             py::arg("events_source") = 0, py::arg("history_source") = 0, py::arg("unit_sq_tol") = 1e-4)
         .def("recommend", &KnownUserRecommender::recommend, py::arg("request"), py::arg("max_k"),
-             py::arg("max_id_bytes"))
+             py::arg("max_id_bytes"), py::arg("max_history") = 0)
         .def_property_readonly("n_users", &KnownUserRecommender::n_users);
+    py::class_<UserTower>(m, "UserTower")
+        .def(py::init<py::array, py::array, py::list, py::array, py::object, bool, py::list, int>(), py::arg("table"),
+             py::arg("user_id"), py::arg("features"), py::arg("user_feats"), py::arg("pool"), py::arg("last_item"),
+             py::arg("layers"), py::arg("history_len"))
+        .def("embed", &UserTower::embed, py::arg("rows"), py::arg("offsets"), py::arg("items"))
+        .def_property_readonly("dim", &UserTower::dim);
 }
