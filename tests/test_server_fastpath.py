@@ -70,7 +70,7 @@ def test_fast_answers_are_byte_identical_to_the_python_path(published, servicer)
     sources = set()
     for row in range(0, bundle.n_users, 3):
         events = [str(i) for i in bundle.item_ids[rng.integers(0, bundle.n_items, 1 + row % 9)]]
-        for user_id, include_seen in (("u%d" % row, False), ("u%d" % row, True), ("", False), ("stranger", False)):
+        for user_id, include_seen in ((f"u{row}", False), (f"u{row}", True), ("", False), ("stranger", False)):
             req = pb.RecommendRequest(user_id=user_id, history_item_ids=events, k=5, include_seen=include_seen)
             out = fast.recommend(req.SerializeToString(), LIMITS.max_k, LIMITS.max_id_length, LIMITS.max_history)
             total += 1
