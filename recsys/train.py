@@ -359,6 +359,12 @@ class Trainer:
         """(Re)create model, optimizers and queue from the seed: the start of a phase."""
         torch.manual_seed(seed)
         d = self.data
+        if self.mcfg.time_features and self.lcfg.n_uniform_negatives and self.tcfg.cuda_graphs:
+            raise ValueError(
+                "`loss.n_uniform_negatives` with `model.time_features` computes each uniform negative's time inputs on "
+                "the host every step, which a CUDA graph cannot capture: set `train.cuda_graphs = false`, "
+                "`loss.n_uniform_negatives = 0` or `model.time_features = false`"
+            )
         self.model = TwoTower(
             self.spec,
             self.mcfg,
@@ -481,10 +487,26 @@ class Trainer:
         self.log_p = torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32, device=self.device)
 
     def set_interactions(self, inter: Interactions) -> None:
+        """The rows to train on; with ``model.time_features`` also each row's item time inputs (as of the row's
+        time) and the model's end-of-logs time state; ``train.half_life_days`` decays the row weights."""
+        from recsys import recency
+
         dev = self.device
         self.t_user = torch.as_tensor(inter.user_idx, device=dev)
         self.t_item = torch.as_tensor(inter.item_idx, device=dev)
-        self.t_weight = torch.as_tensor(inter.weight, device=dev)
+        weight = inter.weight
+        if self.tcfg.half_life_days > 0 and len(inter):
+            weight = weight * recency.decay_weights(inter.ts, now=int(inter.ts.max()),
+                                                    half_life_days=self.tcfg.half_life_days)
+        self.t_weight = torch.as_tensor(weight, device=dev)
+        self.time_order = torch.as_tensor(np.argsort(inter.ts, kind="stable"), device=dev)  # rows by time
+        self.t_time = self.events = None
+        if self.model.item_time is not None:
+            per_event, now, cold = recency.time_state(inter.item_idx, inter.ts, self.data.n_items,
+                                                      self.mcfg.time_windows_days)
+            self.t_time = torch.as_tensor(per_event, device=dev)
+            self.events, self.row_ts = recency.EventIndex(inter.item_idx, inter.ts, self.data.n_items), inter.ts
+            self.model.set_time_state(torch.as_tensor(now, device=dev), torch.as_tensor(cold, device=dev))
         self.t_start = torch.as_tensor(inter.user_start(), device=dev)
         self.offsets = torch.arange(self.mcfg.history_len, 0, -1, device=dev)  # [N]: N..1 rows back
 
@@ -514,17 +536,28 @@ class Trainer:
                 # the target is 1..W steps after the history's last item: evaluation asks for the next few items
                 gap = torch.randint(0, self.tcfg.target_window, rows.shape, device=self.device)
             q = self.users_fn(users, self.batch_history(rows, gap), id_dropout=mc.user_id_dropout).float()  # [B, dim]
-            c = self.items_fn(items, id_dropout=mc.item_id_dropout).float()  # [B, dim]
+            time = self.t_time[rows] if self.t_time is not None else None  # each item as of its example's time
+            c = self.items_fn(items, id_dropout=mc.item_id_dropout, time=time).float()  # [B, dim]
             extra_c = extra_ids = None
             if lc.n_uniform_negatives:
                 extra_ids = torch.randint(0, m.n_items, (lc.n_uniform_negatives,), device=self.device)
-                extra_c = m._items(extra_ids, id_dropout=mc.item_id_dropout).float()
+                extra_time = None
+                if self.events is not None:  # each negative as of a random example of the batch (no leakage)
+                    from recsys import recency
+
+                    at = rows[torch.randint(0, rows.shape[0], (lc.n_uniform_negatives,), device=rows.device)]
+                    extra_time = torch.as_tensor(recency.item_time_features(
+                        self.events, extra_ids.cpu().numpy(), self.row_ts[at.cpu().numpy()], mc.time_windows_days,
+                    ), device=self.device)
+                extra_c = m._items(extra_ids, id_dropout=mc.item_id_dropout, time=extra_time).float()
             b = items.shape[0] * self.dist.world_size  # the global batch: the candidate pool of every row
             log_q = extra_log_q = None
             if lc.logq_correction:
-                log_q = losses.mixed_log_q(
-                    self.log_p[items], batch_size=b, n_uniform=lc.n_uniform_negatives, n_items=m.n_items
-                )
+                log_p = self.log_p[items]
+                if lc.logq_frequencies == "batch":  # the batch's own item frequencies (this rank's shard)
+                    _, inverse, counts = torch.unique(items, return_inverse=True, return_counts=True)
+                    log_p = torch.log(counts[inverse].float() / items.shape[0])
+                log_q = losses.mixed_log_q(log_p, batch_size=b, n_uniform=lc.n_uniform_negatives, n_items=m.n_items)
                 if extra_ids is not None:
                     extra_log_q = losses.mixed_log_q(
                         self.log_p[extra_ids], batch_size=b, n_uniform=lc.n_uniform_negatives, n_items=m.n_items
@@ -916,6 +949,18 @@ def final_fit_record(data_dir: str | Path, splits: list[str] | tuple[str, ...]) 
             "split_sha256": {s: sha256_file(d / schema.SPLITS[s]) for s in splits}}
 
 
+def time_blocks(time_order: torch.Tensor, bs: int, n_batches: int, *, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """One epoch's row order for ``train.time_batches``: ``n_batches`` batches of ``bs`` rows consecutive in time
+    (``time_order``: the rows sorted by time), the batches in random order, the cut points shifted by a random
+    offset so they move from epoch to epoch."""
+    n = int(time_order.shape[0])
+    shift = int(torch.randint(0, max(bs, 1), (1,), generator=generator))
+    blocks = torch.randperm(n_batches, generator=generator).to(time_order.device)
+    start = (blocks * bs + shift).clamp(max=max(n - bs, 0))
+    return time_order[(start[:, None] + torch.arange(bs, device=time_order.device)).reshape(-1)]
+
+
 def _run_phase(
     trainer: Trainer, progress: _Progress, writer: _Writer, run_dir: Path, *, evaluator: Evaluator | None,
     epochs: int,
@@ -953,7 +998,10 @@ def _run_phase(
             perm = torch.randperm(n, generator=gen).to(trainer.device)
             torch.manual_seed(epoch_seed(tc.seed, phase, epoch, ctx.rank))
         else:
+            gen = None
             perm = torch.randperm(n).to(trainer.device)  # CPU generator: the same order on CPU and CUDA
+        if tc.time_batches:
+            perm = time_blocks(trainer.time_order, bs, n_batches, generator=gen)
         total_t = torch.zeros((), dtype=torch.float64, device=trainer.device)
         total, bar = 0.0, tqdm(range(n_batches), desc=f"{phase} epoch {epoch}/{epochs}", disable=not show_bar,
                                 leave=False, unit="batch")
