@@ -32,11 +32,15 @@ import numpy as np
 
 from recsys import schema
 from recsys.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from recsys.recency import choose_popularity_window, popularity_order, recent_counts
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-# Every file a bundle must hold besides its manifest; the manifest lists each with sha256 + size.
+# The popularity fallback's counts: int64 [n_items], each item's events in the window the export chose
+# (``manifest["popularity"]``). Bundles from before it have none and fall back on all-time counts (``n_train``).
+RECENT_POPULARITY = "recent_popularity.npy"
+# Every file an export writes besides the manifest; the manifest lists each with sha256 + size.
 BUNDLE_FILES = (
     schema.MODEL_JSON,
     schema.MODEL_WEIGHTS,
@@ -48,7 +52,10 @@ BUNDLE_FILES = (
     schema.HISTORY,
     schema.SEEN,
     schema.INDEX_FILE,
+    RECENT_POPULARITY,
 )
+# Files older bundles lack; when the manifest lists one, it is verified like any other.
+OPTIONAL_FILES = (RECENT_POPULARITY,)
 # Copied byte for byte from the prepared dataset.
 DATA_FILES = (schema.USERS, schema.ITEMS, schema.FEATURE_VOCAB, schema.HISTORY, schema.SEEN)
 # Auto-generated version names sort in creation order: UTC timestamp + short content hash.
@@ -350,6 +357,37 @@ def pad_histories(histories: Sequence[np.ndarray], *, max_len: int | None = None
     return out
 
 
+def _fallback_popularity(data_dir: Path, state_dir: Path, trained_on: Mapping[str, Any] | None, *, n_users: int,
+                         n_items: int) -> tuple[dict[str, Any], np.ndarray]:
+    """(the manifest's ``popularity`` record, the fallback's counts ``[n_items]`` int64) for one export.
+
+    The events are the final fit's splits (``trained_on``; train + valid, the serving state, for runs that did not
+    record it). The window is chosen on them (:func:`choose_popularity_window`); the counts are each item's events
+    in the last W days before the end of those events (newest + 1 ms). All time is the bundle's ``n_train``, as
+    the fallback ranked before windows existed.
+    """
+    import pyarrow.parquet as pq
+
+    from recsys.data import read_interactions
+
+    items = pq.read_table(state_dir / schema.ITEMS)
+    all_time = (items.column("n_train").to_numpy().astype(np.int64) if "n_train" in items.column_names
+                else np.zeros(n_items, dtype=np.int64))
+    splits = [s for s in ((trained_on or {}).get("splits") or ("train", "valid"))
+              if s in schema.SPLITS and (data_dir / schema.SPLITS[s]).is_file()]
+    parts = [read_interactions(data_dir / schema.SPLITS[s], n_users=n_users, n_items=n_items) for s in splits]
+    user_idx = np.concatenate([p.user_idx for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    item_idx = np.concatenate([p.item_idx for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    ts = np.concatenate([p.ts for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    choice = choose_popularity_window(user_idx, item_idx, ts, n_items=n_items)
+    window = choice.pop("window_days")
+    end = int(ts.max()) + 1 if ts.size else 0
+    counts = all_time if window is None else recent_counts(item_idx, ts, n_items=n_items, window_days=window, end=end)
+    record = {"file": RECENT_POPULARITY, "window_days": window, "end_ms": end, "splits": splits,
+              "items_in_window": int((counts > 0).sum()), "choice": choice}
+    return record, counts
+
+
 # --------------------------------------------------------------------------------------------------------------
 # export
 
@@ -473,6 +511,10 @@ def export(
     each split file) for ``recsys evaluate``'s in-sample check. With ``evaluate_split`` and a split the final fit
     did not see, a quick exact/ANN evaluation of it is stored as ``evaluation``; when the model saw it, the
     ``evaluation`` is the holdout estimate (the fit's validation metrics), labelled as such.
+
+    The popularity fallback ranks by recent popularity: each item's events in the last W days before the end of
+    the fit events (``recent_popularity.npy``), W chosen on the newest 20% of those events
+    (:func:`choose_popularity_window`); the manifest's ``popularity`` records W, the grid's scores and the cut.
     """
     import pyarrow.parquet as pq
 
@@ -612,6 +654,10 @@ def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *,
             user_emb=user_emb, exact=exact, ann=index, data_dir=data_dir, split=evaluate_split
         )
 
+    # The popularity fallback: recent counts, the window chosen on the fit events' own newest slice.
+    popularity, fallback_counts = _fallback_popularity(data_dir, state_dir, trained_on, n_users=n_users,
+                                                       n_items=n_items)
+
     with _models_lock(models_dir):
         h = hashlib.sha256(sha256_file(run_dir / schema.MODEL_WEIGHTS).encode())
         h.update(sha256_file(data_dir / schema.MANIFEST).encode())
@@ -629,6 +675,7 @@ def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *,
             np.save(tmp / schema.ITEM_EMBEDDINGS, item_emb, allow_pickle=False)
             np.save(tmp / schema.USER_EMBEDDINGS, user_emb, allow_pickle=False)
             index.save(tmp / schema.INDEX_FILE)
+            np.save(tmp / RECENT_POPULARITY, fallback_counts.astype(np.int64), allow_pickle=False)
             manifest = {
                 "schema_version": schema.SCHEMA_VERSION,
                 "version": version,
@@ -668,6 +715,7 @@ def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *,
                               "filtered_rows": (data_manifest.get("rows") or {}).get("filtered"),
                               "items_before_kcore": (data_manifest.get("counts") or {}).get("items_before_kcore")},
                 "evaluation": evaluation,
+                "popularity": popularity,
                 "packages": _package_versions(),
                 "files": {
                     name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
@@ -772,9 +820,12 @@ class Bundle:
             if "n_train" in items.column_names
             else np.zeros(self.n_items, dtype=np.int64)
         )
-        self.item_popularity = _readonly(n_train)
-        # most popular first; ties keep vocabulary order (itself most-frequent-first)
-        self.popular_items = _readonly(np.argsort(-n_train, kind="stable").astype(np.int64))
+        self.item_popularity = _readonly(n_train)  # all-time counts
+        # the popularity fallback's counts (events in the window export chose); all-time in bundles without them
+        self.recent_popularity = _readonly(self._load_recent_popularity(n_train))
+        self.popularity_window_days: float | None = (self.manifest.get("popularity") or {}).get("window_days")
+        # the fallback's order, most popular first: recent counts, then all-time, then vocabulary order
+        self.popular_items = _readonly(popularity_order(self.recent_popularity, n_train))
 
         self._hist_off, self._hist_val = read_ragged(p / schema.HISTORY, n_rows=self.n_users, what=schema.HISTORY)
         self._seen_off, self._seen_val = read_ragged(p / schema.SEEN, n_rows=self.n_users, what=schema.SEEN)
@@ -799,6 +850,24 @@ class Bundle:
             raise BundleError(f"{schema.INDEX_FILE}: cannot be loaded: {e}") from e
         if int(self.index.size) != self.n_items or not np.array_equal(self.index.ids, np.arange(self.n_items)):
             raise BundleError(f"{schema.INDEX_FILE}: labels are not the item rows 0..{self.n_items - 1}")
+
+    def _load_recent_popularity(self, all_time: np.ndarray) -> np.ndarray:
+        """``[n_items]`` int64 from ``recent_popularity.npy`` (checksummed with the rest), or a copy of
+        ``all_time`` for a bundle from before it (no such file and no ``popularity`` in the manifest)."""
+        listed = RECENT_POPULARITY in self.manifest["files"]
+        if not listed:
+            if self.manifest.get("popularity"):
+                raise BundleError(f"{MANIFEST}: `popularity` is recorded but {RECENT_POPULARITY} has no checksum")
+            return all_time.copy()
+        try:
+            a = np.load(self.path / RECENT_POPULARITY, allow_pickle=False)
+        except ValueError as e:
+            raise BundleError(f"{RECENT_POPULARITY}: not a plain .npy array: {e}") from e
+        if a.dtype != np.int64 or a.shape != (self.n_items,):
+            raise BundleError(f"{RECENT_POPULARITY}: got {a.dtype} {a.shape}, manifest says int64 ({self.n_items},)")
+        if a.size and a.min() < 0:
+            raise BundleError(f"{RECENT_POPULARITY}: counts must be >= 0, got {a.min()}")
+        return a
 
     # ---- lookups -----------------------------------------------------------------------------------------
     def user_row(self, user_id: str) -> int | None:
@@ -902,7 +971,7 @@ def _check_manifest(path: Path, m: Mapping[str, Any]) -> None:
     files = m.get("files")
     if not isinstance(files, Mapping):
         raise BundleError(f"{where}: `files` (sha256 + size of every file) is missing")
-    missing = [f for f in BUNDLE_FILES if f not in files]
+    missing = [f for f in BUNDLE_FILES if f not in files and f not in OPTIONAL_FILES]
     if missing:
         raise BundleError(f"{where}: no checksum for {missing}")
     for name, entry in files.items():

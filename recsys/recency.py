@@ -8,15 +8,21 @@ computed here, from events **strictly before** the moment it describes, so the s
 - :func:`item_time_features`: the item tower's time inputs: per window the item's log share of the window's events
   (relative to a uniform share), its log share of everything before t, and its log age in days.
 - :func:`decay_weights`: per-event weights ``0.5 ** (age / half_life)``, age measured back from the end of the logs.
+- :func:`choose_popularity_window` / :func:`recent_counts`: the popularity fallback's window, chosen on the newest
+  slice of the fit events, and each item's events in it.
 
 Timestamps are epoch milliseconds (int64), like every split file.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+_log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
 
@@ -141,3 +147,145 @@ def time_state(item_idx: np.ndarray, ts: np.ndarray, n_items: int, windows_days:
     per_event = item_time_features(index, item_idx, ts, windows_days)
     now = item_time_features(index, np.arange(n_items), np.full(n_items, end, dtype=np.int64), windows_days)
     return per_event, now, cold_time_features(index, end, windows_days)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the popularity fallback: recent popularity, its window chosen on a global-time validation cut
+
+# Windows tried (days; None = all time); equal scores go to the longer window.
+POPULARITY_WINDOWS_DAYS: tuple[float | None, ...] = (1, 3, 7, 14, 30, 60, 120, 365, None)
+# The newest share of the fit events (by time) held out as the "future" the window is chosen on.
+POPULARITY_NEWEST_FRACTION = 0.2
+POPULARITY_K = 20
+# Below these the choice is noise and the fallback keeps all-time counts (the manifest says why).
+POPULARITY_MIN_EVENTS = 1000
+POPULARITY_MIN_USERS = 50
+
+
+def popularity_order(counts: np.ndarray, all_time: np.ndarray) -> np.ndarray:
+    """Item rows ``[n_items]`` int64, most popular first: by ``counts``, ties by ``all_time``, then by row (the
+    vocabulary order, itself most frequent first), so a short window with many zero counts is still deterministic
+    and ends with the all-time favourites."""
+    counts, all_time = np.asarray(counts, dtype=np.int64), np.asarray(all_time, dtype=np.int64)
+    if counts.shape != all_time.shape:
+        raise ValueError(f"`counts` and `all_time` must have the same shape (got {counts.shape} and {all_time.shape})")
+    return np.lexsort((np.arange(counts.size), -all_time, -counts)).astype(np.int64)
+
+
+def ranking_scores(
+    order: np.ndarray, seen_users: np.ndarray, seen_items: np.ndarray, rel_users: np.ndarray, rel_items: np.ndarray,
+    *, k: int,
+) -> tuple[float, float, int]:
+    """(NDCG@k, Recall@k, users scored) of one global ranking served to every user minus that user's seen items.
+
+    ``order [n_items]``: item rows, best first. ``seen_*``: distinct (user, item) pairs skipped in the user's list;
+    ``rel_*``: distinct relevant pairs, none of them seen. Conventions of :mod:`recsys.metrics` (recall over
+    ``|relevant|``; users without relevant items left out). Vectorised: a relevant item's position in its user's
+    list is its global rank minus the number of the user's seen items ranked above it.
+    """
+    n_items = len(order)
+    rank = np.empty(n_items, dtype=np.int64)
+    rank[order] = np.arange(n_items)
+    if len(rel_users) == 0:
+        return 0.0, 0.0, 0
+    seen_keys = np.sort(np.asarray(seen_users, np.int64) * n_items + rank[np.asarray(seen_items, np.int64)])
+    u, r = np.asarray(rel_users, np.int64), rank[np.asarray(rel_items, np.int64)]
+    above = np.searchsorted(seen_keys, u * n_items + r) - np.searchsorted(seen_keys, u * n_items)
+    pos = r - above  # 0-based position in the user's list
+    hit = pos < k
+    gain = np.where(hit, 1.0 / np.log2(np.minimum(pos, k) + 2.0), 0.0)
+    _, inv, n_rel = np.unique(u, return_inverse=True, return_counts=True)
+    dcg = np.bincount(inv, weights=gain, minlength=n_rel.size)
+    hits = np.bincount(inv, weights=hit.astype(np.float64), minlength=n_rel.size)
+    idcg = np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))[np.minimum(n_rel, k) - 1]
+    return float(np.mean(dcg / idcg)), float(np.mean(hits / n_rel)), int(n_rel.size)
+
+
+def choose_popularity_window(
+    user_idx: np.ndarray, item_idx: np.ndarray, ts: np.ndarray, *, n_items: int,
+    windows_days: Sequence[float | None] = POPULARITY_WINDOWS_DAYS, newest_fraction: float = POPULARITY_NEWEST_FRACTION,
+    k: int = POPULARITY_K, min_events: int = POPULARITY_MIN_EVENTS, min_users: int = POPULARITY_MIN_USERS,
+) -> dict[str, Any]:
+    """Choose the fallback's window W on the fit events ``[n]`` (epoch ms) themselves, forward in time.
+
+    A global-time cut at the ``1 - newest_fraction`` quantile of ``ts`` (the retrain gate's rule): events from the
+    cut on are the future, the others the past. For each W of ``windows_days`` (None = all time) items are ranked
+    by their past events in ``[cut - W, cut)`` (:func:`popularity_order`, ties by past all-time counts), every user
+    with a future item outside their past items gets that ranking minus their past items (as the server excludes
+    seen items; new users included: they are who the fallback serves), and NDCG@k is scored on those future items.
+    The best W wins, ties to the longer one. With fewer than ``min_events`` events, a cut that leaves no past or
+    no future, a past shorter than the shortest window, or fewer than ``min_users`` users to score, W is all time
+    and ``reason`` says why.
+
+    Returns the manifest record: ``window_days`` (None = all time), ``reason``, the cut and, when a grid was
+    scored, ``grid`` (per W: ``window_days``, ``ndcg@k``, ``recall@k``).
+    """
+    if not 0.0 < newest_fraction < 1.0:
+        raise ValueError(f"`newest_fraction` must be in (0, 1), got {newest_fraction}")
+    finite = sorted(float(w) for w in windows_days if w is not None)
+    if any(w <= 0 for w in finite):
+        raise ValueError(f"`windows_days` must be positive days or None (all time), got {list(windows_days)}")
+    user_idx, item_idx, ts = (np.asarray(a, dtype=np.int64) for a in (user_idx, item_idx, ts))
+    metric = f"ndcg@{k}"
+    out: dict[str, Any] = {"window_days": None, "metric": metric, "newest_fraction": newest_fraction,
+                           "events": int(ts.size)}
+
+    def all_time(reason: str) -> dict[str, Any]:
+        _log.info("popularity fallback: all-time counts (%s)", reason)
+        return {**out, "reason": reason}
+
+    if ts.size < min_events:
+        return all_time(f"too few events to choose a window: {ts.size} < {min_events}")
+    cut = int(np.quantile(ts, 1.0 - newest_fraction, method="lower"))
+    past = ts < cut
+    out.update(cut_ms=cut, past_events=int(past.sum()), future_events=int((~past).sum()))
+    if past.all() or not past.any():
+        return all_time("the time cut leaves no past or no future: too many events share one timestamp")
+    span_days = (cut - int(ts[past].min())) / DAY_MS
+    out["past_span_days"] = round(span_days, 3)
+    if finite and span_days < finite[0]:
+        return all_time(f"the past spans {span_days:.3g} days, less than the shortest window ({finite[0]:g} days)")
+
+    # distinct (user, item) pairs: seen = past, relevant = future minus past
+    seen = _distinct(user_idx[past] * n_items + item_idx[past])
+    fut = _distinct(user_idx[~past] * n_items + item_idx[~past])
+    rel = fut[~np.isin(fut, seen, assume_unique=True)]
+    n_users = int(_distinct(rel // n_items).size)
+    out["users"] = n_users
+    if n_users < min_users:
+        return all_time(f"too few users with future items to score a window: {n_users} < {min_users}")
+
+    index = EventIndex(item_idx[past], ts[past], n_items)
+    rows = np.arange(n_items)
+    at = np.full(n_items, cut, dtype=np.int64)
+    past_all = index.count_before(rows, at)
+    grid = []
+    for w in windows_days:  # counts in [cut - W, cut): the past's own "last W days"
+        counts = past_all if w is None else window_counts(index, rows, at, [int(round(float(w) * DAY_MS))])[:, 0]
+        ndcg, recall, _ = ranking_scores(popularity_order(counts, past_all), seen // n_items, seen % n_items,
+                                         rel // n_items, rel % n_items, k=k)
+        grid.append({"window_days": w, metric: ndcg, f"recall@{k}": recall})
+    # the longest window first, so a tie keeps it; all time (None) counts as the longest
+    by_length = sorted(grid, key=lambda g: -np.inf if g["window_days"] is None else -float(g["window_days"]))
+    best = max(by_length, key=lambda g: g[metric])  # max returns the first of equal scores
+    _log.info("popularity fallback: window %s days (%s %.4f on %d users)", best["window_days"], metric, best[metric],
+             n_users)
+    return {**out, "window_days": best["window_days"], "grid": grid,
+            "reason": f"best {metric} on the newest {newest_fraction:.0%} of the fit events"}
+
+
+def _distinct(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (sort-based: several times faster than ``np.unique``'s hashing on int64 keys)."""
+    a = np.sort(a)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if a.size else a
+
+
+def recent_counts(item_idx: np.ndarray, ts: np.ndarray, *, n_items: int, window_days: float | None, end: int
+                  ) -> np.ndarray:
+    """``[n_items]`` int64: each item's events in ``[end - W, end)`` (all before ``end`` for ``window_days=None``),
+    the definition of :func:`recsys.recency.window_counts`."""
+    item_idx, ts = np.asarray(item_idx, dtype=np.int64), np.asarray(ts, dtype=np.int64)
+    keep = ts < end
+    if window_days is not None:
+        keep &= ts >= end - int(round(float(window_days) * DAY_MS))
+    return np.bincount(item_idx[keep], minlength=n_items).astype(np.int64)

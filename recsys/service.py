@@ -445,7 +445,12 @@ def _as_recommendation(
 def popular(
     bundle: Any, k: int, *, exclude: np.ndarray | None = None, allowed: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` most popular item rows after exclusions, with rank scores ``1 / (1 + rank)`` (1 for the top)."""
+    """The ``k`` most popular item rows after exclusions, with rank scores ``1 / (1 + rank)`` (1 for the top).
+
+    Popular means recent: ``bundle.popular_items`` ranks by each item's events in the window the export chose
+    (the last W days before the end of the logs), ties by all-time counts, then by row; bundles from before the
+    window rank by all-time counts.
+    """
     rows = np.asarray(bundle.popular_items, dtype=np.int64)
     rank = np.arange(rows.size)
     keep = np.ones(rows.size, dtype=bool)
@@ -784,4 +789,5 @@ def model_info(bundle: Any) -> dict[str, Any]:
         "trained_interactions": int(trained.get("rows") or 0),
         "trained_until": "" if until is None else
         dt.datetime.fromtimestamp(until / 1000, dt.timezone.utc).isoformat().replace("+00:00", "Z"),
+        "fallback_window_days": float(getattr(bundle, "popularity_window_days", None) or 0.0),
     }

@@ -196,7 +196,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("version", "created_at", "dim", "metric", "n_users", "n_items", "evaluation", "loaded_at", "items_in_logs", "trained_interactions", "trained_until")
+    __slots__ = ("version", "created_at", "dim", "metric", "n_users", "n_items", "evaluation", "loaded_at", "items_in_logs", "trained_interactions", "trained_until", "fallback_window_days")
     class EvaluationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,7 @@ class ModelInfo(_message.Message):
     ITEMS_IN_LOGS_FIELD_NUMBER: _ClassVar[int]
     TRAINED_INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     TRAINED_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_WINDOW_DAYS_FIELD_NUMBER: _ClassVar[int]
     version: str
     created_at: str
     dim: int
@@ -226,7 +227,8 @@ class ModelInfo(_message.Message):
     items_in_logs: int
     trained_interactions: int
     trained_until: str
-    def __init__(self, version: _Optional[str] = ..., created_at: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., n_users: _Optional[int] = ..., n_items: _Optional[int] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., loaded_at: _Optional[str] = ..., items_in_logs: _Optional[int] = ..., trained_interactions: _Optional[int] = ..., trained_until: _Optional[str] = ...) -> None: ...
+    fallback_window_days: float
+    def __init__(self, version: _Optional[str] = ..., created_at: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., n_users: _Optional[int] = ..., n_items: _Optional[int] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., loaded_at: _Optional[str] = ..., items_in_logs: _Optional[int] = ..., trained_interactions: _Optional[int] = ..., trained_until: _Optional[str] = ..., fallback_window_days: _Optional[float] = ...) -> None: ...
 
 class ReloadModelRequest(_message.Message):
     __slots__ = ("version",)
