@@ -1,16 +1,33 @@
 """Deterministic synthetic interaction logs: the embedded demo dataset (``recsys synth``).
 
 The world: ``clusters`` latent taste clusters. Each item belongs to one cluster, has a power-law popularity weight
-and an arrival time (part of the catalogue appears only later). Each user has a main and a secondary cluster and a
-drift target that slowly takes over part of the main cluster's share, a log-normal activity level and a join time.
-Every event picks its item through one of five channels:
+(its peak height) and an arrival time (part of the catalogue appears only later). Each user has a main and a secondary
+cluster and a drift target that slowly takes over part of the main cluster's share, a log-normal activity level and a
+join time. Every event picks its item through one of five channels:
 
 * ``repeat``      the user's previous item again (a click or purchase after a view: a funnel step),
-* ``sequential``  a neighbour of the previous item (a nearby position in its cluster's item order) - the
-                  session/sequence signal a history-pooled model can use,
+* ``sequential``  a neighbour of the previous item (a nearby position in its cluster's item order; the neighbour
+                  more popular *now* of two candidates) - the session/sequence signal a history-pooled model can use,
 * ``new``         a recently arrived item of the user's current cluster (freshness; the catalogue drifts),
-* ``explore``     any arrived item by global popularity (noise, and what a popularity baseline captures),
-* ``taste``       an arrived item of the user's current cluster, by popularity (the collaborative signal).
+* ``explore``     any arrived item by its popularity now (noise, and what a popularity baseline captures),
+* ``taste``       an arrived item of the user's current cluster, by its popularity now (the collaborative signal
+                  mixed with what is in fashion).
+
+Time dynamics (``dynamics = true``, the default): an item's popularity is its peak weight times a curve over time.
+Items on the shelf at the start were released up to ``backlog_days`` before it, the late ones launch during the
+period; no item has an event before its release. Kinds of curve, each item drawing its own time scales:
+
+* life cycle  rises over ~``rise_days`` after launch, then decays with a half-life around ``half_life_days``
+              down to ``popularity_floor`` of its peak (most items),
+* evergreen   rises, then stays flat (``evergreen_share``),
+* seasonal    a bump once a week or once a year at an item-specific phase, on the floor (``seasonal_share``),
+* trending    a life cycle plus one spike at a random time of the period that makes it, for a week or two, about
+              as popular as a top-10 item (``trending_share``, ``trend_half_life_days``).
+
+Popularity is piecewise constant per day (finer for periods under 64 days), so both ``taste`` and ``explore`` follow
+what is popular at the event's time: counts over the last weeks predict the next events far better than all-time
+counts, while the user's clusters still decide most of what they pick. With ``dynamics = false`` popularity is static
+and the files are byte-identical to those of the generator before time dynamics.
 
 Item features: ``category`` (the cluster's home category, with some noise) and a short ``title`` of words tied to the
 cluster (adjectives) and category (nouns). User features: ``region`` and ``age_band``, weakly tied to the main
@@ -25,7 +42,8 @@ Output (atomic directory)::
     DIR/logs/part-00000.parquet ...  user_id str, item_id str, timestamp i64 (epoch seconds, UTC), event str
     DIR/items.parquet                item_id str, category str, title str
     DIR/users.parquet                user_id str, region str (nullable), age_band str (nullable)
-    DIR/synth.json                   config, counts, time range, files with rows and sha256
+    DIR/synth.json                   config, counts (items by kind of popularity curve too), time range, files with
+                                     rows and sha256
 """
 
 from __future__ import annotations
@@ -53,6 +71,7 @@ SYNTH_JSON = "synth.json"
 EVENTS = ("view", "click", "purchase")
 CHANNELS = ("repeat", "sequential", "new", "explore", "taste")
 _REPEAT, _SEQ, _NEW, _EXPLORE, _TASTE = range(5)
+ITEM_KINDS = ("evergreen", "seasonal", "trending", "life_cycle")  # shapes of an item's popularity over time
 
 CATEGORY_NOUNS: dict[str, tuple[str, ...]] = {
     "books": ("novel", "memoir", "atlas", "anthology", "cookbook", "guide", "poems", "biography"),
@@ -114,7 +133,8 @@ class SynthConfig:
     activity_sigma: float = 1.0
     """Sigma of the log-normal user activity level (larger = more skewed)."""
     late_item_fraction: float = 0.4
-    """Fraction of items that arrive uniformly over the period instead of at the start."""
+    """Fraction of items that arrive uniformly over the period instead of at the start (with ``dynamics``, the others
+    were released during the ``backlog_days`` before the start)."""
     late_user_fraction: float = 0.3
     """Fraction of users that join uniformly over the first 90% of the period instead of at the start."""
     p_repeat: float = 0.05
@@ -139,6 +159,28 @@ class SynthConfig:
     """Probability a user's region / age band is missing (null)."""
     event_probs: tuple[float, float, float] = (0.8, 0.15, 0.05)
     """Probabilities of view / click / purchase for non-repeat events (repeats are clicks or purchases)."""
+    dynamics: bool = True
+    """Item popularity changes over time (release times, life curves, evergreen / seasonal / trending items: see the
+    module docstring). False: a static popularity per item, byte-identical to the generator before time dynamics."""
+    half_life_days: float = 21.0
+    """Median half-life in days of a life-cycle item's decay after its launch peak (each item's is log-normal around
+    it, sigma 0.6)."""
+    rise_days: float = 3.0
+    """Median time scale in days of an item's rise after launch (each item's is log-normal around it, sigma 0.5)."""
+    popularity_floor: float = 0.05
+    """Share of its peak popularity an item keeps once its curve has decayed (the long tail of old items)."""
+    evergreen_share: float = 0.1
+    """Share of items whose popularity stays flat after the rise (no decay)."""
+    seasonal_share: float = 0.1
+    """Share of items with periodic popularity: a bump once a week or once a year (half each) at a random phase."""
+    trending_share: float = 0.1
+    """Share of items that trend once, at a random time of the period after their release: on top of their life
+    cycle, a spike that rises in about a day to the peak popularity of a top-10 item, then decays."""
+    trend_half_life_days: float = 7.0
+    """Half-life in days of a trending item's spike."""
+    backlog_days: float = 365.0
+    """Items available at the start were released uniformly up to this many days before it, so the period opens
+    with items at every stage of their life curves."""
 
     def validate(self) -> None:
         for name in ("events", "users", "items", "shard_events", "clusters", "categories", "neighbourhood"):
@@ -168,11 +210,111 @@ class SynthConfig:
             raise ValueError(f"`synth.main_share` must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.main_share}")
         if len(self.event_probs) != 3 or min(self.event_probs) < 0 or abs(sum(self.event_probs) - 1) > 1e-6:
             raise ValueError(f"`synth.event_probs` must be 3 probabilities summing to 1, got {self.event_probs}")
+        for name in ("popularity_floor", "evergreen_share", "seasonal_share", "trending_share"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"`synth.{name}` must be in [0, 1], got {v}")
+        kinds = self.evergreen_share + self.seasonal_share + self.trending_share
+        if kinds > 1.0 + 1e-9:
+            raise ValueError(
+                f"`synth.evergreen_share + seasonal_share + trending_share` must be <= 1, got {kinds:.4g}"
+            )
+        for name in ("half_life_days", "rise_days", "trend_half_life_days"):
+            v = getattr(self, name)
+            if not v > 0:
+                raise ValueError(f"`synth.{name}` must be > 0, got {v}")
+        if self.backlog_days < 0:
+            raise ValueError(f"`synth.backlog_days` must be >= 0, got {self.backlog_days}")
         if self.popularity_exponent < 0 or self.activity_sigma < 0 or self.new_window_days < 0:
             raise ValueError(
                 "`synth.popularity_exponent`, `activity_sigma` and `new_window_days` must be >= 0, got "
                 f"{self.popularity_exponent}, {self.activity_sigma}, {self.new_window_days}"
             )
+
+
+_DAY = 86_400.0
+_EVERGREEN, _SEASONAL, _TRENDING, _LIFE = range(4)
+_SEASON_DAYS = (7.0, 365.25)  # weekly and yearly bumps
+_SEASON_KAPPA = (2.0, 8.0)  # von Mises sharpness: a ~2-day bump each week, a ~7-week bump each year
+_SPIKE_RISE_DAYS, _SPIKE_TOP_RANK = 1.0, 10
+_TABLE_CELLS = 2_000_000  # cumulative-weight entries built at once (with temporaries, about 60 MB)
+
+
+def _life_peak(rise: np.ndarray, rate: np.ndarray) -> np.ndarray:
+    """Maximum over ages ``a`` of ``(1 - exp(-a / rise)) * exp(-rate * a)``, reached at
+    ``a = rise * ln(1 + 1 / (rise * rate))``."""
+    x = rise * rate
+    return (1.0 / (1.0 + x)) * (1.0 + 1.0 / x) ** -x
+
+
+class _Curves:
+    """Each item's popularity over time: ``weight(i, t) = peak_i * (floor + (1 - floor) * shape_i(t)) + spike_i(t)``.
+
+    ``shape`` is in [0, 1]: a life cycle (rise, then exponential decay), flat after the rise (evergreen) or a periodic
+    bump (seasonal); trending items add a short spike of absolute height. Times are seconds relative to the start of
+    the period; all parameters are drawn from their own random stream, so turning dynamics on changes no other draw.
+    """
+
+    def __init__(self, cfg: SynthConfig, peak: np.ndarray, arrival: np.ndarray, span: int) -> None:
+        rng = np.random.default_rng([cfg.seed, 0, 1])
+        n = peak.size
+        self.peak = peak
+        self.floor = cfg.popularity_floor
+        # items on the shelf at the start were released before it: they open the period mid-life
+        self.release = np.where(arrival > 0, arrival, -rng.random(n) * cfg.backlog_days * _DAY)
+        bounds = np.cumsum([cfg.evergreen_share, cfg.seasonal_share, cfg.trending_share])
+        self.kind = np.searchsorted(bounds, rng.random(n), side="right")  # [n] index into ITEM_KINDS
+        self.rise = cfg.rise_days * _DAY * rng.lognormal(0.0, 0.5, n)
+        self.rate = math.log(2) / (cfg.half_life_days * _DAY * rng.lognormal(0.0, 0.6, n))  # decay per second
+        self.rate[self.kind == _EVERGREEN] = 0.0
+        self.life_norm = 1.0 / np.where(self.rate > 0, _life_peak(self.rise, np.maximum(self.rate, 1e-300)), 1.0)
+        yearly = rng.random(n) < 0.5
+        self.period = np.where(yearly, _SEASON_DAYS[1], _SEASON_DAYS[0]) * _DAY
+        self.kappa = np.where(yearly, _SEASON_KAPPA[1], _SEASON_KAPPA[0])
+        self.phase = rng.random(n) * self.period
+        # trending: one spike at a random time after release, as high as an item of rank < 10 at its peak
+        start = np.maximum(self.release, 0.0)
+        self.spike_at = start + rng.random(n) * np.maximum(span - start, 0.0)
+        rank = rng.integers(0, _SPIKE_TOP_RANK, n)
+        self.spike_height = np.where(self.kind == _TRENDING, (rank + 10.0) ** -cfg.popularity_exponent, 0.0)
+        self.spike_rise = _SPIKE_RISE_DAYS * _DAY
+        self.spike_rate = math.log(2) / (cfg.trend_half_life_days * _DAY)
+        self.spike_norm = 1.0 / float(_life_peak(np.array(self.spike_rise), np.array(self.spike_rate)))
+        self.of_kind = [np.flatnonzero(self.kind == k) for k in range(len(ITEM_KINDS))]
+        # the factors of ``weight`` folded in advance (it runs on [steps, n_items] grids)
+        self.neg_inv_rise = -1.0 / self.rise
+        self.neg_rate = -self.rate
+        self.level = self.floor * peak  # the floor, in weight
+        self.neg_amp = -(1.0 - self.floor) * peak * self.life_norm
+        self.spike_amp = self.spike_height * self.spike_norm
+
+    def weight(self, items: np.ndarray | None, t: np.ndarray) -> np.ndarray:
+        """Popularity of ``items`` [n] at relative times ``t`` [n]; with ``items`` None, of every item at each of the
+        times ``t`` [m, 1]: [m, n_items]."""
+        sel = slice(None) if items is None else items
+        age = t - self.release[sel]
+        np.maximum(age, 0.0, out=age)
+        neg_rise = np.expm1(age * self.neg_inv_rise[sel])  # -(1 - exp(-age / rise))
+        w = np.multiply(age, self.neg_rate[sel], out=age)
+        np.exp(w, out=w)  # the decay (1 for evergreen items)
+        w *= neg_rise
+        w *= self.neg_amp[sel]
+        w += self.level[sel]  # life cycle / evergreen: floor + (1 - floor) * rise * decay, in weight
+        # the periodic bump and the spike only where they apply (most items have neither)
+        for k in (_SEASONAL, _TRENDING):
+            at = self.of_kind[k] if items is None else np.flatnonzero(self.kind[items] == k)
+            if not at.size:
+                continue
+            i = at if items is None else items[at]
+            ti = t if items is None else t[at]
+            if k == _SEASONAL:
+                bump = np.exp(self.kappa[i] * (np.cos((2 * np.pi) * (ti - self.phase[i]) / self.period[i]) - 1.0))
+                w[..., at] = self.level[i] - (1.0 - self.floor) * self.peak[i] * neg_rise[..., at] * bump
+            else:
+                since = np.maximum(ti - self.spike_at[i], 0.0)
+                rise_k = np.expm1(-since / self.spike_rise)  # -(1 - exp(-since / spike_rise))
+                w[..., at] -= self.spike_amp[i] * rise_k * np.exp(-self.spike_rate * since)
+        return w
 
 
 def _ids(prefix: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -212,7 +354,6 @@ class _World:
         self._big = np.int64(self.span + 1)
         self.seg_key = seg_sorted * self._big + self.item_arrival[self.seg_items]  # sorted
         self.seg_cum = np.cumsum(self.item_weight[self.seg_items])
-        self.seg_base = np.where(self.seg_start > 0, self.seg_cum[np.maximum(self.seg_start - 1, 0)], 0.0)
         # first index of each cluster segment whose item arrived after the start (the "new" candidates)
         self.seg_late = np.searchsorted(self.seg_key, np.arange(n_clusters + 1) * self._big, side="right")
 
@@ -269,6 +410,10 @@ class _World:
         self.item_ids = _ids("i", n_items, rng)
         self.user_ids = _ids("u", n_users, rng)
 
+        # time dynamics: popularity is evaluated once per step (a day, finer for short periods) at the step's end
+        self.curves = _Curves(cfg, self.item_weight, self.item_arrival, self.span) if cfg.dynamics else None
+        self.step = max(1, min(86_400, self.span // 64))
+
     @staticmethod
     def _user_feature(rng: np.random.Generator, cfg: SynthConfig, home: np.ndarray, n_values: int) -> np.ndarray:
         n = home.size
@@ -283,16 +428,50 @@ class _World:
         idx = np.searchsorted(self.activity_cum, u * self.activity_cum[n_avail - 1], side="right")
         return self.user_by_join[np.minimum(idx, n_avail - 1)]
 
+    def weight_now(self, items: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Popularity of ``items`` [n] at relative times ``t`` [n] (the step's value under dynamics)."""
+        if self.curves is None:
+            return self.item_weight[items]
+        return self.curves.weight(items, (t // self.step + 1) * self.step)
+
     def draw_popular(self, seg: np.ndarray, t: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """An item of segment ``seg`` [n] that has arrived by ``t`` [n], by popularity (``u`` uniform [n])."""
+        """An item of segment ``seg`` [n] that has arrived by ``t`` [n], by its popularity at ``t`` (``u``: uniform).
+
+        Fastest with ``t`` in time order (or a few time-ordered runs): under dynamics the searches then stay in one
+        step's table at a time."""
         end = np.searchsorted(self.seg_key, seg * self._big + t, side="right")
         empty = end == self.seg_start[seg]
         if empty.any():  # nothing of this cluster has arrived yet: fall back to the whole catalogue
             seg = np.where(empty, len(self.seg_start) - 1, seg)
             end = np.searchsorted(self.seg_key, seg * self._big + t, side="right")
-        base = self.seg_base[seg]
-        idx = np.searchsorted(self.seg_cum, base + u * (self.seg_cum[end - 1] - base), side="right")
-        return self.seg_items[np.clip(idx, self.seg_start[seg], end - 1)]
+        if self.curves is None:
+            return self._draw(self.seg_cum, 0, seg, end, u)
+        # one table of weights per step (arrived items are still a prefix of each segment, only the weights move),
+        # the steps' tables laid end to end under one cumulative sum, so one search serves every step
+        out = np.empty(seg.size, dtype=np.int64)
+        if not seg.size:
+            return out
+        step = t // self.step
+        width = self.seg_items.size
+        lo, hi = int(step.min()), int(step.max()) + 1
+        per_block = max(1, _TABLE_CELLS // width)  # bounds memory for large catalogues
+        for b0 in range(lo, hi, per_block):
+            b1 = min(b0 + per_block, hi)
+            w = self.curves.weight(None, ((np.arange(b0, b1, dtype=np.float64) + 1) * self.step)[:, None])
+            cum = np.cumsum(w[:, self.seg_items])  # [steps * 2 * n_items]
+            at = np.flatnonzero((step >= b0) & (step < b1)) if lo < b0 or b1 < hi else slice(None)
+            out[at] = self._draw(cum, step[at] - b0, seg[at], end[at], u[at])
+        return out
+
+    def _draw(self, cum: np.ndarray, row: np.ndarray | int, seg: np.ndarray, end: np.ndarray, u: np.ndarray
+              ) -> np.ndarray:
+        """Inverse-CDF draw within ``[seg_start[seg], end)`` of table ``row`` of the cumulative weights ``cum``
+        (tables of ``len(seg_items)`` weights in segment order, laid end to end)."""
+        first = row * self.seg_items.size + self.seg_start[seg]  # a segment's first entry in ``cum``
+        last = row * self.seg_items.size + end - 1
+        base = np.where(first > 0, cum[np.maximum(first - 1, 0)], 0.0)
+        idx = np.searchsorted(cum, base + u * (cum[last] - base), side="right")
+        return self.seg_items[np.clip(idx, first, last) - row * self.seg_items.size]
 
     def draw_new(self, seg: np.ndarray, t: np.ndarray, u: np.ndarray, window: int) -> np.ndarray:
         """A late item of cluster ``seg`` that arrived in ``(t - window, t]``, uniformly; -1 where there is none."""
@@ -328,6 +507,8 @@ def _generate_shard(
     # work in (user, time) order so each user's events are contiguous and chronological
     order = np.argsort(user, kind="stable")
     us, ts = user[order], t[order]
+    back = np.empty(n, dtype=np.int64)
+    back[order] = np.arange(n)  # (user, time) order -> time order
     frac = ts / world.span
 
     p = np.array([cfg.p_repeat, cfg.p_sequential, cfg.p_new, cfg.p_explore])
@@ -339,23 +520,31 @@ def _generate_shard(
     r = rng.random(n)
     which = np.where(r < main - drift, 0, np.where(r < 1.0 - drift, 1, 2))
     clus = world.user_clusters[us, which]
-    taste = world.draw_popular(clus, ts, rng.random(n))
+    u_taste = rng.random(n)
+    explore = np.flatnonzero(channel == _EXPLORE)
+    u_explore = rng.random(explore.size)
+    # taste and explore draws in one call (under dynamics each step's table is built once), both in time order (so
+    # consecutive searches stay in one step's table); ``ex``: the explore events' (user, time) positions, time order
+    ex = back[np.flatnonzero(channel[back] == _EXPLORE)]
+    drawn = world.draw_popular(
+        np.r_[clus[back], np.full(ex.size, cfg.clusters)], np.r_[t, ts[ex]],
+        np.r_[u_taste[back], u_explore[np.searchsorted(explore, ex)]],
+    )  # fmt: skip
+    taste = drawn[:n][order]
     items = taste.copy()
-    explore = channel == _EXPLORE
-    items[explore] = world.draw_popular(
-        np.full(int(explore.sum()), cfg.clusters), ts[explore], rng.random(int(explore.sum()))
-    )
+    items[ex] = drawn[n:]
     new = np.flatnonzero(channel == _NEW)
     fresh = world.draw_new(clus[new], ts[new], rng.random(new.size), int(cfg.new_window_days * 86_400))
     items[new] = np.where(fresh >= 0, fresh, taste[new])
 
-    # two candidate steps per event; the more popular neighbour wins (popular items stay popular downstream too)
+    # two candidate steps per event; the neighbour more popular now wins (popular items stay popular downstream too)
     steps = rng.integers(1, cfg.neighbourhood + 1, (n, 2)) * np.where(rng.random((n, 2)) < 0.5, -1, 1)
 
     def follow(idx: np.ndarray, prev: np.ndarray) -> np.ndarray:
         """Items of repeat/sequential events ``idx`` given their previous items ``prev``."""
         a, b = world.neighbour(prev, steps[idx, 0]), world.neighbour(prev, steps[idx, 1])
-        nxt = np.where(world.item_weight[a] >= world.item_weight[b], a, b)
+        wa, wb = world.weight_now(np.r_[a, b], np.r_[ts[idx], ts[idx]]).reshape(2, -1)
+        nxt = np.where(wa >= wb, a, b)
         nxt = np.where(world.item_arrival[nxt] <= ts[idx], nxt, taste[idx])  # a not-yet-arrived neighbour
         return np.where(channel[idx] == _REPEAT, prev, nxt)
 
@@ -385,8 +574,6 @@ def _generate_shard(
     last = np.flatnonzero(np.r_[us[1:] != us[:-1], True])
     last_item[us[last]] = items[last]
 
-    back = np.empty(n, dtype=np.int64)
-    back[order] = np.arange(n)  # (user, time) order -> time order
     return {
         "user": user,
         "item": items[back],
@@ -469,6 +656,9 @@ def generate(out: str | Path, *, config: SynthConfig, overwrite: bool = False) -
                 "shards": len(bounds),
                 "events_by_type": dict(zip(EVENTS, event_counts.tolist(), strict=True)),
                 "events_by_channel": dict(zip(CHANNELS, channel_counts.tolist(), strict=True)),
+                **({} if world.curves is None else {"items_by_kind": dict(zip(
+                    ITEM_KINDS, np.bincount(world.curves.kind, minlength=len(ITEM_KINDS)).tolist(), strict=True
+                ))}),
             },
             "time": {"start_ts": cfg.start_ts, "end_ts": cfg.start_ts + world.span},
             "files": files,

@@ -143,7 +143,7 @@ def test_collaborative_baselines_beat_popularity_by_far(synth_dir):
     for name, model in (("pop", Popularity()), ("knn", ItemKNN(k=100, shrink=10)), ("ease", EASE(l2=200.0))):
         ids, _ = model.fit(x).recommend(users, 20)
         recall[name] = ranking_metrics(ids, relevant, ks=(20,))["recall@20"]
-    # measured at seed 7: pop 0.108, itemknn 0.304, ease 0.363
+    # measured at seed 7: pop 0.064, itemknn 0.314, ease 0.374 (with dynamics off: 0.108, 0.304, 0.363)
     assert recall["pop"] > 0.01, recall  # popularity is a real (weak) signal, not zero
     assert recall["knn"] >= 2 * recall["pop"] and recall["ease"] >= 2 * recall["pop"], recall
     assert recall["knn"] >= 0.15 and recall["ease"] >= 0.15, recall
@@ -156,7 +156,7 @@ def test_collaborative_baselines_beat_popularity_by_far(synth_dir):
         h = interaction_matrix(np.repeat(users, 3), train_i[pos].ravel(), n_users=n_users, n_items=n_items)
         ids, _ = topk_excluding((h[users] @ knn.similarity).toarray(), 20, x[users])  # never recommend train items
         recall[name] = ranking_metrics(ids, relevant, ks=(20,))["recall@20"]
-    # measured at seed 7: recent 0.39, old 0.26, full history 0.30
+    # measured at seed 7: recent 0.37, old 0.24, full history 0.31 (with dynamics off: 0.39, 0.26, 0.30)
     assert recall["recent"] > 1.3 * recall["old"], recall
     assert recall["recent"] > recall["knn"], recall  # three recent items say more than the whole history
 
