@@ -4,14 +4,18 @@
         rec = client.recommend("u42", k=10)
         rec.item_ids, rec.scores, rec.model_version
 
-Every call has a deadline (``timeout`` seconds, default 1 s) and UNAVAILABLE is retried by gRPC itself, with
-exponential backoff, through the channel's service config (``methodConfig.retryPolicy``), so a server that is
-restarting or still loading its model is waited for briefly instead of failing the caller at once. Errors are
-raised as :class:`RecommenderError` carrying the status code and the server's message.
+The target is one server (``"HOST:PORT"``), a Kubernetes headless Service (``"dns:///NAME:PORT"``: every ready
+pod's address) or a fixed set of replicas (``"10.0.0.1:50051,10.0.0.2:50051"``); calls are spread over all the
+addresses the target names with gRPC's ``round_robin`` policy. Every call has a deadline (``timeout`` seconds,
+default 1 s) and UNAVAILABLE (on reads also CANCELLED, what a stopping replica answers) is retried by gRPC
+itself, with exponential backoff and a retry budget, through the channel's service config (:func:`service_config`),
+so a replica that is restarting or draining costs a retry on another one instead of failing the caller. Errors are raised as :class:`RecommenderError` carrying the status code
+and the server's message.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,24 +33,126 @@ _SOURCE = {pb.SOURCE_KNOWN_USER: "known_user", pb.SOURCE_KNOWN_USER_WITH_EVENTS:
            pb.SOURCE_HISTORY: "history", pb.SOURCE_POPULARITY: "popularity"}
 
 
-def service_config(*, max_attempts: int = 4, initial_backoff_s: float = 0.05, max_backoff_s: float = 1.0) -> str:
-    """The channel's service config JSON: retry UNAVAILABLE on every method of both services.
+LOAD_BALANCING = ("round_robin", "pick_first")
 
-    ``max_attempts`` counts the first try; 1 means no retries (gRPC requires >= 2 in a retryPolicy).
+# target schemes grpcio resolves itself; anything else without a comma is one address for the default (dns) resolver
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+
+
+@dataclass(frozen=True)
+class RetryBudget:
+    """gRPC retry throttling (the service config's ``retryThrottling``, gRFC A6): a token bucket of the channel
+    (each client has its own; with grpcio 1.85 two channels to the same target do not share one). An attempt that
+    fails with a retryable code takes one token, a successful call gives back ``token_ratio``; while the bucket
+    holds ``max_tokens / 2`` or less, failed calls are not retried. So a fleet-wide outage costs about
+    ``max_tokens / 2`` extra attempts per client, then ~1 attempt per call instead of ``max_attempts``; a burst of
+    failures smaller than that (a replica killed with calls in flight) is retried in full."""
+
+    max_tokens: float = 100
+    """Bucket size, in (0, 1000] (gRPC's bound); half of it is the burst of failures that is still retried."""
+    token_ratio: float = 0.1
+    """Tokens a successful call earns, > 0: retries keep flowing while fewer than ~1 attempt in (1 + 1/ratio)
+    fails (1 in 11 at 0.1)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_tokens <= 1000:
+            raise ValueError(f"`max_tokens` must be in (0, 1000], got {self.max_tokens}")
+        if not self.token_ratio > 0:
+            raise ValueError(f"`token_ratio` must be > 0, got {self.token_ratio}")
+
+
+def service_config(
+    *,
+    load_balancing: str = "round_robin",
+    max_attempts: int = 4,
+    initial_backoff_s: float = 0.05,
+    max_backoff_s: float = 1.0,
+    retry_budget: RetryBudget | None = RetryBudget(),
+) -> str:
+    """The channel's service config JSON: ``load_balancing`` over the target's addresses, and retries with
+    exponential backoff within ``retry_budget`` (None: unthrottled) of
+
+    * ``recsys.v1.RecommenderAdmin``: UNAVAILABLE only (no model yet, connection lost: the reload did not run).
+    * ``recsys.v1.Recommender`` (read-only, so safe to repeat): UNAVAILABLE and CANCELLED. The server cancels a
+      call itself only as it stops: a call that reached a replica just as it began to stop, before a worker picked
+      it up, ends CANCELLED (gRPC's server does that on any stop, graceful or not: under load about one stop in
+      three lost a call so until it was retried), and is worth another replica. Calls cut off when the grace runs
+      out end UNAVAILABLE. A call the caller cancels or whose deadline passes is never retried.
+
+    ``max_attempts`` counts the first try; 1 means no retries (gRPC requires >= 2 in a retryPolicy). No hedging:
+    a hedged call runs on several replicas at once, which adds load exactly when the fleet is slow, and gRPC allows
+    either a hedging or a retry policy per method; these calls take about a millisecond, so a retry of the rare
+    failure costs less than a standing second copy.
     """
+    if load_balancing not in LOAD_BALANCING:
+        raise ValueError(f"`load_balancing` must be one of {', '.join(LOAD_BALANCING)}, got {load_balancing!r}")
     if max_attempts < 1:
         raise ValueError(f"`max_attempts` must be >= 1, got {max_attempts}")
-    names = [{"service": "recsys.v1.Recommender"}, {"service": "recsys.v1.RecommenderAdmin"}]
+    methods = [({"service": "recsys.v1.RecommenderAdmin"}, ["UNAVAILABLE"]),
+               ({"service": "recsys.v1.Recommender"}, ["UNAVAILABLE", "CANCELLED"])]
+    config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
     if max_attempts == 1:
-        return json.dumps({"methodConfig": [{"name": names}]})
-    retry = {
-        "maxAttempts": max_attempts,
-        "initialBackoff": f"{initial_backoff_s}s",
-        "maxBackoff": f"{max_backoff_s}s",
-        "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
-    }
-    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": retry}]})
+        config["methodConfig"] = [{"name": [name for name, _ in methods]}]
+        return json.dumps(config)
+    config["methodConfig"] = [
+        {"name": [name], "retryPolicy": {
+            "maxAttempts": max_attempts,
+            "initialBackoff": f"{initial_backoff_s}s",
+            "maxBackoff": f"{max_backoff_s}s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": codes,
+        }}
+        for name, codes in methods
+    ]
+    if retry_budget is not None:
+        config["retryThrottling"] = {"maxTokens": retry_budget.max_tokens, "tokenRatio": retry_budget.token_ratio}
+    return json.dumps(config)
+
+
+def _ip_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of ``"1.2.3.4:PORT"`` / ``"[::1]:PORT"``, None when the host is a name or the port is missing."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """The gRPC target for ``target``: a URI (``dns:///NAME:PORT``, ``ipv4:...``, ``unix:...``) or a single
+    ``HOST:PORT`` as given; several ``IP:PORT`` addresses (a comma-separated string or a sequence) as one
+    ``ipv4:``/``ipv6:`` target, each address a subchannel of the load-balancing policy.
+
+    A list must name IP addresses of one family: gRPC resolves one name per target, and IPs looked up here
+    once would go stale when a replica moves. For a set of replicas behind one name use ``dns:///NAME:PORT``.
+    """
+    if isinstance(target, str):
+        if target.startswith(_SCHEMES) or "," not in target:
+            if not target.strip():
+                raise ValueError("`target` must name a server, got ''")
+            return target
+        addresses = [a.strip() for a in target.split(",")]
+    else:
+        addresses = [a.strip() for a in target]
+        if len(addresses) == 1:
+            return channel_target(addresses[0])
+    if not addresses or not all(addresses):
+        raise ValueError(f"`target` must list addresses separated by commas, got {target!r}")
+    ips = [_ip_address(a) for a in addresses]
+    for address, ip in zip(addresses, ips, strict=True):
+        if ip is None:
+            raise ValueError(
+                f"`target`: every address of a list must be IP:PORT ([IPv6]:PORT), got {address!r}; "
+                "for replicas behind one DNS name use 'dns:///NAME:PORT'"
+            )
+    versions = {ip.version for ip in ips if ip is not None}
+    if len(versions) > 1:
+        raise ValueError(f"`target`: a list must be all IPv4 or all IPv6 addresses, got {target!r}")
+    return f"ipv{versions.pop()}:{','.join(addresses)}"
 
 
 class RecommenderError(Exception):
@@ -79,15 +185,23 @@ def _read(path: str | Path | None) -> bytes | None:
 
 
 class RecommenderClient:
-    """Client of one server. Thread-safe (one channel, shared by all calls).
+    """Client of one server or of a set of replicas. Thread-safe (one channel, shared by all calls).
+
+    ``target``: ``"HOST:PORT"``, ``"dns:///NAME:PORT"`` (a headless Service: all its ready pods), or several
+    ``IP:PORT`` (a comma-separated string or a sequence); see :func:`channel_target`. ``load_balancing``:
+    ``"round_robin"`` (each call to the next connected address) or ``"pick_first"`` (one connected address at a time, the
+    next one only when it fails). Retries (``max_attempts``, ``retry_budget``): see :func:`service_config`. Admin
+    calls go through the same policy, so over several replicas each one reaches a single replica.
 
     TLS: pass ``tls_ca`` (PEM of the CA that signed the server certificate; ``True`` = system roots) and, for
-    mTLS, ``tls_cert`` + ``tls_key``. ``admin_token`` is sent as ``authorization: Bearer ...`` on admin calls.
+    mTLS, ``tls_cert`` + ``tls_key``; over an address list also ``tls_server_name`` (the name in the servers'
+    certificate), since the list itself is no host name. ``admin_token`` is sent as ``authorization: Bearer ...``
+    on admin calls.
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float = 1.0,
         admin_token: str | None = None,
@@ -96,30 +210,36 @@ class RecommenderClient:
         tls_key: str | Path | None = None,
         tls_server_name: str | None = None,
         max_attempts: int = 4,
+        load_balancing: str = "round_robin",
+        retry_budget: RetryBudget | None = RetryBudget(),
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"`timeout` must be > 0 seconds, got {timeout}")
-        self.target = target
+        config = service_config(load_balancing=load_balancing, max_attempts=max_attempts, retry_budget=retry_budget)
+        self.target = channel_target(target)  # what the channel dials, e.g. "ipv4:10.0.0.1:50051,10.0.0.2:50051"
+        tls = tls_ca is not None or tls_cert is not None
+        if tls and not tls_server_name and self.target.startswith(("ipv4:", "ipv6:")) and "," in self.target:
+            raise ValueError(f"`tls_server_name` is needed with TLS over an address list, got target {target!r}")
         self.timeout = timeout
         self._admin_token = admin_token
         opts = [
             ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
-            ("grpc.service_config", service_config(max_attempts=max_attempts)),
+            ("grpc.service_config", config),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             *options,
         ]
         if tls_server_name:
             opts.append(("grpc.ssl_target_name_override", tls_server_name))
-        if tls_ca is not None or tls_cert is not None:
+        if tls:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=None if tls_ca in (None, True) else _read(tls_ca),  # type: ignore[arg-type]
                 private_key=_read(tls_key),
                 certificate_chain=_read(tls_cert),
             )
-            self._channel = grpc.secure_channel(target, creds, options=opts)
+            self._channel = grpc.secure_channel(self.target, creds, options=opts)
         else:
-            self._channel = grpc.insecure_channel(target, options=opts)
+            self._channel = grpc.insecure_channel(self.target, options=opts)
         self._stub = pb_grpc.RecommenderStub(self._channel)
         self._admin = pb_grpc.RecommenderAdminStub(self._channel)
 
@@ -134,7 +254,8 @@ class RecommenderClient:
         self.close()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until the channel is connected (raises grpc.FutureTimeoutError after ``timeout`` s)."""
+        """Block until the channel is connected, to one replica at least (raises grpc.FutureTimeoutError after
+        ``timeout`` s)."""
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
 
     def _call(self, method: Any, request: Any, *, timeout: float | None, admin: bool = False,

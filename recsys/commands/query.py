@@ -1,6 +1,8 @@
-"""`recsys query recommend|similar|embed|info|models|reload --target HOST:PORT ...`: call a running server.
+"""`recsys query recommend|similar|embed|info|models|reload --target TARGET ...`: call a running server.
 
-Prints the answer as JSON on stdout; a failed call prints the status code and message and exits with 1.
+TARGET is one server (HOST:PORT), a headless Service (dns:///NAME:PORT) or several replicas (IP:PORT,IP:PORT);
+calls are balanced round_robin over them and UNAVAILABLE is retried on another replica. Prints the answer as
+JSON on stdout; a failed call prints the status code and message and exits with 1.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ import sys
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("query", help="query a running recommendation server", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--target", default="localhost:50051", help="server HOST:PORT (default localhost:50051)")
+    common.add_argument("--target", default="localhost:50051",
+                        help="HOST:PORT, dns:///NAME:PORT (all its addresses) or IP:PORT,IP:PORT,... "
+                        "(default localhost:50051)")
+    # the choices of recsys.client.LOAD_BALANCING, spelled out so that `--help` does not import grpc
+    common.add_argument("--load-balancing", choices=("round_robin", "pick_first"), default="round_robin",
+                        help="policy over the target's addresses (default round_robin)")
     common.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds (default 5)")
     common.add_argument("--tls-ca", metavar="PEM", help="CA that signed the server certificate (enables TLS)")
     common.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
@@ -60,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     token = args.admin_token or os.environ.get("RECSYS_ADMIN_TOKEN")
     client = RecommenderClient(
         args.target, timeout=args.timeout, admin_token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
+        tls_key=args.tls_key, load_balancing=args.load_balancing,
     )
     try:
         with client:
