@@ -1,8 +1,16 @@
 """The future, as users run it: raw past logs through the CLI and a running gRPC server, scored on what came next.
 
-Each user's timeline is cut in two (sorted by time, ties by input order): the last 20% (rounded up) of the user's
-distinct items, by the time of their first event, are **the future**; every event before the first of them is
-**the past**. The past is written as a user would hand it over -- a CSV with string IDs and its own column names,
+Two cuts of the logs into a past and a future (``--cut per_user|global|both``, default ``per_user``):
+
+- **per-user** (#8): each user's timeline is cut in two (sorted by time, ties by input order): the last 20%
+  (rounded up) of the user's distinct items, by the time of their first event, are **the future**; every event
+  before the first of them is **the past**. Every user's future starts at a different time.
+- **global** (#15, what a batch retrain sees): one time ``t``, the time of the event 20% (rounded up) of all events
+  from the end (sorted by time, ties by input order); every event before ``t`` is the past, every event at or after
+  it the future (ties at ``t`` go to the future). The future is scored only for **known users** (the past has an
+  event of theirs), without their past items; users who first appear after ``t`` are not scored.
+
+The past is written as a user would hand it over -- a CSV with string IDs and its own column names,
 plus item / user feature files -- and goes through the CLI as subprocesses with the default config::
 
     recsys prepare --logs past.csv --items items.csv --users users.csv --user-col uid --item-col movie ...
@@ -17,16 +25,24 @@ HitRate@10 over the full catalogue. Future items the catalogue lacks (k-core, ne
 every model.
 
 Peers are fit in the same run on the same past (a binary user x item matrix; they rank every item of the past,
-the user's past items excluded): popularity, EASE (``recsys.baselines.EASE``) and implicit ALS
-(``implicit.als.AlternatingLeastSquares`` on CPU, ``pip install -e '.[bench]'``). EASE's ``l2`` and ALS's factors /
-regularization / alpha are picked on a validation cut of the past (each user's last 20% of the past, by the same
-rule, fit on the rest; NDCG@20), then refit on the whole past. Stochastic models (two-tower, ALS) report the mean
+the user's past items excluded): popularity (all-time), recent popularity (users per item over the last W days
+before the past ends -- the cut time ``t``, or the past's last event for the per-user cut; ties, e.g. every item
+outside a short window, broken by all-time counts), EASE (``recsys.baselines.EASE``) and implicit ALS
+(``implicit.als.AlternatingLeastSquares`` on CPU, ``pip install -e '.[bench]'``). EASE's ``l2``, ALS's factors /
+regularization / alpha and recent popularity's W (1, 3, 7, 14, 30, 60, 120, 365 days or all-time) are picked on a
+validation cut of the past made by the benchmark's own cut rule (per-user: each user's last 20% of the past;
+global: the past's last 20% of events by time, its known users), fit on the rest (NDCG@20), then refit on the
+whole past (W then counts back from the end of the whole past). Stochastic models (two-tower, ALS) report the mean
 of ``--seeds`` seeds and each seed's value.
 
 Fresh events: each user's future is split in two halves by time; the first half is given as the user's fresh
 events and the second half is scored (past + first half excluded for every model). Rows: the same bundle without
 them (``exclude_item_ids`` = first half), the same bundle with them (``Recommend(user_id, history_item_ids=first
-half)``), EASE scoring the extended row, ALS ``recalculate_user`` on the extended row, popularity.
+half)``), EASE scoring the extended row, ALS ``recalculate_user`` on the extended row, popularity and recent
+popularity. It is made for both cuts; its target (#8) is reported for the per-user cut only.
+
+Targets (``targets()``): two-tower Recall@20 and NDCG@20 over the best peer (recent popularity included), >= 1.10x
+on the per-user cut (#8), >= 1.0x on the global cut (#15).
 
 The benchmark passes no tuning to recsys: the only ``--set`` it adds is what a user must pass to read the files
 (the genres column's separator) and ``train.seed``. ``--set KEY=VALUE`` (repeatable) forwards an override to
@@ -36,6 +52,8 @@ fit without prepare's test split; skipped when the installed recsys does not kno
 
     .venv/bin/python benchmarks/future_bench.py --quick                 # 1 seed, small synth: a smoke run
     .venv/bin/python benchmarks/future_bench.py                         # both datasets, 3 seeds: 6 trainings
+    .venv/bin/python benchmarks/future_bench.py --datasets ml100k --cut global \\
+        --out benchmarks/results/future_bench_global.json
     .venv/bin/python benchmarks/future_bench.py --datasets ml100k --compare-holdout
     .venv/bin/python benchmarks/future_bench.py --datasets ml100k --skip-peers \\
         --variant kcore1:prepare.kcore_items=1 --variant kcore2:prepare.kcore_items=2 \\
@@ -43,9 +61,12 @@ fit without prepare's test split; skipped when the installed recsys does not kno
 
 Cost is the two-tower trainings: on the shared 2-core machine one ML-100K training took ~6 min next to one other
 job and 15-25 min under heavy contention; the synthetic logs (200k events) train ~2x longer. Peers take about a
-minute. With a kept ``--workdir`` a rerun reuses finished trainings (``done-*.json``), so an interrupted run
-resumes where it stopped. Writes benchmarks/results/future_bench.json (unless --no-save; after each dataset):
-machine, git commit, config, per-seed numbers.
+minute or two. With a kept ``--workdir`` a rerun reuses finished trainings (``done-*.json``), so an interrupted run
+resumes where it stopped; each cut works in its own directory (``WORKDIR/NAME`` for the per-user cut, as before,
+``WORKDIR/NAME-global`` for the global one) and its stamps name the cut, so the two never reuse each other's
+models. Writes benchmarks/results/future_bench.json (unless --no-save; after each dataset and cut): machine, git
+commit, config, per-seed numbers; ``datasets[NAME]`` is the per-user cut (as before ``--cut``) and
+``datasets["NAME@global"]`` the global one, each with its ``cut`` and ``protocol``.
 """
 
 from __future__ import annotations
@@ -86,7 +107,24 @@ EASE_GRID = (50, 100, 250, 500, 1000, 2000, 5000)
 ALS_GRID = {"factors": (32, 64, 128, 256), "regularization": (0.01, 0.1, 1.0, 10.0), "alpha": (1.0, 10.0, 40.0)}
 ALS_GRID_QUICK = {"factors": (32, 128), "regularization": (0.1, 1.0), "alpha": (1.0, 10.0)}
 ALS_ITERATIONS = 15
+RECENT_DAYS = (1, 3, 7, 14, 30, 60, 120, 365, None)  # recent popularity's windows (days; None = all time)
+DAY_S = 86_400
+CUTS = ("per_user", "global")
 PY = sys.executable
+_SERVE = ("past -> CLI (prepare/train/export, defaults) -> recsys serve -> BatchRecommend k=20 over gRPC; peers "
+          "fit on the binary past matrix")
+PROTOCOL = {  # one line per cut, into the JSON beside its numbers
+    "per_user": (f"per-user cut: last {FUTURE_FRAC:.0%} (ceil) of each user's distinct items by first event = "
+                 f"future, events before = past; {_SERVE}, tuned on the past's own last 20% (same rule); recent "
+                 "popularity counts the last W days before the past's last event; full catalogue, past items "
+                 "excluded; future items outside a model's catalogue are misses"),
+    "global": (f"global cut: one time t, the last {FUTURE_FRAC:.0%} (ceil) of all events at or after it = future, "
+               f"events before t = past; the future is scored only for users the past knows, their past items "
+               f"excluded; {_SERVE}, tuned on a global cut of the past (its last 20% of events by time); recent "
+               "popularity counts the last W days before t; full catalogue; future items outside a model's "
+               "catalogue are misses"),
+}
+TARGET = {"per_user": 1.10, "global": 1.0}  # two-tower / best peer, Recall@20 and NDCG@20 (#8 and #15)
 METRICS = (f"recall@{K}", f"ndcg@{K}", f"hit_rate@{HIT_K}")
 
 
@@ -177,6 +215,40 @@ def cut_future(events: pl.DataFrame, frac: float = FUTURE_FRAC) -> tuple[pl.Data
               .agg("item").iter_rows()}
     past_users = set(past["user"].unique().to_list())
     return past, {u: v for u, v in future.items() if u in past_users}
+
+
+def cut_global(events: pl.DataFrame, frac: float = FUTURE_FRAC) -> tuple[pl.DataFrame, dict[str, list[str]], int]:
+    """Global cut: (the past, in input order; {known user: future items, oldest first event first}; the cut time).
+
+    The cut time ``t`` is the time of the event ``ceil(frac * n)`` from the end, sorted by (ts, input order): every
+    event before ``t`` is the past, every event at or after it the future (ties go to the future, so it can hold a
+    few more than ``frac`` of the events). The future is scored only for users the past knows, and their past items
+    are not in it (they are excluded from every model's answer); users left with no future item are dropped.
+    """
+    n_future = max(1, math.ceil(events.height * frac - 1e-9))
+    if n_future >= events.height:
+        raise ValueError(f"`frac` leaves no past: {frac} of {events.height} events")
+    ev = events.with_row_index("_row")
+    t_cut = int(ev.sort(["ts", "_row"])["ts"][events.height - n_future])
+    past = ev.filter(pl.col("ts") < t_cut).drop("_row")
+    seen = past.select("user", "item").unique()
+    fut = (ev.filter(pl.col("ts") >= t_cut).sort(["ts", "_row"])
+           .join(past.select("user").unique(), on="user", how="semi")  # known users only
+           .join(seen, on=["user", "item"], how="anti")  # their past items are not in the future
+           .unique(["user", "item"], keep="first", maintain_order=True))
+    future = {u: items for u, items in fut.group_by("user", maintain_order=True).agg("item").iter_rows()}
+    return past, future, t_cut
+
+
+def cut_timeline(events: pl.DataFrame, cut: str) -> tuple[pl.DataFrame, dict[str, list[str]], int]:
+    """(past, future, now) for ``cut`` (``per_user`` or ``global``); ``now`` is when the past ends: the cut time of
+    a global cut, one second after the last past event of a per-user cut (what recent popularity counts back from)."""
+    if cut == "global":
+        return cut_global(events)
+    if cut == "per_user":
+        past, future = cut_future(events)
+        return past, future, int(past["ts"].max()) + 1
+    raise ValueError(f"`cut` must be per_user or global, got {cut!r}")
 
 
 def write_user_files(d: RawData, past: pl.DataFrame, out: Path) -> list[str]:
@@ -279,16 +351,45 @@ def _als_recommend(model, rows: np.ndarray, x, *, recalculate: bool = False) -> 
     return np.asarray(ids, dtype=np.int64)
 
 
-def tune_peers(past: pl.DataFrame, *, quick: bool) -> dict:
-    """EASE l2 and ALS (factors, regularization, alpha) picked by NDCG@20 on the past's own last 20%."""
+def recent_counts(pm: PastMatrix, ev: pl.DataFrame, *, now: int, days: int | None) -> np.ndarray:
+    """``[n_items]`` users per item over the events of ``ev`` in the last ``days`` days before ``now`` (all of
+    them for ``None``), in ``pm``'s item order."""
+    if days is not None:
+        ev = ev.filter((pl.col("ts") >= now - days * DAY_S) & (pl.col("ts") < now))
+    return np.asarray(pm.matrix(ev).sum(axis=0), dtype=np.float64).ravel()
+
+
+def recent_popularity(counts: np.ndarray, all_time: np.ndarray, rows: np.ndarray, x) -> np.ndarray:
+    """Top-K item columns by ``counts`` for each of ``rows``, the row's items of ``x`` excluded: ``[n, K]``.
+
+    Ties (every item outside a short window counts 0) are broken by the all-time counts, so a short window still
+    fills its list with the all-time favourites rather than with arbitrary items."""
+    from recsys.baselines import topk_excluding
+
+    s = counts + all_time / (all_time.max() + 1.0)  # [n_items]; the tie-break stays below one count
+    ids, _ = topk_excluding(np.broadcast_to(s.astype(np.float32), (len(rows), s.size)), K, x[rows])
+    return ids
+
+
+def tune_peers(past: pl.DataFrame, *, quick: bool, cut: str) -> dict:
+    """EASE l2, ALS (factors, regularization, alpha) and recent popularity's window picked by NDCG@20 on a validation
+    cut of the past, made by the same rule as the benchmark's own cut (``cut``): the past's own last 20%."""
     from recsys.baselines import EASE
 
-    fit_part, valid = cut_future(past)
+    fit_part, valid, now = cut_timeline(past, cut)
     pm = PastMatrix(past)  # the vocabulary of the whole past, so the refit ranks the same items
     x_fit = pm.matrix(fit_part)
     users = [u for u in valid if valid[u]]
     rows = np.asarray([pm.urow[u] for u in users], dtype=np.int64)
     rel = [np.asarray([pm.icol[x] for x in valid[u]], dtype=np.int64) for u in users]
+    t0 = time.perf_counter()
+    all_time = recent_counts(pm, fit_part, now=now, days=None)
+    recent_scores = {}
+    for days in RECENT_DAYS:
+        counts = recent_counts(pm, fit_part, now=now, days=days)
+        recent_scores[days] = score(recent_popularity(counts, all_time, rows, x_fit), rel)[f"ndcg@{K}"]
+    best_days = max(recent_scores, key=recent_scores.get)  # ties: the first (shortest) window
+    t_recent = time.perf_counter() - t0
     t0 = time.perf_counter()
     ease_scores = {}
     for l2 in EASE_GRID:
@@ -306,22 +407,32 @@ def tune_peers(past: pl.DataFrame, *, quick: bool) -> dict:
                 als_scores[(f, r, a)] = score(_als_recommend(m, rows, x_fit), rel)[f"ndcg@{K}"]
     best = max(als_scores, key=als_scores.get)
     t_als = time.perf_counter() - t0
-    print(f"  tuned on the past's last 20% ({len(users)} users): EASE l2={best_l2:g} (ndcg@20 "
+    print(f"  tuned on the past's last 20% ({cut} cut, {len(users)} users): EASE l2={best_l2:g} (ndcg@20 "
           f"{ease_scores[best_l2]:.4f}, {t_ease:.0f}s); ALS factors={best[0]} reg={best[1]:g} alpha={best[2]:g} "
-          f"(ndcg@20 {als_scores[best]:.4f}, {len(als_scores)} fits, {t_als:.0f}s)", flush=True)
+          f"(ndcg@20 {als_scores[best]:.4f}, {len(als_scores)} fits, {t_als:.0f}s); recent popularity "
+          f"W={_days(best_days)} (ndcg@20 {recent_scores[best_days]:.4f}; "
+          + " ".join(f"{_days(d)}:{v:.4f}" for d, v in recent_scores.items()) + ")", flush=True)
     return {
         "ease": {"l2": best_l2, "valid_ndcg@20": {f"{k:g}": v for k, v in ease_scores.items()},
                  "seconds": round(t_ease, 1)},
         "als": {"factors": best[0], "regularization": best[1], "alpha": best[2], "iterations": ALS_ITERATIONS,
                 "valid_ndcg@20": {f"f={k[0]},reg={k[1]:g},alpha={k[2]:g}": v for k, v in als_scores.items()},
                 "seconds": round(t_als, 1)},
-        "valid_users": len(users),
+        "recent_popularity": {"days": best_days, "valid_ndcg@20": {_days(k): v for k, v in recent_scores.items()},
+                              "seconds": round(t_recent, 1)},
+        "valid_cut": cut, "valid_users": len(users), "valid_future_pairs": int(sum(len(r) for r in rel)),
+        "valid_now": now,
     }
 
 
+def _days(days: int | None) -> str:
+    return "all-time" if days is None else f"{days}d"
+
+
 def run_peers(past: pl.DataFrame, eval_users: list[str], relevant: list[np.ndarray], fresh: dict, space: Space,
-              *, tuned: dict, seeds: list[int]) -> tuple[dict, dict]:
-    """Popularity, EASE, ALS fit on the whole past: (future table rows, fresh-event table rows)."""
+              *, tuned: dict, seeds: list[int], now: int) -> tuple[dict, dict]:
+    """Popularity, recent popularity (the last W days before ``now``), EASE, ALS fit on the whole past: (future
+    table rows, fresh-event table rows)."""
     from recsys.baselines import EASE, Popularity
 
     pm = PastMatrix(past)
@@ -340,6 +451,17 @@ def run_peers(past: pl.DataFrame, eval_users: list[str], relevant: list[np.ndarr
     pop = Popularity().fit(x)
     table["popularity"] = {"mean": score(rec(pop, rows, x), relevant), "seconds": round(time.perf_counter() - t0, 1)}
     fresh_rows["popularity"] = score(rec(pop, f_rows, x_ext), fresh["second"])
+
+    t0 = time.perf_counter()
+    days = tuned["recent_popularity"]["days"]
+    counts = recent_counts(pm, past, now=now, days=days)
+    all_time = recent_counts(pm, past, now=now, days=None)
+    table["recent_popularity"] = {
+        "mean": score(pm.to_space(recent_popularity(counts, all_time, rows, x), space), relevant),
+        "params": f"W={_days(days)}", "items_in_window": int((counts > 0).sum()),
+        "seconds": round(time.perf_counter() - t0, 1)}
+    fresh_rows["recent_popularity"] = score(pm.to_space(recent_popularity(counts, all_time, f_rows, x_ext), space),
+                                            fresh["second"])
 
     t0 = time.perf_counter()
     ease = EASE(l2=tuned["ease"]["l2"]).fit(x)
@@ -522,10 +644,25 @@ def split_overrides(sets: list[str]) -> tuple[list[str], list[str]]:
     return prep, train
 
 
-def run_two_tower(v: Variant, d: RawData, files_args: list[str], work: Path, *, seeds: list[int],
+def _stamp(path: Path) -> dict | None:
+    """A kept --workdir's stamp of a finished stage; the ones written before the cut was part of it (a bare list)
+    were all per-user runs."""
+    if not path.exists():
+        return None
+    got = json.loads(path.read_text())
+    if isinstance(got, list):  # prepare: the --set values; done: [train_s, export_s]
+        key = "sets" if path.name.endswith(".args.json") else "seconds"
+        return {"cut": "per_user", key: got}
+    return got
+
+
+def run_two_tower(v: Variant, d: RawData, files_args: list[str], work: Path, *, cut: str, seeds: list[int],
                   eval_users: list[str], relevant: list[np.ndarray], fresh: dict, past_tail: dict, space: Space,
                   prepared_cache: dict) -> dict:
-    """prepare (once per prepare overrides) -> per seed: train -> export -> serve -> gRPC queries -> scores."""
+    """prepare (once per prepare overrides) -> per seed: train -> export -> serve -> gRPC queries -> scores.
+
+    ``work`` is the cut's own directory; the cut is also written into every stamp a rerun trusts, so a per-user
+    and a global run never reuse each other's prepared data or models."""
     key = tuple(v.prepare)
     timings: dict[str, float | list[float]] = {}
     if key not in prepared_cache:
@@ -534,11 +671,11 @@ def run_two_tower(v: Variant, d: RawData, files_args: list[str], work: Path, *, 
         log = work / f"prepare-{digest}.log"
         sets = [x for s in v.prepare for x in ("--set", s)]
         stamp = pdir.with_suffix(".args.json")
-        if stamp.exists() and (pdir / "manifest.json").exists() and json.loads(stamp.read_text()) == sets:
+        if (pdir / "manifest.json").exists() and _stamp(stamp) == {"cut": cut, "sets": sets}:
             secs = 0.0  # reused from a kept --workdir (the past files are rewritten identically)
         else:
             secs = cli("prepare", [*files_args, *sets, "--out", str(pdir), "--overwrite"], log)
-            stamp.write_text(json.dumps(sets))
+            stamp.write_text(json.dumps({"cut": cut, "sets": sets}))
         manifest = json.loads((pdir / "manifest.json").read_text())
         prepared_cache[key] = (pdir, manifest, secs)
         print(f"  prepare {v.prepare or '(defaults)'}: {manifest['counts']} ({secs:.0f}s)", flush=True)
@@ -552,8 +689,9 @@ def run_two_tower(v: Variant, d: RawData, files_args: list[str], work: Path, *, 
         sets = [x for o in [f"train.seed={s}", *v.train] for x in ("--set", o)]
         done = work / f"done-{tag}.json"  # a finished train + export in a kept --workdir is reused on a rerun
         _wait_for_other_run(work / f"train-{tag}.log", done)
-        if done.exists() and (models / schema.LATEST).exists():
-            t_train, t_export = json.loads(done.read_text())
+        stamp = _stamp(done)
+        if stamp is not None and stamp["cut"] == cut and (models / schema.LATEST).exists():
+            t_train, t_export = stamp["seconds"]
         else:
             shutil.rmtree(run, ignore_errors=True)
             shutil.rmtree(models, ignore_errors=True)
@@ -566,7 +704,7 @@ def run_two_tower(v: Variant, d: RawData, files_args: list[str], work: Path, *, 
                     return {"skipped": f"unknown setting in {v.train}", "error": e.tail.strip()[-1000:]}
                 raise
             t_export = cli("export", ["--run", str(run), "--models", str(models)], work / f"export-{tag}.log")
-            done.write_text(json.dumps([t_train, t_export]))
+            done.write_text(json.dumps({"cut": cut, "seconds": [t_train, t_export]}))
         train_s.append(t_train)
         export_s.append(t_export)
         summary = json.loads((run / "summary.json").read_text())
@@ -587,7 +725,7 @@ def run_two_tower(v: Variant, d: RawData, files_args: list[str], work: Path, *, 
         fresh_without.append(score(space.encode_lists(fr[False][0]), fresh["second"]))
         fresh_with.append(score(space.encode_lists(fr[True][0]), fresh["second"]))
         sources.append({"without": fr[False][1], "with": fr[True][1]})
-        print(f"  two-tower {v.name} seed {s}: " + " ".join(f"{k}={m[k]:.4f}" for k in METRICS)
+        print(f"  two-tower {v.name} seed {s} ({cut} cut): " + " ".join(f"{k}={m[k]:.4f}" for k in METRICS)
               + f" (n_items {info['n_items']}, not in bundle {counts['not_in_bundle']}, train {train_s[-1]:.0f}s, "
               f"best epoch {summary.get('best_epoch')}); fresh without/with recall@20 "
               f"{fresh_without[-1][f'recall@{K}']:.4f}/{fresh_with[-1][f'recall@{K}']:.4f} sources {sources[-1]}",
@@ -631,16 +769,23 @@ def _machine() -> dict:
 
 def _git() -> dict:
     def run(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout
 
+    # Not stripped before the split: porcelain lines start with a status column that may be a space (" M path").
     dirty = [line[3:] for line in run("status", "--porcelain").splitlines()]
-    return {"commit": run("rev-parse", "HEAD"), "dirty_files": dirty}
+    return {"commit": run("rev-parse", "HEAD").strip(), "dirty_files": dirty}
+
+
+def _iso(ts: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def print_tables(name: str, ds: dict) -> None:
-    rows = ds["results"]
-    print(f"\n== {name}: the future ({ds['data']['eval_users']} users, {ds['data']['future_pairs']} future items; "
-          f"Recall@{K} / NDCG@{K} / HitRate@{HIT_K}, mean over seeds, ± std)")
+    rows, cut = ds["results"], ds.get("cut", "per_user")
+    where = f"cut at {ds['data']['past_ends']}, known users only" if cut == "global" else "each user's last 20%"
+    print(f"\n== {name} [{cut} cut: {where}]: the future ({ds['data']['eval_users']} users, "
+          f"{ds['data']['future_pairs']} future items; Recall@{K} / NDCG@{K} / HitRate@{HIT_K}, mean over seeds, "
+          "± std)")
     print(f"{'model':<28} {'recall@20':>15} {'ndcg@20':>15} {'hit@10':>15}  {'n_items':>7}  per seed (recall/ndcg)")
     for model, r in rows.items():
         if "skipped" in r:
@@ -651,8 +796,11 @@ def print_tables(name: str, ds: dict) -> None:
         n_items = r.get("catalogue", {}).get("n_items", ds["data"].get("past_items", ""))
         seeds = " ".join(f"{p[f'recall@{K}']:.4f}/{p[f'ndcg@{K}']:.4f}" for p in r.get("per_seed", []))
         print(f"{model:<28} {cells}  {n_items!s:>7}  {seeds}")
-    print(f"\n== {name}: fresh events ({ds['fresh']['users']} users; first half of the future given, second half "
-          f"scored; past + first half excluded)")
+    params = [f"{m} {r['params']}" for m, r in rows.items() if r.get("params")]
+    if params:
+        print(f"peers ({cut} cut, tuned on the past's own last 20%): " + "; ".join(params))
+    print(f"\n== {name} [{cut} cut]: fresh events ({ds['fresh']['users']} users; first half of the future given, "
+          f"second half scored; past + first half excluded)")
     print(f"{'model':<44} {'recall@20':>10} {'ndcg@20':>10} {'hit@10':>10}")
     for model, m in ds["fresh"]["rows"].items():
         print(f"{model:<44} " + " ".join(f"{m[k]:>10.4f}" for k in METRICS))
@@ -661,22 +809,27 @@ def print_tables(name: str, ds: dict) -> None:
 
 
 def targets(ds: dict) -> dict:
-    """The issue's targets: two-tower >= 1.10x the best peer (Recall@20 and NDCG@20); fresh events ahead."""
-    res, rows = ds["results"], ds["fresh"]["rows"]
+    """The issues' targets, by cut: two-tower >= 1.10x the best peer on the per-user cut (#8) and >= 1.0x on the
+    global cut (#15), Recall@20 and NDCG@20, recent popularity among the peers; fresh events ahead (per-user cut)."""
+    res, rows, cut = ds["results"], ds["fresh"]["rows"], ds.get("cut", "per_user")
     tt = res.get("two_tower")
     if not tt or "mean" not in tt:
         return {}
-    out: dict = {"lines": []}
+    goal = TARGET[cut]
+    out: dict = {"cut": cut, "lines": []}
     for m in (f"recall@{K}", f"ndcg@{K}"):
-        peers = {p: res[p]["mean"][m] for p in ("popularity", "ease", "als") if p in res}
+        peers = {p: res[p]["mean"][m] for p in ("popularity", "recent_popularity", "ease", "als") if p in res}
         if not peers:
             continue
         best = max(peers, key=peers.get)
         ratio = tt["mean"][m] / peers[best] if peers[best] else float("inf")
         out[m] = {"two_tower": tt["mean"][m], "best_peer": best, "best_peer_value": peers[best],
-                  "ratio": ratio, "met": ratio >= 1.10}
-        out["lines"].append(f"target {m}: two-tower {tt['mean'][m]:.4f} vs best peer {best} {peers[best]:.4f} "
-                            f"= {ratio:.3f}x (>= 1.10x: {'MET' if ratio >= 1.10 else 'not met'})")
+                  "ratio": ratio, "goal": goal, "met": ratio >= goal}
+        out["lines"].append(f"target {m} ({cut} cut): two-tower {tt['mean'][m]:.4f} vs best peer {best} "
+                            f"{peers[best]:.4f} = {ratio:.3f}x (>= {goal:.2f}x: "
+                            f"{'MET' if ratio >= goal else 'not met'})")
+    if cut != "per_user":  # the fresh-event target is #8's, set on the per-user cut
+        return out
     w, wo = rows.get("two_tower with fresh events"), rows.get("two_tower without fresh events")
     folds = {k: v for k, v in rows.items() if k in ("ease (extended row)", "als (recalculate_user, extended row)")}
     if w and wo:
@@ -694,11 +847,12 @@ def targets(ds: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def run_dataset(d: RawData, work: Path, *, seeds: list[int], variants: list[Variant], quick: bool,
+def run_dataset(d: RawData, work: Path, *, cut: str, seeds: list[int], variants: list[Variant], quick: bool,
                 skip_peers: bool) -> dict:
+    """One dataset, one cut: the past through the CLI and the server, the peers on the same past, both scored."""
     t_all = time.perf_counter()
-    past, future = cut_future(d.events)
-    eval_users = sorted(future)
+    past, future, now = cut_timeline(d.events, cut)
+    eval_users = sorted(u for u in future if future[u])
     space = Space(d.events["item"].to_list())
     relevant = [np.asarray([space.code[x] for x in future[u]], dtype=np.int64) for u in eval_users]
     tails = past.group_by("user", maintain_order=True).agg(pl.col("item").unique(maintain_order=True))
@@ -712,7 +866,8 @@ def run_dataset(d: RawData, work: Path, *, seeds: list[int], variants: list[Vari
     fresh["second"] = [np.asarray([space.code[x] for x in future[u][len(future[u]) // 2:]], dtype=np.int64)
                        for u in f_users]
     files_args = write_user_files(d, past, work / "user-files")
-    data = {"events": d.events.height, "users": d.events["user"].n_unique(), "items": len(space.ids),
+    data = {"cut": cut, "past_ends": _iso(now),
+            "events": d.events.height, "users": d.events["user"].n_unique(), "items": len(space.ids),
             "past_events": past.height, "past_users": len(past_items),
             "past_items": past["item"].n_unique(), "eval_users": len(eval_users),
             "future_pairs": int(sum(len(r) for r in relevant)),
@@ -722,6 +877,13 @@ def run_dataset(d: RawData, work: Path, *, seeds: list[int], variants: list[Vari
     past_item_set = set(past["item"].unique().to_list())
     data["future_pairs_outside_past_items"] = int(sum(1 for u in eval_users for x in future[u]
                                                       if x not in past_item_set))
+    if cut == "global":
+        fut_ev = d.events.filter(pl.col("ts") >= now)
+        data.update(future_events=fut_ev.height, future_users=fut_ev["user"].n_unique(),
+                    future_users_unknown=fut_ev["user"].n_unique() - fut_ev.filter(
+                        pl.col("user").is_in(list(past_items)))["user"].n_unique())
+        print(f"  global cut at {data['past_ends']}: {fut_ev.height} future events of {data['future_users']} users "
+              f"({data['future_users_unknown']} unknown to the past: not scored)", flush=True)
     print(f"  {data['events']} events -> past {past.height} events of {len(past_items)} users / "
           f"{data['past_items']} items; {len(eval_users)} users scored on {data['future_pairs']} future items "
           f"({data['future_pairs_outside_past_items']} never seen in the past); fresh table: {len(f_users)} users",
@@ -735,7 +897,7 @@ def run_dataset(d: RawData, work: Path, *, seeds: list[int], variants: list[Vari
     order = [v for v in variants if v.name != "default"] + [v for v in variants if v.name == "default"]
     for v in order:
         name = "two_tower" if v.name == "default" else f"two_tower[{v.name}]"
-        results[name] = run_two_tower(v, d, files_args, work, seeds=seeds, eval_users=eval_users,
+        results[name] = run_two_tower(v, d, files_args, work, cut=cut, seeds=seeds, eval_users=eval_users,
                                       relevant=relevant, fresh=fresh, past_tail=past_tail, space=space,
                                       prepared_cache=prepared_cache)
         if "fresh" in results[name]:
@@ -744,20 +906,26 @@ def run_dataset(d: RawData, work: Path, *, seeds: list[int], variants: list[Vari
             fresh_rows[f"{label} with fresh events"] = results[name]["fresh"]["with"]["mean"]
     if not skip_peers:
         t0 = time.perf_counter()
-        tuned = tune_peers(past, quick=quick)
+        tuned = tune_peers(past, quick=quick, cut=cut)
         timings["peer_tuning_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
-        table, peer_fresh = run_peers(past, eval_users, relevant, fresh, space, tuned=tuned, seeds=seeds)
+        table, peer_fresh = run_peers(past, eval_users, relevant, fresh, space, tuned=tuned, seeds=seeds, now=now)
         timings["peer_fit_s"] = round(time.perf_counter() - t0, 1)
         results.update(table)
         fresh_rows.update(peer_fresh)
         results["tuning"] = tuned  # popped below into its own key
     tuning = results.pop("tuning", None)
     timings["total_s"] = round(time.perf_counter() - t_all, 1)
-    ds = {"data": data, "results": results, "fresh": {"users": len(f_users), "rows": fresh_rows},
+    ds = {"cut": cut, "protocol": PROTOCOL[cut], "data": data, "results": results,
+          "fresh": {"users": len(f_users), "rows": fresh_rows},
           "peer_tuning": tuning, "timings": timings}
     ds["targets"] = targets(ds)
     return ds
+
+
+def _key(name: str, cut: str) -> str:
+    """The report's key of a dataset under a cut: the bare name for the per-user cut (as before --cut)."""
+    return name if cut == "per_user" else f"{name}@{cut}"
 
 
 def save(report: dict, out: str | Path) -> None:
@@ -769,6 +937,9 @@ def save(report: dict, out: str | Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", default="ml100k,synth", help="comma list of ml100k, synth")
+    p.add_argument("--cut", choices=(*CUTS, "both"), default="per_user",
+                   help="per_user: each user's last 20%% of distinct items; global: one time, the last 20%% of the "
+                        "events after it, known users only; both: one after the other")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the stochastic models (two-tower, ALS)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "recsys"), help="where the recbole wheel lives")
     p.add_argument("--workdir", default=None, help="keep the work files here (default: a temporary directory)")
@@ -802,18 +973,17 @@ def main(argv: list[str] | None = None) -> int:
     import implicit
     import torch
 
+    cuts = list(CUTS) if args.cut == "both" else [args.cut]
     report: dict = {
-        "k": K, "hit_k": HIT_K,
-        "protocol": (f"per-user cut: last {FUTURE_FRAC:.0%} (ceil) of each user's distinct items by first event = "
-                     "future, events before = past; past -> CLI (prepare/train/export, defaults) -> recsys serve -> "
-                     "BatchRecommend k=20 over gRPC; peers fit on the binary past matrix, tuned on the past's own "
-                     "last 20%; full catalogue, past items excluded; future items outside a model's catalogue are "
-                     "misses"),
+        "k": K, "hit_k": HIT_K, "cut": args.cut,
+        # datasets[NAME] is the per-user cut (as before --cut), datasets["NAME@global"] the global cut
+        "protocol": {c: PROTOCOL[c] for c in cuts},
         "machine": _machine(), "git": _git(), "torch": torch.__version__, "implicit": implicit.__version__,
-        "config": {"datasets": args.datasets, "seeds": seeds, "overrides": args.overrides,
+        "config": {"datasets": args.datasets, "cut": args.cut, "seeds": seeds, "overrides": args.overrides,
                    "variants": [v.__dict__ for v in variants], "quick": args.quick,
                    "synth": {"events": args.synth_events, "users": args.synth_users, "items": args.synth_items},
-                   "ease_grid": EASE_GRID, "als_grid": ALS_GRID_QUICK if args.quick else ALS_GRID},
+                   "ease_grid": EASE_GRID, "als_grid": ALS_GRID_QUICK if args.quick else ALS_GRID,
+                   "recent_days": RECENT_DAYS},
         "datasets": {},
     }
     tmp = None
@@ -827,25 +997,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in args.datasets.split(","):
             print(f"== {name}", flush=True)
-            work = work_root / name
-            work.mkdir(parents=True, exist_ok=True)
+            data_dir = work_root / name
+            data_dir.mkdir(parents=True, exist_ok=True)
             if name == "ml100k":
                 d = ml100k_raw(Path(args.cache))
             elif name == "synth":
-                d = synth_raw(work, events=args.synth_events, users=args.synth_users, items=args.synth_items)
+                d = synth_raw(data_dir, events=args.synth_events, users=args.synth_users, items=args.synth_items)
             else:
                 raise SystemExit(f"unknown dataset {name!r} (choose ml100k, synth)")
-            report["datasets"][name] = run_dataset(d, work, seeds=seeds, variants=variants, quick=args.quick,
-                                                   skip_peers=args.skip_peers)
-            if not args.no_save:  # after each dataset, so a long run leaves its finished part
-                save(report, args.out)
+            for cut in cuts:
+                # Each cut has its own directory (the per-user one where it always was, so kept workdirs resume).
+                work = data_dir if cut == "per_user" else work_root / f"{name}-{cut}"
+                work.mkdir(parents=True, exist_ok=True)
+                print(f"== {name}: {cut} cut", flush=True)
+                report["datasets"][_key(name, cut)] = run_dataset(
+                    d, work, cut=cut, seeds=seeds, variants=variants, quick=args.quick, skip_peers=args.skip_peers)
+                if not args.no_save:  # after each dataset and cut, so a long run leaves its finished part
+                    save(report, args.out)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     for name, ds in report["datasets"].items():
         print_tables(name, ds)
-        print(f"timings (s) {name}: {json.dumps(ds['timings'])}; two-tower: "
+        print(f"timings (s) {name} [{ds['cut']} cut]: {json.dumps(ds['timings'])}; two-tower: "
               + "; ".join(f"{m}: {json.dumps(r['timings'])}" for m, r in ds["results"].items() if "timings" in r))
     print(f"total {report['seconds']:.0f}s")
     if not args.no_save:
