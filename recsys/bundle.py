@@ -280,15 +280,19 @@ def prune(models_dir: str | Path, *, keep: int) -> list[str]:
         return _prune_locked(models_dir, keep=keep)
 
 
-# Leftovers of a publish or prune that was killed (atomic_dir's temp dirs, renamed-for-deletion versions).
+# Leftovers of a publish or prune that was killed (atomic_dir's temp dirs, renamed-for-deletion versions, the temp
+# file of a LATEST that was being replaced).
 _LEFTOVER_RE = re.compile(r"^\..+\.(tmp|deleting)-[^/]+$")
 
 
 def _prune_locked(models_dir: Path, *, keep: int) -> list[str]:
-    # Under the lock no publish is in flight, so any temp dir left here belongs to a dead process.
+    # Under the lock no publish is in flight, so any temp dir or file left here belongs to a dead process.
     for p in models_dir.iterdir():
-        if p.is_dir() and _LEFTOVER_RE.match(p.name):
-            shutil.rmtree(p, ignore_errors=True)
+        if _LEFTOVER_RE.match(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             log.info("removed leftover %s", p.name)
     versions = list_versions(models_dir)
     latest = read_latest(models_dir)
