@@ -727,7 +727,15 @@ def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *,
                 },
             }
             atomic_write_json(tmp / MANIFEST, _jsonable(manifest))
-        atomic_write_text(models_dir / schema.LATEST, version + "\n")
+        try:
+            atomic_write_text(models_dir / schema.LATEST, version + "\n")
+        except BaseException:
+            # LATEST could not move (a full disk, ...): take the new version back out, so a failed export leaves the
+            # models directory as it found it (renamed aside first: a reader never sees half a version)
+            aside = models_dir / f".{version}.deleting-{os.getpid()}"
+            os.rename(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
         fsync_dir(models_dir)
         log.info("published %s (ef=%d, %d items, %d users)", final, ef, n_items, n_users)
         _prune_locked(models_dir, keep=keep)

@@ -38,9 +38,14 @@ HOOK = textwrap.dedent(r"""
     import numpy as np
 
     AT = os.environ["RECSYS_CRASH_AT"]
+    FULL_DISK = os.environ.get("RECSYS_CRASH_MODE") == "enospc"  # the disk fills up there instead of a kill
 
     def die(where):
         if where == AT:
+            if FULL_DISK:
+                import errno
+
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def in_tmp_version(p):
@@ -124,8 +129,10 @@ def export_args(run: Path, models: Path, *, keep: int) -> list[str]:
     ]
 
 
-def run_export(run: Path, models: Path, *, keep: int, crash_at: str | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RECSYS_CRASH_AT": crash_at or ""}
+def run_export(run: Path, models: Path, *, keep: int, crash_at: str | None, full_disk: bool = False
+               ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RECSYS_CRASH_AT": crash_at or "",
+           "RECSYS_CRASH_MODE": "enospc" if full_disk else "kill"}
     return subprocess.run(
         [sys.executable, "-c", HOOK, *export_args(run, models, keep=keep)],
         env=env,
@@ -241,4 +248,31 @@ def test_export_killed_mid_prune_then_rerun(source, tmp_path):
     assert read_latest(models) == added
     check_trustworthy(models)
     assert tree_digest(models / new_name) == digest
+    assert hidden(models) == []
+
+
+@pytest.mark.parametrize("point", [FILE_POINTS[0], FILE_POINTS[len(FILE_POINTS) // 2], "before-rename", "before-latest"])
+def test_export_on_a_full_disk_fails_cleanly_then_rerun(source, tmp_path, point):
+    """The disk fills up mid-publish (ENOSPC from the next write): the export fails with that error, nothing new is
+    visible, LATEST and the published versions are untouched, no temporary file or directory is left; with space
+    back, the same export publishes once."""
+    run, _ = source
+    models = seeded(source, tmp_path, with_old=True)
+    old_latest = read_latest(models)
+    old = {name: tree_digest(models / name) for name in visible(models)}
+
+    failed = run_export(run, models, keep=5, crash_at=point, full_disk=True)
+    assert failed.returncode not in (0, -signal.SIGKILL), failed.stderr[-3000:]
+    assert "No space left on device" in failed.stderr, failed.stderr[-3000:]
+    check_trustworthy(models)
+    assert visible(models) == sorted(old) and read_latest(models) == old_latest
+    for name, digest in old.items():
+        assert tree_digest(models / name) == digest
+    assert hidden(models) == [], f"a failed publish left {hidden(models)}"
+
+    rerun = run_export(run, models, keep=5, crash_at=None)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    (added,) = sorted(set(visible(models)) - set(old))
+    assert read_latest(models) == added
+    check_trustworthy(models)
     assert hidden(models) == []
