@@ -101,16 +101,10 @@ def item_time_features(
     """
     items = np.asarray(items, dtype=np.int64)
     t = np.asarray(t, dtype=np.int64)
-    windows_ms = [int(round(float(d) * DAY_MS)) for d in windows_days]
-    n = index.n_items
+    windows_ms = _windows_ms(windows_days)
     out = np.empty((items.size, n_time_features(windows_days)), dtype=np.float32)
-    before = index.count_before(items, t)
-    total = index.total_before(t)
-    for j, w in enumerate(windows_ms):
-        c = before - index.count_before(items, t - w)
-        tw = total - index.total_before(t - w)
-        out[:, j] = np.log((c + 1.0) / (tw + 1.0) * n)
-    out[:, -2] = np.log((before + 1.0) / (total + 1.0) * n)
+    out[:, :-2] = _log_share(index, window_counts(index, items, t, windows_ms), _window_totals(index, t, windows_ms))
+    out[:, -2] = _log_share(index, index.count_before(items, t), index.total_before(t))
     first = index.first_ts(items)
     age = np.where(first < t, (t - np.minimum(first, t)) / DAY_MS, 0.0)
     out[:, -1] = np.log1p(age)
@@ -127,22 +121,35 @@ def decay_weights(ts: np.ndarray, *, now: int, half_life_days: float) -> np.ndar
     return np.exp2(-age_days / float(half_life_days)).astype(np.float32)
 
 
+def _windows_ms(windows_days: Sequence[float]) -> list[int]:
+    return [int(round(float(d) * DAY_MS)) for d in windows_days]
+
+
+def _window_totals(index: EventIndex, t: np.ndarray, windows_ms: Sequence[int]) -> np.ndarray:
+    """``[n, len(windows_ms)]``: events of any item in ``[t[j] - W, t[j])``."""
+    total = index.total_before(t)
+    return np.stack([total - index.total_before(t - int(w)) for w in windows_ms], axis=-1) if len(windows_ms) \
+        else np.zeros((*np.shape(t), 0), dtype=np.int64)
+
+
+def _log_share(index: EventIndex, count: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """``log((count + 1) / (total + 1) * n_items)``: a share of ``total`` events relative to a uniform share."""
+    return np.log((count + 1.0) / (total + 1.0) * index.n_items)
+
+
 def cold_time_features(index: EventIndex, t: int, windows_days: Sequence[float]) -> np.ndarray:
     """``[len(windows_days) + 2]`` float32: :func:`item_time_features` of an item without any event, at ``t``."""
-    windows_ms = [int(round(float(d) * DAY_MS)) for d in windows_days]
     t_arr = np.asarray([t], dtype=np.int64)
-    total = index.total_before(t_arr)
-    cols = [np.log(1.0 / (total - index.total_before(t_arr - w) + 1.0) * index.n_items) for w in windows_ms]
-    cols += [np.log(1.0 / (total + 1.0) * index.n_items), np.zeros(1)]
-    return np.concatenate(cols).astype(np.float32)
+    windows = _log_share(index, 0, _window_totals(index, t_arr, _windows_ms(windows_days)))[0]
+    return np.concatenate([windows, _log_share(index, 0, index.total_before(t_arr)), [0.0]]).astype(np.float32)
 
 
-def time_state(item_idx: np.ndarray, ts: np.ndarray, n_items: int, windows_days: Sequence[float]
+def time_state(index: EventIndex, item_idx: np.ndarray, ts: np.ndarray, windows_days: Sequence[float]
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The time inputs of one training set: (per event as of its own time ``[n, T]``, per item as of the end of
-    the events ``[n_items, T]``, an item without events at the end ``[T]``). The end is one ms after the newest
-    event, so every event counts."""
-    index = EventIndex(item_idx, ts, n_items)
+    """The time inputs of one training set whose events ``index`` holds (``item_idx``, ``ts``): (per event as of
+    its own time ``[n, T]``, per item as of the end of the events ``[n_items, T]``, an item without events at the
+    end ``[T]``). The end is one ms after the newest event, so every event counts."""
+    n_items = index.n_items
     end = int(np.max(ts)) + 1 if len(ts) else 0
     per_event = item_time_features(index, item_idx, ts, windows_days)
     now = item_time_features(index, np.arange(n_items), np.full(n_items, end, dtype=np.int64), windows_days)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys import schema
+from recsys import recency, schema
 from recsys.config import to_dict
 from recsys.data import Interactions, PreparedData, feature_widths, last_items, load_prepared, user_item_lists
 from recsys.distributed import DistContext
@@ -489,8 +489,6 @@ class Trainer:
     def set_interactions(self, inter: Interactions) -> None:
         """The rows to train on; with ``model.time_features`` also each row's item time inputs (as of the row's
         time) and the model's end-of-logs time state; ``train.half_life_days`` decays the row weights."""
-        from recsys import recency
-
         dev = self.device
         self.t_user = torch.as_tensor(inter.user_idx, device=dev)
         self.t_item = torch.as_tensor(inter.item_idx, device=dev)
@@ -499,13 +497,16 @@ class Trainer:
             weight = weight * recency.decay_weights(inter.ts, now=int(inter.ts.max()),
                                                     half_life_days=self.tcfg.half_life_days)
         self.t_weight = torch.as_tensor(weight, device=dev)
-        self.time_order = torch.as_tensor(np.argsort(inter.ts, kind="stable"), device=dev)  # rows by time
+        self.time_order = None  # rows by time, for train.time_batches
+        if self.tcfg.time_batches:
+            self.time_order = torch.as_tensor(np.argsort(inter.ts, kind="stable"), device=dev)
         self.t_time = self.events = None
         if self.model.item_time is not None:
-            per_event, now, cold = recency.time_state(inter.item_idx, inter.ts, self.data.n_items,
+            # kept: uniform negatives take their time inputs from it at each step
+            self.events, self.row_ts = recency.EventIndex(inter.item_idx, inter.ts, self.data.n_items), inter.ts
+            per_event, now, cold = recency.time_state(self.events, inter.item_idx, inter.ts,
                                                       self.mcfg.time_windows_days)
             self.t_time = torch.as_tensor(per_event, device=dev)
-            self.events, self.row_ts = recency.EventIndex(inter.item_idx, inter.ts, self.data.n_items), inter.ts
             self.model.set_time_state(torch.as_tensor(now, device=dev), torch.as_tensor(cold, device=dev))
         self.t_start = torch.as_tensor(inter.user_start(), device=dev)
         self.offsets = torch.arange(self.mcfg.history_len, 0, -1, device=dev)  # [N]: N..1 rows back
@@ -543,8 +544,6 @@ class Trainer:
                 extra_ids = torch.randint(0, m.n_items, (lc.n_uniform_negatives,), device=self.device)
                 extra_time = None
                 if self.events is not None:  # each negative as of a random example of the batch (no leakage)
-                    from recsys import recency
-
                     at = rows[torch.randint(0, rows.shape[0], (lc.n_uniform_negatives,), device=rows.device)]
                     extra_time = torch.as_tensor(recency.item_time_features(
                         self.events, extra_ids.cpu().numpy(), self.row_ts[at.cpu().numpy()], mc.time_windows_days,

@@ -44,7 +44,7 @@ def warm_up(bundle: Any, n: int, *, native: bool = True) -> None:
     service.prepared(bundle)  # the request path's cached views (100k str item IDs: ~10 ms), off the request path
     if native:
         fastpath.for_bundle(bundle)  # the native known-user Recommend (user ID map, item ID fields), likewise
-    service.user_tower(bundle)  # the checked numpy user tower of fresh-event requests
+    service.user_tower(bundle)  # the checked request-path user tower (native or numpy) of fresh-event requests
     if n <= 0:
         return
     k = min(10, int(bundle.n_items))

@@ -57,7 +57,7 @@ def test_features_of_an_example_do_not_see_its_future():
     rng = np.random.default_rng(0)
     items = rng.integers(0, 20, 3000)
     ts = rng.integers(0, 200, 3000) * (DAY_MS // 4)
-    per_event, _, _ = time_state(items, ts, 20, [1, 7, 30])
+    per_event, _, _ = time_state(EventIndex(items, ts, 20), items, ts, [1, 7, 30])
     t_cut = int(np.quantile(ts, 0.6))
     early = np.flatnonzero(ts <= t_cut)
     # delete every event after the cut, and scramble the later events' items and times among themselves: the
@@ -65,12 +65,12 @@ def test_features_of_an_example_do_not_see_its_future():
     for later_items, later_ts in ((None, None), (rng.permutation(items[ts > t_cut]), ts[ts > t_cut] + DAY_MS)):
         if later_items is None:
             keep = ts <= t_cut
-            got = time_state(items[keep], ts[keep], 20, [1, 7, 30])[0]
+            got = time_state(EventIndex(items[keep], ts[keep], 20), items[keep], ts[keep], [1, 7, 30])[0]
             np.testing.assert_array_equal(got, per_event[keep])
         else:
             items2, ts2 = items.copy(), ts.copy()
             items2[ts > t_cut], ts2[ts > t_cut] = later_items, later_ts
-            got = time_state(items2, ts2, 20, [1, 7, 30])[0]
+            got = time_state(EventIndex(items2, ts2, 20), items2, ts2, [1, 7, 30])[0]
             np.testing.assert_array_equal(got[early], per_event[early])
     # and they do see the past: the same item's features differ between two times
     assert len(np.unique(per_event[items == 3][:, -2])) > 10
