@@ -412,6 +412,12 @@ def _torch_embed(model: Any, fn: str, batches: Iterator[tuple[Any, ...]], *, n: 
     return out
 
 
+def served_dim(model: Any) -> int:
+    """The size of the vectors a model's bundle stores and its index searches: the towers' ``dim``, plus the score
+    prior's dimensions (``model.time_prior``, ``TwoTower.out_dim``)."""
+    return int(getattr(model, "out_dim", model.dim))
+
+
 def embed_items(model: Any, n_items: int, *, batch_size: int = 4096) -> np.ndarray:
     """Item tower over every item row: ``[n_items, dim]`` float32."""
 
@@ -419,7 +425,7 @@ def embed_items(model: Any, n_items: int, *, batch_size: int = 4096) -> np.ndarr
         for s in range(0, n_items, batch_size):
             yield (np.arange(s, min(s + batch_size, n_items), dtype=np.int64),)
 
-    return _torch_embed(model, "encode_items", batches(), n=n_items, dim=int(model.dim))
+    return _torch_embed(model, "encode_items", batches(), n=n_items, dim=served_dim(model))
 
 
 def embed_users(
@@ -440,7 +446,7 @@ def embed_users(
             e = min(s + batch_size, len(user_rows))
             yield user_rows[s:e], pad_histories(histories[s:e], max_len=max_history)
 
-    return _torch_embed(model, "encode_users", batches(), n=len(user_rows), dim=int(model.dim))
+    return _torch_embed(model, "encode_users", batches(), n=len(user_rows), dim=served_dim(model))
 
 
 def _run_data_dir(run_dir: Path) -> Path:
@@ -610,7 +616,7 @@ def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *,
     from recsys.index import ExactIndex, HnswIndex, autotune_ef
 
     metric = str(getattr(model, "metric", model_json.get("metric", schema.METRIC)))
-    dim = int(model.dim)
+    dim = served_dim(model)
     n_users, n_items = int(model.n_users), int(model.n_items)
     # Embeddings with the exported towers: users from their serving history, exactly as serving would.
     item_emb = embed_items(model, n_items)
@@ -787,6 +793,8 @@ class Bundle:
         self.n_items: int = int(manifest["counts"]["n_items"])
         self.evaluation: dict[str, Any] = dict(manifest.get("evaluation") or {})
         self.max_history: int | None = manifest.get("max_history")
+        # the towers' own size: less than ``dim`` when the vectors carry a score prior (model.time_prior)
+        self.tower_dim: int = int((manifest.get("model") or {}).get("dim", self.dim))
         self._model: Any = None
         self._model_lock = threading.Lock()
 
@@ -814,8 +822,9 @@ class Bundle:
         self.item_embeddings = _load_matrix(p / schema.ITEM_EMBEDDINGS, rows=self.n_items, dim=self.dim)
         self.user_embeddings = _load_matrix(p / schema.USER_EMBEDDINGS, rows=self.n_users, dim=self.dim)
         model_json = _read_json(p / schema.MODEL_JSON, what=f"bundle {p.name}")
-        for key, want in (("dim", self.dim), ("metric", self.metric)):
-            if key in model_json and model_json[key] != want:
+        model_json.setdefault("served_dim", model_json.get("dim"))  # written before the score prior existed
+        for key, want in (("served_dim", self.dim), ("metric", self.metric)):
+            if model_json.get(key) is not None and model_json[key] != want:
                 raise BundleError(f"{schema.MODEL_JSON}: {key} is {model_json[key]!r}, manifest says {want!r}")
 
         users = pq.read_table(p / schema.USERS)
@@ -934,10 +943,21 @@ class Bundle:
                     from recsys.model import TwoTower
 
                     m = TwoTower.from_run(self.path, device="cpu")
-                    if int(m.dim) != self.dim:
-                        raise BundleError(f"{schema.MODEL_WEIGHTS}: tower dim {m.dim}, manifest says {self.dim}")
+                    if served_dim(m) != self.dim:
+                        raise BundleError(f"{schema.MODEL_WEIGHTS}: served dim {served_dim(m)}, manifest says {self.dim}")
                     self._model = m
         return self._model
+
+    def item_queries(self, rows: np.ndarray) -> np.ndarray:
+        """``[n, dim]`` unit query vectors for "items like these" (SimilarItems): the items' own vectors, or with a
+        score prior (``model.time_prior``) their tower part alone, ``[v, 0, ..., 0]``, so the ranking is by cosine
+        to ``v`` (what is similar, not what is popular now)."""
+        z = self.item_embeddings[np.asarray(rows, dtype=np.int64)]
+        if self.tower_dim == self.dim:
+            return z
+        q = np.zeros_like(z)
+        q[:, : self.tower_dim] = z[:, : self.tower_dim]
+        return q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
 
     def embed_history(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """Embed unknown users from their histories (item rows, oldest first): ``[n, dim]`` float32."""

@@ -257,6 +257,7 @@ def contrastive_loss(
     extra_log_q: Tensor | None,
     chunk_size: int = 0,
     fused: bool = False,
+    score_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The trainer's in-batch softmax, single-process or one rank's share of the global batch's.
 
@@ -265,6 +266,7 @@ def contrastive_loss(
             ``[b]`` alike. ``extra_*``: this rank's extra negatives (uniform samples, queue), ``[M, d]`` / ``[M]``.
         chunk_size: > 0 computes the softmax in row blocks (no full ``[b, B + M]`` float32 logits).
         fused: use the Triton kernels of :mod:`recsys.fused_loss` (``chunk_size`` is then irrelevant).
+        score_bias: ``[b, b + M]`` added to the scores (``model.time_prior``): one process, plain softmax only.
     Returns:
         ``(loss, c_all [B, d], items_all [B])``: the loss to backpropagate (with ``W`` ranks its mean over ranks is
         the single-process loss of the concatenated batch, and so are the averaged gradients), and the global
@@ -280,8 +282,13 @@ def contrastive_loss(
         from recsys.fused_loss import in_batch_softmax_fused as shard_loss
     else:
         shard_loss = partial(losses.in_batch_softmax_shard, chunk_size=chunk_size)
+    if score_bias is not None and (fused or chunk_size or ctx.enabled):
+        raise ValueError("`model.time_prior` trains with the plain in-batch softmax on one process: set "
+                         "`train.loss_kernel = \"torch\"` and `train.loss_chunk_size = 0`, and run without torchrun")
     if not ctx.enabled:
         kw.update(item_ids=items if mask_items else None, user_ids=users if mask_users else None, weights=weights)
+        if score_bias is not None:
+            return losses.in_batch_softmax(q, c, score_bias=score_bias, **kw), c, items
         if fused:
             return shard_loss(q, c, **kw), c, items
         if chunk_size:

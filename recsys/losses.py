@@ -286,6 +286,7 @@ def in_batch_softmax(
     extra_log_q: Tensor | float | None = None,
     weights: Tensor | None = None,
     reduction: str = "mean",
+    score_bias: Tensor | None = None,
 ) -> Tensor:
     """In-batch sampled softmax (InfoNCE): cross-entropy of each row of ``q @ [c; extra_c].T / temperature``.
 
@@ -303,6 +304,8 @@ def in_batch_softmax(
             ``log_q`` when ``extra_c`` is given.
         weights: ``[B]`` per-example weights; ``mean`` becomes ``sum(w * loss) / sum(w)``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (``[B]`` per-row losses, times ``weights`` if given).
+        score_bias: ``[B, B + M]`` added to the scores before the temperature (``model.time_prior``: each
+            candidate's prior as of each row's time); only this function takes it.
 
     Returns:
         A scalar, or ``[B]`` with ``reduction="none"``; float32 (float64 for float64 inputs).
@@ -313,7 +316,12 @@ def in_batch_softmax(
     )  # fmt: skip
     b = p.q.shape[0]
     scores = p.q @ p.cands.T  # [B, B + M]; bf16 under autocast
-    logits = scores.to(_logit_dtype(scores.dtype)) / temperature
+    logits = scores.to(_logit_dtype(scores.dtype))
+    if score_bias is not None:
+        if tuple(score_bias.shape) != tuple(logits.shape):
+            raise ValueError(f"`score_bias` must have shape {list(logits.shape)}, got {list(score_bias.shape)}")
+        logits = logits + score_bias.to(logits.dtype)
+    logits = logits / temperature
     logits = _correct_and_mask_(
         logits, 0, b=b, full_log_q=p.full_log_q, correct_positive=correct_positive, item_ids=item_ids,
         user_ids=user_ids, extra_item_ids=p.extra_item_ids,

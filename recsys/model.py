@@ -39,10 +39,13 @@ from torch import Tensor, nn
 
 from recsys import schema
 from recsys.config import to_dict
-from recsys.recency import n_time_features
+from recsys.recency import N_USER_TIME_FEATURES, n_time_features
 
 # bump when the layout of model.json / the weight names change
 MODEL_FORMAT = 1
+# ``model.time_prior``: the bound of each item-side component and the hidden width of both MLPs
+PRIOR_BOUND = 1.0
+PRIOR_HIDDEN = 16
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,19 @@ class ModelConfig:
     """Feed each item's recent interaction rates and age to the item tower (``recsys.recency``): in training as of
     each example's time (events strictly before it), when serving as of the end of the logs the model was fit on."""
     time_windows_days: tuple[float, ...] = (1.0, 7.0, 30.0, 365.0)
-    """The windows (days) of the item rates that ``time_features`` feeds (plus the all-time share and the age)."""
+    """The windows (days) of the item rates that ``time_features`` / ``time_prior`` read (plus the all-time share and
+    the age)."""
+    time_prior: bool = False
+    """Add a learned prior of "what is popular now, for this kind of user" to every score:
+    ``score = cos(u, v) + g(user state) . h(item time inputs)``, ``h`` a small MLP of the item's recent rates and
+    age as of t (``recsys.recency.item_time_features``, each component bounded by ``PRIOR_BOUND``), ``g`` one of
+    the user's state (``recsys.recency.user_time_features``: days since their first event, number of events).
+    Training scores each in-batch candidate as of its *row's* time (events strictly before that row's day) with
+    the row's user as of that time; serving uses the end of the logs (a new user: no tenure, their history's
+    length). The index stays exact: served vectors carry the prior in extra dimensions
+    (:meth:`TwoTower.served_items` / :meth:`TwoTower.served_users`)."""
+    time_prior_rank: int = 4
+    """K: the number of components of ``g`` and ``h`` (the served vectors grow by K + 1)."""
 
     def validate(self) -> None:
         if any(not d > 0 for d in self.time_windows_days):
@@ -99,6 +114,8 @@ class ModelConfig:
                 raise ValueError(f"`model.{name}` must be in [0, 1), got {v}")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"`model.hidden` sizes must be >= 1, got {list(self.hidden)}")
+        if self.time_prior_rank < 1:
+            raise ValueError(f"`model.time_prior_rank` must be >= 1, got {self.time_prior_rank}")
         if self.init_std <= 0:
             raise ValueError(f"`model.init_std` must be > 0, got {self.init_std}")
 
@@ -366,8 +383,15 @@ class TwoTower(nn.Module):
         self.item_text_proj = nn.Linear(self.text_dim, e) if self.text_dim else None
         self.item_mlp = _mlp(e, cfg.hidden, cfg.dim, cfg.dropout)
         # time inputs (recsys.recency.item_time_features): a small MLP of the item's recent rates and age
-        n_time = n_time_features(cfg.time_windows_days) if cfg.time_features else 0
-        self.item_time = _mlp(n_time, (e,), e, 0.0) if n_time else None
+        n_time = n_time_features(cfg.time_windows_days) if cfg.time_features or cfg.time_prior else 0
+        self.item_time = _mlp(n_time, (e,), e, 0.0) if cfg.time_features else None
+        # model.time_prior: h = PRIOR_BOUND * tanh(MLP(item time inputs)), zero at the start (its last layer starts
+        # at zero), and g = MLP(user state)
+        k = cfg.time_prior_rank
+        self.prior_item = _mlp(n_time, (PRIOR_HIDDEN,), k, 0.0) if cfg.time_prior else None
+        self.prior_user = _mlp(N_USER_TIME_FEATURES, (PRIOR_HIDDEN,), k, 0.0) if cfg.time_prior else None
+        # the size of what the bundle stores and the index searches: the tower output, + K + 1 with a prior
+        self.out_dim = cfg.dim + (k + 1 if cfg.time_prior else 0)
 
         # user tower
         self.user_id = nn.Embedding(spec.n_users, e) if cfg.use_user_id else None
@@ -394,13 +418,18 @@ class TwoTower(nn.Module):
             self.register_buffer("item_text", item_text.float())
         else:
             self.item_text = None
-        if self.item_time is not None:
+        if n_time:
             # the time inputs as of the end of the logs (what encode_items uses; set by the trainer, saved with the
             # weights), and those of an item without any event (a new item embedded from its features)
             self.register_buffer("item_now", torch.zeros(spec.n_items, n_time))
             self.register_buffer("item_cold", torch.zeros(n_time))
         else:
             self.item_now = self.item_cold = None
+        # the users' states as of the end of the logs (model.time_prior; set by the trainer, saved with the weights)
+        if cfg.time_prior:
+            self.register_buffer("user_now", torch.zeros(spec.n_users, N_USER_TIME_FEATURES))
+        else:
+            self.user_now = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -410,19 +439,78 @@ class TwoTower(nn.Module):
                 if isinstance(m, _CodeEmbedding):
                     with torch.no_grad():
                         m.weight[0].zero_()
+        if self.prior_item is not None:
+            nn.init.zeros_(self.prior_item[-1].weight)
+            nn.init.zeros_(self.prior_item[-1].bias)
 
     # ------------------------------------------------------------------ item tower
-    def set_time_state(self, now: Tensor, cold: Tensor) -> None:
+    def set_time_state(self, now: Tensor, cold: Tensor, users: Tensor | None = None) -> None:
         """The item time inputs serving uses: ``now`` [n_items, T] as of the end of the logs, ``cold`` [T] for an
-        item without events (``recsys.recency.item_time_features`` / ``cold_time_features``)."""
+        item without events (``recsys.recency.item_time_features`` / ``cold_time_features``); with
+        ``model.time_prior`` also ``users`` [n_users, 2], each user's state then (``recsys.recency.user_time_state``)."""
+        if (users is None) != (self.user_now is None):
+            raise ValueError("the users' time state is needed exactly when `model.time_prior` is on")
+        if users is not None:
+            if tuple(users.shape) != tuple(self.user_now.shape):
+                raise ValueError(f"user time state must be {list(self.user_now.shape)}, got {list(users.shape)}")
+            with torch.no_grad():
+                self.user_now.copy_(users)
         if self.item_now is None:
-            raise ValueError("this model has no time inputs (`model.time_features` is off)")
+            raise ValueError("this model has no time inputs (`model.time_features` and `model.time_prior` are off)")
         if tuple(now.shape) != tuple(self.item_now.shape) or tuple(cold.shape) != tuple(self.item_cold.shape):
             raise ValueError(f"time state must be {list(self.item_now.shape)} and {list(self.item_cold.shape)}, got "
                              f"{list(now.shape)} and {list(cold.shape)}")
         with torch.no_grad():
             self.item_now.copy_(now)
             self.item_cold.copy_(cold)
+
+    def item_prior(self, time: Tensor) -> Tensor:
+        """``model.time_prior``'s item side: time inputs ``[..., T]`` -> ``h`` ``[..., K]`` (each in
+        ``(-PRIOR_BOUND, PRIOR_BOUND)``)."""
+        if self.prior_item is None:
+            raise ValueError("this model has no score prior (`model.time_prior` is off)")
+        return PRIOR_BOUND * torch.tanh(self.prior_item(time.to(self.item_now.dtype)).float())
+
+    def user_prior(self, state: Tensor) -> Tensor:
+        """``model.time_prior``'s user side: user states ``[B, 2]`` -> ``g`` ``[B, K]``."""
+        if self.prior_user is None:
+            raise ValueError("this model has no score prior (`model.time_prior` is off)")
+        return self.prior_user(state.to(self.user_now.dtype)).float()
+
+    def user_state(self, user_idx: Tensor, history: Tensor) -> Tensor:
+        """``[B, 2]``: a known user's state as of the end of the logs; a new user's (row -1): no tenure, as many
+        events as their history's items (of the last ``history_len``)."""
+        known = (user_idx >= 0)[:, None]
+        n_hist = (history[:, -self.cfg.history_len :] >= 0).sum(1).float()
+        new = torch.stack([torch.zeros_like(n_hist), torch.log1p(n_hist)], dim=1)
+        return torch.where(known, self.user_now[user_idx.clamp(min=0)], new)
+
+    def served_items(self, v: Tensor, h: Tensor | None = None) -> Tensor:
+        """Tower outputs ``v`` [B, dim] (unit) -> the vectors the bundle stores and the index searches ``[B, out_dim]``.
+
+        Without a prior: ``v`` itself. With one (``h`` [B, K], each ``|h_k| < P = PRIOR_BOUND``):
+        ``[v, h, sqrt(K P^2 - |h|^2)] / sqrt(1 + K P^2)``, a unit vector for every item (the norm-equalising extra
+        dimension of the MIPS-to-cosine reduction, Bachrach et al. 2014). Against :meth:`served_users`' query
+        ``[u, g, 0] / |[u, g]|`` the dot product is ``(cos(u, v) + g . h) / c_user``: the model's score divided by
+        a positive number that depends on the query only, so a cosine index (HNSW included) ranks exactly by it.
+        """
+        if self.prior_item is None:
+            return v
+        k = self.cfg.time_prior_rank
+        if h is None or tuple(h.shape) != (v.shape[0], k):
+            raise ValueError(f"a model with a score prior needs `h` [{v.shape[0]}, {k}] with the item vectors")
+        h = h.to(v.dtype)
+        rest = torch.sqrt((k * PRIOR_BOUND**2 - (h * h).sum(1, keepdim=True)).clamp(min=0.0))
+        return torch.cat([v, h, rest], dim=1) / math.sqrt(1.0 + k * PRIOR_BOUND**2)
+
+    def served_users(self, u: Tensor, g: Tensor | None = None) -> Tensor:
+        """Tower outputs ``u`` [B, dim] (unit) -> the query vectors ``[B, out_dim]``: ``u`` itself, or with a prior
+        (``g`` [B, K]) the unit vector ``[u, g, 0] / sqrt(1 + |g|^2)`` (see :meth:`served_items`)."""
+        if self.prior_item is None:
+            return u
+        g = g.to(u.dtype)
+        z = torch.cat([u, g, torch.zeros_like(g[:, :1])], dim=1)
+        return z / torch.sqrt(1.0 + (g * g).sum(1, keepdim=True))
 
     def _item_input(
         self, ids: Tensor | None, feats: Tensor, text: Tensor | None, *, id_keep: Tensor | None = None,
@@ -457,12 +545,15 @@ class TwoTower(nn.Module):
         return F.normalize(self.item_mlp(self.input_dropout(x)).float(), dim=-1)
 
     def encode_items(self, item_idx: Tensor, *, id_dropout: float = 0.0) -> Tensor:
-        """Item rows [B] -> [B, dim]: ID + the item's stored feature codes (+ title embedding).
+        """Item rows [B] -> the served vectors [B, out_dim] (:meth:`served_items`): ID + the item's stored feature codes
+        (+ title embedding); with ``model.time_prior`` the prior as of the end of the logs.
 
         ``id_dropout`` (training only) replaces the ID embedding by nothing for a random share of the rows.
         """
         self._check_rows(item_idx, self.n_items, "item_idx")
-        return self._items(item_idx.long(), id_dropout=id_dropout)
+        item_idx = item_idx.long()
+        v = self._items(item_idx, id_dropout=id_dropout)
+        return self.served_items(v, None if self.prior_item is None else self.item_prior(self.item_now[item_idx]))
 
     def _items(self, item_idx: Tensor, *, id_dropout: float = 0.0, time: Tensor | None = None) -> Tensor:
         """:meth:`encode_items` without the range checks (they sync the device; the trainer's rows are valid).
@@ -474,7 +565,8 @@ class TwoTower(nn.Module):
         return self._item_head(self._item_input(item_idx, self.item_feats[item_idx], text, id_keep=keep, time=time))
 
     def encode_item_features(self, feats: Tensor, title_emb: Tensor | None = None) -> Tensor:
-        """A new item from features alone (ID dropped): ``feats`` [B, F] codes (0 = unknown) -> [B, dim].
+        """A new item from features alone (ID dropped): ``feats`` [B, F] codes (0 = unknown) -> [B, out_dim]
+        (with a prior: that of an item without events).
 
         Columns follow ``item_feature_names``; ``title_emb`` [B, T] when the model uses text.
         """
@@ -500,7 +592,10 @@ class TwoTower(nn.Module):
                     f"`title_emb` must have shape [{feats.shape[0]}, {self.text_dim}], got {list(title_emb.shape)}"
                 )
             title_emb = title_emb.float()
-        return self._item_head(self._item_input(None, feats, title_emb))
+        v = self._item_head(self._item_input(None, feats, title_emb))
+        if self.prior_item is None:
+            return v
+        return self.served_items(v, self.item_prior(self.item_cold.expand(v.shape[0], -1)))
 
     def item_views(self, item_idx: Tensor, drop: float) -> tuple[Tensor, Tensor]:
         """Two feature-dropout views of the items (self-supervised loss): each input masked with prob ``drop``."""
@@ -532,7 +627,8 @@ class TwoTower(nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
     def encode_users(self, user_idx: Tensor, history: Tensor, *, id_dropout: float = 0.0) -> Tensor:
-        """user_idx [B] (-1 = unknown user), history [B, N] item rows oldest first (-1 = pad) -> [B, dim].
+        """user_idx [B] (-1 = unknown user), history [B, N] item rows oldest first (-1 = pad) -> the
+        query vectors [B, out_dim] (:meth:`served_users`).
 
         Only the last ``history_len`` columns are used. Unknown users are embedded from their history (+ feature
         code 0). ``id_dropout`` (training only) drops the user ID and features of a random share of the rows.
@@ -553,7 +649,8 @@ class TwoTower(nn.Module):
                 f"`history` item rows must be in [-1, {self.n_items}), got values in "
                 f"[{int(history.min())}, {int(history.max())}]"
             )
-        return self._users(user_idx, history, id_dropout=id_dropout)
+        u = self._users(user_idx, history, id_dropout=id_dropout)
+        return u if self.prior_user is None else self.served_users(u, self.user_prior(self.user_state(user_idx, history)))
 
     def _users(self, user_idx: Tensor, history: Tensor, *, id_dropout: float = 0.0) -> Tensor:
         """:meth:`encode_users` without the range checks (they sync the device; the trainer's rows are valid)."""
@@ -601,6 +698,7 @@ class TwoTower(nn.Module):
             "schema_version": schema.SCHEMA_VERSION,
             "metric": self.metric,
             "dim": self.dim,
+            "served_dim": self.out_dim,  # the bundle's vectors: dim, + time_prior_rank + 1 with a score prior
             "n_users": self.n_users,
             "n_items": self.n_items,
             # lists of [name, cardinality]: the order is the column order of the feature buffers (JSON objects
@@ -711,7 +809,15 @@ class NumpyUserTower:
 
         cfg = model.cfg
         self.history_len = int(cfg.history_len)
-        self.dim = int(model.dim)
+        self.dim = int(model.out_dim)
+        # model.time_prior: g of every known user and of a new user per history length 0..N (TwoTower.user_prior)
+        self._prior = None
+        if model.prior_user is not None:
+            with torch.no_grad():
+                known = model.user_prior(model.user_now)
+                n = torch.arange(self.history_len + 1, dtype=torch.float32, device=model.user_now.device)
+                new = model.user_prior(torch.stack([torch.zeros_like(n), torch.log1p(n)], dim=1))
+            self._prior = (np.ascontiguousarray(arr(known)), np.ascontiguousarray(arr(new)))
         self._table = arr(model._history_table().weight)
         self._user_id = None if model.user_id is None else arr(model.user_id.weight)
         self._user_feats = model.user_feats.detach().cpu().numpy()
@@ -740,11 +846,12 @@ class NumpyUserTower:
             "last_item": self._last_item,
             "layers": [(w, np.ascontiguousarray(b)) for w, b in self._layers],
             "history_len": self.history_len,
+            "prior": self._prior,
         }
 
     def __call__(self, rows: Any, histories: Any) -> Any:
         """user rows [n] int (-1 = a new user, valid rows only), histories (item rows, oldest first, valid rows)
-        -> [n, dim] float32, L2-normalised."""
+        -> [n, out_dim] float32, L2-normalised (``TwoTower.encode_users``)."""
         rows = np.asarray(rows, dtype=np.int64)
         n, e = len(rows), self._table.shape[1]
         hs = [np.asarray(h, dtype=np.int64)[-self.history_len :] for h in histories]
@@ -788,7 +895,13 @@ class NumpyUserTower:
             if j < len(self._layers) - 1:  # nn.GELU (exact): x * Phi(x)
                 z = 0.5 * z * (1.0 + _erf(z / np.float32(math.sqrt(2.0))))
         norm = np.sqrt((z * z).sum(axis=1, keepdims=True))
-        return (z / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
+        z = (z / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
+        if self._prior is not None:  # TwoTower.served_users
+            known_g, new_g = self._prior
+            g = np.where(known[:, None], known_g[r], new_g[mask.sum(1)])
+            z = np.concatenate([z, g, np.zeros((n, 1), np.float32)], axis=1)
+            z = z / np.sqrt(1.0 + (g * g).sum(1, keepdims=True))
+        return z.astype(np.float32, copy=False)
 
 
 def _erf(x: Any) -> Any:

@@ -111,6 +111,51 @@ def item_time_features(
     return out
 
 
+def pair_time_features(
+    index: EventIndex, items: np.ndarray, t: np.ndarray, windows_days: Sequence[float]
+) -> np.ndarray:
+    """``[len(t), len(items), T]`` float32: :func:`item_time_features` of every ``items[j]`` as of the start of the
+    UTC day of every ``t[r]`` (``model.time_prior``'s training: each in-batch candidate as of each row's time).
+
+    Day starts are at or before ``t[r]``, so every count is of events strictly before it; computing each distinct
+    (day, item) pair once makes a batch's ``B x B`` pairs cost about (its distinct days) x (its distinct items).
+    """
+    items = np.asarray(items, dtype=np.int64)
+    day = np.asarray(t, dtype=np.int64) // DAY_MS * DAY_MS
+    days, day_of = np.unique(day, return_inverse=True)
+    uitems, item_of = np.unique(items, return_inverse=True)
+    grid = item_time_features(index, np.tile(uitems, days.size), np.repeat(days, uitems.size), windows_days)
+    grid = grid.reshape(days.size, uitems.size, -1)
+    return grid[day_of[:, None], item_of[None, :]]
+
+
+N_USER_TIME_FEATURES = 2
+
+
+def user_time_features(tenure_ms: np.ndarray, n_events: np.ndarray) -> np.ndarray:
+    """``[n, 2]`` float32: a user's state at a moment, from their events strictly before it: ``log1p(days since
+    their first event)`` (0 for a new user) and ``log1p(their number of events)``. A user who joined today rates
+    the back catalogue; one who has been around for months rates what is new (``model.time_prior``)."""
+    tenure = np.maximum(np.asarray(tenure_ms, dtype=np.int64), 0) / DAY_MS
+    return np.stack([np.log1p(tenure), np.log1p(np.maximum(np.asarray(n_events, dtype=np.float64), 0))],
+                    axis=1).astype(np.float32)
+
+
+def user_time_state(user_idx: np.ndarray, ts: np.ndarray, user_start: np.ndarray, n_users: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """One training set's user states (rows grouped by user, by time within a user; ``user_start`` each row's
+    user's first row): (per row as of its own time ``[n, 2]``, per user as of the end of the events
+    ``[n_users, 2]``, a user without events: tenure 0, no events)."""
+    user_idx, ts = np.asarray(user_idx, dtype=np.int64), np.asarray(ts, dtype=np.int64)
+    rows = np.arange(len(ts), dtype=np.int64)
+    first = ts[user_start] if len(ts) else ts
+    per_row = user_time_features(ts - first, rows - user_start)
+    end = int(ts.max()) + 1 if len(ts) else 0
+    first_ts = np.full(n_users, end, dtype=np.int64)
+    np.minimum.at(first_ts, user_idx, ts)
+    return per_row, user_time_features(end - first_ts, np.bincount(user_idx, minlength=n_users))
+
+
 def decay_weights(ts: np.ndarray, *, now: int, half_life_days: float) -> np.ndarray:
     """``0.5 ** ((now - ts) / half_life)`` as float32 (1 for an event at ``now``); all ones when
     ``half_life_days`` is 0 (no decay)."""

@@ -691,7 +691,7 @@ def similar_items(
         raise NotFound(f"unknown `item_id` {_show(item_id)}")
     exclude, _ = _known_rows(bundle, exclude_item_ids)
     allowed = _known_rows(bundle, allowed_item_ids)[0] if allowed_item_ids else None
-    query = bundle.item_embeddings[row : row + 1]  # [1, dim]
+    query = bundle.item_queries(np.array([row]))  # [1, dim]
     ex = np.concatenate([np.array([row], dtype=np.int64), exclude])
     return _answer(bundle, query, k, ex, allowed, source=SOURCE_KNOWN_USER)
 

@@ -188,7 +188,10 @@ class Evaluator:
             out = []
             for a in range(0, len(self), self.batch):
                 b = min(a + self.batch, len(self))
-                q = model._users(self.users[a:b], self.history[a:b])
+                users, history = self.users[a:b], self.history[a:b]
+                q = model._users(users, history)
+                if model.prior_user is not None:
+                    q = model.served_users(q, model.user_prior(model.user_state(users, history)))
                 scores = q @ item_emb.T  # [b - a, n_items]
                 lo, hi = int(self.seen_ptr[a]), int(self.seen_ptr[b])
                 scores[self.seen_rows[lo:hi] - a, self.seen_cols[lo:hi]] = float("-inf")
@@ -206,9 +209,10 @@ class Evaluator:
 
 @torch.no_grad()
 def encode_all_items(model: TwoTower, *, device: torch.device | str = "cpu", batch: int = 8192) -> torch.Tensor:
-    """[n_items, dim] float32 item vectors (eval mode is the caller's business)."""
+    """[n_items, out_dim] float32 served item vectors (``TwoTower.encode_items``; eval mode is the caller's
+    business)."""
     rows = torch.arange(model.n_items, device=device)
-    return torch.cat([model._items(rows[a : a + batch]).float() for a in range(0, model.n_items, batch)])
+    return torch.cat([model.encode_items(rows[a : a + batch]).float() for a in range(0, model.n_items, batch)])
 
 
 def _validation(data: PreparedData, model_cfg: ModelConfig, train_cfg: TrainConfig, device) -> Evaluator | None:
@@ -351,7 +355,9 @@ class Trainer:
         )
         self.title_emb = title_emb
         self.log_p = torch.as_tensor(np.log(data.item_prob), dtype=torch.float32, device=device)  # [n_items]
-        self.loss_kernel = choose_loss_kernel(train_cfg, loss_cfg, dim=model_cfg.dim, device=device)
+        # model.time_prior adds a [B, B + M] score bias that only the plain torch softmax takes
+        self.loss_kernel = "torch" if model_cfg.time_prior and train_cfg.loss_kernel == "auto" else \
+            choose_loss_kernel(train_cfg, loss_cfg, dim=model_cfg.dim, device=device)
         self.history_kernel = choose_history_kernel(train_cfg, model_cfg, n_items=data.n_items, device=device)
         self.build(seed=train_cfg.seed)
 
@@ -365,6 +371,9 @@ class Trainer:
                 "the host every step, which a CUDA graph cannot capture: set `train.cuda_graphs = false`, "
                 "`loss.n_uniform_negatives = 0` or `model.time_features = false`"
             )
+        if self.mcfg.time_prior and self.tcfg.cuda_graphs:
+            raise ValueError("`model.time_prior` computes each step's (row, candidate) time inputs on the host, which a "
+                             "CUDA graph cannot capture: set `train.cuda_graphs = false` or `model.time_prior = false`")
         self.model = TwoTower(
             self.spec,
             self.mcfg,
@@ -501,13 +510,20 @@ class Trainer:
         if self.tcfg.time_batches:
             self.time_order = torch.as_tensor(np.argsort(inter.ts, kind="stable"), device=dev)
         self.t_time = self.events = None
-        if self.model.item_time is not None:
-            # kept: uniform negatives take their time inputs from it at each step
+        if self.model.item_now is not None:
+            # kept: uniform negatives and the score prior's pairs take their time inputs from it at each step
             self.events, self.row_ts = recency.EventIndex(inter.item_idx, inter.ts, self.data.n_items), inter.ts
             per_event, now, cold = recency.time_state(self.events, inter.item_idx, inter.ts,
                                                       self.mcfg.time_windows_days)
-            self.t_time = torch.as_tensor(per_event, device=dev)
-            self.model.set_time_state(torch.as_tensor(now, device=dev), torch.as_tensor(cold, device=dev))
+            if self.model.item_time is not None:
+                self.t_time = torch.as_tensor(per_event, device=dev)
+            users_now = None
+            if self.model.prior_user is not None:  # each row's user as of the row, and every user at the end
+                per_row, users_now = recency.user_time_state(inter.user_idx, inter.ts, inter.user_start(),
+                                                             self.data.n_users)
+                self.t_user_state = torch.as_tensor(per_row, device=dev)
+                users_now = torch.as_tensor(users_now, device=dev)
+            self.model.set_time_state(torch.as_tensor(now, device=dev), torch.as_tensor(cold, device=dev), users_now)
         self.t_start = torch.as_tensor(inter.user_start(), device=dev)
         self.offsets = torch.arange(self.mcfg.history_len, 0, -1, device=dev)  # [N]: N..1 rows back
 
@@ -543,7 +559,7 @@ class Trainer:
             if lc.n_uniform_negatives:
                 extra_ids = torch.randint(0, m.n_items, (lc.n_uniform_negatives,), device=self.device)
                 extra_time = None
-                if self.events is not None:  # each negative as of a random example of the batch (no leakage)
+                if self.model.item_time is not None:  # each negative as of a random example of the batch (no leakage)
                     at = rows[torch.randint(0, rows.shape[0], (lc.n_uniform_negatives,), device=rows.device)]
                     extra_time = torch.as_tensor(recency.item_time_features(
                         self.events, extra_ids.cpu().numpy(), self.row_ts[at.cpu().numpy()], mc.time_windows_days,
@@ -571,6 +587,15 @@ class Trainer:
                         self.log_p[qi], batch_size=b, n_uniform=lc.n_uniform_negatives, n_items=m.n_items
                     )
                     extra_log_q = ql if extra_log_q is None else torch.cat([extra_log_q, ql])
+            bias = None
+            if m.prior_item is not None:
+                # each candidate (in-batch and extra) as of each row's time (what the item looked like when the
+                # row's user chose) against the row's user as of then: g_r . h(item j at t_r)
+                cols = items if extra_ids is None else torch.cat([items, extra_ids])
+                pair = recency.pair_time_features(self.events, cols.cpu().numpy(), self.row_ts[rows.cpu().numpy()],
+                                                  mc.time_windows_days)
+                h = m.item_prior(torch.as_tensor(pair, device=self.device))  # [B, B + M, K]
+                bias = torch.einsum("bk,bck->bc", m.user_prior(self.t_user_state[rows]), h)  # [B, B + M]
             from recsys.distributed import contrastive_loss
 
             # plain / chunked softmax, or with several ranks this rank's rows against every rank's candidates
@@ -580,7 +605,7 @@ class Trainer:
                 log_q=log_q, correct_positive=lc.logq_correct_positive,
                 extra_c=extra_c, extra_ids=extra_ids, extra_log_q=extra_log_q,
                 weights=self.t_weight[rows] if lc.use_weights else None, chunk_size=self.tcfg.loss_chunk_size,
-                fused=self.loss_kernel == "triton",
+                fused=self.loss_kernel == "triton", score_bias=bias,
             )  # fmt: skip
             if lc.ssl_weight > 0:
                 uniq = torch.unique(items)

@@ -19,6 +19,8 @@ CONFIGS = {
     "mean, no last item": ModelConfig(history_pooling="mean", last_item=False),
     "own history table, no user id": ModelConfig(share_history_embeddings=False, use_user_id=False),
     "no user features": ModelConfig(use_user_features=False, history_len=7),
+    # [u, g, 0] / |[u, g]|: g of the known user's stored state, or of a new user's history length
+    "score prior": ModelConfig(time_prior=True, history_len=20),
 }
 
 
@@ -32,6 +34,8 @@ def _model(cfg: ModelConfig) -> TwoTower:
     with torch.no_grad():  # trained-looking weights: recency, key and query are zeros at init
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
+        if model.user_now is not None:  # users' states differ (tenure, events): so do their g
+            model.user_now.copy_(torch.rand(N_USERS, 2) * 4)
     return model
 
 

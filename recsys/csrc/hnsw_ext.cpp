@@ -805,11 +805,13 @@ const float *f32_matrix(const py::array &a, const char *name, long cols, size_t 
 //   pooled = attention: softmax_i(tanh(h_i W_key^T + rec_key[steps back of i]) . query) weighted sum of h_i
 //            (query pre-scaled by 1/sqrt(E)); mean: the mean of h_i; zeros for an empty history
 //   z      = [x, pooled, (h_last)] -> Linear (-> GELU -> Linear)* -> L2-normalised
+//   with a score prior (model.time_prior): [z, g, 0] / sqrt(1 + |g|^2), g the user's row of ``prior_known`` or,
+//            for a new user, the row of ``prior_new`` for the number of history items used
 // h_i: the history table's rows of the last ``history_len`` items of the user's history, oldest first.
 class UserTower {
  public:
     UserTower(py::array table, py::array user_id, py::list features, py::array user_feats, py::object pool,
-              bool last_item, py::list layers, int history_len)
+              bool last_item, py::list layers, int history_len, py::object prior)
         : last_item_(last_item), history_len_(history_len > 0 ? size_t(history_len) : 0) {
         if (history_len < 1) value_error("`history_len` must be >= 1, got " + std::to_string(history_len));
         keep_ = py::list();
@@ -875,7 +877,21 @@ class UserTower {
             in = layer.out;
         }
         if (layers_.empty()) value_error("`layers` must hold at least one (weight, bias)");
-        dim_ = in;
+        dim_ = tower_dim_ = in;
+        // model.time_prior: (g of every known user [n_users, K], g of a new user by history length [L + 1, K]);
+        // the output is then [u, g, 0] / sqrt(1 + |g|^2) (TwoTower.served_users)
+        if (!prior.is_none()) {
+            auto t = prior.cast<py::tuple>();
+            py::array gk = t[0].cast<py::array>(), gn = t[1].cast<py::array>();
+            g_known_ = f32_matrix(gk, "prior_known", -1, &rows);
+            rank_ = size_t(gk.shape(1));
+            if (rows != n_users_) value_error("`prior_known` must have one row per user");
+            g_new_ = f32_matrix(gn, "prior_new", long(rank_), &rows);
+            if (rows != history_len_ + 1) value_error("`prior_new` must have history_len + 1 rows");
+            keep_.append(gk);
+            keep_.append(gn);
+            dim_ = tower_dim_ + rank_ + 1;
+        }
     }
 
     size_t dim() const { return dim_; }
@@ -962,9 +978,17 @@ class UserTower {
             z.swap(y);
         }
         double sq = 0;
-        for (size_t o = 0; o < dim_; o++) sq += double(z[o]) * double(z[o]);
+        for (size_t o = 0; o < tower_dim_; o++) sq += double(z[o]) * double(z[o]);
         const float norm = std::max(float(std::sqrt(sq)), 1e-12f);
-        for (size_t o = 0; o < dim_; o++) out[o] = z[o] / norm;
+        for (size_t o = 0; o < tower_dim_; o++) out[o] = z[o] / norm;
+        if (rank_ == 0) return;
+        const float *g = row >= 0 ? g_known_ + size_t(row) * rank_ : g_new_ + n * rank_;
+        float gg = 0;
+        for (size_t k = 0; k < rank_; k++) gg += g[k] * g[k];
+        const float scale = 1.0f / std::sqrt(1.0f + gg);
+        for (size_t o = 0; o < tower_dim_; o++) out[o] *= scale;
+        for (size_t k = 0; k < rank_; k++) out[tower_dim_ + k] = g[k] * scale;
+        out[tower_dim_ + rank_] = 0.0f;
     }
 
     // rows [n] int64 (-1 = new user), histories as CSR: offsets [n + 1], items [offsets[n]] -> [n, dim] float32
@@ -1004,6 +1028,8 @@ class UserTower {
     };
     py::list keep_;  // keeps every array alive
     const float *table_ = nullptr, *uid_ = nullptr, *wk_ = nullptr, *rk_ = nullptr, *q_ = nullptr;
+    const float *g_known_ = nullptr, *g_new_ = nullptr;
+    size_t tower_dim_ = 0, rank_ = 0;
     const int64_t *codes_ = nullptr;
     bool has_uid_ = false, last_item_ = true;
     size_t history_len_ = 0, n_items_ = 0, n_users_ = 0, n_cols_ = 0, e_ = 0, in_ = 0, dim_ = 0;
@@ -1328,9 +1354,9 @@ PYBIND11_MODULE(_hnsw, m) {
              py::arg("max_id_bytes"), py::arg("max_history") = 0)
         .def_property_readonly("n_users", &KnownUserRecommender::n_users);
     py::class_<UserTower>(m, "UserTower")
-        .def(py::init<py::array, py::array, py::list, py::array, py::object, bool, py::list, int>(), py::arg("table"),
-             py::arg("user_id"), py::arg("features"), py::arg("user_feats"), py::arg("pool"), py::arg("last_item"),
-             py::arg("layers"), py::arg("history_len"))
+        .def(py::init<py::array, py::array, py::list, py::array, py::object, bool, py::list, int, py::object>(),
+             py::arg("table"), py::arg("user_id"), py::arg("features"), py::arg("user_feats"), py::arg("pool"),
+             py::arg("last_item"), py::arg("layers"), py::arg("history_len"), py::arg("prior") = py::none())
         .def("embed", &UserTower::embed, py::arg("rows"), py::arg("offsets"), py::arg("items"))
         .def_property_readonly("dim", &UserTower::dim);
 }
