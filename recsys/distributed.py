@@ -313,6 +313,6 @@ class RankZeroEvaluator:
     def __init__(self, inner: Any, ctx: DistContext) -> None:
         self.inner, self.ctx = inner, ctx
 
-    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        metrics = self.inner(model) if self.ctx.is_main else None
+    def __call__(self, model: torch.nn.Module, **kw: Any) -> dict[str, float]:
+        metrics = self.inner(model, **kw) if self.ctx.is_main else None
         return self.ctx.broadcast_object(metrics)

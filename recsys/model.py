@@ -46,6 +46,9 @@ MODEL_FORMAT = 1
 # ``model.time_prior``: the bound of each item-side component and the hidden width of both MLPs
 PRIOR_BOUND = 1.0
 PRIOR_HIDDEN = 16
+# the prior's weight at serving (score = cos + scale * g . h), chosen on validation each time the trainer
+# validates; 1.0 (as trained) first, so a tie keeps it
+PRIOR_SCALES = (1.0, 0.5, 1.5, 2.0, 3.0, 5.0, 8.0)
 
 
 @dataclass(frozen=True)
@@ -426,10 +429,12 @@ class TwoTower(nn.Module):
         else:
             self.item_now = self.item_cold = None
         # the users' states as of the end of the logs (model.time_prior; set by the trainer, saved with the weights)
+        # and the prior's weight at serving (PRIOR_SCALES: chosen on validation by the trainer)
         if cfg.time_prior:
             self.register_buffer("user_now", torch.zeros(spec.n_users, N_USER_TIME_FEATURES))
+            self.register_buffer("prior_scale", torch.ones(()))
         else:
-            self.user_now = None
+            self.user_now = self.prior_scale = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -471,11 +476,14 @@ class TwoTower(nn.Module):
             raise ValueError("this model has no score prior (`model.time_prior` is off)")
         return PRIOR_BOUND * torch.tanh(self.prior_item(time.to(self.item_now.dtype)).float())
 
-    def user_prior(self, state: Tensor) -> Tensor:
-        """``model.time_prior``'s user side: user states ``[B, 2]`` -> ``g`` ``[B, K]``."""
+    def user_prior(self, state: Tensor, *, served: bool = False) -> Tensor:
+        """``model.time_prior``'s user side: user states ``[B, 2]`` -> ``g`` ``[B, K]`` as trained, or with
+        ``served`` times ``prior_scale`` (the prior's weight at serving, chosen on validation: the newest events
+        can need more of "what is popular now" than the training rows, most of them older, taught)."""
         if self.prior_user is None:
             raise ValueError("this model has no score prior (`model.time_prior` is off)")
-        return self.prior_user(state.to(self.user_now.dtype)).float()
+        g = self.prior_user(state.to(self.user_now.dtype)).float()
+        return g * self.prior_scale if served else g
 
     def user_state(self, user_idx: Tensor, history: Tensor) -> Tensor:
         """``[B, 2]``: a known user's state as of the end of the logs; a new user's (row -1): no tenure, as many
@@ -650,7 +658,9 @@ class TwoTower(nn.Module):
                 f"[{int(history.min())}, {int(history.max())}]"
             )
         u = self._users(user_idx, history, id_dropout=id_dropout)
-        return u if self.prior_user is None else self.served_users(u, self.user_prior(self.user_state(user_idx, history)))
+        if self.prior_user is None:
+            return u
+        return self.served_users(u, self.user_prior(self.user_state(user_idx, history), served=True))
 
     def _users(self, user_idx: Tensor, history: Tensor, *, id_dropout: float = 0.0) -> Tensor:
         """:meth:`encode_users` without the range checks (they sync the device; the trainer's rows are valid)."""
@@ -814,9 +824,9 @@ class NumpyUserTower:
         self._prior = None
         if model.prior_user is not None:
             with torch.no_grad():
-                known = model.user_prior(model.user_now)
+                known = model.user_prior(model.user_now, served=True)
                 n = torch.arange(self.history_len + 1, dtype=torch.float32, device=model.user_now.device)
-                new = model.user_prior(torch.stack([torch.zeros_like(n), torch.log1p(n)], dim=1))
+                new = model.user_prior(torch.stack([torch.zeros_like(n), torch.log1p(n)], dim=1), served=True)
             self._prior = (np.ascontiguousarray(arr(known)), np.ascontiguousarray(arr(new)))
         self._table = arr(model._history_table().weight)
         self._user_id = None if model.user_id is None else arr(model.user_id.weight)

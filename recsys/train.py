@@ -34,7 +34,7 @@ from recsys.config import to_dict
 from recsys.data import Interactions, PreparedData, feature_widths, last_items, load_prepared, user_item_lists
 from recsys.distributed import DistContext
 from recsys.io import atomic_dir, atomic_write_json
-from recsys.model import FeatureSpec, LossConfig, ModelConfig, TrainConfig, TwoTower
+from recsys.model import PRIOR_SCALES, FeatureSpec, LossConfig, ModelConfig, TrainConfig, TwoTower
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class Evaluator:
                 users, history = self.users[a:b], self.history[a:b]
                 q = model._users(users, history)
                 if model.prior_user is not None:
-                    q = model.served_users(q, model.user_prior(model.user_state(users, history)))
+                    q = model.served_users(q, model.user_prior(model.user_state(users, history), served=True))
                 scores = q @ item_emb.T  # [b - a, n_items]
                 lo, hi = int(self.seen_ptr[a]), int(self.seen_ptr[b])
                 scores[self.seen_rows[lo:hi] - a, self.seen_cols[lo:hi]] = float("-inf")
@@ -201,10 +201,26 @@ class Evaluator:
         finally:
             model.train(was_training)
 
-    def __call__(self, model: TwoTower) -> dict[str, float]:
+    def __call__(self, model: TwoTower, *, select: str = "ndcg@20") -> dict[str, float]:
+        """The metrics of the model's top-k. With ``model.time_prior``: those of the best prior weight of
+        ``PRIOR_SCALES`` by ``select`` (the first of equal ones), which ``prior_scale`` reports (the model's own is
+        left as it was: the trainer sets it with the weights it keeps)."""
         from recsys.metrics import ranking_metrics
 
-        return ranking_metrics(self.topk(model), self.relevant, ks=self.ks)
+        if model.prior_scale is None:
+            return ranking_metrics(self.topk(model), self.relevant, ks=self.ks)
+        was = float(model.prior_scale)
+        item_emb = encode_all_items(model, device=self.device)  # the item side does not depend on the weight
+        best: dict[str, float] = {}
+        try:
+            for scale in PRIOR_SCALES:
+                model.prior_scale.fill_(scale)
+                m = ranking_metrics(self.topk(model, item_emb=item_emb), self.relevant, ks=self.ks)
+                if not best or m.get(select, -math.inf) > best.get(select, -math.inf):
+                    best = {**m, "prior_scale": scale}
+        finally:
+            model.prior_scale.fill_(was)
+        return best
 
 
 @torch.no_grad()
@@ -448,6 +464,11 @@ class Trainer:
 
         self.queue = ItemEmbeddingQueue(lc.queue_size, self.mcfg.dim, device=self.device, dtype=torch.float32) \
             if lc.queue_size else None
+
+    def set_prior_scale(self, scale: float | None) -> None:
+        """``model.time_prior``: the prior's weight at serving (the one validation chose; None: leave it)."""
+        if scale is not None and self.model.prior_scale is not None:
+            self.model.prior_scale.fill_(float(scale))
 
     def set_lr_factor(self, factor: float) -> None:
         """Every optimizer's learning rate = its base rate (``initial_lr``) * ``factor`` (the lr schedule)."""
@@ -932,6 +953,7 @@ def _train(
             extra = Interactions.concat(*parts) if parts else Interactions.empty()
             trainer.set_interactions(Interactions.concat(data.train, extra))
             trainer.count_in_sampling(extra)
+            trainer.set_prior_scale(progress.best_metrics.get("prior_scale"))  # the fit's choice (no validation here)
             _run_phase(trainer, progress, writer, run_dir, evaluator=None, epochs=progress.refit_epochs)
             _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
             progress.phase, progress.final_splits = "done", list(final)
@@ -1071,7 +1093,7 @@ def _run_phase(
         if trainer.lcfg.learn_temperature:
             rec["temperature"] = trainer.temperature_value()
         if evaluator is not None and (epoch % tc.eval_every == 0 or epoch == epochs):
-            metrics = evaluator(trainer.model)
+            metrics = evaluator(trainer.model, select=tc.early_stop_metric)
             if tc.early_stop_metric not in metrics:
                 raise ValueError(
                     f"`train.early_stop_metric` {tc.early_stop_metric!r} is not a validation metric; "
@@ -1082,6 +1104,7 @@ def _run_phase(
             if value > progress.best_value:
                 progress.best_value, progress.best_epoch, progress.bad_evals = value, epoch, 0
                 progress.best_metrics = dict(metrics)
+                trainer.set_prior_scale(metrics.get("prior_scale"))  # saved with these weights
                 _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
             else:
                 progress.bad_evals += 1

@@ -171,6 +171,10 @@ def test_export_serves_the_prior_exactly_through_the_index(prior_bundle):
     assert b.dim == 16 + k + 1 and b.tower_dim == 16
     assert b.manifest["model"]["served_dim"] == b.dim and b.manifest["model"]["config"]["time_prior"] is True
     model = b.model
+    # the refit (train + valid) serves with the prior weight the fit chose on validation
+    summary = b.manifest["run"]["summary"]
+    assert summary["refit_epochs"] > 0 and summary["final_fit"]["splits"][:2] == ["train", "valid"]
+    assert float(model.prior_scale) == summary["best_metrics"]["prior_scale"] != 1.0  # measured: 0.5
     with torch.no_grad():  # the stored vectors are the towers' served vectors, end-of-logs prior included
         h = model.item_prior(model.item_now)
         assert float(h.std()) > 0  # the prior is not a constant (it would not change any ranking)
@@ -226,3 +230,45 @@ def test_native_recommend_answers_a_prior_bundle_like_the_python_path(prior_bund
             assert out == servicer._recommend(b, req).SerializeToString(), (row, user_id, len(hist))
             sources.add(pb.RecommendResponse.FromString(out).source)
     assert answered >= 20 and sources == {pb.SOURCE_KNOWN_USER, pb.SOURCE_KNOWN_USER_WITH_EVENTS, pb.SOURCE_HISTORY}
+
+
+def test_validation_chooses_the_prior_weight_and_the_model_serves_it():
+    """Validation items are exactly the items the prior favours; the cosine part points elsewhere: the evaluator
+    must pick the largest weight, report it, leave the model's own weight alone, and a model set to it serves
+    score = cos + weight * g . h."""
+    from recsys.model import PRIOR_SCALES
+    from recsys.train import Evaluator
+
+    model = _prior_model(2)
+    n_items = 7
+    with torch.no_grad():
+        model.item_now.copy_(torch.randn(n_items, model.item_now.shape[1]))
+        model.user_now.copy_(torch.rand(5, 2))
+        h = model.item_prior(model.item_now)
+        assert float(h.abs().max()) == 0.0  # the item side starts at zero: give it weights
+        for p in model.prior_item.parameters():
+            p.add_(torch.randn_like(p))
+        users = torch.arange(5)
+        hist = torch.full((5, 3), -1)
+        g = model.user_prior(model.user_state(users, hist))
+        prior = g @ model.item_prior(model.item_now).T  # [5, n_items]
+    relevant = [np.array([int(torch.argmax(prior[u]))]) for u in range(5)]
+    ev = Evaluator(users=users.numpy(), history=hist.numpy(), seen=[np.zeros(0, np.int64)] * 5, relevant=relevant,
+                   n_items=n_items, k=1, device=torch.device("cpu"))
+    by_hand = []
+    for scale in PRIOR_SCALES:  # recall@1 at each weight, by hand
+        model.prior_scale.fill_(scale)
+        top = ev.topk(model)
+        by_hand.append(np.mean([top[u, 0] == relevant[u][0] for u in range(5)]))
+    model.prior_scale.fill_(1.0)
+    chosen = PRIOR_SCALES[int(np.argmax(by_hand))]  # the first of the best
+    assert chosen != 1.0 and max(by_hand) > by_hand[0]  # the weight matters here
+    metrics = ev(model, select="recall@1")
+    assert metrics["prior_scale"] == chosen and metrics["recall@1"] == max(by_hand)
+    assert float(model.prior_scale) == 1.0  # left as it was
+    model.prior_scale.fill_(chosen)
+    with torch.no_grad():
+        q, z = model.encode_users(users, hist), model.encode_items(torch.arange(n_items))
+        u, v = model._users(users, hist), model._items(torch.arange(n_items))
+        want = u @ v.T + chosen * prior
+    assert torch.equal(torch.argsort(q @ z.T, dim=1, descending=True), torch.argsort(want, dim=1, descending=True))
