@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 # parameter name -> which vocabulary indexes its rows
 _ITEM_ROWS = ("item_id.weight", "history_emb.weight")
 _USER_ROWS = ("user_id.weight",)
-_DATA_BUFFERS = ("item_feats", "user_feats", "item_text")
+# the data's own tables, rebuilt from the new data (the end-of-logs time states by the trainer); a model's
+# ``prior_scale`` (the time prior's weight chosen on validation) is carried over like any same-shaped tensor
+_DATA_BUFFERS = ("item_feats", "user_feats", "item_text", "item_now", "item_cold", "user_now")
 
 
 def _ids(path: Path, col: str) -> np.ndarray:
