@@ -206,12 +206,11 @@ def test_native_recommend_answers_a_prior_bundle_like_the_python_path(prior_bund
 
     if not native_available():
         pytest.skip("recsys._hnsw not built (no C++ compiler)")
+    from recsys.service import Limits
+    from recsys.v1 import recommender_pb2 as pb
     from server import fastpath
     from server.metrics import Metrics
     from server.servicer import RecommenderServicer
-
-    from recsys.service import Limits
-    from recsys.v1 import recommender_pb2 as pb
 
     b, limits = prior_bundle, Limits(max_k=100, max_ids=1000, max_history=1000, max_id_length=64)
     servicer = RecommenderServicer(store=None, limits=limits, metrics=Metrics())
