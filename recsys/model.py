@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from recsys import schema
 from recsys.config import to_dict
-from recsys.recency import N_USER_TIME_FEATURES, n_time_features
+from recsys.recency import N_USER_TIME_FEATURES, n_time_features, new_user_time_features
 
 # bump when the layout of model.json / the weight names change
 MODEL_FORMAT = 1
@@ -489,9 +489,14 @@ class TwoTower(nn.Module):
         """``[B, 2]``: a known user's state as of the end of the logs; a new user's (row -1): no tenure, as many
         events as their history's items (of the last ``history_len``)."""
         known = (user_idx >= 0)[:, None]
-        n_hist = (history[:, -self.cfg.history_len :] >= 0).sum(1).float()
-        new = torch.stack([torch.zeros_like(n_hist), torch.log1p(n_hist)], dim=1)
+        n_hist = (history[:, -self.cfg.history_len :] >= 0).sum(1)
+        new = self.new_user_states()[n_hist]
         return torch.where(known, self.user_now[user_idx.clamp(min=0)], new)
+
+    def new_user_states(self) -> Tensor:
+        """``[history_len + 1, 2]``: a new user's state by their history's length
+        (``recsys.recency.new_user_time_features``)."""
+        return torch.as_tensor(new_user_time_features(self.cfg.history_len), device=self.user_now.device)
 
     def served_items(self, v: Tensor, h: Tensor | None = None) -> Tensor:
         """Tower outputs ``v`` [B, dim] (unit) -> the vectors the bundle stores and the index searches ``[B, out_dim]``.
@@ -825,8 +830,7 @@ class NumpyUserTower:
         if model.prior_user is not None:
             with torch.no_grad():
                 known = model.user_prior(model.user_now, served=True)
-                n = torch.arange(self.history_len + 1, dtype=torch.float32, device=model.user_now.device)
-                new = model.user_prior(torch.stack([torch.zeros_like(n), torch.log1p(n)], dim=1), served=True)
+                new = model.user_prior(model.new_user_states(), served=True)
             self._prior = (np.ascontiguousarray(arr(known)), np.ascontiguousarray(arr(new)))
         self._table = arr(model._history_table().weight)
         self._user_id = None if model.user_id is None else arr(model.user_id.weight)

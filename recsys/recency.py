@@ -102,12 +102,21 @@ def item_time_features(
     items = np.asarray(items, dtype=np.int64)
     t = np.asarray(t, dtype=np.int64)
     windows_ms = _windows_ms(windows_days)
-    out = np.empty((items.size, n_time_features(windows_days)), dtype=np.float32)
-    out[:, :-2] = _log_share(index, window_counts(index, items, t, windows_ms), _window_totals(index, t, windows_ms))
-    out[:, -2] = _log_share(index, index.count_before(items, t), index.total_before(t))
-    first = index.first_ts(items)
+    return _time_features(index, window_counts(index, items, t, windows_ms), _window_totals(index, t, windows_ms),
+                          index.count_before(items, t), index.total_before(t), index.first_ts(items), t)
+
+
+def _time_features(index: EventIndex, counts: np.ndarray, totals: np.ndarray, count_all: np.ndarray,
+                   total_all: np.ndarray, first: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """:func:`item_time_features`' columns from their counts (numpy broadcasting: ``counts``/``totals`` ``[..., W]``,
+    the others ``[...]``), so a grid of (time, item) pairs counts each time's totals and item's first event once."""
+    shape = np.broadcast_shapes(counts.shape[:-1], totals.shape[:-1], np.shape(count_all), np.shape(first),
+                                np.shape(t))
+    out = np.empty((*shape, counts.shape[-1] + 2), dtype=np.float32)
+    out[..., :-2] = _log_share(index, counts, totals)
+    out[..., -2] = _log_share(index, count_all, total_all)
     age = np.where(first < t, (t - np.minimum(first, t)) / DAY_MS, 0.0)
-    out[:, -1] = np.log1p(age)
+    out[..., -1] = np.log1p(age)
     return out
 
 
@@ -124,8 +133,17 @@ def pair_time_features(
     day = np.asarray(t, dtype=np.int64) // DAY_MS * DAY_MS
     days, day_of = np.unique(day, return_inverse=True)
     uitems, item_of = np.unique(items, return_inverse=True)
-    grid = item_time_features(index, np.tile(uitems, days.size), np.repeat(days, uitems.size), windows_days)
-    grid = grid.reshape(days.size, uitems.size, -1)
+    windows_ms = _windows_ms(windows_days)
+    pair_items, pair_t = np.tile(uitems, days.size), np.repeat(days, uitems.size)
+    grid = _time_features(
+        index,
+        window_counts(index, pair_items, pair_t, windows_ms).reshape(days.size, uitems.size, -1),
+        _window_totals(index, days, windows_ms)[:, None, :],
+        index.count_before(pair_items, pair_t).reshape(days.size, uitems.size),
+        index.total_before(days)[:, None],
+        index.first_ts(uitems)[None, :],
+        days[:, None],
+    )
     return grid[day_of[:, None], item_of[None, :]]
 
 
@@ -139,6 +157,13 @@ def user_time_features(tenure_ms: np.ndarray, n_events: np.ndarray) -> np.ndarra
     tenure = np.maximum(np.asarray(tenure_ms, dtype=np.int64), 0) / DAY_MS
     return np.stack([np.log1p(tenure), np.log1p(np.maximum(np.asarray(n_events, dtype=np.float64), 0))],
                     axis=1).astype(np.float32)
+
+
+def new_user_time_features(history_len: int) -> np.ndarray:
+    """``[history_len + 1, 2]``: the state of a user the logs do not know, by the number of items in their request's
+    history (row n: n items): no tenure, n events (:func:`user_time_features`)."""
+    n = np.arange(int(history_len) + 1)
+    return user_time_features(np.zeros_like(n), n)
 
 
 def user_time_state(user_idx: np.ndarray, ts: np.ndarray, user_start: np.ndarray, n_users: int
@@ -185,8 +210,9 @@ def _log_share(index: EventIndex, count: np.ndarray, total: np.ndarray) -> np.nd
 def cold_time_features(index: EventIndex, t: int, windows_days: Sequence[float]) -> np.ndarray:
     """``[len(windows_days) + 2]`` float32: :func:`item_time_features` of an item without any event, at ``t``."""
     t_arr = np.asarray([t], dtype=np.int64)
-    windows = _log_share(index, 0, _window_totals(index, t_arr, _windows_ms(windows_days)))[0]
-    return np.concatenate([windows, _log_share(index, 0, index.total_before(t_arr)), [0.0]]).astype(np.float32)
+    totals = _window_totals(index, t_arr, _windows_ms(windows_days))
+    return _time_features(index, np.zeros_like(totals), totals, np.zeros(1, dtype=np.int64),
+                          index.total_before(t_arr), np.full(1, np.iinfo(np.int64).max), t_arr)[0]
 
 
 def time_state(index: EventIndex, item_idx: np.ndarray, ts: np.ndarray, windows_days: Sequence[float]

@@ -180,24 +180,32 @@ class Evaluator:
     @torch.no_grad()
     def topk(self, model: TwoTower, *, item_emb: torch.Tensor | None = None) -> np.ndarray:
         """[U, K] item rows best first (-1 where fewer than K unseen items remain)."""
+        scales = None if model.prior_scale is None else (float(model.prior_scale),)
+        return self._topk(model, item_emb=item_emb, scales=scales)[0]
+
+    @torch.no_grad()
+    def _topk(self, model: TwoTower, *, item_emb: torch.Tensor | None, scales: tuple[float, ...] | None
+              ) -> list[np.ndarray]:  # fmt: skip
+        """:meth:`topk` once per prior weight of ``scales`` (one list entry without a prior), the towers run once."""
         was_training = model.training
         model.eval()
         try:
             if item_emb is None:
                 item_emb = encode_all_items(model, device=self.device)
-            out = []
+            out: list[list[np.ndarray]] = [[] for _ in scales or (None,)]
             for a in range(0, len(self), self.batch):
                 b = min(a + self.batch, len(self))
                 users, history = self.users[a:b], self.history[a:b]
-                q = model._users(users, history)
-                if model.prior_user is not None:
-                    q = model.served_users(q, model.user_prior(model.user_state(users, history), served=True))
-                scores = q @ item_emb.T  # [b - a, n_items]
+                u = model._users(users, history)
+                g = None if scales is None else model.user_prior(model.user_state(users, history))
                 lo, hi = int(self.seen_ptr[a]), int(self.seen_ptr[b])
-                scores[self.seen_rows[lo:hi] - a, self.seen_cols[lo:hi]] = float("-inf")
-                val, idx = torch.topk(scores, self.k, dim=1)
-                out.append(torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1)).cpu().numpy())
-            return np.concatenate(out) if out else np.zeros((0, self.k), dtype=np.int64)
+                for j, scale in enumerate(scales or (None,)):
+                    q = u if g is None else model.served_users(u, g * scale)
+                    scores = q @ item_emb.T  # [b - a, n_items]
+                    scores[self.seen_rows[lo:hi] - a, self.seen_cols[lo:hi]] = float("-inf")
+                    val, idx = torch.topk(scores, self.k, dim=1)
+                    out[j].append(torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1)).cpu().numpy())
+            return [np.concatenate(o) if o else np.zeros((0, self.k), dtype=np.int64) for o in out]
         finally:
             model.train(was_training)
 
@@ -209,17 +217,11 @@ class Evaluator:
 
         if model.prior_scale is None:
             return ranking_metrics(self.topk(model), self.relevant, ks=self.ks)
-        was = float(model.prior_scale)
-        item_emb = encode_all_items(model, device=self.device)  # the item side does not depend on the weight
         best: dict[str, float] = {}
-        try:
-            for scale in PRIOR_SCALES:
-                model.prior_scale.fill_(scale)
-                m = ranking_metrics(self.topk(model, item_emb=item_emb), self.relevant, ks=self.ks)
-                if not best or m.get(select, -math.inf) > best.get(select, -math.inf):
-                    best = {**m, "prior_scale": scale}
-        finally:
-            model.prior_scale.fill_(was)
+        for scale, top in zip(PRIOR_SCALES, self._topk(model, item_emb=None, scales=PRIOR_SCALES), strict=True):
+            m = ranking_metrics(top, self.relevant, ks=self.ks)
+            if not best or m.get(select, -math.inf) > best.get(select, -math.inf):
+                best = {**m, "prior_scale": scale}
         return best
 
 
