@@ -218,7 +218,7 @@ def _existing_version(models_dir: Path, version: str) -> Path:
 
 
 def list_versions(models_dir: str | Path) -> list[dict[str, Any]]:
-    """Published versions, oldest first: ``{version, path, created_at, latest, dim, n_users, n_items, ...}``.
+    """Published versions, oldest first: ``{version, path, created_at, latest, dim, n_users, n_items, run_path, ...}``.
 
     Reads only manifests (no verification); a directory whose manifest is unreadable is listed with ``error``.
     """
@@ -240,6 +240,7 @@ def list_versions(models_dir: str | Path) -> list[dict[str, Any]]:
                 n_items=m.get("counts", {}).get("n_items"),
                 ef=m.get("index", {}).get("ef"),
                 evaluation=m.get("evaluation", {}),
+                run_path=m.get("run", {}).get("path"),  # the training run it was exported from
             )
         except BundleError as e:
             row["error"] = str(e)

@@ -329,8 +329,11 @@ def retrain(
                                        "why": "refit on every split, the gate's slice included, for the epochs the "
                                               "candidate chose"}
         if gate["passed"]:
-            version_dir = bundle_mod.export(publish_dir, models_dir, data_dir=data_dir, index_cfg=index_cfg,
-                                            keep=cfg.keep)
+            # A job killed after its version became visible (or after LATEST moved) but before it noted the
+            # publish: finish that publish instead of publishing a second copy.
+            adopted = _finish_publish(models_dir, publish_dir, keep=cfg.keep)
+            version_dir = adopted or bundle_mod.export(publish_dir, models_dir, data_dir=data_dir,
+                                                       index_cfg=index_cfg, keep=cfg.keep)
             report["published"] = version_dir.name
             atomic_write_json(job_dir / "report.json", report)
             state.mark("publish", version=version_dir.name)
@@ -356,6 +359,28 @@ def _train_stage(train: Any, data_dir: Path, run_dir: Path, warm_from: Path | No
 
         shutil.rmtree(run_dir)  # a crash before the first checkpoint: start the run over
     return train(data_dir, run_dir, resume=resume, init_from=None if resume else warm_from, **kw)
+
+
+def _finish_publish(models_dir: Path, run_dir: Path, *, keep: int) -> Path | None:
+    """The published version exported from ``run_dir`` (its manifest's ``run.path``), if a killed run of this job
+    got that far: ``LATEST`` is moved to it unless it already names it or a newer version, and the killed run's
+    leftovers are removed (``bundle.prune``). None when no published version came from ``run_dir``."""
+    from recsys import bundle as bundle_mod
+
+    run_path = str(run_dir.resolve())
+    versions = bundle_mod.list_versions(models_dir)  # oldest first
+    mine = [i for i, v in enumerate(versions) if v.get("run_path") == run_path]
+    if not mine:
+        return None
+    at = mine[-1]
+    version = versions[at]["version"]
+    latest = [i for i, v in enumerate(versions) if v["latest"]]
+    if not latest or latest[0] < at:
+        bundle_mod.set_latest(models_dir, version, verify=True)
+    bundle_mod.prune(models_dir, keep=keep)
+    log.info("found version %s already published by this job (a run killed before it noted it); LATEST -> %s",
+             version, bundle_mod.read_latest(models_dir))
+    return models_dir / version
 
 
 def _serving_dir(models_dir: Path) -> Path | None:

@@ -15,6 +15,7 @@ itself and for pruning, ``os.replace`` for ``LATEST``) and SIGKILLs its own proc
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from test_bundle import index_cfg, trained
+from test_retrain import TINY, logs  # noqa: F401 (logs: a fixture)
 
 from recsys import schema
 from recsys.bundle import BUNDLE_FILES, MANIFEST, Bundle, export, list_versions, read_latest
@@ -131,15 +133,14 @@ def export_args(run: Path, models: Path, *, keep: int) -> list[str]:
 
 def run_export(run: Path, models: Path, *, keep: int, crash_at: str | None, full_disk: bool = False
                ) -> subprocess.CompletedProcess:
+    return run_hooked(export_args(run, models, keep=keep), crash_at=crash_at, full_disk=full_disk)
+
+
+def run_hooked(args: list[str], *, crash_at: str | None, full_disk: bool = False) -> subprocess.CompletedProcess:
+    """``recsys ARGS`` in a subprocess through HOOK, killed (or out of disk) at ``crash_at``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RECSYS_CRASH_AT": crash_at or "",
            "RECSYS_CRASH_MODE": "enospc" if full_disk else "kill"}
-    return subprocess.run(
-        [sys.executable, "-c", HOOK, *export_args(run, models, keep=keep)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return subprocess.run([sys.executable, "-c", HOOK, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
 def visible(models: Path) -> list[str]:
@@ -148,7 +149,9 @@ def visible(models: Path) -> list[str]:
 
 
 def hidden(models: Path) -> list[str]:
-    return sorted(p.name for p in models.iterdir() if p.name.startswith(".") and p.name != ".lock")
+    """Hidden entries but the locks and retrain's job directories: what a killed publish can leave behind."""
+    return sorted(p.name for p in models.iterdir()
+                  if p.name.startswith(".") and p.name not in (".lock", ".retrain", ".retrain.lock"))
 
 
 def tree_digest(path: Path) -> dict[str, str]:
@@ -276,3 +279,61 @@ def test_export_on_a_full_disk_fails_cleanly_then_rerun(source, tmp_path, point)
     assert read_latest(models) == added
     check_trustworthy(models)
     assert hidden(models) == []
+
+
+# ------------------------------------------------------------------------------------------------------- retrain
+# `recsys retrain` is a resumable job: killed while it publishes, the rerun finishes that publish (the version it
+# finds exported from the job's run) rather than publishing a second copy.
+
+
+def retrain_args(logs: dict[str, Path], models: Path) -> list[str]:  # noqa: F811 (the fixture)
+    sets = [a for o in (*TINY, "index.num_threads=1") for a in ("--set", o)]
+    return ["retrain", "--logs", str(logs["old"]), "--models", str(models), "--items", str(logs["items"]),
+            "--users", str(logs["users"]), *sets]
+
+
+@pytest.fixture(scope="module")
+def retrain_source(logs, tmp_path_factory) -> Path:  # noqa: F811
+    """A models dir (no version yet) holding a retrain job killed after its first bundle file: prepared, trained,
+    gated, the version half-written. Copied, never changed, by the tests; each copy resumes straight into export."""
+    models = tmp_path_factory.mktemp("retrain_crash_src") / "models"
+    killed = run_hooked(retrain_args(logs, models), crash_at=FILE_POINTS[0])
+    assert killed.returncode == -signal.SIGKILL, f"the hook never fired:\n{killed.stderr[-3000:]}"
+    (job,) = (models / ".retrain").iterdir()
+    stages = json.loads((job / "state.json").read_text())["stages"]
+    assert {"prepare", "train", "gate"} <= set(stages) and "publish" not in stages
+    check_trustworthy(models)
+    assert visible(models) == [] and read_latest(models) is None
+    return models
+
+
+@pytest.mark.parametrize("point", ["before-rename", "after-rename", "before-latest", "after-latest"])
+def test_retrain_killed_while_publishing_then_rerun_publishes_once(logs, retrain_source, tmp_path, point):  # noqa: F811
+    models = tmp_path / "models"
+    shutil.copytree(retrain_source, models, symlinks=True)
+    args = retrain_args(logs, models)
+
+    killed = run_hooked(args, crash_at=point)
+    assert killed.returncode == -signal.SIGKILL, f"the hook never fired at {point}:\n{killed.stderr[-3000:]}"
+    check_trustworthy(models)
+    after_kill = visible(models)
+    assert len(after_kill) == (0 if point in BEFORE_VISIBLE else 1)
+    assert read_latest(models) == (after_kill[0] if point == "after-latest" else None)
+    kept = {name: tree_digest(models / name) for name in after_kill}
+
+    rerun = run_hooked(args, crash_at=None)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    (version,) = visible(models)  # published once over the killed run and its rerun
+    if after_kill:
+        assert version == after_kill[0] and tree_digest(models / version) == kept[version]  # finished, not redone
+    assert read_latest(models) == version
+    check_trustworthy(models)
+    assert hidden(models) == [], f"leftovers after the rerun: {hidden(models)}"
+    (job,) = (models / ".retrain").iterdir()
+    assert json.loads((job / "report.json").read_text())["published"] == version
+    assert json.loads((job / "state.json").read_text())["stages"]["publish"]["version"] == version
+
+    if point == "after-latest":  # the finished job again: nothing to do
+        again = run_hooked(args, crash_at=None)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert visible(models) == [version] and read_latest(models) == version
