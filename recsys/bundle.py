@@ -5,11 +5,15 @@ needs (schema.py lists the files): the towers (so unseen users are embedded from
 their features), item and known-user embeddings computed with those towers, the vocabularies, the serving history
 and seen sets, item popularity and an hnswlib index whose ``ef`` was auto-tuned against exact search. Publishing is
 atomic (temp dir + fsync + rename) and the ``LATEST`` pointer moves afterwards (temp file + rename), so a reader
-sees either the old or the new version, never half of one.
+sees either the old or the new version, never half of one. Versions and ``LATEST`` get the modes a plain
+``mkdir`` / ``open`` would under the umask (``recsys.io``): group-readable with umask 022 / 002 / 027, so a server in
+another UID of the same group (Kubernetes ``fsGroup``) can load what a retrain Job published; private with 077.
 
 ``Bundle.load`` refuses anything that does not match its manifest (``BundleError`` names the file and the
-mismatch) and checks every sha256 *before* reading a file's contents: hnswlib index files are parsed by C++ without
-bounds checks and must not be loaded untrusted.
+mismatch, ``BundleError.reason`` the kind of check, one of ``REFUSAL_REASONS``) and checks every sha256 *before*
+reading a file's contents: hnswlib index files are parsed by C++ without bounds checks and must not be loaded
+untrusted. A version directory holds exactly the manifest and the files it lists, all regular files (no symlinks,
+nothing unlisted), and ``LATEST`` must name a real directory of the models directory.
 """
 
 from __future__ import annotations
@@ -64,8 +68,30 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TS_FMT = "%Y%m%dT%H%M%SZ"
 
 
+# Why a bundle was refused (``BundleError.reason``), few and fixed: the server counts refusals by it.
+REFUSAL_REASONS = (
+    "checksum",  # a listed file's sha256 differs from the manifest's
+    "truncated",  # a listed file is shorter than the manifest says
+    "size",  # ... or longer
+    "missing_file",  # a listed file (or the manifest itself) is absent or not a regular file
+    "extra_file",  # a file in the version directory that the manifest does not list
+    "symlink",  # a symlink inside the version directory (or a version directory that is one, inside MODELS_DIR)
+    "manifest_invalid",  # the manifest is unreadable, of another schema, or lacks / malforms a field
+    "manifest_mismatch",  # the manifest's dim, metric or counts disagree with the files (or with the system)
+    "latest_outside",  # LATEST holds a path, or names a symlink leaving the models directory
+    "latest_invalid",  # LATEST holds something that is not a version name
+    "latest_missing",  # LATEST (or a requested version) names no directory
+    "invalid",  # a file passed its checksum but its contents are not what a bundle holds
+)
+
+
 class BundleError(ValueError):
-    """A bundle that is refused: the message names the file and the mismatch."""
+    """A bundle that is refused: the message names the file and the check; ``reason`` (one of ``REFUSAL_REASONS``)
+    is the kind of check, for metrics."""
+
+    def __init__(self, message: str, *, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason if reason in REFUSAL_REASONS else "invalid"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -93,16 +119,16 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _read_json(path: Path, *, what: str) -> dict[str, Any]:
+def _read_json(path: Path, *, what: str, reason: str = "invalid") -> dict[str, Any]:
     try:
         with path.open("r", encoding="utf-8") as f:
             out = json.load(f)
     except FileNotFoundError:
-        raise BundleError(f"{what}: {path.name} is missing ({str(path)!r})") from None
+        raise BundleError(f"{what}: {path.name} is missing ({str(path)!r})", reason="missing_file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{what}: {path.name} is not valid JSON ({str(path)!r}): {e}") from None
+        raise BundleError(f"{what}: {path.name} is not valid JSON ({str(path)!r}): {e}", reason=reason) from None
     if not isinstance(out, dict):
-        raise BundleError(f"{what}: {path.name} must hold a JSON object, got {type(out).__name__}")
+        raise BundleError(f"{what}: {path.name} must hold a JSON object, got {type(out).__name__}", reason=reason)
     return out
 
 
@@ -167,15 +193,62 @@ def new_version_name(models_dir: str | Path, content_hash: str, *, now: dt.datet
 
 
 def read_latest(models_dir: str | Path) -> str | None:
-    """The version name ``MODELS_DIR/LATEST`` points to, or None when there is no pointer yet."""
+    """The version name ``MODELS_DIR/LATEST`` points to, or None when there is no pointer yet.
+
+    Only the name is checked here (:func:`version_dir` checks the directory it names).
+    """
     p = Path(models_dir) / schema.LATEST
     try:
         name = p.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
-    if not _NAME_RE.match(name):
-        raise BundleError(f"{schema.LATEST}: {str(p)!r} holds {name!r}, which is not a version name")
+    _check_pointer_name(name, p)
     return name
+
+
+def _check_pointer_name(name: str, pointer: Path) -> None:
+    """Refuse a ``LATEST`` that holds anything but a version name: a path (``../x``, ``/srv/x``) would lead out of
+    the models directory."""
+    if _NAME_RE.match(name):
+        return
+    outside = "/" in name or "\\" in name or name.startswith(".")
+    raise BundleError(
+        f"{schema.LATEST}: {str(pointer)!r} holds {name[:200]!r}, which is not a version name"
+        + (": a path outside the models directory" if outside else ""),
+        reason="latest_outside" if outside else "latest_invalid",
+    )
+
+
+def version_dir(models_dir: str | Path, version: str, *, pointer: bool = False) -> Path:
+    """The directory of ``version`` in ``models_dir``, refused (``BundleError``) unless it is a real directory of
+    ``models_dir`` (not a symlink) holding a manifest.
+
+    ``pointer``: the name was read from ``LATEST`` (a malformed one is then a ``BundleError``, not a ValueError,
+    and the errors say so). The one owner of "a version name -> its directory": ``resolve``, ``set_latest`` and
+    the server's reload all come through here.
+    """
+    models_dir = Path(models_dir)
+    if pointer:
+        _check_pointer_name(version, models_dir / schema.LATEST)
+    elif not _NAME_RE.match(version):
+        raise ValueError(f"`version` must be a version name like 20261127T201500Z-3fa2c1, got {version!r}")
+    named = f"{schema.LATEST} names {version!r}" if pointer else f"version {version!r}"
+    p = models_dir / version
+    if p.is_symlink():
+        target = os.path.realpath(p)
+        outside = Path(target).parent != models_dir.resolve()
+        raise BundleError(
+            f"{named}: {str(p)!r} is a symlink to {target!r}"
+            + (", outside the models directory" if outside else "; a version must be a directory of its own"),
+            reason="latest_outside" if outside else "symlink",
+        )
+    if not p.is_dir():
+        known = [v["version"] for v in list_versions(models_dir)]
+        raise BundleError(f"{named}: version {version!r} not found in {str(models_dir)!r}; versions: {known}",
+                          reason="latest_missing")
+    if not (p / MANIFEST).is_file():
+        raise BundleError(f"{MANIFEST}: missing from version directory {str(p)!r} ({named})", reason="missing_file")
+    return p
 
 
 def resolve(models_dir_or_bundle: str | Path, version: str | None = None) -> Path:
@@ -191,30 +264,22 @@ def resolve(models_dir_or_bundle: str | Path, version: str | None = None) -> Pat
         p = p.parent
         version = read_latest(p)
         if version is None:  # pragma: no cover - raced with deletion
-            raise BundleError(f"{schema.LATEST}: {str(p / schema.LATEST)!r} vanished")
-        return _existing_version(p, version)
+            raise BundleError(f"{schema.LATEST}: {str(p / schema.LATEST)!r} vanished", reason="latest_missing")
+        return version_dir(p, version, pointer=True)
     if not p.exists():
         raise FileNotFoundError(f"bundle path {str(p)!r} does not exist")
     if version is not None:
-        return _existing_version(p, version)
+        return version_dir(p, version)
     if (p / MANIFEST).is_file():
         return p
     latest = read_latest(p)
     if latest is not None:
-        return _existing_version(p, latest)
+        return version_dir(p, latest, pointer=True)
     raise BundleError(
-        f"{str(p)!r} is neither a bundle (no {MANIFEST}) nor a models directory (no {schema.LATEST} pointer)"
+        f"{MANIFEST}: missing: {str(p)!r} is neither a bundle (no {MANIFEST}) nor a models directory "
+        f"(no {schema.LATEST} pointer)",
+        reason="missing_file",
     )
-
-
-def _existing_version(models_dir: Path, version: str) -> Path:
-    if not _NAME_RE.match(version):
-        raise ValueError(f"`version` must be a version name like 20261127T201500Z-3fa2c1, got {version!r}")
-    p = models_dir / version
-    if not _is_bundle_dir(p):
-        known = [v["version"] for v in list_versions(models_dir)]
-        raise BundleError(f"version {version!r} not found in {str(models_dir)!r}; versions: {known}")
-    return p
 
 
 def list_versions(models_dir: str | Path) -> list[dict[str, Any]]:
@@ -254,7 +319,7 @@ def set_latest(models_dir: str | Path, version: str, *, verify: bool = True) -> 
     """Point ``LATEST`` at ``version`` (atomically), after loading and verifying it unless ``verify=False``."""
     models_dir = Path(models_dir)
     with _models_lock(models_dir):
-        path = _existing_version(models_dir, version)
+        path = version_dir(models_dir, version)
         if verify:
             Bundle.load(path, verify=True)
         atomic_write_text(models_dir / schema.LATEST, version + "\n")
@@ -804,14 +869,17 @@ class Bundle:
     def load(cls, path: str | Path, *, verify: bool = True) -> Bundle:
         """Load a version directory, or ``MODELS_DIR`` (follows ``LATEST``), refusing any mismatch.
 
-        Order: manifest (schema version, metric, dim, counts, file list) -> every file's size and, with
+        Order: the directory's entries (no symlinks) -> manifest (schema version, metric, dim, counts, file
+        list) -> the entries against the list (none missing, none extra) -> every file's size and, with
         ``verify``, sha256 -> only then contents (npy without pickle, parquet, the hnswlib index) with shape
-        checks. ``verify=False`` skips only the hashing, for bundles this process just wrote.
+        checks against the manifest. ``verify=False`` skips only the hashing, for bundles this process just wrote.
+        Any refusal is a ``BundleError`` naming the file and the check, with a ``reason``.
         """
         path = resolve(path)
-        manifest = _read_json(path / MANIFEST, what=f"bundle {path.name}")
+        entries = _check_entries(path)
+        manifest = _read_json(path / MANIFEST, what=f"bundle {path.name}", reason="manifest_invalid")
         _check_manifest(path, manifest)
-        _check_files(path, manifest, verify=verify)
+        _check_files(path, manifest, entries, verify=verify)
         b = cls(path, manifest)
         b._load_contents()
         return b
@@ -826,7 +894,8 @@ class Bundle:
         model_json.setdefault("served_dim", model_json.get("dim"))  # written before the score prior existed
         for key, want in (("served_dim", self.dim), ("metric", self.metric)):
             if model_json.get(key) is not None and model_json[key] != want:
-                raise BundleError(f"{schema.MODEL_JSON}: {key} is {model_json[key]!r}, manifest says {want!r}")
+                raise BundleError(f"{schema.MODEL_JSON}: {key} is {model_json[key]!r}, manifest says {want!r}",
+                                  reason="manifest_mismatch")
 
         users = pq.read_table(p / schema.USERS)
         items = pq.read_table(p / schema.ITEMS)
@@ -871,22 +940,21 @@ class Bundle:
         except Exception as e:  # a header that disagrees (ValueError) or hnswlib's RuntimeError
             raise BundleError(f"{schema.INDEX_FILE}: cannot be loaded: {e}") from e
         if int(self.index.size) != self.n_items or not np.array_equal(self.index.ids, np.arange(self.n_items)):
-            raise BundleError(f"{schema.INDEX_FILE}: labels are not the item rows 0..{self.n_items - 1}")
+            raise BundleError(f"{schema.INDEX_FILE}: labels are not the item rows 0..{self.n_items - 1} "
+                              f"({MANIFEST} counts.n_items)", reason="manifest_mismatch")
 
     def _load_recent_popularity(self, all_time: np.ndarray) -> np.ndarray:
         """``[n_items]`` int64 from ``recent_popularity.npy`` (checksummed with the rest), or a copy of
         ``all_time`` for a bundle from before it (no such file and no ``popularity`` in the manifest)."""
-        listed = RECENT_POPULARITY in self.manifest["files"]
-        if not listed:
-            if self.manifest.get("popularity"):
-                raise BundleError(f"{MANIFEST}: `popularity` is recorded but {RECENT_POPULARITY} has no checksum")
+        if RECENT_POPULARITY not in self.manifest["files"]:  # (_check_manifest: then no `popularity` either)
             return all_time.copy()
         try:
             a = np.load(self.path / RECENT_POPULARITY, allow_pickle=False)
         except ValueError as e:
             raise BundleError(f"{RECENT_POPULARITY}: not a plain .npy array: {e}") from e
         if a.dtype != np.int64 or a.shape != (self.n_items,):
-            raise BundleError(f"{RECENT_POPULARITY}: got {a.dtype} {a.shape}, manifest says int64 ({self.n_items},)")
+            raise BundleError(f"{RECENT_POPULARITY}: got {a.dtype} {a.shape}, manifest says int64 ({self.n_items},)",
+                              reason="manifest_mismatch")
         if a.size and a.min() < 0:
             raise BundleError(f"{RECENT_POPULARITY}: counts must be >= 0, got {a.min()}")
         return a
@@ -988,51 +1056,90 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 def _check_manifest(path: Path, m: Mapping[str, Any]) -> None:
     where = f"{MANIFEST} of {str(path)!r}"
+
+    def bad(msg: str, reason: str = "manifest_invalid") -> BundleError:
+        return BundleError(f"{where}: {msg}", reason=reason)
+
     sv = m.get("schema_version")
     if sv != schema.SCHEMA_VERSION:
-        raise BundleError(f"{where}: schema_version is {sv!r}, this recsys reads {schema.SCHEMA_VERSION}")
+        raise bad(f"schema_version is {sv!r}, this recsys reads {schema.SCHEMA_VERSION}")
     if m.get("metric") != schema.METRIC:
-        raise BundleError(f"{where}: metric is {m.get('metric')!r}, the system serves {schema.METRIC!r}")
+        raise bad(f"metric is {m.get('metric')!r}, the system (and every bundle's index) serves {schema.METRIC!r}",
+                  "manifest_mismatch")
     dim = m.get("dim")
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise BundleError(f"{where}: dim must be a positive integer, got {dim!r}")
+        raise bad(f"dim must be a positive integer, got {dim!r}")
     counts = m.get("counts")
     for key in ("n_users", "n_items"):
         v = counts.get(key) if isinstance(counts, Mapping) else None
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise BundleError(f"{where}: counts.{key} must be a positive integer, got {v!r}")
+            raise bad(f"counts.{key} must be a positive integer, got {v!r}")
     files = m.get("files")
     if not isinstance(files, Mapping):
-        raise BundleError(f"{where}: `files` (sha256 + size of every file) is missing")
+        raise bad("`files` (sha256 + size of every file) is missing")
     missing = [f for f in BUNDLE_FILES if f not in files and f not in OPTIONAL_FILES]
     if missing:
-        raise BundleError(f"{where}: no checksum for {missing}")
+        raise bad(f"no checksum for {missing}")
+    if m.get("popularity") and RECENT_POPULARITY not in files:
+        raise bad(f"`popularity` is recorded but {RECENT_POPULARITY} has no checksum")
     for name, entry in files.items():
         # manifest names are joined to the bundle dir: refuse anything that could escape it
-        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
-            raise BundleError(f"{where}: invalid file name {name!r}")
+        if not isinstance(name, str) or Path(name).name != name or name in (".", "..", MANIFEST):
+            raise bad(f"invalid file name {name!r}")
         if (
             not isinstance(entry, Mapping)
             or not isinstance(entry.get("sha256"), str)
             or not isinstance(entry.get("size"), int)
         ):
-            raise BundleError(f"{where}: files[{name!r}] must be {{sha256: str, size: int}}, got {entry!r}")
+            raise bad(f"files[{name!r}] must be {{sha256: str, size: int}}, got {entry!r}")
 
 
-def _check_files(path: Path, m: Mapping[str, Any], *, verify: bool) -> None:
-    # Sizes first (cheap, catches truncation), then hashes; nothing is parsed until every file passes.
-    for name, want in m["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise BundleError(f"{name}: missing from bundle {str(path)!r}")
-        size = f.stat().st_size
-        if size != want.get("size"):
-            raise BundleError(f"{name}: size is {size} bytes, manifest says {want.get('size')} (truncated or replaced?)")
+def _check_entries(path: Path) -> set[str]:
+    """The names in a version directory, refusing any symlink: a bundle's bytes are its own regular files (a link
+    can point anywhere, and change under a verified bundle). One ``scandir``, before the manifest is read."""
+    names = set()
+    with os.scandir(path) as it:
+        for e in it:
+            if e.is_symlink():
+                target = os.path.realpath(e.path)
+                if Path(target).is_relative_to(path.resolve()):
+                    where = "inside the version directory"
+                elif Path(target).is_relative_to(path.resolve().parent):
+                    where = "outside the version directory"
+                else:
+                    where = "outside the version directory and the models directory"
+                raise BundleError(f"{e.name}: is a symlink to {target!r} ({where}); a bundle holds only its own "
+                                  f"regular files", reason="symlink")
+            names.add(e.name)
+    return names
+
+
+def _check_files(path: Path, m: Mapping[str, Any], entries: set[str], *, verify: bool) -> None:
+    # Entries against the list, then sizes (cheap, catches truncation), then hashes; nothing is parsed until every
+    # file passes.
+    files = m["files"]
+    for name in files:
+        if name not in entries:
+            raise BundleError(f"{name}: missing from bundle {str(path)!r}", reason="missing_file")
+        if not (path / name).is_file():
+            raise BundleError(f"{name}: not a regular file in bundle {str(path)!r}", reason="missing_file")
+    extra = sorted(entries - set(files) - {MANIFEST})
+    if extra:
+        raise BundleError(f"{extra[0]}: extra file not listed in {MANIFEST} of {str(path)!r} (all extra: {extra[:5]})",
+                          reason="extra_file")
+    for name, want in files.items():
+        size = (path / name).stat().st_size
+        if size != want["size"]:
+            short = size < want["size"]
+            raise BundleError(f"{name}: size is {size} bytes, {MANIFEST} says {want['size']} "
+                              f"({'truncated' if short else 'longer: appended to or replaced'})",
+                              reason="truncated" if short else "size")
     if verify:
-        for name, want in m["files"].items():
+        for name, want in files.items():
             got = sha256_file(path / name)
-            if got != want.get("sha256"):
-                raise BundleError(f"{name}: sha256 is {got[:12]}..., manifest says {str(want.get('sha256'))[:12]}...")
+            if got != want["sha256"]:
+                raise BundleError(f"{name}: sha256 is {got[:12]}..., {MANIFEST} says {want['sha256'][:12]}...",
+                                  reason="checksum")
 
 
 def _load_matrix(f: Path, *, rows: int, dim: int) -> np.ndarray:
@@ -1041,7 +1148,8 @@ def _load_matrix(f: Path, *, rows: int, dim: int) -> np.ndarray:
     except ValueError as e:
         raise BundleError(f"{f.name}: not a plain .npy array: {e}") from e
     if a.dtype != np.float32 or a.shape != (rows, dim):
-        raise BundleError(f"{f.name}: got {a.dtype} {a.shape}, manifest says float32 ({rows}, {dim})")
+        raise BundleError(f"{f.name}: got {a.dtype} {a.shape}, manifest says float32 ({rows}, {dim}) "
+                          f"({MANIFEST}: counts and dim disagree with the array)", reason="manifest_mismatch")
     return _readonly(a)
 
 
@@ -1049,7 +1157,7 @@ def _vocab(t: Any, id_col: str, idx_col: str, *, rows: int, what: str) -> np.nda
     if id_col not in t.column_names:
         raise BundleError(f"{what}: column {id_col!r} missing; columns: {t.column_names}")
     if t.num_rows != rows:
-        raise BundleError(f"{what}: has {t.num_rows} rows, manifest says {rows}")
+        raise BundleError(f"{what}: has {t.num_rows} rows, manifest says {rows}", reason="manifest_mismatch")
     if idx_col in t.column_names:
         idx = t.column(idx_col).to_numpy()
         if not np.array_equal(idx, np.arange(rows)):

@@ -253,23 +253,34 @@ def popularity_percentile(pop: np.ndarray) -> np.ndarray:
 
 
 def _batched(
-    fn: Callable[[slice], np.ndarray], n: int, k: int, *, desc: str, progress: bool
+    fn: Callable[[slice], np.ndarray], n: int, k: int, *, desc: str, progress: bool | None
 ) -> np.ndarray:
+    """``fn`` over ``n`` users in batches. ``progress``: True = a tqdm bar, False = log lines, None = silent."""
     from tqdm.auto import tqdm
 
+    from recsys.logs import Throttle
+
     out = np.full((n, k), -1, dtype=np.int64)
-    with tqdm(total=n, desc=desc, unit="user", disable=not progress, leave=False) as bar:
+    # without a bar (no terminal): one line when done, and one every `recsys --progress-every` seconds on the way
+    throttle, t0 = Throttle(enabled=progress is False), time.perf_counter()
+    with tqdm(total=n, desc=desc, unit="user", disable=progress is not True, leave=False) as bar:
         for s in range(0, n, _SEARCH_BATCH):
             sl = slice(s, min(s + _SEARCH_BATCH, n))
             out[sl] = fn(sl)
             bar.update(sl.stop - sl.start)
+            if sl.stop < n and throttle.due():
+                log.info("evaluate: %s: %d/%d users", desc, sl.stop, n)
+    if progress is False:
+        log.info("evaluate: %s: %d users in %.1fs", desc, n, time.perf_counter() - t0)
     return out
 
 
 def search_all(
-    index: Any, queries: np.ndarray, k: int, *, seen: Sequence[np.ndarray], desc: str = "search", progress: bool = False
+    index: Any, queries: np.ndarray, k: int, *, seen: Sequence[np.ndarray], desc: str = "search",
+    progress: bool | None = None,
 ) -> np.ndarray:
-    """Top-``k`` item ids ``[n, k]`` for ``queries [n, dim]`` minus each query's seen items (serving's rule)."""
+    """Top-``k`` item ids ``[n, k]`` for ``queries [n, dim]`` minus each query's seen items (serving's rule).
+    ``progress``: True = a tqdm bar, False = log lines (a progress line every `--progress-every` s), None = silent."""
     from recsys.index import retrieve
 
     return _batched(lambda sl: retrieve(index, queries[sl], k, seen=seen[sl])[0], len(queries), k, desc=desc,

@@ -30,6 +30,7 @@ Measured on 2 shared cores (benchmarks/prepare_bench.py): 10M events in ~10 s CP
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import hashlib
@@ -961,6 +962,10 @@ def prepare(
 ) -> dict[str, Any]:
     """Prepare interaction logs into ``out`` (written atomically); returns the manifest.
 
+    ``out`` is built in a hidden temp dir beside it, fsynced and renamed into place: a run that is killed or runs
+    out of disk leaves ``out`` absent, or with ``overwrite`` the previous complete output (the error names ``out``);
+    the next run removes the dead run's temp dir. Modes follow the umask (see ``recsys.io``).
+
     ``logs``: files, globs or directories (csv/tsv/parquet/ndjson/MovieLens, optionally .gz/.zst).
     ``items`` / ``users``: optional metadata tables keyed by the item / user ID column.
     """
@@ -982,6 +987,19 @@ def prepare(
         atomic_write_json(tmp / schema.MANIFEST, manifest)
     log.info("prepare: wrote %s in %.1fs", out, manifest["seconds"])
     return manifest
+
+
+# errnos only a write can raise: a read+convert step failing with one of them is a full disk, not a bad input file
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+
+
+def _write_error(e: Exception, target: Path) -> OSError | None:
+    """An ``OSError`` naming ``target`` when polars' error ``e`` wraps a write-only errno (``(os error 28)``)."""
+    m = re.search(r"os error (\d+)", str(e))
+    if m is None or int(m.group(1)) not in _WRITE_ERRNOS:
+        return None
+    n = int(m.group(1))
+    return OSError(n, f"{os.strerror(n)} (writing the prepared output)", str(target))
 
 
 def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path: Path | None,
@@ -1011,6 +1029,8 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
                 lf.sink_parquet(work / "norm" / f"part-{k:05d}.parquet", compression="uncompressed",
                                 engine="streaming")
             except pl.exceptions.PolarsError as e:
+                if (w := _write_error(e, work / "norm")) is not None:
+                    raise w from e  # the disk, not the input: the scratch copy could not be written
                 raise ValueError(f"{path}: cannot read as {fmt}: {e}") from None
         norm = pl.scan_parquet(work / "norm" / "*.parquet")
         acct = (norm.group_by((pl.col("seq") // _SEQ_FILE_SHIFT).alias("file"), "reason", "freason")

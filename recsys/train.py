@@ -34,6 +34,7 @@ from recsys.config import to_dict
 from recsys.data import Interactions, PreparedData, feature_widths, last_items, load_prepared, user_item_lists
 from recsys.distributed import DistContext
 from recsys.io import atomic_dir, atomic_write_json
+from recsys.logs import Throttle
 from recsys.model import PRIOR_SCALES, FeatureSpec, LossConfig, ModelConfig, TrainConfig, TwoTower
 
 log = logging.getLogger(__name__)
@@ -1032,7 +1033,8 @@ def _run_phase(
     total_steps = epochs * n_batches
     warmup_steps = round(tc.warmup_epochs * n_batches)
     scheduled = tc.lr_schedule != "constant" or warmup_steps > 0
-    # a bar only on a terminal: in a log file its redraws are noise (each epoch's line is logged either way)
+    # a bar only on a terminal: in a log file its redraws are noise (each epoch's line is logged either way); there
+    # a long epoch logs one progress line every `recsys --progress-every` seconds instead (recsys.logs)
     show_bar = tc.progress and sys.stderr.isatty()
     # early stopping ends the fit phase only; the refit phase always runs its fixed number of epochs
     while progress.epoch < epochs and not (phase == "fit" and progress.stopped_early):
@@ -1053,6 +1055,7 @@ def _run_phase(
         total_t = torch.zeros((), dtype=torch.float64, device=trainer.device)
         total, bar = 0.0, tqdm(range(n_batches), desc=f"{phase} epoch {epoch}/{epochs}", disable=not show_bar,
                                 leave=False, unit="batch")
+        throttle = Throttle(enabled=tc.progress and not show_bar and ctx.is_main)
         for b in bar:
             rows = ctx.shard(perm[b * bs : (b + 1) * bs])
             check = (b + 1) % check_every == 0 or b + 1 == n_batches
@@ -1084,6 +1087,12 @@ def _run_phase(
             if show_bar and check:
                 el = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{(b + 1) * bs / max(el, 1e-9):.0f}")
+            elif check and throttle.due():
+                el = time.perf_counter() - t0
+                ex_s = round((b + 1) * bs / max(el, 1e-9), 1)
+                log.info("%s epoch %d/%d: batch %d/%d loss=%.4g examples_per_s=%.0f", phase, epoch, epochs, b + 1,
+                         n_batches, value, ex_s, extra={"phase": phase, "epoch": epoch, "batch": b + 1,
+                                                        "batches": n_batches, "loss": value, "examples_per_s": ex_s})
         bar.close()
         total = float(ctx.all_reduce_mean(total_t))
         seconds = time.perf_counter() - t0
@@ -1114,7 +1123,8 @@ def _run_phase(
                     progress.stopped_early = True
             rec["best_epoch"] = progress.best_epoch
         writer.write("epoch", progress.step, **rec)
-        log.info("%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        log.info("%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
+                 extra=rec)  # the fields again, for `--log-format json`
         _save_checkpoint(run_dir, trainer, progress)
 
 

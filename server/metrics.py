@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import threading
 from typing import Any
 
@@ -9,6 +10,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # sub-millisecond resolution: a healthy Recommend answers in well under 1 ms
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5, 1.0, 5.0)
+
+
+# Refusals the server itself makes, besides recsys.bundle's checks: the bundle loaded but failed its warm-up
+# queries, or the loader raised something that is not a BundleError.
+REFUSED_BY_SERVER = ("warmup", "other")
+
+
+def refusal_reasons() -> tuple[str, ...]:
+    """Every ``reason`` label of ``recsys_bundles_refused``."""
+    try:
+        from recsys.bundle import REFUSAL_REASONS
+    except ImportError:  # pragma: no cover - the server without the bundle module (fake loaders)
+        REFUSAL_REASONS = ()  # noqa: N806
+    return (*REFUSAL_REASONS, *REFUSED_BY_SERVER)
 
 
 class Bound:
@@ -44,6 +59,23 @@ class Metrics:
             "recsys_model_reloads", "Model loads, by result (ok, refused, error)", ["result"],
             registry=self.registry,
         )
+        self.model_created = Gauge(
+            "recsys_model_created_timestamp_seconds",
+            "Unix time the serving model version was published (its manifest's created_at)", registry=self.registry,
+        )
+        self.model_items = Gauge("recsys_model_items", "Items in the serving model's catalogue",
+                                 registry=self.registry)
+        self.model_users = Gauge("recsys_model_users", "Users the serving model knows by id", registry=self.registry)
+        for result in ("ok", "refused", "error"):
+            self.reloads.labels(result)  # at 0 from the start: an alert's increase() sees the first refusal
+        # every refusal of a bundle (a load that failed its checks, a LATEST the server will not follow), by the
+        # kind of check (recsys.bundle.REFUSAL_REASONS + REFUSED_BY_SERVER); the known reasons start at 0
+        self.bundles_refused = Counter(
+            "recsys_bundles_refused", "Bundles refused at load (the previous version keeps serving), by reason",
+            ["reason"], registry=self.registry,
+        )
+        for reason in refusal_reasons():
+            self.bundles_refused.labels(reason)
         # labelled children cached: .labels() takes a lock and hashes the labels on every call
         self._req: dict[tuple[str, str], object] = {}
         self._lat: dict[str, object] = {}
@@ -67,7 +99,21 @@ class Metrics:
         req.inc()
         lat.observe(seconds)
 
-    def set_version(self, version: str) -> None:
+    def set_version(self, version: str, *, created_at: str = "", n_items: int | None = None,
+                    n_users: int | None = None) -> None:
+        """The serving model: its version, when it was published (manifest ``created_at``, ISO 8601; the stale-
+        retrain alert) and its catalogue's size."""
         with self._lock:
             self.model_version.clear()
             self.model_version.labels(version).set(1)
+            if created_at:
+                try:
+                    when = _dt.datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+                except ValueError:
+                    pass
+                else:
+                    self.model_created.set(when.timestamp())
+            if n_items is not None:
+                self.model_items.set(n_items)
+            if n_users is not None:
+                self.model_users.set(n_users)

@@ -3,7 +3,9 @@
 ``ModelStore.current`` is the bundle answering requests. A request reads it ONCE at its start, so a swap (a
 single reference assignment) never changes the model under a request in flight. New versions are loaded,
 verified and warmed off the request path (by the watcher thread or an admin ReloadModel call); a bundle that fails
-is refused, logged and counted, and the old one keeps serving.
+is refused, logged and counted (``recsys_model_reloads{result="refused"}`` and ``recsys_bundles_refused{reason}``,
+the reason being ``BundleError.reason``), and the old one keeps serving. So is a ``LATEST`` that names no version
+directory of ``models_dir`` (a path, a symlink leading out of it, a version that does not exist).
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -26,8 +27,6 @@ from server import fastpath
 from server.metrics import Metrics
 
 log = logging.getLogger("recsys.server.store")
-
-_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def default_loader(path: Path) -> Any:
@@ -81,6 +80,7 @@ class ModelStore:
         self.loaded_at: str = ""
         self._reload_lock = threading.Lock()  # one load at a time (watcher vs admin call)
         self._refused: set[str] = set()  # versions that failed; the watcher does not retry them
+        self._missing: str | None = None  # the LATEST that named no directory, counted once (retried: it may appear)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -118,9 +118,11 @@ class ModelStore:
 
         Returns (previous version, serving version, changed). Raises InvalidArgument for a malformed name,
         NotFound for a missing version, FailedPrecondition when the bundle is refused (old model keeps serving).
+        The version directory is checked by ``recsys.bundle.version_dir`` (a ``LATEST`` holding a path or naming a
+        symlink out of ``models_dir`` is refused), then loaded by the loader and warmed up.
         """
-        if version is not None and not _VERSION_NAME.match(version):
-            raise InvalidArgument(f"`version` must be a version directory name, got {version[:80]!r}")
+        from recsys.bundle import BundleError, version_dir
+
         with self._reload_lock:
             target = version or self.latest_version()
             if target is None:
@@ -129,24 +131,39 @@ class ModelStore:
             prev_version = "" if prev is None else str(prev.version)
             if prev is not None and prev_version == target:
                 return prev_version, prev_version, False
-            path = self.models_dir / target
-            if not path.is_dir():
-                raise NotFound(f"model version {target!r} not found in {str(self.models_dir)!r}")
+            try:
+                path = version_dir(self.models_dir, target, pointer=version is None)
+            except BundleError as e:
+                if e.reason != "latest_missing":
+                    self._refuse(target, e.reason, e)
+                if version is None and self._missing != target:  # a LATEST naming nothing: counted once
+                    self._missing = target
+                    self._count("refused", "latest_missing")
+                    log.warning("not following %s: %s", schema.LATEST, e, extra={"version": target[:80]})
+                raise NotFound(str(e)) from e
+            except ValueError as e:
+                raise InvalidArgument(f"`version` must be a version directory name, got {version[:80]!r}") from e
             t0 = time.perf_counter()
             try:
                 bundle = self._loader(path)
+            except Exception as e:
+                self._refuse(target, e.reason if isinstance(e, BundleError) else "other", e)
+            if str(bundle.version) != target:  # a copied directory: polling would reload it forever
+                self._refuse(target, "manifest_mismatch", BundleError(
+                    f"{schema.MANIFEST}: version is {str(bundle.version)[:80]!r}, its directory is {target[:80]!r}"))
+            try:
                 warm_up(bundle, self._warmup, native=self._native)
             except Exception as e:
-                self._refused.add(target)
-                self._count("refused")
-                log.error("refused model version %s: %s", target, e, extra={"version": target}, exc_info=True)
-                raise FailedPrecondition(f"model version {target!r} was refused: {e}") from e
+                self._refuse(target, e.reason if isinstance(e, BundleError) else "warmup", e)
             self.current = bundle  # the swap: requests that start from now on see the new bundle
             self.loaded_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             self._refused.discard(target)
+            self._missing = None
             self._count("ok")
             if self._metrics is not None:
-                self._metrics.set_version(str(bundle.version))
+                self._metrics.set_version(str(bundle.version), created_at=str(getattr(bundle, "created_at", "")),
+                                          n_items=getattr(bundle, "n_items", None),
+                                          n_users=getattr(bundle, "n_users", None))
             log.info(
                 "serving model version %s (was %s), loaded in %.2fs", bundle.version, prev_version or "none",
                 time.perf_counter() - t0, extra={"version": str(bundle.version)},
@@ -155,20 +172,36 @@ class ModelStore:
                 self._on_change(bundle)
             return prev_version, str(bundle.version), True
 
-    def _count(self, result: str) -> None:
+    def _refuse(self, target: str, reason: str, e: Exception) -> NoReturn:
+        """Refuse ``target`` (not retried by the watcher), count and log it; the old model keeps serving."""
+        self._refused.add(target)
+        self._count("refused", reason)
+        log.error("refused model version %s (%s): %s", target[:80], reason, e, extra={"version": target[:80]},
+                  exc_info=True)
+        raise FailedPrecondition(f"model version {target[:80]!r} was refused ({reason}): {e}") from e
+
+    def _count(self, result: str, reason: str | None = None) -> None:
+        """``recsys_model_reloads{result}``, and ``recsys_bundles_refused{reason}`` for a refusal."""
         if self._metrics is not None:
             self._metrics.reloads.labels(result).inc()
+            if reason is not None:
+                self._metrics.bundles_refused.labels(reason).inc()
 
     def poll_once(self) -> bool:
         """Load LATEST if it names a new version that was not refused before; True when the model changed."""
         latest = self.latest_version()
         current = self.current
-        if latest is None or latest in self._refused or (current is not None and str(current.version) == latest):
+        if current is not None and str(current.version) == latest:
+            self._missing = None  # LATEST is back: a later dangling one is counted again
+            return False
+        if latest is None or latest in self._refused:
             return False
         try:
-            return self.reload(latest)[2]
-        except (FailedPrecondition, NotFound, InvalidArgument) as e:
-            log.warning("hot reload of %s failed: %s", latest, e)
+            return self.reload()[2]  # (re-reads LATEST: checked as a pointer, not as an admin's version name)
+        except NotFound:  # a LATEST naming nothing: reload logged it (once); retried, it may appear
+            return False
+        except (FailedPrecondition, InvalidArgument) as e:
+            log.warning("hot reload of %s failed: %s", latest[:80], e)
             return False
 
     # ------------------------------------------------------------------ watcher

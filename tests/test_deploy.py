@@ -8,6 +8,8 @@ needed: Dockerfiles are checked as text, and their HEALTHCHECK command is run ag
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import shlex
 import shutil
@@ -26,8 +28,13 @@ K8S = DEPLOY / "k8s"
 K8S_VERSION = "1.30"
 PORT = 50051
 METRICS_PORT = 9090
-# Custom resources with no schema in the standard set: YAML/yamllint only.
-CRD_FILES = {K8S / "training" / "pytorchjob.yaml"}
+# Custom resources with no schema in the standard set (file -> apiVersion): YAML/yamllint only, and no
+# kustomization lists them (`kubectl apply -k` would fail on a cluster without the operator's CRD).
+CRD_FILES = {
+    K8S / "training" / "pytorchjob.yaml": "kubeflow.org/v1",
+    K8S / "monitoring" / "prometheus-rules.yaml": "monitoring.coreos.com/v1",
+    K8S / "monitoring" / "podmonitor.yaml": "monitoring.coreos.com/v1",
+}
 
 
 def load_docs(path: Path) -> list[dict[str, Any]]:
@@ -112,7 +119,7 @@ def test_manifests_validate_against_kubernetes_schemas():
     for path in manifest_files():
         for doc in load_docs(path):
             if path in CRD_FILES:
-                assert doc["apiVersion"] == "kubeflow.org/v1", path
+                assert doc["apiVersion"] == CRD_FILES[path], path
                 continue
             try:
                 kv.validate(doc, K8S_VERSION, strict=True)
@@ -580,3 +587,211 @@ def test_readme_documents_client_side_round_robin_for_the_headless_service():
     assert f"dns:///{svc}.recsys.svc.cluster.local:{PORT}" in text
     assert '{"loadBalancingConfig": [{"round_robin": {}}]}' in text
     assert "torchrun --nproc_per_node 8 -m recsys train" in text
+
+
+# ---------------------------------------------------------------------------------------------- monitoring
+#
+# The Grafana dashboard and the PrometheusRule may only query metrics the server exports. The names come from a
+# live prometheus_client registry (server.metrics.Metrics), with the suffixes the exposition format adds. PromQL
+# is parsed with `promql-parser` (pip install promql-parser: the Prometheus grammar, via the Rust crate) when it
+# is installed; otherwise a fallback checks balanced brackets and pulls the metric names out with a tokenizer.
+
+DASHBOARD = DEPLOY / "grafana" / "recsys-dashboard.json"
+RULES = K8S / "monitoring" / "prometheus-rules.yaml"
+# Metrics the deploy files use that the server does not export yet: (type, labels, what it is). Remove an entry
+# when server/metrics.py exports it (the test below then checks its type and labels).
+PENDING_METRICS = {
+    "recsys_requests_rejected_total": (
+        "counter", ("reason",), "RPCs refused with RESOURCE_EXHAUSTED before a handler ran (max_concurrency, ...)"),
+}
+# labels Prometheus itself attaches to every scraped series (target labels), besides the metric's own
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "service", "endpoint"}
+SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created"),
+            "summary": ("", "_count", "_sum", "_created"), "info": ("_info",)}
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+                   "offset", "atan2", "inf", "nan"}
+
+
+def exported_metrics() -> dict[str, set[str]]:
+    """Every series name the server's registry exposes -> its label names (a live ``Metrics()``)."""
+    from server.metrics import Metrics
+
+    m = Metrics()
+    m.observe("Recommend", "OK", 0.001)  # create one child of each labelled metric, for the label names
+    m.set_version("v1")
+    m.reloads.labels("ok").inc()
+    out: dict[str, set[str]] = {}
+    for fam in m.registry.collect():
+        labels = {k for s in fam.samples for k in s.labels} - {"le", "quantile"}
+        for suffix in SUFFIXES[fam.type]:
+            out[fam.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return out
+
+
+def grafana_exprs() -> list[tuple[str, str]]:
+    """(where, PromQL) of every dashboard query, Grafana's variables replaced by values Prometheus accepts."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = [(f"panel {p['title']!r}", t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+    out += [(f"annotation {a['name']!r}", a["expr"]) for a in dash["annotations"]["list"] if "expr" in a]
+    return [(w, re.sub(r"\$\w+", ".*", re.sub(r"\$__(rate_interval|interval|range)", "5m", e))) for w, e in out]
+
+
+def rule_exprs() -> list[tuple[str, str]]:
+    (doc,) = load_docs(RULES)
+    return [(f"alert {r['alert']}", r["expr"]) for g in doc["spec"]["groups"] for r in g["rules"]]
+
+
+def selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric name, label names matched) of every series selector in ``expr``; raises if it is not PromQL."""
+    try:
+        import promql_parser as pp
+    except ImportError:
+        return _selectors_fallback(expr)
+    found: list[tuple[str, set[str]]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, pp.MatrixSelector):
+            node = node.vector_selector
+        if isinstance(node, pp.VectorSelector):
+            labels = {m.name for m in node.matchers.matchers}
+            name = node.name or next(m.value for m in node.matchers.matchers if m.name == "__name__")
+            found.append((name, labels - {"__name__"}))
+            return
+        for attr in ("expr", "lhs", "rhs", "param"):
+            child = getattr(node, attr, None)
+            if child is not None:
+                walk(child)
+        for arg in getattr(node, "args", None) or ():
+            walk(arg)
+
+    walk(pp.parse(expr))
+    return found
+
+
+def _selectors_fallback(expr: str) -> list[tuple[str, set[str]]]:
+    """Without a PromQL parser: brackets balance, and every identifier that is not a function, keyword, grouping
+    label or label matcher is a metric name."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    stack = []
+    for ch in text:
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in ")]}":
+            assert stack and stack.pop() + ch in ("()", "[]", "{}"), f"unbalanced {ch!r} in {expr!r}"
+    assert not stack, f"unclosed {stack} in {expr!r}"
+    text = re.sub(r"\[[^\]]*\]", "", text)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    found = []
+    for m in re.finditer(r"([A-Za-z_:][\w:]*)\s*(\{[^}]*\})?\s*(\()?", text):
+        name, matchers, call = m.groups()
+        if call or name in PROMQL_KEYWORDS or re.fullmatch(r"\d\w*", name):
+            continue
+        found.append((name, set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers or ""))))
+    return found
+
+
+def all_exprs() -> list[tuple[str, str]]:
+    return [(f"{DASHBOARD.name}: {w}", e) for w, e in grafana_exprs()] + [(f"{RULES.name}: {w}", e)
+                                                                           for w, e in rule_exprs()]
+
+
+def test_dashboard_and_rules_query_only_metrics_the_server_exports():
+    exported = exported_metrics()
+    known = {**exported, **{name: set(labels) for name, (_, labels, _) in PENDING_METRICS.items()}}
+    problems, used = [], set()
+    for where, expr in all_exprs():
+        try:
+            sels = selectors(expr)
+        except (ValueError, AssertionError) as e:
+            problems.append(f"{where}: not PromQL ({e}): {expr}")
+            continue
+        assert sels, f"{where}: no metric in {expr}"
+        for name, labels in sels:
+            used.add(name)
+            if name not in known:
+                problems.append(f"{where}: {name} is not exported by the server")
+            elif labels - known[name] - TARGET_LABELS:
+                problems.append(f"{where}: {name} has no label(s) {sorted(labels - known[name] - TARGET_LABELS)}")
+    assert problems == []
+    # the families the issue asks for are on the dashboard or in the rules
+    assert {"recsys_requests_total", "recsys_request_latency_seconds_bucket", "recsys_model_version_info",
+            "recsys_model_reloads_total", "recsys_bundles_refused_total"} <= used
+
+
+def test_pending_metrics_are_not_exported_yet():
+    # When the server starts exporting one, drop it from PENDING_METRICS: the check above then uses its real labels.
+    exported = exported_metrics()
+    assert sorted(set(PENDING_METRICS) & set(exported)) == []
+
+
+def test_every_server_metric_is_on_the_dashboard():
+    exported = exported_metrics()
+    families = {n.removesuffix(s) for n in exported for s in ("_total", "_bucket") if n.endswith(s)} | {
+        n for n in exported if not n.endswith(("_total", "_bucket", "_count", "_sum", "_created"))}
+    text = DASHBOARD.read_text()
+    assert sorted(f for f in families if f not in text) == []
+
+
+def test_dashboard_is_a_grafana_dashboard_model():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"] and isinstance(dash["schemaVersion"], int)
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        if p["type"] == "row":
+            continue
+        assert p["type"] in {"timeseries", "stat", "table", "gauge", "bargauge"}, p["title"]
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        assert p["targets"] and all(t["expr"] and t["refId"] for t in p["targets"]), p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), p["title"]
+
+
+RULE_KEYS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+GROUP_KEYS = {"name", "interval", "rules", "limit", "partial_response_strategy", "query_offset"}
+DURATION = re.compile(r"^(\d+(ms|[smhdwy]))+$")
+
+
+def test_prometheus_rule_follows_the_rule_schema():
+    (doc,) = load_docs(RULES)
+    assert (doc["apiVersion"], doc["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert doc["metadata"]["name"] and doc["metadata"]["namespace"] == "recsys"
+    assert set(doc["spec"]) == {"groups"}
+    groups = doc["spec"]["groups"]
+    assert len({g["name"] for g in groups}) == len(groups)
+    alerts = []
+    for g in groups:
+        assert set(g) <= GROUP_KEYS and g["rules"], g["name"]
+        for r in g["rules"]:
+            assert set(r) <= RULE_KEYS and "alert" in r and "record" not in r, r
+            assert re.fullmatch(r"[A-Z][A-Za-z0-9]*", r["alert"]) and isinstance(r["expr"], str), r
+            assert DURATION.match(r.get("for", "0s")), r
+            assert r["labels"]["severity"] in {"critical", "warning", "info"}, r["alert"]
+            assert {"summary", "description"} <= set(r["annotations"]), r["alert"]
+            for text in r["annotations"].values():  # Go templates: {{ ... }} pairs
+                assert text.count("{{") == text.count("}}"), r["alert"]
+            alerts.append(r["alert"])
+    assert len(alerts) == len(set(alerts))
+    assert {"RecsysHighErrorRatio", "RecsysHighLatencyP99", "RecsysNoModelLoaded", "RecsysBundleRefused",
+            "RecsysRetrainStale"} <= set(alerts)
+
+
+def test_promql_checker_rejects_what_prometheus_would():
+    # guards the checks above against a parser (or fallback) that accepts anything
+    with pytest.raises((ValueError, AssertionError)):
+        selectors("sum(rate(recsys_requests_total[5m])")
+    assert [n for n, _ in selectors('sum by (code) (rate(recsys_requests_total{method="Recommend"}[5m]))')] == [
+        "recsys_requests_total"]
+    assert _selectors_fallback("histogram_quantile(0.99, sum by (le) (rate(x_bucket{a=\"b\"}[5m]))) > 1") == [
+        ("x_bucket", {"a"})]
+    # the fallback finds what the parser finds in every shipped expression
+    if importlib.util.find_spec("promql_parser") is not None:
+        for where, expr in all_exprs():
+            def canon(sels: list[tuple[str, set[str]]]) -> list[tuple[str, list[str]]]:
+                return sorted((name, sorted(labels)) for name, labels in sels)
+
+            assert canon(_selectors_fallback(expr)) == canon(selectors(expr)), where

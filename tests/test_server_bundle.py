@@ -4,6 +4,7 @@ bundle is refused by Bundle.load's verification while the old model keeps servin
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import time
 
@@ -34,7 +35,7 @@ def _cluster(item_id: str) -> int:
 
 def test_real_bundle_answers(published):
     _run, models, bundle = published
-    with running_server(models, loader=_default_loader(), max_k=100) as (_app, target), \
+    with running_server(models, loader=_default_loader(), max_k=100) as (app, target), \
             grpc.insecure_channel(target) as ch:
         stub = pb_grpc.RecommenderStub(ch)
         in_cluster, overlap = [], []
@@ -66,6 +67,12 @@ def test_real_bundle_answers(published):
         assert np.mean([_cluster(it.item_id) == 1 for it in sim.items]) >= 0.6
         info = stub.GetModelInfo(pb.GetModelInfoRequest())
         assert (info.version, info.n_items, info.dim, info.metric) == ("v1", bundle.n_items, bundle.dim, "cosine")
+        # what the dashboard and the stale-retrain alert read
+        sample = app.metrics.registry.get_sample_value
+        assert sample("recsys_model_items") == bundle.n_items and sample("recsys_model_users") == bundle.n_users
+        created = dt.datetime.fromisoformat(bundle.created_at.replace("Z", "+00:00")).timestamp()
+        assert bundle.created_at and sample("recsys_model_created_timestamp_seconds") == created
+        assert sample("recsys_model_version_info", {"version": "v1"}) == 1
 
 
 def _default_loader():

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from recsys.client import RecommenderClient, RecommenderError
+    from recsys.logs import report_error
 
     token = args.admin_token or os.environ.get("RECSYS_ADMIN_TOKEN")
     client = RecommenderClient(
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         with client:
             out = _ask(client, args)
     except RecommenderError as e:
-        print(f"recsys query {args.query}: {e.code.name}: {e.details}", file=sys.stderr)
+        report_error(getattr(args, "log_format", "text"), f"query {args.query}", e.details, label=f"{e.code.name}: ",
+                     code=e.code.name)
         return 1
     json.dump(out, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")

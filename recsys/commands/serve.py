@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
+# the server logs JSON lines unless `--log-format text` (recsys.cli adds the flag to every command)
+LOG_FORMAT = "json"
+
 # flag -> ServeSettings field (None: flag not given, lower layers decide)
 _FLAGS = {
     "models": "models_dir", "host": "host", "port": "port", "max_k": "max_k", "max_ids": "max_ids",
@@ -43,7 +46,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-requests", action="store_const", const=True, help="log every request at INFO")
     p.add_argument("--no-native-recommend", dest="native_recommend", action="store_const", const=False,
                    help="answer every Recommend in Python (default: known-user requests natively, byte-identical)")
-    p.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format (default json)")
     p.set_defaults(func=run)
 
 
@@ -66,14 +68,10 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from server.app import create_server, serve_until_signal
-    from server.logs import configure_json_logging
     from server.settings import load_settings
 
     overrides = {field: getattr(args, flag, None) for flag, field in _FLAGS.items()}
     settings = load_settings(config=args.config, overrides=overrides)
-    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
-    if args.log_format == "json":
-        configure_json_logging(level)
     if not os.path.isdir(settings.models_dir):
         raise FileNotFoundError(f"models directory {settings.models_dir!r} does not exist (`--models`)")
     app, port = create_server(settings.address, settings)

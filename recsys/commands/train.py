@@ -35,8 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import sys
 
+    from recsys.logs import report_error
     from recsys.train import TrainingDiverged, load_configs, train
 
     model_cfg, train_cfg, loss_cfg = load_configs(args.config, args.overrides)
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device, resume=args.resume,
         )
     except TrainingDiverged as e:
-        print(f"recsys train: {e}", file=sys.stderr)
+        report_error(getattr(args, "log_format", "text"), "train", str(e), error="TrainingDiverged")
         return 3
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
