@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from recsys.service import Limits
 from recsys.v1 import recommender_pb2 as pb
-from server.metrics import Metrics
+from server.metrics import Metrics, RejectionCounter
 from server.servicer import AdminServicer, RecommenderServicer, add_to_server
 from server.settings import ServeSettings
 from server.store import ModelStore, default_loader
@@ -119,11 +119,14 @@ def create_server(
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", max(settings.max_message_bytes, 64 * 1024 * 1024)),
     ]
+    rejections = RejectionCounter(metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.resolved_workers(), thread_name_prefix="rpc"),
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrency,
+        interceptors=(rejections,),
     )
+    rejections.attach(server)
     kw = {"log_requests": settings.log_requests}
     add_to_server(RecommenderServicer(store, limits, metrics, native=settings.native_recommend, **kw), server)
     add_to_server(AdminServicer(store, limits, metrics, admin_token=settings.admin_token, **kw), server)

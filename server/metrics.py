@@ -66,6 +66,12 @@ class Metrics:
         self.model_items = Gauge("recsys_model_items", "Items in the serving model's catalogue",
                                  registry=self.registry)
         self.model_users = Gauge("recsys_model_users", "Users the serving model knows by id", registry=self.registry)
+        self.rejected = Counter(
+            "recsys_requests_rejected",
+            "RPCs refused with RESOURCE_EXHAUSTED before a handler ran, by reason (concurrency: [serve] "
+            "max_concurrency calls already admitted)", ["reason"], registry=self.registry,
+        )
+        self.rejected.labels("concurrency")
         for result in ("ok", "refused", "error"):
             self.reloads.labels(result)  # at 0 from the start: an alert's increase() sees the first refusal
         # every refusal of a bundle (a load that failed its checks, a LATEST the server will not follow), by the
@@ -117,3 +123,40 @@ class Metrics:
                 self.model_items.set(n_items)
             if n_users is not None:
                 self.model_users.set(n_users)
+
+
+class RejectionCounter:
+    """A gRPC server interceptor that counts the calls gRPC's own ``maximum_concurrent_rpcs`` refuses
+    (``recsys_requests_rejected{reason="concurrency"}``): those never reach a handler, so nothing else can.
+
+    grpcio decides the refusal in its polling thread, under the server state's lock, as ``active_rpc_count >=
+    maximum_concurrent_rpcs``, and calls the interceptors inside that same locked section just before; reading
+    the same two numbers here gives the same answer. They are grpcio's private ``Server._state`` (grpcio 1.6x-1.8x);
+    :meth:`attach` checks they exist and, if a grpcio without them is installed, logs once and counts nothing
+    (``tests/test_server.py`` shows the count equals the RESOURCE_EXHAUSTED answers a client sees). Calls it lets
+    through cost one comparison.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._inc = metrics.rejected.labels("concurrency").inc
+        self._state: Any = None
+
+    def attach(self, server: Any) -> bool:
+        """Read ``server``'s admission state from now on; False (and nothing counted) where grpcio hides it."""
+        state = getattr(server, "_state", None)
+        if state is None or not hasattr(state, "active_rpc_count") or not hasattr(state, "maximum_concurrent_rpcs"):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "this grpcio does not expose its admission state: recsys_requests_rejected stays at 0")
+            return False
+        self._state = state
+        return True
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        state = self._state
+        if state is not None:
+            limit = state.maximum_concurrent_rpcs
+            if limit is not None and state.active_rpc_count >= limit:
+                self._inc()
+        return continuation(handler_call_details)

@@ -252,10 +252,11 @@ def test_access_logs_carry_a_request_id_back_to_the_caller(tmp_path, caplog):
 
 def test_resource_exhausted_and_deadline(tmp_path):
     write_fake_version(tmp_path, "v1", delay_s=0.3)
-    with running_server(tmp_path, warmup_queries=0, max_concurrency=2) as (_app, target), \
+    with running_server(tmp_path, warmup_queries=0, max_concurrency=2) as (app, target), \
             grpc.insecure_channel(target) as ch:
         stub = pb_grpc.RecommenderStub(ch)
         codes = []
+        rejected = app.metrics.registry.get_sample_value
 
         def call():
             codes.append(code_of(stub.Recommend, pb.RecommendRequest(user_id="u1", k=1), timeout=5)[0])
@@ -267,6 +268,9 @@ def test_resource_exhausted_and_deadline(tmp_path):
             t.join()
         assert set(codes) == {OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert codes.count(OK) <= 4
+        # every refusal the callers saw is counted for the dashboard (gRPC refuses them before any handler)
+        assert rejected("recsys_requests_rejected_total", {"reason": "concurrency"}) == \
+            codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
         code, _ = code_of(stub.Recommend, pb.RecommendRequest(user_id="u1", k=1), timeout=0.05)
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
 
