@@ -236,8 +236,8 @@ class TrainConfig:
     log_every: int = 50
     """Write a training-loss line to metrics.jsonl every this many steps (0 = only per epoch)."""
     progress: bool = True
-    """Show a tqdm progress bar with loss and throughput (on a terminal only; the per-epoch log line is always
-    written)."""
+    """Progress within an epoch: a tqdm bar with loss and throughput on a terminal, elsewhere one log line every
+    `recsys --progress-every` seconds; false = neither (the per-epoch log line is always written)."""
     num_threads: int = 0
     """torch intra-op threads on CPU (0 = leave torch's default)."""
     tensorboard: bool = True
