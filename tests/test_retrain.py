@@ -62,6 +62,21 @@ def test_first_retrain_publishes_without_a_serving_model(first: tuple[Path, dict
     assert bundle_mod.read_latest(models) == report["published"]
     # the candidate is far better than chance on the newest slice (300 items: chance Recall@20 ~ 0.07)
     assert report["gate"]["candidate"]["recall@20"] > 0.15
+    # a batch retrain scores with the time prior by default (RETRAIN_DEFAULTS): the bundle carries its dimensions
+    model = json.loads((models / report["published"] / "model.json").read_text())
+    assert model["config"]["time_prior"] is True and model["served_dim"] == model["dim"] + 4 + 1
+
+
+def test_retrain_defaults_yield_to_the_config_file_and_overrides(tmp_path: Path) -> None:
+    from recsys.retrain import with_retrain_defaults
+
+    assert with_retrain_defaults(None, ["train.epochs=3"]) == ["model.time_prior=true", "train.epochs=3"]
+    assert with_retrain_defaults(None, ["model.time_prior=false"]) == ["model.time_prior=false"]
+    cfg = tmp_path / "recsys.toml"
+    cfg.write_text("[model]\ntime_prior = false\n")
+    assert with_retrain_defaults(cfg, ["model.dim=16"]) == ["model.dim=16"]
+    cfg.write_text("[model]\ndim = 16\n")
+    assert with_retrain_defaults(cfg, []) == ["model.time_prior=true"]
 
 
 def test_gate_rejects_a_worse_model_and_latest_stays(first: tuple[Path, dict], logs: dict, tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="retrain from new logs and publish only if the model passes the quality gate",
         description=(
             "Prepare the new logs (global time split: the newest events are the gate slice), train warm-started "
-            "from the serving model (LATEST), compare Recall@K of candidate and serving model on the newest slice, "
+            "from the serving model (LATEST) with the score's time prior (model.time_prior = true unless the config "
+            "or --set names it: what is popular now, weighted on the newest events), compare Recall@K of candidate and serving model on the newest slice, "
             "and publish (atomically, moving LATEST) only when the candidate is not worse by more than "
             "retrain.tolerance. The gate report is written either way. Holds MODELS_DIR/.retrain.lock; a crashed "
             "job resumes where it stopped and publishes once. Running servers hot-reload the new LATEST."
