@@ -12,6 +12,7 @@ Logging is set up here for every command (see :mod:`recsys.logs`): ``--log-forma
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -93,6 +94,10 @@ def _add_log_options(p: argparse.ArgumentParser, default: str = "text", *, progr
                         f"{DEFAULT_PROGRESS_EVERY_S:g}). On a terminal tqdm bars are drawn instead.")
 
 
+# OSErrors that describe the machine rather than a bug: reported in one line, exit status 1
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -109,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         report_error(args.log_format, args.command, str(e), label="error: ", error=type(e).__name__)
         return 2
+    except OSError as e:
+        # the disk, not the program: full, over quota, a file-size limit, read-only, no permission -- one line
+        # naming the path (and any note the writer added, e.g. which output was left untouched)
+        if args.verbose or e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        report_error(args.log_format, args.command, " ".join([str(e), *getattr(e, "__notes__", ())]),
+                     label="error: ", error=type(e).__name__, errno=e.errno)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
