@@ -70,7 +70,6 @@ import dataclasses
 import math
 import os
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -79,7 +78,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.io import atomic_write_bytes, fsync_dir
+from recsys.io import atomic_write_bytes, atomic_write_file
 
 METRICS = ("cosine", "dot")
 
@@ -1097,25 +1096,16 @@ class HnswIndex:
     # -- files ---------------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the index (hnswlib format, labels included) to ``path`` through a temp file + rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        os.close(fd)
-        try:
+        """Write the index (hnswlib format, labels included) to ``path`` atomically (``recsys.io.atomic_write_file``)."""
+
+        def write(tmp: Path) -> None:
             self._lock.acquire_read()
             try:
-                self._index.save_index(tmp)
+                self._index.save_index(str(tmp))
             finally:
                 self._lock.release_read()
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+
+        atomic_write_file(path, write)
 
     @classmethod
     def load(

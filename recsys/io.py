@@ -20,7 +20,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,22 +231,29 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         os.close(lock_fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file + fsync + rename; the file gets ``open``'s mode (0o666 &
-    ~umask), whether or not ``path`` existed before."""
+def atomic_write_file(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` writes the file at the temp path ``tmp`` beside ``path`` (for writers that take a path, e.g.
+    hnswlib's ``save_index``); then fsync, rename onto ``path``, fsync the directory. The file gets ``open``'s mode
+    (0o666 & ~umask), unlike ``mkstemp``'s 0o600; a failure removes the temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _open_temp_file(path.parent, f".{path.name}.tmp-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write_file`)."""
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

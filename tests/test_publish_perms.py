@@ -72,6 +72,21 @@ def test_atomic_helpers_follow_umask(tmp_path, mask):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "out"]  # no temp leftovers
 
 
+@pytest.mark.parametrize("mask", UMASKS, ids=lambda m: f"umask{m:03o}")
+def test_index_saved_on_its_own_follows_umask(tmp_path, mask):
+    """``HnswIndex.save`` outside a version directory (atomic_write_file, not mkstemp's 0o600)."""
+    import numpy as np
+
+    from recsys.index import HnswIndex, IndexConfig
+
+    vecs = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    index = HnswIndex.from_config(vecs / np.linalg.norm(vecs, axis=1, keepdims=True), cfg=IndexConfig(num_threads=1))
+    with umask(mask):
+        index.save(tmp_path / "index.hnsw")
+    assert stat.S_IMODE((tmp_path / "index.hnsw").stat().st_mode) == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["index.hnsw"]
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return trained(tmp_path_factory)[1]
