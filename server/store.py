@@ -11,7 +11,6 @@ directory of ``models_dir`` (a path, a symlink leading out of it, a version that
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import threading
 import time
@@ -94,23 +93,11 @@ class ModelStore:
         return text or None
 
     def list_versions(self) -> list[dict[str, Any]]:
-        """Versions in ``models_dir`` (``recsys.bundle.list_versions`` when available), newest first."""
-        try:
-            from recsys.bundle import list_versions
-        except ImportError:
-            list_versions = None
-        if list_versions is not None:
-            return [dict(v) for v in list_versions(self.models_dir)]
-        out = []  # bundle module not installed: read the manifests directly
-        for d in sorted(self.models_dir.iterdir()) if self.models_dir.is_dir() else []:
-            manifest = d / schema.MANIFEST
-            if d.is_dir() and manifest.is_file():
-                try:
-                    meta = json.loads(manifest.read_text())
-                except (OSError, ValueError):
-                    meta = {}
-                out.append({"version": d.name, "created_at": meta.get("created_at", "")})
-        return sorted(out, key=lambda v: str(v.get("created_at", "")), reverse=True)
+        """Versions in ``models_dir``, newest first (as ``ListModels`` promises; ``recsys.bundle.list_versions``
+        lists oldest first)."""
+        from recsys.bundle import list_versions
+
+        return [dict(v) for v in reversed(list_versions(self.models_dir))]
 
     # ------------------------------------------------------------------ loading
     def reload(self, version: str | None = None) -> tuple[str, str, bool]:

@@ -92,7 +92,8 @@ def test_admin_reload_named_version_and_list(tmp_path):
         assert stub.Recommend(pb.RecommendRequest(user_id="u1", k=3)).model_version == "v1"
         listed = admin.ListModels(pb.ListModelsRequest(), metadata=AUTH)
         assert listed.serving_version == "v1"
-        assert {(m.version, m.latest, m.serving) for m in listed.models} == {("v1", False, True), ("v2", True, False)}
+        # newest first, as the proto says
+        assert [(m.version, m.latest, m.serving) for m in listed.models] == [("v2", True, False), ("v1", False, True)]
         code, _ = code_of(admin.ReloadModel, pb.ReloadModelRequest(version="v9"), metadata=AUTH)
         assert code == grpc.StatusCode.NOT_FOUND
         code, details = code_of(admin.ReloadModel, pb.ReloadModelRequest(version="../etc"), metadata=AUTH)
