@@ -1335,8 +1335,9 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     return man
 
 
-def load_prepared(data_dir: str | Path, *, lazy: bool = False) -> dict[str, Any]:
-    """Every table of a prepared dataset as Polars frames keyed by name ("train", "valid", "test", "users",
+def read_tables(data_dir: str | Path, *, lazy: bool = False) -> dict[str, Any]:
+    """Every table of a prepared dataset as Polars frames (for inspection; training loads with
+    ``recsys.data.load_prepared``) keyed by name ("train", "valid", "test", "users",
     "items", "feature_vocab", "history", "seen", and "rejects" when present) plus "manifest"."""
     d = Path(data_dir)
     out: dict[str, Any] = {"manifest": read_manifest(d)}

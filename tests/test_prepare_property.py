@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recsys import schema
-from recsys.prepare import PrepareConfig, load_prepared, prepare
+from recsys.prepare import PrepareConfig, prepare, read_tables
 
 EVENT_WEIGHTS = {"view": 1.0, "click": 2.0, "hover": 0.0}  # "share" is unlisted, hover weighs 0
 
@@ -108,7 +108,7 @@ def test_every_input_row_is_accounted_for(rows, dedupe, kcore, split, drop_cold)
                                            + sum(r["rejected"].values()))
         assert r["kept"] == r["train"] + r["valid"] + r["test"] + r["extra"]
 
-        data = load_prepared(tmp / "out")
+        data = read_tables(tmp / "out")
         users, items = data["users"][schema.USER_ID], data["items"][schema.ITEM_ID]
         out_pairs = []
         for s in ("train", "valid", "test", "extra"):
