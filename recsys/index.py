@@ -622,6 +622,18 @@ def _round_up_fetch(x: int) -> int:
     return -(-x // step) * step
 
 
+# Accept a fetch whose k-th kept result needs a search up to this factor wider than the one made (1 = strict).
+REFETCH_SLACK = 1.25
+
+
+def search_width(depth: int, k: int, ef: int) -> int:
+    """How many candidates a search must explore for its top ``depth`` to keep the recall ``ef`` was tuned for at
+    ``k``: ``depth * max(ef, k) / k``, within :data:`REFETCH_SLACK`. The one owner of the over-fetch rule:
+    ``HnswIndex`` refetches until a fetch of ``kf`` (which explores ``max(ef, kf)``) is that wide, and the serving
+    path (``recsys.service``) asks the same of the lists it cuts."""
+    return math.ceil(depth * (max(ef, k) / k) / REFETCH_SLACK)
+
+
 class HnswIndex:
     """Approximate top-k with hnswlib (space ``"ip"``; score = ``1 - distance`` = dot of unit vectors).
 
@@ -642,8 +654,6 @@ class HnswIndex:
     # ids pushed the k-th kept result deep into the list, refetch wide enough for the tuned recall (see
     # _next_fetch). "full": fetch k + |exclude| at once (one call, but the search widens to match).
     overfetch = "adaptive"
-    # Accept a fetch whose k-th kept result needs a search up to this factor wider than the one made (1 = strict).
-    refetch_slack = 1.25
 
     def __init__(
         self,
@@ -1006,7 +1016,7 @@ class HnswIndex:
 
         Quality, not only count: hnswlib's top-``kf`` list is accurate near its head and looser near its tail, and
         ``ef`` was tuned for the top ``k``. If the k-th kept result sits at position ``p``, the list must come from
-        a search at least ``p * ef / k`` wide (within ``refetch_slack``) for the same recall -- fetching ``kf`` results
+        a search at least ``p * ef / k`` wide (within ``REFETCH_SLACK``: :func:`search_width`) for the same recall -- fetching ``kf`` results
         makes hnswlib explore ``max(ef, kf)`` candidates. Without ``k`` kept yet, ``p`` is extrapolated from the
         share of kept results (x1.5 margin). Counting alone would be satisfied by ``k + |exclude|``.
         """
@@ -1020,7 +1030,7 @@ class HnswIndex:
         cap = math.ceil((k + n_ex) * width)  # wide enough for the worst case: all excluded ids ranked first
         if got >= k:
             p = int(np.flatnonzero(keep)[k - 1]) + 1
-            need = math.ceil(p * width / self.refetch_slack)
+            need = search_width(p, k, self._ef)
             if need <= max(kf, self._ef) or kf >= cap:  # hnswlib explored max(ef, kf)
                 return 0
         else:

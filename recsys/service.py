@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from recsys.index import search_width
+
 SOURCE_KNOWN_USER = "known_user"
 SOURCE_KNOWN_USER_WITH_EVENTS = "known_user_with_events"
 SOURCE_HISTORY = "history"
@@ -297,14 +299,13 @@ def _union(*parts: np.ndarray | None) -> np.ndarray | None:
 def _deep_enough(prep: Prepared, depth: int, k: int, fetch: int) -> bool:
     """Whether a list whose k-th kept item sits at rank ``depth`` keeps the recall the index was tuned for.
 
-    The index's rule (``HnswIndex._next_fetch``): ``ef`` was tuned for the top ``k``, so using the top ``depth``
-    of a list needs a search ``depth / k`` times as wide (1.25 slack). A fetch of ``fetch`` explored
+    The index's rule (``recsys.index.search_width``): ``ef`` was tuned for the top ``k``, so using the top
+    ``depth`` of a list needs a search ``depth / k`` times as wide. A fetch of ``fetch`` explored
     ``max(ef, fetch)`` candidates. An exact index is always deep enough.
     """
     if prep.ef is None:
         return True
-    width = max(prep.ef, k) / k
-    return math.ceil(depth * width / 1.25) <= max(prep.ef, fetch)
+    return search_width(depth, k, prep.ef) <= max(prep.ef, fetch)
 
 
 def _topk_within(
