@@ -14,7 +14,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from recsys.service import Limits
 from recsys.v1 import recommender_pb2 as pb
 from server.metrics import Metrics, RejectionCounter
 from server.servicer import AdminServicer, RecommenderServicer, add_to_server
@@ -110,10 +109,7 @@ def create_server(
             warmup_queries=settings.warmup_queries, on_change=_set_serving(health_servicer),
             native_recommend=settings.native_recommend,
         )
-    limits = Limits(
-        max_k=settings.max_k, max_ids=settings.max_ids, max_history=settings.max_history,
-        max_id_length=settings.max_id_length,
-    )
+    limits = settings.limits()
     options = [
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", settings.max_message_bytes),

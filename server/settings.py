@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import ConfigError, from_dict, merge, read_toml, usable_cpus
+from recsys.service import Limits
 
 ENV_PREFIX = "RECSYS_"
 
@@ -31,13 +32,13 @@ class ServeSettings:
     # gRPC port; 0 picks a free one
     port: int = 50051
     # largest `k` a request may ask for
-    max_k: int = 1000
+    max_k: int = Limits.max_k
     # most IDs in one list field of a request (user_ids, exclude/allowed item IDs)
-    max_ids: int = 1000
+    max_ids: int = Limits.max_ids
     # most history items in one request
-    max_history: int = 1000
+    max_history: int = Limits.max_history
     # longest accepted ID, in characters
-    max_id_length: int = 256
+    max_id_length: int = Limits.max_id_length
     # largest request message accepted, in bytes (bigger ones are refused by gRPC with RESOURCE_EXHAUSTED)
     max_message_bytes: int = 4 * 1024 * 1024
     # RPCs admitted at once (running + queued); above it callers get RESOURCE_EXHAUSTED at once
@@ -67,6 +68,10 @@ class ServeSettings:
     native_recommend: bool = True
     # log every request at INFO (default: only errors; OK requests at DEBUG)
     log_requests: bool = False
+
+    def limits(self) -> Limits:
+        """The request limits (``recsys.service.Limits``) these settings name: its fields, by name."""
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
     def resolved_workers(self) -> int:
         """``workers``, with 0 resolved to one per usable CPU core, clamped to [2, 8]."""

@@ -50,3 +50,16 @@ def test_workers_default_to_one_per_usable_core(tmp_path, monkeypatch):
     assert ServeSettings(workers=3).resolved_workers() == 3
     with pytest.raises(ConfigError, match=r"`serve.workers` must be >= 0 \(0 = one per CPU core\), got -1"):
         load_settings(env={}, overrides={"workers": -1})
+
+
+def test_settings_carry_every_request_limit():
+    """`[serve]` has a field for each of `Limits`' (same name, same default) and hands them over by name."""
+    import dataclasses
+
+    from recsys.service import Limits
+    from server.settings import ServeSettings
+
+    assert ServeSettings().limits() == Limits()
+    names = [f.name for f in dataclasses.fields(Limits)]
+    custom = ServeSettings(**{n: 7 + i for i, n in enumerate(names)}).limits()
+    assert [getattr(custom, n) for n in names] == [7 + i for i in range(len(names))]
