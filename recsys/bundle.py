@@ -516,19 +516,13 @@ def embed_users(
 
 
 def _run_data_dir(run_dir: Path) -> Path:
-    """The prepared dataset a run was trained on, from its config.json."""
-    cfg = _read_json(run_dir / schema.RUN_CONFIG, what="run")
-    for key in ("data_dir", "data"):
-        v = cfg.get(key)
-        if isinstance(v, str):
-            return Path(v)
-        if isinstance(v, Mapping):
-            for k in ("dir", "path", "data_dir"):
-                if isinstance(v.get(k), str):
-                    return Path(v[k])
-    raise ValueError(
-        f"{str(run_dir / schema.RUN_CONFIG)!r} does not name the prepared dataset (no `data_dir`); pass `data_dir`"
-    )
+    """The prepared dataset a run was trained on: ``data_dir`` of its config.json (``recsys.train`` writes it)."""
+    path = run_dir / schema.RUN_CONFIG
+    v = _read_json(path, what="run").get("data_dir")
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{str(path)!r} does not name the prepared dataset (no `data_dir`, got {v!r}); pass "
+                         f"`data_dir` (recsys export --data)")
+    return Path(v)
 
 
 def _tuning_users(
