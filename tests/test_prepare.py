@@ -17,11 +17,11 @@ from recsys.cli import main
 from recsys.prepare import (
     PrepareConfig,
     kcore_filter,
-    load_prepared,
     load_vocabs,
     logq_prob,
     parse_time,
     prepare,
+    read_tables,
 )
 from recsys.vocab import Vocab
 
@@ -84,7 +84,7 @@ def test_kcore_in_prepare_is_accounted(tmp_path):
     assert man["rows"]["filtered"]["kcore_users"] == 2
     assert man["rows"]["filtered"]["kcore_items"] == 1
     assert man["rows"]["kept"] == 4
-    data = load_prepared(tmp_path / "out")
+    data = read_tables(tmp_path / "out")
     assert {(u, i) for u, i, _ in triples(data)} == {("A", "x"), ("A", "y"), ("B", "x"), ("B", "y")}
 
 
@@ -101,7 +101,7 @@ def test_last_fraction_split_counts_and_no_leakage(tmp_path):
     log = write_csv(tmp_path / "log.csv", "user_id,item_id,timestamp", rows)
     # drop_cold off: items i10..i29 belong to u30 alone, so its valid/test items are never in train
     prepare([log], tmp_path / "out", config=PrepareConfig(kcore_users=1, kcore_items=1, drop_cold=False))
-    data = load_prepared(tmp_path / "out")
+    data = read_tables(tmp_path / "out")
     uv = Vocab(data["users"][schema.USER_ID])
     per = {s: data[s].group_by(schema.USER_IDX).len() for s in ("train", "valid", "test")}
 
@@ -126,7 +126,7 @@ def test_repeated_pair_is_deduped_before_split_so_test_never_in_train(tmp_path):
     rows = [f"u,{it},{T0 + k}" for k, it in enumerate(["a", "b", "c", "d", "e", "f", "g", "h", "i", "a"])]
     log = write_csv(tmp_path / "log.csv", "user_id,item_id,timestamp", rows)
     man = prepare([log], tmp_path / "out", config=LOOSE)
-    data = load_prepared(tmp_path / "out")
+    data = read_tables(tmp_path / "out")
     assert man["rows"]["deduplicated"] == 1
     pairs = {s: set(data[s].select(schema.USER_IDX, schema.ITEM_IDX).iter_rows()) for s in ("train", "valid",
                                                                                             "test")}
@@ -152,7 +152,7 @@ def test_global_time_split_moves_cold_users_and_items_to_extra(tmp_path):
     assert man["rows"]["extra_reasons"] == {"cold_user": 1, "cold_item": 1} and "cold_user" not in man["rows"]["filtered"]
     assert (man["rows"]["train"], man["rows"]["valid"], man["rows"]["test"], man["rows"]["extra"]) == (4, 1, 1, 2)
     assert man["split"]["test_start"] == "2024-03-01T00:00:00Z"
-    data = load_prepared(tmp_path / "out")
+    data = read_tables(tmp_path / "out")
     assert ("u1", "c", parse_time("2024-03-01")) in triples(data)
     # the cold rows are never scored (not in test) but kept for the final fit, their user and item in the vocab
     users, items = data["users"][schema.USER_ID].to_list(), data["items"][schema.ITEM_ID].to_list()
@@ -192,7 +192,7 @@ def test_vocab_is_frequency_ordered_and_prob_sums_to_one(tmp_path):
     log = write_csv(tmp_path / "log.csv", "user_id,item_id,timestamp", rows)
     prepare([log], tmp_path / "out", config=PrepareConfig(kcore_users=1, kcore_items=1, valid_frac=0, test_frac=0))
     users, items = load_vocabs(tmp_path / "out")
-    data = load_prepared(tmp_path / "out")
+    data = read_tables(tmp_path / "out")
     assert list(items.ids) == ["c", "a", "b", "d"]
     assert data["items"]["n_train"].to_list() == [3, 2, 2, 1]
     assert data["items"]["prob"].to_list() == pytest.approx([3 / 8, 2 / 8, 2 / 8, 1 / 8], rel=1e-12)
@@ -216,7 +216,7 @@ def test_history_is_last_n_oldest_first_and_seen_is_distinct(tmp_path):
     log = write_csv(tmp_path / "log.csv", "user_id,item_id,timestamp", rows)
     cfg = PrepareConfig(kcore_users=1, kcore_items=1, drop_cold=False, history_len=3)
     prepare([log], tmp_path / "out", config=cfg)
-    data = load_prepared(tmp_path / "out")
+    data = read_tables(tmp_path / "out")
     users, items = load_vocabs(tmp_path / "out")
     hist = dict(data["history"].iter_rows())
     seen = dict(data["seen"].iter_rows())
@@ -235,7 +235,7 @@ def test_features_encoded_with_their_own_vocab_and_title_kept(tmp_path):
     users = write_csv(tmp_path / "users.csv", "user_id,region", ["u0,north", "u1,south"])  # u2 missing
     cfg = PrepareConfig(kcore_users=1, kcore_items=1, valid_frac=0, test_frac=0)
     man = prepare([log], tmp_path / "out", items=items, users=users, config=cfg)
-    data = load_prepared(tmp_path / "out")
+    data = read_tables(tmp_path / "out")
     it = data["items"]
     fv = data["feature_vocab"]
     cat = {r["value"]: r["code"] for r in fv.filter(pl.col("feature") == "category").iter_rows(named=True)}
@@ -269,7 +269,7 @@ def test_dedupe_policies(tmp_path, policy, weight, ts):
     log = write_csv(tmp_path / "log.csv", "user_id,item_id,timestamp,weight", rows)
     cfg = PrepareConfig(kcore_users=1, kcore_items=1, dedupe=policy)
     man = prepare([log], tmp_path / "out", config=cfg)
-    tr = load_prepared(tmp_path / "out")["train"]
+    tr = read_tables(tmp_path / "out")["train"]
     assert man["rows"]["deduplicated"] == 2
     assert tr.rows() == [(0, 0, ts * 1000, weight)]
 
@@ -292,7 +292,7 @@ def test_rating_threshold_event_weights_and_window(tmp_path):
     f = man["rows"]["filtered"]
     assert (f["below_min_weight"], f["unlisted_event"], f["nonpositive_weight"], f["before_start"],
             f["after_end"]) == (1, 1, 1, 1, 1)
-    data = load_prepared(tmp_path / "out")
+    data = read_tables(tmp_path / "out")
     items = data["items"][schema.ITEM_ID]
     got = {items[i]: w for i, w in data["train"].select(schema.ITEM_IDX, schema.WEIGHT).iter_rows()}
     assert got == {"a": 1.0, "c": 5.0}
@@ -309,7 +309,7 @@ EXPECTED = {(u, i, t * 1000) for u, i, t in EVENTS}
 def _prep(tmp_path, logs, **cfg):
     out = tmp_path / "out"
     prepare(logs, out, config=PrepareConfig(kcore_users=1, kcore_items=1, drop_cold=False, **cfg), overwrite=True)
-    return load_prepared(out)
+    return read_tables(out)
 
 
 @pytest.mark.parametrize("compress", ["", "gz", "zst"])
@@ -363,7 +363,7 @@ def test_movielens_csv_release_needs_no_column_flags(tmp_path):
                         "12,Untitled,(no genres listed)"])  # fmt: skip
     out = tmp_path / "out"
     prepare([ratings], out, items=movies, config=PrepareConfig(kcore_users=1, kcore_items=1, drop_cold=False))
-    data = load_prepared(out)
+    data = read_tables(out)
     assert triples(data) == EXPECTED
     assert sorted(data["train"][schema.WEIGHT].to_list() + data["valid"][schema.WEIGHT].to_list()
                   + data["test"][schema.WEIGHT].to_list()) == [3.5, 4.5, 5.5, 6.5]  # fmt: skip
@@ -391,7 +391,7 @@ def test_movielens_metadata_files(tmp_path):
     users.write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
     cfg = PrepareConfig(format="movielens", kcore_users=1, kcore_items=1, drop_cold=False)
     prepare([ratings], tmp_path / "out1", items=movies, users=users, config=cfg)
-    data = load_prepared(tmp_path / "out1")
+    data = read_tables(tmp_path / "out1")
     by_id = {r[schema.ITEM_ID]: r for r in data["items"].iter_rows(named=True)}
     assert by_id["10"][schema.TITLE] == "Star Wars: Episode IV - A New Hope (1977)"
     assert by_id["12"][schema.TITLE] == "Cit\u00e9 des enfants perdus, La (1995)"
@@ -413,7 +413,7 @@ def test_movielens_metadata_files(tmp_path):
     u_user = tmp_path / "u.user"
     u_user.write_text("1|24|M|technician|85711\n2|53|F|other|94043\n")
     prepare([ratings], tmp_path / "out2", items=u_item, users=u_user, config=cfg)
-    data2 = load_prepared(tmp_path / "out2")
+    data2 = read_tables(tmp_path / "out2")
     by_id2 = {r[schema.ITEM_ID]: r for r in data2["items"].iter_rows(named=True)}
     assert by_id2["12"][schema.TITLE] == "Cit\u00e9 (1995)"
     vocab = dict(data2["feature_vocab"].filter(pl.col("feature") == "genres").select("value", "code").iter_rows())
@@ -436,7 +436,7 @@ def test_multi_valued_features(tmp_path):
     out = tmp_path / "out"
     cfg = PrepareConfig(kcore_users=1, kcore_items=1, drop_cold=False, multi_valued={"tags": ","}, max_values=2)
     prepare([ratings], out, items=items, config=cfg)
-    data = load_prepared(out)
+    data = read_tables(out)
     vocab = dict(data["feature_vocab"].filter(pl.col("feature") == "tags").select("value", "code").iter_rows())
     assert vocab == {"c": 1, "a": 2, "b": 3}  # c on two items; a and b on one (b twice in item 10: counted once)
     by_id = {r[schema.ITEM_ID]: r for r in data["items"].iter_rows(named=True)}
@@ -519,7 +519,7 @@ def test_skip_writes_rejects_with_reason_and_accounts_for_them(tmp_path):
     cfg = PrepareConfig(kcore_users=1, kcore_items=1, on_bad_rows="skip")
     man = prepare([log], tmp_path / "out", config=cfg)
     assert man["rows"]["rejected"] == {"bad_time": 1, "null_time": 1, "null_user": 1}
-    rej = load_prepared(tmp_path / "out")["rejects"].sort("row")
+    rej = read_tables(tmp_path / "out")["rejects"].sort("row")
     assert rej.select("row", "column", "reason", "value").rows() == [
         (2, "user_id", "null_user", None), (3, "timestamp", "bad_time", "never"), (5, "timestamp", "null_time", None)]
     assert rej["file"].to_list() == [str(log)] * 3
@@ -570,7 +570,7 @@ def test_recbole_item_file_with_typed_header(tmp_path):
                      ["10\tToy Story\tAnimation", "11\tHeat\tAction", "12\tJumanji\tAnimation"])
     cfg = PrepareConfig(format="movielens", kcore_users=1, kcore_items=1, drop_cold=False, title_col="movie_title")
     prepare([inter], tmp_path / "out", items=item, config=cfg)
-    it = load_prepared(tmp_path / "out")["items"]
+    it = read_tables(tmp_path / "out")["items"]
     by_id = {r[schema.ITEM_ID]: r for r in it.iter_rows(named=True)}
     # class is a token_seq: space-separated values, a multi-valued feature
     assert by_id["11"][schema.TITLE] == "Heat" and by_id["10"]["feat_class"] == by_id["12"]["feat_class"] == [1]
