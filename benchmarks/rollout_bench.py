@@ -51,7 +51,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -64,6 +63,10 @@ from typing import NamedTuple
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.serve_bench import free_port, start, wait_serving  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "rollout_bench.json"
 PHASES = ("steady", "flips", "sigterm-restart", "sigkill-restart")
 LEAD_S = 0.25  # quiet time between a phase's mark and its event: longer than any normal call
@@ -176,12 +179,6 @@ def build_versions(workdir: Path, *, events: int, users: int, items: int, epochs
 # ------------------------------------------------------------------------------------------------ replicas
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Replica:
     """One ``recsys serve`` process on a fixed port; each start logs (JSON) to ``logs/NAME-<n>.log``."""
@@ -202,36 +199,16 @@ class Replica:
 
     def start(self) -> None:
         log = self.logs / f"{self.name}-{len(self.log_files)}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
         self.log_files.append(log)
         cmd = [sys.executable, "-m", "recsys", "serve", "--models", str(self.models), "--host", "127.0.0.1",
                "--port", str(self.port), "--poll-s", str(self.poll_s), "--grace-s", str(self.grace_s),
                "--metrics-port", str(self.metrics_port)]
-        with open(log, "wb") as f:  # a pipe could fill up and stall the server
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                         stdout=subprocess.DEVNULL, stderr=f)
+        self.proc = start(cmd, log)
 
     def wait_serving(self, *, timeout: float = 120.0) -> None:
         """Until health says SERVING (the model is loaded); raises at once if the process died."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    tail = self.log_files[-1].read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"replica {self.name} exited with {self.proc.returncode}: {tail}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.05)
-        raise TimeoutError(f"replica {self.name} not serving after {timeout}s (see {self.log_files[-1]})")
+        wait_serving(self.port, self.proc, timeout=timeout, poll_s=0.05)  # fine-grained: restart times are measured
 
     def stop(self, sig: int, *, timeout: float = 60.0) -> int:
         """Send ``sig`` and wait for the process to exit; returns its exit status."""

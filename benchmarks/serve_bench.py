@@ -195,8 +195,10 @@ def start(cmd: list[str], log: Path, *, cwd: Path = ROOT) -> subprocess.Popen:
     return proc
 
 
-def wait_serving(port: int, proc: subprocess.Popen, *, timeout: float = 180.0, health: bool = True) -> None:
-    """Until the server answers (health SERVING, or the empty call); fails at once if the process died."""
+def wait_serving(port: int, proc: subprocess.Popen, *, timeout: float = 180.0, health: bool = True,
+                 poll_s: float = 0.2) -> None:
+    """Until the server answers (health SERVING, or the empty call), asking every ``poll_s``; fails at once if the
+    process died."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -216,7 +218,7 @@ def wait_serving(port: int, proc: subprocess.Popen, *, timeout: float = 180.0, h
                     return
             except grpc.RpcError:
                 pass
-            time.sleep(0.2)
+            time.sleep(poll_s)
     raise TimeoutError(f"server on port {port} not serving after {timeout}s (model refused? see {proc.log})")  # type: ignore[attr-defined]
 
 
