@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import threading
 from typing import Any
 
@@ -19,10 +20,9 @@ REFUSED_BY_SERVER = ("warmup", "other")
 
 def refusal_reasons() -> tuple[str, ...]:
     """Every ``reason`` label of ``recsys_bundles_refused``."""
-    try:
-        from recsys.bundle import REFUSAL_REASONS
-    except ImportError:  # pragma: no cover - the server without the bundle module (fake loaders)
-        REFUSAL_REASONS = ()  # noqa: N806
+    # the store needs recsys.bundle too (version_dir, list_versions)
+    from recsys.bundle import REFUSAL_REASONS
+
     return (*REFUSAL_REASONS, *REFUSED_BY_SERVER)
 
 
@@ -145,8 +145,6 @@ class RejectionCounter:
         """Read ``server``'s admission state from now on; False (and nothing counted) where grpcio hides it."""
         state = getattr(server, "_state", None)
         if state is None or not hasattr(state, "active_rpc_count") or not hasattr(state, "maximum_concurrent_rpcs"):
-            import logging
-
             logging.getLogger(__name__).warning(
                 "this grpcio does not expose its admission state: recsys_requests_rejected stays at 0")
             return False
