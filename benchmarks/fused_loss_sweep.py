@@ -123,7 +123,7 @@ def bench_batch(b: int, args: argparse.Namespace, tflops: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     import triton
 
-    from recsys.io import atomic_write_json
+    from recsys.core.io import atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8192, 65536])

@@ -95,8 +95,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ml100k import fetch_ml100k  # noqa: E402
-from recsys import schema  # noqa: E402
-from recsys.metrics import ranking_metrics  # noqa: E402
+from recsys.core import schema  # noqa: E402
+from recsys.core.metrics import ranking_metrics  # noqa: E402
 
 K = 20  # Recall@K / NDCG@K, and the k asked of every model
 HIT_K = 10  # HitRate@HIT_K
@@ -929,7 +929,7 @@ def _key(name: str, cut: str) -> str:
 
 
 def save(report: dict, out: str | Path) -> None:
-    from recsys.io import atomic_write_json
+    from recsys.core.io import atomic_write_json
 
     atomic_write_json(out, report)
 

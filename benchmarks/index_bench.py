@@ -56,8 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.core.io import atomic_write_json
 from recsys.index import ExactIndex, HnswIndex, autotune_ef, blas_threads, native_available, recall_vs_exact
-from recsys.io import atomic_write_json
 
 K = 10
 N_SEEN = 500

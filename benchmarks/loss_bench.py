@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from recsys.io import atomic_write_json
+from recsys.core.io import atomic_write_json
 from recsys.losses import in_batch_softmax, in_batch_softmax_chunked
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loss_bench.json"

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ml100k import fetch_ml100k  # noqa: E402
-from recsys import schema  # noqa: E402
+from recsys.core import schema  # noqa: E402
 
 K = 20
 
@@ -82,7 +82,7 @@ def _lists(t_path: Path, n_users: int) -> list[np.ndarray]:
 
 def evaluate_all(d: Path, *, overrides: list[str], run_dir: Path, skip_baselines: bool) -> dict:
     from recsys.baselines import EASE, ItemKNN, Popularity, interaction_matrix
-    from recsys.metrics import ranking_metrics
+    from recsys.core.metrics import ranking_metrics
 
     n_users = pq.read_metadata(d / schema.USERS).num_rows
     n_items = pq.read_metadata(d / schema.ITEMS).num_rows
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         for model, r in ds["results"].items():
             print(f"{name:<8} {model:<12} {r[f'recall@{K}']:>10.4f} {r[f'ndcg@{K}']:>10.4f}")
     if not args.no_save:
-        from recsys.io import atomic_write_json
+        from recsys.core.io import atomic_write_json
 
         atomic_write_json(args.out, report)
         print(f"wrote {args.out}")

@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update(summary)
     print_report(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from recsys.io import atomic_write_json
+    from recsys.core.io import atomic_write_json
 
     atomic_write_json(args.out, results)
     print(f"wrote {args.out}")

@@ -62,7 +62,7 @@ def build_bundle(workdir: Path, *, n_items: int, n_users: int, dim: int, per_use
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from recsys import schema
+    from recsys.core import schema
     from recsys.index import IndexConfig
 
     # the traversal is part of the key: a bundle exported before bf16 existed is tuned (and served) as fp32
@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results["targets"], indent=2))
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from recsys.io import atomic_write_json
+    from recsys.core.io import atomic_write_json
 
     atomic_write_json(args.out, results)
     print(f"wrote {args.out}")

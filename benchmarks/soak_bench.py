@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         np.savez_compressed(args.calls_out, start_s=start_s, latency_s=lat, code=code, codes=np.array(rec.codes))
         print(f"wrote {args.calls_out}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from recsys.io import atomic_write_json
+    from recsys.core.io import atomic_write_json
 
     atomic_write_json(args.out, results)
     print(f"wrote {args.out}")

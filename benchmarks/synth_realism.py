@@ -50,7 +50,7 @@ def last_item_split(logs_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 
 def evaluate(models: dict, train_user, train_item, test, n_users, n_items, k: int = 20) -> dict:
     from recsys.baselines import interaction_matrix
-    from recsys.metrics import ranking_metrics
+    from recsys.core.metrics import ranking_metrics
 
     x = interaction_matrix(train_user, train_item, n_users=n_users, n_items=n_items)
     users = np.flatnonzero(test >= 0)
@@ -106,7 +106,7 @@ def main() -> None:
     for name in ("itemknn", "ease"):
         print(f"{name} / popularity recall@20: {results[name]['recall@20'] / max(pop, 1e-12):.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from recsys.io import atomic_write_json
+    from recsys.core.io import atomic_write_json
 
     atomic_write_json(args.out, {
         "config": summary["config"], "counts": summary["counts"], "generate_s": gen_s, "split_s": split_s,

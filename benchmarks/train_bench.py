@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "imported_polars": "polars" in sys.modules,
         "imported_hnswlib": "hnswlib" in sys.modules,
     }
-    from recsys.io import atomic_write_json
+    from recsys.core.io import atomic_write_json
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)

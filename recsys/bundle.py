@@ -6,7 +6,7 @@ their features), item and known-user embeddings computed with those towers, the 
 and seen sets, item popularity and an hnswlib index whose ``ef`` was auto-tuned against exact search. Publishing is
 atomic (temp dir + fsync + rename) and the ``LATEST`` pointer moves afterwards (temp file + rename), so a reader
 sees either the old or the new version, never half of one. Versions and ``LATEST`` get the modes a plain
-``mkdir`` / ``open`` would under the umask (``recsys.io``): group-readable with umask 022 / 002 / 027, so a server in
+``mkdir`` / ``open`` would under the umask (``recsys.core.io``): group-readable with umask 022 / 002 / 027, so a server in
 another UID of the same group (Kubernetes ``fsGroup``) can load what a retrain Job published; private with 077.
 
 ``Bundle.load`` refuses anything that does not match its manifest (``BundleError`` names the file and the
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from recsys import schema
-from recsys.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from recsys.core import schema
+from recsys.core.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
 from recsys.recency import choose_popularity_window, popularity_order, recent_counts
 
 log = logging.getLogger(__name__)

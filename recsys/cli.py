@@ -4,7 +4,7 @@ Each subcommand lives in ``recsys/commands/<name>.py`` with ``add_parser(subpars
 command modules import heavy libraries (torch, polars, hnswlib, grpc) only inside ``run`` so ``recsys --help``
 is instant and the training path never needs the serving stack.
 
-Logging is set up here for every command (see :mod:`recsys.logs`): ``--log-format text|json`` and
+Logging is set up here for every command (see :mod:`recsys.core.logs`): ``--log-format text|json`` and
 ``--progress-every S`` are accepted before or after the command name. A command module may set
 ``LOG_FORMAT = "json"`` to change its default (``serve`` does; the batch commands log text by default).
 """
@@ -17,7 +17,7 @@ import importlib
 import logging
 import sys
 
-from recsys.logs import (
+from recsys.core.logs import (
     DEFAULT_PROGRESS_EVERY_S,
     LOG_FORMATS,
     configure_logging,

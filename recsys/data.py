@@ -1,4 +1,4 @@
-"""Training-side loading of a prepared dataset (see recsys/schema.py) with pyarrow only.
+"""Training-side loading of a prepared dataset (see recsys/core/schema.py) with pyarrow only.
 
 The GPU machine has no polars: everything here reads parquet with pyarrow and hands numpy arrays / torch tensors to
 the trainer. The whole interaction table is kept as tensors (one row per interaction, sorted by user then time) so
@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys import schema
+from recsys.core import schema
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def fingerprint(data_dir: str | Path) -> str:
         for key in ("fingerprint", "data_fingerprint", "sha256"):
             if isinstance(man.get(key), str):
                 return man[key]
-        from recsys.io import sha256_file
+        from recsys.core.io import sha256_file
 
         return sha256_file(m)
     import hashlib

@@ -41,7 +41,7 @@ def _split_logs(synth_dir: Path, out: Path, share: float) -> tuple[Path, int]:
     directory and the cut (epoch ms, exclusive)."""
     import polars as pl
 
-    from recsys.io import atomic_dir
+    from recsys.core.io import atomic_dir
 
     logs = pl.scan_parquet(synth_dir / "logs" / "*.parquet")
     lo, hi = logs.select(pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi")).collect().row(0)
@@ -70,7 +70,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     from recsys import bundle as bundle_mod
     from recsys.client import RecommenderClient, RecommenderError
-    from recsys.config import load_section
+    from recsys.core.config import load_section
     from recsys.evaluate import evaluate, write_report
     from recsys.prepare import PrepareConfig, format_summary, prepare
     from recsys.retrain import retrain

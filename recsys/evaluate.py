@@ -13,7 +13,7 @@ Protocol, stated once:
   is matched by external ID and scored in the dataset's row space (items the bundle does not know can never be
   retrieved and count as misses).
 * Baselines (Popularity, ItemKNN, EASE) are fitted on the interactions before the split and scored the same way.
-* Metrics come from ``recsys.metrics.ranking_metrics`` (recall@K = hits / |relevant|), plus catalogue coverage@K
+* Metrics come from ``recsys.core.metrics.ranking_metrics`` (recall@K = hits / |relevant|), plus catalogue coverage@K
   and popularity bias (mean train-popularity percentile of the recommended items, 1 = most popular).
 * A bundle is never silently scored on interactions it was trained on: the manifest's ``trained_on`` (what the
   final fit saw: splits and the sha256 of each split file) is checked against the split, and a match is refused
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys import schema
+from recsys.core import schema
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def in_sample_reason(bundle: Any, data_dir: str | Path, split: str) -> str | Non
     """Why scoring ``bundle`` on ``split`` of ``data_dir`` would score interactions its final fit trained on, or
     None. Matched by content (the split file's sha256 against each split the fit saw), so a copied or renamed
     dataset is caught too; bundles from before ``trained_on`` was recorded were fit on train + valid at most."""
-    from recsys.io import sha256_file
+    from recsys.core.io import sha256_file
 
     trained = bundle.manifest.get("trained_on") or {}
     path = Path(data_dir) / schema.SPLITS[split]
@@ -129,8 +129,8 @@ def load_eval_set(
 
     from recsys.baselines import interaction_matrix
     from recsys.bundle import read_ragged
+    from recsys.core.io import sha256_file
     from recsys.data import Interactions, history_and_seen, read_interactions
-    from recsys.io import sha256_file
 
     if split not in ("valid", "test"):
         raise ValueError(f"`split` must be 'valid' or 'test', got {split!r}")
@@ -258,7 +258,7 @@ def _batched(
     """``fn`` over ``n`` users in batches. ``progress``: True = a tqdm bar, False = log lines, None = silent."""
     from tqdm.auto import tqdm
 
-    from recsys.logs import Throttle
+    from recsys.core.logs import Throttle
 
     out = np.full((n, k), -1, dtype=np.int64)
     # without a bar (no terminal): one line when done, and one every `recsys --progress-every` seconds on the way
@@ -296,7 +296,7 @@ def score_topk(
     pop_pct: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Metrics, coverage, popularity bias and segments of ``topk [m, K]`` (dataset item rows, -1 = none)."""
-    from recsys.metrics import ranking_metrics
+    from recsys.core.metrics import ranking_metrics
 
     metrics = ranking_metrics(topk, es.relevant, ks)
     pop_pct = popularity_percentile(es.item_popularity) if pop_pct is None else pop_pct
@@ -322,7 +322,7 @@ def score_topk(
 
 
 def _segment(topk: np.ndarray, relevant: list[np.ndarray], ks: Sequence[int]) -> dict[str, Any]:
-    from recsys.metrics import ranking_metrics
+    from recsys.core.metrics import ranking_metrics
 
     keep = np.array([len(r) > 0 for r in relevant], dtype=bool)
     n = int(keep.sum())
@@ -683,7 +683,7 @@ def quick_evaluation(
     es = load_eval_set(data_dir, split, max_users=max_users, seed=seed)
     ks = sorted({min(_check_k(k), es.n_items) for k in ks})
     q = user_emb[es.users]
-    from recsys.metrics import ranking_metrics
+    from recsys.core.metrics import ranking_metrics
 
     ex = search_all(exact, q, ks[-1], seen=es.seen)
     an = search_all(ann, q, ks[-1], seen=es.seen)
@@ -710,7 +710,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path, *, bundle: Any 
     """
     import json
 
-    from recsys.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from recsys.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

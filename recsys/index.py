@@ -78,7 +78,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.io import atomic_write_bytes, atomic_write_file
+from recsys.core.io import atomic_write_bytes, atomic_write_file
 
 METRICS = ("cosine", "dot")
 
@@ -1106,7 +1106,7 @@ class HnswIndex:
     # -- files ---------------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the index (hnswlib format, labels included) to ``path`` atomically (``recsys.io.atomic_write_file``)."""
+        """Write the index (hnswlib format, labels included) to ``path`` atomically (``recsys.core.io.atomic_write_file``)."""
 
         def write(tmp: Path) -> None:
             self._lock.acquire_read()

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recsys import schema
-from recsys.config import to_dict
+from recsys.core import schema
+from recsys.core.config import to_dict
 from recsys.recency import N_USER_TIME_FEATURES, n_time_features, new_user_time_features
 
 # bump when the layout of model.json / the weight names change
@@ -222,7 +222,7 @@ class TrainConfig:
     max_eval_users: int = 0
     """Validate on at most this many users (a seeded sample); 0 = all validation users."""
     early_stop_metric: str = "ndcg@20"
-    """Validation metric that picks the best epoch (a key of recsys.metrics.ranking_metrics)."""
+    """Validation metric that picks the best epoch (a key of recsys.core.metrics.ranking_metrics)."""
     patience: int = 10
     """Stop after this many validations without improvement of ``early_stop_metric`` (0 = never stop early)."""
     refit: bool = True
@@ -730,7 +730,7 @@ class TwoTower(nn.Module):
     @classmethod
     def from_model_json(cls, meta: dict[str, Any]) -> TwoTower:
         """An untrained model with the architecture in ``meta`` (the content of model.json)."""
-        from recsys.config import from_dict
+        from recsys.core.config import from_dict
 
         if meta.get("format") != MODEL_FORMAT:
             raise ValueError(f"model.json `format` must be {MODEL_FORMAT}, got {meta.get('format')!r}")

@@ -109,7 +109,7 @@ def _item_labels(bundle: Any) -> tuple[np.ndarray, dict[int, str], str]:
     """Category codes [n_items] + code -> value, for the feature named like 'category' (else the first one)."""
     import pyarrow.parquet as pq
 
-    from recsys import schema
+    from recsys.core import schema
     from recsys.data import feature_codes
 
     items = bundle.item_table

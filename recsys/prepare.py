@@ -1,4 +1,4 @@
-"""``recsys prepare``: raw interaction logs -> the prepared dataset described in :mod:`recsys.schema`.
+"""``recsys prepare``: raw interaction logs -> the prepared dataset described in :mod:`recsys.core.schema`.
 
 The pipeline, in order (every input row ends in exactly one bucket of ``manifest["rows"]``)::
 
@@ -53,11 +53,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from recsys import schema
-from recsys.config import to_dict
+from recsys.core import schema
+from recsys.core.config import to_dict
+from recsys.core.io import atomic_dir, atomic_write_json, sha256_file
+from recsys.core.vocab import Vocab
 from recsys.data import history_and_seen, write_ragged
-from recsys.io import atomic_dir, atomic_write_json, sha256_file
-from recsys.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ EXTRA_REASONS = (
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Section ``[prepare]``: how raw interaction logs become the prepared dataset (see :mod:`recsys.schema`)."""
+    """Section ``[prepare]``: how raw interaction logs become the prepared dataset (see :mod:`recsys.core.schema`)."""
 
     # --- reading ---------------------------------------------------------------------------------------------
     format: Literal["auto", "csv", "tsv", "parquet", "ndjson", "movielens"] = "auto"
@@ -964,7 +964,7 @@ def prepare(
 
     ``out`` is built in a hidden temp dir beside it, fsynced and renamed into place: a run that is killed or runs
     out of disk leaves ``out`` absent, or with ``overwrite`` the previous complete output (the error names ``out``);
-    the next run removes the dead run's temp dir. Modes follow the umask (see ``recsys.io``).
+    the next run removes the dead run's temp dir. Modes follow the umask (see ``recsys.core.io``).
 
     ``logs``: files, globs or directories (csv/tsv/parquet/ndjson/MovieLens, optionally .gz/.zst).
     ``items`` / ``users``: optional metadata tables keyed by the item / user ID column.

@@ -257,7 +257,7 @@ def ranking_scores(
     """(NDCG@k, Recall@k, users scored) of one global ranking served to every user minus that user's seen items.
 
     ``order [n_items]``: item rows, best first. ``seen_*``: distinct (user, item) pairs skipped in the user's list;
-    ``rel_*``: distinct relevant pairs, none of them seen. Conventions of :mod:`recsys.metrics` (recall over
+    ``rel_*``: distinct relevant pairs, none of them seen. Conventions of :mod:`recsys.core.metrics` (recall over
     ``|relevant|``; users without relevant items left out). Vectorised: a relevant item's position in its user's
     list is its global rank minus the number of the user's seen items ranked above it.
     """

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recsys.io import atomic_write_json
+from recsys.core.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ RETRAIN_DEFAULTS = ("model.time_prior=true",)
 def with_retrain_defaults(config_path: str | Path | None, overrides: Sequence[str]) -> list[str]:
     """``overrides`` preceded by each of :data:`RETRAIN_DEFAULTS` whose field neither the config file nor
     ``overrides`` sets (so an explicit ``model.time_prior = false`` wins)."""
-    from recsys.config import parse_overrides, read_toml
+    from recsys.core.config import parse_overrides, read_toml
 
     file_layer, given = read_toml(config_path), parse_overrides(overrides)
     defaults = []
@@ -161,11 +161,11 @@ class _Retriever:
     """A model + the vocabularies it was trained with: embeds users and retrieves items by external ID."""
 
     def __init__(self, model_dir: Path, vocab_dir: Path):
-        from recsys import schema
         from recsys.bundle import embed_items
+        from recsys.core import schema
+        from recsys.core.vocab import Vocab
         from recsys.index import ExactIndex
         from recsys.model import TwoTower
-        from recsys.vocab import Vocab
 
         self.model = TwoTower.from_run(model_dir)
         self.items = Vocab.from_parquet(vocab_dir / schema.ITEMS, schema.ITEM_ID)
@@ -191,7 +191,7 @@ def _gate_users(data_dir: Path, *, split: str, max_users: int, seed: int):
     import numpy as np
     import pyarrow.parquet as pq
 
-    from recsys import schema
+    from recsys.core import schema
 
     if pq.read_metadata(data_dir / schema.SPLITS[split]).num_rows == 0:
         raise ValueError(f"the gate's slice {str(data_dir / schema.SPLITS[split])!r} holds no interactions: the new "
@@ -226,7 +226,7 @@ def gate_metrics(retriever: _Retriever, users, histories, seen, truth, item_voca
     """Recall@k / NDCG@k / HitRate@k of one retriever, recommendations and truth compared by external ID."""
     import numpy as np
 
-    from recsys.metrics import ranking_metrics
+    from recsys.core.metrics import ranking_metrics
 
     code = {v: i for i, v in enumerate(item_vocab)}
     recs: list[list[str | None]] = []
@@ -281,7 +281,7 @@ def retrain(
     a version was published and which.
     """
     from recsys import bundle as bundle_mod
-    from recsys.config import load_section, to_dict
+    from recsys.core.config import load_section, to_dict
     from recsys.index import IndexConfig
     from recsys.prepare import PrepareConfig, expand_inputs, prepare
     from recsys.train import load_configs, train

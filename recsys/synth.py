@@ -57,8 +57,8 @@ from typing import Any
 
 import numpy as np
 
-from recsys.config import to_dict
-from recsys.io import atomic_dir, atomic_write_json, sha256_file
+from recsys.core.config import to_dict
+from recsys.core.io import atomic_dir, atomic_write_json, sha256_file
 
 __all__ = ["SynthConfig", "generate"]
 

@@ -5,7 +5,7 @@ Training examples: each train interaction (u, i, t) is one row; the user side is
 before, cut at the user's first row: the target never leaks into its own history) + the user ID (randomly dropped)
 + the user's features. The interaction table lives on the device as tensors; batches are sliced there.
 
-Run directory (recsys/schema.py): config.json, model.json, model.safetensors (best weights), checkpoint/ (last
+Run directory (recsys/core/schema.py): config.json, model.json, model.safetensors (best weights), checkpoint/ (last
 epoch: state.safetensors + state.json, for ``resume``), metrics.jsonl, summary.json.
 
 Determinism: every random choice comes from torch's global generators, seeded once and saved in each checkpoint
@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys import recency, schema
-from recsys.config import to_dict
+from recsys import recency
+from recsys.core import schema
+from recsys.core.config import to_dict
+from recsys.core.io import atomic_dir, atomic_write_json
+from recsys.core.logs import Throttle
 from recsys.data import Interactions, PreparedData, feature_widths, last_items, load_prepared, user_item_lists
 from recsys.distributed import DistContext
-from recsys.io import atomic_dir, atomic_write_json
-from recsys.logs import Throttle
 from recsys.model import PRIOR_SCALES, FeatureSpec, LossConfig, ModelConfig, TrainConfig, TwoTower
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ class Evaluator:
         """The metrics of the model's top-k. With ``model.time_prior``: those of the best prior weight of
         ``PRIOR_SCALES`` by ``select`` (the first of equal ones), which ``prior_scale`` reports (the model's own is
         left as it was: the trainer sets it with the weights it keeps)."""
-        from recsys.metrics import ranking_metrics
+        from recsys.core.metrics import ranking_metrics
 
         if model.prior_scale is None:
             return ranking_metrics(self.topk(model), self.relevant, ks=self.ks)
@@ -981,8 +982,8 @@ def final_fit_record(data_dir: str | Path, splits: list[str] | tuple[str, ...]) 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from recsys.core.io import sha256_file
     from recsys.data import fingerprint
-    from recsys.io import sha256_file
 
     d = Path(data_dir)
     rows, lo, hi = 0, None, None
@@ -1034,7 +1035,7 @@ def _run_phase(
     warmup_steps = round(tc.warmup_epochs * n_batches)
     scheduled = tc.lr_schedule != "constant" or warmup_steps > 0
     # a bar only on a terminal: in a log file its redraws are noise (each epoch's line is logged either way); there
-    # a long epoch logs one progress line every `recsys --progress-every` seconds instead (recsys.logs)
+    # a long epoch logs one progress line every `recsys --progress-every` seconds instead (recsys.core.logs)
     show_bar = tc.progress and sys.stderr.isatty()
     # early stopping ends the fit phase only; the refit phase always runs its fixed number of epochs
     while progress.epoch < epochs and not (phase == "fit" and progress.stopped_early):
@@ -1166,7 +1167,7 @@ def load_configs(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> tuple[ModelConfig, TrainConfig, LossConfig]:
     """The three training sections of one TOML file + ``section.field=value`` overrides."""
-    from recsys.config import ConfigError, load_section, parse_overrides
+    from recsys.core.config import ConfigError, load_section, parse_overrides
 
     unknown = sorted(set(parse_overrides(overrides)) - {"model", "train", "loss"})
     if unknown:

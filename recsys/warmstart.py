@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
-from recsys import schema
+from recsys.core import schema
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recsys.config import ConfigError, from_dict, merge, read_toml, usable_cpus
+from recsys.core.config import ConfigError, from_dict, merge, read_toml, usable_cpus
 from recsys.service import Limits
 
 ENV_PREFIX = "RECSYS_"

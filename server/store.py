@@ -20,7 +20,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from recsys import schema, service
+from recsys import service
+from recsys.core import schema
 from recsys.service import FailedPrecondition, InvalidArgument, NotFound
 from server import fastpath
 from server.metrics import Metrics

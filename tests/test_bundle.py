@@ -1,6 +1,6 @@
 """The model bundle: export layout + manifest, verified load, tamper refusal, atomic publish, keep-N, rollback, CLI.
 
-One tiny clustered dataset (prepared-dataset layout of recsys/schema.py, written here) is trained once with
+One tiny clustered dataset (prepared-dataset layout of recsys/core/schema.py, written here) is trained once with
 recsys.train.train and exported; tests copy that bundle before changing anything.
 """
 
@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys import schema
 from recsys.bundle import (
     BUNDLE_FILES,
     Bundle,
@@ -30,7 +29,8 @@ from recsys.bundle import (
     resolve,
     rollback,
 )
-from recsys.io import sha256_file
+from recsys.core import schema
+from recsys.core.io import sha256_file
 
 torch.set_num_threads(1)
 

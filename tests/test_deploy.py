@@ -76,7 +76,7 @@ def mount_of(pod_spec: dict[str, Any], c: dict[str, Any], path: str) -> tuple[di
 
 def serve_drain_s() -> float:
     """The server's drain after SIGTERM: ``[serve] grace_s`` of the deployment config (20 s as deployed)."""
-    from recsys.config import read_toml
+    from recsys.core.config import read_toml
 
     drain = read_toml(DEPLOY / "config" / "recsys.toml").get("serve", {}).get("grace_s")
     if drain is None:  # the server's own default, if it is importable; the spec's 20 s otherwise
@@ -351,7 +351,7 @@ CONFIG_CLASSES = {
 
 
 def config_sections() -> list[str]:
-    from recsys.config import read_toml
+    from recsys.core.config import read_toml
 
     return sorted(read_toml(DEPLOY / "config" / "recsys.toml"))
 
@@ -360,7 +360,7 @@ def config_sections() -> list[str]:
 def test_deployment_config_section_loads(section):
     import importlib
 
-    from recsys.config import load_section
+    from recsys.core.config import load_section
 
     assert section in CONFIG_CLASSES, f"[{section}] in deploy/config/recsys.toml has no known config class"
     module, cls_name = CONFIG_CLASSES[section]
@@ -369,7 +369,7 @@ def test_deployment_config_section_loads(section):
     except (ModuleNotFoundError, AttributeError) as e:
         pytest.skip(f"{module}.{cls_name} is not available yet ({e})")
     cfg = load_section(cls, section, path=DEPLOY / "config" / "recsys.toml")
-    from recsys.config import read_toml
+    from recsys.core.config import read_toml
 
     for field, value in read_toml(DEPLOY / "config" / "recsys.toml")[section].items():
         assert getattr(cfg, field) == value, (section, field)

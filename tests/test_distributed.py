@@ -13,7 +13,8 @@ import pytest
 import torch
 from test_train import make_clustered
 
-from recsys import losses, schema
+from recsys import losses
+from recsys.core import schema
 from recsys.data import load_prepared
 from recsys.distributed import DistContext, init_from_env, sync_gradients
 from recsys.model import LossConfig, ModelConfig, TrainConfig

@@ -16,8 +16,9 @@ import pytest
 import torch
 from test_bundle import HISTORY_LEN, index_cfg, make_dataset, trained
 
-from recsys import schema
 from recsys.bundle import Bundle, export
+from recsys.core import schema
+from recsys.core.io import sha256_file
 from recsys.evaluate import (
     InSampleError,
     evaluate,
@@ -26,7 +27,6 @@ from recsys.evaluate import (
     popularity_segments,
     write_report,
 )
-from recsys.io import sha256_file
 
 torch.set_num_threads(1)
 KS = (5, 10, 20)

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from recsys import schema
 from recsys.bundle import Bundle, export
 from recsys.cli import main
+from recsys.core import schema
 from recsys.evaluate import InSampleError, evaluate, render_markdown
 from recsys.index import IndexConfig
 from recsys.model import LossConfig, ModelConfig, TrainConfig

@@ -406,7 +406,7 @@ def test_autotune_picks_smallest_ef_reaching_target(data, built):
 
 
 def test_index_config_section(tmp_path):
-    from recsys.config import ConfigError, load_section
+    from recsys.core.config import ConfigError, load_section
 
     toml = tmp_path / "c.toml"
     toml.write_text("[index]\nM = 24\nautotune_efs = [8, 16]\n")

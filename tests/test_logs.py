@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys.logs import JsonFormatter, Throttle, configure_logging
+from recsys.core.logs import JsonFormatter, Throttle, configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -176,7 +176,7 @@ def test_server_logs_reexports_the_one_formatter():
 
 def test_throttle(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr("recsys.logs.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("recsys.core.logs.time.monotonic", lambda: now[0])
     t = Throttle(10)
     assert not t.due()
     now[0] = 109.9

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys.metrics import (
+from recsys.core.metrics import (
     average_precision_at_k,
     hit_rate_at_k,
     ndcg_at_k,

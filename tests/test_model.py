@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_train import ITEMS_PER_CLUSTER, N_CLUSTERS, make_clustered, tiny_cfgs
 
-from recsys import schema
+from recsys.core import schema
 from recsys.model import FeatureSpec, ModelConfig, TwoTower
 from recsys.train import train
 

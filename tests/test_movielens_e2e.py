@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from recsys import schema
 from recsys.cli import main
+from recsys.core import schema
 
 GENRES = ("Action|Adventure", "Comedy", "Comedy|Romance", "Drama", "Children's|Comedy|Animation")
 

@@ -12,8 +12,9 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from recsys import schema
 from recsys.cli import main
+from recsys.core import schema
+from recsys.core.vocab import Vocab
 from recsys.prepare import (
     PrepareConfig,
     kcore_filter,
@@ -23,7 +24,6 @@ from recsys.prepare import (
     prepare,
     read_tables,
 )
-from recsys.vocab import Vocab
 
 # keep everything: the tiny logs below test single steps (most of their valid/test items are "cold")
 LOOSE = PrepareConfig(kcore_users=1, kcore_items=1, drop_cold=False)

@@ -1,7 +1,7 @@
 """`recsys prepare` killed mid-run or out of disk: the output directory is absent or complete, never half-written.
 
 Each run is a subprocess through a ``-c`` wrapper that wraps the calls the output writing makes
-(``polars.DataFrame.write_parquet`` for the output files, ``os.rename`` / ``recsys.io._rename_exchange`` for the
+(``polars.DataFrame.write_parquet`` for the output files, ``os.rename`` / ``recsys.core.io._rename_exchange`` for the
 directory moves) and SIGKILLs its own process -- or raises ENOSPC -- at the point named by ``RECSYS_CRASH_AT``; a real
 disk limit comes from ``RLIMIT_FSIZE``. Afterwards ``--out`` is absent (or the previous complete output when
 overwriting), a failure's error names ``--out``, and a rerun completes and removes the dead run's leftovers.
@@ -27,7 +27,7 @@ HOOK = textwrap.dedent(r"""
     from pathlib import Path
 
     import polars as pl
-    import recsys.io
+    import recsys.core.io
 
     AT = os.environ["RECSYS_CRASH_AT"]
     FULL_DISK = os.environ.get("RECSYS_CRASH_MODE") == "enospc"
@@ -38,7 +38,7 @@ HOOK = textwrap.dedent(r"""
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    real_write, real_rename, real_exchange = pl.DataFrame.write_parquet, os.rename, recsys.io._rename_exchange
+    real_write, real_rename, real_exchange = pl.DataFrame.write_parquet, os.rename, recsys.core.io._rename_exchange
 
     def write_parquet(self, file, *a, **k):
         die("before-file:" + Path(file).name)
@@ -63,7 +63,7 @@ HOOK = textwrap.dedent(r"""
         die("before-publish")
         return real_exchange(a, b)
 
-    pl.DataFrame.write_parquet, os.rename, recsys.io._rename_exchange = write_parquet, rename, exchange
+    pl.DataFrame.write_parquet, os.rename, recsys.core.io._rename_exchange = write_parquet, rename, exchange
 
     from recsys.cli import main
     sys.exit(main(sys.argv[1:]))

@@ -17,7 +17,7 @@ import polars as pl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recsys import schema
+from recsys.core import schema
 from recsys.prepare import PrepareConfig, prepare, read_tables
 
 EVENT_WEIGHTS = {"view": 1.0, "click": 2.0, "hover": 0.0}  # "share" is unlisted, hover weighs 0

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys import schema
+from recsys.core import schema
 from recsys.model import LossConfig, ModelConfig, TrainConfig, TwoTower
 from recsys.recency import (
     DAY_MS,

@@ -2,7 +2,7 @@
 
 Hand-made logs where the answer is known: an item that was a hit only long ago ("old_hit") against one popular last
 week ("new_hit"); a log whose best window is 7 days by construction; the vectorised scorer against
-``recsys.metrics`` on a hand-worked case. Bundles are exported from a ``prepare``d log and an untrained run written
+``recsys.core.metrics`` on a hand-worked case. Bundles are exported from a ``prepare``d log and an untrained run written
 here (the towers do not matter to the fallback), so nothing is trained.
 """
 
@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys import schema
 from recsys.bundle import RECENT_POPULARITY, Bundle, BundleError, export
+from recsys.core import schema
+from recsys.core.io import sha256_file
+from recsys.core.metrics import ndcg_at_k, recall_at_k
 from recsys.data import read_interactions
 from recsys.index import IndexConfig
-from recsys.io import sha256_file
-from recsys.metrics import ndcg_at_k, recall_at_k
 from recsys.prepare import PrepareConfig, prepare
 from recsys.recency import (
     DAY_MS,
@@ -224,7 +224,7 @@ def test_ranking_scores_hand_worked():
     assert users == 2
     assert ndcg == pytest.approx((u0 + u1) / 2, rel=1e-9)
     assert recall == pytest.approx((1 + 0.5) / 2, rel=1e-9)
-    # the same with recsys.metrics on explicit lists
+    # the same with recsys.core.metrics on explicit lists
     lists = [[0, 1, 2, 4], [3, 0, 1, 2, 4]]
     assert ndcg == pytest.approx(np.mean([ndcg_at_k(lists[0], {1}, 2), ndcg_at_k(lists[1], {4, 3}, 2)]))
     assert recall == pytest.approx(np.mean([recall_at_k(lists[0], {1}, 2), recall_at_k(lists[1], {4, 3}, 2)]))

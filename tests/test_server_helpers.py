@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from recsys import schema
+from recsys.core import schema
 from server.app import create_server
 from server.settings import ServeSettings
 

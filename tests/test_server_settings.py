@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recsys.config import ConfigError
+from recsys.core.config import ConfigError
 from server.settings import ServeSettings, load_settings
 
 
@@ -31,7 +31,7 @@ def test_bad_values_are_named(tmp_path):
 def test_workers_default_to_one_per_usable_core(tmp_path, monkeypatch):
     import os
 
-    from recsys import config
+    from recsys.core import config
 
     affinity = len(os.sched_getaffinity(0))
     (tmp_path / "cpu.max").write_text("150000 100000\n")  # a 1.5-CPU container limit -> 2 cores

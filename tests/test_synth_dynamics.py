@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.config import from_dict
+from recsys.core.config import from_dict
 from recsys.synth import ITEM_KINDS, SynthConfig, _life_peak, _World, generate
 
 DAY = 86_400

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys import schema
-from recsys.config import ConfigError
+from recsys.core import schema
+from recsys.core.config import ConfigError
 from recsys.model import LossConfig, ModelConfig, TrainConfig, TwoTower
 from recsys.train import TrainingDiverged, load_configs, train
 
@@ -25,7 +25,7 @@ SEQ_LEN = 12  # interactions per user; the last 2 go to valid
 
 
 def make_clustered(path: Path, *, seed: int = 0, titles: bool = False) -> Path:
-    """A prepared dataset (recsys/schema.py layout) where user u of cluster c only touches items of cluster c.
+    """A prepared dataset (recsys/core/schema.py layout) where user u of cluster c only touches items of cluster c.
 
     Item rows: cluster c owns rows [c * 12, (c + 1) * 12); item feature ``category`` = c + 1. User feature
     ``region`` = c + 1. Each user sees 12 random items of their cluster in time order; the last 2 are validation.

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from recsys.bundle import export
-    from recsys.config import load_section
+    from recsys.core.config import load_section
     from recsys.index import IndexConfig
 
     index_cfg = load_section(IndexConfig, "index", path=args.config, overrides=args.overrides)

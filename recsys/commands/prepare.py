@@ -1,4 +1,4 @@
-"""`recsys prepare`: raw interaction logs -> a prepared dataset (see recsys/schema.py)."""
+"""`recsys prepare`: raw interaction logs -> a prepared dataset (see recsys/core/schema.py)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         # at once, but then every streaming morsel is a fresh page-faulted mmap: +70% CPU (measured, 10M events).
         # Only effective before polars is imported.
         os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:50,muzzy_decay_ms:0")
-    from recsys.config import load_section
+    from recsys.core.config import load_section
     from recsys.prepare import PrepareConfig, format_summary, prepare
 
     cfg = load_section(PrepareConfig, "prepare", path=args.config, overrides=_overrides(args))

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from recsys.client import RecommenderClient, RecommenderError
-    from recsys.logs import report_error
+    from recsys.core.logs import report_error
 
     token = args.admin_token or os.environ.get("RECSYS_ADMIN_TOKEN")
     client = RecommenderClient(

@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from recsys.config import load_section
+    from recsys.core.config import load_section
     from recsys.synth import SynthConfig, generate
 
     overrides = list(args.set)

@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from recsys.logs import report_error
+    from recsys.core.logs import report_error
     from recsys.train import TrainingDiverged, load_configs, train
 
     model_cfg, train_cfg, loss_cfg = load_configs(args.config, args.overrides)
