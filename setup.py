@@ -8,7 +8,7 @@ Environment:
     RECSYS_PORTABLE_BUILD=1   drop ``-march=native`` (images built on one CPU and run on another).
 
 The extension is optional: if it cannot be compiled (no C++ compiler), the install still succeeds with a warning
-and ``recsys.index.HnswIndex`` falls back to the hnswlib package with over-fetch (``HnswIndex.native_filter`` is
+and ``recsys.retrieval.HnswIndex`` falls back to the hnswlib package with over-fetch (``HnswIndex.native_filter`` is
 False).
 """
 
@@ -41,7 +41,7 @@ ext_modules = [
         include_dirs=["recsys/csrc"],
         cxx_std=17,
         extra_compile_args=["-O3"] if sys.platform != "win32" else ["/O2"],
-        optional=True,  # no compiler: install anyway, recsys.index falls back to the hnswlib package
+        optional=True,  # no compiler: install anyway, recsys.retrieval falls back to the hnswlib package
     ),
 ]
 

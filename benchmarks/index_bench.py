@@ -57,7 +57,14 @@ from pathlib import Path
 import numpy as np
 
 from recsys.core.io import atomic_write_json
-from recsys.index import ExactIndex, HnswIndex, autotune_ef, blas_threads, native_available, recall_vs_exact
+from recsys.retrieval import (
+    ExactIndex,
+    HnswIndex,
+    autotune_ef,
+    blas_threads,
+    native_available,
+    recall_vs_exact,
+)
 
 K = 10
 N_SEEN = 500

@@ -63,7 +63,7 @@ def build_bundle(workdir: Path, *, n_items: int, n_users: int, dim: int, per_use
     import pyarrow.parquet as pq
 
     from recsys.core import schema
-    from recsys.index import IndexConfig
+    from recsys.retrieval import IndexConfig
 
     # the traversal is part of the key: a bundle exported before bf16 existed is tuned (and served) as fp32
     key = f"items{n_items}-users{n_users}-dim{dim}-per{per_user}-seed{seed}-{IndexConfig().search_precision}"

@@ -569,7 +569,7 @@ def export(
     """Publish a training run as a new bundle version and point ``LATEST`` at it; returns the version directory.
 
     ``data_dir`` defaults to the dataset named in the run's config.json. ``index_cfg`` is an
-    ``recsys.index.IndexConfig`` (defaults when None). ``ef`` is auto-tuned on up to ``tune_queries`` held-out
+    ``recsys.retrieval.IndexConfig`` (defaults when None). ``ef`` is auto-tuned on up to ``tune_queries`` held-out
     users' embeddings (default: ``max(1000, index_cfg.autotune_queries)``; test users first, then valid users, then
     others), to the config's ``target_recall`` (0.99) at ``autotune_k``. After publishing, all but the newest
     ``keep`` versions are deleted (never the one ``LATEST`` points to).
@@ -588,8 +588,8 @@ def export(
     """
     import pyarrow.parquet as pq
 
-    from recsys.index import IndexConfig
     from recsys.model import TwoTower
+    from recsys.retrieval import IndexConfig
 
     if keep < 1:
         raise ValueError(f"`keep` must be >= 1, got {keep}")
@@ -673,7 +673,7 @@ def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *,
             run_config: dict, summary: dict, data_manifest: dict, index_cfg: Any, keep: int, version: str | None,
             tune_queries: int | None, seed: int, evaluate_split: str | None,
             trained_on: dict[str, Any] | None) -> Path:
-    from recsys.index import ExactIndex, HnswIndex, autotune_ef
+    from recsys.retrieval import ExactIndex, HnswIndex, autotune_ef
 
     metric = str(getattr(model, "metric", model_json.get("metric", schema.METRIC)))
     dim = served_dim(model)
@@ -920,7 +920,7 @@ class Bundle:
         for a in (self._hist_off, self._hist_val, self._seen_off, self._seen_val):
             a.setflags(write=False)
 
-        from recsys.index import ExactIndex, HnswIndex
+        from recsys.retrieval import ExactIndex, HnswIndex
 
         self.exact = ExactIndex(self.item_embeddings, metric=self.metric)
         ef = int(self.manifest.get("index", {}).get("ef") or 64)

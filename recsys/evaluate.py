@@ -6,7 +6,7 @@ Protocol, stated once:
   *relevant* items are the distinct split items they had not interacted with before; items seen before (train for
   ``valid``, train + valid for ``test``) are excluded from every model's list, so they are left out of
   ``relevant`` too (a re-consumed item can never be retrieved and would only add noise).
-* Retrieval is over the full catalogue, through the same exclusion rule as serving (``recsys.index.retrieve``),
+* Retrieval is over the full catalogue, through the same exclusion rule as serving (``recsys.retrieval.retrieve``),
   both exact and HNSW (with the bundle's tuned ``ef``); ANN recall is measured against the exact answer.
 * Users are embedded as serving would: a known user of the bundle from their history with their ID; a user the
   bundle does not know from history alone. The dataset and the bundle may have different vocabularies: everything
@@ -281,7 +281,7 @@ def search_all(
 ) -> np.ndarray:
     """Top-``k`` item ids ``[n, k]`` for ``queries [n, dim]`` minus each query's seen items (serving's rule).
     ``progress``: True = a tqdm bar, False = log lines (a progress line every `--progress-every` s), None = silent."""
-    from recsys.index import retrieve
+    from recsys.retrieval import retrieve
 
     return _batched(lambda sl: retrieve(index, queries[sl], k, seen=seen[sl])[0], len(queries), k, desc=desc,
                     progress=progress)
@@ -334,7 +334,7 @@ def _segment(topk: np.ndarray, relevant: list[np.ndarray], ks: Sequence[int]) ->
 
 def ann_recall(ann: np.ndarray, exact: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
     """``ann_recall@k`` = mean |ANN top-k ∩ exact top-k| / |exact top-k| for each k."""
-    from recsys.index import recall_vs_exact
+    from recsys.retrieval import recall_vs_exact
 
     return {f"ann_recall@{k}": float(recall_vs_exact(ann[:, :k], exact[:, :k])) for k in ks}
 
@@ -450,7 +450,7 @@ def ann_sweep(
     Returns ``{"k", "n_queries", "tuned_ef", "exact": {p50_ms, ...}, "rows": [{ef, recall, p50_ms, p95_ms,
     batch_ms_per_query}]}``; queries are searched with their seen items excluded, as served.
     """
-    from recsys.index import HnswIndex, recall_vs_exact, retrieve
+    from recsys.retrieval import HnswIndex, recall_vs_exact, retrieve
 
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(queries), size=min(max_queries, len(queries)), replace=False))

@@ -698,6 +698,9 @@ class ItemEmbeddingQueue:
 def feature_dropout(codes: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
     """Zero each feature code independently with probability ``p`` (code 0 = missing): one augmented view.
 
+    The trainer's SSL views (``TwoTower.item_views``) draw their input masks with it, on a ``[B, inputs]`` matrix
+    of ones (ID, each feature, title): a zeroed entry drops that input's embedding from the view.
+
     Args:
         codes: ``[B, F]`` integer feature codes.
         p: drop probability in ``[0, 1]``.
@@ -712,8 +715,7 @@ def feature_dropout(codes: Tensor, p: float, generator: torch.Generator | None =
         raise ValueError(f"`codes` must have shape [B, F], got {list(codes.shape)}")
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"`p` must be a float in [0, 1], got {p!r}")
-    if p == 0.0:
-        return codes.clone()
+    # always one draw per entry, p = 0 included: the trainer's random stream does not depend on the value of p
     drop = torch.rand(codes.shape, generator=generator, device=codes.device) < p
     return codes.masked_fill(drop, 0)
 

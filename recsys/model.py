@@ -611,13 +611,17 @@ class TwoTower(nn.Module):
         return self.served_items(v, self.item_prior(self.item_cold.expand(v.shape[0], -1)))
 
     def item_views(self, item_idx: Tensor, drop: float) -> tuple[Tensor, Tensor]:
-        """Two feature-dropout views of the items (self-supervised loss): each input masked with prob ``drop``."""
+        """Two feature-dropout views of the items (self-supervised loss): each input (ID, each feature, title)
+        masked with prob ``drop``, the masks drawn by :func:`recsys.losses.feature_dropout` (one rule for both)."""
+        from recsys.losses import feature_dropout
+
         text = self.item_text[item_idx] if self.item_text is not None else None
         feats = self.item_feats[item_idx]
         n_in = 1 + len(self.item_feat) + (1 if self.item_text_proj is not None else 0)
+        inputs = torch.ones(item_idx.shape[0], n_in, dtype=torch.long, device=item_idx.device)  # 1 = present
         views = []
         for _ in range(2):
-            keep = (torch.rand(item_idx.shape[0], n_in, device=item_idx.device) >= drop).float()
+            keep = feature_dropout(inputs, drop).float()  # [B, n_in], 0 = dropped
             x = self._item_input(item_idx, feats, text, id_keep=keep[:, 0], feat_keep=keep[:, 1:])
             views.append(self._item_head(x))
         return views[0], views[1]

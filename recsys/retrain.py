@@ -164,8 +164,8 @@ class _Retriever:
         from recsys.bundle import embed_items
         from recsys.core import schema
         from recsys.core.vocab import Vocab
-        from recsys.index import ExactIndex
         from recsys.model import TwoTower
+        from recsys.retrieval import ExactIndex
 
         self.model = TwoTower.from_run(model_dir)
         self.items = Vocab.from_parquet(vocab_dir / schema.ITEMS, schema.ITEM_ID)
@@ -179,10 +179,11 @@ class _Retriever:
     def recommend(self, users: list[str], histories: list[list[str]], seen: list[list[str]], k: int):
         """Top-k external item IDs per user [n, k] (None = padding), seen items excluded."""
         from recsys.bundle import embed_users
+        from recsys.retrieval import retrieve
 
         q = embed_users(self.model, self.users.numbers(users), [self._known_rows(h) for h in histories],
                         max_history=int(self.model.cfg.history_len))
-        ids, _ = self.index.search(q, k, exclude=[self._known_rows(s) for s in seen])
+        ids, _ = retrieve(self.index, q, k, exclude=[self._known_rows(s) for s in seen])
         return [[self.items.id(j) if j >= 0 else None for j in row] for row in ids.tolist()]
 
 
@@ -282,8 +283,8 @@ def retrain(
     """
     from recsys import bundle as bundle_mod
     from recsys.core.config import load_section, to_dict
-    from recsys.index import IndexConfig
     from recsys.prepare import PrepareConfig, expand_inputs, prepare
+    from recsys.retrieval import IndexConfig
     from recsys.train import load_configs, train
 
     models_dir = Path(models_dir)

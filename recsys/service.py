@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.index import search_width
+from recsys.retrieval import retrieve, retrieve_one
 
 SOURCE_KNOWN_USER = "known_user"
 SOURCE_KNOWN_USER_WITH_EVENTS = "known_user_with_events"
@@ -126,21 +126,15 @@ class Prepared:
     """Per-bundle views for the request path, built once per bundle (see :func:`prepared`).
 
     ``item_ids`` holds the external item IDs as Python ``str`` objects: answers reuse them instead of converting
-    numpy unicode scalars on every request. ``ef`` is the HNSW search width (``None`` for an exact index), used to
-    tell when an over-fetched list was ranked too deep for the tuned recall (:func:`_deep_enough`). ``native``:
-    the index filters exclusions inside its graph search (``HnswIndex.native_filter``), so the request path hands
-    it the exclusion list in one call instead of over-fetching and filtering in Python.
+    numpy unicode scalars on every request.
     """
 
-    __slots__ = ("__weakref__", "ef", "item_ids", "n_items", "native", "version")
+    __slots__ = ("__weakref__", "item_ids", "n_items", "version")
 
     def __init__(self, bundle: Any) -> None:
         self.item_ids: list[str] = [str(t) for t in np.asarray(bundle.item_ids).tolist()]
         self.n_items = int(bundle.n_items)
         self.version = str(bundle.version)
-        ef = getattr(bundle.index, "ef", None)
-        self.ef = int(ef) if isinstance(ef, (int, np.integer)) and not isinstance(ef, bool) else None
-        self.native = getattr(bundle.index, "native_filter", False) is True
 
 
 _MISSING = object()
@@ -296,137 +290,6 @@ def _union(*parts: np.ndarray | None) -> np.ndarray | None:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
-def _deep_enough(prep: Prepared, depth: int, k: int, fetch: int) -> bool:
-    """Whether a list whose k-th kept item sits at rank ``depth`` keeps the recall the index was tuned for.
-
-    The index's rule (``recsys.index.search_width``): ``ef`` was tuned for the top ``k``, so using the top
-    ``depth`` of a list needs a search ``depth / k`` times as wide. A fetch of ``fetch`` explored
-    ``max(ef, fetch)`` candidates. An exact index is always deep enough.
-    """
-    if prep.ef is None:
-        return True
-    return search_width(depth, k, prep.ef) <= max(prep.ef, fetch)
-
-
-def _topk_within(
-    bundle: Any, queries: np.ndarray, k: int, allowed: np.ndarray, excludes: Sequence[np.ndarray | None]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k restricted to ``allowed`` item rows: queries [n, dim] -> (ids [n, k], scores [n, k]).
-
-    An include-list is at most ``max_ids`` long, so scoring it exactly is cheap and, unlike a filtered ANN walk,
-    never misses allowed items that sit far from the query's neighbourhood.
-    """
-    allowed = np.unique(allowed)
-    n = queries.shape[0]
-    ids = np.full((n, k), -1, dtype=np.int64)
-    scores = np.full((n, k), -np.inf, dtype=np.float32)
-    if allowed.size == 0:
-        return ids, scores
-    sims = queries @ bundle.item_embeddings[allowed].T  # [n, |allowed|]
-    sims = sims.astype(np.float32, copy=False)
-    for i in range(n):
-        row = sims[i]
-        ex = excludes[i] if excludes else None
-        if ex is not None and len(ex):
-            row = np.where(np.isin(allowed, ex), -np.inf, row)
-        order = np.argsort(-row, kind="stable")[:k]
-        order = order[np.isfinite(row[order])]
-        ids[i, : order.size] = allowed[order]
-        scores[i, : order.size] = row[order]
-    return ids, scores
-
-
-def _search_one(
-    bundle: Any, prep: Prepared, query: np.ndarray, k: int, exclude: np.ndarray | None
-) -> tuple[list[int], list[float]]:
-    """Top-k of ONE query [1, dim] without the ``exclude`` item rows -> (item rows, scores), best first.
-
-    With a native-filter index (``prep.native``): one excluding search, the exclusion checked inside the graph
-    walk. Otherwise one index call over-fetching ``k + |exclude|`` (hnswlib explores ``max(ef, fetch)``
-    candidates whatever the fetch, so up to ``ef`` this costs no more than ``k``), filtered with a Python set --
-    for ~10-50 ids that beats any numpy call; only a list ranked too deep goes back to the index's own
-    excluding search.
-    """
-    excluding = exclude is not None and len(exclude) > 0
-    if not excluding or prep.native:
-        ids, scores = bundle.index.search(query, k, exclude=[exclude] if excluding else None)
-        rows, sc = ids[0].tolist(), scores[0].tolist()
-        if rows and rows[-1] < 0:  # padding: fewer than k items in the catalogue
-            n = sum(1 for r in rows if r >= 0)
-            rows, sc = rows[:n], sc[:n]
-        return rows, sc
-    fetch = min(k + len(exclude), prep.n_items)
-    ids, scores = bundle.index.search(query, fetch)
-    drop = set(exclude.tolist())
-    rows: list[int] = []
-    sc: list[float] = []
-    depth = fetch
-    for pos, (r, s) in enumerate(zip(ids[0].tolist(), scores[0].tolist(), strict=True)):
-        if r >= 0 and r not in drop:
-            rows.append(r)
-            sc.append(s)
-            if len(rows) == k:
-                depth = pos + 1
-                break
-    if (len(rows) < k and fetch < prep.n_items) or not _deep_enough(prep, depth, k, fetch):
-        ids, scores = bundle.index.search(query, k, exclude=[exclude])
-        keep = ids[0] >= 0
-        rows, sc = ids[0][keep].tolist(), scores[0][keep].tolist()
-    return rows, sc
-
-
-def _search(
-    bundle: Any,
-    queries: np.ndarray,
-    k: int,
-    *,
-    excludes: Sequence[np.ndarray | None],
-    allowed: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One batched query: queries [n, dim] float32 -> (item rows [n, k] int64, scores [n, k] float32).
-
-    Without an include-list and with a native-filter index: ONE excluding search for the whole batch. Without
-    the native filter: ONE index call over-fetching k + the longest exclusion list (the index's own ``exclude``
-    groups rows by fetch size: several calls), then a vectorised filter; rows whose k-th kept item ranks too deep
-    for the tuned recall, or that came back short, are asked again with ``exclude``.
-    """
-    if allowed is not None:
-        return _topk_within(bundle, queries, k, allowed, excludes)
-    sizes = [0 if e is None else len(e) for e in excludes]
-    if not any(sizes):
-        return bundle.index.search(queries, k)
-    prep = prepared(bundle)
-    if prep.native:
-        return bundle.index.search(queries, k, exclude=list(excludes))
-    n = len(excludes)
-    n_items = prep.n_items
-    fetch = min(k + max(sizes), n_items)
-    ids, scores = bundle.index.search(queries, fetch)  # [n, fetch]
-    # Row i's excluded items as keys i * n_items + item, so one np.isin serves the whole batch.
-    offset = np.arange(n, dtype=np.int64) * n_items  # [n]
-    ex_keys = np.concatenate([e for e in excludes if e is not None and len(e)]).astype(np.int64, copy=False)
-    ex_keys = ex_keys + np.repeat(offset, sizes)
-    keep = (ids >= 0) & ~np.isin(ids + offset[:, None], ex_keys)  # [n, fetch]
-    # ranks of the first k kept items of each row (a stable sort puts the kept ones first, in rank order)
-    first = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # [n, min(k, fetch)]
-    got = np.take_along_axis(keep, first, axis=1)
-    width = first.shape[1]
-    out_ids = np.full((n, k), -1, dtype=np.int64)
-    out_scores = np.full((n, k), -np.inf, dtype=np.float32)
-    out_ids[:, :width] = np.where(got, np.take_along_axis(ids, first, axis=1), -1)
-    out_scores[:, :width] = np.where(got, np.take_along_axis(scores, first, axis=1), -np.inf)
-    n_kept = got.sum(axis=1).tolist()
-    depth = (first[:, -1] + 1).tolist() if width else [0] * n
-    redo = [
-        i for i in range(n)
-        if (n_kept[i] < k and fetch < n_items) or (n_kept[i] >= k and not _deep_enough(prep, depth[i], k, fetch))
-    ]
-    if redo:
-        redo_ids, redo_scores = bundle.index.search(queries[redo], k, exclude=[excludes[i] for i in redo])
-        out_ids[redo], out_scores[redo] = redo_ids, redo_scores
-    return out_ids, out_scores
-
-
 def _as_recommendation(
     bundle: Any, ids: np.ndarray, scores: np.ndarray, *, source: str, unknown: list[str] | None = None
 ) -> Recommendation:
@@ -495,7 +358,7 @@ def recommend(
         if row is not None:
             prep = prepared(bundle)
             seen = None if include_seen else bundle.seen_items(row)
-            rows, scores = _search_one(bundle, prep, bundle.user_embeddings[row : row + 1], k, seen)
+            rows, scores = retrieve_one(bundle.index, bundle.user_embeddings[row : row + 1], k, exclude=seen)
             names = prep.item_ids
             return Recommendation([names[r] for r in rows], scores, SOURCE_KNOWN_USER)
     check_k(k, limits)
@@ -546,13 +409,9 @@ def _answer(
     bundle: Any, query: np.ndarray, k: int, exclude: np.ndarray | None, allowed: np.ndarray | None, *,
     source: str, unknown: list[str] | None = None,
 ) -> Recommendation:
-    """Search for one query [1, dim] and wrap the answer (the single-query fast path unless an include-list)."""
-    if allowed is not None:
-        ids, scores = _topk_within(bundle, query, k, allowed, [exclude])
-        return _as_recommendation(bundle, ids[0], scores[0], source=source, unknown=unknown)
-    prep = prepared(bundle)
-    rows, scores = _search_one(bundle, prep, query, k, exclude)
-    names = prep.item_ids
+    """Search for one query [1, dim] (:func:`recsys.retrieval.retrieve_one`) and wrap the answer."""
+    rows, scores = retrieve_one(bundle.index, query, k, exclude=exclude, include=allowed)
+    names = prepared(bundle).item_ids
     return Recommendation(item_ids=[names[r] for r in rows], scores=scores, source=source,
                           unknown_item_ids=unknown or [])
 
@@ -646,7 +505,8 @@ def batch_recommend(
                        exclude_or_none)
                 for i in answered
             ]
-        ids, scores = _search(bundle, queries, k, excludes=excludes, allowed=allowed)
+        ids, scores = retrieve(bundle.index, queries, k, exclude=excludes,
+                               include=None if allowed is None else [allowed] * len(answered))
         names = prepared(bundle).item_ids
         flat_ids, flat_scores = ids.tolist(), scores.tolist()  # one conversion for the whole batch
         for j, i in enumerate(answered):

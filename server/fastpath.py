@@ -27,7 +27,7 @@ def build(bundle: Any, *, check_users: int = 16) -> Any | None:
     """A ``KnownUserRecommender`` for ``bundle``, or None when its index is not the native HNSW one -- or when its
     answers for ``check_users`` users spread over the bundle (k=10, seen items excluded and not) differ from the
     Python path's by a single byte: then the error is logged and the Python path serves every request."""
-    from recsys.index import UNIT_SQ_TOL, HnswIndex
+    from recsys.retrieval import UNIT_SQ_TOL, HnswIndex
 
     index = getattr(bundle, "index", None)
     if not isinstance(index, HnswIndex) or not index.native_filter:

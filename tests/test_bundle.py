@@ -138,7 +138,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def index_cfg():
-    from recsys.index import IndexConfig
+    from recsys.retrieval import IndexConfig
 
     return IndexConfig(num_threads=1)
 
@@ -316,7 +316,7 @@ def test_tampered_bundle_is_refused(published, tmp_path, tamper, match):
 
 def test_index_is_not_opened_before_checksums(published, tmp_path, monkeypatch):
     """hnswlib files are unsafe to parse untrusted: a bad checksum must stop load before HnswIndex.load runs."""
-    import recsys.index
+    import recsys.retrieval
 
     _, _, _, path = published
     b = copy_bundle(path, tmp_path / "b")
@@ -324,14 +324,14 @@ def test_index_is_not_opened_before_checksums(published, tmp_path, monkeypatch):
     raw[100] ^= 0x10
     (b / schema.INDEX_FILE).write_bytes(bytes(raw))
     calls = []
-    monkeypatch.setattr(recsys.index.HnswIndex, "load", classmethod(lambda cls, *a, **k: calls.append(a)))
+    monkeypatch.setattr(recsys.retrieval.HnswIndex, "load", classmethod(lambda cls, *a, **k: calls.append(a)))
     with pytest.raises(BundleError, match="index.hnsw: sha256"):
         Bundle.load(b)
     assert calls == []
 
 
 def test_crash_mid_export_leaves_latest_and_no_half_version(published, tmp_path, monkeypatch):
-    import recsys.index
+    import recsys.retrieval
 
     data, run, models_src, path = published
     models = tmp_path / "models"
@@ -347,7 +347,7 @@ def test_crash_mid_export_leaves_latest_and_no_half_version(published, tmp_path,
         assert (Path(p).parent / schema.ITEM_EMBEDDINGS).exists()
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(recsys.index.HnswIndex, "save", boom)
+    monkeypatch.setattr(recsys.retrieval.HnswIndex, "save", boom)
     with pytest.raises(OSError, match="simulated"):
         export(run, models, index_cfg=index_cfg(), evaluate_split=None)
     assert read_latest(models) == path.name

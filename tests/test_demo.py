@@ -3,6 +3,7 @@ gRPC server -> client calls -> retrain -> hot reload, all in-process on a free p
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,13 +32,18 @@ def test_demo_end_to_end_at_reduced_size(tmp_path: Path, capsys: pytest.CaptureF
     assert "source=known_user)" in out and "source=history" in out and "SimilarItems(" in out
     assert "source=known_user_with_events" in out  # the known user right after some fresh events
     assert "Recommend(k=0) -> INVALID_ARGUMENT" in out
-    # the retrain either published a version that the running server then answered with, or was refused by the
-    # gate and the server kept the old one
+    # what the demo is built to show: the retrain on the full logs passes the gate (at this size the candidate's
+    # gate recall@20 is about 0.21 against the serving model's 0.15), is published, and the running server
+    # hot-reloads it and answers the same calls from it
     latest = bundle_mod.read_latest(models)
-    if "v2" in result:
-        assert len(versions) == 2 and result["v2"] == versions[1] == latest != result["v1"]
-        assert f"server now answers with {latest}" in out
-    else:
-        assert latest == result["v1"] and "candidate rejected" in out
+    assert "candidate rejected" not in out
+    assert "v2" in result, "the demo's retrain was not published"
+    assert len(versions) == 2 and result["v2"] == versions[1] == latest != result["v1"]
+    gate = out.split("gate: ", 1)[1].splitlines()[0]
+    m = re.fullmatch(r"candidate recall@\d+=([0-9.]+) vs serving ([0-9.]+) .*", gate)
+    assert m is not None and float(m[1]) >= float(m[2]), gate
+    assert f"server now answers with {latest} (was {result['v1']})" in out
+    assert "9. the same calls, answered by the new version" in out
+    assert out.count("source=known_user)") == 2  # the calls ran again, on v2
     for name in ("report.md", "report.json", "recall_at_k.png", "item_embeddings.png"):
         assert (tmp_path / "report" / name).exists(), name

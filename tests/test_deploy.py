@@ -345,7 +345,7 @@ CONFIG_CLASSES = {
     "train": ("recsys.model", "TrainConfig"),
     "loss": ("recsys.model", "LossConfig"),
     "retrain": ("recsys.retrain", "RetrainConfig"),
-    "index": ("recsys.index", "IndexConfig"),
+    "index": ("recsys.retrieval", "IndexConfig"),
     "serve": ("server.settings", "ServeSettings"),
 }
 

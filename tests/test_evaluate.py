@@ -58,7 +58,7 @@ def _resign(path: Path) -> None:
 
 def test_oracle_bundle_scores_one(setup, tmp_path):
     """Item vectors one-hot, each user's vector = the normalised sum of their held-out items: perfect ranking."""
-    from recsys.index import HnswIndex
+    from recsys.retrieval import HnswIndex
 
     data, _, models = setup
     src = Bundle.load(models)

@@ -22,9 +22,9 @@ from recsys.bundle import Bundle, export
 from recsys.cli import main
 from recsys.core import schema
 from recsys.evaluate import InSampleError, evaluate, render_markdown
-from recsys.index import IndexConfig
 from recsys.model import LossConfig, ModelConfig, TrainConfig
 from recsys.prepare import PrepareConfig, prepare
+from recsys.retrieval import IndexConfig
 from recsys.service import recommend
 from recsys.train import train
 

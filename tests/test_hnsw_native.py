@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import test_index
 
-from recsys.index import ExactIndex, HnswIndex, autotune_ef, native_available, recall_vs_exact
+from recsys.retrieval import ExactIndex, HnswIndex, autotune_ef, native_available, recall_vs_exact
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="recsys._hnsw not built (no C++ compiler)")
 
@@ -297,7 +297,7 @@ def test_index_imports_and_falls_back_without_the_extension():
     code = (
         "import sys; sys.modules['recsys._hnsw'] = None\n"
         "import numpy as np\n"
-        "from recsys.index import HnswIndex, native_available\n"
+        "from recsys.retrieval import HnswIndex, native_available\n"
         "assert not native_available()\n"
         "x = np.eye(4, dtype=np.float32)\n"
         "idx = HnswIndex(x, num_threads=1)\n"
@@ -374,7 +374,7 @@ def test_bf16_exclusion_is_never_returned_and_add_updates_the_copy(data):
 
 
 def test_search_precision_survives_save_and_load_and_bad_values_are_named(data, tmp_path):
-    from recsys.index import IndexConfig
+    from recsys.retrieval import IndexConfig
 
     items, queries = data
     idx = HnswIndex(items, ef=32, num_threads=2, search_precision="bf16")

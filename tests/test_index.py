@@ -11,8 +11,8 @@ import threading
 import numpy as np
 import pytest
 
-import recsys.index as index_mod
-from recsys.index import (
+import recsys.retrieval.exact as exact_mod
+from recsys.retrieval import (
     ExactIndex,
     HnswIndex,
     IndexConfig,
@@ -103,7 +103,7 @@ def test_exact_blocked_equals_unblocked(data, monkeypatch):
     items, queries = data
     ex = ExactIndex(items)
     full = ex.search(queries[:50], 7)
-    monkeypatch.setattr(index_mod, "_EXACT_BLOCK_FLOATS", 3 * items.shape[0])  # 3 queries per block
+    monkeypatch.setattr(exact_mod, "EXACT_BLOCK_FLOATS", 3 * items.shape[0])  # 3 queries per block
     blocked = ex.search(queries[:50], 7)
     np.testing.assert_array_equal(full[0], blocked[0])
     np.testing.assert_allclose(full[1], blocked[1], rtol=1e-6)

@@ -77,7 +77,7 @@ def test_index_saved_on_its_own_follows_umask(tmp_path, mask):
     """``HnswIndex.save`` outside a version directory (atomic_write_file, not mkstemp's 0o600)."""
     import numpy as np
 
-    from recsys.index import HnswIndex, IndexConfig
+    from recsys.retrieval import HnswIndex, IndexConfig
 
     vecs = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
     index = HnswIndex.from_config(vecs / np.linalg.norm(vecs, axis=1, keepdims=True), cfg=IndexConfig(num_threads=1))

@@ -25,7 +25,6 @@ from recsys.core import schema
 from recsys.core.io import sha256_file
 from recsys.core.metrics import ndcg_at_k, recall_at_k
 from recsys.data import read_interactions
-from recsys.index import IndexConfig
 from recsys.prepare import PrepareConfig, prepare
 from recsys.recency import (
     DAY_MS,
@@ -35,6 +34,7 @@ from recsys.recency import (
     ranking_scores,
     recent_counts,
 )
+from recsys.retrieval import IndexConfig
 from recsys.service import SOURCE_POPULARITY, recommend
 
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_server_helpers import code_of, running_server
 
-from recsys.index import native_available
+from recsys.retrieval import native_available
 from recsys.service import Limits
 from recsys.v1 import recommender_pb2 as pb
 from recsys.v1 import recommender_pb2_grpc as pb_grpc
@@ -173,7 +173,7 @@ def test_a_fast_path_that_disagrees_with_the_python_path_is_not_used(published, 
 
 def test_native_path_on_unicode_ids_matches_a_hand_built_response():
     from recsys import _hnsw
-    from recsys.index import HnswIndex
+    from recsys.retrieval import HnswIndex
 
     rng = np.random.default_rng(4)
     items = rng.normal(size=(60, 8)).astype(np.float32)

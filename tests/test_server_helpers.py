@@ -45,6 +45,12 @@ class _ExactSearch:
             for i, ex in enumerate(exclude):
                 if ex is not None and len(ex):
                     scores[i, np.asarray(ex, dtype=np.int64)] = -np.inf
+        if include is not None:
+            for i, inc in enumerate(include):
+                if inc is not None:
+                    outside = np.ones(scores.shape[1], dtype=bool)
+                    outside[np.asarray(inc, dtype=np.int64)] = False
+                    scores[i, outside] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(scores, order, axis=1)
         ids = np.where(np.isfinite(top), order, -1).astype(np.int64)

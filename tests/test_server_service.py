@@ -1,6 +1,6 @@
-"""recsys.service's request-path search, without gRPC: the single-query set filter and the vectorised batch filter
-give the exact answer (seen items and exclusions removed, -1 padding when too few remain), and a list whose k-th
-kept item ranks too deep for the tuned HNSW width is asked again with the index's own ``exclude``."""
+"""recsys.service's request path, without gRPC: the single and batch paths give the exact answer (seen items and
+exclusions removed, -1 padding when too few remain), each request is ONE index call through recsys.retrieval (the
+one owner of the exclusion rule), and the native and fallback HNSW paths agree."""
 
 from __future__ import annotations
 
@@ -74,52 +74,20 @@ def test_too_few_candidates_are_padded_then_dropped(bundle):
     assert len(single.scores) == 7 and np.isfinite(single.scores).all()
 
 
-def test_a_list_ranked_too_deep_is_asked_again_with_exclude(bundle):
-    # HnswIndex's rule: ef = 10 was tuned for the top k = 5, so using a list down to rank p needs a search width
-    # of p * (10 / 5) / 1.25; a fetch of f results searched max(10, f) wide.
-    index = bundle.index = _CountingHnsw(bundle.item_embeddings, ef=10)
-    q = bundle.user_embeddings[6]
-    top = _ids(bundle.expected_top(q, 20))
-    # excluding the 8 best items pushes the 5th kept item to rank 13 of the 13 fetched: 13 * 2 / 1.25 > 13
-    deep = [f"i{j}" for j in top[:8]]
-    rec = service.recommend(bundle, user_id="u6", k=5, include_seen=True, exclude_item_ids=deep)
-    assert rec.item_ids == [f"i{j}" for j in top[8:13]]
-    assert index.calls == [(1, 13, False), (1, 5, True)]  # over-fetch, then the index's excluding search
-    # excluding only the best item puts the 5th kept item at rank 6 of 6 fetched: 6 * 2 / 1.25 <= 10, one call
-    index.calls.clear()
-    rec = service.recommend(bundle, user_id="u6", k=5, include_seen=True, exclude_item_ids=[f"i{top[0]}"])
-    assert rec.item_ids == [f"i{j}" for j in top[1:6]] and index.calls == [(1, 6, False)]
-    # the batch path applies the same rule row by row: only the deep row is asked again
-    index.calls.clear()
-    users = ["u6", "u7"]
-    batch, _ = service.batch_recommend(bundle, user_ids=users, k=5, include_seen=True, exclude_item_ids=deep)
-    order7 = _ids(bundle.expected_top(bundle.user_embeddings[7], N_ITEMS))
-    depth7 = [j for j, t in enumerate(order7) if f"i{t}" not in deep][4] + 1  # rank of u7's 5th kept item
-    redo = [0, 1] if depth7 * 2 / 1.25 > 13 else [0]
-    assert index.calls == [(2, 13, False), (len(redo), 5, True)]
-    assert batch[0].item_ids == [f"i{j}" for j in top[8:13]]
-    assert batch[1].item_ids == bundle.expected_top(bundle.user_embeddings[7], 5, exclude=_ids(deep))
-
-
 def test_prepared_views_follow_the_bundle(tmp_path):
     bundle = FakeBundle(tmp_path, version="v9", seed=1)
     p = service.prepared(bundle)
     assert service.prepared(bundle) is p and p.item_ids[:3] == ["i0", "i1", "i2"] and p.n_items == N_ITEMS
-    assert p.ef is None  # exact index: every list is deep enough
     alive = weakref.ref(bundle)
     del bundle
     gc.collect()
     assert alive() is None  # a bundle swapped out by a hot reload is not kept alive by the cache
 
 
-class _NativeCounting(_CountingHnsw):
-    """An index that says it filters exclusions inside its search (``native_filter``), recording the calls."""
-
-    native_filter = True
-
-
-def test_a_native_filter_index_gets_one_excluding_call(bundle):
-    index = bundle.index = _NativeCounting(bundle.item_embeddings, ef=10)
+def test_every_request_is_one_excluding_index_call(bundle):
+    # the exclusion rule (over-fetch, refetch, in-graph filter) belongs to the index (recsys.retrieval): the
+    # service hands it each query's exclusions in one call and filters nothing itself
+    index = bundle.index = _CountingHnsw(bundle.item_embeddings, ef=10)
     q = bundle.user_embeddings[6]
     deep = [f"i{j}" for j in _ids(bundle.expected_top(q, 8))]  # the over-fetch path would refetch here
     rec = service.recommend(bundle, user_id="u6", k=5, exclude_item_ids=deep)
@@ -137,7 +105,7 @@ def test_a_native_filter_index_gets_one_excluding_call(bundle):
 
 
 def _hnsw_pair(vectors: np.ndarray) -> tuple[object, object]:
-    from recsys.index import HnswIndex
+    from recsys.retrieval import HnswIndex
 
     try:
         native = HnswIndex(vectors, M=8, ef_construction=100, ef=40, num_threads=1, native=True)
@@ -211,7 +179,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 def test_fresh_events_single_and_batch_equal_the_exact_answer(bundle):
     # the fake tower: unit(stored vector + mean of the history items); u4's stored history is {4, 5, 6}
-    index = bundle.index = _NativeCounting(bundle.item_embeddings, ef=10)
+    index = bundle.index = _CountingHnsw(bundle.item_embeddings, ef=10)
     events = ["i50", "nope", "i51"]
     q4 = _unit(bundle.user_embeddings[4] + bundle.item_embeddings[[4, 5, 6, 50, 51]].mean(axis=0))
     want4 = bundle.expected_top(q4, 6, exclude=[4, 5, 6, 50, 51])

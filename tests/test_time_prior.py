@@ -202,7 +202,7 @@ def test_export_serves_the_prior_exactly_through_the_index(prior_bundle):
 
 
 def test_native_recommend_answers_a_prior_bundle_like_the_python_path(prior_bundle):
-    from recsys.index import native_available
+    from recsys.retrieval import native_available
 
     if not native_available():
         pytest.skip("recsys._hnsw not built (no C++ compiler)")

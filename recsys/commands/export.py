@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from recsys.bundle import export
     from recsys.core.config import load_section
-    from recsys.index import IndexConfig
+    from recsys.retrieval import IndexConfig
 
     index_cfg = load_section(IndexConfig, "index", path=args.config, overrides=args.overrides)
     path = export(

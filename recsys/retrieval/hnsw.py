@@ -1,86 +1,32 @@
-"""Retrieval indexes: an exact twin (``ExactIndex``) and HNSW (``HnswIndex``, hnswlib) behind one interface.
-
-Both answer ``ids, scores = index.search(queries [n, d], k, exclude=..., include=...)`` with ``ids [n, k] int64``
-and ``scores [n, k] float32``, best first; every ANN answer can be checked against the exact one (hnswlib's
-``BFIndex`` habit).
-
-Geometry (named once, read from the bundle)
--------------------------------------------
-``metric="cosine"``: vectors and queries are L2-normalised *by the index* (a non-unit input is normalised, an
-all-zero or non-finite row is refused with its row number), and the score is their dot product, i.e. the cosine.
-The towers already output unit vectors, so this is a no-op up to float error, but it means a caller can never
-serve a raw dot product against a cosine-trained model by accident. HNSW uses hnswlib space ``"ip"`` whose
-*distance* is ``1 - dot``, so ``score = 1 - distance`` -- never the distance itself.
-``metric="dot"``: the same space without normalisation (kept for models trained with a plain dot product).
-
-Exclusion rule (shared by serving and evaluation through :func:`retrieve`)
---------------------------------------------------------------------------
-``exclude[i]`` (a user's seen items and the request's exclusions) never appears in row ``i``; ``include[i]``
-restricts row ``i`` to those ids. The answer holds exactly ``k`` results whenever at least ``k`` candidates
-remain, otherwise it is padded with id ``-1`` / score ``-inf``.
-
-HNSW, native filter (``HnswIndex.native_filter``, the default when the ``recsys._hnsw`` extension is built): the
-exclusion happens *inside* the graph search (recsys/csrc/hnsw_ext.cpp: hnswlib 0.8.0's own search with a
-``BaseFilterFunctor`` over the row's excluded labels). The walk goes through excluded nodes but keeps only
-allowed ones, so one search at width ``ef_filtered`` returns the top-``k`` allowed items, whatever the exclusion
-list's length. Rows whose exclusion covers more than ``exact_fallback_fraction`` of the catalogue, and rows the
-graph answers short although ``k`` candidates remain, are scanned exactly.
-
-HNSW without the extension (``native_filter`` False: no compiler where the package was installed) falls back to
-the hnswlib package with adaptive over-fetch and post-filtering, not a Python filter callback (one GIL round trip
-per visited node):
-
-1. fetch ``max(ef, k)`` results -- free, hnswlib explores ``max(ef, k)`` candidates whatever ``k`` is -- and
-   drop the excluded ones;
-2. if fewer than ``k`` remain, or the k-th kept one sits so deep in the list that the search was too narrow for
-   the tuned recall (ef was tuned for the top ``k``), fetch again wider (see ``HnswIndex._next_fetch``), at most
-   ``(k + |exclude|) * ef / k`` -- ``k + |exclude|`` always leaves ``k`` -- and
-3. scan exactly over the remaining candidates when the exclusion covers a large share of the catalogue
-   (``exact_fallback_fraction``) or hnswlib cannot return enough neighbours.
-
-``HnswIndex.overfetch = "full"`` instead fetches ``k + |exclude|`` at once (one call, but as wide as the exclusion
-list: ~8x a plain query for 500 seen items, where the adaptive rule is ~1-4x; see benchmarks/index_bench.py).
-An include-list of ``m`` items is answered by exact scoring of those ``m`` vectors (cheaper and exact, whatever
-``m`` is relative to the graph).
-
-Threads
--------
-``search`` is safe to call from many threads at once (both backends release the GIL during the search and are
-re-entrant). ``add`` is not safe against concurrent ``knn_query``/``resize_index`` in hnswlib, so ``HnswIndex``
-guards it with a readers-writer lock: searches share the lock, ``add`` takes it exclusively (in-flight searches
-finish first, new ones wait). ``ExactIndex.add`` is copy-on-write (searches see the old or the new arrays, never a
-mix). ``set_ef`` changes a value every search reads; it is a plain store (a search racing it uses either ef).
-Batches use ``num_threads`` threads (hnswlib's ParallelFor); a single query always runs on the calling thread
-(spawning threads for one query costs more than the query). The exact scan uses BLAS, which starts its own thread pool: inside a
-threaded server wrap calls in :func:`blas_threads` ``(1)`` so N request threads don't each start N BLAS threads.
-
-Files
------
-``HnswIndex.save`` writes hnswlib's format (the same file from either backend: ``recsys._hnsw`` is compiled from
-the headers of the hnswlib version the project depends on) through a temporary file + rename. ``HnswIndex.load``
-must be told the expected ``dim``/``metric`` (and ideally ``size``): hnswlib index files are not safe to load
-untrusted (the loader trusts the header), so the header is parsed and the file size checked for plausibility first. The bundle
-verifies the file's sha256 before that.
-"""
+"""The HNSW index: the native extension (exclusion inside the graph walk) or the hnswlib package with
+adaptive over-fetch, behind one class; its config and its file checks."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import os
 import struct
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from recsys.core.io import atomic_write_bytes, atomic_write_file
-
-METRICS = ("cosine", "dot")
+from recsys.core.io import atomic_write_file
+from recsys.retrieval._arrays import (
+    IdMap,
+    as_ids,
+    as_matrix,
+    check_k,
+    check_metric,
+    in_sorted,
+    per_query,
+    resolve_threads,
+    topk_rows,
+)
+from recsys.retrieval.exact import ExactIndex
 
 _NATIVE: Any = None
 _NATIVE_ERROR: str | None = None
@@ -103,8 +49,6 @@ def native_available() -> bool:
     """Whether the ``recsys._hnsw`` extension (in-search exclusion filter) is importable."""
     return _native_module() is not None
 
-# Rows of the [block, size] score matrix the exact scan materialises at once (float32): ~64 MB.
-_EXACT_BLOCK_FLOATS = 1 << 24
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,197 +120,6 @@ class IndexConfig:
         self.validate()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# helpers
-
-
-@contextlib.contextmanager
-def blas_threads(n: int = 1) -> Iterator[bool]:
-    """Limit BLAS/OpenMP thread pools to ``n`` threads inside the block (threadpoolctl).
-
-    Use around exact scans run from a threaded server. Yields whether a limit was applied: ``False`` when
-    threadpoolctl is not installed, in which case set ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` before start.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional dependency: without it the block runs unchanged
-        yield False
-        return
-    with threadpool_limits(limits=n):
-        yield True
-
-
-def _resolve_threads(num_threads: int) -> int:
-    if num_threads == -1:
-        return os.cpu_count() or 1
-    if num_threads < 1:
-        raise ValueError(f"`num_threads` must be -1 (all cores) or >= 1, got {num_threads}")
-    return num_threads
-
-
-def _check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise ValueError(f"`metric` must be one of {list(METRICS)}, got {metric!r}")
-    return metric
-
-
-def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1, got {k!r}")
-    return int(k)
-
-
-# A cosine query row whose squared norm is within this of 1 is used as it is; others are normalised.
-UNIT_SQ_TOL = 1e-4
-
-
-def _as_matrix(x: Any, dim: int | None, metric: str, *, name: str) -> np.ndarray:
-    """Validate and return a C-contiguous float32 ``[n, dim]`` copy-if-needed; unit rows for cosine."""
-    # This runs on every serving query: the common case (one float32 unit row) costs ~1.5 us.
-    arr = x if type(x) is np.ndarray else np.asarray(x)
-    if arr.ndim != 2:
-        hint = f"; use {name}[None, :] for a single vector" if arr.ndim == 1 else ""
-        raise ValueError(f"`{name}` must be 2-D [n, {dim if dim is not None else 'dim'}], got shape {arr.shape}{hint}")
-    if dim is not None and arr.shape[1] != dim:
-        raise ValueError(f"`{name}` must have {dim} columns (the index dim), got shape {arr.shape}")
-    if arr.dtype != np.float32 or not arr.flags.c_contiguous:
-        if arr.dtype.kind not in "fiu":
-            raise ValueError(f"`{name}` must be a numeric array, got dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-    n = arr.shape[0]
-    if not n or not arr.shape[1]:
-        return arr
-    # Squared norms [n] double as the finiteness check: a NaN/inf element makes its row's norm non-finite.
-    if n == 1:
-        sq1 = float(np.vdot(arr, arr))
-        finite = math.isfinite(sq1)
-        if finite:  # scalar checks: no array ops on the hot path
-            if metric == "dot" or 0.0 < sq1 and abs(sq1 - 1.0) <= UNIT_SQ_TOL:
-                return arr
-        sq = np.array([sq1], dtype=np.float32)
-    else:
-        sq = np.einsum("ij,ij->i", arr, arr)
-        finite = bool(np.isfinite(sq).all())
-    if not finite:
-        bad_rows = np.flatnonzero(~np.isfinite(arr).all(axis=1))
-        if bad_rows.size:
-            raise ValueError(f"`{name}` row {int(bad_rows[0])} holds a NaN or infinite value")
-        sq = np.einsum("ij,ij->i", arr, arr, dtype=np.float64)  # finite values whose float32 norm overflowed
-    if metric == "cosine":
-        if (sq <= 0).any():
-            bad = int(np.flatnonzero(sq <= 0)[0])
-            raise ValueError(f"`{name}` row {bad} is all zeros: it has no direction under metric 'cosine'")
-        # Already unit (the towers' output)? Leave the caller's array alone; float error is far below the tolerance.
-        if np.abs(sq - 1.0).max() > UNIT_SQ_TOL:
-            arr = (arr / np.sqrt(sq)[:, None]).astype(np.float32)
-    return arr
-
-
-def _as_ids(x: Any, n: int, *, name: str) -> np.ndarray:
-    ids = np.ascontiguousarray(np.asarray(x).reshape(-1))
-    if ids.dtype.kind not in "iu":
-        raise ValueError(f"`{name}` must be integers, got dtype {ids.dtype}")
-    ids = ids.astype(np.int64, copy=False)
-    if ids.shape[0] != n:
-        raise ValueError(f"`{name}` must hold one id per vector ({n}), got {ids.shape[0]}")
-    if n and ids.min() < 0:
-        raise ValueError(f"`{name}` must be >= 0 (-1 is the padding id), got {int(ids.min())}")
-    if np.unique(ids).shape[0] != n:
-        raise ValueError(f"`{name}` holds duplicate ids")
-    return ids
-
-
-def _per_query(lists: Sequence[Any] | None, n: int, *, name: str) -> list[np.ndarray | None] | None:
-    if lists is None:
-        return None
-    if isinstance(lists, np.ndarray) and lists.ndim != 1 and lists.dtype != object:
-        lists = list(lists)  # a 2-D array = one row per query
-    if len(lists) != n:
-        raise ValueError(f"`{name}` must hold one entry (array or None) per query ({n}), got {len(lists)}")
-    out: list[np.ndarray | None] = []
-    for i, e in enumerate(lists):
-        if e is None:
-            out.append(None)
-            continue
-        a = np.asarray(e).reshape(-1)
-        if a.size and a.dtype.kind not in "iu":
-            raise ValueError(f"`{name}[{i}]` must hold integer ids, got dtype {a.dtype}")
-        out.append(a.astype(np.int64, copy=False))
-    return out
-
-
-class _IdMap:
-    """Item id <-> row position; the identity when ids are 0..n-1 (the bundle's item rows)."""
-
-    def __init__(self, ids: np.ndarray) -> None:
-        self.ids = ids  # [n] int64, position -> id
-        n = ids.shape[0]
-        self.identity = bool(n == 0 or (ids[0] == 0 and ids[-1] == n - 1 and (np.diff(ids) == 1).all()))
-        if not self.identity:
-            self._order = np.argsort(ids, kind="stable")
-            self._sorted = ids[self._order]
-
-    def positions(self, ids: np.ndarray) -> np.ndarray:
-        """Distinct row positions of the ``ids`` present in the index (unknown ids are dropped)."""
-        ids = np.unique(ids)
-        n = self.ids.shape[0]
-        if self.identity:
-            return ids[(ids >= 0) & (ids < n)]
-        at = np.searchsorted(self._sorted, ids)
-        at = np.minimum(at, max(n - 1, 0))
-        hit = (self._sorted[at] == ids) if n else np.zeros(ids.shape, bool)
-        return self._order[at[hit]]
-
-    def present_positions(self, ids: np.ndarray) -> np.ndarray:
-        """Row positions of the ``ids`` present in the index, repeats kept."""
-        if self.identity:
-            return ids[(ids >= 0) & (ids < self.ids.shape[0])]
-        return self.positions(ids)
-
-    def present(self, ids: np.ndarray) -> np.ndarray:
-        """The ``ids`` present in the index, repeats kept (cheaper than :meth:`members` on the query path)."""
-        if self.identity:
-            return ids[(ids >= 0) & (ids < self.ids.shape[0])]
-        return self.members(ids)
-
-    def members(self, ids: np.ndarray) -> np.ndarray:
-        """The distinct ``ids`` present in the index, sorted."""
-        if self.identity:
-            return self.positions(ids)  # unique() already sorted them; position == id
-        return np.sort(self.ids[self.positions(ids)])
-
-
-def _in_sorted(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
-    """``np.isin(values, sorted_ids)`` for a sorted non-empty ``sorted_ids`` (binary search: ~30x cheaper than
-    ``np.isin`` at the sizes of one query's results and a user's seen items)."""
-    at = np.minimum(np.searchsorted(sorted_ids, values), sorted_ids.shape[0] - 1)
-    return sorted_ids[at] == values
-
-
-def _topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k positions and scores of each row of ``scores [b, m]``, best first; ``-inf`` entries become -1.
-
-    Returns ``(pos [b, k] int64, top [b, k] float32)``, padded when ``m < k``. Ties are broken by lower position.
-    """
-    b, m = scores.shape
-    pos = np.full((b, k), -1, dtype=np.int64)
-    top = np.full((b, k), -np.inf, dtype=np.float32)
-    if m == 0 or b == 0:
-        return pos, top
-    kk = min(k, m)
-    if kk < m:
-        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]  # [b, kk] unordered
-    else:
-        part = np.broadcast_to(np.arange(m), (b, m))
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -part_scores), axis=1)  # score desc, then position asc
-    part = np.take_along_axis(part, order, axis=1)
-    part_scores = np.take_along_axis(part_scores, order, axis=1)
-    valid = np.isfinite(part_scores)  # -inf = excluded / not a candidate
-    pos[:, :kk] = np.where(valid, part, -1)
-    top[:, :kk] = np.where(valid, part_scores, -np.inf)
-    return pos, top
-
 
 class _RWLock:
     """Many readers or one writer; a waiting writer blocks new readers (no writer starvation).
@@ -412,162 +165,7 @@ class _RWLock:
 # exact
 
 
-class ExactIndex:
-    """Exact top-k by matrix product + argpartition, blocked over queries (hnswlib's ``BFIndex`` twin).
 
-    ``vectors [size, dim]``; ``ids [size]`` non-negative int64 labels (default ``0..size-1``, the item rows).
-    """
-
-    def __init__(
-        self, vectors: np.ndarray, ids: np.ndarray | None = None, *, metric: str = "cosine"
-    ) -> None:
-        self.metric = _check_metric(metric)
-        vecs = _as_matrix(vectors, None, self.metric, name="vectors")
-        self.dim = int(vecs.shape[1])
-        if self.dim < 1:
-            raise ValueError(f"`vectors` must have at least one column, got shape {vecs.shape}")
-        n = vecs.shape[0]
-        ids_arr = np.arange(n, dtype=np.int64) if ids is None else _as_ids(ids, n, name="ids")
-        # One tuple swapped atomically by add(): a concurrent search sees old or new, never a mix.
-        self._state = (vecs, _IdMap(ids_arr))
-
-    @property
-    def size(self) -> int:
-        return int(self._state[0].shape[0])
-
-    @property
-    def ids(self) -> np.ndarray:
-        """``[size]`` int64, row position -> id."""
-        return self._state[1].ids
-
-    @property
-    def vectors(self) -> np.ndarray:
-        """``[size, dim]`` float32 (unit rows for cosine)."""
-        return self._state[0]
-
-    def __repr__(self) -> str:
-        return f"ExactIndex(size={self.size}, dim={self.dim}, metric={self.metric!r})"
-
-    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """Append new items ``vectors [m, dim]`` with new, unused ``ids [m]`` (copy-on-write)."""
-        vecs, idmap = self._state
-        new = _as_matrix(vectors, self.dim, self.metric, name="vectors")
-        new_ids = _as_ids(ids, new.shape[0], name="ids")
-        clash = new_ids[np.isin(new_ids, idmap.ids)]
-        if clash.size:
-            raise ValueError(f"`ids` already in the index: {clash[:10].tolist()}")
-        self._state = (np.concatenate([vecs, new]), _IdMap(np.concatenate([idmap.ids, new_ids])))
-
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        *,
-        exclude: Sequence[np.ndarray | None] | None = None,
-        include: Sequence[np.ndarray | None] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` of ``queries [n, dim]`` -> ``(ids [n, k] int64, scores [n, k] float32)``, best first.
-
-        ``exclude[i]`` / ``include[i]``: ids never / only returned for query ``i`` (None = no constraint; ids
-        not in the index are ignored). Rows with fewer than ``k`` candidates are padded with -1 / -inf.
-        """
-        k = _check_k(k)
-        vecs, idmap = self._state
-        q = _as_matrix(queries, self.dim, self.metric, name="queries")
-        n = q.shape[0]
-        excl = _per_query(exclude, n, name="exclude")
-        incl = _per_query(include, n, name="include")
-        out_ids = np.full((n, k), -1, dtype=np.int64)
-        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
-        rows = np.arange(n)
-        if incl is not None:
-            inc_rows = [i for i in range(n) if incl[i] is not None]
-            for i in inc_rows:
-                self._search_include(q[i], k, vecs, idmap, incl[i], excl[i] if excl else None, out_ids[i],
-                                     out_scores[i])
-            rows = np.array([i for i in range(n) if incl[i] is None], dtype=np.int64)
-        self._search_full(q, rows, k, vecs, idmap, excl, out_ids, out_scores)
-        return out_ids, out_scores
-
-    def search_rows(
-        self, queries: np.ndarray, rows: np.ndarray, k: int, excl: list[np.ndarray | None] | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Internal fallback for ``HnswIndex``: exact answers for ``queries[rows]`` (already validated)."""
-        vecs, idmap = self._state
-        out_ids = np.full((len(rows), k), -1, dtype=np.int64)
-        out_scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
-        sub_excl = [excl[i] for i in rows] if excl is not None else None
-        self._search_full(queries[rows], np.arange(len(rows)), k, vecs, idmap, sub_excl, out_ids, out_scores)
-        return out_ids, out_scores
-
-    @staticmethod
-    def _search_include(
-        q: np.ndarray, k: int, vecs: np.ndarray, idmap: _IdMap, inc: np.ndarray,
-        exc: np.ndarray | None, out_ids: np.ndarray, out_scores: np.ndarray,
-    ) -> None:
-        pos = idmap.positions(inc)
-        if exc is not None and exc.size:
-            pos = pos[~np.isin(pos, idmap.positions(exc))]
-        pos = np.sort(pos)
-        s = vecs[pos] @ q  # [m]
-        top_pos, top = _topk_rows(s[None, :], k)
-        valid = top_pos[0] >= 0
-        out_ids[valid] = idmap.ids[pos[top_pos[0][valid]]]
-        out_scores[:] = top[0]
-
-    @staticmethod
-    def _search_full(
-        q: np.ndarray, rows: np.ndarray, k: int, vecs: np.ndarray, idmap: _IdMap,
-        excl: list[np.ndarray | None] | None, out_ids: np.ndarray, out_scores: np.ndarray,
-    ) -> None:
-        size = vecs.shape[0]
-        if rows.size == 0 or size == 0:
-            return
-        block = max(1, _EXACT_BLOCK_FLOATS // size)
-        for start in range(0, rows.size, block):
-            r = rows[start:start + block]
-            s = q[r] @ vecs.T  # [b, size]
-            if excl is not None:
-                for j, i in enumerate(r):
-                    if excl[i] is not None and excl[i].size:
-                        s[j, idmap.present_positions(excl[i])] = -np.inf
-            pos, top = _topk_rows(s, k)
-            out_ids[r] = np.where(pos >= 0, idmap.ids[np.maximum(pos, 0)], -1)
-            out_scores[r] = top
-
-    def save(self, path: str | Path) -> None:
-        """Write ``vectors``, ``ids`` and ``metric`` to one ``.npz`` (no pickle), atomically."""
-        import io
-
-        vecs, idmap = self._state
-        buf = io.BytesIO()
-        np.savez(buf, vectors=vecs, ids=idmap.ids, metric=np.array(self.metric))
-        atomic_write_bytes(path, buf.getvalue())
-
-    @classmethod
-    def load(cls, path: str | Path, *, dim: int, metric: str, size: int | None = None) -> ExactIndex:
-        """Read an index written by :meth:`save`, refusing a dim / metric / size other than expected."""
-        path = Path(path)
-        with np.load(path, allow_pickle=False) as z:
-            try:
-                vecs, ids, got_metric = z["vectors"], z["ids"], str(z["metric"])
-            except KeyError as e:
-                raise ValueError(f"{str(path)!r} is not an ExactIndex file: missing {e}") from None
-        if got_metric != metric:
-            raise ValueError(f"{str(path)!r} holds metric {got_metric!r}, expected {metric!r}")
-        if vecs.ndim != 2 or vecs.shape[1] != dim:
-            raise ValueError(f"{str(path)!r} holds vectors of shape {vecs.shape}, expected dim {dim}")
-        if size is not None and vecs.shape[0] != size:
-            raise ValueError(f"{str(path)!r} holds {vecs.shape[0]} vectors, expected {size}")
-        return cls(vecs, ids, metric=metric)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# hnsw
-
-# hnswlib 0.8 file header (hnswalg.h saveIndex): offsetLevel0, max_elements, cur_element_count,
-# size_data_per_element, label_offset, offsetData (size_t x6), maxlevel (int), enterpoint_node (uint32),
-# maxM, maxM0, M (size_t x3), mult (double), ef_construction (size_t).
 _HNSW_HEADER = struct.Struct("<6QiI3QdQ")
 
 
@@ -671,7 +269,7 @@ class HnswIndex:
         native: bool | None = None,
         search_precision: str = "fp32",
     ) -> None:
-        self.metric = _check_metric(metric)
+        self.metric = check_metric(metric)
         if search_precision not in SEARCH_PRECISIONS:
             raise ValueError(f"`search_precision` must be one of {SEARCH_PRECISIONS}, got {search_precision!r}")
         if vectors is None:  # used by load(): an empty shell filled by hnswlib's loader
@@ -679,13 +277,13 @@ class HnswIndex:
                 raise ValueError("`dim` is required when `vectors` is None")
             vecs = np.zeros((0, dim), dtype=np.float32)
         else:
-            vecs = _as_matrix(vectors, dim, self.metric, name="vectors")
+            vecs = as_matrix(vectors, dim, self.metric, name="vectors")
         self.dim = int(vecs.shape[1])
         if self.dim < 1:
             raise ValueError(f"`vectors` must have at least one column, got shape {vecs.shape}")
         if ef < 1:
             raise ValueError(f"`ef` must be >= 1, got {ef}")
-        self.num_threads = _resolve_threads(num_threads)
+        self.num_threads = resolve_threads(num_threads)
         self.M, self.ef_construction, self.seed = int(M), int(ef_construction), int(seed)
         self._ef = int(ef)
         self._ef_filtered = 0  # 0 = same as ef
@@ -709,14 +307,14 @@ class HnswIndex:
 
             self._index = hnswlib.Index(space="ip", dim=self.dim)
         n = vecs.shape[0]
-        ids_arr = np.arange(n, dtype=np.int64) if ids is None else _as_ids(ids, n, name="ids")
-        self._idmap = _IdMap(np.zeros(0, dtype=np.int64))
+        ids_arr = np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, n, name="ids")
+        self._idmap = IdMap(np.zeros(0, dtype=np.int64))
         if vectors is not None:
             self._index.init_index(max_elements=max(n, 1), M=self.M, ef_construction=self.ef_construction,
                                    random_seed=self.seed)
             if n:
                 self._index.add_items(vecs, ids_arr, self.num_threads)
-            self._idmap = _IdMap(ids_arr)
+            self._idmap = IdMap(ids_arr)
             self._index.set_ef(self._ef)
         self.search_precision = "fp32"
         """The traversal in use: ``"bf16"`` or ``"fp32"`` (always ``"fp32"`` without the extension)."""
@@ -827,8 +425,8 @@ class HnswIndex:
 
         Takes the write lock: waits for in-flight searches, blocks new ones until done.
         """
-        new = _as_matrix(vectors, self.dim, self.metric, name="vectors")
-        new_ids = _as_ids(ids, new.shape[0], name="ids")
+        new = as_matrix(vectors, self.dim, self.metric, name="vectors")
+        new_ids = as_ids(ids, new.shape[0], name="ids")
         if not new_ids.size:
             return
         with self._lock.write():
@@ -841,7 +439,7 @@ class HnswIndex:
                 # Grow geometrically so a stream of small adds doesn't resize (and copy) every time.
                 self._index.resize_index(max(need, int(cap * 1.5)))
             self._index.add_items(new, new_ids, self.num_threads)
-            self._idmap = _IdMap(np.concatenate([self._idmap.ids, new_ids]))
+            self._idmap = IdMap(np.concatenate([self._idmap.ids, new_ids]))
             self._exact_cache = None
 
     # -- search --------------------------------------------------------------------------------------------------
@@ -861,11 +459,11 @@ class HnswIndex:
         """
         if self.native_filter:
             return self._search_native(queries, k, exclude, include)
-        k = _check_k(k)
-        q = _as_matrix(queries, self.dim, self.metric, name="queries")
+        k = check_k(k)
+        q = as_matrix(queries, self.dim, self.metric, name="queries")
         n = q.shape[0]
-        excl = _per_query(exclude, n, name="exclude")
-        incl = _per_query(include, n, name="include")
+        excl = per_query(exclude, n, name="exclude")
+        incl = per_query(include, n, name="include")
         if excl is not None and all(e is None or not e.size for e in excl):
             excl = None  # nothing excluded anywhere: the one-call fast path
         if incl is not None and all(e is None for e in incl):
@@ -893,7 +491,7 @@ class HnswIndex:
         if exclude is not None:
             cand = cand[~np.isin(cand, exclude)]
         s = self.get_vectors(cand) @ q  # [m]
-        pos, top = _topk_rows(s[None, :], k)
+        pos, top = topk_rows(s[None, :], k)
         return np.where(pos[0] >= 0, cand[np.maximum(pos[0], 0)] if cand.size else -1, -1), top[0]
 
     def _search_native(
@@ -904,8 +502,8 @@ class HnswIndex:
 
         Kept lean for ONE query (the gRPC hot path): validation, one ``knn`` call, ``1 - distance``.
         """
-        k = _check_k(k)
-        q = _as_matrix(queries, self.dim, self.metric, name="queries")
+        k = check_k(k)
+        q = as_matrix(queries, self.dim, self.metric, name="queries")
         n = q.shape[0]
         labels: np.ndarray | None = None
         offsets: np.ndarray | None = None
@@ -923,7 +521,7 @@ class HnswIndex:
                         offsets = np.array([0, labels.shape[0]], dtype=np.int64)
                         longest = labels.shape[0]
             else:
-                excl = _per_query(exclude, n, name="exclude")
+                excl = per_query(exclude, n, name="exclude")
                 assert excl is not None
                 lens = np.array([0 if e is None else e.shape[0] for e in excl], dtype=np.int64)
                 if lens.any():
@@ -931,7 +529,7 @@ class HnswIndex:
                     offsets = np.zeros(n + 1, dtype=np.int64)
                     np.cumsum(lens, out=offsets[1:])
                     longest = int(lens.max())
-        incl = _per_query(include, n, name="include") if include is not None else None
+        incl = per_query(include, n, name="include") if include is not None else None
         if incl is not None and all(e is None for e in incl):
             incl = None
         self._lock.acquire_read()
@@ -978,7 +576,7 @@ class HnswIndex:
 
     def _finish_native(
         self, q: np.ndarray, k: int, lab: np.ndarray, dist: np.ndarray, labels: np.ndarray | None,
-        offsets: np.ndarray | None, incl: list[np.ndarray | None] | None, idmap: _IdMap,
+        offsets: np.ndarray | None, incl: list[np.ndarray | None] | None, idmap: IdMap,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows the graph search cannot answer: include-lists (exact scoring), huge exclusions and short rows
         (exact scan). ``lab``/``dist [n, k]``: the native answer, -1/inf where not searched."""
@@ -1042,7 +640,7 @@ class HnswIndex:
 
     def _search_general(
         self, q: np.ndarray, k: int, excl: list[np.ndarray | None] | None,
-        incl: list[np.ndarray | None] | None, idmap: _IdMap,
+        incl: list[np.ndarray | None] | None, idmap: IdMap,
     ) -> tuple[np.ndarray, np.ndarray]:
         n = q.shape[0]
         size = idmap.ids.shape[0]
@@ -1088,7 +686,7 @@ class HnswIndex:
                 lab, sc = labels[j], scores[j]
                 keep = None
                 if ex[i] is not None:
-                    keep = ~_in_sorted(lab, ex[i])
+                    keep = ~in_sorted(lab, ex[i])
                     lab, sc = lab[keep], sc[keep]
                 nxt = self._next_fetch(keep if ex[i] is not None else None, k, kf, ex[i])
                 if nxt == 0:
@@ -1154,186 +752,9 @@ class HnswIndex:
                              f"header says {count}")
         ids = np.asarray(self._index.get_ids_list(), dtype=np.int64)
         # Keep insertion-ish order stable: sort labels (the bundle's are item rows 0..n-1).
-        self._idmap = _IdMap(np.sort(ids))
+        self._idmap = IdMap(np.sort(ids))
         self._index.set_ef(self._ef)
         return self
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the shared exclusion rule
-
-
-def merge_exclusions(n: int, *sources: Sequence[np.ndarray | None] | None) -> list[np.ndarray | None] | None:
-    """Union per-query id lists (e.g. a user's seen items and a request's exclusions) -> one list per query."""
-    live = [s for s in sources if s is not None]
-    if not live:
-        return None
-    out: list[np.ndarray | None] = []
-    for j, s in enumerate(live):
-        if len(s) != n:
-            raise ValueError(f"exclusion source {j} must hold one entry per query ({n}), got {len(s)}")
-    for i in range(n):
-        parts = [np.asarray(s[i], dtype=np.int64).reshape(-1) for s in live if s[i] is not None]
-        out.append(np.unique(np.concatenate(parts)) if parts else None)
-    return out
-
-
-def retrieve(
-    index: ExactIndex | HnswIndex,
-    queries: np.ndarray,
-    k: int,
-    *,
-    seen: Sequence[np.ndarray | None] | None = None,
-    exclude: Sequence[np.ndarray | None] | None = None,
-    include: Sequence[np.ndarray | None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The one exclusion rule, for serving and evaluation alike: top-``k`` minus (seen ∪ exclude), within include.
-
-    ``queries [n, dim]``; ``seen`` / ``exclude`` / ``include``: one id array (or None) per query.
-    Returns ``(ids [n, k] int64, scores [n, k] float32)``: exactly ``k`` ids whenever ``k`` candidates remain,
-    otherwise padded with -1 / -inf.
-    """
-    q = np.asarray(queries)
-    n = q.shape[0] if q.ndim == 2 else -1
-    if n < 0:
-        raise ValueError(f"`queries` must be 2-D [n, {index.dim}], got shape {q.shape}")
-    return index.search(q, k, exclude=merge_exclusions(n, seen, exclude), include=include)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# recall and auto-tune
-
-
-def recall_vs_exact(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
-    """Mean over rows of ``|approx ∩ exact| / |exact|`` (padding -1 ignored); both ``[n, k]``."""
-    if approx_ids.shape != exact_ids.shape:
-        raise ValueError(f"id arrays must have the same shape, got {approx_ids.shape} and {exact_ids.shape}")
-    hits, total = 0, 0
-    for a, e in zip(approx_ids, exact_ids, strict=True):
-        e = e[e >= 0]
-        total += e.size
-        hits += np.intersect1d(a[a >= 0], e, assume_unique=True).size
-    return hits / total if total else 1.0
-
-
-def autotune_ef(
-    index: HnswIndex,
-    exact: ExactIndex,
-    queries: np.ndarray,
-    *,
-    k: int = 10,
-    target_recall: float = 0.99,
-    efs: Sequence[int] = IndexConfig.autotune_efs,
-    latency_queries: int = 200,
-    exclude: Sequence[np.ndarray | None] | None = None,
-    filtered_queries: np.ndarray | None = None,
-) -> tuple[int, list[dict[str, float]]]:
-    """Smallest ``ef`` in ``efs`` whose Recall@k vs ``exact`` on ``queries [n, dim]`` reaches ``target_recall``.
-
-    Use held-out query embeddings (>= 1,000 for a stable estimate). Returns ``(ef, table)``, table rows
-    ``{"ef", "recall", "p50_ms", "p99_ms", "batch_qps"}`` (single-query latency over ``latency_queries`` queries,
-    one at a time; throughput of one batch call) for the manifest. The index is left at the chosen ef; when no ef
-    reaches the target the largest is chosen and every row has ``"target_met": False``.
-
-    ``exclude`` (one id list per query of ``filtered_queries``, default ``queries``: e.g. held-out users' seen
-    items) also tunes :attr:`HnswIndex.ef_filtered` on the native path: the smallest ef, at least the chosen one,
-    whose Recall@k vs exact-with-exclusion reaches ``target_recall`` (the ladder ``efs``, then bisection of its last
-    step); its table (same row keys, no batch_qps, sorted by ef) is left in ``index.ef_filtered_table``. Why only then: at equal ef the in-search filter keeps the
-    recall a plain query has *on the same queries* (benchmarks/index_bench.py, 100k x 64, heavy users minus 500
-    seen items at ef 48: 0.967 filtered vs 0.944 plain), so the filtered width only needs raising when the users
-    who exclude are harder queries than the tuning ones -- which only their own queries can show. Without
-    ``exclude``, ``ef_filtered`` stays at ``ef``.
-    """
-    k = _check_k(k)
-    if not 0.0 < target_recall <= 1.0:
-        raise ValueError(f"`target_recall` must be in (0, 1], got {target_recall}")
-    efs = sorted(int(e) for e in efs)
-    if not efs or efs[0] < 1:
-        raise ValueError(f"`efs` must be positive ints, got {list(efs)}")
-    q = _as_matrix(queries, index.dim, index.metric, name="queries")
-    if q.shape[0] == 0:
-        raise ValueError("`queries` must hold at least one query")
-    truth, _ = exact.search(q, k)
-    lat_q = q[: max(1, min(latency_queries, q.shape[0]))]
-    table: list[dict[str, float]] = []
-    chosen: int | None = None
-    for ef in efs:
-        index.set_ef(ef)
-        t0 = time.perf_counter()
-        got, _ = index.search(q, k)
-        batch_s = time.perf_counter() - t0
-        rec = recall_vs_exact(got, truth)
-        lat = np.empty(lat_q.shape[0])
-        for j in range(lat_q.shape[0]):
-            t0 = time.perf_counter()
-            index.search(lat_q[j:j + 1], k)
-            lat[j] = time.perf_counter() - t0
-        table.append({"ef": ef, "recall": round(rec, 5), "p50_ms": round(float(np.median(lat)) * 1e3, 4),
-                      "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 4),
-                      "batch_qps": round(q.shape[0] / batch_s, 1)})
-        if rec >= target_recall:
-            chosen = ef
-            break
-    met = chosen is not None
-    if chosen is None:
-        chosen = efs[-1]
-    for row in table:
-        row["target_met"] = met
-    index.set_ef(chosen)
-    if exclude is not None and index.native_filter:
-        fq = q if filtered_queries is None else _as_matrix(filtered_queries, index.dim, index.metric,
-                                                             name="filtered_queries")
-        lists = _per_query(exclude, fq.shape[0], name="exclude")
-        index.ef_filtered_table = _tune_filtered(
-            index, exact, fq, lists, k=k, target_recall=target_recall, efs=[e for e in efs if e >= chosen] or [chosen],
-            latency_queries=latency_queries)
-    return chosen, table
-
-
-def _tune_filtered(
-    index: HnswIndex, exact: ExactIndex, q: np.ndarray, lists: list[np.ndarray | None] | None, *, k: int,
-    target_recall: float, efs: Sequence[int], latency_queries: int,
-) -> list[dict[str, Any]]:
-    """The ``ef_filtered`` ladder of :func:`autotune_ef`; leaves the index at the chosen value."""
-    if q.shape[0] == 0 or lists is None:
-        raise ValueError("`exclude` tuning needs at least one query and one exclusion list per query")
-    truth, _ = exact.search(q, k, exclude=lists)
-    n_lat = max(1, min(latency_queries, q.shape[0]))
-    table: list[dict[str, Any]] = []
-
-    def reaches(ef: int) -> bool:
-        index.set_ef_filtered(ef)
-        got, _ = index.search(q, k, exclude=lists)
-        rec = recall_vs_exact(got, truth)
-        lat = np.empty(n_lat)
-        for j in range(n_lat):
-            t0 = time.perf_counter()
-            index.search(q[j:j + 1], k, exclude=lists[j:j + 1])
-            lat[j] = time.perf_counter() - t0
-        table.append({"ef": ef, "recall": round(rec, 5), "p50_ms": round(float(np.median(lat)) * 1e3, 4),
-                      "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 4)})
-        return rec >= target_recall
-
-    chosen: int | None = None
-    below: int | None = None  # the largest ladder ef that missed the target
-    for ef in efs:
-        if reaches(ef):
-            chosen = ef
-            break
-        below = ef
-    if chosen is not None and below is not None:
-        # The ladder's steps are ~1.5x apart and the filtered search's cost is ~linear in ef: bisect the last step
-        # (down to ~1/8 of it) rather than pay up to 1.5x for the target.
-        while chosen - below > max(4, below // 8):
-            mid = (below + chosen) // 2
-            if reaches(mid):
-                chosen = mid
-            else:
-                below = mid
-    met = chosen is not None
-    table.sort(key=lambda row: row["ef"])
-    for row in table:
-        row["target_met"] = met
-    index.set_ef_filtered(efs[-1] if chosen is None else chosen)
-    return table
-
