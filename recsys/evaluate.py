@@ -609,7 +609,7 @@ def evaluate(
         "summary": {**models["two_tower"]["metrics"], **ann["two_tower"]},
     }
     if b is not None:
-        report["ab"] = ab_test(runs["two_tower"].exact, runs["compare"].exact, es, ks, seed=seed)
+        report["ab"] = ab_test(runs["two_tower"].exact, runs["compare"].exact, es, ks)
     if sweep:
         report["ann_sweep"] = ann_sweep(a, runs["two_tower"].queries, runs["two_tower"].seen_b,
                                         k=ks[0], seed=seed)
@@ -644,10 +644,11 @@ def per_user_recall(topk: np.ndarray, relevant: Sequence[np.ndarray], k: int) ->
     return out
 
 
-def ab_test(a: np.ndarray, b: np.ndarray, es: EvalSet, ks: Sequence[int], *, seed: int = 0) -> dict[str, Any]:
+def ab_test(a: np.ndarray, b: np.ndarray, es: EvalSet, ks: Sequence[int]) -> dict[str, Any]:
     """Paired comparison of two top-k lists on the same users: mean recall@k of each, B - A, and a 95% CI.
 
-    The CI is the normal approximation of the paired per-user differences (users are the independent units).
+    The CI is the normal approximation of the paired per-user differences (users are the independent units):
+    ``mean(d) +- 1.96 * std(d, ddof=1) / sqrt(n)``; deterministic, nothing is resampled (NaN for one user).
     """
     out: dict[str, Any] = {}
     for k in ks:

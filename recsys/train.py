@@ -639,7 +639,7 @@ class Trainer:
                     z1.float(), z2.float(), temperature=lc.ssl_temperature
                 )
         if self.queue is not None:
-            pass
+            self.queue.enqueue(c.detach(), items)
         return loss
 
     def step(self, rows: torch.Tensor, *, check: bool = True) -> torch.Tensor:

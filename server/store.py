@@ -86,12 +86,11 @@ class ModelStore:
 
     # ------------------------------------------------------------------ versions
     def latest_version(self) -> str | None:
-        """The version named in ``MODELS_DIR/LATEST``, or None when there is none yet."""
-        try:
-            text = (self.models_dir / schema.LATEST).read_text().strip()
-        except FileNotFoundError:
-            return None
-        return text or None
+        """The version named in ``MODELS_DIR/LATEST`` (unchecked: :meth:`reload` checks it through
+        ``version_dir`` and counts a refusal), or None when there is none yet."""
+        from recsys.bundle import read_latest
+
+        return read_latest(self.models_dir, check=False)
 
     def list_versions(self) -> list[dict[str, Any]]:
         """Versions in ``models_dir``, newest first (as ``ListModels`` promises; ``recsys.bundle.list_versions``

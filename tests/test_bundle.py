@@ -365,14 +365,14 @@ def test_crash_between_publish_and_pointer_keeps_old_latest(published, tmp_path,
     models.mkdir()
     shutil.copytree(path, models / path.name)
     (models / schema.LATEST).write_text(path.name + "\n")
-    real = recsys.bundle.atomic_write_text
+    real = recsys.bundle.publish.atomic_write_text
 
     def fail_latest(p, text):
         if Path(p).name == schema.LATEST:
             raise OSError("crash before pointer move (simulated)")
         real(p, text)
 
-    monkeypatch.setattr(recsys.bundle, "atomic_write_text", fail_latest)
+    monkeypatch.setattr(recsys.bundle.publish, "atomic_write_text", fail_latest)
     with pytest.raises(OSError, match="simulated"):
         export(run, models, index_cfg=index_cfg(), evaluate_split=None)
     assert read_latest(models) == path.name

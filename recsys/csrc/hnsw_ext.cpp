@@ -2,7 +2,7 @@
 // INSIDE the graph search.
 //
 // Why not the hnswlib Python package: its only filter is a Python callback (one GIL round trip per visited
-// node), so recsys.index had to over-fetch k + |exclude| and post-filter; a trained model ranks a user's seen
+// node), so recsys.retrieval had to over-fetch k + |exclude| and post-filter; a trained model ranks a user's seen
 // items near the top, so the fetch -- and the search width -- grew ~10x. Here each query's excluded labels
 // become an hnswlib::BaseFilterFunctor (a bitset over labels, or a sorted array + binary search when the labels
 // are too large for a bitset): the search walks *through* excluded nodes but keeps only allowed ones, so the
@@ -366,7 +366,7 @@ class Index {
 
     void load_index(const std::string &path, size_t max_elements) {
         std::unique_lock<std::shared_mutex> lock(mu_);
-        // hnswlib trusts the file's header: recsys.index.check_hnsw_file validates it before this is called.
+        // hnswlib trusts the file's header: recsys.retrieval.check_hnsw_file validates it before this is called.
         std::unique_ptr<Alg> alg(new Alg(&space_, path, false, max_elements, false));
         if (alg->label_offset_ - alg->offsetData_ != size_t(dim_) * sizeof(float))
             value_error("index file " + path + " holds vectors of dim " +

@@ -1,0 +1,414 @@
+"""``export``: a training run (+ its prepared dataset) -> a new, verified version in the models directory.
+
+Plan -> embed (the towers, on every item and known user) -> index (HNSW, ``ef`` auto-tuned against exact search)
+-> quick evaluation -> write (atomic temp dir, every file's sha256 in the manifest) -> publish (rename, then
+``LATEST``)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys.bundle.embed import embed_items, embed_users, served_dim
+from recsys.bundle.files import (
+    BUNDLE_FILES,
+    DATA_FILES,
+    MANIFEST,
+    RECENT_POPULARITY,
+    BundleError,
+    jsonable,
+    ragged_rows,
+    read_json,
+    read_ragged,
+)
+from recsys.bundle.load import Bundle
+from recsys.bundle.versions import NAME_RE, models_lock, new_version_name, prune_locked, utc_now, version_dir
+from recsys.core import schema
+from recsys.core.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from recsys.recency import choose_popularity_window, recent_counts
+
+log = logging.getLogger(__name__)
+
+
+def _package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("recsys", "torch", "numpy", "hnswlib", "polars", "pyarrow", "safetensors"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _fallback_popularity(data_dir: Path, state_dir: Path, trained_on: Mapping[str, Any] | None, *, n_users: int,
+                         n_items: int) -> tuple[dict[str, Any], np.ndarray]:
+    """(the manifest's ``popularity`` record, the fallback's counts ``[n_items]`` int64) for one export.
+
+    The events are the final fit's splits (``trained_on``; train + valid, the serving state, for runs that did not
+    record it). The window is chosen on them (:func:`choose_popularity_window`); the counts are each item's events
+    in the last W days before the end of those events (newest + 1 ms). All time is the bundle's ``n_train``, as
+    the fallback ranked before windows existed.
+    """
+    import pyarrow.parquet as pq
+
+    from recsys.data import read_interactions
+
+    items = pq.read_table(state_dir / schema.ITEMS)
+    all_time = (items.column("n_train").to_numpy().astype(np.int64) if "n_train" in items.column_names
+                else np.zeros(n_items, dtype=np.int64))
+    splits = [s for s in ((trained_on or {}).get("splits") or ("train", "valid"))
+              if s in schema.SPLITS and (data_dir / schema.SPLITS[s]).is_file()]
+    parts = [read_interactions(data_dir / schema.SPLITS[s], n_users=n_users, n_items=n_items) for s in splits]
+    user_idx = np.concatenate([p.user_idx for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    item_idx = np.concatenate([p.item_idx for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    ts = np.concatenate([p.ts for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    choice = choose_popularity_window(user_idx, item_idx, ts, n_items=n_items)
+    window = choice.pop("window_days")
+    end = int(ts.max()) + 1 if ts.size else 0
+    counts = all_time if window is None else recent_counts(item_idx, ts, n_items=n_items, window_days=window, end=end)
+    record = {"file": RECENT_POPULARITY, "window_days": window, "end_ms": end, "splits": splits,
+              "items_in_window": int((counts > 0).sum()), "choice": choice}
+    return record, counts
+
+
+def _run_data_dir(run_dir: Path) -> Path:
+    """The prepared dataset a run was trained on: ``data_dir`` of its config.json (``recsys.train`` writes it)."""
+    path = run_dir / schema.RUN_CONFIG
+    v = read_json(path, what="run").get("data_dir")
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{str(path)!r} does not name the prepared dataset (no `data_dir`, got {v!r}); pass "
+                         f"`data_dir` (recsys export --data)")
+    return Path(v)
+
+
+def _tuning_users(
+    data_dir: Path, user_emb: np.ndarray, *, n_queries: int, seed: int
+) -> tuple[np.ndarray, str]:
+    """Held-out users (rows) for tuning ef: test users, then valid users, then any others, up to n_queries."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = []
+    sources = []
+    have = np.zeros(len(user_emb), dtype=bool)
+    for split in ("test", "valid"):
+        p = data_dir / schema.SPLITS[split]
+        if not p.exists() or have.sum() >= n_queries:
+            continue
+        u = np.unique(pq.read_table(p, columns=[schema.USER_IDX]).column(0).to_numpy())
+        u = u[(u >= 0) & (u < len(user_emb))]
+        u = u[~have[u]]
+        u = rng.permutation(u)[: n_queries - int(have.sum())]
+        have[u] = True
+        chosen.append(u)
+        sources.append(f"{split}:{len(u)}")
+    if have.sum() < n_queries:
+        rest = rng.permutation(np.flatnonzero(~have))[: n_queries - int(have.sum())]
+        chosen.append(rest)
+        sources.append(f"other:{len(rest)}")
+    rows = np.concatenate(chosen) if chosen else np.arange(0)
+    return rows, ",".join(sources)
+
+
+def export(
+    run_dir: str | Path,
+    models_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    index_cfg: Any = None,
+    keep: int = 5,
+    version: str | None = None,
+    tune_queries: int | None = None,
+    evaluate_split: str | None = "test",
+    seed: int = 0,
+) -> Path:
+    """Publish a training run as a new bundle version and point ``LATEST`` at it; returns the version directory.
+
+    ``data_dir`` defaults to the dataset named in the run's config.json. ``index_cfg`` is an
+    ``recsys.retrieval.IndexConfig`` (defaults when None). ``ef`` is auto-tuned on up to ``tune_queries`` held-out
+    users' embeddings (default: ``max(1000, index_cfg.autotune_queries)``; test users first, then valid users, then
+    others), to the config's ``target_recall`` (0.99) at ``autotune_k``. After publishing, all but the newest
+    ``keep`` versions are deleted (never the one ``LATEST`` points to).
+
+    What the bundle knows is what its model was fit on: when the run's final fit included the test split
+    (``train.final_fit = "all"``, the default), the serving state -- histories, seen sets, the popularity counts
+    (``items.parquet``'s ``n_train`` and ``prob``) -- is rebuilt from every split; otherwise it is the prepared
+    train + valid state. The manifest's ``trained_on`` records the final fit (splits, rows, time range, sha256 of
+    each split file) for ``recsys evaluate``'s in-sample check. With ``evaluate_split`` and a split the final fit
+    did not see, a quick exact/ANN evaluation of it is stored as ``evaluation``; when the model saw it, the
+    ``evaluation`` is the holdout estimate (the fit's validation metrics), labelled as such.
+
+    The popularity fallback ranks by recent popularity: each item's events in the last W days before the end of
+    the fit events (``recent_popularity.npy``), W chosen on the newest 20% of those events
+    (:func:`choose_popularity_window`); the manifest's ``popularity`` records W, the grid's scores and the cut.
+    """
+    import pyarrow.parquet as pq
+
+    from recsys.model import TwoTower
+    from recsys.retrieval import IndexConfig
+
+    if keep < 1:
+        raise ValueError(f"`keep` must be >= 1, got {keep}")
+    if version is not None and not NAME_RE.match(version):
+        raise ValueError(f"`version` must match {NAME_RE.pattern}, got {version!r}")
+    run_dir = Path(run_dir)
+    models_dir = Path(models_dir)
+    for name in (schema.MODEL_JSON, schema.MODEL_WEIGHTS):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"run dir {str(run_dir)!r} has no {name} (train the model first)")
+    data_dir = Path(data_dir) if data_dir is not None else _run_data_dir(run_dir)
+    for name in (*DATA_FILES, schema.MANIFEST):
+        if not (data_dir / name).is_file():
+            raise FileNotFoundError(f"prepared dataset {str(data_dir)!r} has no {name}")
+    index_cfg = index_cfg if index_cfg is not None else IndexConfig()
+
+    data_manifest = read_json(data_dir / schema.MANIFEST, what="prepared dataset")
+    model_json = read_json(run_dir / schema.MODEL_JSON, what="run")
+    run_config = read_json(run_dir / schema.RUN_CONFIG, what="run") if (run_dir / schema.RUN_CONFIG).is_file() else {}
+    summary = read_json(run_dir / schema.SUMMARY, what="run") if (run_dir / schema.SUMMARY).is_file() else {}
+
+    model = TwoTower.from_run(run_dir, device="cpu")
+    metric = str(getattr(model, "metric", model_json.get("metric", schema.METRIC)))
+    if metric != schema.METRIC:
+        raise BundleError(f"{schema.MODEL_JSON}: model metric is {metric!r}, the system serves {schema.METRIC!r}")
+    n_users, n_items = int(model.n_users), int(model.n_items)
+    n_users_data = pq.read_metadata(data_dir / schema.USERS).num_rows
+    n_items_data = pq.read_metadata(data_dir / schema.ITEMS).num_rows
+    if (n_users_data, n_items_data) != (n_users, n_items):
+        raise BundleError(
+            f"run {str(run_dir)!r} has {n_users} users / {n_items} items but {str(data_dir)!r} has "
+            f"{n_users_data} / {n_items_data}: the run was not trained on this dataset"
+        )
+
+    trained_on = summary.get("final_fit")  # absent in runs from before it was recorded
+    full_state = trained_on is not None and bool(set(trained_on.get("splits", ())) - {"train", "valid"})
+    kw = dict(model=model, model_json=model_json, run_config=run_config, summary=summary,
+              data_manifest=data_manifest, index_cfg=index_cfg, keep=keep, version=version,
+              tune_queries=tune_queries, seed=seed, evaluate_split=evaluate_split, trained_on=trained_on)
+    if not full_state:  # the prepared train + valid state is the bundle's as it is
+        return _export(run_dir, models_dir, data_dir, data_dir, **kw)
+    state_dir = Path(tempfile.mkdtemp(prefix="recsys-serving-state-"))
+    try:
+        _write_serving_state(data_dir, state_dir, data_manifest, n_users=n_users, n_items=n_items)
+        return _export(run_dir, models_dir, data_dir, state_dir, **kw)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _write_serving_state(data_dir: Path, out: Path, data_manifest: Mapping[str, Any], *, n_users: int,
+                         n_items: int) -> None:
+    """The bundle's data files from EVERY split of ``data_dir``: history (last N, oldest first), seen sets, and
+    users / items with ``n_train`` = interactions in all splits (``prob`` recomputed by prepare's rule)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys.data import Interactions, history_and_seen, read_interactions, write_ragged
+    from recsys.prepare import logq_prob
+
+    inter = Interactions.concat(*(read_interactions(data_dir / f, n_users=n_users, n_items=n_items)
+                                  for f in schema.SPLITS.values() if (data_dir / f).is_file()))
+    cfg = data_manifest.get("config") or {}
+    history_len = int(data_manifest.get("history_len") or cfg.get("history_len") or 50)
+    (h_off, h_val), (s_off, s_val) = history_and_seen(inter.user_idx, inter.item_idx, n_users=n_users,
+                                                      n_items=n_items, history_len=history_len)
+    write_ragged(out / schema.HISTORY, h_off, h_val)
+    write_ragged(out / schema.SEEN, s_off, s_val)
+    shutil.copyfile(data_dir / schema.FEATURE_VOCAB, out / schema.FEATURE_VOCAB)
+    for name, col, n in ((schema.ITEMS, inter.item_idx, n_items), (schema.USERS, inter.user_idx, n_users)):
+        t = pq.read_table(data_dir / name)
+        counts = np.bincount(col, minlength=n)
+        if "n_train" in t.column_names:
+            t = t.set_column(t.column_names.index("n_train"), "n_train", pa.array(counts.astype(np.int32)))
+        if "prob" in t.column_names:
+            prob = logq_prob(counts, smoothing=float(cfg.get("prob_smoothing") or 0.0))
+            t = t.set_column(t.column_names.index("prob"), "prob", pa.array(prob))
+        pq.write_table(t, out / name)
+
+
+def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *, model: Any, model_json: dict,
+            run_config: dict, summary: dict, data_manifest: dict, index_cfg: Any, keep: int, version: str | None,
+            tune_queries: int | None, seed: int, evaluate_split: str | None,
+            trained_on: dict[str, Any] | None) -> Path:
+    from recsys.retrieval import ExactIndex, HnswIndex, autotune_ef
+
+    metric = str(getattr(model, "metric", model_json.get("metric", schema.METRIC)))
+    dim = served_dim(model)
+    n_users, n_items = int(model.n_users), int(model.n_items)
+    # Embeddings with the exported towers: users from their serving history, exactly as serving would.
+    item_emb = embed_items(model, n_items)
+    hist_off, hist_val = read_ragged(state_dir / schema.HISTORY, n_rows=n_users, what=schema.HISTORY)
+    max_history = _max_history(model, model_json)
+    user_emb = embed_users(
+        model,
+        np.arange(n_users, dtype=np.int64),
+        ragged_rows(hist_off, hist_val, np.arange(n_users)),
+        max_history=max_history,
+    )
+    for name, arr in (("item", item_emb), ("user", user_emb)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} embeddings contain NaN/inf: the run's weights are broken")
+
+    # Index + ef auto-tuned against exact search on held-out users' embeddings.
+    index = HnswIndex.from_config(item_emb, metric=metric, cfg=index_cfg)
+    exact = ExactIndex(item_emb, metric=metric)
+    tune_k = min(int(index_cfg.autotune_k), n_items)
+    n_queries = max(1000, int(index_cfg.autotune_queries)) if tune_queries is None else int(tune_queries)
+    query_source, table, filtered_table = "", [], []
+    ef = int(index_cfg.ef)
+    if index_cfg.autotune:
+        rows, query_source = _tuning_users(data_dir, user_emb, n_queries=n_queries, seed=seed)
+        # The same users minus their seen items (what serving excludes) tune the width of excluding searches.
+        seen_off, seen_val = read_ragged(state_dir / schema.SEEN, n_rows=n_users, what=schema.SEEN)
+        ef, table = autotune_ef(
+            index, exact, user_emb[rows], k=tune_k, target_recall=index_cfg.target_recall,
+            efs=index_cfg.autotune_efs, exclude=ragged_rows(seen_off, seen_val, rows),
+        )
+        filtered_table = list(getattr(index, "ef_filtered_table", []))
+    index.set_ef(int(ef))
+
+    evaluation: dict[str, Any] = {}
+    seen_splits = (trained_on or {}).get("splits", ())
+    if evaluate_split is not None and evaluate_split in seen_splits:
+        holdout = summary.get("holdout") or {}
+        if holdout.get("metrics"):  # the split is in-sample: the estimate is the fit's validation metrics
+            evaluation = {"split": holdout.get("split", "valid"), "source": "holdout run: " + holdout["estimate"],
+                          **holdout["metrics"]}
+    elif evaluate_split is not None and _has_rows(data_dir / schema.SPLITS[evaluate_split]):
+        from recsys.evaluate import quick_evaluation
+
+        evaluation = quick_evaluation(
+            user_emb=user_emb, exact=exact, ann=index, data_dir=data_dir, split=evaluate_split
+        )
+
+    # The popularity fallback: recent counts, the window chosen on the fit events' own newest slice.
+    popularity, fallback_counts = _fallback_popularity(data_dir, state_dir, trained_on, n_users=n_users,
+                                                       n_items=n_items)
+
+    with models_lock(models_dir):
+        h = hashlib.sha256(sha256_file(run_dir / schema.MODEL_WEIGHTS).encode())
+        h.update(sha256_file(data_dir / schema.MANIFEST).encode())
+        created = utc_now()
+        if version is None:
+            version = new_version_name(models_dir, h.hexdigest(), now=created)
+        final = models_dir / version
+        if final.exists():
+            raise FileExistsError(f"version {version!r} already exists in {str(models_dir)!r}")
+        with atomic_dir(final) as tmp:
+            for name in (schema.MODEL_JSON, schema.MODEL_WEIGHTS):
+                shutil.copyfile(run_dir / name, tmp / name)
+            for name in DATA_FILES:
+                shutil.copyfile(state_dir / name, tmp / name)
+            np.save(tmp / schema.ITEM_EMBEDDINGS, item_emb, allow_pickle=False)
+            np.save(tmp / schema.USER_EMBEDDINGS, user_emb, allow_pickle=False)
+            index.save(tmp / schema.INDEX_FILE)
+            np.save(tmp / RECENT_POPULARITY, fallback_counts.astype(np.int64), allow_pickle=False)
+            manifest = {
+                "schema_version": schema.SCHEMA_VERSION,
+                "version": version,
+                "created_at": created.isoformat().replace("+00:00", "Z"),
+                "metric": metric,
+                "dim": dim,
+                "counts": {"n_users": n_users, "n_items": n_items},
+                "max_history": max_history,
+                "model": model_json,
+                "run": {"path": str(run_dir.resolve()), "config": run_config, "summary": summary},
+                "data": {
+                    "path": str(data_dir.resolve()),
+                    "manifest_sha256": sha256_file(data_dir / schema.MANIFEST),
+                    "fingerprint": _data_fingerprint(data_manifest),
+                    "counts": data_manifest.get("counts"),
+                    "split": data_manifest.get("split"),
+                },
+                "index": {
+                    "kind": "hnsw",
+                    "file": schema.INDEX_FILE,
+                    "config": jsonable(index_cfg),
+                    "ef": int(ef),
+                    "ef_filtered": int(index.ef_filtered),
+                    "params": index.params(),
+                    "tune": {
+                        "autotune": bool(index_cfg.autotune),
+                        "k": tune_k,
+                        "target_recall": index_cfg.target_recall,
+                        "queries": query_source,
+                        "table": table,
+                        "filtered_table": filtered_table,
+                    },
+                },
+                "training": summary,
+                "trained_on": trained_on,
+                "catalogue": {"servable_items": n_items,
+                              "filtered_rows": (data_manifest.get("rows") or {}).get("filtered"),
+                              "items_before_kcore": (data_manifest.get("counts") or {}).get("items_before_kcore")},
+                "evaluation": evaluation,
+                "popularity": popularity,
+                "packages": _package_versions(),
+                "files": {
+                    name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
+                    for name in BUNDLE_FILES
+                },
+            }
+            atomic_write_json(tmp / MANIFEST, jsonable(manifest))
+        try:
+            atomic_write_text(models_dir / schema.LATEST, version + "\n")
+        except BaseException:
+            # LATEST could not move (a full disk, ...): take the new version back out, so a failed export leaves the
+            # models directory as it found it (renamed aside first: a reader never sees half a version)
+            aside = models_dir / f".{version}.deleting-{os.getpid()}"
+            os.rename(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+        fsync_dir(models_dir)
+        log.info("published %s (ef=%d, %d items, %d users)", final, ef, n_items, n_users)
+        prune_locked(models_dir, keep=keep)
+    return final
+
+
+def _has_rows(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    return path.is_file() and pq.read_metadata(path).num_rows > 0
+
+
+def _data_fingerprint(data_manifest: Mapping[str, Any]) -> Any:
+    for key in ("fingerprint", "data_fingerprint", "input_fingerprints", "fingerprints", "inputs"):
+        if key in data_manifest:
+            return data_manifest[key]
+    return None
+
+
+def _max_history(model: Any, model_json: Mapping[str, Any]) -> int | None:
+    """N: how many of the most recent history items the user tower reads (it ignores older ones)."""
+    cfg = getattr(model, "cfg", None)
+    v = getattr(cfg, "history_len", None)
+    if v is None:
+        v = (model_json.get("config") or {}).get("history_len")
+    return int(v) if isinstance(v, int) and v > 0 else None
+
+
+def set_latest(models_dir: str | Path, version: str, *, verify: bool = True) -> None:
+    """Point ``LATEST`` at ``version`` (atomically), after loading and verifying it unless ``verify=False``."""
+    models_dir = Path(models_dir)
+    with models_lock(models_dir):
+        path = version_dir(models_dir, version)
+        if verify:
+            Bundle.load(path, verify=True)
+        atomic_write_text(models_dir / schema.LATEST, version + "\n")
+        fsync_dir(models_dir)
+
+
+def rollback(models_dir: str | Path, version: str) -> Path:
+    """Move ``LATEST`` back (or forth) to an existing, verified ``version``; returns its directory."""
+    set_latest(models_dir, version, verify=True)
+    log.info("LATEST -> %s", version)
+    return Path(models_dir) / version
