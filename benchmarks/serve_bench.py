@@ -270,9 +270,9 @@ def breakdown(models: Path, *, n_users: int, n: int = 4000, rounds: int = 7, see
     from recsys.commands.serve import pin_threads
 
     pin_threads()  # as `recsys serve` does: one BLAS / OpenMP (torch intra-op) thread
-    from recsys import service
     from recsys.bundle import Bundle
     from recsys.v1 import recommender_pb2 as pb
+    from server import service
     from server.metrics import Metrics
     from server.servicer import RecommenderServicer
     from server.store import ModelStore, warm_up

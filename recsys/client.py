@@ -28,7 +28,7 @@ import numpy as np
 from recsys.v1 import recommender_pb2 as pb
 from recsys.v1 import recommender_pb2_grpc as pb_grpc
 
-# the names of recsys.service's SOURCE_* constants; SOURCE_UNSPECIFIED (nothing answered) -> ""
+# the names of server.service's SOURCE_* constants; SOURCE_UNSPECIFIED (nothing answered) -> ""
 _SOURCE = {pb.SOURCE_KNOWN_USER: "known_user", pb.SOURCE_KNOWN_USER_WITH_EVENTS: "known_user_with_events",
            pb.SOURCE_HISTORY: "history", pb.SOURCE_POPULARITY: "popularity"}
 

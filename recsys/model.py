@@ -818,7 +818,7 @@ class NumpyUserTower:
     weights (nothing copied but two small precomputed terms): the recency keys ``recency @ W_key^T + b_key``, by
     linearity of the key projection, so the attention scores are ``tanh(h @ W_key^T + rec_key) . query``.
     The torch module stays the owner of the math; whoever serves with this twin checks it against
-    ``encode_users`` first (``recsys.service.user_tower``). Histories: item rows oldest first, the last
+    ``encode_users`` first (``server.service.user_tower``). Histories: item rows oldest first, the last
     ``history_len`` used, right-aligned as ``recsys.bundle.pad_histories`` does.
     """
 

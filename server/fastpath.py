@@ -3,7 +3,7 @@
 The most common requests -- a known ``user_id`` and ``k``, seen items excluded or not, no lists; the same user
 with fresh events in ``history_item_ids``; a new user's ``history_item_ids`` -- are answered from the serialized
 request straight to the serialized response in C++: protobuf parse, user and item lookups, the user tower where
-there are events (``recsys.service.NativeUserTower``, the very object the Python path embeds with), the excluding
+there are events (``server.service.NativeUserTower``, the very object the Python path embeds with), the excluding
 graph search and the response bytes, without the GIL. Every other request (and any case the native side is not
 sure of: unknown or over-long IDs, k out of range, too many events, a huge exclusion, fewer than k results, a
 non-unit query row) gets ``None`` back and takes the Python path, which owns all errors and reports unknown items.
@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from recsys import service
 from recsys.v1 import recommender_pb2 as pb
+from server import service
+from server.wire import recommend_response
 
 log = logging.getLogger("recsys.server")
 
@@ -67,8 +68,6 @@ def build(bundle: Any, *, check_users: int = 16) -> Any | None:
 def _disagreement(fast: Any, bundle: Any, n: int) -> str | None:
     """The first request (of ``n`` users x seen excluded / included x alone / with fresh events / a new user with
     their events) on which ``fast`` and the Python path differ."""
-    from server.servicer import recommend_response  # (servicer imports this module)
-
     limits = service.Limits()
     n_users, n_items = int(bundle.n_users), int(bundle.n_items)
     names = service.prepared(bundle).item_ids

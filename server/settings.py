@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.core.config import ConfigError, from_dict, merge, read_toml, usable_cpus
-from recsys.service import Limits
+from server.service import Limits
 
 ENV_PREFIX = "RECSYS_"
 
@@ -70,7 +70,7 @@ class ServeSettings:
     log_requests: bool = False
 
     def limits(self) -> Limits:
-        """The request limits (``recsys.service.Limits``) these settings name: its fields, by name."""
+        """The request limits (``server.service.Limits``) these settings name: its fields, by name."""
         return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
     def resolved_workers(self) -> int:

@@ -20,11 +20,10 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from recsys import service
 from recsys.core import schema
-from recsys.service import FailedPrecondition, InvalidArgument, NotFound
-from server import fastpath
+from server import fastpath, service
 from server.metrics import Metrics
+from server.service import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger("recsys.server.store")
 

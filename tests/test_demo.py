@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recsys import bundle as bundle_mod
-from recsys.demo import DemoOptions, run_demo
+from recsys.commands.demo import DemoOptions, run_demo
 
 torch.set_num_threads(1)
 

@@ -25,8 +25,8 @@ from recsys.evaluate import InSampleError, evaluate, render_markdown
 from recsys.model import LossConfig, ModelConfig, TrainConfig
 from recsys.prepare import PrepareConfig, prepare
 from recsys.retrieval import IndexConfig
-from recsys.service import recommend
 from recsys.train import train
+from server.service import recommend
 
 torch.set_num_threads(1)
 
@@ -183,8 +183,8 @@ def test_empty_test_split_through_every_command(tmp_path: Path, capsys) -> None:
 
 
 def test_model_info_says_what_the_model_knows(logs, published, holdout) -> None:
-    from recsys import service
     from recsys.v1 import recommender_pb2 as pb
+    from server import service
 
     root, _ = logs
     summary, bundle = published

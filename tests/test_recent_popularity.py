@@ -35,7 +35,7 @@ from recsys.recency import (
     recent_counts,
 )
 from recsys.retrieval import IndexConfig
-from recsys.service import SOURCE_POPULARITY, recommend
+from server.service import SOURCE_POPULARITY, recommend
 
 torch.set_num_threads(1)
 
@@ -172,7 +172,7 @@ def test_export_records_the_window_and_load_round_trips(published):
     assert b.recent_popularity.dtype == np.int64 and not b.recent_popularity.flags.writeable
     assert b.popularity_window_days == pop["window_days"]
     np.testing.assert_array_equal(b.popular_items, popularity_order(want, b.item_popularity))
-    from recsys.service import model_info
+    from server.service import model_info
 
     assert pop["window_days"] is not None and model_info(b)["fallback_window_days"] == pop["window_days"]
 
@@ -182,7 +182,7 @@ def test_old_bundle_without_recent_counts_loads_and_ranks_all_time(published, tm
     b = Bundle.load(as_old_bundle(path, tmp_path / "old"), verify=True)
     np.testing.assert_array_equal(b.recent_popularity, b.item_popularity)
     assert b.popularity_window_days is None
-    from recsys.service import model_info
+    from server.service import model_info
 
     assert model_info(b)["fallback_window_days"] == 0.0
     # exactly today's order: all-time counts, ties in vocabulary order

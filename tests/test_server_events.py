@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from test_server_helpers import code_of, running_server
 
-from recsys import service
 from recsys.v1 import recommender_pb2 as pb
 from recsys.v1 import recommender_pb2_grpc as pb_grpc
+from server import service
 
 test_bundle = pytest.importorskip("test_bundle")  # the tiny clustered dataset + training run, built once
 
@@ -166,7 +166,7 @@ def test_the_request_tower_equals_bundle_embed_users(served, caplog):
     other = Bundle.load(bundle.path)
     real = other.embed_users
     other.embed_users = lambda r, h: real(r, h) + 1e-3
-    with caplog.at_level(logging.ERROR, logger="recsys.service"):
+    with caplog.at_level(logging.ERROR, logger="server.service"):
         assert service._build_tower(other) is None
     assert "NativeUserTower disabled for model v1" in caplog.text
     assert "NumpyUserTower disabled for model v1" in caplog.text

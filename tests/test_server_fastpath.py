@@ -10,9 +10,9 @@ import pytest
 from test_server_helpers import code_of, running_server
 
 from recsys.retrieval import native_available
-from recsys.service import Limits
 from recsys.v1 import recommender_pb2 as pb
 from recsys.v1 import recommender_pb2_grpc as pb_grpc
+from server.service import Limits
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="recsys._hnsw not built (no C++ compiler)")
 test_bundle = pytest.importorskip("test_bundle")  # the tiny clustered dataset + training run, built once
@@ -153,11 +153,10 @@ def test_server_answers_match_and_malformed_bytes_are_invalid_argument(published
 
 
 def test_a_fast_path_that_disagrees_with_the_python_path_is_not_used(published, monkeypatch, caplog):
-    import server.servicer as servicer_mod
     from server import fastpath
 
     _models, bundle = published
-    real = servicer_mod.recommend_response
+    real = fastpath.recommend_response
 
     def other_version(b, r, limits):
         response = real(b, r, limits)
@@ -165,7 +164,7 @@ def test_a_fast_path_that_disagrees_with_the_python_path_is_not_used(published, 
         return response
 
     assert fastpath.build(bundle) is not None
-    monkeypatch.setattr(servicer_mod, "recommend_response", other_version)
+    monkeypatch.setattr(fastpath, "recommend_response", other_version)
     with caplog.at_level("ERROR", logger="recsys.server"):
         assert fastpath.build(bundle) is None
     assert "native Recommend disabled for model v1: answers differ for user" in caplog.text
@@ -275,7 +274,7 @@ def test_native_answers_survive_hot_reloads_under_load(tmp_path_factory, tmp_pat
     assert not errors, errors[:1]
     order = {"v1": 1, "v2": 2, "v3": 3}
     servicer_limits = LIMITS
-    from server.servicer import recommend_response
+    from server.wire import recommend_response
 
     bundles = {v: Bundle.load(models / v) for v in order}
     for lst in seen:

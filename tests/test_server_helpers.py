@@ -119,7 +119,7 @@ class FakeBundle:
         ]
         return _unit(np.stack(out))
 
-    # expected answers, computed independently of recsys.service
+    # expected answers, computed independently of server.service
     def expected_top(self, query: np.ndarray, k: int, exclude: Sequence[int] = ()) -> list[str]:
         scores = self.item_embeddings @ query
         scores[list(exclude)] = -np.inf

@@ -1,4 +1,4 @@
-"""recsys.service's request path, without gRPC: the single and batch paths give the exact answer (seen items and
+"""server.service's request path, without gRPC: the single and batch paths give the exact answer (seen items and
 exclusions removed, -1 padding when too few remain), each request is ONE index call through recsys.retrieval (the
 one owner of the exclusion rule), and the native and fallback HNSW paths agree."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_server_helpers import N_ITEMS, N_USERS, FakeBundle, _ExactSearch
 
-from recsys import service
+from server import service
 
 
 class _CountingHnsw(_ExactSearch):

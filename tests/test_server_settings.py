@@ -56,7 +56,7 @@ def test_settings_carry_every_request_limit():
     """`[serve]` has a field for each of `Limits`' (same name, same default) and hands them over by name."""
     import dataclasses
 
-    from recsys.service import Limits
+    from server.service import Limits
     from server.settings import ServeSettings
 
     assert ServeSettings().limits() == Limits()

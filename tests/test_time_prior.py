@@ -165,7 +165,7 @@ def prior_bundle(tmp_path_factory):
 
 
 def test_export_serves_the_prior_exactly_through_the_index(prior_bundle):
-    from recsys import service
+    from server import service
 
     b, k = prior_bundle, ModelConfig().time_prior_rank
     assert b.dim == 16 + k + 1 and b.tower_dim == 16
@@ -206,10 +206,10 @@ def test_native_recommend_answers_a_prior_bundle_like_the_python_path(prior_bund
 
     if not native_available():
         pytest.skip("recsys._hnsw not built (no C++ compiler)")
-    from recsys.service import Limits
     from recsys.v1 import recommender_pb2 as pb
     from server import fastpath
     from server.metrics import Metrics
+    from server.service import Limits
     from server.servicer import RecommenderServicer
 
     b, limits = prior_bundle, Limits(max_k=100, max_ids=1000, max_history=1000, max_id_length=64)

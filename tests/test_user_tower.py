@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from recsys import service
 from recsys.bundle import pad_histories
 from recsys.model import FeatureSpec, ModelConfig, NumpyUserTower, TwoTower
+from server import service
 
 N_USERS, N_ITEMS = 300, 900
 

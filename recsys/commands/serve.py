@@ -67,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
     pin_threads()
     import logging
 
-    from server.app import create_server, serve_until_signal
-    from server.settings import load_settings
+    from server import create_server, load_settings, serve_until_signal
 
     overrides = {field: getattr(args, flag, None) for flag, field in _FLAGS.items()}
     settings = load_settings(config=args.config, overrides=overrides)

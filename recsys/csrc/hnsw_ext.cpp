@@ -759,7 +759,7 @@ class Index {
 // ---------------------------------------------------------------------------------------------------------------
 // The serving hot path in one call: a serialized recsys.v1.RecommendRequest for a known user (user_id, k, and
 // optionally include_seen / allow_fallback; no lists) -> the serialized RecommendResponse, byte for byte what the
-// Python path (recsys.service.recommend + the servicer) answers: the user's stored embedding, a search that skips
+// Python path (server.service.recommend + the servicer) answers: the user's stored embedding, a search that skips
 // the user's seen items, scores 1 - distance, item IDs, the model version, source = SOURCE_KNOWN_USER.
 // Anything else -- another field, an unknown or too-long user ID, k out of range, a user whose exclusion is large
 // enough for the exact scan, fewer than k results, a query row that is not unit length for cosine -- returns None
@@ -798,7 +798,7 @@ const float *f32_matrix(const py::array &a, const char *name, long cols, size_t 
 
 // The user tower of recsys.model.TwoTower (``encode_users`` in eval mode) on the arrays of
 // ``recsys.model.NumpyUserTower`` -- the same math in the same order, one user at a time, without the GIL:
-// the request path's tower (fresh events of a known user, a new user's history). recsys.service checks it
+// the request path's tower (fresh events of a known user, a new user's history). server.service checks it
 // against the torch tower when a bundle loads and serves with it only when they agree.
 //   x      = user_id[row] + sum of the user's feature embeddings (a multi-valued feature: the mean of its codes
 //            present; code 0 embeds to zero); zeros for a new user (row -1)

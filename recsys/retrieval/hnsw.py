@@ -228,7 +228,7 @@ def search_width(depth: int, k: int, ef: int) -> int:
     """How many candidates a search must explore for its top ``depth`` to keep the recall ``ef`` was tuned for at
     ``k``: ``depth * max(ef, k) / k``, within :data:`REFETCH_SLACK`. The one owner of the over-fetch rule:
     ``HnswIndex`` refetches until a fetch of ``kf`` (which explores ``max(ef, kf)``) is that wide, and the serving
-    path (``recsys.service``) asks the same of the lists it cuts."""
+    path (``server.service``) asks the same of the lists it cuts."""
     return math.ceil(depth * (max(ef, k) / k) / REFETCH_SLACK)
 
 

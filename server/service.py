@@ -216,7 +216,7 @@ def _build_tower(bundle: Any) -> Any:
     ``bundle.embed_users`` -- when the bundle has no torch model or neither twin agrees (logged)."""
     import logging
 
-    log = logging.getLogger("recsys.service")
+    log = logging.getLogger("server.service")
     try:
         from recsys.model import NumpyUserTower, TwoTower
 

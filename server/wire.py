@@ -1,0 +1,50 @@
+"""Proto <-> domain: the messages the Python path answers with, built in one place (the servicer's RPCs and the
+native fast path's load-time check both use them, so the fast path is held to these exact bytes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recsys.v1 import recommender_pb2 as pb
+from server import service
+from server.service import Limits
+
+SOURCE = {
+    "": pb.SOURCE_UNSPECIFIED,  # nothing answered (a batch's unknown user, found = false)
+    service.SOURCE_KNOWN_USER: pb.SOURCE_KNOWN_USER,
+    service.SOURCE_KNOWN_USER_WITH_EVENTS: pb.SOURCE_KNOWN_USER_WITH_EVENTS,
+    service.SOURCE_HISTORY: pb.SOURCE_HISTORY,
+    service.SOURCE_POPULARITY: pb.SOURCE_POPULARITY,
+}
+
+
+def add_items(items: Any, rec: service.Recommendation) -> None:
+    """Append ``rec``'s items to a repeated ``ScoredItem`` field (``add`` is ~2x faster than building messages)."""
+    add = items.add
+    for i, s in zip(rec.item_ids, rec.scores, strict=True):
+        add(item_id=i, score=s)
+
+
+def recommend_response(bundle: Any, r: pb.RecommendRequest, limits: Limits) -> pb.RecommendResponse:
+    """The Python path's answer to a RecommendRequest (the native fast path must give these exact bytes)."""
+    rec = service.recommend(
+        bundle, user_id=r.user_id, history_item_ids=r.history_item_ids, k=r.k, include_seen=r.include_seen,
+        exclude_item_ids=r.exclude_item_ids, allowed_item_ids=r.allowed_item_ids,
+        allow_fallback=r.allow_fallback, limits=limits,
+    )
+    if rec.fallback or rec.unknown_item_ids:
+        response = pb.RecommendResponse(
+            model_version=bundle.version, fallback=rec.fallback, source=SOURCE[rec.source],
+            unknown_item_ids=rec.unknown_item_ids,
+        )
+    else:  # the common answer: unset fields stay at their defaults (cheaper than setting them)
+        response = pb.RecommendResponse(model_version=bundle.version, source=SOURCE[rec.source])
+    add_items(response.items, rec)
+    return response
+
+
+def embeddings_response(bundle, known, vecs, unknown) -> pb.EmbeddingsResponse:
+    return pb.EmbeddingsResponse(
+        embeddings=[pb.Embedding(id=i, values=v) for i, v in zip(known, vecs.tolist(), strict=True)],
+        unknown_ids=unknown, dim=int(bundle.dim), model_version=bundle.version,
+    )
