@@ -16,9 +16,12 @@ attention-pooled from the item tower's ID table, plus the most recent item's own
 and an MLP with one hidden layer in each tower; ``--history-kernels``: the fused lookup + pooling of
 recsys.fused_pool and/or the torch path).
 
-Throughput = interactions per second over ``--steps`` steps without a sync between them; step time = median of
-the per-step times (CUDA events on GPU, wall clock on CPU); peak memory = ``torch.cuda.max_memory_allocated``
-during the timed steps (CUDA only). A configuration that runs out of memory is recorded as ``"oom"``.
+Throughput = interactions per second over ``--steps`` steps without a sync between them (the rows those steps
+actually took, ``rows_timed``, over their wall time ``wall_s``); step time = median of the per-step times
+``step_s`` (CUDA events on GPU, wall clock on CPU); ``weight_norm_change``: how far the timed steps moved the
+weights (sum of the parameters' L2 norms, after minus before; 0 would mean no step trained); peak memory =
+``torch.cuda.max_memory_allocated`` during the timed steps (CUDA only). A configuration that runs out of memory
+is recorded as ``"oom"``.
 
     python benchmarks/train_bench.py --device cuda                 # 1M users x 1M items, dim 128, ~5 min on an H100
     python benchmarks/train_bench.py --device cpu --n-users 5000 --n-items 5000 --n-interactions 100000 \\
@@ -82,11 +85,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(step, n_steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    """(median step seconds, wall seconds of ``n_steps`` steps without a sync between them)."""
+def _timed(step, n_steps: int, warmup: int, device: torch.device, *, start=None) -> tuple[float, float, list[float]]:
+    """(median step seconds, wall seconds of ``n_steps`` steps without a sync between them, each step's seconds).
+
+    ``start()`` runs after the warm-up, outside the timing (a snapshot of the weights)."""
     for i in range(warmup):
         step(i)
     _sync(device)
+    if start is not None:
+        start()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n_steps)]
@@ -105,7 +112,20 @@ def _timed(step, n_steps: int, warmup: int, device: torch.device) -> tuple[float
     wall = time.perf_counter() - t0
     if device.type == "cuda":
         times = [a.elapsed_time(b) / 1e3 for a, b in events]
-    return statistics.median(times), wall
+    return statistics.median(times), wall, times
+
+
+def _weight_norm(params) -> float:
+    """Sum of the parameters' L2 norms: moves when an optimizer step touched any weight (cheap at any size)."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().norm() for p in params))
+
+
+def _measured(med: float, wall: float, times: list[float], *, rows: int, n: int, before: float,
+              after: float) -> dict[str, Any]:
+    """What a row reports about its timed steps: throughput = the rows the timed steps actually took / wall."""
+    return {"step_ms": med * 1e3, "interactions_per_s": rows / wall, "rows_timed": rows, "n_interactions": n,
+            "wall_s": wall, "step_s": times, "weight_norm_change": abs(after - before)}
 
 
 def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, history_kernel: str, graphs: bool, args,
@@ -134,15 +154,25 @@ def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, history_kerne
     perm = torch.randperm(n, device=device)
     n_batches = n // batch
 
+    rows = [0]  # rows the timed steps trained on (warm-up excluded)
+    before = [0.0]  # the weights' norm after the warm-up
+
     def step(i: int) -> None:
         b = i % n_batches
-        trainer.step(perm[b * batch : (b + 1) * batch], check=False)
+        batch_rows = perm[b * batch : (b + 1) * batch]
+        trainer.step(batch_rows, check=False)
+        rows[0] += int(batch_rows.shape[0]) if i >= args.warmup else 0
 
-    med, wall = _timed(step, args.steps, args.warmup, device)
+    def start() -> None:
+        before[0] = _weight_norm(trainer.model.parameters())
+
+    med, wall, times = _timed(step, args.steps, args.warmup, device, start=start)
+    measured = _measured(med, wall, times, rows=rows[0], n=n, before=before[0],
+                         after=_weight_norm(trainer.model.parameters()))
     if args.profile:
         _profile(step, f"ours/{towers}/{batch}", device)
     loss = float(trainer.loss(perm[:batch]).detach())  # after training: finite and below log(B)
-    return {"step_ms": med * 1e3, "interactions_per_s": args.steps * batch / wall, "final_loss": loss,
+    return {**measured, "final_loss": loss,
             "n_parameters": sum(p.numel() for p in trainer.model.parameters()), "loss_kernel": trainer.loss_kernel,
             "history_kernel": trainer.history_kernel, "cuda_graphs_asked": graphs,
             "cuda_graphs": trainer.graphed is not None and trainer.graphed.graph is not None,
@@ -193,16 +223,26 @@ def bench_reference(data, *, batch: int, args, device: torch.device) -> dict[str
         dup = (items[:, None] == items[None, :]) & ~eye  # [B, B] bool
         return F.cross_entropy(logits.masked_fill(dup, float("-inf")), target)
 
+    rows = [0]
+    before = [0.0]
+
     def step(i: int) -> None:
         b = i % n_batches
+        batch_rows = perm[b * batch : (b + 1) * batch]
         opt.zero_grad(set_to_none=True)
-        loss_of(perm[b * batch : (b + 1) * batch]).backward()
+        loss_of(batch_rows).backward()
         opt.step()
+        rows[0] += int(batch_rows.shape[0]) if i >= args.warmup else 0
 
-    med, wall = _timed(step, args.steps, args.warmup, device)
+    def start() -> None:
+        before[0] = _weight_norm([uemb.weight, iemb.weight])
+
+    med, wall, times = _timed(step, args.steps, args.warmup, device, start=start)
+    measured = _measured(med, wall, times, rows=rows[0], n=n, before=before[0],
+                         after=_weight_norm([uemb.weight, iemb.weight]))
     with torch.no_grad():
         loss = float(loss_of(perm[:batch]))
-    return {"step_ms": med * 1e3, "interactions_per_s": args.steps * batch / wall, "final_loss": loss,
+    return {**measured, "final_loss": loss,
             "n_parameters": uemb.weight.numel() + iemb.weight.numel()}  # fmt: skip
 
 
