@@ -27,7 +27,7 @@ every model.
 Peers are fit in the same run on the same past (a binary user x item matrix; they rank every item of the past,
 the user's past items excluded): popularity (all-time), recent popularity (users per item over the last W days
 before the past ends -- the cut time ``t``, or the past's last event for the per-user cut; ties, e.g. every item
-outside a short window, broken by all-time counts), EASE (``recsys.baselines.EASE``) and implicit ALS
+outside a short window, broken by all-time counts), EASE (``recsys.evaluate.baselines.EASE``) and implicit ALS
 (``implicit.als.AlternatingLeastSquares`` on CPU, ``pip install -e '.[bench]'``). EASE's ``l2``, ALS's factors /
 regularization / alpha and recent popularity's W (1, 3, 7, 14, 30, 60, 120, 365 days or all-time) are picked on a
 validation cut of the past made by the benchmark's own cut rule (per-user: each user's last 20% of the past;
@@ -300,7 +300,7 @@ class PastMatrix:
     """Binary user x item matrices over the past's users and items (the peers' whole world)."""
 
     def __init__(self, past: pl.DataFrame) -> None:
-        from recsys.baselines import interaction_matrix
+        from recsys.evaluate.baselines import interaction_matrix
 
         self._im = interaction_matrix
         self.users = sorted(set(past["user"].to_list()))
@@ -364,7 +364,7 @@ def recent_popularity(counts: np.ndarray, all_time: np.ndarray, rows: np.ndarray
 
     Ties (every item outside a short window counts 0) are broken by the all-time counts, so a short window still
     fills its list with the all-time favourites rather than with arbitrary items."""
-    from recsys.baselines import topk_excluding
+    from recsys.evaluate.baselines import topk_excluding
 
     s = counts + all_time / (all_time.max() + 1.0)  # [n_items]; the tie-break stays below one count
     ids, _ = topk_excluding(np.broadcast_to(s.astype(np.float32), (len(rows), s.size)), K, x[rows])
@@ -374,7 +374,7 @@ def recent_popularity(counts: np.ndarray, all_time: np.ndarray, rows: np.ndarray
 def tune_peers(past: pl.DataFrame, *, quick: bool, cut: str) -> dict:
     """EASE l2, ALS (factors, regularization, alpha) and recent popularity's window picked by NDCG@20 on a validation
     cut of the past, made by the same rule as the benchmark's own cut (``cut``): the past's own last 20%."""
-    from recsys.baselines import EASE
+    from recsys.evaluate.baselines import EASE
 
     fit_part, valid, now = cut_timeline(past, cut)
     pm = PastMatrix(past)  # the vocabulary of the whole past, so the refit ranks the same items
@@ -433,7 +433,7 @@ def run_peers(past: pl.DataFrame, eval_users: list[str], relevant: list[np.ndarr
               *, tuned: dict, seeds: list[int], now: int) -> tuple[dict, dict]:
     """Popularity, recent popularity (the last W days before ``now``), EASE, ALS fit on the whole past: (future
     table rows, fresh-event table rows)."""
-    from recsys.baselines import EASE, Popularity
+    from recsys.evaluate.baselines import EASE, Popularity
 
     pm = PastMatrix(past)
     x = pm.x
@@ -494,7 +494,7 @@ def run_peers(past: pl.DataFrame, eval_users: list[str], relevant: list[np.ndarr
 
 def _exclude_after(rec, model, rows, x, x_ext, pm, space) -> np.ndarray:
     """Score from the past rows but exclude the extended rows' items: top-K of ``x`` scores minus ``x_ext``."""
-    from recsys.baselines import topk_excluding
+    from recsys.evaluate.baselines import topk_excluding
 
     s = model._scores(x[rows])
     ids, _ = topk_excluding(np.asarray(s, dtype=np.float32), K, x_ext[rows])

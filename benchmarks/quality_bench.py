@@ -81,8 +81,8 @@ def _lists(t_path: Path, n_users: int) -> list[np.ndarray]:
 
 
 def evaluate_all(d: Path, *, overrides: list[str], run_dir: Path, skip_baselines: bool) -> dict:
-    from recsys.baselines import EASE, ItemKNN, Popularity, interaction_matrix
     from recsys.core.metrics import ranking_metrics
+    from recsys.evaluate.baselines import EASE, ItemKNN, Popularity, interaction_matrix
 
     n_users = pq.read_metadata(d / schema.USERS).num_rows
     n_items = pq.read_metadata(d / schema.ITEMS).num_rows

@@ -142,7 +142,8 @@ def build_versions(workdir: Path, *, events: int, users: int, items: int, epochs
 
     Returns (models dir, ["v1", "v2"]).
     """
-    from recsys.bundle import Bundle, set_latest
+    from recsys.bundle import Bundle
+    from recsys.publish import set_latest
 
     key = workdir / f"events{events}-users{users}-items{items}-epochs{epochs}"
     models, versions = key / "models", ["v1", "v2"]
@@ -282,8 +283,9 @@ def run_rollout(
     """Two replicas, ``callers`` threads of ``Recommend(user, k)`` for known ``users``, through the four phases;
     LATEST must name ``versions[0]`` on entry. Returns the summary (see :func:`summarize`), with the raw timeline.
     """
-    from recsys.bundle import read_latest, rollback
+    from recsys.bundle import read_latest
     from recsys.client import RecommenderClient, RecommenderError
+    from recsys.publish import rollback
 
     if read_latest(models) != versions[0]:
         raise ValueError(f"LATEST of {models} must name {versions[0]!r}, got {read_latest(models)!r}")

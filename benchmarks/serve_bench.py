@@ -127,8 +127,8 @@ def build_bundle(workdir: Path, *, n_items: int, n_users: int, dim: int, per_use
         "counts": {"n_users": n_users, "n_items": n_items, **{s: int(m.sum()) for s, m in split.items()}},
     }))  # fmt: skip
 
-    from recsys.bundle import export
     from recsys.model import LossConfig, ModelConfig, TrainConfig
+    from recsys.publish import export
     from recsys.train import train
 
     t = time.perf_counter()

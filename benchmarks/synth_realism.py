@@ -49,8 +49,8 @@ def last_item_split(logs_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 
 
 def evaluate(models: dict, train_user, train_item, test, n_users, n_items, k: int = 20) -> dict:
-    from recsys.baselines import interaction_matrix
     from recsys.core.metrics import ranking_metrics
+    from recsys.evaluate.baselines import interaction_matrix
 
     x = interaction_matrix(train_user, train_item, n_users=n_users, n_items=n_items)
     users = np.flatnonzero(test >= 0)
@@ -67,7 +67,7 @@ def evaluate(models: dict, train_user, train_item, test, n_users, n_items, k: in
 
 
 def main() -> None:
-    from recsys.baselines import EASE, ItemKNN, Popularity
+    from recsys.evaluate.baselines import EASE, ItemKNN, Popularity
     from recsys.synth import SynthConfig, generate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -281,7 +281,7 @@ def retrain(
     Returns the job report (also written to ``MODELS_DIR/.retrain/<job>/report.json``): the gate's numbers, whether
     a version was published and which.
     """
-    from recsys import bundle as bundle_mod
+    from recsys import publish
     from recsys.core.config import load_section, to_dict
     from recsys.prepare import PrepareConfig, expand_inputs, prepare
     from recsys.retrieval import IndexConfig
@@ -355,7 +355,7 @@ def retrain(
             # A job killed after its version became visible (or after LATEST moved) but before it noted the
             # publish: finish that publish instead of publishing a second copy.
             adopted = _finish_publish(models_dir, publish_dir, keep=cfg.keep)
-            version_dir = adopted or bundle_mod.export(publish_dir, models_dir, data_dir=data_dir,
+            version_dir = adopted or publish.export(publish_dir, models_dir, data_dir=data_dir,
                                                        index_cfg=index_cfg, keep=cfg.keep)
             report["published"] = version_dir.name
             atomic_write_json(job_dir / "report.json", report)
@@ -389,6 +389,7 @@ def _finish_publish(models_dir: Path, run_dir: Path, *, keep: int) -> Path | Non
     got that far: ``LATEST`` is moved to it unless it already names it or a newer version, and the killed run's
     leftovers are removed (``bundle.prune``). None when no published version came from ``run_dir``."""
     from recsys import bundle as bundle_mod
+    from recsys import publish
 
     run_path = str(run_dir.resolve())
     versions = bundle_mod.list_versions(models_dir)  # oldest first
@@ -399,7 +400,7 @@ def _finish_publish(models_dir: Path, run_dir: Path, *, keep: int) -> Path | Non
     version = versions[at]["version"]
     latest = [i for i, v in enumerate(versions) if v["latest"]]
     if not latest or latest[0] < at:
-        bundle_mod.set_latest(models_dir, version, verify=True)
+        publish.set_latest(models_dir, version, verify=True)
     bundle_mod.prune(models_dir, keep=keep)
     log.info("found version %s already published by this job (a run killed before it noted it); LATEST -> %s",
              version, bundle_mod.read_latest(models_dir))

@@ -28,8 +28,9 @@ import pytest
 from test_bundle import index_cfg, trained
 from test_server_helpers import running_server
 
-from recsys.bundle import BUNDLE_FILES, MANIFEST, REFUSAL_REASONS, Bundle, BundleError, export
+from recsys.bundle import BUNDLE_FILES, MANIFEST, REFUSAL_REASONS, Bundle, BundleError
 from recsys.core import schema
+from recsys.publish import export
 from recsys.v1 import recommender_pb2 as pb
 from recsys.v1 import recommender_pb2_grpc as pb_grpc
 

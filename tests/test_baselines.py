@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recsys.baselines import EASE, ItemKNN, Popularity, interaction_matrix, topk_excluding
+from recsys.evaluate.baselines import EASE, ItemKNN, Popularity, interaction_matrix, topk_excluding
 
 N_BLOCKS, USERS_PER_BLOCK, ITEMS_PER_BLOCK = 3, 12, 8
 

@@ -21,16 +21,15 @@ from recsys.bundle import (
     BUNDLE_FILES,
     Bundle,
     BundleError,
-    export,
     list_versions,
     new_version_name,
     prune,
     read_latest,
     resolve,
-    rollback,
 )
 from recsys.core import schema
 from recsys.core.io import sha256_file
+from recsys.publish import export, rollback
 
 torch.set_num_threads(1)
 
@@ -358,21 +357,21 @@ def test_crash_mid_export_leaves_latest_and_no_half_version(published, tmp_path,
 
 def test_crash_between_publish_and_pointer_keeps_old_latest(published, tmp_path, monkeypatch):
     """If LATEST cannot be moved, the new version dir is complete but LATEST still names the old one."""
-    import recsys.bundle
+    import recsys.publish
 
     data, run, _, path = published
     models = tmp_path / "models"
     models.mkdir()
     shutil.copytree(path, models / path.name)
     (models / schema.LATEST).write_text(path.name + "\n")
-    real = recsys.bundle.publish.atomic_write_text
+    real = recsys.publish.atomic_write_text
 
     def fail_latest(p, text):
         if Path(p).name == schema.LATEST:
             raise OSError("crash before pointer move (simulated)")
         real(p, text)
 
-    monkeypatch.setattr(recsys.bundle.publish, "atomic_write_text", fail_latest)
+    monkeypatch.setattr(recsys.publish, "atomic_write_text", fail_latest)
     with pytest.raises(OSError, match="simulated"):
         export(run, models, index_cfg=index_cfg(), evaluate_split=None)
     assert read_latest(models) == path.name

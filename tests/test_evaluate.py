@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_bundle import HISTORY_LEN, index_cfg, make_dataset, trained
 
-from recsys.bundle import Bundle, export
+from recsys.bundle import Bundle
 from recsys.core import schema
 from recsys.core.io import sha256_file
 from recsys.evaluate import (
@@ -27,6 +27,7 @@ from recsys.evaluate import (
     popularity_segments,
     write_report,
 )
+from recsys.publish import export
 
 torch.set_num_threads(1)
 KS = (5, 10, 20)

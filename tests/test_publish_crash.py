@@ -28,8 +28,9 @@ import pytest
 from test_bundle import index_cfg, trained
 from test_retrain import TINY, logs  # noqa: F401 (logs: a fixture)
 
-from recsys.bundle import BUNDLE_FILES, MANIFEST, Bundle, export, list_versions, read_latest
+from recsys.bundle import BUNDLE_FILES, MANIFEST, Bundle, list_versions, read_latest
 from recsys.core import schema
+from recsys.publish import export
 
 # The wrapper: wraps the publish's calls, then runs the CLI. ``after-file:NAME`` fires once NAME is complete in the
 # temporary version directory (``.<version>.tmp-*``); the others fire on the renames of the version dir / LATEST.

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from test_bundle import index_cfg, trained
 
-from recsys.bundle import export, set_latest
 from recsys.core import schema
 from recsys.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from recsys.publish import export, set_latest
 
 UMASKS = [0o022, 0o002, 0o077]
 OTHER_UID = 54321  # a UID no file here belongs to

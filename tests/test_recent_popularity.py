@@ -20,12 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys.bundle import RECENT_POPULARITY, Bundle, BundleError, export
+from recsys.bundle import RECENT_POPULARITY, Bundle, BundleError
 from recsys.core import schema
 from recsys.core.io import sha256_file
 from recsys.core.metrics import ndcg_at_k, recall_at_k
 from recsys.data import read_interactions
 from recsys.prepare import PrepareConfig, prepare
+from recsys.publish import export
 from recsys.recency import (
     DAY_MS,
     POPULARITY_WINDOWS_DAYS,

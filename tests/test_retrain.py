@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from recsys import bundle as bundle_mod
+from recsys import publish
 from recsys.retrain import RetrainLocked, retrain, retrain_lock
 from recsys.synth import SynthConfig, generate
 
@@ -104,12 +105,12 @@ def test_warm_started_retrain_publishes_and_resumes_once(first: tuple[Path, dict
 
     models = shutil.copytree(models, tmp_path / "models")
     before = bundle_mod.read_latest(models)
-    real_export = bundle_mod.export
+    real_export = publish.export
 
     def crash(*a, **kw):
         raise KeyboardInterrupt("killed mid-way")
 
-    monkeypatch.setattr(bundle_mod, "export", crash)
+    monkeypatch.setattr(publish, "export", crash)
     with pytest.raises(KeyboardInterrupt):
         _retrain(logs, "all", models, "retrain.tolerance=0.05")
     assert bundle_mod.read_latest(models) == before  # nothing published by the killed job
@@ -126,7 +127,7 @@ def test_warm_started_retrain_publishes_and_resumes_once(first: tuple[Path, dict
     assert final["splits"] == ["train", "valid", "test", "extra"] and prepared["extra"] > 0
     assert final["rows"] == prepared["train"] + prepared["valid"] + prepared["test"] + prepared["extra"]
 
-    monkeypatch.setattr(bundle_mod, "export", real_export)
+    monkeypatch.setattr(publish, "export", real_export)
     resumed = _retrain(logs, "all", models, "retrain.tolerance=0.05")
     assert resumed["published"] and resumed["published"] != before
     manifest = json.loads((models / resumed["published"] / "manifest.json").read_text())

@@ -81,7 +81,8 @@ def test_summary_attributes_failures_to_phases_and_fails_its_targets():
 @pytest.fixture(scope="module")
 def two_versions(tmp_path_factory):
     """v1 and v2 exported from the tiny training run (same weights, two published versions), LATEST = v1."""
-    from recsys.bundle import Bundle, export, set_latest
+    from recsys.bundle import Bundle
+    from recsys.publish import export, set_latest
 
     _data, run = test_bundle.trained(tmp_path_factory)
     models = tmp_path_factory.mktemp("rollout_models")

@@ -21,7 +21,8 @@ test_bundle = pytest.importorskip("test_bundle")  # the tiny clustered dataset +
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
-    from recsys.bundle import Bundle, export
+    from recsys.bundle import Bundle
+    from recsys.publish import export
 
     _data, run = test_bundle.trained(tmp_path_factory)
     models = tmp_path_factory.mktemp("served_models")
@@ -82,7 +83,7 @@ def _default_loader():
 
 
 def test_real_hot_reload_and_tampered_bundle(published, tmp_path):
-    from recsys.bundle import export
+    from recsys.publish import export
 
     run, src, _bundle = published
     models = tmp_path / "models"

@@ -36,7 +36,8 @@ def _ids(resp) -> list[str]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from recsys.bundle import Bundle, export
+    from recsys.bundle import Bundle
+    from recsys.publish import export
     from server.store import default_loader
 
     _data, run = test_bundle.trained(tmp_path_factory)

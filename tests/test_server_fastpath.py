@@ -22,7 +22,8 @@ LIMITS = Limits(max_k=100, max_ids=1000, max_history=1000, max_id_length=64)
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
-    from recsys.bundle import Bundle, export
+    from recsys.bundle import Bundle
+    from recsys.publish import export
 
     _data, run = test_bundle.trained(tmp_path_factory)
     models = tmp_path_factory.mktemp("fastpath_models")
@@ -229,7 +230,8 @@ def test_native_answers_survive_hot_reloads_under_load(tmp_path_factory, tmp_pat
     import threading
     import time
 
-    from recsys.bundle import Bundle, export
+    from recsys.bundle import Bundle
+    from recsys.publish import export
     from server.store import default_loader
 
     _data, run = test_bundle.trained(tmp_path_factory)

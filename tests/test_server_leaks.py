@@ -51,7 +51,7 @@ def _snapshot() -> dict[str, int]:
 @pytest.fixture(scope="module")
 def two_versions(tmp_path_factory):
     """A models directory with versions v1 and v2 (LATEST -> v2) of the same tiny trained run."""
-    from recsys.bundle import export
+    from recsys.publish import export
 
     _data, run = test_bundle.trained(tmp_path_factory)
     models = tmp_path_factory.mktemp("leak_models")

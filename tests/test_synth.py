@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.baselines import EASE, ItemKNN, Popularity, interaction_matrix, topk_excluding
 from recsys.cli import main
 from recsys.core.config import ConfigError, from_dict
 from recsys.core.io import sha256_file
 from recsys.core.metrics import ranking_metrics
+from recsys.evaluate.baselines import EASE, ItemKNN, Popularity, interaction_matrix, topk_excluding
 from recsys.synth import CATEGORY_NOUNS, SynthConfig, generate
 
 SMALL = SynthConfig(events=60_000, users=1_500, items=600, shard_events=25_000, clusters=16, neighbourhood=3, seed=7)

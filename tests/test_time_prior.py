@@ -152,7 +152,8 @@ def test_prior_ranks_last_weeks_hit_above_an_old_one(drifting, tmp_path):
 def prior_bundle(tmp_path_factory):
     from test_bundle import HISTORY_LEN, index_cfg, make_dataset
 
-    from recsys.bundle import Bundle, export
+    from recsys.bundle import Bundle
+    from recsys.publish import export
     from recsys.train import train
 
     root = tmp_path_factory.mktemp("prior_bundle")

@@ -1,6 +1,6 @@
 """The model bundle: one immutable, verified directory per published model version.
 
-``export`` turns a training run (+ its prepared dataset) into ``MODELS_DIR/<version>/`` holding everything serving
+``recsys.publish.export`` turns a training run (+ its prepared dataset) into ``MODELS_DIR/<version>/`` holding everything serving
 needs (schema.py lists the files): the towers (so unseen users are embedded from their history and new items from
 their features), item and known-user embeddings computed with those towers, the vocabularies, the serving history
 and seen sets, item popularity and an hnswlib index whose ``ef`` was auto-tuned against exact search. Publishing is
@@ -29,7 +29,6 @@ from recsys.bundle.files import (
     read_ragged,
 )
 from recsys.bundle.load import Bundle
-from recsys.bundle.publish import export, rollback, set_latest
 from recsys.bundle.versions import (
     VERSION_RE,
     list_versions,
@@ -52,7 +51,6 @@ __all__ = [
     "BundleError",
     "embed_items",
     "embed_users",
-    "export",
     "list_versions",
     "new_version_name",
     "pad_histories",
@@ -60,8 +58,6 @@ __all__ = [
     "read_latest",
     "read_ragged",
     "resolve",
-    "rollback",
     "served_dim",
-    "set_latest",
     "version_dir",
 ]

@@ -102,6 +102,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     import polars as pl
 
     from recsys import bundle as bundle_mod
+    from recsys import publish
     from recsys.client import RecommenderClient, RecommenderError
     from recsys.core.config import load_section
     from recsys.evaluate import evaluate, write_report
@@ -160,7 +161,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     _say("4. publish the bundle (safetensors + npy + parquet + HNSW index, atomic, LATEST)")
     t0 = time.perf_counter()
     models_dir = work / "models"
-    version_dir = bundle_mod.export(run_dir, models_dir, data_dir=data_dir)
+    version_dir = publish.export(run_dir, models_dir, data_dir=data_dir)
     print(f"published {version_dir}")
     step("export", t0)
 

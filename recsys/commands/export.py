@@ -34,8 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from recsys.bundle import export
     from recsys.core.config import load_section
+    from recsys.publish import export
     from recsys.retrieval import IndexConfig
 
     index_cfg = load_section(IndexConfig, "index", path=args.config, overrides=args.overrides)

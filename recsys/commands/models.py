@@ -26,7 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from recsys.bundle import list_versions, rollback
+    from recsys.bundle import list_versions
+    from recsys.publish import rollback
 
     if args.action == "rollback":
         path = rollback(args.models, args.version)

@@ -2,7 +2,9 @@
 
 Plan -> embed (the towers, on every item and known user) -> index (HNSW, ``ef`` auto-tuned against exact search)
 -> quick evaluation -> write (atomic temp dir, every file's sha256 in the manifest) -> publish (rename, then
-``LATEST``)."""
+``LATEST``). ``set_latest`` / ``rollback`` move ``LATEST`` to another verified version. The bundle format itself
+(files, versions, loading) is :mod:`recsys.bundle`; publishing sits above evaluation, which it runs.
+"""
 
 from __future__ import annotations
 
