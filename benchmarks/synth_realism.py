@@ -68,7 +68,7 @@ def evaluate(models: dict, train_user, train_item, test, n_users, n_items, k: in
 
 def main() -> None:
     from recsys.evaluate.baselines import EASE, ItemKNN, Popularity
-    from recsys.synth import SynthConfig, generate
+    from recsys.prepare.synth import SynthConfig, generate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=SynthConfig.events)

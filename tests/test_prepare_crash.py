@@ -72,7 +72,7 @@ HOOK = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory) -> Path:
-    from recsys.synth import SynthConfig, generate
+    from recsys.prepare.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("prepare_crash_logs")
     generate(root / "synth", config=SynthConfig(events=20000, users=500, items=200))

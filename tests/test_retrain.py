@@ -1,6 +1,6 @@
 """Batch retraining: warm start by external IDs, the quality gate, the lock, crash/resume, publish-once.
 
-One small synthetic log (recsys.synth) is cut into an older and a newer slice; tiny models keep it fast.
+One small synthetic log (recsys.prepare.synth) is cut into an older and a newer slice; tiny models keep it fast.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 
 from recsys import bundle as bundle_mod
 from recsys import publish
+from recsys.prepare.synth import SynthConfig, generate
 from recsys.retrain import RetrainLocked, retrain, retrain_lock
-from recsys.synth import SynthConfig, generate
 
 torch.set_num_threads(1)
 

@@ -20,7 +20,7 @@ from recsys.core.config import ConfigError, from_dict
 from recsys.core.io import sha256_file
 from recsys.core.metrics import ranking_metrics
 from recsys.evaluate.baselines import EASE, ItemKNN, Popularity, interaction_matrix, topk_excluding
-from recsys.synth import CATEGORY_NOUNS, SynthConfig, generate
+from recsys.prepare.synth import CATEGORY_NOUNS, SynthConfig, generate
 
 SMALL = SynthConfig(events=60_000, users=1_500, items=600, shard_events=25_000, clusters=16, neighbourhood=3, seed=7)
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.core.config import from_dict
-from recsys.synth import ITEM_KINDS, SynthConfig, _life_peak, _World, generate
+from recsys.prepare.synth import ITEM_KINDS, SynthConfig, _life_peak, _World, generate
 
 DAY = 86_400
 # the size of the synthetic data set of benchmarks/future_bench.py

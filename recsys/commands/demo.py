@@ -107,8 +107,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from recsys.core.config import load_section
     from recsys.evaluate import evaluate, write_report
     from recsys.prepare import PrepareConfig, format_summary, prepare
+    from recsys.prepare.synth import SynthConfig, generate
     from recsys.retrain import retrain
-    from recsys.synth import SynthConfig, generate
     from recsys.train import load_configs, train
     from server import ServeSettings, create_server
 

@@ -1,4 +1,4 @@
-"""`recsys synth`: write the deterministic synthetic demo logs (see recsys.synth)."""
+"""`recsys synth`: write the deterministic synthetic demo logs (see recsys.prepare.synth)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from recsys.core.config import load_section
-    from recsys.synth import SynthConfig, generate
+    from recsys.prepare.synth import SynthConfig, generate
 
     overrides = list(args.set)
     for flag, field in (

@@ -645,7 +645,7 @@ def generate(out: str | Path, *, config: SynthConfig, overwrite: bool = False) -
             pq.write_table(table, tmp / name, compression="zstd")
             files.append({"path": name, "rows": table.num_rows, "sha256": sha256_file(tmp / name)})
         summary = {
-            "generator": "recsys.synth",
+            "generator": "recsys.prepare.synth",
             "config": to_dict(cfg),
             "counts": {
                 "events": cfg.events,
