@@ -1,6 +1,6 @@
-"""Tile shapes of the fused in-batch softmax kernels (recsys.fused_loss) on a GPU, against the hardware floor.
+"""Tile shapes of the fused in-batch softmax kernels (recsys.train.kernels.fused_loss) on a GPU, against the hardware floor.
 
-For each batch size and :class:`recsys.fused_loss.KernelConfig`, times forward and forward + backward of
+For each batch size and :class:`recsys.train.kernels.fused_loss.KernelConfig`, times forward and forward + backward of
 ``in_batch_softmax_fused`` under bf16 autocast (item-id masking, same-user masking, logQ: the trainer's defaults)
 with ``triton.testing.do_bench`` (median), next to the chunked torch softmax. The floor per step: 5 matrix products
 of ``2 B^2 d`` flops (forward; dq: recompute + product; dc: recompute + product) at the measured bf16 matmul rate,
@@ -22,7 +22,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fused_loss_sweep.json"
 
-CONFIGS = {  # name -> KernelConfig fields; registers / spills per kernel at d = 128: recsys.fused_loss.compile_report
+CONFIGS = {  # name -> KernelConfig fields; registers / spills per kernel at d = 128: recsys.train.kernels.fused_loss.compile_report
     "64x64 w4 s3": {},  # the default; no spills
     "64x64 w4 s2": dict(num_stages=2),
     "64x64 w8 s3": dict(num_warps=8),  # no spills, fewer registers per thread
@@ -57,8 +57,8 @@ def matmul_tflops(dev: torch.device) -> float:
 
 
 def bench_batch(b: int, args: argparse.Namespace, tflops: float) -> list[dict]:
-    from recsys.fused_loss import KernelConfig, in_batch_softmax_fused
-    from recsys.losses import in_batch_softmax_chunked
+    from recsys.train.kernels.fused_loss import KernelConfig, in_batch_softmax_fused
+    from recsys.train.losses import in_batch_softmax_chunked
 
     dev = torch.device(args.device)
     bf16 = dev.type == "cuda"
@@ -94,7 +94,7 @@ def bench_batch(b: int, args: argparse.Namespace, tflops: float) -> list[dict]:
     rows = []
     resources: dict[str, str] = {}
     if dev.type == "cuda":
-        from recsys.fused_loss import compile_report
+        from recsys.train.kernels.fused_loss import compile_report
 
         for name, _fn, cfg in variants[1:]:  # registers / spill bytes per kernel, from the cubin
             try:

@@ -4,7 +4,7 @@ Every variant gets the same inputs (L2-normalised q/c, duplicate item ids for ma
 negatives). Times are medians over ``--reps`` runs, measured side by side in this process. Peak memory is measured
 per variant in a fresh subprocess: on CPU the rise of the peak RSS over the RSS after the inputs were built, on CUDA
 ``torch.cuda.max_memory_allocated`` over the allocation before the loss. On CUDA the fused Triton kernels
-(recsys.fused_loss) are a third variant, and ``--bf16`` runs all of them under bf16 autocast, as training does.
+(recsys.train.kernels.fused_loss) are a third variant, and ``--bf16`` runs all of them under bf16 autocast, as training does.
 
     python benchmarks/loss_bench.py --batch-sizes 1024 4096 8192 --dim 64 --chunk-size 1024
     python benchmarks/loss_bench.py --device cuda --batch-sizes 8192 65536 --dim 128 --chunk-size 8192 --bf16 \
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from recsys.core.io import atomic_write_json
-from recsys.losses import in_batch_softmax, in_batch_softmax_chunked
+from recsys.train.losses import in_batch_softmax, in_batch_softmax_chunked
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loss_bench.json"
 
@@ -65,7 +65,7 @@ def run_once(variant: str, kw: dict, chunk_size: int, bf16: bool = False) -> tup
         elif variant == "chunked":
             loss = in_batch_softmax_chunked(**kw, chunk_size=chunk_size)
         else:
-            from recsys.fused_loss import in_batch_softmax_fused
+            from recsys.train.kernels.fused_loss import in_batch_softmax_fused
 
             loss = in_batch_softmax_fused(**kw)
     loss.backward()

@@ -121,8 +121,8 @@ def evaluate_all(d: Path, *, overrides: list[str], run_dir: Path, skip_baselines
 
     import torch
 
-    from recsys.model import TwoTower
-    from recsys.train import encode_all_items, load_configs, train
+    from recsys.train.loop import encode_all_items, load_configs, train
+    from recsys.train.model import TwoTower
 
     # scored on the test split: the final fit must leave it out (the published default trains on it)
     mc, tc, lc = load_configs(ROOT / "recsys" / "configs" / "default.toml",

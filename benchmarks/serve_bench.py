@@ -4,7 +4,7 @@
     python benchmarks/serve_bench.py --items 20000 --requests 1000 --repeat 1    # quicker
 
 1. Builds (once, cached in --workdir, rebuilt when the cache no longer loads) a real bundle: a synthetic prepared
-   dataset with ``--items`` items, one training epoch of a dim-``--dim`` two-tower model (recsys.train.train),
+   dataset with ``--items`` items, one training epoch of a dim-``--dim`` two-tower model (recsys.train.loop.train),
    recsys.bundle.export (HNSW index, ef tuned for recall).
 2. Starts ``recsys serve`` in a subprocess and, in the same run, two bare grpcio servers answering an empty
    message (sync with the same thread pool size, and grpc.aio): the transport ceiling on this machine.
@@ -127,9 +127,9 @@ def build_bundle(workdir: Path, *, n_items: int, n_users: int, dim: int, per_use
         "counts": {"n_users": n_users, "n_items": n_items, **{s: int(m.sum()) for s, m in split.items()}},
     }))  # fmt: skip
 
-    from recsys.model import LossConfig, ModelConfig, TrainConfig
     from recsys.publish import export
-    from recsys.train import train
+    from recsys.train.config import LossConfig, ModelConfig, TrainConfig
+    from recsys.train.loop import train
 
     t = time.perf_counter()
     train(data, workdir / key / "run", model_cfg=ModelConfig(dim=dim, embedding_dim=dim, history_len=20),

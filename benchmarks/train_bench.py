@@ -2,10 +2,10 @@
 
 Measured per (implementation, towers, batch size), side by side in one process on the same data:
 
-* ``ours``: :class:`recsys.train.Trainer` exactly as ``recsys train`` runs it: the interaction table resident on
+* ``ours``: :class:`recsys.train.loop.Trainer` exactly as ``recsys train`` runs it: the interaction table resident on
   the device, batches sliced there from a device permutation, histories built by index arithmetic, bf16 autocast
   on CUDA, sparse ID-table gradients with row-wise Adagrad (``--optimizer``), the in-batch softmax with
-  accidental-hit + same-user masking and logQ (``--loss-kernels``: the fused Triton kernels of recsys.fused_loss
+  accidental-hit + same-user masking and logQ (``--loss-kernels``: the fused Triton kernels of recsys.train.kernels.fused_loss
   and/or the chunked torch softmax), and no host sync inside the step (``Trainer.step(check=False)``).
 * ``reference``: two ``nn.Embedding`` ID tables, dense Adam, float32 ``[B, B]`` logits with a ``[B, B]`` boolean
   duplicate mask and cross-entropy: the textbook loop, ID towers only.
@@ -14,7 +14,7 @@ Towers: ``id_only`` (ID embeddings; the user tower pools a 1-item history from t
 smallest the model allows) and ``history_features`` (the default user tower: the last ``--history-len`` items
 attention-pooled from the item tower's ID table, plus the most recent item's own row, categorical item/user features,
 and an MLP with one hidden layer in each tower; ``--history-kernels``: the fused lookup + pooling of
-recsys.fused_pool and/or the torch path).
+recsys.train.kernels.fused_pool and/or the torch path).
 
 Throughput = interactions per second over ``--steps`` steps without a sync between them (the rows those steps
 actually took, ``rows_timed``, over their wall time ``wall_s``); step time = median of the per-step times
@@ -27,8 +27,8 @@ is recorded as ``"oom"``.
     python benchmarks/train_bench.py --device cpu --n-users 5000 --n-items 5000 --n-interactions 100000 \\
         --batch-sizes 256 1024 --dim 32 --steps 3 --warmup 1                      # CPU smoke size
 
-Imports only torch, numpy and the training path (recsys.train / model / losses / optim / distributed; pyarrow via
-recsys.data): no polars, no hnswlib. Writes benchmarks/results/train_bench.json.
+Imports only torch, numpy and the training path (recsys.train.loop / model / losses / optim / distributed; pyarrow via
+recsys.core.data): no polars, no hnswlib. Writes benchmarks/results/train_bench.json.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ TARGETS = {  # interactions / s on one H100 (issue 4)
 def make_data(*, n_users: int, n_items: int, n_interactions: int, n_item_cats: int, n_user_cats: int,
               zipf: float, seed: int = 0):
     """A PreparedData held in memory: items drawn from a power law (p_r ~ 1 / r^zipf), rows grouped by user."""
-    from recsys.data import Interactions, PreparedData
+    from recsys.core.data import Interactions, PreparedData
 
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, n_items + 1, dtype=np.float64) ** zipf
@@ -130,8 +130,8 @@ def _measured(med: float, wall: float, times: list[float], *, rows: int, n: int,
 
 def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, history_kernel: str, graphs: bool, args,
                device: torch.device) -> dict[str, Any]:  # fmt: skip
-    from recsys.model import LossConfig, ModelConfig, TrainConfig
-    from recsys.train import Trainer
+    from recsys.train.config import LossConfig, ModelConfig, TrainConfig
+    from recsys.train.loop import Trainer
 
     if towers == "id_only":
         mcfg = ModelConfig(dim=args.dim, embedding_dim=args.dim, history_len=1, share_history_embeddings=True,

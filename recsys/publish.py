@@ -35,7 +35,7 @@ from recsys.bundle.load import Bundle
 from recsys.bundle.versions import NAME_RE, models_lock, new_version_name, prune_locked, utc_now, version_dir
 from recsys.core import schema
 from recsys.core.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
-from recsys.recency import choose_popularity_window, recent_counts
+from recsys.train.recency import choose_popularity_window, recent_counts
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _fallback_popularity(data_dir: Path, state_dir: Path, trained_on: Mapping[st
     """
     import pyarrow.parquet as pq
 
-    from recsys.data import read_interactions
+    from recsys.core.data import read_interactions
 
     items = pq.read_table(state_dir / schema.ITEMS)
     all_time = (items.column("n_train").to_numpy().astype(np.int64) if "n_train" in items.column_names
@@ -84,7 +84,7 @@ def _fallback_popularity(data_dir: Path, state_dir: Path, trained_on: Mapping[st
 
 
 def _run_data_dir(run_dir: Path) -> Path:
-    """The prepared dataset a run was trained on: ``data_dir`` of its config.json (``recsys.train`` writes it)."""
+    """The prepared dataset a run was trained on: ``data_dir`` of its config.json (``recsys.train.loop`` writes it)."""
     path = run_dir / schema.RUN_CONFIG
     v = read_json(path, what="run").get("data_dir")
     if not isinstance(v, str) or not v:
@@ -156,8 +156,8 @@ def export(
     """
     import pyarrow.parquet as pq
 
-    from recsys.model import TwoTower
     from recsys.retrieval import IndexConfig
+    from recsys.train.model import TwoTower
 
     if keep < 1:
         raise ValueError(f"`keep` must be >= 1, got {keep}")
@@ -214,7 +214,7 @@ def _write_serving_state(data_dir: Path, out: Path, data_manifest: Mapping[str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from recsys.data import Interactions, history_and_seen, read_interactions, write_ragged
+    from recsys.core.data import Interactions, history_and_seen, read_interactions, write_ragged
     from recsys.prepare import logq_prob
 
     inter = Interactions.concat(*(read_interactions(data_dir / f, n_users=n_users, n_items=n_items)

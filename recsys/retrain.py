@@ -164,8 +164,8 @@ class _Retriever:
         from recsys.bundle import embed_items
         from recsys.core import schema
         from recsys.core.vocab import Vocab
-        from recsys.model import TwoTower
         from recsys.retrieval import ExactIndex
+        from recsys.train.model import TwoTower
 
         self.model = TwoTower.from_run(model_dir)
         self.items = Vocab.from_parquet(vocab_dir / schema.ITEMS, schema.ITEM_ID)
@@ -285,7 +285,7 @@ def retrain(
     from recsys.core.config import load_section, to_dict
     from recsys.prepare import PrepareConfig, expand_inputs, prepare
     from recsys.retrieval import IndexConfig
-    from recsys.train import load_configs, train
+    from recsys.train.loop import load_configs, train
 
     models_dir = Path(models_dir)
     cfg = load_section(RetrainConfig, "retrain", path=config_path, overrides=overrides)

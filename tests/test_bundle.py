@@ -1,7 +1,7 @@
 """The model bundle: export layout + manifest, verified load, tamper refusal, atomic publish, keep-N, rollback, CLI.
 
 One tiny clustered dataset (prepared-dataset layout of recsys/core/schema.py, written here) is trained once with
-recsys.train.train and exported; tests copy that bundle before changing anything.
+recsys.train.loop.train and exported; tests copy that bundle before changing anything.
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ _CACHE: dict[str, Path] = {}
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(prepared dataset, training run), built once per test session."""
     if "run" not in _CACHE:
-        from recsys.model import LossConfig, ModelConfig, TrainConfig
-        from recsys.train import train
+        from recsys.train.config import LossConfig, ModelConfig, TrainConfig
+        from recsys.train.loop import train
 
         root = tmp_path_factory.mktemp("bundle_src")
         data = make_dataset(root / "data")
@@ -202,7 +202,7 @@ def test_export_layout_and_manifest(published):
 
 
 def test_load_matches_towers_and_data(published):
-    from recsys.model import TwoTower
+    from recsys.train.model import TwoTower
 
     data, run, models, path = published
     b = Bundle.load(models)  # follows LATEST

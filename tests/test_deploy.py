@@ -341,9 +341,9 @@ def test_configmap_toml_equals_the_compose_config():
 # section -> (module, class): every table in the deployment config is loaded by its owner's dataclass, which
 # rejects unknown fields, so a renamed field fails here instead of in the pod.
 CONFIG_CLASSES = {
-    "model": ("recsys.model", "ModelConfig"),
-    "train": ("recsys.model", "TrainConfig"),
-    "loss": ("recsys.model", "LossConfig"),
+    "model": ("recsys.train.config", "ModelConfig"),
+    "train": ("recsys.train.config", "TrainConfig"),
+    "loss": ("recsys.train.config", "LossConfig"),
     "retrain": ("recsys.retrain", "RetrainConfig"),
     "index": ("recsys.retrieval", "IndexConfig"),
     "serve": ("server.settings", "ServeSettings"),

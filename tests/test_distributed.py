@@ -13,13 +13,13 @@ import pytest
 import torch
 from test_train import make_clustered
 
-from recsys import losses
 from recsys.core import schema
-from recsys.data import load_prepared
-from recsys.distributed import DistContext, init_from_env, sync_gradients
-from recsys.model import LossConfig, ModelConfig, TrainConfig
-from recsys.optim import RowWiseAdagrad
-from recsys.train import Trainer, train
+from recsys.core.data import load_prepared
+from recsys.train import losses
+from recsys.train.config import LossConfig, ModelConfig, TrainConfig
+from recsys.train.distributed import DistContext, init_from_env, sync_gradients
+from recsys.train.loop import Trainer, train
+from recsys.train.optim import RowWiseAdagrad
 
 torch.set_num_threads(1)
 

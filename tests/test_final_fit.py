@@ -22,11 +22,11 @@ from recsys.bundle import Bundle
 from recsys.cli import main
 from recsys.core import schema
 from recsys.evaluate import InSampleError, evaluate, render_markdown
-from recsys.model import LossConfig, ModelConfig, TrainConfig
 from recsys.prepare import PrepareConfig, prepare
 from recsys.publish import export
 from recsys.retrieval import IndexConfig
-from recsys.train import train
+from recsys.train.config import LossConfig, ModelConfig, TrainConfig
+from recsys.train.loop import train
 from server.service import recommend
 
 torch.set_num_threads(1)

@@ -22,9 +22,9 @@ pytest.importorskip("triton")
 
 from test_losses import _random_case  # noqa: E402 - float64 cases with many duplicate ids
 
-from recsys import fused_loss  # noqa: E402 - after TRITON_INTERPRET is set
-from recsys.fused_loss import KernelConfig, in_batch_softmax_fused  # noqa: E402
-from recsys.losses import in_batch_softmax, in_batch_softmax_shard  # noqa: E402
+from recsys.train.kernels import fused_loss  # noqa: E402 - after TRITON_INTERPRET is set
+from recsys.train.kernels.fused_loss import KernelConfig, in_batch_softmax_fused  # noqa: E402
+from recsys.train.losses import in_batch_softmax, in_batch_softmax_shard  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not fused_loss.INTERPRET else "cpu")
 # 16-row tiles and 3-way splits: several tiles in each direction, ragged last tiles, partial-sum combines
@@ -198,7 +198,7 @@ def test_errors_and_support():
 
 # ------------------------------------------------------------------------------------------------ in the trainer
 def _trainer_cfgs(**train_over):
-    from recsys.model import LossConfig, ModelConfig, TrainConfig
+    from recsys.train.config import LossConfig, ModelConfig, TrainConfig
 
     # no dropout: two trainers must draw nothing at random inside the step to be compared
     model = ModelConfig(dim=16, embedding_dim=16, history_len=8, dropout=0.0, user_id_dropout=0.0, item_id_dropout=0.0)
@@ -216,8 +216,8 @@ def data_dir(tmp_path_factory):
 
 def test_trainer_steps_with_fused_kernels_equal_the_torch_loss(data_dir, monkeypatch):
     """Two optimizer steps (mixed negatives, logQ, both masks, sparse row-wise Adagrad): same losses, same weights."""
-    from recsys.data import load_prepared
-    from recsys.train import Trainer
+    from recsys.core.data import load_prepared
+    from recsys.train.loop import Trainer
 
     calls = []
     fused = fused_loss.in_batch_softmax_fused
@@ -242,8 +242,8 @@ def test_trainer_steps_with_fused_kernels_equal_the_torch_loss(data_dir, monkeyp
 
 
 def test_choose_loss_kernel_falls_back_or_refuses(monkeypatch, caplog):
-    from recsys.model import LossConfig, TrainConfig
-    from recsys.train import choose_loss_kernel
+    from recsys.train.config import LossConfig, TrainConfig
+    from recsys.train.loop import choose_loss_kernel
 
     lc = LossConfig()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -258,7 +258,7 @@ def test_choose_loss_kernel_falls_back_or_refuses(monkeypatch, caplog):
         raise RuntimeError("PassManager::run failed")
 
     monkeypatch.setattr(fused_loss, "self_check", broken)
-    with caplog.at_level("WARNING", logger="recsys.train"):
+    with caplog.at_level("WARNING", logger="recsys.train.loop"):
         assert choose_loss_kernel(TrainConfig(loss_kernel="auto"), lc, dim=64, device=cuda) == "torch"
     assert "failed their self-check (RuntimeError: PassManager::run failed)" in caplog.text
     with pytest.raises(RuntimeError, match="PassManager"):
@@ -274,8 +274,8 @@ def test_choose_loss_kernel_falls_back_or_refuses(monkeypatch, caplog):
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="compiled kernels need a CUDA GPU")
 def test_cuda_fused_trainer_under_bf16_and_quality_band(data_dir, tmp_path):
-    from recsys.data import load_prepared
-    from recsys.train import Trainer, train
+    from recsys.core.data import load_prepared
+    from recsys.train.loop import Trainer, train
 
     data = load_prepared(data_dir)
     rows = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(1))[:256].cuda()
@@ -308,7 +308,7 @@ def test_kernels_compile_for_hopper_without_spills():
 
     script = (
         "import json\n"
-        "from recsys.fused_loss import compile_report\n"
+        "from recsys.train.kernels.fused_loss import compile_report\n"
         "print(json.dumps({'bf16': compile_report(), 'bf16_256': compile_report(dim=256), "
         "'fp32_all': compile_report(dtype='fp32', NEED_T=True, NEED_BIAS=True, MASK_EXTRA=True, CORRECT_POS=True)}))\n"
     )

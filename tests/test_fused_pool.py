@@ -15,8 +15,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from recsys import fused_pool  # noqa: E402 - after TRITON_INTERPRET is set
-from recsys.model import ModelConfig, TrainConfig, _AttentionPool  # noqa: E402
+from recsys.train.config import ModelConfig, TrainConfig  # noqa: E402
+from recsys.train.kernels import fused_pool  # noqa: E402 - after TRITON_INTERPRET is set
+from recsys.train.model import AttentionPool
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not fused_pool.INTERPRET else "cpu")
 
@@ -25,7 +26,7 @@ def _problem(b: int, n: int, e: int, v: int, *, sparse: bool, seed: int = 0):
     """A float64 torch pooling and table, the same weights in float32 for the kernels, ragged histories: row 0
     empty, row 1 one item, row 2 full of one repeated item, the rest random lengths (right-aligned, -1 = pad)."""
     g = torch.Generator().manual_seed(seed)
-    pool = _AttentionPool(e, n)
+    pool = AttentionPool(e, n)
     with torch.no_grad():
         for p in pool.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.4)
@@ -37,7 +38,7 @@ def _problem(b: int, n: int, e: int, v: int, *, sparse: bool, seed: int = 0):
     lengths[:3] = torch.tensor([0, 1, n])
     hist[2] = hist[2, 0]
     hist = torch.where(torch.arange(n)[None, :] >= n - lengths[:, None], hist, -1)
-    ref_pool, ref_table = _AttentionPool(e, n).double(), torch.nn.Embedding(v, e, sparse=sparse).double()
+    ref_pool, ref_table = AttentionPool(e, n).double(), torch.nn.Embedding(v, e, sparse=sparse).double()
     ref_pool.load_state_dict(pool.state_dict())
     ref_table.load_state_dict(table.state_dict())
     probe = torch.randn(b, e, generator=g, dtype=torch.float64)
@@ -70,7 +71,7 @@ def test_hand_worked_uniform_attention():
     """Key weights and bias 0: every score is 0, so each user's valid rows get equal weight: the output is their mean
     and each valid row's gradient is g / count; padded positions (table row 0) get nothing."""
     e = 16
-    pool = _AttentionPool(e, 4).to(DEVICE)
+    pool = AttentionPool(e, 4).to(DEVICE)
     with torch.no_grad():
         pool.key.weight.zero_()
         pool.key.bias.zero_()
@@ -94,7 +95,8 @@ def test_hand_worked_uniform_attention():
 
 
 def test_model_fuses_in_training_mode_only(monkeypatch):
-    from recsys.model import FeatureSpec, TwoTower
+    from recsys.train.config import FeatureSpec
+    from recsys.train.model import TwoTower
 
     calls = []
     real = fused_pool.attention_pool
@@ -123,8 +125,8 @@ def test_trainer_steps_with_fused_pooling_equal_torch(monkeypatch):
     from test_fused_loss import _trainer_cfgs
     from test_train import make_clustered
 
-    from recsys.data import load_prepared
-    from recsys.train import Trainer
+    from recsys.core.data import load_prepared
+    from recsys.train.loop import Trainer
 
     calls = []
     real = fused_pool.attention_pool
@@ -153,7 +155,7 @@ def test_trainer_steps_with_fused_pooling_equal_torch(monkeypatch):
 
 
 def test_choose_history_kernel(monkeypatch, caplog):
-    from recsys.train import choose_history_kernel
+    from recsys.train.loop import choose_history_kernel
 
     cuda = torch.device("cuda")  # the choice's logic only: self_check and timings are stand-ins
     m = ModelConfig(embedding_dim=64, history_len=20)
@@ -193,7 +195,7 @@ def test_kernels_compile_for_hopper():
     import subprocess
     import sys
 
-    script = ("import json\nfrom recsys.fused_pool import compile_report\n"
+    script = ("import json\nfrom recsys.train.kernels.fused_pool import compile_report\n"
               "print(json.dumps({d: compile_report(dim=d) for d in (64, 128)}))\n")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)

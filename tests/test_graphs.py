@@ -13,12 +13,12 @@ import pytest
 import torch
 from test_train import make_clustered
 
-from recsys import graphs
-from recsys.data import load_prepared
-from recsys.distributed import DistContext
-from recsys.model import LossConfig, ModelConfig, TrainConfig
-from recsys.optim import RowWiseAdagrad
-from recsys.train import Trainer, train
+from recsys.core.data import load_prepared
+from recsys.train.config import LossConfig, ModelConfig, TrainConfig
+from recsys.train.distributed import DistContext
+from recsys.train.kernels import graphs
+from recsys.train.loop import Trainer, train
+from recsys.train.optim import RowWiseAdagrad
 
 torch.set_num_threads(1)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -101,13 +101,13 @@ def test_device_learning_rates_update_in_place_and_checkpoint_as_floats(data_dir
 
 def test_cuda_graphs_on_cpu_warn_and_train_eagerly(data_dir, tmp_path, caplog):
     m, t, lc = _cfgs(epochs=1)
-    with caplog.at_level("WARNING", logger="recsys.train"):
+    with caplog.at_level("WARNING", logger="recsys.train.loop"):
         s = train(data_dir, tmp_path / "run", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
     assert s["status"] == "done" and s["cuda_graphs"] is False
     # the CPU loop checks every step (check=True), so it never asks for a graph: nothing to warn about either
     trainer = Trainer(load_prepared(data_dir), model_cfg=m, train_cfg=t, loss_cfg=lc, device=torch.device("cpu"))
     trainer.set_interactions(load_prepared(data_dir).train)
-    with caplog.at_level("WARNING", logger="recsys.train"):
+    with caplog.at_level("WARNING", logger="recsys.train.loop"):
         trainer.step(torch.arange(64), check=False)
     assert trainer.graphs_off == "CUDA graphs need a CUDA device, not cpu"
     assert "train.cuda_graphs is off: CUDA graphs need a CUDA device" in caplog.text
@@ -143,7 +143,7 @@ def test_cuda_graph_steps_equal_eager_steps_and_learn(data_dir, tmp_path):
 def test_feature_code_zero_stays_a_zero_vector_without_padding_idx(data_dir, over):
     """Feature tables mask code 0 instead of using padding_idx (a host sync in the sparse backward): its row must
     start at zero, get no update from any optimizer and add nothing to the tower's input."""
-    from recsys.model import TwoTower
+    from recsys.train.model import TwoTower
 
     data = load_prepared(data_dir)
     m, t, lc = _cfgs(**over, cuda_graphs=False)
@@ -244,7 +244,7 @@ def test_graphed_steps_are_exactly_the_eager_steps(data_dir, monkeypatch, caplog
             gs.__init__(trainer, batch=64)
             step = gs
         losses = []
-        with caplog.at_level("WARNING", logger="recsys.graphs"):
+        with caplog.at_level("WARNING", logger="recsys.train.kernels.graphs"):
             for i, rows in enumerate(batches):
                 trainer.set_lr_factor(1.0 - i / 10)
                 losses.append(float(step(rows) if graphed else step(rows, check=False)))

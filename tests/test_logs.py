@@ -86,7 +86,7 @@ def test_train_without_a_terminal_logs_lines_not_bar_redraws(prepared, tmp_path)
     rc, _, err = recsys("train", "--data", str(prepared), "--out", str(tmp_path / "run"), *TINY)
     assert rc == 0, err
     assert "\r" not in err and "\x1b[" not in err
-    train_lines = [line for line in err.splitlines() if " recsys.train: " in line]
+    train_lines = [line for line in err.splitlines() if " recsys.train.loop: " in line]
     epochs = [line for line in train_lines if "epoch=" in line]
     # one line per epoch of each phase (fit + final refit); nothing per step (default --progress-every: 30 s)
     assert 1 <= len(epochs) <= 2 * EPOCHS and len(train_lines) <= 2 * EPOCHS + 3, err
@@ -106,10 +106,10 @@ def test_json_logs_and_a_throttled_progress_line_per_long_epoch(prepared, tmp_pa
     assert rc == 0, err
     recs = json_lines(err)
     assert {r["level"] for r in recs} <= {"DEBUG", "INFO", "WARNING"}
-    progress = [r for r in recs if r["logger"] == "recsys.train" and ": batch " in r["msg"]]
+    progress = [r for r in recs if r["logger"] == "recsys.train.loop" and ": batch " in r["msg"]]
     assert progress and all("loss=" in r["msg"] and "examples_per_s=" in r["msg"] for r in progress)
     assert all(r["phase"] in ("fit", "refit") and 1 <= r["batch"] <= r["batches"] for r in progress)
-    epochs = [r for r in recs if r["logger"] == "recsys.train" and "epoch=" in r["msg"]]
+    epochs = [r for r in recs if r["logger"] == "recsys.train.loop" and "epoch=" in r["msg"]]
     assert epochs and all({"phase", "epoch", "loss", "seconds"} <= r.keys() for r in epochs)  # fields, not only text
     assert json.loads(out)["status"] == "done"  # stdout stays the command's result
 

@@ -1,4 +1,4 @@
-"""Tests for recsys.losses: hand-worked values, masking, logQ, extra negatives, queue, SSL, chunked == plain."""
+"""Tests for recsys.train.losses: hand-worked values, masking, logQ, extra negatives, queue, SSL, chunked == plain."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys.losses import (
+from recsys.train.losses import (
     ItemEmbeddingQueue,
     feature_dropout,
     feature_dropout_ssl_loss,

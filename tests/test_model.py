@@ -11,8 +11,9 @@ import torch
 from test_train import ITEMS_PER_CLUSTER, N_CLUSTERS, make_clustered, tiny_cfgs
 
 from recsys.core import schema
-from recsys.model import FeatureSpec, ModelConfig, TwoTower
-from recsys.train import train
+from recsys.train.config import FeatureSpec, ModelConfig
+from recsys.train.loop import train
+from recsys.train.model import TwoTower
 
 torch.set_num_threads(1)
 
@@ -145,7 +146,7 @@ def test_bad_inputs_name_the_argument_and_value():
 
 
 def test_text_feature_path_on_titles(tmp_path):  # needs the `text` extra, part of `dev`: no skip that hides it
-    from recsys.data import embed_titles
+    from recsys.core.data import embed_titles
 
     emb = embed_titles(["space rocket launch", "rocket to the moon", "pasta recipe with tomato"])
     assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)

@@ -444,8 +444,8 @@ def test_multi_valued_features(tmp_path):
     assert by_id["11"]["feat_tags"] == [] and by_id["12"]["feat_tags"] == [1]
     assert isinstance(by_id["10"]["feat_brand"], int)  # single-valued columns stay as they were
 
-    from recsys.data import feature_widths
-    from recsys.data import load_prepared as load_for_training
+    from recsys.core.data import feature_widths
+    from recsys.core.data import load_prepared as load_for_training
 
     pd_ = load_for_training(out)
     rows = {i: k for k, i in enumerate(data["items"][schema.ITEM_ID].to_list())}

@@ -1,4 +1,4 @@
-"""Time signals (recsys.recency) and the trainer's use of them: hand-worked rates and decays, no leakage from an
+"""Time signals (recsys.train.recency) and the trainer's use of them: hand-worked rates and decays, no leakage from an
 example's future, and a model with time inputs ranking last week's hit above a hit of long ago."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from recsys.core import schema
-from recsys.model import LossConfig, ModelConfig, TrainConfig, TwoTower
-from recsys.recency import (
+from recsys.train.config import LossConfig, ModelConfig, TrainConfig
+from recsys.train.model import TwoTower
+from recsys.train.recency import (
     DAY_MS,
     EventIndex,
     cold_time_features,
@@ -119,7 +120,7 @@ def _drifting(path: Path, seed: int = 0) -> Path:
 
 
 def _train(data: Path, out: Path, *, time_features: bool, time_batches: bool = True) -> TwoTower:
-    from recsys.train import train
+    from recsys.train.loop import train
 
     m = ModelConfig(dim=16, embedding_dim=16, history_len=8, time_features=time_features)
     t = TrainConfig(batch_size=64, lr=0.01, epochs=12, progress=False, tensorboard=False, patience=0, refit=False,
@@ -159,8 +160,8 @@ def test_time_inputs_rank_last_weeks_hit_above_an_old_one(drifting, tmp_path):
 
 
 def test_time_batches_are_blocks_of_one_period(drifting):
-    from recsys.data import load_prepared
-    from recsys.train import Trainer
+    from recsys.core.data import load_prepared
+    from recsys.train.loop import Trainer
 
     data = load_prepared(drifting)
     t = TrainConfig(batch_size=64, epochs=1, progress=False, tensorboard=False, time_batches=True)
@@ -170,7 +171,7 @@ def test_time_batches_are_blocks_of_one_period(drifting):
     trainer.set_interactions(data.train)
     ts = data.train.ts[trainer.time_order.numpy()]
     assert np.all(np.diff(ts) >= 0)
-    from recsys.train import time_blocks
+    from recsys.train.loop import time_blocks
 
     n, bs = len(data.train), 64
     orders = [time_blocks(trainer.time_order, bs, n // bs, generator=torch.Generator().manual_seed(s)).numpy()
@@ -186,8 +187,8 @@ def test_time_batches_are_blocks_of_one_period(drifting):
 
 
 def test_half_life_decays_the_training_weights(drifting):
-    from recsys.data import load_prepared
-    from recsys.train import Trainer
+    from recsys.core.data import load_prepared
+    from recsys.train.loop import Trainer
 
     data = load_prepared(drifting)
     t = TrainConfig(batch_size=64, epochs=1, progress=False, tensorboard=False, half_life_days=30)

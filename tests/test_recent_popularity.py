@@ -22,12 +22,13 @@ import torch
 
 from recsys.bundle import RECENT_POPULARITY, Bundle, BundleError
 from recsys.core import schema
+from recsys.core.data import read_interactions
 from recsys.core.io import sha256_file
 from recsys.core.metrics import ndcg_at_k, recall_at_k
-from recsys.data import read_interactions
 from recsys.prepare import PrepareConfig, prepare
 from recsys.publish import export
-from recsys.recency import (
+from recsys.retrieval import IndexConfig
+from recsys.train.recency import (
     DAY_MS,
     POPULARITY_WINDOWS_DAYS,
     choose_popularity_window,
@@ -35,7 +36,6 @@ from recsys.recency import (
     ranking_scores,
     recent_counts,
 )
-from recsys.retrieval import IndexConfig
 from server.service import SOURCE_POPULARITY, recommend
 
 torch.set_num_threads(1)
@@ -78,8 +78,9 @@ def write_untrained_run(data: Path, run: Path) -> Path:
     """A run dir export accepts: random towers sized to ``data``, its final fit recorded as every split."""
     from safetensors.torch import save_file
 
-    from recsys.model import FeatureSpec, ModelConfig, TwoTower
-    from recsys.train import final_fit_record
+    from recsys.train.config import FeatureSpec, ModelConfig
+    from recsys.train.loop import final_fit_record
+    from recsys.train.model import TwoTower
 
     n_users = pq.read_metadata(data / schema.USERS).num_rows
     n_items = pq.read_metadata(data / schema.ITEMS).num_rows

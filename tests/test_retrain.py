@@ -167,11 +167,12 @@ def test_warm_start_copies_rows_by_external_id(first: tuple[Path, dict], logs: d
     """A new vocabulary (other order, new IDs) gets the old rows of the IDs it shares with the serving model."""
     import pyarrow.parquet as pq
 
-    from recsys.data import load_prepared
-    from recsys.model import LossConfig, TrainConfig, TwoTower
+    from recsys.core.data import load_prepared
     from recsys.prepare import PrepareConfig, prepare
-    from recsys.train import Trainer
-    from recsys.warmstart import warm_start
+    from recsys.train.config import LossConfig, TrainConfig
+    from recsys.train.loop import Trainer
+    from recsys.train.model import TwoTower
+    from recsys.train.warmstart import warm_start
 
     models, _ = first
     old_dir = models / bundle_mod.read_latest(models)

@@ -13,9 +13,10 @@ import pytest
 import torch
 from test_train import make_clustered, tiny_cfgs
 
-from recsys.data import embed_titles
-from recsys.model import ModelConfig, TwoTower
-from recsys.train import train
+from recsys.core.data import embed_titles
+from recsys.train.config import ModelConfig
+from recsys.train.loop import train
+from recsys.train.model import TwoTower
 
 torch.set_num_threads(1)
 

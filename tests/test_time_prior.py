@@ -10,14 +10,15 @@ import pytest
 import torch
 from test_recency import N_USERS, NEW, OLD, _drifting
 
-from recsys import losses, recency
-from recsys.distributed import DistContext, contrastive_loss
-from recsys.model import PRIOR_BOUND, LossConfig, ModelConfig, TrainConfig, TwoTower
-from recsys.recency import DAY_MS
+from recsys.train import losses, recency
+from recsys.train.config import LossConfig, ModelConfig, TrainConfig
+from recsys.train.distributed import DistContext, contrastive_loss
+from recsys.train.model import PRIOR_BOUND, TwoTower
+from recsys.train.recency import DAY_MS
 
 
 def _prior_model(k: int = 3) -> TwoTower:
-    from recsys.model import FeatureSpec
+    from recsys.train.config import FeatureSpec
 
     torch.manual_seed(0)
     return TwoTower(FeatureSpec(n_users=5, n_items=7), ModelConfig(dim=8, embedding_dim=8, time_prior=True,
@@ -44,7 +45,7 @@ def test_served_vectors_are_unit_and_rank_exactly_by_cos_plus_prior():
 
 
 def test_a_model_without_prior_serves_its_tower_outputs():
-    from recsys.model import FeatureSpec
+    from recsys.train.config import FeatureSpec
 
     model = TwoTower(FeatureSpec(n_users=5, n_items=7), ModelConfig(dim=8, embedding_dim=8)).eval()
     assert model.out_dim == 8 and model.prior_item is None and model.user_now is None
@@ -114,7 +115,7 @@ def drifting(tmp_path_factory):
 
 
 def _train(data, out, *, prior: bool) -> TwoTower:
-    from recsys.train import train
+    from recsys.train.loop import train
 
     m = ModelConfig(dim=16, embedding_dim=16, history_len=8, time_prior=prior)
     t = TrainConfig(batch_size=64, lr=0.01, epochs=12, progress=False, tensorboard=False, patience=0, refit=False)
@@ -154,7 +155,7 @@ def prior_bundle(tmp_path_factory):
 
     from recsys.bundle import Bundle
     from recsys.publish import export
-    from recsys.train import train
+    from recsys.train.loop import train
 
     root = tmp_path_factory.mktemp("prior_bundle")
     data = make_dataset(root / "data")
@@ -236,8 +237,8 @@ def test_validation_chooses_the_prior_weight_and_the_model_serves_it():
     """Validation items are exactly the items the prior favours; the cosine part points elsewhere: the evaluator
     must pick the largest weight, report it, leave the model's own weight alone, and a model set to it serves
     score = cos + weight * g . h."""
-    from recsys.model import PRIOR_SCALES
-    from recsys.train import Evaluator
+    from recsys.train.loop import Evaluator
+    from recsys.train.model import PRIOR_SCALES
 
     model = _prior_model(2)
     n_items = 7

@@ -13,8 +13,9 @@ import torch
 
 from recsys.core import schema
 from recsys.core.config import ConfigError
-from recsys.model import LossConfig, ModelConfig, TrainConfig, TwoTower
-from recsys.train import TrainingDiverged, load_configs, train
+from recsys.train.config import LossConfig, ModelConfig, TrainConfig
+from recsys.train.loop import TrainingDiverged, load_configs, train
+from recsys.train.model import TwoTower
 
 torch.set_num_threads(1)
 
@@ -156,9 +157,9 @@ def test_resume_refuses_changed_config_and_existing_dir(data_dir, tmp_path):
 
 
 def test_big_dense_id_tables_get_a_sparse_hint(data_dir, tmp_path, monkeypatch, caplog):
-    import recsys.train
+    import recsys.train.loop
 
-    monkeypatch.setattr(recsys.train, "SPARSE_HINT_ROWS", 100)  # the clustered data: 48 items + 96 users
+    monkeypatch.setattr(recsys.train.loop, "SPARSE_HINT_ROWS", 100)  # the clustered data: 48 items + 96 users
     m, t, lc = tiny_cfgs(epochs=1)
     train(data_dir, tmp_path / "dense", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
     assert "train.sparse_embeddings is off: every step updates all of them" in caplog.text
@@ -169,10 +170,10 @@ def test_big_dense_id_tables_get_a_sparse_hint(data_dir, tmp_path, monkeypatch, 
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
-    import recsys.losses
+    import recsys.train.losses
 
     m, t, lc = tiny_cfgs(epochs=3)
-    real = recsys.losses.in_batch_softmax
+    real = recsys.train.losses.in_batch_softmax
     steps_per_epoch = (N_CLUSTERS * USERS_PER_CLUSTER * (SEQ_LEN - 2)) // 64
     calls = {"n": 0}
 
@@ -181,7 +182,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] == steps_per_epoch + 2 else out
 
-    monkeypatch.setattr(recsys.losses, "in_batch_softmax", poisoned)
+    monkeypatch.setattr(recsys.train.losses, "in_batch_softmax", poisoned)
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"loss became nan at fit epoch 2, batch 2/"):
         train(data_dir, run, model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
@@ -191,7 +192,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert json.loads((run / schema.SUMMARY).read_text())["status"] == "diverged"
     # and the run can be resumed from that checkpoint once the cause is gone
-    monkeypatch.setattr(recsys.losses, "in_batch_softmax", real)
+    monkeypatch.setattr(recsys.train.losses, "in_batch_softmax", real)
     summary = train(data_dir, run, model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu", resume=True)
     assert summary["status"] == "done"
     assert json.loads((run / schema.CHECKPOINT_DIR / "state.json").read_text())["progress"]["epoch"] == 3
@@ -267,8 +268,8 @@ def test_loss_and_optimizer_options_still_learn_the_clusters(data_dir, tmp_path,
 def test_batch_history_gap_ends_the_history_before_the_target(data_dir):
     """``target_window``: the history of a row skips ``gap`` of its most recent earlier items, never leaking
     the target and never crossing into the previous user's rows."""
-    from recsys.data import Interactions, load_prepared
-    from recsys.train import Trainer
+    from recsys.core.data import Interactions, load_prepared
+    from recsys.train.loop import Trainer
 
     m, t, lc = tiny_cfgs(target_window=3)
     trainer = Trainer(load_prepared(data_dir), model_cfg=ModelConfig(dim=8, embedding_dim=8, history_len=3),
@@ -286,7 +287,7 @@ def test_batch_history_gap_ends_the_history_before_the_target(data_dir):
 
 
 def test_lr_factor_hand_worked_schedules():
-    from recsys.train import lr_factor
+    from recsys.train.loop import lr_factor
 
     # 4 steps, p = 0, 1/4, 1/2, 3/4: cosine (1 + cos(pi p)) / 2 = 1, 0.853553, 0.5, 0.146447; linear 1 - p
     assert [lr_factor(s, 4, schedule="cosine") for s in range(4)] == pytest.approx([1, 0.8535534, 0.5, 0.1464466])
@@ -306,7 +307,7 @@ def test_lr_factor_hand_worked_schedules():
 def test_lr_schedule_reaches_the_optimizer_and_resumes_exactly(data_dir, tmp_path, monkeypatch, caplog):
     """A cosine run's last step used base * factor(last step); a run stopped after epoch 1 and resumed equals the
     uninterrupted one bit for bit (the rate is a function of the phase's step, restored from the checkpoint)."""
-    import recsys.train as rt
+    import recsys.train.loop as rt
 
     m, t, lc = tiny_cfgs(epochs=2, lr_schedule="cosine")
     train(data_dir, tmp_path / "full", model_cfg=m, train_cfg=t, loss_cfg=lc, device="cpu")
@@ -333,7 +334,7 @@ def test_lr_schedule_reaches_the_optimizer_and_resumes_exactly(data_dir, tmp_pat
     assert group["lr"] == pytest.approx(t.lr * rt.lr_factor(steps - 1, steps, schedule="cosine"))
     assert group["lr"] < 0.05 * t.lr  # decayed almost to 0 by the last step
     # extending a scheduled run is allowed, with a warning: the schedule is recomputed over the new length
-    with caplog.at_level("WARNING", logger="recsys.train"):
+    with caplog.at_level("WARNING", logger="recsys.train.loop"):
         s = train(data_dir, tmp_path / "split", model_cfg=m, train_cfg=TrainConfig(**{**t.__dict__, "epochs": 3}),
                   loss_cfg=lc, device="cpu", resume=True)
     assert s["status"] == "done" and "train.epochs 2 -> 3 under train.lr_schedule='cosine'" in caplog.text
@@ -343,8 +344,8 @@ def test_refit_logq_counts_the_validation_rows(data_dir, tmp_path, monkeypatch):
     """Regression (synth, issue #3): the refit trained on train + valid with train-only logQ probabilities, so an
     item that rose late (few train rows, many valid rows) was corrected as a rare negative and pushed down in the
     served model: test NDCG@20 0.147 -> 0.156 with the fix."""
-    from recsys.data import load_prepared
-    from recsys.train import Trainer
+    from recsys.core.data import load_prepared
+    from recsys.train.loop import Trainer
 
     data = load_prepared(data_dir)
     m, t, lc = tiny_cfgs(refit=True)

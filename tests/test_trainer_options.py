@@ -13,10 +13,10 @@ import pytest
 import torch
 from test_train import make_clustered
 
-from recsys import distributed, losses
-from recsys.data import load_prepared
-from recsys.model import LossConfig, ModelConfig, TrainConfig
-from recsys.train import Trainer
+from recsys.core.data import load_prepared
+from recsys.train import distributed, losses
+from recsys.train.config import LossConfig, ModelConfig, TrainConfig
+from recsys.train.loop import Trainer
 
 torch.set_num_threads(1)
 

@@ -11,14 +11,15 @@ import os
 import pytest
 import torch
 
-from recsys.optim import RowWiseAdagrad
+from recsys.train import optim
+from recsys.train.optim import RowWiseAdagrad
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # see tests/test_fused_loss.py
 pytest.importorskip("triton")
 
-from recsys import triton_optim  # noqa: E402 - after TRITON_INTERPRET is set
-from recsys._triton import INTERPRET  # noqa: E402
+from recsys.train.kernels import triton_optim  # noqa: E402 - after TRITON_INTERPRET is set
+from recsys.train.kernels._triton import INTERPRET  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
 
@@ -77,8 +78,8 @@ def test_fused_optimizer_steps_equal_the_torch_steps():
 
 
 def test_self_check_and_choice():
-    assert triton_optim.self_check(DEVICE) < 1e-5
-    assert triton_optim.choose(torch.device("cpu")) is False  # the torch update on CPU (the kernels need CUDA)
+    assert optim.self_check(DEVICE) < 1e-5
+    assert optim.choose(torch.device("cpu")) is False  # the torch update on CPU (the kernels need CUDA)
     opt = RowWiseAdagrad([torch.nn.Parameter(torch.zeros(4, 2))])
     assert opt.fused is None  # decided at the first sparse step, from the parameter's device
 
@@ -90,7 +91,7 @@ def test_kernels_compile_for_hopper_without_spills():
     import subprocess
     import sys
 
-    script = "import json\nfrom recsys.triton_optim import compile_report\nprint(json.dumps(compile_report()))\n"
+    script = "import json\nfrom recsys.train.kernels.triton_optim import compile_report\nprint(json.dumps(compile_report()))\n"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

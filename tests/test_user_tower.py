@@ -1,4 +1,4 @@
-"""The request path's twins of the user tower (recsys.model.NumpyUserTower, recsys._hnsw.UserTower) against the
+"""The request path's twins of the user tower (recsys.train.model.NumpyUserTower, recsys._hnsw.UserTower) against the
 torch tower they copy, on every architecture option of the user tower."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from recsys.bundle import pad_histories
-from recsys.model import FeatureSpec, ModelConfig, NumpyUserTower, TwoTower
+from recsys.train.config import FeatureSpec, ModelConfig
+from recsys.train.model import NumpyUserTower, TwoTower
 from server import service
 
 N_USERS, N_ITEMS = 300, 900

@@ -23,7 +23,7 @@ from recsys.bundle.files import (
 from recsys.bundle.versions import resolve
 from recsys.core import schema
 from recsys.core.io import sha256_file
-from recsys.recency import popularity_order
+from recsys.train.recency import popularity_order
 
 
 class Bundle:
@@ -195,7 +195,7 @@ class Bundle:
         if self._model is None:
             with self._model_lock:
                 if self._model is None:
-                    from recsys.model import TwoTower
+                    from recsys.train.model import TwoTower
 
                     m = TwoTower.from_run(self.path, device="cpu")
                     if served_dim(m) != self.dim:

@@ -109,7 +109,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from recsys.prepare import PrepareConfig, format_summary, prepare
     from recsys.prepare.synth import SynthConfig, generate
     from recsys.retrain import retrain
-    from recsys.train import load_configs, train
+    from recsys.train.loop import load_configs, train
     from server import ServeSettings, create_server
 
     t_start = time.perf_counter()

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from recsys.core.logs import report_error
-    from recsys.train import TrainingDiverged, load_configs, train
+    from recsys.train.loop import TrainingDiverged, load_configs, train
 
     model_cfg, train_cfg, loss_cfg = load_configs(args.config, args.overrides)
     try:

@@ -88,8 +88,8 @@ def load_eval_set(
     import pyarrow.parquet as pq
 
     from recsys.bundle import read_ragged
+    from recsys.core.data import Interactions, history_and_seen, read_interactions
     from recsys.core.io import sha256_file
-    from recsys.data import Interactions, history_and_seen, read_interactions
     from recsys.evaluate.baselines import interaction_matrix
 
     if split not in ("valid", "test"):

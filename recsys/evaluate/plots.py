@@ -110,7 +110,7 @@ def _item_labels(bundle: Any) -> tuple[np.ndarray, dict[int, str], str]:
     import pyarrow.parquet as pq
 
     from recsys.core import schema
-    from recsys.data import feature_codes
+    from recsys.core.data import feature_codes
 
     items = bundle.item_table
     feats = [c for c in items.column_names if c.startswith(schema.FEAT_PREFIX)]

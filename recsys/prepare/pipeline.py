@@ -24,9 +24,9 @@ import polars as pl
 
 from recsys.core import schema
 from recsys.core.config import to_dict
+from recsys.core.data import history_and_seen, write_ragged
 from recsys.core.io import atomic_dir, atomic_write_json
 from recsys.core.vocab import Vocab
-from recsys.data import history_and_seen, write_ragged
 from recsys.prepare.config import EXTRA_REASONS, FILTER_REASONS, REJECT_REASONS, PrepareConfig, iso
 from recsys.prepare.features import encode_features, read_meta
 from recsys.prepare.inputs import (
@@ -456,7 +456,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
 
 def read_tables(data_dir: str | Path, *, lazy: bool = False) -> dict[str, Any]:
     """Every table of a prepared dataset as Polars frames (for inspection; training loads with
-    ``recsys.data.load_prepared``) keyed by name ("train", "valid", "test", "users",
+    ``recsys.core.data.load_prepared``) keyed by name ("train", "valid", "test", "users",
     "items", "feature_vocab", "history", "seen", and "rejects" when present) plus "manifest"."""
     d = Path(data_dir)
     out: dict[str, Any] = {"manifest": read_manifest(d)}

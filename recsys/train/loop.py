@@ -29,14 +29,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys import recency
 from recsys.core import schema
 from recsys.core.config import to_dict
+from recsys.core.data import (
+    Interactions,
+    PreparedData,
+    feature_widths,
+    last_items,
+    load_prepared,
+    user_item_lists,
+)
 from recsys.core.io import atomic_dir, atomic_write_json
 from recsys.core.logs import Throttle
-from recsys.data import Interactions, PreparedData, feature_widths, last_items, load_prepared, user_item_lists
-from recsys.distributed import DistContext
-from recsys.model import PRIOR_SCALES, FeatureSpec, LossConfig, ModelConfig, TrainConfig, TwoTower
+from recsys.train import recency
+from recsys.train.config import FeatureSpec, LossConfig, ModelConfig, TrainConfig
+from recsys.train.distributed import DistContext
+from recsys.train.model import PRIOR_SCALES, TwoTower
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +273,7 @@ def _choose_kernel(setting: str, want: str, device: torch.device, *, module: str
     if want == "torch" or (want == "auto" and device.type != "cuda"):
         return "torch"
     try:
-        mod = importlib.import_module(f"recsys.{module}")
+        mod = importlib.import_module(f"recsys.train.kernels.{module}")
     except ImportError as e:
         if want == "triton":
             raise ValueError(f"`train.{setting}` = 'triton' needs the triton package (pip install triton)") from e
@@ -300,9 +308,9 @@ def choose_history_kernel(train_cfg: TrainConfig, model_cfg: ModelConfig, *, n_i
                           device: torch.device) -> str:  # fmt: skip
     """``"triton"`` or ``"torch"``: the user tower's history pooling in this run (``train.history_kernel``).
 
-    Only attention pooling has fused kernels (recsys.fused_pool). "auto" also times one forward + backward of both
+    Only attention pooling has fused kernels (recsys.train.kernels.fused_pool). "auto" also times one forward + backward of both
     paths at this run's shape (batch, history length, width, table size) and keeps torch unless the kernels are
-    faster (:func:`recsys.fused_pool.timings`).
+    faster (:func:`recsys.train.kernels.fused_pool.timings`).
     """
     want = train_cfg.history_kernel
     if model_cfg.history_pooling != "attention":
@@ -329,7 +337,7 @@ def choose_history_kernel(train_cfg: TrainConfig, model_cfg: ModelConfig, *, n_i
 def choose_loss_kernel(train_cfg: TrainConfig, loss_cfg: LossConfig, *, dim: int, device: torch.device) -> str:
     """``"triton"`` or ``"torch"``: the in-batch softmax this run uses (``train.loss_kernel``, see its docstring).
 
-    The self-check (:func:`recsys.fused_loss.self_check`) runs with this run's loss options.
+    The self-check (:func:`recsys.train.kernels.fused_loss.self_check`) runs with this run's loss options.
     """
     lc = loss_cfg
     return _choose_kernel(
@@ -403,7 +411,7 @@ class Trainer:
         )
         if self.init_from is not None:
             # warm start (retraining): rows of overlapping IDs/feature values and same-shaped weights carry over
-            from recsys.warmstart import warm_start
+            from recsys.train.warmstart import warm_start
 
             self.warm_start_stats = warm_start(self.model, self.init_from, self.data.path)
         self.model = self.model.to(self.device)
@@ -430,7 +438,7 @@ class Trainer:
             self.sparse_ids = frozenset(emb_ids)
             emb_lr = tc.embedding_lr or tc.lr
             if tc.sparse_optimizer == "rowwise_adagrad":
-                from recsys.optim import RowWiseAdagrad
+                from recsys.train.optim import RowWiseAdagrad
 
                 self.optimizers.append(RowWiseAdagrad(emb, lr=emb_lr))
             else:
@@ -459,12 +467,12 @@ class Trainer:
             # data-parallel all-gather needs one size on every rank: coalesce, then pad with zero rows.
             self.model.item_id.weight.register_hook(self._fixed_size_sparse_grad)
         self.users_fn, self.items_fn = self.model._users, self.model._items
-        if tc.compile:  # the default mode: train.cuda_graphs captures the whole step instead (recsys.graphs)
+        if tc.compile:  # the default mode: train.cuda_graphs captures the whole step instead (recsys.train.kernels.graphs)
             self.users_fn = torch.compile(self.model._users)
             self.items_fn = torch.compile(self.model._items)
-        self.graphed = None  # recsys.graphs.GraphedStep, made at the first step
+        self.graphed = None  # recsys.train.kernels.graphs.GraphedStep, made at the first step
         self.graphs_off: str | None = None  # why train.cuda_graphs is not in use
-        from recsys.losses import ItemEmbeddingQueue
+        from recsys.train.losses import ItemEmbeddingQueue
 
         self.queue = ItemEmbeddingQueue(lc.queue_size, self.mcfg.dim, device=self.device, dtype=torch.float32) \
             if lc.queue_size else None
@@ -565,7 +573,7 @@ class Trainer:
         return torch.where(ok, self.t_item[idx.clamp(min=0)], torch.full_like(idx, -1))
 
     def loss(self, rows: torch.Tensor) -> torch.Tensor:
-        from recsys import losses
+        from recsys.train import losses
 
         m, lc, mc = self.model, self.lcfg, self.mcfg
         users, items = self.t_user[rows], self.t_item[rows]
@@ -621,7 +629,7 @@ class Trainer:
                                                   mc.time_windows_days)
                 h = m.item_prior(torch.as_tensor(pair, device=self.device))  # [B, B + M, K]
                 bias = torch.einsum("bk,bck->bc", m.user_prior(self.t_user_state[rows]), h)  # [B, B + M]
-            from recsys.distributed import contrastive_loss
+            from recsys.train.distributed import contrastive_loss
 
             # plain / chunked softmax, or with several ranks this rank's rows against every rank's candidates
             loss, c, items = contrastive_loss(
@@ -648,11 +656,11 @@ class Trainer:
         ``check``: read the loss on the host first (a device sync; a collective with several ranks) and return
         without touching any weight when it is not finite. Without it nothing here waits for the device: the
         caller checks the returned losses every few steps. With ``train.cuda_graphs`` an unchecked step is a CUDA
-        graph replay (recsys.graphs) once the graph is captured and has passed its check.
+        graph replay (recsys.train.kernels.graphs) once the graph is captured and has passed its check.
         """
         if self.tcfg.cuda_graphs and not check and self.graphs_off is None:
             if self.graphed is None:
-                from recsys import graphs
+                from recsys.train.kernels import graphs
 
                 self.graphs_off = graphs.unsupported(self)
                 if self.graphs_off:
@@ -676,7 +684,7 @@ class Trainer:
                 return value  # the caller stops before any weight is touched
         loss.backward()
         if self.dist.enabled:
-            from recsys.distributed import sync_gradients
+            from recsys.train.distributed import sync_gradients
 
             # every rank looks up the same number of rows (SSL views use the global batch's items); a reused sparse
             # item table has its gradient padded to a fixed size by _fixed_size_sparse_grad
@@ -800,7 +808,7 @@ def _load_title_embeddings(data: PreparedData, model_cfg: ModelConfig, run_dir: 
         emb = np.load(cache, allow_pickle=False)
         if emb.shape[0] == data.n_items:
             return emb
-    from recsys.data import embed_titles
+    from recsys.core.data import embed_titles
 
     emb = embed_titles(data.titles, model_dir=model_cfg.text_model or None)
     tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}.npy")
@@ -830,7 +838,7 @@ def train(
     the bundle and ``recsys evaluate`` checks.
 
     ``init_from``: a bundle version directory (or a run with its vocabularies) to warm-start from, as retraining
-    does: see :func:`recsys.warmstart.warm_start`. Ignored when resuming (the checkpoint has the weights).
+    does: see :func:`recsys.train.warmstart.warm_start`. Ignored when resuming (the checkpoint has the weights).
     ``final_fit_epochs``: skip the fit on train and run only the final fit, for this many epochs (an epoch count
     another run chose on validation, as retraining does after its gate).
 
@@ -839,7 +847,7 @@ def train(
         ValueError: ``resume`` with a config that differs from the run's in a field that changes the result.
         TrainingDiverged: the loss became NaN/inf (the last good checkpoint and best weights are kept).
     """
-    from recsys.distributed import init_from_env
+    from recsys.train.distributed import init_from_env
 
     model_cfg, train_cfg, loss_cfg = model_cfg or ModelConfig(), train_cfg or TrainConfig(), loss_cfg or LossConfig()
     run_dir = Path(out_dir)
@@ -935,7 +943,7 @@ def _train(
         if progress.phase == "fit":
             evaluator = _validation(data, model_cfg, train_cfg, dev) if ctx.is_main else None
             if ctx.enabled and len(data.valid):
-                from recsys.distributed import RankZeroEvaluator
+                from recsys.train.distributed import RankZeroEvaluator
 
                 evaluator = RankZeroEvaluator(evaluator, ctx)
             trainer.set_interactions(data.train)
@@ -982,8 +990,8 @@ def final_fit_record(data_dir: str | Path, splits: list[str] | tuple[str, ...]) 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from recsys.core.data import fingerprint
     from recsys.core.io import sha256_file
-    from recsys.data import fingerprint
 
     d = Path(data_dir)
     rows, lo, hi = 0, None, None
@@ -1042,7 +1050,7 @@ def _run_phase(
         epoch = progress.epoch + 1
         t0 = time.perf_counter()
         if ctx.enabled:
-            from recsys.distributed import epoch_seed
+            from recsys.train.distributed import epoch_seed
 
             # one permutation for every rank (a generator of its own), and per-rank dropout / negative draws
             gen = torch.Generator().manual_seed(epoch_seed(tc.seed, phase, epoch))

@@ -1,7 +1,7 @@
 """The in-batch softmax (InfoNCE) as fused Triton kernels: the ``[B, B + M]`` logits never reach device memory.
 
-:func:`in_batch_softmax_fused` computes exactly what :func:`recsys.losses.in_batch_softmax_shard` computes (and so,
-with ``row_offset=0``, :func:`recsys.losses.in_batch_softmax`): scaled scores, logQ correction, accidental-hit and
+:func:`in_batch_softmax_fused` computes exactly what :func:`recsys.train.losses.in_batch_softmax_shard` computes (and so,
+with ``row_offset=0``, :func:`recsys.train.losses.in_batch_softmax`): scaled scores, logQ correction, accidental-hit and
 same-user masking, extra negatives, per-row losses, and gradients for the queries, the candidates, the temperature
 and ``log_q``. It is written the way FlashAttention is: a tile of scores lives in registers, is corrected and masked
 there, and meets the others only through an online log-sum-exp.
@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from recsys import losses
-from recsys._triton import INTERPRET
+from recsys.train import losses
+from recsys.train.kernels._triton import INTERPRET
 
 MAX_DIM = 256  # one tile holds a whole embedding row
 
@@ -383,12 +383,12 @@ def in_batch_softmax_fused(
     reduction: str = "mean",
     config: KernelConfig | None = None,
 ) -> Tensor:
-    """:func:`recsys.losses.in_batch_softmax_shard` (``row_offset=0`` and ``b = B``: ``in_batch_softmax``), fused.
+    """:func:`recsys.train.losses.in_batch_softmax_shard` (``row_offset=0`` and ``b = B``: ``in_batch_softmax``), fused.
 
     Args:
         q: ``[b, d]`` queries: global rows ``row_offset .. row_offset + b - 1`` of a batch of ``B`` rows.
         c: ``[B, d]`` every row's positive, in global row order.
-        item_ids, user_ids, log_q: ``[B]`` (global), as in :func:`recsys.losses.in_batch_softmax`.
+        item_ids, user_ids, log_q: ``[B]`` (global), as in :func:`recsys.train.losses.in_batch_softmax`.
         weights: ``[b]`` this shard's example weights.
         config: tile shapes / launch options (default: :func:`default_config` of the width).
     Returns:
@@ -468,12 +468,12 @@ def compile_report(
     config: KernelConfig | None = None, *, dtype: str = "bf16", dim: int = 128, arch: int = 90, **flags: bool
 ) -> list[dict]:
     """Compile the three kernels ahead of time for NVIDIA compute capability ``arch`` (no GPU needed) and read their
-    resources and instructions from the cubin (:func:`recsys._triton.kernel_report`): one dict per kernel.
+    resources and instructions from the cubin (:func:`recsys.train.kernels._triton.kernel_report`): one dict per kernel.
 
     ``flags``: the loss options as the kernels see them (HAS_BIAS, CORRECT_POS, MASK_ITEM, MASK_EXTRA, MASK_USER,
     NEED_T, NEED_BIAS); the defaults are the trainer's defaults.
     """
-    from recsys._triton import kernel_report
+    from recsys.train.kernels._triton import kernel_report
 
     cfg = config or default_config(dim)
     f = dict(HAS_BIAS=True, CORRECT_POS=False, MASK_ITEM=True, MASK_EXTRA=False, MASK_USER=True, NEED_T=False,

@@ -12,44 +12,21 @@ The update is written with fixed-shape tensor ops only (sort, cumsum, index_add_
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["RowWiseAdagrad", "segment_rows", "sorted_segments"]
+from recsys.train.segments import segment_rows
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RowWiseAdagrad"]
 
 
-def sorted_segments(idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sort row indices and number their runs, with fixed shapes (no ``unique``, no host sync).
-
-    Args:
-        idx: ``[n]`` row indices, repeats allowed.
-    Returns:
-        ``(rows [n], order [n], first [n] bool, seg [n])``: ``rows = idx[order]`` sorted; ``first[j]`` marks the
-        first entry of each distinct row; ``seg[j]`` is the number of ``rows[j]``'s run (0, 1, ...).
-    """
-    rows, order = torch.sort(idx)
-    first = torch.ones_like(rows, dtype=torch.bool)
-    first[1:] = rows[1:] != rows[:-1]
-    seg = torch.cumsum(first, 0) - 1  # segments beyond the count are never referenced
-    return rows, order, first, seg
 
 
-def segment_rows(idx: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Sum the gradient rows of repeated indices, keeping fixed shapes.
-
-    Args:
-        idx: ``[n]`` row indices, repeats allowed (an uncoalesced sparse gradient's indices).
-        values: ``[n, E]`` the matching gradient rows.
-    Returns:
-        ``(rows [n], total [n, E], first [n] bool)`` in sorted order: ``total[j]`` is the sum of every gradient
-        row of ``rows[j]``; ``first[j]`` marks one representative per distinct row (the others must add nothing).
-    """
-    rows, order, first, seg = sorted_segments(idx)
-    sv = values[order]  # [n, E]
-    sums = torch.zeros_like(sv).index_add_(0, seg, sv)  # [n, E]
-    return rows, sums[seg], first
 
 
 def _choose_fused(device: torch.device) -> bool:
@@ -57,10 +34,10 @@ def _choose_fused(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     try:
-        from recsys import triton_optim
+        from recsys.train.kernels import triton_optim  # noqa: F401 - triton is optional: imported only here
     except ImportError:
         return False
-    return triton_optim.choose(device)
+    return choose(device)
 
 
 class RowWiseAdagrad(torch.optim.Optimizer):
@@ -79,7 +56,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         lr: learning rate: a float, or a 0-dim tensor on the parameters' device (a CUDA graph reads it in place).
         eps: added to ``sqrt(G_r)``.
         initial_accumulator_value: starting ``G_r`` (> 0 damps the first steps of rare rows).
-        fused: sparse updates through the two Triton kernels of recsys.triton_optim (~9 kernels and 3 passes over
+        fused: sparse updates through the two Triton kernels of recsys.train.kernels.triton_optim (~9 kernels and 3 passes over
             the gradient rows per table instead of ~25 and 9). None = on CUDA when triton is installed and the
             kernels pass a self-check against this update on the device (else the torch update, with a warning).
     """
@@ -106,7 +83,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 if p.dim() != 2:
                     raise ValueError(f"RowWiseAdagrad takes 2-D embedding tables, got a parameter of shape "
                                      f"{list(p.shape)}")
-        self.fused = fused  # None until the first sparse step decides (recsys.triton_optim.choose)
+        self.fused = fused  # None until the first sparse step decides (recsys.train.kernels.triton_optim.choose)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch.optim signature
@@ -135,7 +112,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                     if self.fused is None:
                         self.fused = _choose_fused(p.device)
                     if self.fused:
-                        from recsys.triton_optim import rowwise_adagrad_update_
+                        from recsys.train.kernels.triton_optim import rowwise_adagrad_update_
 
                         rowwise_adagrad_update_(p, acc, idx, vals, lr=lr, eps=eps)
                         continue
@@ -152,3 +129,48 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                     acc.add_(gf.pow(2).mean(1))
                     p.sub_((lr * gf / (acc.sqrt() + eps).clamp_min(1e-30)[:, None]).to(p.dtype))
         return loss
+
+
+def self_check(device: torch.device, *, seed: int = 0) -> float:
+    """Largest relative difference between the Triton kernels (``recsys.train.kernels.triton_optim``) and this
+    module's torch update (weights and accumulators) after one step on a random problem with heavy repeats."""
+    from recsys.train.kernels.triton_optim import rowwise_adagrad_update_  # triton: optional, imported on use
+
+    g = torch.Generator().manual_seed(seed)
+    n_rows, n, e = 300, 2000, 24
+    idx = (torch.randint(0, n_rows, (n,), generator=g) ** 2 // n_rows).to(device)  # skewed: long segments
+    vals = torch.randn(n, e, generator=g).to(device)
+    w0 = torch.randn(n_rows, e, generator=g).to(device)
+    p = torch.nn.Parameter(w0.clone())
+    opt = RowWiseAdagrad([p], lr=0.1, initial_accumulator_value=0.01, fused=False)
+    p.grad = torch.sparse_coo_tensor(idx[None], vals, (n_rows, e))
+    opt.step()
+    w, acc = w0.clone(), torch.full((n_rows,), 0.01, device=device)
+    rowwise_adagrad_update_(w, acc, idx, vals, lr=0.1, eps=1e-8)
+    dw_ref, dw = p.detach() - w0, w - w0
+    err_w = float((dw - dw_ref).norm() / dw_ref.norm())
+    acc_ref = opt.state[p]["sum_sq"]
+    return max(err_w, float((acc - acc_ref).norm() / acc_ref.norm()))
+
+
+_CHOICE: dict[str, bool] = {}
+
+
+def choose(device: torch.device) -> bool:
+    """Whether RowWiseAdagrad(fused=None) uses the kernels on ``device``: CUDA only, after :func:`self_check` passed
+    (once per device and process); a failure to compile or a mismatch logs a warning and keeps the torch update."""
+    key = str(device)
+    if key not in _CHOICE:
+        ok = False
+        if device.type == "cuda":
+            try:
+                err = self_check(device)
+                ok = err <= 1e-4
+                if not ok:
+                    log.warning("row-wise Adagrad kernels disagree with the torch update (relative error %.3g); "
+                                "using torch", err)
+            except Exception as e:  # any failure to compile or launch means: not on this machine
+                log.warning("row-wise Adagrad kernels failed their self-check (%s: %s); using the torch update",
+                            type(e).__name__, e)
+        _CHOICE[key] = ok
+    return _CHOICE[key]

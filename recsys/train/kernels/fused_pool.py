@@ -1,6 +1,6 @@
 """The user tower's attention pooling over the history, fused with the history lookup (``train.history_kernel``).
 
-The torch path (``recsys.model._AttentionPool`` after an ``nn.Embedding`` lookup) writes and reads the ``[B, N, E]``
+The torch path (``recsys.train.model.AttentionPool`` after an ``nn.Embedding`` lookup) writes and reads the ``[B, N, E]``
 history several times per step: the looked-up rows, ``rows + recency``, its bf16 copy, the key layer's output, its
 tanh, the bf16 copy for the weighted sum, and as many again in the backward pass. At batch 8192 with 50 items of
 width 128 each of those is 100-200 MB; together they are most of a step's memory traffic once the softmax is fused.
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from recsys._triton import INTERPRET
+from recsys.train.kernels._triton import INTERPRET
 
 MAX_DIM = 128  # a [N, E] tile per user and the [E, E] key weights stay in registers / shared memory
 MAX_HISTORY = 128
@@ -250,7 +250,7 @@ def supported(dim: int, history_len: int, device: torch.device, *, batch: int = 
 
 
 def attention_pool(table: nn.Embedding, history: Tensor, pool: nn.Module, *, num_warps: int | None = None) -> Tensor:
-    """``pool(table(history.clamp(min=0)), history >= 0)`` for ``recsys.model._AttentionPool`` ``pool``, fused.
+    """``pool(table(history.clamp(min=0)), history >= 0)`` for ``recsys.train.model.AttentionPool`` ``pool``, fused.
 
     Args:
         table: the history's embedding table (``[V, E]``; a ``sparse=True`` table gets a sparse gradient).
@@ -278,11 +278,11 @@ def attention_pool(table: nn.Embedding, history: Tensor, pool: nn.Module, *, num
 def self_check(device: torch.device, *, dim: int, history_len: int, seed: int = 0) -> float:
     """Largest relative error of the fused pooling's output and gradients (table, key weights, query, recency)
     against the torch path on a random problem on ``device``, under the autocast training uses there."""
-    from recsys.model import _AttentionPool
+    from recsys.train.layers import AttentionPool
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     b, n_rows = 300, 500
-    pool = _AttentionPool(dim, history_len).to(device)
+    pool = AttentionPool(dim, history_len).to(device)
     with torch.no_grad():
         for p in pool.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
@@ -316,10 +316,10 @@ def timings(device: torch.device, *, batch: int, history_len: int, dim: int, n_r
             reps: int = 5) -> tuple[float, float]:
     """Median milliseconds of one forward + backward of the pooling at this shape on ``device``, (fused, torch),
     under the training autocast: what ``train.history_kernel = "auto"`` weighs before it picks the kernels."""
-    from recsys.model import _AttentionPool
+    from recsys.train.layers import AttentionPool
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    pool = _AttentionPool(dim, history_len).to(device)
+    pool = AttentionPool(dim, history_len).to(device)
     table = nn.Embedding(n_rows, dim, sparse=sparse).to(device)
     hist = torch.randint(0, n_rows, (batch, history_len), generator=g).to(device)
     probe = torch.randn(batch, dim, generator=g).to(device)
@@ -353,8 +353,8 @@ def timings(device: torch.device, *, batch: int, history_len: int, dim: int, n_r
 
 
 def compile_report(*, dim: int = 128, history_len: int = 50, ieee: bool = False, arch: int = 90) -> list[dict]:
-    """:func:`recsys._triton.kernel_report` of both kernels (sm_90 by default) as training launches them."""
-    from recsys._triton import kernel_report
+    """:func:`recsys.train.kernels._triton.kernel_report` of both kernels (sm_90 by default) as training launches them."""
+    from recsys.train.kernels._triton import kernel_report
 
     ptrs = dict(TABLE="*fp32", HIST="*i64", REC="*fp32", WT="*fp32", W="*fp32", BK="*fp32", QS="*fp32",
                 OUT="*fp32", ATT="*fp32", G="*fp32", GOUT="*fp32", DH="*fp32", DW="*fp32", DB="*fp32",

@@ -1,4 +1,4 @@
-"""What the Triton modules (recsys.fused_loss, recsys.triton_optim) share: whether kernels run in the interpreter.
+"""What the Triton modules (recsys.train.kernels.fused_loss, recsys.train.kernels.triton_optim) share: whether kernels run in the interpreter.
 
 ``TRITON_INTERPRET=1`` (set before triton is imported) runs kernels with NumPy on CPU; the tests use it to check the
 kernels without a GPU. Importing this module fixes one incompatibility of Triton 3.6's interpreter with NumPy >= 2.4.

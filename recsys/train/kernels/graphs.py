@@ -9,7 +9,7 @@ them. A CUDA graph replays the recorded kernels with one launch. What has to hol
   (collectives), the MoCo queue (its length grows), the SSL loss (``unique``), SparseAdam (``coalesce``), and
   sparse tables with a padding row (their sparse backward drops the padding entries with a boolean index);
 * inputs at fixed addresses: rows are copied into a static buffer before each replay, the learning rates become
-  device tensors that :meth:`recsys.train.Trainer.set_lr_factor` fills in place;
+  device tensors that :meth:`recsys.train.loop.Trainer.set_lr_factor` fills in place;
 * warm-up: the first steps run eagerly on a side stream (lazy state, cuBLAS workspaces, Triton compiles), then the
   next step is captured.
 
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from recsys.train import Trainer
+    from recsys.train.loop import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ How one step works with ``W`` ranks and a global batch of ``B`` rows (``train.ba
   ranks' rows arrive without history, its own slice is the local tensor with grad) plus their item IDs, user IDs,
   log_q and weights, so the negative pool is the whole global batch and accidental-hit masking and logQ are those
   of the global batch. Its loss is its rows of the global ``[B, B + M]`` softmax
-  (:func:`recsys.losses.in_batch_softmax_shard`), scaled so that the *mean* over ranks of the gradients is the
+  (:func:`recsys.train.losses.in_batch_softmax_shard`), scaled so that the *mean* over ranks of the gradients is the
   single-process gradient on the concatenated batch; the all-gather's backward sums the gradient that every
   rank's loss sends to a rank's candidates back to that rank.
 * Gradients are averaged explicitly (:func:`sync_gradients`): one flat all-reduce of the dense parameters and an
@@ -265,21 +265,21 @@ def contrastive_loss(
         q, c: ``[b, d]`` this rank's query / positive embeddings; ``items``, ``users``, ``log_q``, ``weights``
             ``[b]`` alike. ``extra_*``: this rank's extra negatives (uniform samples, queue), ``[M, d]`` / ``[M]``.
         chunk_size: > 0 computes the softmax in row blocks (no full ``[b, B + M]`` float32 logits).
-        fused: use the Triton kernels of :mod:`recsys.fused_loss` (``chunk_size`` is then irrelevant).
+        fused: use the Triton kernels of :mod:`recsys.train.kernels.fused_loss` (``chunk_size`` is then irrelevant).
         score_bias: ``[b, b + M]`` added to the scores (``model.time_prior``): one process, plain softmax only.
     Returns:
         ``(loss, c_all [B, d], items_all [B])``: the loss to backpropagate (with ``W`` ranks its mean over ranks is
         the single-process loss of the concatenated batch, and so are the averaged gradients), and the global
         batch's candidates and items (what a MoCo queue should enqueue, identically on every rank).
     """
-    from recsys import losses
+    from recsys.train import losses
 
     kw: dict[str, Any] = dict(
         temperature=temperature, log_q=log_q, correct_positive=correct_positive, extra_c=extra_c,
         extra_item_ids=extra_ids if mask_items else None, extra_log_q=extra_log_q,
     )  # fmt: skip
     if fused:
-        from recsys.fused_loss import in_batch_softmax_fused as shard_loss
+        from recsys.train.kernels.fused_loss import in_batch_softmax_fused as shard_loss
     else:
         shard_loss = partial(losses.in_batch_softmax_shard, chunk_size=chunk_size)
     if score_bias is not None and (fused or chunk_size or ctx.enabled):

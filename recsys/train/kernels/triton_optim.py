@@ -1,6 +1,6 @@
 """Row-wise Adagrad's sparse update as two Triton kernels (``RowWiseAdagrad(fused=...)``).
 
-The torch update (recsys.optim) is ~25 kernels per table, and it makes ~9 passes over the ``[n, E]`` gradient rows:
+The torch update (recsys.train.optim) is ~25 kernels per table, and it makes ~9 passes over the ``[n, E]`` gradient rows:
 gather by the sort order, segment sums, gather the sums back, square, scale, scatter. At batch 8192 with 50-item
 histories that is 409,600 rows (210 MB) per table per step. Here, after torch sorts the row indices and numbers the
 segments (one per distinct row):
@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from recsys._triton import INTERPRET  # noqa: F401 - also patches the interpreter for NumPy >= 2.4
-from recsys.optim import RowWiseAdagrad, sorted_segments
+from recsys.train.kernels._triton import INTERPRET  # noqa: F401 - also patches the interpreter for NumPy >= 2.4
+from recsys.train.segments import sorted_segments
 
 BLOCK_ROWS = 32
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _apply(W, ACC, ROWS, SEG, SUMS, LR, n, E, stride_w, eps, BLOCK: tl.constexpr
 def rowwise_adagrad_update_(weight: Tensor, acc: Tensor, idx: Tensor, values: Tensor, *, lr: float | Tensor,
                             eps: float) -> None:  # fmt: skip
     """In place: the row-wise Adagrad update of ``weight [n_rows, E]`` / ``acc [n_rows]`` for the gradient rows
-    ``values [n, E]`` at row indices ``idx [n]`` (repeats are summed first), as recsys.optim.RowWiseAdagrad does."""
+    ``values [n, E]`` at row indices ``idx [n]`` (repeats are summed first), as recsys.train.optim.RowWiseAdagrad does."""
     n, e = values.shape
     if n == 0:
         return
@@ -94,52 +94,15 @@ def rowwise_adagrad_update_(weight: Tensor, acc: Tensor, idx: Tensor, values: Te
                  BLOCK_E=block_e)  # fmt: skip
 
 
-def self_check(device: torch.device, *, seed: int = 0) -> float:
-    """Largest relative difference between these kernels and recsys.optim's torch update (weights and accumulators)
-    after one step on a random problem with heavy repeats, on ``device``."""
-    g = torch.Generator().manual_seed(seed)
-    n_rows, n, e = 300, 2000, 24
-    idx = (torch.randint(0, n_rows, (n,), generator=g) ** 2 // n_rows).to(device)  # skewed: long segments
-    vals = torch.randn(n, e, generator=g).to(device)
-    w0 = torch.randn(n_rows, e, generator=g).to(device)
-    p = torch.nn.Parameter(w0.clone())
-    opt = RowWiseAdagrad([p], lr=0.1, initial_accumulator_value=0.01, fused=False)
-    p.grad = torch.sparse_coo_tensor(idx[None], vals, (n_rows, e))
-    opt.step()
-    w, acc = w0.clone(), torch.full((n_rows,), 0.01, device=device)
-    rowwise_adagrad_update_(w, acc, idx, vals, lr=0.1, eps=1e-8)
-    dw_ref, dw = p.detach() - w0, w - w0
-    err_w = float((dw - dw_ref).norm() / dw_ref.norm())
-    acc_ref = opt.state[p]["sum_sq"]
-    return max(err_w, float((acc - acc_ref).norm() / acc_ref.norm()))
 
 
-_CHOICE: dict[str, bool] = {}
 
 
-def choose(device: torch.device) -> bool:
-    """Whether RowWiseAdagrad(fused=None) uses the kernels on ``device``: CUDA only, after :func:`self_check` passed
-    (once per device and process); a failure to compile or a mismatch logs a warning and keeps the torch update."""
-    key = str(device)
-    if key not in _CHOICE:
-        ok = False
-        if device.type == "cuda":
-            try:
-                err = self_check(device)
-                ok = err <= 1e-4
-                if not ok:
-                    log.warning("row-wise Adagrad kernels disagree with the torch update (relative error %.3g); "
-                                "using torch", err)
-            except Exception as e:  # any failure to compile or launch means: not on this machine
-                log.warning("row-wise Adagrad kernels failed their self-check (%s: %s); using the torch update",
-                            type(e).__name__, e)
-        _CHOICE[key] = ok
-    return _CHOICE[key]
 
 
 def compile_report(*, dim: int = 128, arch: int = 90) -> list[dict]:
-    """:func:`recsys._triton.kernel_report` of both kernels for fp32 tables of width ``dim``."""
-    from recsys._triton import kernel_report
+    """:func:`recsys.train.kernels._triton.kernel_report` of both kernels for fp32 tables of width ``dim``."""
+    from recsys.train.kernels._triton import kernel_report
 
     ptrs = dict(VALS="*fp32", ORDER="*i64", SEG="*i64", SUMS="*fp32", W="*fp32", ACC="*fp32", ROWS="*i64",
                 LR="*fp32")  # fmt: skip

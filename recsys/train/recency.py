@@ -361,7 +361,7 @@ def _distinct(a: np.ndarray) -> np.ndarray:
 def recent_counts(item_idx: np.ndarray, ts: np.ndarray, *, n_items: int, window_days: float | None, end: int
                   ) -> np.ndarray:
     """``[n_items]`` int64: each item's events in ``[end - W, end)`` (all before ``end`` for ``window_days=None``),
-    the definition of :func:`recsys.recency.window_counts`."""
+    the definition of :func:`recsys.train.recency.window_counts`."""
     item_idx, ts = np.asarray(item_idx, dtype=np.int64), np.asarray(ts, dtype=np.int64)
     keep = ts < end
     if window_days is not None:

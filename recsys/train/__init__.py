@@ -1,0 +1,7 @@
+"""Training: the two-tower model (``model``), its losses (``losses``: in-batch softmax, logQ, accidental hits, mixed
+and cross-batch negatives), the loop (``loop``: ``train`` / ``Trainer`` / validation), distributed training
+(``distributed``), the row-wise optimizer (``optim``), warm starts (``warmstart``), the time prior's features
+(``recency``), and the GPU kernels behind automatic choices with a torch fallback (``kernels``).
+
+Nothing is imported here: ``recsys.train.recency`` is read by the serving path, which must not import torch.
+"""
