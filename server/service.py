@@ -188,7 +188,7 @@ _TOWER_TOLERANCE = 1e-5  # largest |difference| to bundle.embed_users accepted i
 
 
 class NativeUserTower:
-    """``recsys._hnsw.UserTower``: the C++ twin of the user tower (``recsys.model.NumpyUserTower``'s arrays, the
+    """``recsys._hnsw.UserTower``: the C++ twin of the user tower (``recsys.train.model.NumpyUserTower``'s arrays, the
     same math one user at a time, without the GIL), called like the numpy twin. The native known-user Recommend
     (server/fastpath.py) runs the same object, so both paths embed a user bit for bit alike."""
 
@@ -209,7 +209,7 @@ class NativeUserTower:
 
 def _build_tower(bundle: Any) -> Any:
     """The bundle's user tower for request paths: :class:`NativeUserTower` where the extension is built, else
-    ``recsys.model.NumpyUserTower`` (the tower's math as a few numpy calls on the model's weights): one user in
+    ``recsys.train.model.NumpyUserTower`` (the tower's math as a few numpy calls on the model's weights): one user in
     ~10 / ~50 us where the torch forward takes ~300 us. Each is checked against ``bundle.embed_users`` on users
     spread over the bundle (known users with their stored history + a few items, new users with and without a
     history, several batch shapes); the first that agrees serves. None -- every call then goes to
@@ -218,7 +218,7 @@ def _build_tower(bundle: Any) -> Any:
 
     log = logging.getLogger("server.service")
     try:
-        from recsys.model import NumpyUserTower, TwoTower
+        from recsys.train.model import NumpyUserTower, TwoTower
 
         model = bundle.model
     except Exception:  # a bundle without towers (test doubles) or without torch
@@ -267,7 +267,7 @@ _TOWER = PerBundle(_build_tower)
 
 
 def user_tower(bundle: Any) -> Any:
-    """The bundle's checked request-path tower, :class:`NativeUserTower` or ``recsys.model.NumpyUserTower`` (built
+    """The bundle's checked request-path tower, :class:`NativeUserTower` or ``recsys.train.model.NumpyUserTower`` (built
     on first use; the model store builds it at warm-up), or None when ``bundle.embed_users`` must serve."""
     return _TOWER.get(bundle)
 
