@@ -26,6 +26,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check recsys server tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 test: lint
 	$(PY) -m pytest -q
