@@ -34,6 +34,7 @@ from recsys.bundle.files import (
 from recsys.bundle.load import Bundle
 from recsys.bundle.versions import NAME_RE, models_lock, new_version_name, prune_locked, utc_now, version_dir
 from recsys.core import schema
+from recsys.core.data import fingerprint
 from recsys.core.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
 from recsys.train.recency import choose_popularity_window, recent_counts
 
@@ -84,13 +85,33 @@ def _fallback_popularity(data_dir: Path, state_dir: Path, trained_on: Mapping[st
 
 
 def _run_data_dir(run_dir: Path) -> Path:
-    """The prepared dataset a run was trained on: ``data_dir`` of its config.json (``recsys.train.loop`` writes it)."""
+    """The prepared dataset a run was trained on, from its config.json (``recsys.train.loop`` writes it): the path
+    relative to the run first (a run moved together with its data still exports), then the absolute path; a
+    candidate counts only if its fingerprint is the run's ``data_fingerprint``."""
     path = run_dir / schema.RUN_CONFIG
-    v = read_json(path, what="run").get("data_dir")
-    if not isinstance(v, str) or not v:
-        raise ValueError(f"{str(path)!r} does not name the prepared dataset (no `data_dir`, got {v!r}); pass "
-                         f"`data_dir` (recsys export --data)")
-    return Path(v)
+    cfg = read_json(path, what="run")
+    want = cfg.get("data_fingerprint")
+    tried: list[str] = []
+    for key, base in (("data_dir_relative", run_dir), ("data_dir", None)):
+        v = cfg.get(key)
+        if not isinstance(v, str) or not v:
+            continue
+        cand = base / v if base is not None else Path(v)
+        tried.append(str(cand))
+        if (cand / schema.MANIFEST).is_file() and (not isinstance(want, str) or fingerprint(cand) == want):
+            return cand
+    if not tried:
+        raise ValueError(f"{str(path)!r} does not name the prepared dataset (no `data_dir`); pass `data_dir` "
+                         f"(recsys export --data DIR)")
+    raise ValueError(f"the prepared dataset {str(run_dir)!r} was trained on (fingerprint {want}) is not at "
+                     f"{' or '.join(repr(s) for s in tried)}: it was moved or rebuilt; pass `data_dir` "
+                     f"(recsys export --data DIR)")
+
+
+def _read_run_fingerprint(run_dir: Path) -> str | None:
+    path = run_dir / schema.RUN_CONFIG
+    v = read_json(path, what="run").get("data_fingerprint") if path.is_file() else None
+    return v if isinstance(v, str) else None
 
 
 def _tuning_users(
@@ -168,7 +189,15 @@ def export(
     for name in (schema.MODEL_JSON, schema.MODEL_WEIGHTS):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"run dir {str(run_dir)!r} has no {name} (train the model first)")
-    data_dir = Path(data_dir) if data_dir is not None else _run_data_dir(run_dir)
+    if data_dir is None:
+        data_dir = _run_data_dir(run_dir)
+    else:
+        data_dir = Path(data_dir)
+        want = _read_run_fingerprint(run_dir)
+        if want is not None and (data_dir / schema.MANIFEST).is_file() and fingerprint(data_dir) != want:
+            log.warning("`data_dir` %s is not the prepared dataset the run was trained on (fingerprint %s, the run's "
+                        "%s); the vocabularies must match for the export to be right", data_dir,
+                        fingerprint(data_dir), want)
     for name in (*DATA_FILES, schema.MANIFEST):
         if not (data_dir / name).is_file():
             raise FileNotFoundError(f"prepared dataset {str(data_dir)!r} has no {name}")

@@ -480,3 +480,30 @@ def test_cli_export_list_rollback(published, tmp_path, capsys):
     assert "version 'nope' not found" in capsys.readouterr().err
     assert read_latest(models) == first
     assert main(["export", "--run", str(run), "--models", str(models), "--set", "index.M=0"]) == 2
+
+
+def test_a_run_moved_with_its_data_exports_without_data_and_a_moved_dataset_is_named(published, tmp_path):
+    data, run, _, _ = published
+    # the run and its prepared dataset moved together (same relative layout): found through data_dir_relative
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved / data.name)
+    shutil.copytree(run, moved / run.name)
+    cfg = json.loads((moved / run.name / schema.RUN_CONFIG).read_text())
+    assert cfg["data_dir_relative"] == f"../{data.name}" and cfg["data_fingerprint"]
+    cfg["data_dir"] = str(tmp_path / "gone")  # the absolute path no longer exists
+    (moved / run.name / schema.RUN_CONFIG).write_text(json.dumps(cfg))
+    path = export(moved / run.name, tmp_path / "models", index_cfg=index_cfg(), keep=3)
+    assert Bundle.load(path).n_items == pq.read_metadata(data / schema.ITEMS).num_rows
+    # the run alone: neither path holds its data -> the error names both places and the way out
+    alone = tmp_path / "alone" / "run"
+    shutil.copytree(moved / run.name, alone)
+    with pytest.raises(ValueError, match=r"is not at '.*' or '.*gone': it was moved or rebuilt; pass `data_dir` "
+                                         r"\(recsys export --data DIR\)"):
+        export(alone, tmp_path / "models2", index_cfg=index_cfg())
+    # a dataset at the relative path with another fingerprint is not taken for it
+    other = make_dataset(tmp_path / "alone" / data.name, seed=1)
+    man = json.loads((other / schema.MANIFEST).read_text())
+    man["fingerprint"] = "something-else"
+    (other / schema.MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(ValueError, match="moved or rebuilt"):
+        export(alone, tmp_path / "models3", index_cfg=index_cfg())

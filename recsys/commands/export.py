@@ -16,7 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="output dir of `recsys train`")
     p.add_argument("--models", required=True, metavar="MODELS_DIR", help="directory of published versions")
-    p.add_argument("--data", metavar="PREPARED_DIR", help="prepared dataset (default: the one in the run's config)")
+    p.add_argument("--data", metavar="PREPARED_DIR", help="prepared dataset (default: the run's, found by its path "
+                   "relative to the run, then its absolute path, and its fingerprint; needed only if it moved)")
     p.add_argument("--keep", type=int, default=5, metavar="N", help="versions to keep (default: 5)")
     p.add_argument("--version", help="version name (default: UTC timestamp + short content hash)")
     p.add_argument("--config", metavar="FILE", help="TOML file with an [index] section")

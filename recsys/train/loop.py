@@ -905,15 +905,16 @@ def _train(
     if not train_cfg.sparse_embeddings and rows >= SPARSE_HINT_ROWS and ctx.is_main:
         # dense AdamW reads and writes every row of the ID tables (and two moments) at every step
         log.warning("the ID tables hold %d rows and train.sparse_embeddings is off: every step updates all of them; "
-                    "--set train.sparse_embeddings=true updates only the batch's rows (3x faster steps on 2 CPU cores "
-                    "at 200k items, benchmarks/train_bench.py; the same quality on MovieLens-100K)", rows)
+                    "--set train.sparse_embeddings=true updates only the batch's rows (faster steps on large tables)", rows)
     title_emb = _load_title_embeddings(data, model_cfg, run_dir)
     trainer = Trainer(data, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg, device=dev,
                       title_emb=title_emb, init_from=None if resume else init_from, dist=ctx)
     ctx.barrier()  # every rank has read the old config.json / checkpoint inputs before rank 0 rewrites them
     if ctx.is_main:
         atomic_write_json(run_dir / schema.RUN_CONFIG, {
-            **cfg_dict, "data_dir": str(Path(data_dir).resolve()), "data_fingerprint": data.fingerprint,
+            **cfg_dict, "data_dir": str(Path(data_dir).resolve()),
+            "data_dir_relative": os.path.relpath(Path(data_dir).resolve(), Path(run_dir).resolve()),
+            "data_fingerprint": data.fingerprint,
             "device": str(dev), "torch": torch.__version__, "world_size": ctx.world_size,
         })  # fmt: skip
         atomic_write_json(run_dir / schema.MODEL_JSON, trainer.model.model_json())
