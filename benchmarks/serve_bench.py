@@ -232,22 +232,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 def baseline_tree(workdir: Path, ref: str) -> Path:
-    """A copy of today's ``recsys`` and ``server`` packages with the serving layer (``server/``,
-    ``recsys/service.py``) taken from git ``ref``: the old serving code against the same bundle, model and index
-    code, for a before/after comparison in one run. Run it with ``cwd`` = the returned directory."""
+    """The ``recsys`` and ``server`` packages of git ``ref`` (the whole tree: the serving layer and the library it
+    imports, whatever the layout was then), with today's compiled ``recsys._hnsw`` copied in: the old serving code
+    against the same bundle (the bundle format is a public contract), for a before/after comparison in one run. Run
+    it with ``cwd`` = the returned directory."""
     sha = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
     dst = workdir / f"baseline-{sha[:10]}"
     if dst.exists():
         shutil.rmtree(dst)
-    ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(ROOT / "recsys", dst / "recsys", ignore=ignore)
-    shutil.copytree(ROOT / "server", dst / "server", ignore=ignore)
-    files = subprocess.run(["git", "ls-tree", "-r", "--name-only", sha, "server"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
-    for path in [*files, "recsys/service.py"]:
-        text = subprocess.run(["git", "show", f"{sha}:{path}"], cwd=ROOT, check=True, capture_output=True).stdout
-        (dst / path).parent.mkdir(parents=True, exist_ok=True)
-        (dst / path).write_bytes(text)
+    dst.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", sha, "recsys", "server", "benchmarks"], cwd=ROOT, check=True,
+                             capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dst)], input=archive.stdout, check=True)
+    for so in (ROOT / "recsys").glob("_hnsw*.so"):
+        shutil.copy2(so, dst / "recsys" / so.name)
     return dst
 
 
@@ -358,8 +356,10 @@ def breakdown(models: Path, *, n_users: int, n: int = 4000, rounds: int = 7, see
 
 
 def run_breakdown(args: argparse.Namespace, tree: Path | None = None) -> dict:
-    """:func:`breakdown` in a fresh interpreter: today's code, or (``tree``) a :func:`baseline_tree` copy."""
-    cmd = [sys.executable, __file__, "--breakdown-only", "--items", str(args.items), "--users", str(args.users),
+    """:func:`breakdown` in a fresh interpreter: today's code, or (``tree``) a :func:`baseline_tree` copy, measured
+    by that tree's own copy of this script (it imports the modules of its own layout)."""
+    script = __file__ if tree is None else str(tree / "benchmarks" / "serve_bench.py")
+    cmd = [sys.executable, script, "--breakdown-only", "--items", str(args.items), "--users", str(args.users),
            "--dim", str(args.dim), "--per-user", str(args.per_user), "--workdir", str(args.workdir)]
     env = {**os.environ, "SERVE_BENCH_CHILD": "1"}
     if tree is not None:  # the copy's packages come before the editable install's
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="server RPC threads (both sync servers); 0 = recsys serve's default (one per usable core)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/recsys_serve_bench"))
     p.add_argument("--baseline-ref", metavar="GITREF",
-                   help="also serve with the serving layer (server/, recsys/service.py) of this git ref: "
+                   help="also serve with the code (recsys/ and server/) of this git ref, same bundle: "
                         "rows 'Recommend@ref' / 'BatchRecommend(64)@ref'")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--breakdown-only", action="store_true",

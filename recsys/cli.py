@@ -15,6 +15,7 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
 
 from recsys.core.logs import (
@@ -126,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # `recsys query ... | head`: the reader went away; exit quietly like other Unix tools
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as e:

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.v1 import recommender_pb2 as pb
 from recsys.v1 import recommender_pb2_grpc as pb_grpc
@@ -413,8 +414,6 @@ class RecommenderClient:
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard health status name: "SERVING", "NOT_SERVING", ..."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=service),

@@ -37,7 +37,7 @@ def generated_files(out_dir: str | Path) -> list[Path]:
 def generate(out_dir: str | Path = ROOT, *, proto_root: str | Path = PROTO_ROOT) -> list[Path]:
     """Run ``grpc_tools.protoc`` on every proto under ``proto_root``, writing into ``out_dir``; returns the files."""
     try:
-        import grpc_tools
+        import grpc_tools  # grpcio-tools: optional (dev dependency)
         from grpc_tools import protoc
     except ModuleNotFoundError as e:  # pragma: no cover - dev dependency
         raise RuntimeError("regenerating the gRPC code needs grpcio-tools (pip install grpcio-tools)") from e

@@ -14,10 +14,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from recsys.bundle.embed import embed_items, embed_users, served_dim
 from recsys.bundle.files import (
@@ -34,16 +37,16 @@ from recsys.bundle.files import (
 from recsys.bundle.load import Bundle
 from recsys.bundle.versions import NAME_RE, models_lock, new_version_name, prune_locked, utc_now, version_dir
 from recsys.core import schema
-from recsys.core.data import fingerprint
+from recsys.core.data import Interactions, fingerprint, history_and_seen, read_interactions, write_ragged
 from recsys.core.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from recsys.evaluate import quick_evaluation
+from recsys.retrieval import ExactIndex, HnswIndex, IndexConfig, autotune_ef
 from recsys.train.recency import choose_popularity_window, recent_counts
 
 log = logging.getLogger(__name__)
 
 
 def _package_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
     out: dict[str, str | None] = {}
     for name in ("recsys", "torch", "numpy", "hnswlib", "polars", "pyarrow", "safetensors"):
         try:
@@ -62,10 +65,6 @@ def _fallback_popularity(data_dir: Path, state_dir: Path, trained_on: Mapping[st
     in the last W days before the end of those events (newest + 1 ms). All time is the bundle's ``n_train``, as
     the fallback ranked before windows existed.
     """
-    import pyarrow.parquet as pq
-
-    from recsys.core.data import read_interactions
-
     items = pq.read_table(state_dir / schema.ITEMS)
     all_time = (items.column("n_train").to_numpy().astype(np.int64) if "n_train" in items.column_names
                 else np.zeros(n_items, dtype=np.int64))
@@ -118,8 +117,6 @@ def _tuning_users(
     data_dir: Path, user_emb: np.ndarray, *, n_queries: int, seed: int
 ) -> tuple[np.ndarray, str]:
     """Held-out users (rows) for tuning ef: test users, then valid users, then any others, up to n_queries."""
-    import pyarrow.parquet as pq
-
     rng = np.random.default_rng(seed)
     chosen: list[np.ndarray] = []
     sources = []
@@ -175,10 +172,7 @@ def export(
     the fit events (``recent_popularity.npy``), W chosen on the newest 20% of those events
     (:func:`choose_popularity_window`); the manifest's ``popularity`` records W, the grid's scores and the cut.
     """
-    import pyarrow.parquet as pq
-
-    from recsys.retrieval import IndexConfig
-    from recsys.train.model import TwoTower
+    from recsys.train.model import TwoTower  # torch: loaded on export only, not on `import recsys.publish`
 
     if keep < 1:
         raise ValueError(f"`keep` must be >= 1, got {keep}")
@@ -240,11 +234,7 @@ def _write_serving_state(data_dir: Path, out: Path, data_manifest: Mapping[str, 
                          n_items: int) -> None:
     """The bundle's data files from EVERY split of ``data_dir``: history (last N, oldest first), seen sets, and
     users / items with ``n_train`` = interactions in all splits (``prob`` recomputed by prepare's rule)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from recsys.core.data import Interactions, history_and_seen, read_interactions, write_ragged
-    from recsys.prepare import logq_prob
+    from recsys.prepare import logq_prob  # polars: only prepare needs it
 
     inter = Interactions.concat(*(read_interactions(data_dir / f, n_users=n_users, n_items=n_items)
                                   for f in schema.SPLITS.values() if (data_dir / f).is_file()))
@@ -270,8 +260,6 @@ def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *,
             run_config: dict, summary: dict, data_manifest: dict, index_cfg: Any, keep: int, version: str | None,
             tune_queries: int | None, seed: int, evaluate_split: str | None,
             trained_on: dict[str, Any] | None) -> Path:
-    from recsys.retrieval import ExactIndex, HnswIndex, autotune_ef
-
     metric = str(getattr(model, "metric", model_json.get("metric", schema.METRIC)))
     dim = served_dim(model)
     n_users, n_items = int(model.n_users), int(model.n_items)
@@ -315,8 +303,6 @@ def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *,
             evaluation = {"split": holdout.get("split", "valid"), "source": "holdout run: " + holdout["estimate"],
                           **holdout["metrics"]}
     elif evaluate_split is not None and _has_rows(data_dir / schema.SPLITS[evaluate_split]):
-        from recsys.evaluate import quick_evaluation
-
         evaluation = quick_evaluation(
             user_emb=user_emb, exact=exact, ann=index, data_dir=data_dir, split=evaluate_split
         )
@@ -406,8 +392,6 @@ def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *,
 
 
 def _has_rows(path: Path) -> bool:
-    import pyarrow.parquet as pq
-
     return path.is_file() and pq.read_metadata(path).num_rows > 0
 
 

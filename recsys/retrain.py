@@ -30,13 +30,25 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
+
+from recsys import bundle as bundle_mod
+from recsys import publish
+from recsys.bundle import embed_items, embed_users, read_latest
+from recsys.core import schema
+from recsys.core.config import load_section, parse_overrides, read_toml, to_dict
 from recsys.core.io import atomic_write_json
+from recsys.core.metrics import ranking_metrics
+from recsys.core.vocab import Vocab
+from recsys.retrieval import ExactIndex, IndexConfig, retrieve
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +102,6 @@ RETRAIN_DEFAULTS = ("model.time_prior=true",)
 def with_retrain_defaults(config_path: str | Path | None, overrides: Sequence[str]) -> list[str]:
     """``overrides`` preceded by each of :data:`RETRAIN_DEFAULTS` whose field neither the config file nor
     ``overrides`` sets (so an explicit ``model.time_prior = false`` wins)."""
-    from recsys.core.config import parse_overrides, read_toml
-
     file_layer, given = read_toml(config_path), parse_overrides(overrides)
     defaults = []
     for d in RETRAIN_DEFAULTS:
@@ -161,11 +171,7 @@ class _Retriever:
     """A model + the vocabularies it was trained with: embeds users and retrieves items by external ID."""
 
     def __init__(self, model_dir: Path, vocab_dir: Path):
-        from recsys.bundle import embed_items
-        from recsys.core import schema
-        from recsys.core.vocab import Vocab
-        from recsys.retrieval import ExactIndex
-        from recsys.train.model import TwoTower
+        from recsys.train.model import TwoTower  # torch: only a retrain run needs it
 
         self.model = TwoTower.from_run(model_dir)
         self.items = Vocab.from_parquet(vocab_dir / schema.ITEMS, schema.ITEM_ID)
@@ -178,9 +184,6 @@ class _Retriever:
 
     def recommend(self, users: list[str], histories: list[list[str]], seen: list[list[str]], k: int):
         """Top-k external item IDs per user [n, k] (None = padding), seen items excluded."""
-        from recsys.bundle import embed_users
-        from recsys.retrieval import retrieve
-
         q = embed_users(self.model, self.users.numbers(users), [self._known_rows(h) for h in histories],
                         max_history=int(self.model.cfg.history_len))
         ids, _ = retrieve(self.index, q, k, exclude=[self._known_rows(s) for s in seen])
@@ -189,11 +192,6 @@ class _Retriever:
 
 def _gate_users(data_dir: Path, *, split: str, max_users: int, seed: int):
     """Test users of ``split`` with their serving history, seen items and truth, all as external IDs."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from recsys.core import schema
-
     if pq.read_metadata(data_dir / schema.SPLITS[split]).num_rows == 0:
         raise ValueError(f"the gate's slice {str(data_dir / schema.SPLITS[split])!r} holds no interactions: the new "
                          f"logs are too few or too short for `retrain.newest_fraction`")
@@ -225,10 +223,6 @@ def _gate_users(data_dir: Path, *, split: str, max_users: int, seed: int):
 
 def gate_metrics(retriever: _Retriever, users, histories, seen, truth, item_vocab, *, k: int) -> dict[str, float]:
     """Recall@k / NDCG@k / HitRate@k of one retriever, recommendations and truth compared by external ID."""
-    import numpy as np
-
-    from recsys.core.metrics import ranking_metrics
-
     code = {v: i for i, v in enumerate(item_vocab)}
     recs: list[list[str | None]] = []
     for s in range(0, len(users), 2048):
@@ -281,11 +275,8 @@ def retrain(
     Returns the job report (also written to ``MODELS_DIR/.retrain/<job>/report.json``): the gate's numbers, whether
     a version was published and which.
     """
-    from recsys import publish
-    from recsys.core.config import load_section, to_dict
-    from recsys.prepare import PrepareConfig, expand_inputs, prepare
-    from recsys.retrieval import IndexConfig
-    from recsys.train.loop import load_configs, train
+    from recsys.prepare import PrepareConfig, expand_inputs, prepare  # polars: only a retrain run needs it
+    from recsys.train.loop import load_configs, train  # torch: only a retrain run needs it
 
     models_dir = Path(models_dir)
     cfg = load_section(RetrainConfig, "retrain", path=config_path, overrides=overrides)
@@ -378,8 +369,6 @@ def _train_stage(train: Any, data_dir: Path, run_dir: Path, warm_from: Path | No
     """One training run of the job, resumed from its checkpoint after a crash, warm-started otherwise."""
     resume = (run_dir / "checkpoint" / "state.json").exists()
     if run_dir.exists() and not resume:
-        import shutil
-
         shutil.rmtree(run_dir)  # a crash before the first checkpoint: start the run over
     return train(data_dir, run_dir, resume=resume, init_from=None if resume else warm_from, **kw)
 
@@ -388,9 +377,6 @@ def _finish_publish(models_dir: Path, run_dir: Path, *, keep: int) -> Path | Non
     """The published version exported from ``run_dir`` (its manifest's ``run.path``), if a killed run of this job
     got that far: ``LATEST`` is moved to it unless it already names it or a newer version, and the killed run's
     leftovers are removed (``bundle.prune``). None when no published version came from ``run_dir``."""
-    from recsys import bundle as bundle_mod
-    from recsys import publish
-
     run_path = str(run_dir.resolve())
     versions = bundle_mod.list_versions(models_dir)  # oldest first
     mine = [i for i, v in enumerate(versions) if v.get("run_path") == run_path]
@@ -408,8 +394,6 @@ def _finish_publish(models_dir: Path, run_dir: Path, *, keep: int) -> Path | Non
 
 
 def _serving_dir(models_dir: Path) -> Path | None:
-    from recsys.bundle import read_latest
-
     version = read_latest(models_dir)
     return None if version is None else models_dir / version
 

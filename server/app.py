@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from recsys.v1 import recommender_pb2 as pb
 from server.metrics import Metrics, RejectionCounter
@@ -50,8 +51,6 @@ class RecommenderServer:
             except Exception:
                 log.exception("initial model load failed")
         if self.settings.metrics_port:
-            from prometheus_client import start_http_server
-
             self._metrics_http = start_http_server(self.settings.metrics_port, registry=self.metrics.registry)
             self.metrics_port = self.settings.metrics_port
         self.grpc_server.start()

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from recsys.retrieval import UNIT_SQ_TOL, HnswIndex
 from recsys.v1 import recommender_pb2 as pb
 from server import service
 from server.wire import recommend_response
@@ -28,12 +29,10 @@ def build(bundle: Any, *, check_users: int = 16) -> Any | None:
     """A ``KnownUserRecommender`` for ``bundle``, or None when its index is not the native HNSW one -- or when its
     answers for ``check_users`` users spread over the bundle (k=10, seen items excluded and not) differ from the
     Python path's by a single byte: then the error is logged and the Python path serves every request."""
-    from recsys.retrieval import UNIT_SQ_TOL, HnswIndex
-
     index = getattr(bundle, "index", None)
     if not isinstance(index, HnswIndex) or not index.native_filter:
         return None
-    from recsys import _hnsw
+    from recsys import _hnsw  # compiled extension: optional (not built without a C++ compiler)
 
     users = np.ascontiguousarray(bundle.user_embeddings, dtype=np.float32)
     sq = np.einsum("ij,ij->i", users, users, dtype=np.float64) if users.size else np.zeros(len(users))

@@ -9,6 +9,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from recsys.bundle import REFUSAL_REASONS
+
 # sub-millisecond resolution: a healthy Recommend answers in well under 1 ms
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5, 1.0, 5.0)
 
@@ -20,9 +22,6 @@ REFUSED_BY_SERVER = ("warmup", "other")
 
 def refusal_reasons() -> tuple[str, ...]:
     """Every ``reason`` label of ``recsys_bundles_refused``."""
-    # the store needs recsys.bundle too (version_dir, list_versions)
-    from recsys.bundle import REFUSAL_REASONS
-
     return (*REFUSAL_REASONS, *REFUSED_BY_SERVER)
 
 

@@ -12,6 +12,8 @@ index returns ids [n, k] int64 and scores [n, k] float32, padded with id -1 / sc
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import logging
 import math
 import threading
 import weakref
@@ -195,7 +197,7 @@ class NativeUserTower:
     __slots__ = ("__weakref__", "native")
 
     def __init__(self, twin: Any) -> None:
-        from recsys import _hnsw
+        from recsys import _hnsw  # compiled extension: optional (not built without a C++ compiler)
 
         self.native = _hnsw.UserTower(**twin.arrays())
 
@@ -214,14 +216,14 @@ def _build_tower(bundle: Any) -> Any:
     spread over the bundle (known users with their stored history + a few items, new users with and without a
     history, several batch shapes); the first that agrees serves. None -- every call then goes to
     ``bundle.embed_users`` -- when the bundle has no torch model or neither twin agrees (logged)."""
-    import logging
-
     log = logging.getLogger("server.service")
     try:
-        from recsys.train.model import NumpyUserTower, TwoTower
+        from recsys.train.model import NumpyUserTower, TwoTower  # torch: not on the serving import path
 
         model = bundle.model
-    except Exception:  # a bundle without towers (test doubles) or without torch
+    except Exception as e:  # a bundle without towers (test doubles) or without torch
+        log.warning("no request-path user tower for model %s (%s: %s); bundle.embed_users serves",
+                    getattr(bundle, "version", "?"), type(e).__name__, e)
         return None
     if not isinstance(model, TwoTower) or int(bundle.n_users) < 1 or int(bundle.n_items) < 1:
         return None
@@ -631,8 +633,6 @@ def flatten_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 def model_info(bundle: Any) -> dict[str, Any]:
     """Version, created-at, dim, metric, counts, the flattened evaluation summary ("split.metric" keys) and what
     the final fit trained on (interactions, newest time) of a bundle."""
-    import datetime as dt
-
     evaluation = bundle.evaluation or {}
     split = evaluation.get("split")
     manifest = getattr(bundle, "manifest", None) or {}

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from recsys.bundle import Bundle, BundleError, list_versions, read_latest, version_dir
 from recsys.core import schema
 from server import fastpath, service
 from server.metrics import Metrics
@@ -29,9 +30,7 @@ log = logging.getLogger("recsys.server.store")
 
 
 def default_loader(path: Path) -> Any:
-    """Load and verify a bundle directory (``recsys.bundle.Bundle.load``; imported lazily)."""
-    from recsys.bundle import Bundle
-
+    """Load and verify a bundle directory (``recsys.bundle.Bundle.load``)."""
     return Bundle.load(path, verify=True)
 
 
@@ -87,15 +86,11 @@ class ModelStore:
     def latest_version(self) -> str | None:
         """The version named in ``MODELS_DIR/LATEST`` (unchecked: :meth:`reload` checks it through
         ``version_dir`` and counts a refusal), or None when there is none yet."""
-        from recsys.bundle import read_latest
-
         return read_latest(self.models_dir, check=False)
 
     def list_versions(self) -> list[dict[str, Any]]:
         """Versions in ``models_dir``, newest first (as ``ListModels`` promises; ``recsys.bundle.list_versions``
         lists oldest first)."""
-        from recsys.bundle import list_versions
-
         return [dict(v) for v in reversed(list_versions(self.models_dir))]
 
     # ------------------------------------------------------------------ loading
@@ -107,8 +102,6 @@ class ModelStore:
         The version directory is checked by ``recsys.bundle.version_dir`` (a ``LATEST`` holding a path or naming a
         symlink out of ``models_dir`` is refused), then loaded by the loader and warmed up.
         """
-        from recsys.bundle import BundleError, version_dir
-
         with self._reload_lock:
             target = version or self.latest_version()
             if target is None:

@@ -12,7 +12,7 @@ from recsys.bundle.files import pad_histories
 
 
 def _torch_embed(model: Any, fn: str, batches: Iterator[tuple[Any, ...]], *, n: int, dim: int) -> np.ndarray:
-    import torch
+    import torch  # torch: not on the serving import path
 
     out = np.empty((n, dim), dtype=np.float32)
     pos = 0

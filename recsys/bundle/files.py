@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -72,8 +73,6 @@ class BundleError(ValueError):
 
 def jsonable(obj: Any) -> Any:
     """Plain-JSON copy of ``obj`` (numpy scalars/arrays, tuples, Paths, dataclasses)."""
-    import dataclasses
-
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
@@ -106,7 +105,7 @@ def read_json(path: Path, *, what: str, reason: str = "invalid") -> dict[str, An
 
 def read_ragged(path: Path, *, n_rows: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """``user_idx i32, items list[i32]`` parquet -> (offsets [n_rows + 1] int64, values [nnz] int64)."""
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow: not on the serving import path
     import pyarrow.parquet as pq
 
     t = pq.read_table(path)

@@ -23,6 +23,7 @@ from recsys.bundle.files import (
 from recsys.bundle.versions import resolve
 from recsys.core import schema
 from recsys.core.io import sha256_file
+from recsys.retrieval import ExactIndex, HnswIndex
 from recsys.train.recency import popularity_order
 
 
@@ -71,7 +72,7 @@ class Bundle:
         return b
 
     def _load_contents(self) -> None:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # pyarrow: not on the serving import path
 
         p = self.path
         self.item_embeddings = _load_matrix(p / schema.ITEM_EMBEDDINGS, rows=self.n_items, dim=self.dim)
@@ -111,8 +112,6 @@ class Bundle:
                 raise BundleError(f"{name}: item rows must be in [0, {self.n_items}), got [{vals.min()}, {vals.max()}]")
         for a in (self._hist_off, self._hist_val, self._seen_off, self._seen_val):
             a.setflags(write=False)
-
-        from recsys.retrieval import ExactIndex, HnswIndex
 
         self.exact = ExactIndex(self.item_embeddings, metric=self.metric)
         ef = int(self.manifest.get("index", {}).get("ef") or 64)
@@ -195,7 +194,7 @@ class Bundle:
         if self._model is None:
             with self._model_lock:
                 if self._model is None:
-                    from recsys.train.model import TwoTower
+                    from recsys.train.model import TwoTower  # torch: not on the serving import path
 
                     m = TwoTower.from_run(self.path, device="cpu")
                     if served_dim(m) != self.dim:

@@ -43,7 +43,7 @@ def models_lock(models_dir: Path) -> Iterator[None]:
     """Serialise publish / prune / rollback between processes sharing ``models_dir`` (advisory flock)."""
     models_dir.mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl
+        import fcntl  # fcntl: POSIX-only (optional)
     except ImportError:  # pragma: no cover - non-POSIX: best effort, no lock
         yield
         return

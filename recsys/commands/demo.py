@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from recsys.core.config import load_section
+from recsys.core.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +76,7 @@ def _say(title: str) -> None:
 def _split_logs(synth_dir: Path, out: Path, share: float) -> tuple[Path, int]:
     """Write the oldest ``share`` of the synthetic logs' time range to ``out/part-0.parquet``; returns the
     directory and the cut (epoch ms, exclusive)."""
-    import polars as pl
-
-    from recsys.core.io import atomic_dir
+    import polars as pl  # polars: imported here so `recsys --help` stays fast
 
     logs = pl.scan_parquet(synth_dir / "logs" / "*.parquet")
     lo, hi = logs.select(pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi")).collect().row(0)
@@ -99,18 +101,18 @@ def _show(title: str, rec: Any, titles: dict[str, str], cats: dict[str, str]) ->
 
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    # polars, torch, grpc, the server: imported here so `recsys --help` stays fast
     import polars as pl
 
     from recsys import bundle as bundle_mod
     from recsys import publish
     from recsys.client import RecommenderClient, RecommenderError
-    from recsys.core.config import load_section
     from recsys.evaluate import evaluate, write_report
     from recsys.prepare import PrepareConfig, format_summary, prepare
     from recsys.prepare.synth import SynthConfig, generate
     from recsys.retrain import retrain
     from recsys.train.loop import load_configs, train
-    from server import ServeSettings, create_server
+    from server import ServeSettings, create_server, serve_until_signal
 
     t_start = time.perf_counter()
     work = Path(opts.workdir)
@@ -148,8 +150,6 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     run_dir = work / "runs" / "v1"
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     model_cfg, train_cfg, loss_cfg = load_configs(config_path, overrides)
     summary = train(data_dir, run_dir, model_cfg=model_cfg, train_cfg=train_cfg, loss_cfg=loss_cfg,
@@ -256,8 +256,6 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     _say("done")
     print("timings (s): " + ", ".join(f"{k}={v}" for k, v in timings.items()))
     if opts.serve:
-        from server import serve_until_signal
-
         print(f"server left running on {target} (Ctrl-C to stop); try: recsys query info --target {target}")
         serve_until_signal(app, grace_s=settings.grace_s)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _ks(text: str) -> list[int]:
@@ -51,8 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
+    # numpy, scipy: imported here so `recsys --help` stays fast
     from recsys.bundle import Bundle
     from recsys.evaluate import evaluate, write_report
 

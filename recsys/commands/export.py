@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+from recsys.core.config import load_section
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,9 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from recsys.core.config import load_section
+    # numpy (torch on use): imported here so `recsys --help` stays fast
     from recsys.publish import export
     from recsys.retrieval import IndexConfig
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+
+from recsys.core.config import load_section
 
 # flag -> PrepareConfig field; a flag given on the command line wins over --set and the config file
 _FLAGS = {
@@ -71,16 +75,13 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    import sys
-
     if "polars" not in sys.modules:
         # Polars' jemalloc keeps freed pages for 10 s by default; returning them after 50 ms lowers the peak RSS
         # of the numpy steps that follow the big group-by (10M events: ~1.4 -> ~0.7 GiB). 0 ms would return them
         # at once, but then every streaming morsel is a fresh page-faulted mmap: +70% CPU (measured, 10M events).
         # Only effective before polars is imported.
         os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:50,muzzy_decay_ms:0")
-    from recsys.core.config import load_section
+    # polars: after the env var above; `recsys --help` stays fast
     from recsys.prepare import PrepareConfig, format_summary, prepare
 
     cfg = load_section(PrepareConfig, "prepare", path=args.config, overrides=_overrides(args))

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from recsys.core.logs import report_error
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -60,10 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
+    # grpc: imported here so `recsys --help` stays fast
     from recsys.client import RecommenderClient, RecommenderError
-    from recsys.core.logs import report_error
 
     token = args.admin_token or os.environ.get("RECSYS_ADMIN_TOKEN")
     client = RecommenderClient(

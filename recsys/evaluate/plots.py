@@ -10,10 +10,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
+
+from recsys.core import schema
+from recsys.core.data import feature_codes
 
 
 def _pyplot() -> Any:
-    import matplotlib
+    import matplotlib  # matplotlib: heavy, only the plots need it
 
     matplotlib.use("Agg", force=True)  # no display; safe in servers and CI
     import matplotlib.pyplot as plt
@@ -22,7 +26,7 @@ def _pyplot() -> Any:
 
 
 def _null_formatter() -> Any:
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import NullFormatter  # matplotlib: heavy
 
     return NullFormatter()
 
@@ -69,7 +73,7 @@ def ann_tradeoff_png(sweep: Mapping[str, Any]) -> bytes:
         ax.plot([tuned[0]["p50_ms"]], [tuned[0]["recall"]], "r*", markersize=14, label=f"tuned ef={sweep['tuned_ef']}")
     ax.axvline(sweep["exact"]["p50_ms"], color="grey", ls=":", label=f"exact scan p50 {sweep['exact']['p50_ms']:.3f} ms")
     ax.set_xscale("log")
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter  # matplotlib: heavy
 
     ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     ax.xaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
@@ -93,7 +97,7 @@ def embedding_2d(vectors: np.ndarray, *, method: str = "auto", seed: int = 0) ->
     x = np.asarray(vectors, dtype=np.float64)
     if method in ("auto", "tsne") and len(x) > 3:
         try:
-            from sklearn.manifold import TSNE
+            from sklearn.manifold import TSNE  # sklearn: optional, heavy
         except ImportError:
             if method == "tsne":
                 raise ImportError("method='tsne' needs scikit-learn (pip install scikit-learn)") from None
@@ -107,11 +111,6 @@ def embedding_2d(vectors: np.ndarray, *, method: str = "auto", seed: int = 0) ->
 
 def _item_labels(bundle: Any) -> tuple[np.ndarray, dict[int, str], str]:
     """Category codes [n_items] + code -> value, for the feature named like 'category' (else the first one)."""
-    import pyarrow.parquet as pq
-
-    from recsys.core import schema
-    from recsys.core.data import feature_codes
-
     items = bundle.item_table
     feats = [c for c in items.column_names if c.startswith(schema.FEAT_PREFIX)]
     if not feats:
@@ -136,7 +135,7 @@ def embedding_map_png(
     plt = _pyplot()
     if max_points is None:
         try:
-            import sklearn  # noqa: F401
+            import sklearn  # noqa: F401 - sklearn: optional, heavy
 
             max_points = 2000  # t-SNE is O(n log n) but slow in practice: 2k points take ~15-30 s on 2 cores
         except ImportError:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from recsys.core.metrics import ranking_metrics
 from recsys.evaluate.evalset import load_eval_set
 from recsys.evaluate.run import DEFAULT_KS, ann_recall, check_k, finite, search_all
 
@@ -30,7 +31,6 @@ def quick_evaluation(
     es = load_eval_set(data_dir, split, max_users=max_users, seed=seed)
     ks = sorted({min(check_k(k), es.n_items) for k in ks})
     q = user_emb[es.users]
-    from recsys.core.metrics import ranking_metrics
 
     ex = search_all(exact, q, ks[-1], seen=es.seen)
     an = search_all(ann, q, ks[-1], seen=es.seen)

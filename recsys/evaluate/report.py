@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from recsys.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from recsys.evaluate import plots as P
 from recsys.evaluate.run import finite
 
 log = logging.getLogger(__name__)
@@ -18,18 +21,12 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path, *, bundle: Any 
 
     ``bundle`` (the evaluated one) feeds the 2-D map of item embeddings. Returns name -> path of what was written.
     """
-    import json
-
-    from recsys.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = dict(report)
     written: dict[str, Path] = {}
     plot_files: dict[str, str] = {}
     if plots:
-        from recsys.evaluate import plots as P
-
         try:
             pngs = {
                 "recall_at_k": P.recall_curves_png(report),

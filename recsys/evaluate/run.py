@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from recsys.bundle import Bundle
 from recsys.core import schema
+from recsys.core.logs import Throttle
+from recsys.core.metrics import ranking_metrics
 from recsys.evaluate.evalset import (
     HEAD_SHARE,
     TORSO_SHARE,
@@ -24,6 +28,7 @@ from recsys.evaluate.evalset import (
     load_eval_set,
     popularity_percentile,
 )
+from recsys.retrieval import HnswIndex, recall_vs_exact, retrieve
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +55,6 @@ def _batched(
     fn: Callable[[slice], np.ndarray], n: int, k: int, *, desc: str, progress: bool | None
 ) -> np.ndarray:
     """``fn`` over ``n`` users in batches. ``progress``: True = a tqdm bar, False = log lines, None = silent."""
-    from tqdm.auto import tqdm
-
-    from recsys.core.logs import Throttle
-
     out = np.full((n, k), -1, dtype=np.int64)
     # without a bar (no terminal): one line when done, and one every `recsys --progress-every` seconds on the way
     throttle, t0 = Throttle(enabled=progress is False), time.perf_counter()
@@ -75,8 +76,6 @@ def search_all(
 ) -> np.ndarray:
     """Top-``k`` item ids ``[n, k]`` for ``queries [n, dim]`` minus each query's seen items (serving's rule).
     ``progress``: True = a tqdm bar, False = log lines (a progress line every `--progress-every` s), None = silent."""
-    from recsys.retrieval import retrieve
-
     return _batched(lambda sl: retrieve(index, queries[sl], k, seen=seen[sl])[0], len(queries), k, desc=desc,
                     progress=progress)
 
@@ -90,8 +89,6 @@ def score_topk(
     pop_pct: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Metrics, coverage, popularity bias and segments of ``topk [m, K]`` (dataset item rows, -1 = none)."""
-    from recsys.core.metrics import ranking_metrics
-
     metrics = ranking_metrics(topk, es.relevant, ks)
     pop_pct = popularity_percentile(es.item_popularity) if pop_pct is None else pop_pct
     for k in ks:
@@ -116,8 +113,6 @@ def score_topk(
 
 
 def _segment(topk: np.ndarray, relevant: list[np.ndarray], ks: Sequence[int]) -> dict[str, Any]:
-    from recsys.core.metrics import ranking_metrics
-
     keep = np.array([len(r) > 0 for r in relevant], dtype=bool)
     n = int(keep.sum())
     out: dict[str, Any] = {"n_users": n, "n_relevant": int(sum(len(r) for r in relevant))}
@@ -128,8 +123,6 @@ def _segment(topk: np.ndarray, relevant: list[np.ndarray], ks: Sequence[int]) ->
 
 def ann_recall(ann: np.ndarray, exact: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
     """``ann_recall@k`` = mean |ANN top-k ∩ exact top-k| / |exact top-k| for each k."""
-    from recsys.retrieval import recall_vs_exact
-
     return {f"ann_recall@{k}": float(recall_vs_exact(ann[:, :k], exact[:, :k])) for k in ks}
 
 
@@ -215,7 +208,7 @@ def _pad_k(topk: np.ndarray, big_k: int) -> np.ndarray:
 
 def make_baseline(name: str, *, n_items: int, ease_max_items: int = 10_000) -> Any:
     """Popularity / ItemKNN / EASE with their default hyper-parameters; ``ValueError`` if EASE would not fit."""
-    from recsys.evaluate.baselines import EASE, ItemKNN, Popularity
+    from recsys.evaluate.baselines import EASE, ItemKNN, Popularity  # scipy: heavy, only baselines need it
 
     if name == "popularity":
         return Popularity()
@@ -244,8 +237,6 @@ def ann_sweep(
     Returns ``{"k", "n_queries", "tuned_ef", "exact": {p50_ms, ...}, "rows": [{ef, recall, p50_ms, p95_ms,
     batch_ms_per_query}]}``; queries are searched with their seen items excluded, as served.
     """
-    from recsys.retrieval import HnswIndex, recall_vs_exact, retrieve
-
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(queries), size=min(max_queries, len(queries)), replace=False))
     q, s = queries[pick], [seen[i] for i in pick]
@@ -314,8 +305,6 @@ def evaluate(
     ["metrics"]["recall@20"]`` (exact retrieval), ``"two_tower_hnsw"`` for the served ANN path, and
     ``report["summary"]`` (a flat copy of the two-tower metrics + ANN recall).
     """
-    from recsys.bundle import Bundle
-
     ks = sorted({check_k(k) for k in ks})
     if not ks:
         raise ValueError("`ks` must hold at least one cut-off")

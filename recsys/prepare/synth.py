@@ -56,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from recsys.core.config import to_dict
 from recsys.core.io import atomic_dir, atomic_write_json, sha256_file
@@ -585,9 +587,6 @@ def _generate_shard(
 
 def generate(out: str | Path, *, config: SynthConfig, overwrite: bool = False) -> dict[str, Any]:
     """Write a synthetic dataset to ``out`` (atomically) and return the ``synth.json`` summary (plus ``seconds``)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     cfg = config
     cfg.validate()
     started = time.perf_counter()

@@ -24,7 +24,7 @@ def blas_threads(n: int = 1) -> Iterator[bool]:
     threadpoolctl is not installed, in which case set ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` before start.
     """
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # threadpoolctl: optional
     except ImportError:  # optional dependency: without it the block runs unchanged
         yield False
         return

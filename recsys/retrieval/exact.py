@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,8 +148,6 @@ class ExactIndex:
 
     def save(self, path: str | Path) -> None:
         """Write ``vectors``, ``ids`` and ``metric`` to one ``.npz`` (no pickle), atomically."""
-        import io
-
         vecs, idmap = self._state
         buf = io.BytesIO()
         np.savez(buf, vectors=vecs, ids=idmap.ids, metric=np.array(self.metric))

@@ -37,7 +37,7 @@ def _native_module() -> Any:
     global _NATIVE, _NATIVE_ERROR
     if _NATIVE is None and _NATIVE_ERROR is None:
         try:
-            from recsys import _hnsw
+            from recsys import _hnsw  # compiled extension: optional (not built without a C++ compiler)
 
             _NATIVE = _hnsw
         except ImportError as e:
@@ -303,7 +303,7 @@ class HnswIndex:
         if mod is not None:
             self._index = mod.Index(self.dim)
         else:
-            import hnswlib
+            import hnswlib  # hnswlib: only the fallback when recsys._hnsw is not built
 
             self._index = hnswlib.Index(space="ip", dim=self.dim)
         n = vecs.shape[0]

@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from recsys.train import losses
+
 __all__ = [
     "DistContext",
     "all_gather_nograd",
@@ -272,14 +274,12 @@ def contrastive_loss(
         the single-process loss of the concatenated batch, and so are the averaged gradients), and the global
         batch's candidates and items (what a MoCo queue should enqueue, identically on every rank).
     """
-    from recsys.train import losses
-
     kw: dict[str, Any] = dict(
         temperature=temperature, log_q=log_q, correct_positive=correct_positive, extra_c=extra_c,
         extra_item_ids=extra_ids if mask_items else None, extra_log_q=extra_log_q,
     )  # fmt: skip
     if fused:
-        from recsys.train.kernels.fused_loss import in_batch_softmax_fused as shard_loss
+        from recsys.train.kernels.fused_loss import in_batch_softmax_fused as shard_loss  # triton: optional
     else:
         shard_loss = partial(losses.in_batch_softmax_shard, chunk_size=chunk_size)
     if score_bias is not None and (fused or chunk_size or ctx.enabled):

@@ -27,24 +27,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from recsys.core import schema
-from recsys.core.config import to_dict
+from recsys.core.config import ConfigError, load_section, parse_overrides, to_dict
 from recsys.core.data import (
     Interactions,
     PreparedData,
+    embed_titles,
     feature_widths,
+    fingerprint,
     last_items,
     load_prepared,
     user_item_lists,
 )
-from recsys.core.io import atomic_dir, atomic_write_json
+from recsys.core.io import atomic_dir, atomic_write_json, sha256_file
 from recsys.core.logs import Throttle
-from recsys.train import recency
+from recsys.core.metrics import ranking_metrics
+from recsys.train import losses, recency
 from recsys.train.config import FeatureSpec, LossConfig, ModelConfig, TrainConfig
-from recsys.train.distributed import DistContext
+from recsys.train.distributed import DistContext, RankZeroEvaluator, epoch_seed, init_from_env, sync_gradients
+from recsys.train.kernels import graphs
+from recsys.train.losses import ItemEmbeddingQueue
 from recsys.train.model import PRIOR_SCALES, TwoTower
+from recsys.train.optim import RowWiseAdagrad
+from recsys.train.warmstart import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +136,7 @@ class _Writer:
         self.enabled = enabled  # data-parallel ranks other than 0 write nothing
         if tensorboard and enabled:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # tensorboard: optional
 
                 self.tb = SummaryWriter(str(run_dir / "tb"))
             except ImportError:  # tensorboard is optional
@@ -223,8 +234,6 @@ class Evaluator:
         """The metrics of the model's top-k. With ``model.time_prior``: those of the best prior weight of
         ``PRIOR_SCALES`` by ``select`` (the first of equal ones), which ``prior_scale`` reports (the model's own is
         left as it was: the trainer sets it with the weights it keeps)."""
-        from recsys.core.metrics import ranking_metrics
-
         if model.prior_scale is None:
             return ranking_metrics(self.topk(model), self.relevant, ks=self.ks)
         best: dict[str, float] = {}
@@ -411,7 +420,6 @@ class Trainer:
         )
         if self.init_from is not None:
             # warm start (retraining): rows of overlapping IDs/feature values and same-shaped weights carry over
-            from recsys.train.warmstart import warm_start
 
             self.warm_start_stats = warm_start(self.model, self.init_from, self.data.path)
         self.model = self.model.to(self.device)
@@ -438,8 +446,6 @@ class Trainer:
             self.sparse_ids = frozenset(emb_ids)
             emb_lr = tc.embedding_lr or tc.lr
             if tc.sparse_optimizer == "rowwise_adagrad":
-                from recsys.train.optim import RowWiseAdagrad
-
                 self.optimizers.append(RowWiseAdagrad(emb, lr=emb_lr))
             else:
                 self.optimizers.append(torch.optim.SparseAdam(emb, lr=emb_lr))
@@ -472,7 +478,6 @@ class Trainer:
             self.items_fn = torch.compile(self.model._items)
         self.graphed = None  # recsys.train.kernels.graphs.GraphedStep, made at the first step
         self.graphs_off: str | None = None  # why train.cuda_graphs is not in use
-        from recsys.train.losses import ItemEmbeddingQueue
 
         self.queue = ItemEmbeddingQueue(lc.queue_size, self.mcfg.dim, device=self.device, dtype=torch.float32) \
             if lc.queue_size else None
@@ -573,8 +578,6 @@ class Trainer:
         return torch.where(ok, self.t_item[idx.clamp(min=0)], torch.full_like(idx, -1))
 
     def loss(self, rows: torch.Tensor) -> torch.Tensor:
-        from recsys.train import losses
-
         m, lc, mc = self.model, self.lcfg, self.mcfg
         users, items = self.t_user[rows], self.t_item[rows]
         cuda = self.device.type == "cuda"
@@ -629,6 +632,7 @@ class Trainer:
                                                   mc.time_windows_days)
                 h = m.item_prior(torch.as_tensor(pair, device=self.device))  # [B, B + M, K]
                 bias = torch.einsum("bk,bck->bc", m.user_prior(self.t_user_state[rows]), h)  # [B, B + M]
+            # looked up at call time: tests monkeypatch recsys.train.distributed.contrastive_loss
             from recsys.train.distributed import contrastive_loss
 
             # plain / chunked softmax, or with several ranks this rank's rows against every rank's candidates
@@ -660,8 +664,6 @@ class Trainer:
         """
         if self.tcfg.cuda_graphs and not check and self.graphs_off is None:
             if self.graphed is None:
-                from recsys.train.kernels import graphs
-
                 self.graphs_off = graphs.unsupported(self)
                 if self.graphs_off:
                     log.warning("train.cuda_graphs is off: %s", self.graphs_off)
@@ -684,8 +686,6 @@ class Trainer:
                 return value  # the caller stops before any weight is touched
         loss.backward()
         if self.dist.enabled:
-            from recsys.train.distributed import sync_gradients
-
             # every rank looks up the same number of rows (SSL views use the global batch's items); a reused sparse
             # item table has its gradient padded to a fixed size by _fixed_size_sparse_grad
             sync_gradients(self.trained, self.dist, sparse_ids=self.sparse_ids)
@@ -762,7 +762,6 @@ def _save_weights(model: TwoTower, path: Path, *, write: bool = True) -> None:
     (data-parallel ranks other than 0)."""
     if not write:
         return
-    from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
@@ -774,7 +773,6 @@ def _save_checkpoint(run_dir: Path, trainer: Trainer, progress: _Progress) -> No
     """Rank 0 writes; progress is global (steps of global batches), so any world size can resume it."""
     if not trainer.dist.is_main:
         return
-    from safetensors.torch import save_file
 
     with atomic_dir(run_dir / schema.CHECKPOINT_DIR, overwrite=True) as tmp:
         save_file(trainer.state_tensors(), str(tmp / STATE_WEIGHTS))
@@ -808,7 +806,6 @@ def _load_title_embeddings(data: PreparedData, model_cfg: ModelConfig, run_dir: 
         emb = np.load(cache, allow_pickle=False)
         if emb.shape[0] == data.n_items:
             return emb
-    from recsys.core.data import embed_titles
 
     emb = embed_titles(data.titles, model_dir=model_cfg.text_model or None)
     tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}.npy")
@@ -847,8 +844,6 @@ def train(
         ValueError: ``resume`` with a config that differs from the run's in a field that changes the result.
         TrainingDiverged: the loss became NaN/inf (the last good checkpoint and best weights are kept).
     """
-    from recsys.train.distributed import init_from_env
-
     model_cfg, train_cfg, loss_cfg = model_cfg or ModelConfig(), train_cfg or TrainConfig(), loss_cfg or LossConfig()
     run_dir = Path(out_dir)
     # under torchrun (WORLD_SIZE > 1): join the process group; the device becomes cuda:LOCAL_RANK on GPUs
@@ -921,8 +916,6 @@ def _train(
 
     progress = _Progress()
     if resume:
-        from safetensors.torch import load_file
-
         meta = json.loads((ckpt / STATE_JSON).read_text())
         progress = _Progress(**meta["progress"])
         if (progress.phase == "done" and not progress.refit_epochs and not progress.stopped_early
@@ -944,8 +937,6 @@ def _train(
         if progress.phase == "fit":
             evaluator = _validation(data, model_cfg, train_cfg, dev) if ctx.is_main else None
             if ctx.enabled and len(data.valid):
-                from recsys.train.distributed import RankZeroEvaluator
-
                 evaluator = RankZeroEvaluator(evaluator, ctx)
             trainer.set_interactions(data.train)
             _run_phase(trainer, progress, writer, run_dir, evaluator=evaluator, epochs=train_cfg.epochs)
@@ -988,12 +979,6 @@ def final_fit_splits(data: PreparedData, train_cfg: TrainConfig) -> tuple[str, .
 def final_fit_record(data_dir: str | Path, splits: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """What a final fit saw, for the bundle manifest and ``recsys evaluate``'s in-sample check: the splits, their
     row count and time range, the prepared dataset's fingerprint and each split file's sha256."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from recsys.core.data import fingerprint
-    from recsys.core.io import sha256_file
-
     d = Path(data_dir)
     rows, lo, hi = 0, None, None
     for s in splits:
@@ -1025,8 +1010,6 @@ def _run_phase(
     epochs: int,
 ) -> None:
     """Train epochs ``progress.epoch + 1 .. epochs`` of the current phase, validating and checkpointing each."""
-    from tqdm.auto import tqdm
-
     tc = trainer.tcfg
     ctx = trainer.dist
     n = int(trainer.t_item.shape[0])
@@ -1051,8 +1034,6 @@ def _run_phase(
         epoch = progress.epoch + 1
         t0 = time.perf_counter()
         if ctx.enabled:
-            from recsys.train.distributed import epoch_seed
-
             # one permutation for every rank (a generator of its own), and per-rank dropout / negative draws
             gen = torch.Generator().manual_seed(epoch_seed(tc.seed, phase, epoch))
             perm = torch.randperm(n, generator=gen).to(trainer.device)
@@ -1176,8 +1157,6 @@ def load_configs(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> tuple[ModelConfig, TrainConfig, LossConfig]:
     """The three training sections of one TOML file + ``section.field=value`` overrides."""
-    from recsys.core.config import ConfigError, load_section, parse_overrides
-
     unknown = sorted(set(parse_overrides(overrides)) - {"model", "train", "loss"})
     if unknown:
         raise ConfigError(f"override section(s) {unknown} are not training sections (model, train, loss)")

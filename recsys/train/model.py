@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from recsys.core import schema
-from recsys.core.config import to_dict
+from recsys.core.config import from_dict, to_dict
 from recsys.train.config import FeatureSpec, ModelConfig
 from recsys.train.layers import AttentionPool, CodeEmbedding, mlp
 from recsys.train.recency import N_USER_TIME_FEATURES, n_time_features, new_user_time_features
@@ -323,6 +324,7 @@ class TwoTower(nn.Module):
     def item_views(self, item_idx: Tensor, drop: float) -> tuple[Tensor, Tensor]:
         """Two feature-dropout views of the items (self-supervised loss): each input (ID, each feature, title)
         masked with prob ``drop``, the masks drawn by :func:`recsys.train.losses.feature_dropout` (one rule for both)."""
+        # looked up at call time: tests monkeypatch recsys.train.losses.feature_dropout
         from recsys.train.losses import feature_dropout
 
         text = self.item_text[item_idx] if self.item_text is not None else None
@@ -343,7 +345,7 @@ class TwoTower(nn.Module):
     def pool_history(self, history: Tensor) -> Tensor:
         """history [B, N] item rows (-1 = pad) -> pooled [B, E]; an empty history pools to zeros."""
         if self.pool is not None and self.pool.kernel == "triton" and self.training:
-            from recsys.train.kernels import fused_pool
+            from recsys.train.kernels import fused_pool  # triton: optional
 
             return fused_pool.attention_pool(self._history_table(), history, self.pool)
         mask = history >= 0
@@ -444,8 +446,6 @@ class TwoTower(nn.Module):
     @classmethod
     def from_model_json(cls, meta: dict[str, Any]) -> TwoTower:
         """An untrained model with the architecture in ``meta`` (the content of model.json)."""
-        from recsys.core.config import from_dict
-
         if meta.get("format") != MODEL_FORMAT:
             raise ValueError(f"model.json `format` must be {MODEL_FORMAT}, got {meta.get('format')!r}")
         if meta.get("metric") != schema.METRIC:
@@ -466,8 +466,6 @@ class TwoTower(nn.Module):
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str | torch.device = "cpu") -> TwoTower:
         """Rebuild the best model of a training run (or a bundle dir): model.json + model.safetensors, eval mode."""
-        from safetensors.torch import load_file
-
         run_dir = Path(run_dir)
         meta_path, weights_path = run_dir / schema.MODEL_JSON, run_dir / schema.MODEL_WEIGHTS
         for p in (meta_path, weights_path):
@@ -633,6 +631,6 @@ class NumpyUserTower:
 
 
 def _erf(x: Any) -> Any:
-    from scipy.special import erf
+    from scipy.special import erf  # scipy: heavy, only the time prior needs it
 
     return erf(x)

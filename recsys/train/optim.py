@@ -112,6 +112,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                     if self.fused is None:
                         self.fused = _choose_fused(p.device)
                     if self.fused:
+                        # triton: optional, imported on use
                         from recsys.train.kernels.triton_optim import rowwise_adagrad_update_
 
                         rowwise_adagrad_update_(p, acc, idx, vals, lr=lr, eps=eps)

@@ -7,6 +7,10 @@ kernels without a GPU. Importing this module fixes one incompatibility of Triton
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -36,12 +40,7 @@ def kernel_report(fn, ptr_types: dict[str, str], constexprs: dict, *, num_warps:
     MUFU.EX2: exponentials; LDGSTS / LDG.E.128: async / 16-byte loads; LDG.E.U16: 2-byte loads; STL / LDL: local
     memory). Raises what Triton raises when the kernel does not compile; not under TRITON_INTERPRET.
     """
-    import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    import triton
+    import triton  # triton: optional
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

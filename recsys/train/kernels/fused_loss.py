@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from recsys.train import losses
-from recsys.train.kernels._triton import INTERPRET
+from recsys.train.kernels._triton import INTERPRET, kernel_report
 
 MAX_DIM = 256  # one tile holds a whole embedding row
 
@@ -473,8 +473,6 @@ def compile_report(
     ``flags``: the loss options as the kernels see them (HAS_BIAS, CORRECT_POS, MASK_ITEM, MASK_EXTRA, MASK_USER,
     NEED_T, NEED_BIAS); the defaults are the trainer's defaults.
     """
-    from recsys.train.kernels._triton import kernel_report
-
     cfg = config or default_config(dim)
     f = dict(HAS_BIAS=True, CORRECT_POS=False, MASK_ITEM=True, MASK_EXTRA=False, MASK_USER=True, NEED_T=False,
              NEED_BIAS=False)  # fmt: skip

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from recsys.train.kernels._triton import INTERPRET
+from recsys.train.kernels._triton import INTERPRET, kernel_report
+from recsys.train.layers import AttentionPool
 
 MAX_DIM = 128  # a [N, E] tile per user and the [E, E] key weights stay in registers / shared memory
 MAX_HISTORY = 128
@@ -278,8 +279,6 @@ def attention_pool(table: nn.Embedding, history: Tensor, pool: nn.Module, *, num
 def self_check(device: torch.device, *, dim: int, history_len: int, seed: int = 0) -> float:
     """Largest relative error of the fused pooling's output and gradients (table, key weights, query, recency)
     against the torch path on a random problem on ``device``, under the autocast training uses there."""
-    from recsys.train.layers import AttentionPool
-
     g = torch.Generator(device="cpu").manual_seed(seed)
     b, n_rows = 300, 500
     pool = AttentionPool(dim, history_len).to(device)
@@ -316,8 +315,6 @@ def timings(device: torch.device, *, batch: int, history_len: int, dim: int, n_r
             reps: int = 5) -> tuple[float, float]:
     """Median milliseconds of one forward + backward of the pooling at this shape on ``device``, (fused, torch),
     under the training autocast: what ``train.history_kernel = "auto"`` weighs before it picks the kernels."""
-    from recsys.train.layers import AttentionPool
-
     g = torch.Generator(device="cpu").manual_seed(0)
     pool = AttentionPool(dim, history_len).to(device)
     table = nn.Embedding(n_rows, dim, sparse=sparse).to(device)
@@ -354,8 +351,6 @@ def timings(device: torch.device, *, batch: int, history_len: int, dim: int, n_r
 
 def compile_report(*, dim: int = 128, history_len: int = 50, ieee: bool = False, arch: int = 90) -> list[dict]:
     """:func:`recsys.train.kernels._triton.kernel_report` of both kernels (sm_90 by default) as training launches them."""
-    from recsys.train.kernels._triton import kernel_report
-
     ptrs = dict(TABLE="*fp32", HIST="*i64", REC="*fp32", WT="*fp32", W="*fp32", BK="*fp32", QS="*fp32",
                 OUT="*fp32", ATT="*fp32", G="*fp32", GOUT="*fp32", DH="*fp32", DW="*fp32", DB="*fp32",
                 DQ="*fp32", DREC="*fp32")  # fmt: skip

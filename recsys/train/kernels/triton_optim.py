@@ -26,7 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from recsys.train.kernels._triton import INTERPRET  # noqa: F401 - also patches the interpreter for NumPy >= 2.4
+from recsys.train.kernels._triton import (
+    INTERPRET,  # noqa: F401 - also patches the interpreter for NumPy >= 2.4
+    kernel_report,
+)
 from recsys.train.segments import sorted_segments
 
 BLOCK_ROWS = 32
@@ -102,8 +105,6 @@ def rowwise_adagrad_update_(weight: Tensor, acc: Tensor, idx: Tensor, values: Te
 
 def compile_report(*, dim: int = 128, arch: int = 90) -> list[dict]:
     """:func:`recsys.train.kernels._triton.kernel_report` of both kernels for fp32 tables of width ``dim``."""
-    from recsys.train.kernels._triton import kernel_report
-
     ptrs = dict(VALS="*fp32", ORDER="*i64", SEG="*i64", SUMS="*fp32", W="*fp32", ACC="*fp32", ROWS="*i64",
                 LR="*fp32")  # fmt: skip
     const = dict(BLOCK=BLOCK_ROWS, BLOCK_E=triton.next_power_of_2(dim))
