@@ -121,7 +121,8 @@ def evaluate_all(d: Path, *, overrides: list[str], run_dir: Path, skip_baselines
 
     import torch
 
-    from recsys.train.loop import encode_all_items, load_configs, train
+    from recsys.train.embed import item_vectors
+    from recsys.train.loop import load_configs, train
     from recsys.train.model import TwoTower
 
     # scored on the test split: the final fit must leave it out (the published default trains on it)
@@ -139,7 +140,7 @@ def evaluate_all(d: Path, *, overrides: list[str], run_dir: Path, skip_baselines
         if len(h):
             hist[r, n - len(h):] = h
     with torch.no_grad():
-        items = encode_all_items(model)
+        items = item_vectors(model)
         q = model.encode_users(torch.as_tensor(t_users), torch.as_tensor(hist))
         s = (q @ items.T).numpy()
     for r, uu in enumerate(t_users):

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys.bundle.embed import embed_items, embed_users, served_dim
+from recsys.train.embed import embed_items, embed_users, served_dim
 from recsys.bundle.files import (
     BUNDLE_FILES,
     DATA_FILES,

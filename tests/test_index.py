@@ -422,3 +422,22 @@ def test_index_config_section(tmp_path):
     assert idx.params()["ef_filtered"] == 50
     with pytest.raises(ValueError, match="`index.ef_filtered` must be >= 0"):
         IndexConfig(ef_filtered=-1)
+
+
+def test_torch_search_is_the_exact_rule_on_torch_tensors():
+    # the trainer's validation retrieves with retrieval.exact.torch_search: the same answer as ExactIndex (dot)
+    import torch
+
+    from recsys.retrieval.exact import torch_search
+
+    rng = np.random.default_rng(3)
+    items = rng.normal(size=(50, 8)).astype(np.float32)
+    queries = rng.normal(size=(6, 8)).astype(np.float32)
+    seen = [rng.choice(50, size=n, replace=False) for n in (0, 3, 10, 45, 48, 1)]
+    want, _ = ExactIndex(items, metric="dot").search(queries, 5, exclude=seen)
+    rows = torch.as_tensor(np.repeat(np.arange(6), [len(s) for s in seen]))
+    cols = torch.as_tensor(np.concatenate(seen))
+    got = torch_search(torch.as_tensor(queries), torch.as_tensor(items), 5, exclude_rows=rows, exclude_cols=cols)
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert (got[4, 2:] == -1).all() and (got[4, :2] >= 0).all()  # 48 of 50 excluded: two left, then padding
+    assert torch_search(torch.as_tensor(queries), torch.as_tensor(items), 80).shape == (6, 50)  # k > catalogue

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.bundle import pad_histories
 from recsys.train.config import FeatureSpec, ModelConfig
+from recsys.train.embed import pad_histories
 from recsys.train.model import NumpyUserTower, TwoTower
 from server import service
 

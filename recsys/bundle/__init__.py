@@ -16,7 +16,6 @@ untrusted. A version directory holds exactly the manifest and the files it lists
 nothing unlisted), and ``LATEST`` must name a real directory of the models directory.
 """
 
-from recsys.bundle.embed import embed_items, embed_users, served_dim
 from recsys.bundle.files import (
     BUNDLE_FILES,
     DATA_FILES,
@@ -25,7 +24,6 @@ from recsys.bundle.files import (
     RECENT_POPULARITY,
     REFUSAL_REASONS,
     BundleError,
-    pad_histories,
     read_ragged,
 )
 from recsys.bundle.load import Bundle
@@ -38,6 +36,7 @@ from recsys.bundle.versions import (
     resolve,
     version_dir,
 )
+from recsys.train.embed import embed_items, embed_users, served_dim
 
 __all__ = [
     "BUNDLE_FILES",
@@ -53,7 +52,6 @@ __all__ = [
     "embed_users",
     "list_versions",
     "new_version_name",
-    "pad_histories",
     "prune",
     "read_latest",
     "read_ragged",

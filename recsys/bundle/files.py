@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,15 +139,3 @@ def ragged_rows(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> li
     return [values[offsets[r] : offsets[r + 1]] for r in rows]
 
 
-def pad_histories(histories: Sequence[np.ndarray], *, max_len: int | None = None) -> np.ndarray:
-    """Right-align ragged item-row lists into ``[n, N]`` int64, ``-1`` = padding; keeps the most recent ``max_len``."""
-    lens = [len(h) for h in histories]
-    n = max(lens, default=0)
-    if max_len is not None:
-        n = min(n, max_len)
-    out = np.full((len(histories), max(n, 1)), -1, dtype=np.int64)
-    for i, h in enumerate(histories):
-        h = np.asarray(h, dtype=np.int64)[-n:] if n else np.asarray(h, dtype=np.int64)[:0]
-        if len(h):
-            out[i, out.shape[1] - len(h) :] = h
-    return out

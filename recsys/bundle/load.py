@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from recsys.bundle.embed import embed_users, served_dim
 from recsys.bundle.files import (
     BUNDLE_FILES,
     MANIFEST,
@@ -24,6 +23,7 @@ from recsys.bundle.versions import resolve
 from recsys.core import schema
 from recsys.core.io import sha256_file
 from recsys.retrieval import ExactIndex, HnswIndex
+from recsys.train.embed import embed_users, served_dim
 from recsys.train.recency import popularity_order
 
 

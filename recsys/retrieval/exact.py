@@ -177,3 +177,19 @@ class ExactIndex:
 # hnswlib 0.8 file header (hnswalg.h saveIndex): offsetLevel0, max_elements, cur_element_count,
 # size_data_per_element, label_offset, offsetData (size_t x6), maxlevel (int), enterpoint_node (uint32),
 # maxM, maxM0, M (size_t x3), mult (double), ef_construction (size_t).
+
+
+def torch_search(queries, items, k: int, *, exclude_rows=None, exclude_cols=None):  # noqa: ANN001 - torch tensors
+    """:class:`ExactIndex`'s rule (metric ``"dot"``) on torch tensors, for the trainer's validation on its device:
+    ``queries [n, d] @ items [m, d].T``, the cells ``(exclude_rows[j], exclude_cols[j])`` excluded, top-``k``.
+
+    Returns ``ids [n, min(k, m)]`` int64, best first, ``-1`` where fewer unexcluded items remain (ties broken as
+    ``torch.topk`` does). The vectors are taken as served (the towers normalise their own output).
+    """
+    import torch  # torch: only the trainer calls this; the serving path never imports torch
+
+    scores = queries @ items.T  # [n, m]
+    if exclude_rows is not None and exclude_rows.numel():
+        scores[exclude_rows, exclude_cols] = float("-inf")
+    val, idx = torch.topk(scores, min(k, items.shape[0]), dim=1)
+    return torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1))

@@ -48,9 +48,11 @@ from recsys.core.data import (
 from recsys.core.io import atomic_dir, atomic_write_json, sha256_file
 from recsys.core.logs import Throttle
 from recsys.core.metrics import ranking_metrics
+from recsys.retrieval.exact import torch_search
 from recsys.train import losses, recency
 from recsys.train.config import FeatureSpec, LossConfig, ModelConfig, TrainConfig
 from recsys.train.distributed import DistContext, RankZeroEvaluator, epoch_seed, init_from_env, sync_gradients
+from recsys.train.embed import item_vectors
 from recsys.train.kernels import graphs
 from recsys.train.losses import ItemEmbeddingQueue
 from recsys.train.model import PRIOR_SCALES, TwoTower
@@ -160,7 +162,8 @@ class _Writer:
 
 # ----------------------------------------------------------------------------------------------------- evaluation
 class Evaluator:
-    """Full-catalogue Recall@K / NDCG@K with the user's seen items excluded (exact top-k: matmul + mask)."""
+    """Full-catalogue Recall@K / NDCG@K with the user's seen items excluded: exact retrieval on the training device
+    (``recsys.retrieval.exact.torch_search``, the exact index's rule on torch tensors)."""
 
     def __init__(
         self,
@@ -212,7 +215,7 @@ class Evaluator:
         model.eval()
         try:
             if item_emb is None:
-                item_emb = encode_all_items(model, device=self.device)
+                item_emb = item_vectors(model, device=self.device)
             out: list[list[np.ndarray]] = [[] for _ in scales or (None,)]
             for a in range(0, len(self), self.batch):
                 b = min(a + self.batch, len(self))
@@ -222,10 +225,9 @@ class Evaluator:
                 lo, hi = int(self.seen_ptr[a]), int(self.seen_ptr[b])
                 for j, scale in enumerate(scales or (None,)):
                     q = u if g is None else model.served_users(u, g * scale)
-                    scores = q @ item_emb.T  # [b - a, n_items]
-                    scores[self.seen_rows[lo:hi] - a, self.seen_cols[lo:hi]] = float("-inf")
-                    val, idx = torch.topk(scores, self.k, dim=1)
-                    out[j].append(torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1)).cpu().numpy())
+                    top = torch_search(q, item_emb, self.k, exclude_rows=self.seen_rows[lo:hi] - a,
+                                       exclude_cols=self.seen_cols[lo:hi])  # [b - a, k]
+                    out[j].append(top.cpu().numpy())
             return [np.concatenate(o) if o else np.zeros((0, self.k), dtype=np.int64) for o in out]
         finally:
             model.train(was_training)
@@ -242,14 +244,6 @@ class Evaluator:
             if not best or m.get(select, -math.inf) > best.get(select, -math.inf):
                 best = {**m, "prior_scale": scale}
         return best
-
-
-@torch.no_grad()
-def encode_all_items(model: TwoTower, *, device: torch.device | str = "cpu", batch: int = 8192) -> torch.Tensor:
-    """[n_items, out_dim] float32 served item vectors (``TwoTower.encode_items``; eval mode is the caller's
-    business)."""
-    rows = torch.arange(model.n_items, device=device)
-    return torch.cat([model.encode_items(rows[a : a + batch]).float() for a in range(0, model.n_items, batch)])
 
 
 def _validation(data: PreparedData, model_cfg: ModelConfig, train_cfg: TrainConfig, device) -> Evaluator | None:
@@ -1167,5 +1161,5 @@ def load_configs(
     )
 
 
-__all__ = ["Evaluator", "Trainer", "TrainingDiverged", "encode_all_items", "load_configs", "lr_factor",
+__all__ = ["Evaluator", "Trainer", "TrainingDiverged", "load_configs", "lr_factor",
            "resolve_device", "train"]

@@ -527,7 +527,7 @@ class NumpyUserTower:
     linearity of the key projection, so the attention scores are ``tanh(h @ W_key^T + rec_key) . query``.
     The torch module stays the owner of the math; whoever serves with this twin checks it against
     ``encode_users`` first (``server.service.user_tower``). Histories: item rows oldest first, the last
-    ``history_len`` used, right-aligned as ``recsys.bundle.pad_histories`` does.
+    ``history_len`` used, right-aligned as ``recsys.train.embed.pad_histories`` does.
     """
 
     def __init__(self, model: TwoTower) -> None:
