@@ -223,13 +223,14 @@ def _gate_users(data_dir: Path, *, split: str, max_users: int, seed: int):
 
 def gate_metrics(retriever: _Retriever, users, histories, seen, truth, item_vocab, *, k: int) -> dict[str, float]:
     """Recall@k / NDCG@k / HitRate@k of one retriever, recommendations and truth compared by external ID."""
-    code = {v: i for i, v in enumerate(item_vocab)}
+    vocab = Vocab(item_vocab, name=schema.ITEM_ID)
     recs: list[list[str | None]] = []
     for s in range(0, len(users), 2048):
         recs += retriever.recommend(users[s:s + 2048], histories[s:s + 2048], seen[s:s + 2048], k)
     # items the new data does not know can never be relevant: code -2 (never equal to a truth code, not padding)
-    topk = np.asarray([[code.get(x, -2) if x is not None else -1 for x in row] for row in recs], dtype=np.int64)
-    relevant = [np.asarray([code[x] for x in t], dtype=np.int64) for t in truth]
+    topk = np.asarray([[-1 if x is None else (-2 if (r := vocab.number(x)) is None else r) for x in row]
+                       for row in recs], dtype=np.int64).reshape(len(recs), -1)
+    relevant = [vocab.numbers(t, missing="error") for t in truth]
     m = ranking_metrics(topk, relevant, ks=(k,))
     return {key: float(v) for key, v in m.items() if key.endswith(f"@{k}")}
 

@@ -74,6 +74,8 @@ class Bundle:
     def _load_contents(self) -> None:
         import pyarrow.parquet as pq  # pyarrow: not on the serving import path
 
+        from recsys.core.vocab import Vocab  # pyarrow: not on the serving import path
+
         p = self.path
         self.item_embeddings = _load_matrix(p / schema.ITEM_EMBEDDINGS, rows=self.n_items, dim=self.dim)
         self.user_embeddings = _load_matrix(p / schema.USER_EMBEDDINGS, rows=self.n_users, dim=self.dim)
@@ -88,10 +90,11 @@ class Bundle:
         items = pq.read_table(p / schema.ITEMS)
         self.user_ids = _vocab(users, schema.USER_ID, schema.USER_IDX, rows=self.n_users, what=schema.USERS)
         self.item_ids = _vocab(items, schema.ITEM_ID, schema.ITEM_IDX, rows=self.n_items, what=schema.ITEMS)
-        self._user_row = {u: i for i, u in enumerate(self.user_ids.tolist())}
-        self._item_row = {t: i for i, t in enumerate(self.item_ids.tolist())}
-        if len(self._user_row) != self.n_users or len(self._item_row) != self.n_items:
-            raise BundleError(f"{schema.USERS}/{schema.ITEMS}: external ids are not unique")
+        try:
+            self.users = Vocab(self.user_ids.tolist(), name=schema.USER_ID)
+            self.items = Vocab(self.item_ids.tolist(), name=schema.ITEM_ID)
+        except ValueError as e:  # a repeated external ID
+            raise BundleError(f"{schema.USERS}/{schema.ITEMS}: external ids are not unique ({e})") from None
         self.item_table = items  # features / first_ts / title for callers that need them (pyarrow Table)
         n_train = (
             items.column("n_train").to_numpy().astype(np.int64)
@@ -147,16 +150,16 @@ class Bundle:
     # ---- lookups -----------------------------------------------------------------------------------------
     def user_row(self, user_id: str) -> int | None:
         """Row of a known user, None when the bundle has never seen ``user_id``."""
-        return self._user_row.get(user_id)
+        return self.users.number(user_id)
 
     def item_row(self, item_id: str) -> int | None:
-        return self._item_row.get(item_id)
+        return self.items.number(item_id)
 
     def item_rows(self, item_ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """(rows of the known ids in input order [m] int64, the unknown ids)."""
         rows, unknown = [], []
         for t in item_ids:
-            r = self._item_row.get(t)
+            r = self.items.number(t)
             if r is None:
                 unknown.append(t)
             else:

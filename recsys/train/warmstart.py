@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from recsys.core import schema
+from recsys.core.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,9 @@ def _feature_codes(path: Path) -> dict[tuple[str, str], dict[str, int]]:
 
 def _row_map(new_ids: np.ndarray, old_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(new_rows, old_rows) of the IDs present in both vocabularies."""
-    old_pos = {v: i for i, v in enumerate(old_ids.tolist())}
-    pairs = [(i, old_pos[v]) for i, v in enumerate(new_ids.tolist()) if v in old_pos]
-    if not pairs:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    a = np.asarray(pairs, dtype=np.int64)
-    return a[:, 0], a[:, 1]
+    old = Vocab(old_ids.tolist()).numbers(new_ids.tolist())  # [n_new], -1 = not in the old vocabulary
+    new_rows = np.flatnonzero(old >= 0).astype(np.int64)
+    return new_rows, old[new_rows]
 
 
 def warm_start(model: torch.nn.Module, old_dir: str | Path, new_data_dir: str | Path) -> dict[str, Any]:
