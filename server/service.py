@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from recsys.bundle import Bundle
 from recsys.retrieval import retrieve, retrieve_one
 
 SOURCE_KNOWN_USER = "known_user"
@@ -133,7 +134,7 @@ class Prepared:
 
     __slots__ = ("__weakref__", "item_ids", "n_items", "version")
 
-    def __init__(self, bundle: Any) -> None:
+    def __init__(self, bundle: Bundle) -> None:
         self.item_ids: list[str] = [str(t) for t in np.asarray(bundle.item_ids).tolist()]
         self.n_items = int(bundle.n_items)
         self.version = str(bundle.version)
@@ -156,7 +157,7 @@ class PerBundle:
         self._lock = threading.Lock()
         self._last: tuple[Any, Any] = (lambda: None, _MISSING)
 
-    def get(self, bundle: Any) -> Any:
+    def get(self, bundle: Bundle) -> Any:
         ref, value = self._last
         if ref() is bundle and value is not _MISSING:
             return value
@@ -173,12 +174,12 @@ class PerBundle:
 _PREPARED = PerBundle(Prepared)
 
 
-def prepared(bundle: Any) -> Prepared:
+def prepared(bundle: Bundle) -> Prepared:
     """The bundle's :class:`Prepared` views (built on first use; dropped with the bundle after a hot reload)."""
     return _PREPARED.get(bundle)
 
 
-def _known_rows(bundle: Any, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+def _known_rows(bundle: Bundle, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Item rows [m] int64 of the known IDs (request order) and the unknown IDs."""
     if not ids:
         return np.empty(0, dtype=np.int64), []
@@ -209,7 +210,7 @@ class NativeUserTower:
         return self.native.embed(np.asarray(rows, dtype=np.int64), offsets, items)
 
 
-def _build_tower(bundle: Any) -> Any:
+def _build_tower(bundle: Bundle) -> Any:
     """The bundle's user tower for request paths: :class:`NativeUserTower` where the extension is built, else
     ``recsys.train.model.NumpyUserTower`` (the tower's math as a few numpy calls on the model's weights): one user in
     ~10 / ~50 us where the torch forward takes ~300 us. Each is checked against ``bundle.embed_users`` on users
@@ -268,13 +269,13 @@ def _build_tower(bundle: Any) -> Any:
 _TOWER = PerBundle(_build_tower)
 
 
-def user_tower(bundle: Any) -> Any:
+def user_tower(bundle: Bundle) -> Any:
     """The bundle's checked request-path tower, :class:`NativeUserTower` or ``recsys.train.model.NumpyUserTower`` (built
     on first use; the model store builds it at warm-up), or None when ``bundle.embed_users`` must serve."""
     return _TOWER.get(bundle)
 
 
-def _tower_queries(bundle: Any, rows: Sequence[int], items: Sequence[np.ndarray]) -> np.ndarray:
+def _tower_queries(bundle: Bundle, rows: Sequence[int], items: Sequence[np.ndarray]) -> np.ndarray:
     """ONE user-tower call: user rows [n] (-1 = a new user) with, per user, the stored history (known users)
     followed by the request's item rows (oldest first) -> queries [n, dim] float32. The tower keeps the most
     recent items, as many as it reads (``max_history``)."""
@@ -293,7 +294,7 @@ def _union(*parts: np.ndarray | None) -> np.ndarray | None:
 
 
 def _as_recommendation(
-    bundle: Any, ids: np.ndarray, scores: np.ndarray, *, source: str, unknown: list[str] | None = None
+    bundle: Bundle, ids: np.ndarray, scores: np.ndarray, *, source: str, unknown: list[str] | None = None
 ) -> Recommendation:
     keep = ids >= 0  # drop the -1 padding when fewer than k candidates remain
     if not keep.all():
@@ -309,7 +310,7 @@ def _as_recommendation(
 
 
 def popular(
-    bundle: Any, k: int, *, exclude: np.ndarray | None = None, allowed: np.ndarray | None = None
+    bundle: Bundle, k: int, *, exclude: np.ndarray | None = None, allowed: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most popular item rows after exclusions, with rank scores ``1 / (1 + rank)`` (1 for the top).
 
@@ -332,7 +333,7 @@ def popular(
 
 
 def recommend(
-    bundle: Any,
+    bundle: Bundle,
     *,
     user_id: str = "",
     history_item_ids: Sequence[str] = (),
@@ -408,7 +409,7 @@ def recommend(
 
 
 def _answer(
-    bundle: Any, query: np.ndarray, k: int, exclude: np.ndarray | None, allowed: np.ndarray | None, *,
+    bundle: Bundle, query: np.ndarray, k: int, exclude: np.ndarray | None, allowed: np.ndarray | None, *,
     source: str, unknown: list[str] | None = None,
 ) -> Recommendation:
     """Search for one query [1, dim] (:func:`recsys.retrieval.retrieve_one`) and wrap the answer."""
@@ -445,7 +446,7 @@ _NO_EVENTS: tuple[np.ndarray, list[str]] = (np.empty(0, dtype=np.int64), [])
 
 
 def batch_recommend(
-    bundle: Any,
+    bundle: Bundle,
     *,
     user_ids: Sequence[str],
     k: int,
@@ -536,7 +537,7 @@ def batch_recommend(
 
 
 def similar_items(
-    bundle: Any,
+    bundle: Bundle,
     *,
     item_id: str,
     k: int,
@@ -573,21 +574,21 @@ def _lookup(
 
 
 def user_embeddings(
-    bundle: Any, user_ids: Sequence[str], *, limits: Limits = Limits()
+    bundle: Bundle, user_ids: Sequence[str], *, limits: Limits = Limits()
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """(known IDs in request order, their embeddings [m, dim] float32, unknown IDs)."""
     return _lookup(user_ids, bundle.user_row, bundle.user_embeddings, name="user_ids", limits=limits)
 
 
 def item_embeddings(
-    bundle: Any, item_ids: Sequence[str], *, limits: Limits = Limits()
+    bundle: Bundle, item_ids: Sequence[str], *, limits: Limits = Limits()
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """(known IDs in request order, their embeddings [m, dim] float32, unknown IDs)."""
     return _lookup(item_ids, bundle.item_row, bundle.item_embeddings, name="item_ids", limits=limits)
 
 
 def embed_user(
-    bundle: Any, history_item_ids: Sequence[str] = (), *, user_id: str = "", limits: Limits = Limits()
+    bundle: Bundle, history_item_ids: Sequence[str] = (), *, user_id: str = "", limits: Limits = Limits()
 ) -> tuple[np.ndarray, list[str], str]:
     """A user's embedding [dim] float32, the unknown IDs of ``history_item_ids`` and the ``SOURCE_*`` used.
 
@@ -630,7 +631,7 @@ def flatten_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, floa
     return out
 
 
-def model_info(bundle: Any) -> dict[str, Any]:
+def model_info(bundle: Bundle) -> dict[str, Any]:
     """Version, created-at, dim, metric, counts, the flattened evaluation summary ("split.metric" keys) and what
     the final fit trained on (interactions, newest time) of a bundle."""
     evaluation = bundle.evaluation or {}
