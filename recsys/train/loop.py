@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow.compute as pc
@@ -863,27 +863,8 @@ def _train(
     dev = resolve_device(device)
     if train_cfg.num_threads and dev.type == "cpu":
         torch.set_num_threads(train_cfg.num_threads)
-    ckpt = run_dir / schema.CHECKPOINT_DIR
     cfg_dict = _config_dict(model_cfg, train_cfg, loss_cfg)
-    if resume:
-        if not (ckpt / STATE_JSON).exists():
-            raise FileNotFoundError(f"cannot resume: {str(ckpt / STATE_JSON)!r} does not exist")
-        old = json.loads((run_dir / schema.RUN_CONFIG).read_text())
-        diffs = _diff_configs(old, cfg_dict)
-        if diffs:
-            raise ValueError(
-                f"cannot resume {str(run_dir)!r} with a different config: {'; '.join(diffs)} "
-                f"(only {sorted(RESUMABLE_CHANGES)} may change)"
-            )
-        if old["train"].get("epochs") != train_cfg.epochs and (
-                train_cfg.lr_schedule != "constant" or train_cfg.warmup_epochs):
-            # the finished epochs stand; the rest of the schedule is recomputed over the new length, so the rate
-            # jumps to its value at this step of the longer (or shorter) phase
-            log.warning("resuming %s with train.epochs %s -> %s under train.lr_schedule=%r: the remaining steps "
-                        "follow the schedule of the new length (not what an uninterrupted run would do)",
-                        run_dir, old["train"].get("epochs"), train_cfg.epochs, train_cfg.lr_schedule)
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run dir {str(run_dir)!r} is not empty (pass resume=True / --resume to continue it)")
+    _check_run_dir(run_dir, cfg_dict, train_cfg, resume=resume)
     ctx.barrier()  # every rank has checked the run dir before rank 0 writes to it
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -908,18 +889,8 @@ def _train(
         })  # fmt: skip
         atomic_write_json(run_dir / schema.MODEL_JSON, trainer.model.model_json())
 
-    progress = _Progress()
-    if resume:
-        meta = json.loads((ckpt / STATE_JSON).read_text())
-        progress = _Progress(**meta["progress"])
-        if (progress.phase == "done" and not progress.refit_epochs and not progress.stopped_early
-                and progress.epoch < train_cfg.epochs):
-            progress.phase = "fit"  # a finished run resumed with more epochs continues where it stopped
-        if progress.phase == "refit":
-            trainer.build(seed=train_cfg.seed + 1)
-        trainer.load_state(load_file(str(ckpt / STATE_WEIGHTS)), meta)
-        log.info("resuming %s: phase %s after epoch %d", run_dir, progress.phase, progress.epoch)
-    elif ctx.is_main:
+    progress = _restore(trainer, run_dir, train_cfg) if resume else _Progress()
+    if not resume and ctx.is_main:
         (run_dir / schema.METRICS_JSONL).unlink(missing_ok=True)
     final = final_fit_splits(data, train_cfg)
     if final_fit_epochs is not None and not resume:
@@ -929,36 +900,93 @@ def _train(
     writer = _Writer(run_dir, tensorboard=train_cfg.tensorboard, enabled=ctx.is_main)
     try:
         if progress.phase == "fit":
-            evaluator = _validation(data, model_cfg, train_cfg, dev) if ctx.is_main else None
-            if ctx.enabled and len(data.valid):
-                evaluator = RankZeroEvaluator(evaluator, ctx)
-            trainer.set_interactions(data.train)
-            _run_phase(trainer, progress, writer, run_dir, evaluator=evaluator, epochs=train_cfg.epochs)
-            if progress.epoch < train_cfg.epochs and not progress.stopped_early:
+            _fit(trainer, progress, writer, run_dir, data, final, model_cfg=model_cfg, dev=dev)
+            if progress.phase == "fit":  # stopped before its last epoch (a budget): nothing more to do now
                 return _summary(run_dir, progress, trainer, status="incomplete")
-            if evaluator is None:  # nothing to choose from: the last epoch is the model
-                progress.best_epoch = progress.epoch
-                _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
-            if len(final) > 1 and progress.best_epoch > 0:
-                progress.phase, progress.epoch, progress.step = "refit", 0, 0
-                progress.refit_epochs = progress.best_epoch
-                trainer.build(seed=train_cfg.seed + 1)
-                _save_checkpoint(run_dir, trainer, progress)
-            else:
-                progress.phase = "done"
         if progress.phase == "refit":
-            parts = [getattr(data, s) for s in final[1:]]
-            extra = Interactions.concat(*parts) if parts else Interactions.empty()
-            trainer.set_interactions(Interactions.concat(data.train, extra))
-            trainer.count_in_sampling(extra)
-            trainer.set_prior_scale(progress.best_metrics.get("prior_scale"))  # the fit's choice (no validation here)
-            _run_phase(trainer, progress, writer, run_dir, evaluator=None, epochs=progress.refit_epochs)
-            _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
-            progress.phase, progress.final_splits = "done", list(final)
+            _refit(trainer, progress, writer, run_dir, data, final)
         _save_checkpoint(run_dir, trainer, progress)
         return _summary(run_dir, progress, trainer, status="done")
     finally:
         writer.close()
+
+
+def _check_run_dir(run_dir: Path, cfg_dict: dict[str, Any], train_cfg: TrainConfig, *, resume: bool) -> None:
+    """A new run needs an empty ``run_dir``; a resumed one a checkpoint and the same config (but for
+    ``RESUMABLE_CHANGES``)."""
+    ckpt = run_dir / schema.CHECKPOINT_DIR
+    if resume:
+        if not (ckpt / STATE_JSON).exists():
+            raise FileNotFoundError(f"cannot resume: {str(ckpt / STATE_JSON)!r} does not exist")
+        old = json.loads((run_dir / schema.RUN_CONFIG).read_text())
+        diffs = _diff_configs(old, cfg_dict)
+        if diffs:
+            raise ValueError(
+                f"cannot resume {str(run_dir)!r} with a different config: {'; '.join(diffs)} "
+                f"(only {sorted(RESUMABLE_CHANGES)} may change)"
+            )
+        if old["train"].get("epochs") != train_cfg.epochs and (
+                train_cfg.lr_schedule != "constant" or train_cfg.warmup_epochs):
+            # the finished epochs stand; the rest of the schedule is recomputed over the new length, so the rate
+            # jumps to its value at this step of the longer (or shorter) phase
+            log.warning("resuming %s with train.epochs %s -> %s under train.lr_schedule=%r: the remaining steps "
+                        "follow the schedule of the new length (not what an uninterrupted run would do)",
+                        run_dir, old["train"].get("epochs"), train_cfg.epochs, train_cfg.lr_schedule)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run dir {str(run_dir)!r} is not empty (pass resume=True / --resume to continue it)")
+
+
+def _restore(trainer: Trainer, run_dir: Path, train_cfg: TrainConfig) -> _Progress:
+    """The progress and trainer state of ``run_dir``'s checkpoint (loaded into ``trainer``)."""
+    ckpt = run_dir / schema.CHECKPOINT_DIR
+    meta = json.loads((ckpt / STATE_JSON).read_text())
+    progress = _Progress(**meta["progress"])
+    if (progress.phase == "done" and not progress.refit_epochs and not progress.stopped_early
+            and progress.epoch < train_cfg.epochs):
+        progress.phase = "fit"  # a finished run resumed with more epochs continues where it stopped
+    if progress.phase == "refit":
+        trainer.build(seed=train_cfg.seed + 1)
+    trainer.load_state(load_file(str(ckpt / STATE_WEIGHTS)), meta)
+    log.info("resuming %s: phase %s after epoch %d", run_dir, progress.phase, progress.epoch)
+    return progress
+
+
+def _fit(trainer: Trainer, progress: _Progress, writer: _Writer, run_dir: Path, data: PreparedData,
+         final: tuple[str, ...] | list[str], *, model_cfg: ModelConfig, dev: torch.device) -> None:
+    """The fit phase: train on train with validation (early stopping picks the epoch), then set up the refit on
+    every final-fit split (``progress.phase`` becomes ``"refit"`` or ``"done"``; it stays ``"fit"`` when the run
+    stopped before its last epoch)."""
+    train_cfg, ctx = trainer.tcfg, trainer.dist
+    evaluator = _validation(data, model_cfg, train_cfg, dev) if ctx.is_main else None
+    if ctx.enabled and len(data.valid):
+        evaluator = RankZeroEvaluator(evaluator, ctx)
+    trainer.set_interactions(data.train)
+    _run_phase(trainer, progress, writer, run_dir, evaluator=evaluator, epochs=train_cfg.epochs)
+    if progress.epoch < train_cfg.epochs and not progress.stopped_early:
+        return
+    if evaluator is None:  # nothing to choose from: the last epoch is the model
+        progress.best_epoch = progress.epoch
+        _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
+    if len(final) > 1 and progress.best_epoch > 0:
+        progress.phase, progress.epoch, progress.step = "refit", 0, 0
+        progress.refit_epochs = progress.best_epoch
+        trainer.build(seed=train_cfg.seed + 1)
+        _save_checkpoint(run_dir, trainer, progress)
+    else:
+        progress.phase = "done"
+
+
+def _refit(trainer: Trainer, progress: _Progress, writer: _Writer, run_dir: Path, data: PreparedData,
+           final: tuple[str, ...] | list[str]) -> None:
+    """The refit phase: the chosen number of epochs on every final-fit split, no validation; keeps the weights."""
+    parts = [getattr(data, s) for s in final[1:]]
+    extra = Interactions.concat(*parts) if parts else Interactions.empty()
+    trainer.set_interactions(Interactions.concat(data.train, extra))
+    trainer.count_in_sampling(extra)
+    trainer.set_prior_scale(progress.best_metrics.get("prior_scale"))  # the fit's choice (no validation here)
+    _run_phase(trainer, progress, writer, run_dir, evaluator=None, epochs=progress.refit_epochs)
+    _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
+    progress.phase, progress.final_splits = "done", list(final)
 
 
 def final_fit_splits(data: PreparedData, train_cfg: TrainConfig) -> tuple[str, ...]:
@@ -1027,58 +1055,10 @@ def _run_phase(
     while progress.epoch < epochs and not (phase == "fit" and progress.stopped_early):
         epoch = progress.epoch + 1
         t0 = time.perf_counter()
-        if ctx.enabled:
-            # one permutation for every rank (a generator of its own), and per-rank dropout / negative draws
-            gen = torch.Generator().manual_seed(epoch_seed(tc.seed, phase, epoch))
-            perm = torch.randperm(n, generator=gen).to(trainer.device)
-            torch.manual_seed(epoch_seed(tc.seed, phase, epoch, ctx.rank))
-        else:
-            gen = None
-            perm = torch.randperm(n).to(trainer.device)  # CPU generator: the same order on CPU and CUDA
-        if tc.time_batches:
-            perm = time_blocks(trainer.time_order, bs, n_batches, generator=gen)
-        total_t = torch.zeros((), dtype=torch.float64, device=trainer.device)
-        total, bar = 0.0, tqdm(range(n_batches), desc=f"{phase} epoch {epoch}/{epochs}", disable=not show_bar,
-                                leave=False, unit="batch")
-        throttle = Throttle(enabled=tc.progress and not show_bar and ctx.is_main)
-        for b in bar:
-            rows = ctx.shard(perm[b * bs : (b + 1) * bs])
-            check = (b + 1) % check_every == 0 or b + 1 == n_batches
-            if scheduled:
-                trainer.set_lr_factor(lr_factor(min(progress.step, total_steps - 1), total_steps,
-                                                schedule=tc.lr_schedule, warmup=warmup_steps))
-            value_t = trainer.step(rows, check=check_every == 1)  # checked: already the mean over ranks
-            total_t += value_t
-            value = 0.0
-            if check:
-                value = float(value_t if check_every == 1 else ctx.all_reduce_mean(value_t))
-                if check_every > 1 and not math.isfinite(float(ctx.all_reduce_mean(total_t))):
-                    value = float("nan")  # a step since the last check went non-finite (and was applied)
-            if not math.isfinite(value):
-                writer.write("diverged", progress.step, phase=phase, epoch=epoch, loss=str(value))
-                _summary(run_dir, progress, trainer, status="diverged")
-                raise TrainingDiverged(
-                    f"loss became {value} at {phase} epoch {epoch}, batch {b + 1}/{n_batches} (step "
-                    f"{progress.step + 1}); training stopped. The last good checkpoint "
-                    f"({str(run_dir / schema.CHECKPOINT_DIR)!r}, {phase} epoch {progress.epoch}) and the best "
-                    f"weights were kept. Try a lower train.lr, a higher loss.temperature or train.grad_clip."
-                    if progress.epoch or phase == "refit" else
-                    f"loss became {value} at {phase} epoch 1, batch {b + 1}/{n_batches}; training stopped before "
-                    f"any checkpoint was written. Try a lower train.lr, a higher loss.temperature or train.grad_clip."
-                )
-            progress.step += 1
-            if check and tc.log_every and progress.step % tc.log_every == 0:
-                writer.write("train", progress.step, phase=phase, epoch=epoch, loss=value)
-            if show_bar and check:
-                el = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{(b + 1) * bs / max(el, 1e-9):.0f}")
-            elif check and throttle.due():
-                el = time.perf_counter() - t0
-                ex_s = round((b + 1) * bs / max(el, 1e-9), 1)
-                log.info("%s epoch %d/%d: batch %d/%d loss=%.4g examples_per_s=%.0f", phase, epoch, epochs, b + 1,
-                         n_batches, value, ex_s, extra={"phase": phase, "epoch": epoch, "batch": b + 1,
-                                                        "batches": n_batches, "loss": value, "examples_per_s": ex_s})
-        bar.close()
+        perm = _epoch_order(trainer, phase, epoch, n=n, bs=bs, n_batches=n_batches)
+        total_t = _run_epoch(trainer, progress, writer, run_dir, perm, epoch=epoch, epochs=epochs, bs=bs,
+                             n_batches=n_batches, check_every=check_every, total_steps=total_steps,
+                             warmup_steps=warmup_steps, scheduled=scheduled, show_bar=show_bar, t0=t0)
         total = float(ctx.all_reduce_mean(total_t))
         seconds = time.perf_counter() - t0
         progress.epoch = epoch
@@ -1089,28 +1069,112 @@ def _run_phase(
         if trainer.lcfg.learn_temperature:
             rec["temperature"] = trainer.temperature_value()
         if evaluator is not None and (epoch % tc.eval_every == 0 or epoch == epochs):
-            metrics = evaluator(trainer.model, select=tc.early_stop_metric)
-            if tc.early_stop_metric not in metrics:
-                raise ValueError(
-                    f"`train.early_stop_metric` {tc.early_stop_metric!r} is not a validation metric; "
-                    f"choose one of {sorted(metrics)}"
-                )
-            rec.update({f"valid_{k}": v for k, v in metrics.items()})
-            value = metrics[tc.early_stop_metric]
-            if value > progress.best_value:
-                progress.best_value, progress.best_epoch, progress.bad_evals = value, epoch, 0
-                progress.best_metrics = dict(metrics)
-                trainer.set_prior_scale(metrics.get("prior_scale"))  # saved with these weights
-                _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
-            else:
-                progress.bad_evals += 1
-                if tc.patience and progress.bad_evals >= tc.patience:
-                    progress.stopped_early = True
-            rec["best_epoch"] = progress.best_epoch
+            rec.update(_validate(trainer, progress, evaluator, run_dir, epoch=epoch))
         writer.write("epoch", progress.step, **rec)
         log.info("%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
                  extra=rec)  # the fields again, for `--log-format json`
         _save_checkpoint(run_dir, trainer, progress)
+
+
+def _epoch_order(trainer: Trainer, phase: str, epoch: int, *, n: int, bs: int, n_batches: int) -> torch.Tensor:
+    """The epoch's row order ``[n]`` on the trainer's device (seeded per phase and epoch under DDP)."""
+    tc, ctx = trainer.tcfg, trainer.dist
+    if ctx.enabled:
+        # one permutation for every rank (a generator of its own), and per-rank dropout / negative draws
+        gen = torch.Generator().manual_seed(epoch_seed(tc.seed, phase, epoch))
+        perm = torch.randperm(n, generator=gen).to(trainer.device)
+        torch.manual_seed(epoch_seed(tc.seed, phase, epoch, ctx.rank))
+    else:
+        gen = None
+        perm = torch.randperm(n).to(trainer.device)  # CPU generator: the same order on CPU and CUDA
+    if tc.time_batches:
+        perm = time_blocks(trainer.time_order, bs, n_batches, generator=gen)
+    return perm
+
+
+def _run_epoch(
+    trainer: Trainer, progress: _Progress, writer: _Writer, run_dir: Path, perm: torch.Tensor, *, epoch: int,
+    epochs: int, bs: int, n_batches: int, check_every: int, total_steps: int, warmup_steps: int, scheduled: bool,
+    show_bar: bool, t0: float,
+) -> torch.Tensor:
+    """One epoch's steps over ``perm``; the summed loss (a device scalar). Logs progress, stops on divergence."""
+    tc, ctx, phase = trainer.tcfg, trainer.dist, progress.phase
+    total_t = torch.zeros((), dtype=torch.float64, device=trainer.device)
+    bar = tqdm(range(n_batches), desc=f"{phase} epoch {epoch}/{epochs}", disable=not show_bar, leave=False,
+               unit="batch")
+    throttle = Throttle(enabled=tc.progress and not show_bar and ctx.is_main)
+    for b in bar:
+        rows = ctx.shard(perm[b * bs : (b + 1) * bs])
+        check = (b + 1) % check_every == 0 or b + 1 == n_batches
+        if scheduled:
+            trainer.set_lr_factor(lr_factor(min(progress.step, total_steps - 1), total_steps,
+                                            schedule=tc.lr_schedule, warmup=warmup_steps))
+        value_t = trainer.step(rows, check=check_every == 1)  # checked: already the mean over ranks
+        total_t += value_t
+        value = 0.0
+        if check:
+            value = float(value_t if check_every == 1 else ctx.all_reduce_mean(value_t))
+            if check_every > 1 and not math.isfinite(float(ctx.all_reduce_mean(total_t))):
+                value = float("nan")  # a step since the last check went non-finite (and was applied)
+        if not math.isfinite(value):
+            _diverged(trainer, progress, writer, run_dir, value, epoch=epoch, batch=b + 1, n_batches=n_batches)
+        progress.step += 1
+        if check and tc.log_every and progress.step % tc.log_every == 0:
+            writer.write("train", progress.step, phase=phase, epoch=epoch, loss=value)
+        if show_bar and check:
+            el = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{(b + 1) * bs / max(el, 1e-9):.0f}")
+        elif check and throttle.due():
+            el = time.perf_counter() - t0
+            ex_s = round((b + 1) * bs / max(el, 1e-9), 1)
+            log.info("%s epoch %d/%d: batch %d/%d loss=%.4g examples_per_s=%.0f", phase, epoch, epochs, b + 1,
+                     n_batches, value, ex_s, extra={"phase": phase, "epoch": epoch, "batch": b + 1,
+                                                    "batches": n_batches, "loss": value, "examples_per_s": ex_s})
+    bar.close()
+    return total_t
+
+
+def _diverged(trainer: Trainer, progress: _Progress, writer: _Writer, run_dir: Path, value: float, *, epoch: int,
+              batch: int, n_batches: int) -> NoReturn:
+    """Record a non-finite loss and stop with an error that says what was kept and what to try."""
+    phase = progress.phase
+    writer.write("diverged", progress.step, phase=phase, epoch=epoch, loss=str(value))
+    _summary(run_dir, progress, trainer, status="diverged")
+    raise TrainingDiverged(
+        f"loss became {value} at {phase} epoch {epoch}, batch {batch}/{n_batches} (step "
+        f"{progress.step + 1}); training stopped. The last good checkpoint "
+        f"({str(run_dir / schema.CHECKPOINT_DIR)!r}, {phase} epoch {progress.epoch}) and the best "
+        f"weights were kept. Try a lower train.lr, a higher loss.temperature or train.grad_clip."
+        if progress.epoch or phase == "refit" else
+        f"loss became {value} at {phase} epoch 1, batch {batch}/{n_batches}; training stopped before "
+        f"any checkpoint was written. Try a lower train.lr, a higher loss.temperature or train.grad_clip."
+    )
+
+
+def _validate(trainer: Trainer, progress: _Progress, evaluator: Any, run_dir: Path, *, epoch: int) -> dict[str, Any]:
+    """Validate the model after ``epoch``; keep its weights if best so far, count towards early stopping. Returns
+    the epoch record's fields (``valid_*``, ``best_epoch``)."""
+    tc = trainer.tcfg
+    rec: dict[str, Any] = {}
+    metrics = evaluator(trainer.model, select=tc.early_stop_metric)
+    if tc.early_stop_metric not in metrics:
+        raise ValueError(
+            f"`train.early_stop_metric` {tc.early_stop_metric!r} is not a validation metric; "
+            f"choose one of {sorted(metrics)}"
+        )
+    rec.update({f"valid_{k}": v for k, v in metrics.items()})
+    value = metrics[tc.early_stop_metric]
+    if value > progress.best_value:
+        progress.best_value, progress.best_epoch, progress.bad_evals = value, epoch, 0
+        progress.best_metrics = dict(metrics)
+        trainer.set_prior_scale(metrics.get("prior_scale"))  # saved with these weights
+        _save_weights(trainer.model, run_dir / schema.MODEL_WEIGHTS, write=trainer.dist.is_main)
+    else:
+        progress.bad_evals += 1
+        if tc.patience and progress.bad_evals >= tc.patience:
+            progress.stopped_early = True
+    rec["best_epoch"] = progress.best_epoch
+    return rec
 
 
 def _summary(run_dir: Path, progress: _Progress, trainer: Trainer, *, status: str) -> dict[str, Any]:
