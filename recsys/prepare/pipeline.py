@@ -15,6 +15,7 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -126,14 +127,99 @@ def _write_error(e: Exception, target: Path) -> OSError | None:
     return OSError(n, f"{os.strerror(n)} (writing the prepared output)", str(target))
 
 
+@dataclass
+class _Meta:
+    """The optional item / user metadata tables and the files they came from."""
+
+    items_path: Path | None
+    users_path: Path | None
+    items: pl.DataFrame | None
+    users: pl.DataFrame | None
+
+
+@dataclass
+class _Read:
+    """What read+validate leaves for the later steps."""
+
+    inputs: list[dict[str, Any]]  # per log file: its fingerprint, format and rows
+    norm: pl.LazyFrame  # the normalised scratch copy (see `normalize`): u, i, ts, seq, weight, reason, freason
+    n_input: int
+    rejected: dict[str, int]  # reject reason -> rows
+    filtered: dict[str, int]  # filter reason -> rows (before k-core)
+    user_codes: pl.Categories  # the run-private categories behind the u32 codes u / i
+    item_codes: pl.Categories
+    # A `pl.Categories` is only a weak reference: polars drops the code -> ID mapping once no frame or series uses
+    # it. These empty series hold the mappings until the vocabularies are decoded.
+    keepalive: list[pl.Series] = field(default_factory=list)
+
+    @property
+    def n_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+
+@dataclass
+class _Pairs:
+    """The deduplicated (user, item) pairs, each user's rows together and in time order.
+
+    ``cols``: u, i (u32 codes), ts, weight, and "split" once split. The steps filter and reorder the columns in
+    place, one at a time, and the last one pops them: this dict is their only owner, so peak memory stays at the
+    data + one column.
+    """
+
+    cols: dict[str, np.ndarray]
+    n_user_codes: int  # code bounds (max + 1) for the bincounts
+    n_item_codes: int
+    n_dedup: int  # rows merged into an earlier row of their pair
+
+
+@dataclass
+class _Vocabs:
+    """The user / item vocabularies: the IDs in index order (train frequency, then ID) and code -> index maps."""
+
+    user_ids: pl.Series
+    item_ids: pl.Series
+    u_ntrain: np.ndarray  # [n_users] train rows, in index order
+    i_ntrain: np.ndarray
+    u_map: np.ndarray  # [n_user_codes] int32 user code -> user_idx (-1: not kept)
+    i_map: np.ndarray
+
+
+@dataclass
+class _Written:
+    """What vocab+write reports for the manifest."""
+
+    n_users: int
+    n_items: int
+    n_kept: int
+    splits: dict[str, int]  # rows written per split name
+    time_range: tuple[int, int]
+    features: dict[str, Any]  # {"user": cards, "item": cards}
+    has_title: bool
+    metadata: dict[str, int | None]
+
+
 def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path: Path | None,
          cfg: PrepareConfig, tmp: Path, work: Path, steps: _Steps) -> dict[str, Any]:
-    # -- 1. read + validate: one streaming sink per file, so a read error names its file -------------------------
-    # IDs become u32 codes right here (Categorical with run-private categories): the later steps never hash a
-    # string again, and the scratch file stays small.
+    """The steps in order (read -> rejects -> dedupe -> k-core -> split -> vocab+write); returns the manifest."""
     if not hasattr(pl, "Categories"):
         raise RuntimeError(f"recsys prepare needs polars >= 1.32 (pl.Categories), found {pl.__version__}")
-    # -- 0. the item / user metadata files (small next to the logs): read first, so their errors come at once ------
+    meta = _read_metadata(items_path, users_path, cfg)
+    read = _read_validate(files, fmts, cfg, work, steps)
+    details = _reject_details(files, fmts, cfg, read)
+    if read.n_rejected and cfg.on_bad_rows == "error":
+        raise _bad_row_error(files, details, read)
+    if cfg.on_bad_rows == "skip":
+        _write_rejects(files, details, read.n_rejected, tmp, steps)
+    pairs = _dedupe(read, cfg, steps)
+    kcore_dropped, before_kcore = _kcore(pairs, cfg, steps)
+    split_desc, extra = _split(pairs, cfg, steps)
+    written = _vocab_and_write(pairs, read, meta, cfg, tmp, steps)
+    return _manifest(cfg, read, meta, {**read.filtered, **kcore_dropped}, pairs.n_dedup, before_kcore, split_desc,
+                     extra, written, steps)
+
+
+def _read_metadata(items_path: Path | None, users_path: Path | None, cfg: PrepareConfig) -> _Meta:
+    """The item / user metadata files (small next to the logs): read first, so their errors come at once."""
     item_meta = read_meta(items_path, id_col=cfg.item_col, cfg=cfg, entity="item") if items_path else None
     user_meta = read_meta(users_path, id_col=cfg.user_col, cfg=cfg, entity="user") if users_path else None
     missing = [c for c in cfg.multi_valued
@@ -141,8 +227,18 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
     if missing:
         raise ValueError(f"`prepare.multi_valued` names column(s) {missing} that neither the items file "
                          f"({items_path}) nor the users file ({users_path}) has")
+    return _Meta(items_path, users_path, item_meta, user_meta)
+
+
+def _read_validate(files: list[Path], fmts: list[str], cfg: PrepareConfig, work: Path, steps: _Steps) -> _Read:
+    """Read + validate: one streaming sink per file into ``work/norm``, so a read error names its file.
+
+    IDs become u32 codes right here (Categorical with run-private categories): the later steps never hash a string
+    again, and the scratch file stays small.
+    """
     tag = os.urandom(6).hex()
     user_codes, item_codes = pl.Categories(f"recsys-prepare-users-{tag}"), pl.Categories(f"recsys-prepare-items-{tag}")
+    keepalive = [pl.Series([], dtype=pl.Categorical(c)) for c in (user_codes, item_codes)]
     with steps.step("read+validate") as rec:
         inputs = []
         for k, (path, fmt) in enumerate(zip(files, fmts, strict=True)):
@@ -174,39 +270,54 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
                    filtered=sum(filtered.values()))
     if n_input == 0:
         raise ValueError(f"the logs hold no rows: {[str(p) for p in files]}")
+    return _Read(inputs, norm, n_input, rejected, filtered, user_codes, item_codes, keepalive)
 
-    n_rejected = sum(rejected.values())
-    file_of = pl.col("seq") // SEQ_FILE_SHIFT
-    row_of = pl.col("seq") % SEQ_FILE_SHIFT
-    # the rejected rows' details (column, raw values): a second pass over the inputs, run only when there are any
-    details = pl.concat([
+
+_FILE_OF = pl.col("seq") // SEQ_FILE_SHIFT
+_ROW_OF = pl.col("seq") % SEQ_FILE_SHIFT
+
+
+def _reject_details(files: list[Path], fmts: list[str], cfg: PrepareConfig, read: _Read) -> pl.LazyFrame:
+    """The rejected rows' details (column, raw values): a second pass over the inputs, run only when there are any
+    (the frame is lazy)."""
+    return pl.concat([
         normalize(scan_file(path, fmt, separator=cfg.separator), path=path, file_idx=k, fmt=fmt, cfg=cfg,
-                  user_codes=user_codes, item_codes=item_codes).filter(pl.col("reason").is_not_null())
+                  user_codes=read.user_codes, item_codes=read.item_codes).filter(pl.col("reason").is_not_null())
         for k, (path, fmt) in enumerate(zip(files, fmts, strict=True))])
-    if n_rejected and cfg.on_bad_rows == "error":
-        first = (details.sort("seq").head(1)
-                 .select(file_of.alias("file"), row_of.alias("row"), pl.col("reason").cast(pl.String), "bad_col",
-                         "bad_value")
-                 .collect(engine="streaming").row(0, named=True))
-        raise ValueError(
-            f"{files[first['file']]}: row {first['row']}, column {first['bad_col']!r}: "
-            f"{REJECT_REASONS[first['reason']]} (value {first['bad_value']!r}); {n_rejected:,} bad row(s) in all "
-            f"({', '.join(f'{k}: {v}' for k, v in rejected.items())}); pass --on-bad-rows skip to write them to "
-            f"{schema.REJECTS} instead")
-    if cfg.on_bad_rows == "skip":
-        with steps.step("rejects") as rec:
-            paths = {k: str(p) for k, p in enumerate(files)}
-            ((details if n_rejected else details.head(0))
-             .select(file_of.replace_strict(paths, return_dtype=pl.String).alias("file"), row_of.alias("row"),
-                     pl.col("bad_col").alias("column"), pl.col("reason").cast(pl.String),
-                     pl.col("bad_value").alias("value"),
-                     pl.col("user_raw").alias("user_id"), pl.col("item_raw").alias("item_id"))
-             .sink_parquet(tmp / schema.REJECTS, engine="streaming"))
-            rec.update(rows=n_rejected)
 
-    # -- 2. dedupe: one row per (user, item), a streaming hash group-by on one u64 pair key ----------------------
-    # A pair keeps the time of its first (for "last": its last) event; `seq` becomes the input position of the
-    # pair's first row, which breaks ties in time. first/last pick their event by (ts, seq), never by arrival.
+
+def _bad_row_error(files: list[Path], details: pl.LazyFrame, read: _Read) -> ValueError:
+    """on_bad_rows="error": the error naming the first rejected row (file, row, column, value) and the counts."""
+    first = (details.sort("seq").head(1)
+             .select(_FILE_OF.alias("file"), _ROW_OF.alias("row"), pl.col("reason").cast(pl.String), "bad_col",
+                     "bad_value")
+             .collect(engine="streaming").row(0, named=True))
+    return ValueError(
+        f"{files[first['file']]}: row {first['row']}, column {first['bad_col']!r}: "
+        f"{REJECT_REASONS[first['reason']]} (value {first['bad_value']!r}); {read.n_rejected:,} bad row(s) in all "
+        f"({', '.join(f'{k}: {v}' for k, v in read.rejected.items())}); pass --on-bad-rows skip to write them to "
+        f"{schema.REJECTS} instead")
+
+
+def _write_rejects(files: list[Path], details: pl.LazyFrame, n_rejected: int, tmp: Path, steps: _Steps) -> None:
+    """on_bad_rows="skip": the rejected rows with their reasons -> rejects.parquet (empty when there are none)."""
+    with steps.step("rejects") as rec:
+        paths = {k: str(p) for k, p in enumerate(files)}
+        ((details if n_rejected else details.head(0))
+         .select(_FILE_OF.replace_strict(paths, return_dtype=pl.String).alias("file"), _ROW_OF.alias("row"),
+                 pl.col("bad_col").alias("column"), pl.col("reason").cast(pl.String),
+                 pl.col("bad_value").alias("value"),
+                 pl.col("user_raw").alias("user_id"), pl.col("item_raw").alias("item_id"))
+         .sink_parquet(tmp / schema.REJECTS, engine="streaming"))
+        rec.update(rows=n_rejected)
+
+
+def _dedupe(read: _Read, cfg: PrepareConfig, steps: _Steps) -> _Pairs:
+    """Dedupe: one row per (user, item), a streaming hash group-by on one u64 pair key.
+
+    A pair keeps the time of its first (for "last": its last) event; `seq` becomes the input position of the pair's
+    first row, which breaks ties in time. first/last pick their event by (ts, seq), never by arrival.
+    """
     with steps.step("dedupe") as rec:
         ts_c, seq_c, w_c = pl.col("ts"), pl.col("seq"), pl.col("weight")
         if cfg.dedupe == "last":
@@ -215,8 +326,8 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
             agg = [ts_c.min(), seq_c.min(), w_c.sort_by([ts_c, seq_c]).first()]
         else:  # simple aggregations only: the fast path of the group-by
             agg = [ts_c.min(), seq_c.min(), w_c.sum()]
-        good = norm.filter(pl.col("reason").is_null() & pl.col("freason").is_null())
-        n_before = n_input - n_rejected - sum(filtered.values())
+        good = read.norm.filter(pl.col("reason").is_null() & pl.col("freason").is_null())
+        n_before = read.n_input - read.n_rejected - sum(read.filtered.values())
         pair = (pl.col("u").cast(pl.UInt64) * (1 << 32) + pl.col("i").cast(pl.UInt64)).alias("pair")
         # The group-by's hash table costs ~100 bytes per pair: run it on slices of the users (u % n_chunks, a
         # re-scan of the scratch file each) so peak memory stays flat as the log grows.
@@ -244,21 +355,26 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         n_dedup = n_before - n_pairs
         rec.update(rows=n_pairs, deduplicated=n_dedup, chunks=n_chunks)
     if n_pairs == 0:
-        raise ValueError(f"no interaction is left after validation and filters (filtered: {filtered}, "
-                         f"rejected: {rejected})")
+        raise ValueError(f"no interaction is left after validation and filters (filtered: {read.filtered}, "
+                         f"rejected: {read.rejected})")
+    return _Pairs(cols_np, int(cols_np["u"].max()) + 1, int(cols_np["i"].max()) + 1, n_dedup)
 
-    n_user_codes = int(cols_np["u"].max()) + 1
-    n_item_codes = int(cols_np["i"].max()) + 1
 
-    # -- 4. k-core to a fixed point --------------------------------------------------------------------------------
-    # the catalogue before k-core (what prepare.kcore_items may cut from it)
-    items_before_kcore = int(np.count_nonzero(np.bincount(cols_np["i"], minlength=n_item_codes)))
-    users_before_kcore = int(np.count_nonzero(np.bincount(cols_np["u"], minlength=n_user_codes)))
+def _kcore(pairs: _Pairs, cfg: PrepareConfig, steps: _Steps) -> tuple[dict[str, int], dict[str, int]]:
+    """K-core to a fixed point, filtering ``pairs.cols`` in place.
+
+    Returns (rows dropped per filter reason: kcore_users / kcore_items, the catalogue before k-core: what
+    prepare.kcore_items may cut from it, as items_before_kcore / users_before_kcore).
+    """
+    cols_np = pairs.cols
+    before = {
+        "items_before_kcore": int(np.count_nonzero(np.bincount(cols_np["i"], minlength=pairs.n_item_codes))),
+        "users_before_kcore": int(np.count_nonzero(np.bincount(cols_np["u"], minlength=pairs.n_user_codes))),
+    }
     with steps.step("kcore") as rec:
         keep, why, iters = kcore_filter(cols_np["u"], cols_np["i"], min_user=cfg.kcore_users,
                                         min_item=cfg.kcore_items)
-        filtered["kcore_users"] = int((why == 1).sum())
-        filtered["kcore_items"] = int((why == 2).sum())
+        dropped = {"kcore_users": int((why == 1).sum()), "kcore_items": int((why == 2).sum())}
         del why
         if not keep.all():
             take(cols_np, keep)  # keeps each user's rows together and in time order
@@ -267,129 +383,181 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
     if len(cols_np["u"]) == 0:
         raise ValueError(f"k-core filtering (kcore_users={cfg.kcore_users}, kcore_items={cfg.kcore_items}) left no "
                          f"interaction; lower `prepare.kcore_users` / `prepare.kcore_items`")
+    return dropped, before
 
-    # -- 5. temporal split ------------------------------------------------------------------------------------------
+
+def _split(pairs: _Pairs, cfg: PrepareConfig, steps: _Steps) -> tuple[dict[str, Any], dict[str, int]]:
+    """Temporal split: adds ``pairs.cols["split"]`` (0 train, 1 valid, 2 test, 3 extra = cold rows moved
+    out by drop_cold). Returns (the split's description, the extra rows per reason)."""
+    cols_np = pairs.cols
     with steps.step("split") as rec:
         cols_np["split"], split_desc = split_codes(cols_np["u"], cols_np["ts"], cfg=cfg)
         extra: dict[str, int] = {}
         if cfg.drop_cold:
             u, i, train = cols_np["u"], cols_np["i"], cols_np["split"] == 0
-            has_u = np.bincount(u[train], minlength=n_user_codes) > 0
-            has_i = np.bincount(i[train], minlength=n_item_codes) > 0
+            has_u = np.bincount(u[train], minlength=pairs.n_user_codes) > 0
+            has_i = np.bincount(i[train], minlength=pairs.n_item_codes) > 0
             cold_u = ~train & ~has_u[u]
             cold_i = ~train & ~cold_u & ~has_i[i]
             extra = {"cold_user": int(cold_u.sum()), "cold_item": int(cold_i.sum())}
             cols_np["split"][cold_u | cold_i] = 3  # rows stay where they are: each user's block keeps its order
             del u, i, train, cold_u, cold_i
-        u, i, ts, w, split = (cols_np[c] for c in ("u", "i", "ts", "weight", "split"))
-        del cols_np
+        split = cols_np["split"]
         if cfg.drop_cold and not (split == 0).any():
             raise ValueError(f"no interaction is left in train after the {cfg.split} split: every valid/test row is "
                              f"cold ({extra.get('cold_user', 0)} cold-user and {extra.get('cold_item', 0)} cold-item "
                              f"rows) and no row is in train; set `prepare.drop_cold=false` or move the cutoff")
         rec.update(train=int((split == 0).sum()), valid=int((split == 1).sum()), test=int((split == 2).sum()),
                    extra=int((split == 3).sum()))
+    return split_desc, extra
 
-    # -- 6. vocabularies (train frequency order), outputs --------------------------------------------------------
+
+def _vocab_and_write(pairs: _Pairs, read: _Read, meta: _Meta, cfg: PrepareConfig, tmp: Path,
+                     steps: _Steps) -> _Written:
+    """Vocabularies (train frequency order) and the outputs. Consumes ``pairs.cols``."""
     with steps.step("vocab+write") as rec:
-        train = split == 0
-        ucodes = np.flatnonzero(np.bincount(u, minlength=n_user_codes) > 0)
-        icodes = np.flatnonzero(np.bincount(i, minlength=n_item_codes) > 0)
-        u_ntrain = np.bincount(u[train], minlength=n_user_codes)[ucodes]
-        i_ntrain = np.bincount(i[train], minlength=n_item_codes)[icodes]
-        user_strs = decode(ucodes, user_codes)
-        item_strs = decode(icodes, item_codes)
-        uperm = vocab_order(user_strs, u_ntrain)
-        iperm = vocab_order(item_strs, i_ntrain)
-        ucodes, u_ntrain = ucodes[uperm], u_ntrain[uperm]
-        icodes, i_ntrain = icodes[iperm], i_ntrain[iperm]
-        u_map = np.full(n_user_codes, -1, dtype=np.int32)
-        u_map[ucodes] = np.arange(len(ucodes), dtype=np.int32)
-        i_map = np.full(n_item_codes, -1, dtype=np.int32)
-        i_map[icodes] = np.arange(len(icodes), dtype=np.int32)
-        n_users, n_items = len(ucodes), len(icodes)
-        user_ids = user_strs.gather(uperm).alias(schema.USER_ID)
-        item_ids = item_strs.gather(iperm).alias(schema.ITEM_ID)
-        del user_strs, item_strs, train
-
-        # Each user's rows are one contiguous block in (ts, seq) order: moving whole blocks into user_idx order
-        # gives the (user_idx, ts, seq) order of the contract without sorting rows.
-        run_start = np.flatnonzero(np.concatenate([[True], u[1:] != u[:-1]]))
-        if len(run_start) != n_users:  # an internal invariant (one block per user), never a data problem
-            raise AssertionError(f"{len(run_start)} row blocks for {n_users} users")
-        run_len = np.diff(np.append(run_start, len(u)))
-        by_idx = np.argsort(u_map[u[run_start]])  # [n_users] blocks in user_idx order
-        lens = run_len[by_idx]
-        order = np.repeat(run_start[by_idx] - (np.cumsum(lens) - lens), lens) + np.arange(len(u))  # [n] rows
-        del u, run_start, run_len, by_idx
-        rows_np = {schema.ITEM_IDX: i, schema.TS: ts, schema.WEIGHT: w, "split": split}
-        del i, ts, w, split
-        for c in list(rows_np):  # one column at a time: peak is the data + one column
-            rows_np[c] = rows_np[c][order]
-        del order
-        rows_np[schema.ITEM_IDX] = i_map[rows_np[schema.ITEM_IDX]]
-        rows_np[schema.USER_IDX] = np.repeat(np.arange(n_users, dtype=np.int32), lens)
-        split = rows_np["split"]
-        for code, (name, fname) in enumerate(schema.SPLITS.items()):
-            m = split == code
-            # Polars' writer encodes the columns in parallel (pyarrow's takes ~1.5x the time here)
-            frame = pl.DataFrame({c: rows_np[c][m] for c in (schema.USER_IDX, schema.ITEM_IDX, schema.TS,
-                                                              schema.WEIGHT)})
-            frame.write_parquet(tmp / fname, compression="zstd")
-            rec[name] = frame.height
-            del frame, m
-
-        # serving state, one row per user in user_idx order: the last N items of train+valid (oldest first) and
-        # the distinct items of train+valid (ascending)
-        m = split < 2
-        (h_off, h_vals), (s_off, s_vals) = history_and_seen(
-            rows_np[schema.USER_IDX][m], rows_np[schema.ITEM_IDX][m], n_users=n_users, n_items=n_items,
-            history_len=cfg.history_len)
-        del m
-        write_ragged(tmp / schema.HISTORY, h_off, h_vals)
-        write_ragged(tmp / schema.SEEN, s_off, s_vals)
-        del h_vals, s_vals
+        vocabs = _vocabs(pairs, read.user_codes, read.item_codes)
+        n_users, n_items = len(vocabs.user_ids), len(vocabs.item_ids)
+        rows_np = _user_idx_order(pairs.cols, vocabs, n_users)
+        splits = _write_splits(rows_np, tmp)
+        rec.update(splits)
+        _write_serving_state(rows_np, n_users, n_items, cfg.history_len, tmp)
         first_ts = (pl.DataFrame({"i": rows_np[schema.ITEM_IDX], "ts": rows_np[schema.TS]})
                     .group_by("i").agg(pl.col("ts").min()).sort("i")["ts"].to_numpy())
-        n_kept = len(split)
+        n_kept = len(rows_np["split"])
         time_range = (int(rows_np[schema.TS].min()), int(rows_np[schema.TS].max()))
-        del rows_np, split
-
-        # vocabularies + feature tables
-        i_codes, i_fv, i_cards = encode_features(item_ids.rename(cfg.item_col), item_meta, id_col=cfg.item_col,
-                                                 entity="item", features=cfg.item_features,
-                                                 exclude=(cfg.title_col,), path=items_path,
-                                                 max_values=cfg.max_values)  # fmt: skip
-        u_codes, u_fv, u_cards = encode_features(user_ids.rename(cfg.user_col), user_meta, id_col=cfg.user_col,
-                                                 entity="user", features=cfg.user_features, path=users_path,
-                                                 max_values=cfg.max_values)  # fmt: skip
-        items_df = pl.DataFrame({
-            schema.ITEM_ID: item_ids,
-            schema.ITEM_IDX: np.arange(n_items, dtype=np.int32),
-            "n_train": i_ntrain.astype(np.int32),
-            "prob": logq_prob(i_ntrain, smoothing=cfg.prob_smoothing),
-            "first_ts": first_ts.astype(np.int64),
-        }).hstack(i_codes)
-        has_title = item_meta is not None and cfg.title_col in item_meta.columns
-        if has_title:
-            titles = (pl.DataFrame({cfg.item_col: item_ids}).join(
-                item_meta.select(cfg.item_col, pl.col(cfg.title_col).cast(pl.String).alias(schema.TITLE)),
-                on=cfg.item_col, how="left", maintain_order="left")[schema.TITLE])
-            items_df = items_df.with_columns(titles)
-        users_df = pl.DataFrame({
-            schema.USER_ID: user_ids,
-            schema.USER_IDX: np.arange(n_users, dtype=np.int32),
-            "n_train": u_ntrain.astype(np.int32),
-        }).hstack(u_codes)
-        items_df.write_parquet(tmp / schema.ITEMS)
-        users_df.write_parquet(tmp / schema.USERS)
-        pl.concat([u_fv, i_fv]).write_parquet(tmp / schema.FEATURE_VOCAB)
-        meta_missing = {
-            "items_without_metadata": _count_missing(item_ids, item_meta, cfg.item_col),
-            "users_without_metadata": _count_missing(user_ids, user_meta, cfg.user_col),
-        }
+        del rows_np
+        features, has_title, metadata = _write_vocab_tables(vocabs, first_ts, meta, cfg, tmp)
         rec.update(users=n_users, items=n_items)
+    return _Written(n_users, n_items, n_kept, splits, time_range, features, has_title, metadata)
 
+
+def _vocabs(pairs: _Pairs, user_codes: pl.Categories, item_codes: pl.Categories) -> _Vocabs:
+    """The users / items that are left, most train rows first (ties by ID string), with code -> index maps."""
+    u, i, split = pairs.cols["u"], pairs.cols["i"], pairs.cols["split"]
+    n_user_codes, n_item_codes = pairs.n_user_codes, pairs.n_item_codes
+    train = split == 0
+    ucodes = np.flatnonzero(np.bincount(u, minlength=n_user_codes) > 0)
+    icodes = np.flatnonzero(np.bincount(i, minlength=n_item_codes) > 0)
+    u_ntrain = np.bincount(u[train], minlength=n_user_codes)[ucodes]
+    i_ntrain = np.bincount(i[train], minlength=n_item_codes)[icodes]
+    del train
+    user_strs = decode(ucodes, user_codes)
+    item_strs = decode(icodes, item_codes)
+    uperm = vocab_order(user_strs, u_ntrain)
+    iperm = vocab_order(item_strs, i_ntrain)
+    ucodes, u_ntrain = ucodes[uperm], u_ntrain[uperm]
+    icodes, i_ntrain = icodes[iperm], i_ntrain[iperm]
+    u_map = np.full(n_user_codes, -1, dtype=np.int32)
+    u_map[ucodes] = np.arange(len(ucodes), dtype=np.int32)
+    i_map = np.full(n_item_codes, -1, dtype=np.int32)
+    i_map[icodes] = np.arange(len(icodes), dtype=np.int32)
+    user_ids = user_strs.gather(uperm).alias(schema.USER_ID)
+    item_ids = item_strs.gather(iperm).alias(schema.ITEM_ID)
+    return _Vocabs(user_ids, item_ids, u_ntrain, i_ntrain, u_map, i_map)
+
+
+def _user_idx_order(cols: dict[str, np.ndarray], vocabs: _Vocabs, n_users: int) -> dict[str, np.ndarray]:
+    """The rows in (user_idx, ts, seq) order with item_idx / user_idx columns (plus ts, weight, split); pops the
+    columns out of ``cols`` so each old column is freed as soon as its reordered copy exists.
+
+    Each user's rows are one contiguous block in (ts, seq) order: moving whole blocks into user_idx order gives
+    the (user_idx, ts, seq) order of the contract without sorting rows.
+    """
+    u = cols.pop("u")
+    run_start = np.flatnonzero(np.concatenate([[True], u[1:] != u[:-1]]))
+    if len(run_start) != n_users:  # an internal invariant (one block per user), never a data problem
+        raise AssertionError(f"{len(run_start)} row blocks for {n_users} users")
+    run_len = np.diff(np.append(run_start, len(u)))
+    by_idx = np.argsort(vocabs.u_map[u[run_start]])  # [n_users] blocks in user_idx order
+    lens = run_len[by_idx]
+    order = np.repeat(run_start[by_idx] - (np.cumsum(lens) - lens), lens) + np.arange(len(u))  # [n] rows
+    del u, run_start, run_len, by_idx
+    rows_np = {schema.ITEM_IDX: cols.pop("i"), schema.TS: cols.pop("ts"), schema.WEIGHT: cols.pop("weight"),
+               "split": cols.pop("split")}
+    for c in list(rows_np):  # one column at a time: peak is the data + one column
+        rows_np[c] = rows_np[c][order]
+    del order
+    rows_np[schema.ITEM_IDX] = vocabs.i_map[rows_np[schema.ITEM_IDX]]
+    rows_np[schema.USER_IDX] = np.repeat(np.arange(n_users, dtype=np.int32), lens)
+    return rows_np
+
+
+def _write_splits(rows_np: dict[str, np.ndarray], tmp: Path) -> dict[str, int]:
+    """train / valid / test / extra .parquet (user_idx, item_idx, ts, weight); returns the rows of each."""
+    split = rows_np["split"]
+    counts: dict[str, int] = {}
+    for code, (name, fname) in enumerate(schema.SPLITS.items()):
+        m = split == code
+        # Polars' writer encodes the columns in parallel (pyarrow's takes ~1.5x the time here)
+        frame = pl.DataFrame({c: rows_np[c][m] for c in (schema.USER_IDX, schema.ITEM_IDX, schema.TS,
+                                                          schema.WEIGHT)})
+        frame.write_parquet(tmp / fname, compression="zstd")
+        counts[name] = frame.height
+        del frame, m
+    return counts
+
+
+def _write_serving_state(rows_np: dict[str, np.ndarray], n_users: int, n_items: int, history_len: int,
+                         tmp: Path) -> None:
+    """Serving state, one row per user in user_idx order: the last ``history_len`` items of train+valid (oldest
+    first) -> history.parquet and the distinct items of train+valid (ascending) -> seen.parquet."""
+    m = rows_np["split"] < 2
+    (h_off, h_vals), (s_off, s_vals) = history_and_seen(
+        rows_np[schema.USER_IDX][m], rows_np[schema.ITEM_IDX][m], n_users=n_users, n_items=n_items,
+        history_len=history_len)
+    del m
+    write_ragged(tmp / schema.HISTORY, h_off, h_vals)
+    write_ragged(tmp / schema.SEEN, s_off, s_vals)
+
+
+def _write_vocab_tables(vocabs: _Vocabs, first_ts: np.ndarray, meta: _Meta, cfg: PrepareConfig,
+                        tmp: Path) -> tuple[dict[str, Any], bool, dict[str, int | None]]:
+    """Vocabularies + feature tables: items.parquet, users.parquet, feature_vocab.parquet. Returns (the feature
+    cardinalities {"user": .., "item": ..}, whether items carry a title, the IDs without metadata)."""
+    item_ids, user_ids, item_meta, user_meta = vocabs.item_ids, vocabs.user_ids, meta.items, meta.users
+    n_items, n_users = len(item_ids), len(user_ids)
+    i_codes, i_fv, i_cards = encode_features(item_ids.rename(cfg.item_col), item_meta, id_col=cfg.item_col,
+                                             entity="item", features=cfg.item_features,
+                                             exclude=(cfg.title_col,), path=meta.items_path,
+                                             max_values=cfg.max_values)  # fmt: skip
+    u_codes, u_fv, u_cards = encode_features(user_ids.rename(cfg.user_col), user_meta, id_col=cfg.user_col,
+                                             entity="user", features=cfg.user_features, path=meta.users_path,
+                                             max_values=cfg.max_values)  # fmt: skip
+    items_df = pl.DataFrame({
+        schema.ITEM_ID: item_ids,
+        schema.ITEM_IDX: np.arange(n_items, dtype=np.int32),
+        "n_train": vocabs.i_ntrain.astype(np.int32),
+        "prob": logq_prob(vocabs.i_ntrain, smoothing=cfg.prob_smoothing),
+        "first_ts": first_ts.astype(np.int64),
+    }).hstack(i_codes)
+    has_title = item_meta is not None and cfg.title_col in item_meta.columns
+    if has_title:
+        titles = (pl.DataFrame({cfg.item_col: item_ids}).join(
+            item_meta.select(cfg.item_col, pl.col(cfg.title_col).cast(pl.String).alias(schema.TITLE)),
+            on=cfg.item_col, how="left", maintain_order="left")[schema.TITLE])
+        items_df = items_df.with_columns(titles)
+    users_df = pl.DataFrame({
+        schema.USER_ID: user_ids,
+        schema.USER_IDX: np.arange(n_users, dtype=np.int32),
+        "n_train": vocabs.u_ntrain.astype(np.int32),
+    }).hstack(u_codes)
+    items_df.write_parquet(tmp / schema.ITEMS)
+    users_df.write_parquet(tmp / schema.USERS)
+    pl.concat([u_fv, i_fv]).write_parquet(tmp / schema.FEATURE_VOCAB)
+    meta_missing = {
+        "items_without_metadata": _count_missing(item_ids, item_meta, cfg.item_col),
+        "users_without_metadata": _count_missing(user_ids, user_meta, cfg.user_col),
+    }
+    return {"user": u_cards, "item": i_cards}, has_title, meta_missing
+
+
+def _manifest(cfg: PrepareConfig, read: _Read, meta: _Meta, filtered: dict[str, int], n_dedup: int,
+              before_kcore: dict[str, int], split_desc: dict[str, Any], extra: dict[str, int], written: _Written,
+              steps: _Steps) -> dict[str, Any]:
+    """The manifest: row accounting (checked: every input row is kept, merged, filtered or rejected), counts,
+    fingerprint of inputs + config, and the steps."""
+    n_input, rejected, n_kept = read.n_input, read.rejected, written.n_kept
     filtered = {k: filtered.get(k, 0) for k in FILTER_REASONS if k in filtered}
     rows = {
         "input": n_input,
@@ -397,17 +565,18 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         "filtered": filtered,
         "deduplicated": n_dedup,
         "kept": n_kept,
-        "train": rec["train"],
-        "valid": rec["valid"],
-        "test": rec["test"],
-        "extra": rec["extra"],
+        "train": written.splits["train"],
+        "valid": written.splits["valid"],
+        "test": written.splits["test"],
+        "extra": written.splits["extra"],
         "extra_reasons": {k: extra[k] for k in EXTRA_REASONS if k in extra},
     }
     accounted = n_kept + n_dedup + sum(filtered.values()) + sum(rejected.values())
     if accounted != n_input:  # an internal invariant; failing it is a bug, never a data problem
         raise AssertionError(f"row accounting broke: input {n_input} != accounted {accounted} ({rows})")
+    items_path, users_path = meta.items_path, meta.users_path
     config_dict = to_dict(cfg)
-    fp_src = json.dumps({"inputs": inputs, "items": items_path and fingerprint_file(items_path),
+    fp_src = json.dumps({"inputs": read.inputs, "items": items_path and fingerprint_file(items_path),
                          "users": users_path and fingerprint_file(users_path), "config": config_dict},
                         sort_keys=True, default=str)
     return {
@@ -416,20 +585,19 @@ def _run(files: list[Path], fmts: list[str], items_path: Path | None, users_path
         "created_at": datetime.now(timezone.utc).isoformat(),
         "fingerprint": hashlib.sha256(fp_src.encode()).hexdigest(),
         "config": config_dict,
-        "inputs": inputs,
+        "inputs": read.inputs,
         "items_file": fingerprint_file(items_path) if items_path else None,
         "users_file": fingerprint_file(users_path) if users_path else None,
         "rows": rows,
-        "counts": {"n_users": n_users, "n_items": n_items, "train": rows["train"], "valid": rows["valid"],
-                   "test": rows["test"], "extra": rows["extra"], "items_before_kcore": items_before_kcore,
-                   "users_before_kcore": users_before_kcore},
+        "counts": {"n_users": written.n_users, "n_items": written.n_items, "train": rows["train"],
+                   "valid": rows["valid"], "test": rows["test"], "extra": rows["extra"], **before_kcore},
         "split": split_desc,
         "dedupe": {"policy": cfg.dedupe, "note": "dedupe happens before the split: each (user, item) pair appears "
                                                  "once in the whole dataset"},
-        "time_range": {"min": iso(time_range[0]), "max": iso(time_range[1])},
-        "features": {"user": u_cards, "item": i_cards},
-        "title": has_title,
-        "metadata": meta_missing,
+        "time_range": {"min": iso(written.time_range[0]), "max": iso(written.time_range[1])},
+        "features": written.features,
+        "title": written.has_title,
+        "metadata": written.metadata,
         "prob": "prob_i = max(n_train_i + prob_smoothing, 0.5) / sum_j max(n_train_j + prob_smoothing, 0.5)",
         "history_len": cfg.history_len,
         "steps": steps.rows,
