@@ -262,6 +262,8 @@ def run_gate(candidate_run: Path, serving_dir: Path | None, data_dir: Path, *, c
 # the job
 
 
+# ~95 lines: the job's stages in order (prepare, train, gate, final fit, publish), each recorded in state.json so a
+# rerun resumes; the stages themselves are the functions it calls.
 def retrain(
     logs: Sequence[str | Path],
     models_dir: str | Path,

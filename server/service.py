@@ -445,6 +445,8 @@ def check_histories(
 _NO_EVENTS: tuple[np.ndarray, list[str]] = (np.empty(0, dtype=np.int64), [])
 
 
+# ~90 lines: one tower call and one index search for the whole batch, then the answers in request order; the
+# steps share the per-user bookkeeping, so they stay together.
 def batch_recommend(
     bundle: Bundle,
     *,

@@ -100,6 +100,8 @@ def _show(title: str, rec: Any, titles: dict[str, str], cats: dict[str, str]) ->
         print(f"  {i:2d}. {item:<10} {score:6.3f}  [{cats.get(item, '?'):<12}] {titles.get(item, '')}")
 
 
+# ~160 lines: the demo's script, one numbered section per stage printed in order; kept in one function so it
+# reads top to bottom like the README's quick start.
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     # polars, torch, grpc, the server: imported here so `recsys --help` stays fast
     import polars as pl

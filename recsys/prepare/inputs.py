@@ -275,6 +275,7 @@ _REASON = pl.Enum(list(REJECT_REASONS))
 _FREASON = pl.Enum(list(FILTER_REASONS))
 
 
+# ~90 lines: one lazy Polars query per input file (validate, code, filter), built as one expression chain.
 def normalize(lf: pl.LazyFrame, *, path: Path, file_idx: int, fmt: str, cfg: PrepareConfig,
               user_codes: pl.Categories, item_codes: pl.Categories, details: bool = True) -> pl.LazyFrame:
     """Raw scan -> one normalised row per input row (everything that can be decided row by row).

@@ -329,6 +329,7 @@ def _ids(prefix: str, n: int, rng: np.random.Generator) -> np.ndarray:
 class _World:
     """Static users, items and the lookup tables the per-event draws need (all numpy, O(users + items))."""
 
+    # ~85 lines: draws the synthetic world's parameters (clusters, popularity, drift), one statement each.
     def __init__(self, cfg: SynthConfig) -> None:
         rng = np.random.default_rng([cfg.seed, 0])
         n_items, n_users, n_clusters = cfg.items, cfg.users, cfg.clusters
@@ -499,6 +500,7 @@ def _shard_bounds(cfg: SynthConfig, span: int) -> list[tuple[int, int, int]]:
     return out
 
 
+# ~85 lines: one shard's event loop, vectorised over users; its steps share the shard's random state.
 def _generate_shard(
     world: _World, cfg: SynthConfig, shard: int, n: int, t0: int, t1: int, last_item: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -585,6 +587,7 @@ def _generate_shard(
     }
 
 
+# ~80 lines: shards, the items/users files and the ground-truth file, written atomically together.
 def generate(out: str | Path, *, config: SynthConfig, overwrite: bool = False) -> dict[str, Any]:
     """Write a synthetic dataset to ``out`` (atomically) and return the ``synth.json`` summary (plus ``seconds``)."""
     cfg = config

@@ -392,6 +392,8 @@ class Trainer:
         self.history_kernel = choose_history_kernel(train_cfg, model_cfg, n_items=data.n_items, device=device)
         self.build(seed=train_cfg.seed)
 
+    # ~80 lines: the model, its optimizers (dense / sparse / row-wise), the queue and the kernels' choice, which
+    # depend on each other's settings.
     def build(self, *, seed: int) -> None:
         """(Re)create model, optimizers and queue from the seed: the start of a phase."""
         torch.manual_seed(seed)

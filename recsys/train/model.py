@@ -64,6 +64,7 @@ class TwoTower(nn.Module):
 
     metric = schema.METRIC
 
+    # ~80 lines: declares every module of both towers (one line or two each).
     def __init__(
         self,
         spec: FeatureSpec,
