@@ -277,6 +277,8 @@ def ann_sweep(
     }
 
 
+# ~115 lines: the report's sections in order (load, each model and baseline, segments, ANN sweep, A/B); each is a
+# call of its own, this function only assembles the report.
 def evaluate(
     bundle: Any,
     data_dir: str | Path,
