@@ -13,7 +13,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys.train.embed import embed_items, embed_users, served_dim
 from recsys.bundle.files import (
     BUNDLE_FILES,
     DATA_FILES,
@@ -41,6 +42,7 @@ from recsys.core.data import Interactions, fingerprint, history_and_seen, read_i
 from recsys.core.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
 from recsys.evaluate import quick_evaluation
 from recsys.retrieval import ExactIndex, HnswIndex, IndexConfig, autotune_ef
+from recsys.train.embed import embed_items, embed_users, served_dim
 from recsys.train.recency import choose_popularity_window, recent_counts
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,53 @@ def _tuning_users(
     return rows, ",".join(sources)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One export's inputs, checked, and what was read from them: the run's files, the dataset's manifest, the model."""
+
+    run_dir: Path
+    models_dir: Path
+    data_dir: Path
+    index_cfg: Any
+    keep: int
+    version: str | None  # the name asked for; None: one is made when the version is written
+    tune_queries: int | None
+    evaluate_split: str | None
+    seed: int
+    model: Any
+    model_json: dict
+    run_config: dict
+    summary: dict
+    data_manifest: dict
+    trained_on: dict[str, Any] | None  # the final fit (summary's ``final_fit``); absent in runs from before it
+    metric: str
+    n_users: int
+    n_items: int
+
+    @property
+    def full_state(self) -> bool:
+        """Whether the final fit saw more than train + valid (then the serving state is rebuilt from every split)."""
+        return self.trained_on is not None and bool(set(self.trained_on.get("splits", ())) - {"train", "valid"})
+
+
+@dataclass(frozen=True)
+class _Embeddings:
+    item: np.ndarray  # [n_items, dim]
+    user: np.ndarray  # [n_users, dim], every known user from their serving history
+    max_history: int | None  # how many recent history items the user tower reads
+
+
+@dataclass(frozen=True)
+class _Index:
+    ann: Any  # the HnswIndex, its ef set
+    exact: Any  # ExactIndex on the same items
+    ef: int
+    tune_k: int
+    query_source: str
+    table: list
+    filtered_table: list
+
+
 def export(
     run_dir: str | Path,
     models_dir: str | Path,
@@ -172,6 +221,25 @@ def export(
     the fit events (``recent_popularity.npy``), W chosen on the newest 20% of those events
     (:func:`choose_popularity_window`); the manifest's ``popularity`` records W, the grid's scores and the cut.
     """
+    plan = _plan(run_dir, models_dir, data_dir=data_dir, index_cfg=index_cfg, keep=keep, version=version,
+                 tune_queries=tune_queries, evaluate_split=evaluate_split, seed=seed)
+    with _serving_state(plan) as state_dir:
+        emb = _embed(plan, state_dir)
+        index = _build_index(plan, state_dir, emb)
+        evaluation = _evaluate(plan, emb, index)
+        # The popularity fallback: recent counts, the window chosen on the fit events' own newest slice.
+        popularity, fallback_counts = _fallback_popularity(plan.data_dir, state_dir, plan.trained_on,
+                                                           n_users=plan.n_users, n_items=plan.n_items)
+        with models_lock(plan.models_dir):
+            final = _write_version(plan, state_dir, emb, index, evaluation=evaluation, popularity=popularity,
+                                   fallback_counts=fallback_counts)
+            _publish(plan, final, ef=index.ef)
+    return final
+
+
+def _plan(run_dir: str | Path, models_dir: str | Path, *, data_dir: str | Path | None, index_cfg: Any, keep: int,
+          version: str | None, tune_queries: int | None, evaluate_split: str | None, seed: int) -> _Plan:
+    """Check the export's inputs and read what it works from: the run's files, the dataset's manifest, the model."""
     from recsys.train.model import TwoTower  # torch: loaded on export only, not on `import recsys.publish`
 
     if keep < 1:
@@ -183,15 +251,7 @@ def export(
     for name in (schema.MODEL_JSON, schema.MODEL_WEIGHTS):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"run dir {str(run_dir)!r} has no {name} (train the model first)")
-    if data_dir is None:
-        data_dir = _run_data_dir(run_dir)
-    else:
-        data_dir = Path(data_dir)
-        want = _read_run_fingerprint(run_dir)
-        if want is not None and (data_dir / schema.MANIFEST).is_file() and fingerprint(data_dir) != want:
-            log.warning("`data_dir` %s is not the prepared dataset the run was trained on (fingerprint %s, the run's "
-                        "%s); the vocabularies must match for the export to be right", data_dir,
-                        fingerprint(data_dir), want)
+    data_dir = _resolve_data_dir(run_dir, data_dir)
     for name in (*DATA_FILES, schema.MANIFEST):
         if not (data_dir / name).is_file():
             raise FileNotFoundError(f"prepared dataset {str(data_dir)!r} has no {name}")
@@ -203,6 +263,29 @@ def export(
     summary = read_json(run_dir / schema.SUMMARY, what="run") if (run_dir / schema.SUMMARY).is_file() else {}
 
     model = TwoTower.from_run(run_dir, device="cpu")
+    metric = _check_model(model, model_json, run_dir, data_dir)
+    return _Plan(run_dir=run_dir, models_dir=models_dir, data_dir=data_dir, index_cfg=index_cfg, keep=keep,
+                 version=version, tune_queries=tune_queries, evaluate_split=evaluate_split, seed=seed, model=model,
+                 model_json=model_json, run_config=run_config, summary=summary, data_manifest=data_manifest,
+                 trained_on=summary.get("final_fit"), metric=metric, n_users=int(model.n_users),
+                 n_items=int(model.n_items))
+
+
+def _resolve_data_dir(run_dir: Path, data_dir: str | Path | None) -> Path:
+    """``data_dir``, or the dataset the run names when None; warns when a given one is not the run's dataset."""
+    if data_dir is None:
+        return _run_data_dir(run_dir)
+    data_dir = Path(data_dir)
+    want = _read_run_fingerprint(run_dir)
+    if want is not None and (data_dir / schema.MANIFEST).is_file() and fingerprint(data_dir) != want:
+        log.warning("`data_dir` %s is not the prepared dataset the run was trained on (fingerprint %s, the run's "
+                    "%s); the vocabularies must match for the export to be right", data_dir,
+                    fingerprint(data_dir), want)
+    return data_dir
+
+
+def _check_model(model: Any, model_json: Mapping[str, Any], run_dir: Path, data_dir: Path) -> str:
+    """The model's metric, after checking it is the served one and the model's counts are the dataset's."""
     metric = str(getattr(model, "metric", model_json.get("metric", schema.METRIC)))
     if metric != schema.METRIC:
         raise BundleError(f"{schema.MODEL_JSON}: model metric is {metric!r}, the system serves {schema.METRIC!r}")
@@ -214,18 +297,21 @@ def export(
             f"run {str(run_dir)!r} has {n_users} users / {n_items} items but {str(data_dir)!r} has "
             f"{n_users_data} / {n_items_data}: the run was not trained on this dataset"
         )
+    return metric
 
-    trained_on = summary.get("final_fit")  # absent in runs from before it was recorded
-    full_state = trained_on is not None and bool(set(trained_on.get("splits", ())) - {"train", "valid"})
-    kw = dict(model=model, model_json=model_json, run_config=run_config, summary=summary,
-              data_manifest=data_manifest, index_cfg=index_cfg, keep=keep, version=version,
-              tune_queries=tune_queries, seed=seed, evaluate_split=evaluate_split, trained_on=trained_on)
-    if not full_state:  # the prepared train + valid state is the bundle's as it is
-        return _export(run_dir, models_dir, data_dir, data_dir, **kw)
+
+@contextmanager
+def _serving_state(plan: _Plan) -> Iterator[Path]:
+    """The directory holding the bundle's data files: the prepared train + valid state as it is, or (the final fit
+    saw more splits) that state rebuilt from every split in a temporary directory, removed afterwards."""
+    if not plan.full_state:
+        yield plan.data_dir
+        return
     state_dir = Path(tempfile.mkdtemp(prefix="recsys-serving-state-"))
     try:
-        _write_serving_state(data_dir, state_dir, data_manifest, n_users=n_users, n_items=n_items)
-        return _export(run_dir, models_dir, data_dir, state_dir, **kw)
+        _write_serving_state(plan.data_dir, state_dir, plan.data_manifest, n_users=plan.n_users,
+                             n_items=plan.n_items)
+        yield state_dir
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
 
@@ -256,139 +342,157 @@ def _write_serving_state(data_dir: Path, out: Path, data_manifest: Mapping[str, 
         pq.write_table(t, out / name)
 
 
-def _export(run_dir: Path, models_dir: Path, data_dir: Path, state_dir: Path, *, model: Any, model_json: dict,
-            run_config: dict, summary: dict, data_manifest: dict, index_cfg: Any, keep: int, version: str | None,
-            tune_queries: int | None, seed: int, evaluate_split: str | None,
-            trained_on: dict[str, Any] | None) -> Path:
-    metric = str(getattr(model, "metric", model_json.get("metric", schema.METRIC)))
-    dim = served_dim(model)
-    n_users, n_items = int(model.n_users), int(model.n_items)
-    # Embeddings with the exported towers: users from their serving history, exactly as serving would.
-    item_emb = embed_items(model, n_items)
-    hist_off, hist_val = read_ragged(state_dir / schema.HISTORY, n_rows=n_users, what=schema.HISTORY)
-    max_history = _max_history(model, model_json)
+def _embed(plan: _Plan, state_dir: Path) -> _Embeddings:
+    """Embeddings with the exported towers: every item; every user from their serving history, as serving would."""
+    item_emb = embed_items(plan.model, plan.n_items)
+    hist_off, hist_val = read_ragged(state_dir / schema.HISTORY, n_rows=plan.n_users, what=schema.HISTORY)
+    max_history = _max_history(plan.model, plan.model_json)
     user_emb = embed_users(
-        model,
-        np.arange(n_users, dtype=np.int64),
-        ragged_rows(hist_off, hist_val, np.arange(n_users)),
+        plan.model,
+        np.arange(plan.n_users, dtype=np.int64),
+        ragged_rows(hist_off, hist_val, np.arange(plan.n_users)),
         max_history=max_history,
     )
     for name, arr in (("item", item_emb), ("user", user_emb)):
         if not np.isfinite(arr).all():
             raise ValueError(f"{name} embeddings contain NaN/inf: the run's weights are broken")
+    return _Embeddings(item=item_emb, user=user_emb, max_history=max_history)
 
-    # Index + ef auto-tuned against exact search on held-out users' embeddings.
-    index = HnswIndex.from_config(item_emb, metric=metric, cfg=index_cfg)
-    exact = ExactIndex(item_emb, metric=metric)
-    tune_k = min(int(index_cfg.autotune_k), n_items)
-    n_queries = max(1000, int(index_cfg.autotune_queries)) if tune_queries is None else int(tune_queries)
+
+def _build_index(plan: _Plan, state_dir: Path, emb: _Embeddings) -> _Index:
+    """The HNSW index over the items, ``ef`` auto-tuned against exact search on held-out users' embeddings."""
+    cfg = plan.index_cfg
+    index = HnswIndex.from_config(emb.item, metric=plan.metric, cfg=cfg)
+    exact = ExactIndex(emb.item, metric=plan.metric)
+    tune_k = min(int(cfg.autotune_k), plan.n_items)
+    n_queries = max(1000, int(cfg.autotune_queries)) if plan.tune_queries is None else int(plan.tune_queries)
     query_source, table, filtered_table = "", [], []
-    ef = int(index_cfg.ef)
-    if index_cfg.autotune:
-        rows, query_source = _tuning_users(data_dir, user_emb, n_queries=n_queries, seed=seed)
+    ef = int(cfg.ef)
+    if cfg.autotune:
+        rows, query_source = _tuning_users(plan.data_dir, emb.user, n_queries=n_queries, seed=plan.seed)
         # The same users minus their seen items (what serving excludes) tune the width of excluding searches.
-        seen_off, seen_val = read_ragged(state_dir / schema.SEEN, n_rows=n_users, what=schema.SEEN)
+        seen_off, seen_val = read_ragged(state_dir / schema.SEEN, n_rows=plan.n_users, what=schema.SEEN)
         ef, table = autotune_ef(
-            index, exact, user_emb[rows], k=tune_k, target_recall=index_cfg.target_recall,
-            efs=index_cfg.autotune_efs, exclude=ragged_rows(seen_off, seen_val, rows),
+            index, exact, emb.user[rows], k=tune_k, target_recall=cfg.target_recall,
+            efs=cfg.autotune_efs, exclude=ragged_rows(seen_off, seen_val, rows),
         )
         filtered_table = list(getattr(index, "ef_filtered_table", []))
     index.set_ef(int(ef))
+    return _Index(ann=index, exact=exact, ef=ef, tune_k=tune_k, query_source=query_source, table=table,
+                  filtered_table=filtered_table)
 
-    evaluation: dict[str, Any] = {}
-    seen_splits = (trained_on or {}).get("splits", ())
-    if evaluate_split is not None and evaluate_split in seen_splits:
-        holdout = summary.get("holdout") or {}
+
+def _evaluate(plan: _Plan, emb: _Embeddings, index: _Index) -> dict[str, Any]:
+    """The manifest's ``evaluation``: a quick exact/ANN evaluation of ``evaluate_split`` when the final fit did not
+    see it; when it did, the fit's holdout (validation) metrics, labelled as such; else empty."""
+    split = plan.evaluate_split
+    if split is not None and split in (plan.trained_on or {}).get("splits", ()):
+        holdout = plan.summary.get("holdout") or {}
         if holdout.get("metrics"):  # the split is in-sample: the estimate is the fit's validation metrics
-            evaluation = {"split": holdout.get("split", "valid"), "source": "holdout run: " + holdout["estimate"],
-                          **holdout["metrics"]}
-    elif evaluate_split is not None and _has_rows(data_dir / schema.SPLITS[evaluate_split]):
-        evaluation = quick_evaluation(
-            user_emb=user_emb, exact=exact, ann=index, data_dir=data_dir, split=evaluate_split
-        )
+            return {"split": holdout.get("split", "valid"), "source": "holdout run: " + holdout["estimate"],
+                    **holdout["metrics"]}
+    elif split is not None and _has_rows(plan.data_dir / schema.SPLITS[split]):
+        return quick_evaluation(user_emb=emb.user, exact=index.exact, ann=index.ann, data_dir=plan.data_dir,
+                                split=split)
+    return {}
 
-    # The popularity fallback: recent counts, the window chosen on the fit events' own newest slice.
-    popularity, fallback_counts = _fallback_popularity(data_dir, state_dir, trained_on, n_users=n_users,
-                                                       n_items=n_items)
 
-    with models_lock(models_dir):
-        h = hashlib.sha256(sha256_file(run_dir / schema.MODEL_WEIGHTS).encode())
-        h.update(sha256_file(data_dir / schema.MANIFEST).encode())
-        created = utc_now()
-        if version is None:
-            version = new_version_name(models_dir, h.hexdigest(), now=created)
-        final = models_dir / version
-        if final.exists():
-            raise FileExistsError(f"version {version!r} already exists in {str(models_dir)!r}")
-        with atomic_dir(final) as tmp:
-            for name in (schema.MODEL_JSON, schema.MODEL_WEIGHTS):
-                shutil.copyfile(run_dir / name, tmp / name)
-            for name in DATA_FILES:
-                shutil.copyfile(state_dir / name, tmp / name)
-            np.save(tmp / schema.ITEM_EMBEDDINGS, item_emb, allow_pickle=False)
-            np.save(tmp / schema.USER_EMBEDDINGS, user_emb, allow_pickle=False)
-            index.save(tmp / schema.INDEX_FILE)
-            np.save(tmp / RECENT_POPULARITY, fallback_counts.astype(np.int64), allow_pickle=False)
-            manifest = {
-                "schema_version": schema.SCHEMA_VERSION,
-                "version": version,
-                "created_at": created.isoformat().replace("+00:00", "Z"),
-                "metric": metric,
-                "dim": dim,
-                "counts": {"n_users": n_users, "n_items": n_items},
-                "max_history": max_history,
-                "model": model_json,
-                "run": {"path": str(run_dir.resolve()), "config": run_config, "summary": summary},
-                "data": {
-                    "path": str(data_dir.resolve()),
-                    "manifest_sha256": sha256_file(data_dir / schema.MANIFEST),
-                    "fingerprint": _data_fingerprint(data_manifest),
-                    "counts": data_manifest.get("counts"),
-                    "split": data_manifest.get("split"),
-                },
-                "index": {
-                    "kind": "hnsw",
-                    "file": schema.INDEX_FILE,
-                    "config": jsonable(index_cfg),
-                    "ef": int(ef),
-                    "ef_filtered": int(index.ef_filtered),
-                    "params": index.params(),
-                    "tune": {
-                        "autotune": bool(index_cfg.autotune),
-                        "k": tune_k,
-                        "target_recall": index_cfg.target_recall,
-                        "queries": query_source,
-                        "table": table,
-                        "filtered_table": filtered_table,
-                    },
-                },
-                "training": summary,
-                "trained_on": trained_on,
-                "catalogue": {"servable_items": n_items,
-                              "filtered_rows": (data_manifest.get("rows") or {}).get("filtered"),
-                              "items_before_kcore": (data_manifest.get("counts") or {}).get("items_before_kcore")},
-                "evaluation": evaluation,
-                "popularity": popularity,
-                "packages": _package_versions(),
-                "files": {
-                    name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
-                    for name in BUNDLE_FILES
-                },
-            }
-            atomic_write_json(tmp / MANIFEST, jsonable(manifest))
-        try:
-            atomic_write_text(models_dir / schema.LATEST, version + "\n")
-        except BaseException:
-            # LATEST could not move (a full disk, ...): take the new version back out, so a failed export leaves the
-            # models directory as it found it (renamed aside first: a reader never sees half a version)
-            aside = models_dir / f".{version}.deleting-{os.getpid()}"
-            os.rename(final, aside)
-            shutil.rmtree(aside, ignore_errors=True)
-            raise
-        fsync_dir(models_dir)
-        log.info("published %s (ef=%d, %d items, %d users)", final, ef, n_items, n_users)
-        prune_locked(models_dir, keep=keep)
+def _write_version(plan: _Plan, state_dir: Path, emb: _Embeddings, index: _Index, *, evaluation: dict[str, Any],
+                   popularity: dict[str, Any], fallback_counts: np.ndarray) -> Path:
+    """Under the models lock: name the new version and write it whole in a temporary directory (every file's
+    sha256 in the manifest), fsynced and renamed into place (``atomic_dir``); returns its directory."""
+    h = hashlib.sha256(sha256_file(plan.run_dir / schema.MODEL_WEIGHTS).encode())
+    h.update(sha256_file(plan.data_dir / schema.MANIFEST).encode())
+    created = utc_now()
+    version = plan.version
+    if version is None:
+        version = new_version_name(plan.models_dir, h.hexdigest(), now=created)
+    final = plan.models_dir / version
+    if final.exists():
+        raise FileExistsError(f"version {version!r} already exists in {str(plan.models_dir)!r}")
+    with atomic_dir(final) as tmp:
+        for name in (schema.MODEL_JSON, schema.MODEL_WEIGHTS):
+            shutil.copyfile(plan.run_dir / name, tmp / name)
+        for name in DATA_FILES:
+            shutil.copyfile(state_dir / name, tmp / name)
+        np.save(tmp / schema.ITEM_EMBEDDINGS, emb.item, allow_pickle=False)
+        np.save(tmp / schema.USER_EMBEDDINGS, emb.user, allow_pickle=False)
+        index.ann.save(tmp / schema.INDEX_FILE)
+        np.save(tmp / RECENT_POPULARITY, fallback_counts.astype(np.int64), allow_pickle=False)
+        manifest = _manifest(plan, tmp, version=version, created=created, emb=emb, index=index,
+                             evaluation=evaluation, popularity=popularity)
+        atomic_write_json(tmp / MANIFEST, jsonable(manifest))
     return final
+
+
+def _manifest(plan: _Plan, tmp: Path, *, version: str, created: Any, emb: _Embeddings, index: _Index,
+              evaluation: dict[str, Any], popularity: dict[str, Any]) -> dict[str, Any]:
+    """The new version's manifest.json, once every other file of it is written in ``tmp`` (their sha256 and size)."""
+    cfg, data_manifest = plan.index_cfg, plan.data_manifest
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "version": version,
+        "created_at": created.isoformat().replace("+00:00", "Z"),
+        "metric": plan.metric,
+        "dim": served_dim(plan.model),
+        "counts": {"n_users": plan.n_users, "n_items": plan.n_items},
+        "max_history": emb.max_history,
+        "model": plan.model_json,
+        "run": {"path": str(plan.run_dir.resolve()), "config": plan.run_config, "summary": plan.summary},
+        "data": {
+            "path": str(plan.data_dir.resolve()),
+            "manifest_sha256": sha256_file(plan.data_dir / schema.MANIFEST),
+            "fingerprint": _data_fingerprint(data_manifest),
+            "counts": data_manifest.get("counts"),
+            "split": data_manifest.get("split"),
+        },
+        "index": {
+            "kind": "hnsw",
+            "file": schema.INDEX_FILE,
+            "config": jsonable(cfg),
+            "ef": int(index.ef),
+            "ef_filtered": int(index.ann.ef_filtered),
+            "params": index.ann.params(),
+            "tune": {
+                "autotune": bool(cfg.autotune),
+                "k": index.tune_k,
+                "target_recall": cfg.target_recall,
+                "queries": index.query_source,
+                "table": index.table,
+                "filtered_table": index.filtered_table,
+            },
+        },
+        "training": plan.summary,
+        "trained_on": plan.trained_on,
+        "catalogue": {"servable_items": plan.n_items,
+                      "filtered_rows": (data_manifest.get("rows") or {}).get("filtered"),
+                      "items_before_kcore": (data_manifest.get("counts") or {}).get("items_before_kcore")},
+        "evaluation": evaluation,
+        "popularity": popularity,
+        "packages": _package_versions(),
+        "files": {
+            name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
+            for name in BUNDLE_FILES
+        },
+    }
+
+
+def _publish(plan: _Plan, final: Path, *, ef: int) -> None:
+    """Under the models lock: point ``LATEST`` at the new version ``final`` (or take it back out if that fails),
+    then prune to the newest ``keep`` versions."""
+    models_dir, version = plan.models_dir, final.name
+    try:
+        atomic_write_text(models_dir / schema.LATEST, version + "\n")
+    except BaseException:
+        # LATEST could not move (a full disk, ...): take the new version back out, so a failed export leaves the
+        # models directory as it found it (renamed aside first: a reader never sees half a version)
+        aside = models_dir / f".{version}.deleting-{os.getpid()}"
+        os.rename(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    fsync_dir(models_dir)
+    log.info("published %s (ef=%d, %d items, %d users)", final, ef, plan.n_items, plan.n_users)
+    prune_locked(models_dir, keep=plan.keep)
 
 
 def _has_rows(path: Path) -> bool:

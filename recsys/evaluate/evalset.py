@@ -78,6 +78,25 @@ def _group(user: np.ndarray, item: np.ndarray, n_users: int) -> tuple[np.ndarray
     return offsets, item[order]
 
 
+@dataclass(frozen=True)
+class _Split:
+    """A split's interactions, what came before them, and the dataset's users / items tables."""
+
+    users_t: Any
+    items_t: Any
+    train: Interactions
+    target: Interactions  # the split's
+    before: Interactions  # the interactions before the split: train, + valid for test
+
+    @property
+    def n_users(self) -> int:
+        return self.users_t.num_rows
+
+    @property
+    def n_items(self) -> int:
+        return self.items_t.num_rows
+
+
 def load_eval_set(
     data_dir: str | Path,
     split: str = "test",
@@ -90,9 +109,53 @@ def load_eval_set(
     # scipy: heavy, kept off `import recsys.evaluate`
     from recsys.evaluate.baselines import interaction_matrix
 
+    d = Path(data_dir)
+    s = _read_split(d, split)
+    n_users, n_items = s.n_users, s.n_items
+    (seen_off, seen_val), (hist_off, hist_val) = _seen_and_history(d, split, s.before, n_users=n_users,
+                                                                   n_items=n_items, history_len=history_len)
+    seen_matrix = interaction_matrix(
+        np.repeat(np.arange(n_users), np.diff(seen_off)), seen_val, n_users=n_users, n_items=n_items
+    )
+    rel_off, rel_val, pairs = _relevant(s.target, seen_matrix, n_users=n_users, n_items=n_items,
+                                        path=d / schema.SPLITS[split])
+    users = _sample_users(np.flatnonzero(np.diff(rel_off) > 0), max_users=max_users, seed=seed)
+    pop, cutoff, new_items = _item_stats(s.items_t, s.train, n_items=n_items)
+
+    return EvalSet(
+        data_dir=d,
+        split=split,
+        manifest_sha256=sha256_file(d / schema.MANIFEST) if (d / schema.MANIFEST).is_file() else "",
+        n_users=n_users,
+        n_items=n_items,
+        user_ids=_str_ids(s.users_t, schema.USER_ID),
+        item_ids=_str_ids(s.items_t, schema.ITEM_ID),
+        users=users,
+        relevant=[rel_val[rel_off[u] : rel_off[u + 1]] for u in users],
+        seen=[seen_val[seen_off[u] : seen_off[u + 1]] for u in users],
+        history=[hist_val[hist_off[u] : hist_off[u + 1]] for u in users],
+        fit_matrix=interaction_matrix(s.before.user_idx, s.before.item_idx, n_users=n_users, n_items=n_items),
+        seen_matrix=seen_matrix,
+        item_popularity=pop,
+        item_segment=popularity_segments(pop),
+        new_items=new_items,
+        counts={
+            "split_users": pairs["split_users"],
+            "users_with_relevant": int(np.count_nonzero(np.diff(rel_off))),
+            "users_evaluated": int(users.size),
+            "split_pairs": pairs["split_pairs"],
+            "split_pairs_seen_before": pairs["split_pairs_seen_before"],
+            "train_cutoff_ts": cutoff,
+            "new_items": int(new_items.sum()),
+        },
+    )
+
+
+def _read_split(d: Path, split: str) -> _Split:
+    """Check ``split`` and the files it needs, then read the users / items tables, train, the split (which must
+    hold interactions) and what came before it."""
     if split not in ("valid", "test"):
         raise ValueError(f"`split` must be 'valid' or 'test', got {split!r}")
-    d = Path(data_dir)
     for name in (schema.USERS, schema.ITEMS, schema.TRAIN, schema.SPLITS[split]):
         if not (d / name).is_file():
             raise FileNotFoundError(f"prepared dataset {str(d)!r} has no {name}")
@@ -103,45 +166,57 @@ def load_eval_set(
     if len(target) == 0:
         raise ValueError(f"{str(d / schema.SPLITS[split])!r} holds no interactions: nothing to evaluate (was the "
                          f"dataset prepared with `prepare.{split}_frac = 0`?)")
-    if split == "test":
-        before = train
-        if (d / schema.VALID).is_file():
-            before = Interactions.concat(train, read_interactions(d / schema.VALID, n_users=n_users, n_items=n_items))
-    else:
-        before = train
+    before = train
+    if split == "test" and (d / schema.VALID).is_file():
+        before = Interactions.concat(train, read_interactions(d / schema.VALID, n_users=n_users, n_items=n_items))
+    return _Split(users_t=users_t, items_t=items_t, train=train, target=target, before=before)
 
-    # Exclusion sets and histories: the prepared serving files for test (exactly what the bundle serves from),
-    # rebuilt from train alone for valid (the prepared ones already contain the valid items).
+
+def _seen_and_history(d: Path, split: str, before: Interactions, *, n_users: int, n_items: int,
+                      history_len: int | None) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Exclusion sets and histories, each CSR (offsets, item rows): the prepared serving files for test (exactly
+    what the bundle serves from), rebuilt from ``before`` (train alone) for valid (the prepared ones already contain
+    the valid items)."""
     if split == "test" and (d / schema.SEEN).is_file() and (d / schema.HISTORY).is_file():
-        seen_off, seen_val = read_ragged(d / schema.SEEN, n_rows=n_users, what=f"{d / schema.SEEN}")
-        hist_off, hist_val = read_ragged(d / schema.HISTORY, n_rows=n_users, what=f"{d / schema.HISTORY}")
-    else:
-        # `before` is sorted by (user, ts): the same rule as the prepared files, over these rows
-        (hist_off, hist_val), (seen_off, seen_val) = history_and_seen(
-            before.user_idx, before.item_idx, n_users=n_users, n_items=n_items,
-            history_len=max(len(before), 1) if history_len is None else history_len)
-        hist_val, seen_val = hist_val.astype(np.int64), seen_val.astype(np.int64)
-    seen_matrix = interaction_matrix(
-        np.repeat(np.arange(n_users), np.diff(seen_off)), seen_val, n_users=n_users, n_items=n_items
-    )
+        seen = read_ragged(d / schema.SEEN, n_rows=n_users, what=f"{d / schema.SEEN}")
+        hist = read_ragged(d / schema.HISTORY, n_rows=n_users, what=f"{d / schema.HISTORY}")
+        return seen, hist
+    # `before` is sorted by (user, ts): the same rule as the prepared files, over these rows
+    (hist_off, hist_val), (seen_off, seen_val) = history_and_seen(
+        before.user_idx, before.item_idx, n_users=n_users, n_items=n_items,
+        history_len=max(len(before), 1) if history_len is None else history_len)
+    return (seen_off, seen_val.astype(np.int64)), (hist_off, hist_val.astype(np.int64))
 
-    # relevant = distinct split items not seen before
+
+def _relevant(target: Interactions, seen_matrix: Any, *, n_users: int, n_items: int,
+              path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Each user's relevant items, CSR (offsets, item rows): the split's distinct items they had not seen before;
+    with the split's user / pair / re-consumed pair counts. No user with one is an error."""
     pair = np.unique(target.user_idx * n_items + target.item_idx)
     pu, pi = pair // n_items, pair % n_items
     was_seen = np.asarray(seen_matrix[pu, pi]).ravel() > 0
     n_pairs, n_reseen = int(pair.size), int(was_seen.sum())
     pu, pi = pu[~was_seen], pi[~was_seen]
     rel_off, rel_val = _group(pu, pi, n_users)
-    users = np.flatnonzero(np.diff(rel_off) > 0)
-    n_split_users = int(np.unique(target.user_idx).size)
-    if users.size == 0:
+    if not np.any(np.diff(rel_off) > 0):
         raise ValueError(
-            f"{str(d / schema.SPLITS[split])!r}: no user has a held-out item they had not seen before "
+            f"{str(path)!r}: no user has a held-out item they had not seen before "
             f"({n_pairs} pairs, {n_reseen} re-consumed)"
         )
+    counts = {"split_users": int(np.unique(target.user_idx).size), "split_pairs": n_pairs,
+              "split_pairs_seen_before": n_reseen}
+    return rel_off, rel_val, counts
+
+
+def _sample_users(users: np.ndarray, *, max_users: int | None, seed: int) -> np.ndarray:
+    """The users evaluated: all of ``users``, or ``max_users`` of them drawn with ``seed`` (sorted)."""
     if max_users is not None and users.size > max_users:
         users = np.sort(np.random.default_rng(seed).choice(users, size=max_users, replace=False))
+    return users
 
+
+def _item_stats(items_t: Any, train: Interactions, *, n_items: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """(popularity: train interactions per item, the train cutoff ts, new items: first seen after the cutoff)."""
     pop = (
         items_t.column("n_train").to_numpy().astype(np.int64)
         if "n_train" in items_t.column_names
@@ -153,34 +228,7 @@ def load_eval_set(
         new_items = first_ts > cutoff
     else:
         new_items = np.zeros(n_items, dtype=bool)
-
-    return EvalSet(
-        data_dir=d,
-        split=split,
-        manifest_sha256=sha256_file(d / schema.MANIFEST) if (d / schema.MANIFEST).is_file() else "",
-        n_users=n_users,
-        n_items=n_items,
-        user_ids=_str_ids(users_t, schema.USER_ID),
-        item_ids=_str_ids(items_t, schema.ITEM_ID),
-        users=users,
-        relevant=[rel_val[rel_off[u] : rel_off[u + 1]] for u in users],
-        seen=[seen_val[seen_off[u] : seen_off[u + 1]] for u in users],
-        history=[hist_val[hist_off[u] : hist_off[u + 1]] for u in users],
-        fit_matrix=interaction_matrix(before.user_idx, before.item_idx, n_users=n_users, n_items=n_items),
-        seen_matrix=seen_matrix,
-        item_popularity=pop,
-        item_segment=popularity_segments(pop),
-        new_items=new_items,
-        counts={
-            "split_users": n_split_users,
-            "users_with_relevant": int(np.count_nonzero(np.diff(rel_off))),
-            "users_evaluated": int(users.size),
-            "split_pairs": n_pairs,
-            "split_pairs_seen_before": n_reseen,
-            "train_cutoff_ts": cutoff,
-            "new_items": int(new_items.sum()),
-        },
-    )
+    return pop, cutoff, new_items
 
 
 def popularity_segments(pop: np.ndarray, *, head: float = HEAD_SHARE, torso: float = TORSO_SHARE) -> np.ndarray:
