@@ -12,8 +12,9 @@ from test_recency import N_USERS, NEW, OLD, _drifting
 
 from recsys.train import losses, recency
 from recsys.train.config import LossConfig, ModelConfig, TrainConfig
-from recsys.train.distributed import DistContext, contrastive_loss
+from recsys.train.distributed import DistContext
 from recsys.train.model import PRIOR_BOUND, TwoTower
+from recsys.train.objective import contrastive_loss
 from recsys.train.recency import DAY_MS
 
 

@@ -14,7 +14,7 @@ import torch
 from test_train import make_clustered
 
 from recsys.core.data import load_prepared
-from recsys.train import distributed, losses
+from recsys.train import losses, objective
 from recsys.train.config import LossConfig, ModelConfig, TrainConfig
 from recsys.train.loop import Trainer
 
@@ -43,7 +43,7 @@ def _trainer(data, **loss_over) -> Trainer:
 def calls(monkeypatch) -> list[dict]:
     """Every call of the trainer's softmax: its keyword arguments, ``q``, ``c`` and the loss it returned."""
     seen: list[dict] = []
-    real = distributed.contrastive_loss
+    real = objective.contrastive_loss
 
     def spy(q, c, **kw):
         out = real(q, c, **kw)
@@ -52,7 +52,7 @@ def calls(monkeypatch) -> list[dict]:
         seen.append({"q": q, "c": c, **kw, "loss": out[0]})
         return out
 
-    monkeypatch.setattr(distributed, "contrastive_loss", spy)
+    monkeypatch.setattr(objective, "contrastive_loss", spy)
     return seen
 
 

@@ -49,7 +49,7 @@ from recsys.core.io import atomic_dir, atomic_write_json, sha256_file
 from recsys.core.logs import Throttle
 from recsys.core.metrics import ranking_metrics
 from recsys.retrieval.exact import torch_search
-from recsys.train import losses, recency
+from recsys.train import losses, objective, recency
 from recsys.train.config import FeatureSpec, LossConfig, ModelConfig, TrainConfig
 from recsys.train.distributed import DistContext, RankZeroEvaluator, epoch_seed, init_from_env, sync_gradients
 from recsys.train.embed import item_vectors
@@ -628,11 +628,8 @@ class Trainer:
                                                   mc.time_windows_days)
                 h = m.item_prior(torch.as_tensor(pair, device=self.device))  # [B, B + M, K]
                 bias = torch.einsum("bk,bck->bc", m.user_prior(self.t_user_state[rows]), h)  # [B, B + M]
-            # looked up at call time: tests monkeypatch recsys.train.distributed.contrastive_loss
-            from recsys.train.distributed import contrastive_loss
-
-            # plain / chunked softmax, or with several ranks this rank's rows against every rank's candidates
-            loss, c, items = contrastive_loss(
+            # plain / chunked / fused softmax, or with several ranks this rank's rows against every rank's candidates
+            loss, c, items = objective.contrastive_loss(
                 q, c, ctx=self.dist, temperature=self.temperature(), items=items, users=users,
                 mask_items=lc.mask_accidental_hits, mask_users=lc.mask_same_user,
                 log_q=log_q, correct_positive=lc.logq_correct_positive,
