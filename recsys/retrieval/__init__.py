@@ -64,16 +64,15 @@ verifies the file's sha256 before that.
 """
 
 from recsys.retrieval._arrays import METRICS, UNIT_SQ_TOL, blas_threads
+from recsys.retrieval._package import REFETCH_SLACK, search_width
 from recsys.retrieval.exact import ExactIndex
 from recsys.retrieval.hnsw import (
-    REFETCH_SLACK,
     SEARCH_PRECISIONS,
     HnswIndex,
     IndexConfig,
     check_hnsw_file,
     native_available,
     read_hnsw_header,
-    search_width,
 )
 from recsys.retrieval.retrieve import merge_exclusions, retrieve, retrieve_one
 from recsys.retrieval.tune import autotune_ef, recall_vs_exact

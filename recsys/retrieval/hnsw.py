@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import struct
 import threading
 from collections.abc import Iterator, Sequence
@@ -21,11 +20,12 @@ from recsys.retrieval._arrays import (
     as_matrix,
     check_k,
     check_metric,
-    in_sorted,
     per_query,
     resolve_threads,
     topk_rows,
 )
+from recsys.retrieval._native import NativeSearch
+from recsys.retrieval._package import PackageSearch
 from recsys.retrieval.exact import ExactIndex
 
 _NATIVE: Any = None
@@ -212,27 +212,13 @@ def check_hnsw_file(path: str | Path, *, dim: int, size: int | None = None) -> d
     return h
 
 
-def _round_up_fetch(x: int) -> int:
-    """Round a fetch size up to 1/8 of its power of two, so a batch groups into few hnswlib calls (<12.5% extra)."""
-    if x <= 16:
-        return 16
-    step = 1 << max(0, x.bit_length() - 4)
-    return -(-x // step) * step
 
 
-# Accept a fetch whose k-th kept result needs a search up to this factor wider than the one made (1 = strict).
-REFETCH_SLACK = 1.25
 
 
-def search_width(depth: int, k: int, ef: int) -> int:
-    """How many candidates a search must explore for its top ``depth`` to keep the recall ``ef`` was tuned for at
-    ``k``: ``depth * max(ef, k) / k``, within :data:`REFETCH_SLACK`. The one owner of the over-fetch rule:
-    ``HnswIndex`` refetches until a fetch of ``kf`` (which explores ``max(ef, kf)``) is that wide, and the serving
-    path (``server.service``) asks the same of the lists it cuts."""
-    return math.ceil(depth * (max(ef, k) / k) / REFETCH_SLACK)
 
 
-class HnswIndex:
+class HnswIndex(NativeSearch, PackageSearch):
     """Approximate top-k with hnswlib (space ``"ip"``; score = ``1 - distance`` = dot of unit vectors).
 
     ``vectors [size, dim]``, ``ids [size]`` int64 >= 0 (default ``0..size-1``, the item rows).
@@ -493,213 +479,6 @@ class HnswIndex:
         s = self.get_vectors(cand) @ q  # [m]
         pos, top = topk_rows(s[None, :], k)
         return np.where(pos[0] >= 0, cand[np.maximum(pos[0], 0)] if cand.size else -1, -1), top[0]
-
-    def _search_native(
-        self, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray | None] | None,
-        include: Sequence[np.ndarray | None] | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The native path: one C++ call for the batch, the exclusion filtered inside the search.
-
-        Kept lean for ONE query (the gRPC hot path): validation, one ``knn`` call, ``1 - distance``.
-        """
-        k = check_k(k)
-        q = as_matrix(queries, self.dim, self.metric, name="queries")
-        n = q.shape[0]
-        labels: np.ndarray | None = None
-        offsets: np.ndarray | None = None
-        longest = 0
-        if exclude is not None:
-            if n == 1 and include is None and len(exclude) == 1:
-                # The serving call: one list, no per-query machinery.
-                e = exclude[0]
-                if e is not None:
-                    e = np.asarray(e).reshape(-1)
-                    if e.size:
-                        if e.dtype.kind not in "iu":
-                            raise ValueError(f"`exclude[0]` must hold integer ids, got dtype {e.dtype}")
-                        labels = np.ascontiguousarray(e, dtype=np.int64)
-                        offsets = np.array([0, labels.shape[0]], dtype=np.int64)
-                        longest = labels.shape[0]
-            else:
-                excl = per_query(exclude, n, name="exclude")
-                assert excl is not None
-                lens = np.array([0 if e is None else e.shape[0] for e in excl], dtype=np.int64)
-                if lens.any():
-                    labels = np.concatenate([e for e in excl if e is not None]).astype(np.int64, copy=False)
-                    offsets = np.zeros(n + 1, dtype=np.int64)
-                    np.cumsum(lens, out=offsets[1:])
-                    longest = int(lens.max())
-        incl = per_query(include, n, name="include") if include is not None else None
-        if incl is not None and all(e is None for e in incl):
-            incl = None
-        self._lock.acquire_read()
-        try:
-            idmap = self._idmap
-            size = idmap.ids.shape[0]
-            if incl is None and longest <= self.exact_fallback_fraction * size:
-                lab, dist = self._index.knn(q, k, self._ef, labels, offsets, self.num_threads, -1, self.ef_filtered)
-                # A short row (-1 padding) is fine only when the catalogue minus the exclusion is exhausted.
-                if n == 1:
-                    if size >= k and lab[0, k - 1] >= 0:
-                        return lab, 1.0 - dist
-                elif not n or (size >= k and lab[:, k - 1].min() >= 0):
-                    return lab, 1.0 - dist
-            else:
-                lab, dist = self._knn_some(q, k, labels, offsets, incl, size)
-            return self._finish_native(q, k, lab, dist, labels, offsets, incl, idmap)
-        finally:
-            self._lock.release_read()
-
-    def _knn_some(
-        self, q: np.ndarray, k: int, labels: np.ndarray | None, offsets: np.ndarray | None,
-        incl: list[np.ndarray | None] | None, size: int,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The native search for the rows without an include-list or a huge exclusion (the others are scanned
-        exactly by :meth:`_finish_native`); -1 / inf in the rows not searched."""
-        n = q.shape[0]
-        lab = np.full((n, k), -1, dtype=np.int64)
-        dist = np.full((n, k), np.inf, dtype=np.float32)
-        lens = np.diff(offsets) if offsets is not None else np.zeros(n, dtype=np.int64)
-        rows = np.flatnonzero(lens <= self.exact_fallback_fraction * size)
-        if incl is not None:
-            rows = rows[[incl[i] is None for i in rows]]
-        if not rows.size:
-            return lab, dist
-        sub_labels = sub_offsets = None
-        if labels is not None and offsets is not None and lens[rows].any():
-            sub_labels = np.concatenate([labels[offsets[i]:offsets[i + 1]] for i in rows])
-            sub_offsets = np.zeros(rows.size + 1, dtype=np.int64)
-            np.cumsum(lens[rows], out=sub_offsets[1:])
-        lab[rows], dist[rows] = self._index.knn(np.ascontiguousarray(q[rows]), k, self._ef, sub_labels, sub_offsets,
-                                                self.num_threads, -1, self.ef_filtered)
-        return lab, dist
-
-    def _finish_native(
-        self, q: np.ndarray, k: int, lab: np.ndarray, dist: np.ndarray, labels: np.ndarray | None,
-        offsets: np.ndarray | None, incl: list[np.ndarray | None] | None, idmap: IdMap,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Rows the graph search cannot answer: include-lists (exact scoring), huge exclusions and short rows
-        (exact scan). ``lab``/``dist [n, k]``: the native answer, -1/inf where not searched."""
-        n = q.shape[0]
-        size = idmap.ids.shape[0]
-        ids_out, scores = lab, 1.0 - dist
-        ex: list[np.ndarray | None] = [None] * n
-        if labels is not None and offsets is not None:
-            for i in range(n):
-                if offsets[i + 1] > offsets[i]:
-                    ex[i] = np.sort(idmap.present(labels[offsets[i]:offsets[i + 1]]))
-        exact_rows: list[int] = []
-        for i in range(n):
-            if incl is not None and incl[i] is not None:
-                ids_out[i], scores[i] = self._score_include(q[i], k, idmap.members(incl[i]), ex[i])
-                continue
-            n_ex = 0 if ex[i] is None else int(np.unique(ex[i]).size)
-            remain = min(k, size - n_ex)  # what a complete answer holds
-            if n_ex > self.exact_fallback_fraction * size or int((ids_out[i] >= 0).sum()) < remain:
-                exact_rows.append(i)
-        if exact_rows:
-            rows = np.array(exact_rows, dtype=np.int64)
-            ids_e, sc_e = self._exact().search_rows(q, rows, k, ex)
-            ids_out[rows], scores[rows] = ids_e, sc_e
-        return ids_out, scores
-
-    def _knn(self, q: np.ndarray, kf: int) -> tuple[np.ndarray, np.ndarray]:
-        # One query: run on this thread (hnswlib would otherwise spawn threads for it).
-        threads = 1 if q.shape[0] == 1 else self.num_threads
-        return self._index.knn_query(q, k=kf, num_threads=threads)
-
-    def _next_fetch(self, keep: np.ndarray | None, k: int, kf: int, ex: np.ndarray | None) -> int:
-        """After fetching ``kf`` results (``keep [kf]``: not excluded), 0 = done, -1 = scan exactly, else the next
-        fetch size.
-
-        Quality, not only count: hnswlib's top-``kf`` list is accurate near its head and looser near its tail, and
-        ``ef`` was tuned for the top ``k``. If the k-th kept result sits at position ``p``, the list must come from
-        a search at least ``p * ef / k`` wide (within ``REFETCH_SLACK``: :func:`search_width`) for the same recall -- fetching ``kf`` results
-        makes hnswlib explore ``max(ef, kf)`` candidates. Without ``k`` kept yet, ``p`` is extrapolated from the
-        share of kept results (x1.5 margin). Counting alone would be satisfied by ``k + |exclude|``.
-        """
-        if keep is None:  # nothing excluded: hnswlib searched max(ef, kf) >= the plain query's width
-            return 0
-        got = int(np.count_nonzero(keep))
-        if got >= k and self.overfetch == "full":
-            return 0
-        width = max(self._ef, k) / k  # candidates explored per wanted result at the tuned ef
-        n_ex = 0 if ex is None else int(ex.size)
-        cap = math.ceil((k + n_ex) * width)  # wide enough for the worst case: all excluded ids ranked first
-        if got >= k:
-            p = int(np.flatnonzero(keep)[k - 1]) + 1
-            need = search_width(p, k, self._ef)
-            if need <= max(kf, self._ef) or kf >= cap:  # hnswlib explored max(ef, kf)
-                return 0
-        else:
-            if kf >= k + n_ex:  # a fetch that had to hold k kept ones came back short: hnswlib missed nodes
-                return -1
-            p = kf + math.ceil(1.5 * (k - got) * kf / max(got, 1))
-            need = math.ceil(p * width)
-        return min(cap, _round_up_fetch(max(need, kf + 1)))
-
-    def _search_general(
-        self, q: np.ndarray, k: int, excl: list[np.ndarray | None] | None,
-        incl: list[np.ndarray | None] | None, idmap: IdMap,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        n = q.shape[0]
-        size = idmap.ids.shape[0]
-        out_ids = np.full((n, k), -1, dtype=np.int64)
-        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
-        if size == 0 or n == 0:
-            return out_ids, out_scores
-        # Excluded ids that are in the index, per row: their count sizes the over-fetch. Not deduplicated on the
-        # hot path (a repeat only over-counts, which keeps k + count a safe bound).
-        ex: list[np.ndarray | None] = [None] * n
-        if excl is not None:
-            for i, e in enumerate(excl):
-                if e is not None and e.size:
-                    ex[i] = np.sort(idmap.present(e))
-        exact_rows: list[int] = []
-        fetch: dict[int, list[int]] = {}  # fetch size -> rows
-        for i in range(n):
-            if incl is not None and incl[i] is not None:
-                out_ids[i], out_scores[i] = self._score_include(q[i], k, idmap.members(incl[i]), ex[i])
-                continue
-            n_ex = 0 if ex[i] is None else int(ex[i].size)
-            bound = k + n_ex  # fetching this many always leaves k after removing the excluded
-            if bound >= size or n_ex > self.exact_fallback_fraction * size:
-                exact_rows.append(i)  # most of the catalogue excluded, or k ~ catalogue: the scan is cheaper
-            elif self.overfetch == "full" or n_ex == 0:
-                fetch.setdefault(min(size, _round_up_fetch(bound)), []).append(i)
-            else:
-                # hnswlib explores max(ef, k) candidates whatever k is, so fetching ef results costs no more
-                # than fetching k: try that first. Seen items rarely fill the whole top-ef.
-                fetch.setdefault(min(size, bound, max(k, self._ef)), []).append(i)
-        while fetch:
-            kf = min(fetch)
-            rows = np.array(fetch.pop(kf), dtype=np.int64)
-            try:
-                labels, dist = self._knn(q[rows], kf)
-            except RuntimeError:
-                # "Cannot return the results in a contiguous 2D array": fewer than kf reachable -> exact.
-                exact_rows.extend(rows.tolist())
-                continue
-            labels = labels.astype(np.int64, copy=False)
-            scores = 1.0 - dist
-            for j, i in enumerate(rows):
-                lab, sc = labels[j], scores[j]
-                keep = None
-                if ex[i] is not None:
-                    keep = ~in_sorted(lab, ex[i])
-                    lab, sc = lab[keep], sc[keep]
-                nxt = self._next_fetch(keep if ex[i] is not None else None, k, kf, ex[i])
-                if nxt == 0:
-                    out_ids[i], out_scores[i] = lab[:k], sc[:k]
-                elif nxt < 0 or nxt >= size or nxt > self.exact_fallback_fraction * size:
-                    exact_rows.append(int(i))
-                else:
-                    fetch.setdefault(nxt, []).append(int(i))
-        if exact_rows:
-            rows = np.array(sorted(exact_rows), dtype=np.int64)
-            ids_e, sc_e = self._exact().search_rows(q, rows, k, ex if excl is not None else None)
-            out_ids[rows], out_scores[rows] = ids_e, sc_e
-        return out_ids, out_scores
 
     # -- files ---------------------------------------------------------------------------------------------------
 
