@@ -3,6 +3,7 @@ gRPC server -> client calls -> retrain -> hot reload, all in-process on a free p
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from recsys import bundle as bundle_mod
-from recsys.commands.demo import DemoOptions, run_demo
+from recsys.commands.demo import DEMO_CONFIG, DemoOptions, run_demo
+from recsys.core.config import read_toml
 
 torch.set_num_threads(1)
 
@@ -43,6 +45,14 @@ def test_demo_end_to_end_at_reduced_size(tmp_path: Path, capsys: pytest.CaptureF
     m = re.fullmatch(r"candidate recall@\d+=([0-9.]+) vs serving ([0-9.]+) .*", gate)
     assert m is not None and float(m[1]) >= float(m[2]), gate
     assert f"server now answers with {latest} (was {result['v1']})" in out
+    # the demo trained with its own trimmed config (recsys/configs/demo.toml), not the defaults (regression: after
+    # the package move it silently fell back to the defaults and `make demo` trained 30+ epochs instead of 6)
+    run_cfg = json.loads((tmp_path / "runs" / "v1" / "config.json").read_text())
+    for section, fields in read_toml(DEMO_CONFIG).items():
+        for name, value in fields.items():
+            if (section, name) != ("train", "epochs"):  # this test overrides it (epochs=2)
+                assert run_cfg[section][name] == value, (section, name)
+    assert run_cfg["train"]["epochs"] == 2
     assert "9. the same calls, answered by the new version" in out
     assert out.count("source=known_user)") == 2  # the calls ran again, on v2
     for name in ("report.md", "report.json", "recall_at_k.png", "item_embeddings.png"):

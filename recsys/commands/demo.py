@@ -21,6 +21,9 @@ from recsys.core.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
+# The demo's trimmed config (recsys/configs/demo.toml, package data).
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -119,8 +122,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     t_start = time.perf_counter()
     work = Path(opts.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    config = Path(__file__).resolve().parent / "configs" / "demo.toml"
-    config_path = config if config.exists() else None
+    config_path = DEMO_CONFIG
+    if not config_path.is_file():  # a broken install: the demo's short schedule is part of what it promises
+        raise FileNotFoundError(f"the demo's config {str(config_path)!r} is missing (package data of recsys)")
     overrides = [f"train.epochs={opts.epochs}"] if opts.epochs else []
     timings: dict[str, float] = {}
 
