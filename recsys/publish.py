@@ -85,12 +85,11 @@ def _fallback_popularity(data_dir: Path, state_dir: Path, trained_on: Mapping[st
     return record, counts
 
 
-def _run_data_dir(run_dir: Path) -> Path:
-    """The prepared dataset a run was trained on, from its config.json (``recsys.train.loop`` writes it): the path
-    relative to the run first (a run moved together with its data still exports), then the absolute path; a
-    candidate counts only if its fingerprint is the run's ``data_fingerprint``."""
+def _run_data_dir(run_dir: Path, cfg: Mapping[str, Any]) -> Path:
+    """The prepared dataset a run was trained on, from its config.json ``cfg`` (``recsys.train.loop`` writes it):
+    the path relative to the run first (a run moved together with its data still exports), then the absolute path;
+    a candidate counts only if its fingerprint is the run's ``data_fingerprint``."""
     path = run_dir / schema.RUN_CONFIG
-    cfg = read_json(path, what="run")
     want = cfg.get("data_fingerprint")
     tried: list[str] = []
     for key, base in (("data_dir_relative", run_dir), ("data_dir", None)):
@@ -107,12 +106,6 @@ def _run_data_dir(run_dir: Path) -> Path:
     raise ValueError(f"the prepared dataset {str(run_dir)!r} was trained on (fingerprint {want}) is not at "
                      f"{' or '.join(repr(s) for s in tried)}: it was moved or rebuilt; pass `data_dir` "
                      f"(recsys export --data DIR)")
-
-
-def _read_run_fingerprint(run_dir: Path) -> str | None:
-    path = run_dir / schema.RUN_CONFIG
-    v = read_json(path, what="run").get("data_fingerprint") if path.is_file() else None
-    return v if isinstance(v, str) else None
 
 
 def _tuning_users(
@@ -251,7 +244,10 @@ def _plan(run_dir: str | Path, models_dir: str | Path, *, data_dir: str | Path |
     for name in (schema.MODEL_JSON, schema.MODEL_WEIGHTS):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"run dir {str(run_dir)!r} has no {name} (train the model first)")
-    data_dir = _resolve_data_dir(run_dir, data_dir)
+    # config.json is required only to find the dataset (data_dir=None)
+    config_path = run_dir / schema.RUN_CONFIG
+    run_config = read_json(config_path, what="run") if data_dir is None or config_path.is_file() else {}
+    data_dir = _resolve_data_dir(run_dir, run_config, data_dir)
     for name in (*DATA_FILES, schema.MANIFEST):
         if not (data_dir / name).is_file():
             raise FileNotFoundError(f"prepared dataset {str(data_dir)!r} has no {name}")
@@ -259,7 +255,6 @@ def _plan(run_dir: str | Path, models_dir: str | Path, *, data_dir: str | Path |
 
     data_manifest = read_json(data_dir / schema.MANIFEST, what="prepared dataset")
     model_json = read_json(run_dir / schema.MODEL_JSON, what="run")
-    run_config = read_json(run_dir / schema.RUN_CONFIG, what="run") if (run_dir / schema.RUN_CONFIG).is_file() else {}
     summary = read_json(run_dir / schema.SUMMARY, what="run") if (run_dir / schema.SUMMARY).is_file() else {}
 
     model = TwoTower.from_run(run_dir, device="cpu")
@@ -271,16 +266,17 @@ def _plan(run_dir: str | Path, models_dir: str | Path, *, data_dir: str | Path |
                  n_items=int(model.n_items))
 
 
-def _resolve_data_dir(run_dir: Path, data_dir: str | Path | None) -> Path:
+def _resolve_data_dir(run_dir: Path, run_config: Mapping[str, Any], data_dir: str | Path | None) -> Path:
     """``data_dir``, or the dataset the run names when None; warns when a given one is not the run's dataset."""
     if data_dir is None:
-        return _run_data_dir(run_dir)
+        return _run_data_dir(run_dir, run_config)
     data_dir = Path(data_dir)
-    want = _read_run_fingerprint(run_dir)
-    if want is not None and (data_dir / schema.MANIFEST).is_file() and fingerprint(data_dir) != want:
-        log.warning("`data_dir` %s is not the prepared dataset the run was trained on (fingerprint %s, the run's "
-                    "%s); the vocabularies must match for the export to be right", data_dir,
-                    fingerprint(data_dir), want)
+    want = run_config.get("data_fingerprint")
+    if isinstance(want, str) and (data_dir / schema.MANIFEST).is_file():
+        got = fingerprint(data_dir)
+        if got != want:
+            log.warning("`data_dir` %s is not the prepared dataset the run was trained on (fingerprint %s, the "
+                        "run's %s); the vocabularies must match for the export to be right", data_dir, got, want)
     return data_dir
 
 
