@@ -74,7 +74,6 @@ class Bundle:
     def _load_contents(self) -> None:
         import pyarrow.parquet as pq  # pyarrow: not on the serving import path
 
-        from recsys.core.vocab import Vocab  # pyarrow: not on the serving import path
 
         p = self.path
         self.item_embeddings = _load_matrix(p / schema.ITEM_EMBEDDINGS, rows=self.n_items, dim=self.dim)
@@ -88,13 +87,10 @@ class Bundle:
 
         users = pq.read_table(p / schema.USERS)
         items = pq.read_table(p / schema.ITEMS)
-        self.user_ids = _vocab(users, schema.USER_ID, schema.USER_IDX, rows=self.n_users, what=schema.USERS)
-        self.item_ids = _vocab(items, schema.ITEM_ID, schema.ITEM_IDX, rows=self.n_items, what=schema.ITEMS)
-        try:
-            self.users = Vocab(self.user_ids.tolist(), name=schema.USER_ID)
-            self.items = Vocab(self.item_ids.tolist(), name=schema.ITEM_ID)
-        except ValueError as e:  # a repeated external ID
-            raise BundleError(f"{schema.USERS}/{schema.ITEMS}: external ids are not unique ({e})") from None
+        self.users = _vocab(users, schema.USER_ID, schema.USER_IDX, rows=self.n_users, what=schema.USERS)
+        self.items = _vocab(items, schema.ITEM_ID, schema.ITEM_IDX, rows=self.n_items, what=schema.ITEMS)
+        self.user_ids = self.users.ids  # [n_users] object array of str, read-only (the vocabulary's own)
+        self.item_ids = self.items.ids
         self.item_table = items  # features / first_ts / title for callers that need them (pyarrow Table)
         n_train = (
             items.column("n_train").to_numpy().astype(np.int64)
@@ -341,7 +337,10 @@ def _load_matrix(f: Path, *, rows: int, dim: int) -> np.ndarray:
     return _readonly(a)
 
 
-def _vocab(t: Any, id_col: str, idx_col: str, *, rows: int, what: str) -> np.ndarray:
+def _vocab(t: Any, id_col: str, idx_col: str, *, rows: int, what: str) -> Any:
+    """The checked ID column of a users / items table as a :class:`recsys.core.vocab.Vocab`."""
+    from recsys.core.vocab import Vocab  # pyarrow: not on the serving import path
+
     if id_col not in t.column_names:
         raise BundleError(f"{what}: column {id_col!r} missing; columns: {t.column_names}")
     if t.num_rows != rows:
@@ -350,5 +349,7 @@ def _vocab(t: Any, id_col: str, idx_col: str, *, rows: int, what: str) -> np.nda
         idx = t.column(idx_col).to_numpy()
         if not np.array_equal(idx, np.arange(rows)):
             raise BundleError(f"{what}: {idx_col} must equal the row number 0..{rows - 1}")
-    ids = np.asarray(t.column(id_col).to_pylist(), dtype=object)
-    return _readonly(ids)
+    try:
+        return Vocab(t.column(id_col).combine_chunks(), name=id_col)
+    except ValueError as e:  # a repeated (or null) external ID
+        raise BundleError(f"{what}: external ids are not unique ({e})") from None
