@@ -132,11 +132,10 @@ class Prepared:
     numpy unicode scalars on every request.
     """
 
-    __slots__ = ("__weakref__", "item_ids", "n_items", "version")
+    __slots__ = ("__weakref__", "item_ids", "version")
 
     def __init__(self, bundle: Bundle) -> None:
         self.item_ids: list[str] = [str(t) for t in np.asarray(bundle.item_ids).tolist()]
-        self.n_items = int(bundle.n_items)
         self.version = str(bundle.version)
 
 
