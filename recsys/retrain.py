@@ -229,7 +229,7 @@ def gate_metrics(retriever: _Retriever, users, histories, seen, truth, item_voca
         recs += retriever.recommend(users[s:s + 2048], histories[s:s + 2048], seen[s:s + 2048], k)
     # items the new data does not know can never be relevant: code -2 (never equal to a truth code, not padding)
     topk = np.asarray([[-1 if x is None else (-2 if (r := vocab.number(x)) is None else r) for x in row]
-                       for row in recs], dtype=np.int64).reshape(len(recs), -1)
+                       for row in recs], dtype=np.int64)
     relevant = [vocab.numbers(t, missing="error") for t in truth]
     m = ranking_metrics(topk, relevant, ks=(k,))
     return {key: float(v) for key, v in m.items() if key.endswith(f"@{k}")}
