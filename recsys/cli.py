@@ -37,6 +37,7 @@ COMMANDS = {
     "query": "recsys.commands.query",
     "retrain": "recsys.commands.retrain",
     "models": "recsys.commands.models",
+    "items": "recsys.commands.items",
     "demo": "recsys.commands.demo",
 }
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands without long loops of their own: no --progress-every
-_NO_PROGRESS = {"serve", "query", "models"}
+_NO_PROGRESS = {"serve", "query", "models", "items"}
 
 
 def _log_format_default(command: str) -> str:

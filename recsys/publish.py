@@ -36,7 +36,16 @@ from recsys.bundle.files import (
     read_ragged,
 )
 from recsys.bundle.load import Bundle
-from recsys.bundle.versions import NAME_RE, models_lock, new_version_name, prune_locked, utc_now, version_dir
+from recsys.bundle.versions import (
+    NAME_RE,
+    models_lock,
+    new_version_name,
+    prune_locked,
+    read_latest,
+    utc_now,
+    version_dir,
+)
+from recsys.catalogue.delta import catalogue_dir
 from recsys.core import schema
 from recsys.core.data import Interactions, fingerprint, history_and_seen, read_interactions, write_ragged
 from recsys.core.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
@@ -441,6 +450,8 @@ def _manifest(plan: _Plan, tmp: Path, *, version: str, created: Any, emb: _Embed
             "fingerprint": _data_fingerprint(data_manifest),
             "counts": data_manifest.get("counts"),
             "split": data_manifest.get("split"),
+            # how the items file was read (recsys items upsert reads new items the same way)
+            "prepare_config": data_manifest.get("config"),
         },
         "index": {
             "kind": "hnsw",
@@ -462,7 +473,8 @@ def _manifest(plan: _Plan, tmp: Path, *, version: str, created: Any, emb: _Embed
         "trained_on": plan.trained_on,
         "catalogue": {"servable_items": plan.n_items,
                       "filtered_rows": (data_manifest.get("rows") or {}).get("filtered"),
-                      "items_before_kcore": (data_manifest.get("counts") or {}).get("items_before_kcore")},
+                      "items_before_kcore": (data_manifest.get("counts") or {}).get("items_before_kcore"),
+                      "delta": _previous_delta(plan.models_dir)},
         "evaluation": evaluation,
         "popularity": popularity,
         "packages": _package_versions(),
@@ -471,6 +483,18 @@ def _manifest(plan: _Plan, tmp: Path, *, version: str, created: Any, emb: _Embed
             for name in BUNDLE_FILES
         },
     }
+
+
+def _previous_delta(models_dir: Path) -> dict[str, Any]:
+    """What the new version does with the serving version's live catalogue (recsys/catalogue/delta.py): it is not
+    carried (a delta belongs to its version; items upserted there are in the new version only when its logs or
+    items file hold them), and the manifest says so, naming the version and how many changes it had."""
+    try:
+        previous = read_latest(models_dir)
+    except BundleError:
+        previous = None
+    changes = len(list(catalogue_dir(models_dir, previous).glob("*.json"))) if previous else 0
+    return {"carried": False, "previous_version": previous, "previous_changes": changes}
 
 
 def _publish(plan: _Plan, final: Path, *, ef: int) -> None:

@@ -81,6 +81,13 @@ class Metrics:
         )
         for reason in refusal_reasons():
             self.bundles_refused.labels(reason)
+        # catalogue deltas refused (recsys.catalogue.delta.CatalogueError.reason): the catalogue stays as it was
+        self.catalogue_refused = Counter(
+            "recsys_catalogue_refused", "Catalogue delta records refused (the catalogue stays as it was), by reason",
+            ["reason"], registry=self.registry,
+        )
+        for reason in ("checksum", "sequence", "chain", "version", "invalid"):
+            self.catalogue_refused.labels(reason)
         # labelled children cached: .labels() takes a lock and hashes the labels on every call
         self._req: dict[tuple[str, str], object] = {}
         self._lat: dict[str, object] = {}

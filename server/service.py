@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from recsys.bundle import Bundle
-from recsys.retrieval import retrieve, retrieve_one
+from recsys.catalogue.filters import Attributes, FilterCache, ItemFilter, UnknownAttribute
+from recsys.retrieval import bitset, retrieve, retrieve_one
 
 SOURCE_KNOWN_USER = "known_user"
 SOURCE_KNOWN_USER_WITH_EVENTS = "known_user_with_events"
@@ -227,7 +228,7 @@ def _build_tower(bundle: Bundle) -> Any:
         return None
     if not isinstance(model, TwoTower) or int(bundle.n_users) < 1 or int(bundle.n_items) < 1:
         return None
-    n_users, n_items = int(bundle.n_users), int(bundle.n_items)
+    n_users, n_items = int(bundle.n_users), int(bundle.tower_items)
     rng = np.random.default_rng(0)
     rows = np.unique(np.linspace(0, n_users - 1, min(8, n_users)).astype(np.int64))
     rows = np.concatenate([rows, [-1, -1]])
@@ -279,10 +280,32 @@ def _tower_queries(bundle: Bundle, rows: Sequence[int], items: Sequence[np.ndarr
     followed by the request's item rows (oldest first) -> queries [n, dim] float32. The tower keeps the most
     recent items, as many as it reads (``max_history``)."""
     history = bundle.history
+    if bundle.tower_items < bundle.n_items:  # a live catalogue: the tower reads the bundle's items only
+        items = [e[e < bundle.tower_items] for e in items]
     combined = [e if r < 0 else np.concatenate((history(r), e)) for r, e in zip(rows, items, strict=True)]
     tower = _TOWER.get(bundle)
     embed = bundle.embed_users if tower is None else tower
     return np.asarray(embed(np.asarray(rows, dtype=np.int64), combined), dtype=np.float32)
+
+
+def _filter_cache(bundle: Bundle) -> FilterCache:
+    # a live catalogue view (recsys.catalogue.live) carries its own; a plain bundle gets one on first use
+    got = getattr(bundle, "filters", None)
+    return got if got is not None else FilterCache(Attributes.from_bundle(bundle))
+
+
+_FILTERS = PerBundle(_filter_cache)
+
+
+def allowed_by(bundle: Bundle, item_filter: ItemFilter | None) -> np.ndarray | None:
+    """The items ``item_filter`` allows, as a bitset over item rows (None = no filter); an attribute the bundle
+    does not have is InvalidArgument naming it."""
+    if not item_filter:
+        return None
+    try:
+        return _FILTERS.get(bundle).allowed(item_filter)
+    except UnknownAttribute as e:
+        raise InvalidArgument(f"`filter`: {e}") from None
 
 
 def _union(*parts: np.ndarray | None) -> np.ndarray | None:
@@ -309,7 +332,8 @@ def _as_recommendation(
 
 
 def popular(
-    bundle: Bundle, k: int, *, exclude: np.ndarray | None = None, allowed: np.ndarray | None = None
+    bundle: Bundle, k: int, *, exclude: np.ndarray | None = None, allowed: np.ndarray | None = None,
+    allow: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most popular item rows after exclusions, with rank scores ``1 / (1 + rank)`` (1 for the top).
 
@@ -324,6 +348,8 @@ def popular(
         keep &= ~np.isin(rows, exclude)
     if allowed is not None:
         keep &= np.isin(rows, allowed)
+    if allow is not None:  # a filter's bitset
+        keep &= bitset.contains(allow, rows)
     rows, rank = rows[keep][:k], rank[keep][:k]
     return rows, (1.0 / (1.0 + rank)).astype(np.float32)
 
@@ -341,6 +367,7 @@ def recommend(
     exclude_item_ids: Sequence[str] = (),
     allowed_item_ids: Sequence[str] = (),
     allow_fallback: bool = False,
+    item_filter: ItemFilter | None = None,
     limits: Limits = Limits(),
 ) -> Recommendation:
     """Top-k items for one user (see ``RecommendRequest`` in the proto for the semantics of each option).
@@ -350,7 +377,7 @@ def recommend(
     items); otherwise the user tower embeds the known items of ``history_item_ids`` (a new user); otherwise, with
     ``allow_fallback``, the most popular items.
     """
-    if user_id and not (history_item_ids or exclude_item_ids or allowed_item_ids):
+    if user_id and not (history_item_ids or exclude_item_ids or allowed_item_ids or item_filter):
         # The hot path (a known user, no lists): the same checks in their cheapest form, one lookup, one search.
         if not 1 <= k <= limits.max_k:
             check_k(k, limits)
@@ -377,6 +404,7 @@ def recommend(
 
     exclude = _known_rows(bundle, exclude_item_ids)[0] if exclude_item_ids else None
     allowed = _known_rows(bundle, allowed_item_ids)[0] if allowed_item_ids else None
+    allow = allowed_by(bundle, item_filter)
     row = bundle.user_row(user_id) if user_id else None
     history, unknown = _known_rows(bundle, history_item_ids)
     if row is not None:
@@ -384,16 +412,17 @@ def recommend(
         if not history.size:  # no fresh events (or none the model knows): the stored embedding
             query = bundle.user_embeddings[row : row + 1]  # [1, dim]
             return _answer(bundle, query, k, _union(seen, exclude), allowed, source=SOURCE_KNOWN_USER,
-                           unknown=unknown)
+                           unknown=unknown, allow=allow)
         query = _tower_queries(bundle, [row], [history])  # [1, dim]
         fresh = None if include_seen else history
         return _answer(bundle, query, k, _union(seen, fresh, exclude), allowed,
-                       source=SOURCE_KNOWN_USER_WITH_EVENTS, unknown=unknown)
+                       source=SOURCE_KNOWN_USER_WITH_EVENTS, unknown=unknown, allow=allow)
 
     if history.size:
         query = _tower_queries(bundle, [-1], [history])  # [1, dim]
         seen = None if include_seen else history
-        return _answer(bundle, query, k, _union(seen, exclude), allowed, source=SOURCE_HISTORY, unknown=unknown)
+        return _answer(bundle, query, k, _union(seen, exclude), allowed, source=SOURCE_HISTORY, unknown=unknown,
+                       allow=allow)
 
     if not allow_fallback:
         if history_item_ids:
@@ -403,16 +432,16 @@ def recommend(
             )
         raise NotFound(f"unknown `user_id` {_show(user_id)} (send `history_item_ids` or set `allow_fallback`)")
     seen = None if include_seen else history
-    ids, scores = popular(bundle, k, exclude=_union(seen, exclude), allowed=allowed)
+    ids, scores = popular(bundle, k, exclude=_union(seen, exclude), allowed=allowed, allow=allow)
     return _as_recommendation(bundle, ids, scores, source=SOURCE_POPULARITY, unknown=unknown)
 
 
 def _answer(
     bundle: Bundle, query: np.ndarray, k: int, exclude: np.ndarray | None, allowed: np.ndarray | None, *,
-    source: str, unknown: list[str] | None = None,
+    source: str, unknown: list[str] | None = None, allow: np.ndarray | None = None,
 ) -> Recommendation:
     """Search for one query [1, dim] (:func:`recsys.retrieval.retrieve_one`) and wrap the answer."""
-    rows, scores = retrieve_one(bundle.index, query, k, exclude=exclude, include=allowed)
+    rows, scores = retrieve_one(bundle.index, query, k, exclude=exclude, include=allowed, allow=allow)
     names = prepared(bundle).item_ids
     return Recommendation(item_ids=[names[r] for r in rows], scores=scores, source=source,
                           unknown_item_ids=unknown or [])
@@ -456,6 +485,7 @@ def batch_recommend(
     allowed_item_ids: Sequence[str] = (),
     allow_fallback: bool = False,
     history_item_ids: Mapping[str, Sequence[str]] | None = None,
+    item_filter: ItemFilter | None = None,
     limits: Limits = Limits(),
 ) -> tuple[list[Recommendation], list[str]]:
     """Top-k items for many users: ONE user-tower call for the users with usable fresh events / histories, then
@@ -477,6 +507,7 @@ def batch_recommend(
     exclude, _ = _known_rows(bundle, exclude_item_ids)
     exclude_or_none = exclude if exclude.size else None
     allowed = _known_rows(bundle, allowed_item_ids)[0] if allowed_item_ids else None
+    allow = allowed_by(bundle, item_filter)
 
     user_row = bundle.user_row
     rows = [user_row(u) for u in user_ids]
@@ -510,7 +541,7 @@ def batch_recommend(
                 for i in answered
             ]
         ids, scores = retrieve(bundle.index, queries, k, exclude=excludes,
-                               include=None if allowed is None else [allowed] * len(answered))
+                               include=None if allowed is None else [allowed] * len(answered), allow=allow)
         names = prepared(bundle).item_ids
         flat_ids, flat_scores = ids.tolist(), scores.tolist()  # one conversion for the whole batch
         for j, i in enumerate(answered):
@@ -524,7 +555,7 @@ def batch_recommend(
             )
     if len(answered) < len(user_ids):
         if allow_fallback:
-            pop_ids, pop_scores = popular(bundle, k, exclude=exclude, allowed=allowed)
+            pop_ids, pop_scores = popular(bundle, k, exclude=exclude, allowed=allowed, allow=allow)
             fallback = _as_recommendation(bundle, pop_ids, pop_scores, source=SOURCE_POPULARITY)
         for i, u in enumerate(user_ids):
             if results[i] is None:
@@ -544,6 +575,7 @@ def similar_items(
     k: int,
     exclude_item_ids: Sequence[str] = (),
     allowed_item_ids: Sequence[str] = (),
+    item_filter: ItemFilter | None = None,
     limits: Limits = Limits(),
 ) -> Recommendation:
     """The ``k`` items closest to ``item_id`` (the item itself excluded)."""
@@ -556,9 +588,10 @@ def similar_items(
         raise NotFound(f"unknown `item_id` {_show(item_id)}")
     exclude, _ = _known_rows(bundle, exclude_item_ids)
     allowed = _known_rows(bundle, allowed_item_ids)[0] if allowed_item_ids else None
+    allow = allowed_by(bundle, item_filter)
     query = bundle.item_queries(np.array([row]))  # [1, dim]
     ex = np.concatenate([np.array([row], dtype=np.int64), exclude])
-    return _answer(bundle, query, k, ex, allowed, source=SOURCE_KNOWN_USER)
+    return _answer(bundle, query, k, ex, allowed, source=SOURCE_KNOWN_USER, allow=allow)
 
 
 def _lookup(
@@ -653,4 +686,18 @@ def model_info(bundle: Bundle) -> dict[str, Any]:
         "trained_until": "" if until is None else
         dt.datetime.fromtimestamp(until / 1000, dt.timezone.utc).isoformat().replace("+00:00", "Z"),
         "fallback_window_days": float(getattr(bundle, "popularity_window_days", None) or 0.0),
+        **catalogue_info(bundle),
+    }
+
+
+def catalogue_info(bundle: Bundle) -> dict[str, Any]:
+    """The live catalogue's counts (``ModelInfo.catalogue_*``) and the attributes a filter can name."""
+    info = getattr(bundle, "catalogue", None)
+    attributes = getattr(getattr(bundle, "filters", None), "attributes", None)
+    return {
+        "catalogue_size": int(info.size) if info is not None else int(bundle.n_items),
+        "upserted_items": int(info.upserted) if info is not None else 0,
+        "retired_items": int(info.retired) if info is not None else 0,
+        "catalogue_seq": int(info.seq) if info is not None else 0,
+        "attributes": list(attributes.names) if attributes is not None else [],
     }

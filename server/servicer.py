@@ -32,7 +32,7 @@ from server.service import (
     Unavailable,
 )
 from server.store import ModelStore
-from server.wire import SOURCE, add_items, embeddings_response, recommend_response
+from server.wire import SOURCE, add_items, embeddings_response, item_filter, recommend_response
 
 log = logging.getLogger("recsys.server")
 
@@ -187,7 +187,7 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
         results, unknown = service.batch_recommend(
             bundle, user_ids=r.user_ids, k=r.k, include_seen=r.include_seen, exclude_item_ids=r.exclude_item_ids,
             allowed_item_ids=r.allowed_item_ids, allow_fallback=r.allow_fallback, history_item_ids=histories,
-            limits=self.limits,
+            item_filter=item_filter(r.filter) if r.HasField("filter") else None, limits=self.limits,
         )
         response = pb.BatchRecommendResponse(model_version=bundle.version, unknown_user_ids=unknown)
         add_result = response.results.add
@@ -204,7 +204,8 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
     def _similar(self, bundle, r):
         rec = service.similar_items(
             bundle, item_id=r.item_id, k=r.k, exclude_item_ids=r.exclude_item_ids,
-            allowed_item_ids=r.allowed_item_ids, limits=self.limits,
+            allowed_item_ids=r.allowed_item_ids,
+            item_filter=item_filter(r.filter) if r.HasField("filter") else None, limits=self.limits,
         )
         response = pb.SimilarItemsResponse(model_version=bundle.version)
         add_items(response.items, rec)
@@ -263,7 +264,7 @@ class AdminServicer(_Base, pb_grpc.RecommenderAdminServicer):
     """Admin RPCs; each needs ``authorization: Bearer <admin_token>`` metadata."""
 
     SERVICE = "RecommenderAdmin"
-    METHODS = ("ReloadModel", "ListModels")
+    METHODS = ("ReloadModel", "ListModels", "UpsertItems", "RetireItems")
 
     def __init__(self, store: ModelStore, limits: Limits, metrics: Metrics, *, admin_token: str, **kw) -> None:
         super().__init__(store, limits, metrics, **kw)
@@ -303,3 +304,55 @@ class AdminServicer(_Base, pb_grpc.RecommenderAdminServicer):
             return pb.ListModelsResponse(models=models, serving_version=serving)
 
         return self._call("ListModels", request, context, handle, needs_model=False)
+
+    def UpsertItems(self, request, context):  # noqa: N802
+        def handle(bundle, r):
+            self._authorize(context)
+            rows = upsert_rows(r, self.limits)
+            result = self.store.upsert(rows, change_id=r.change_id or None)
+            return pb.UpsertItemsResponse(
+                added=result.added, updated=result.updated, catalogue_seq=result.seq, change_id=result.change_id,
+                applied=result.applied, model_version=str(self.store.current.version),
+                unknown_values=[pb.UnknownValue(item_id=i, attribute=f, value=v) for i, f, v in result.unknown],
+            )
+
+        return self._call("UpsertItems", request, context, handle)
+
+    def RetireItems(self, request, context):  # noqa: N802
+        def handle(bundle, r):
+            self._authorize(context)
+            ids = service.check_ids(r.item_ids, self.limits, name="item_ids")
+            if not ids:
+                raise InvalidArgument("`item_ids` must not be empty")
+            result = self.store.retire(ids, change_id=r.change_id or None)
+            return pb.RetireItemsResponse(
+                retired=result.retired, unknown_item_ids=result.unknown_ids, catalogue_seq=result.seq,
+                change_id=result.change_id, applied=result.applied, model_version=str(self.store.current.version),
+            )
+
+        return self._call("RetireItems", request, context, handle)
+
+
+def upsert_rows(r: pb.UpsertItemsRequest, limits: Limits) -> list[dict[str, Any]]:
+    """``UpsertItemsRequest.items`` -> the rows of recsys.catalogue.changes.upsert_items, checked: IDs present,
+    unique and within the limits; at most ``max_ids`` items; an attribute with no value is INVALID_ARGUMENT."""
+    if not r.items:
+        raise InvalidArgument("`items` must not be empty")
+    ids = service.check_ids([it.item_id for it in r.items], limits, name="items.item_id")
+    seen: set[str] = set()
+    rows = []
+    for i, (item_id, it) in enumerate(zip(ids, r.items, strict=True)):
+        if not item_id:
+            raise InvalidArgument(f"`items[{i}].item_id` must not be empty")
+        if item_id in seen:
+            raise InvalidArgument(f"`items[{i}].item_id` {item_id[:80]!r} appears twice in the request")
+        seen.add(item_id)
+        row: dict[str, Any] = {"item_id": item_id}
+        for name, values in it.attributes.items():
+            if not values.values:
+                raise InvalidArgument(f"`items[{i}].attributes[{name[:80]!r}]` has no value")
+            row[name] = list(values.values)  # a list is taken as the values themselves (never split)
+        if it.title:
+            row["title"] = it.title
+        rows.append(row)
+    return rows

@@ -6,6 +6,13 @@ verified and warmed off the request path (by the watcher thread or an admin Relo
 is refused, logged and counted (``recsys_model_reloads{result="refused"}`` and ``recsys_bundles_refused{reason}``,
 the reason being ``BundleError.reason``), and the old one keeps serving. So is a ``LATEST`` that names no version
 directory of ``models_dir`` (a path, a symlink leading out of it, a version that does not exist).
+
+The live catalogue (recsys/catalogue/): what is served is the bundle with its version's catalogue delta applied
+(``recsys.catalogue.live.live_bundle``). The watcher reads new delta records at each poll and swaps in the new
+view the same way; upserts and retirements through the admin RPCs are written to the delta first, then applied
+(so this server, its restarts and every other replica of the models directory converge on the same catalogue).
+A delta that fails verification (checksum, sequence, chain) is refused, logged and counted
+(``recsys_catalogue_refused``), and the catalogue stays as it was.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from typing import Any, NoReturn
 import numpy as np
 
 from recsys.bundle import Bundle, BundleError, list_versions, read_latest, version_dir
+from recsys.catalogue.changes import RetireResult, UpsertResult, retire_items, upsert_items
+from recsys.catalogue.delta import CatalogueError, CatalogueLog, CatalogueState
+from recsys.catalogue.live import live_bundle
 from recsys.core import schema
 from server import fastpath, service
 from server.metrics import Metrics
@@ -81,6 +91,8 @@ class ModelStore:
         self._missing: str | None = None  # the LATEST that named no directory, counted once (retried: it may appear)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._catalogue_error: str | None = None  # the last refused delta's message, logged once
+        self._logs: dict[str, CatalogueLog] = {}  # the serving version's delta (it remembers what it verified)
 
     # ------------------------------------------------------------------ versions
     def latest_version(self) -> str | None:
@@ -130,6 +142,8 @@ class ModelStore:
             if str(bundle.version) != target:  # a copied directory: polling would reload it forever
                 self._refuse(target, "manifest_mismatch", BundleError(
                     f"{schema.MANIFEST}: version is {str(bundle.version)[:80]!r}, its directory is {target[:80]!r}"))
+            if isinstance(bundle, Bundle):
+                bundle = self._with_catalogue(bundle, CatalogueState.empty())
             try:
                 warm_up(bundle, self._warmup, native=self._native)
             except Exception as e:
@@ -166,13 +180,108 @@ class ModelStore:
             if reason is not None:
                 self._metrics.bundles_refused.labels(reason).inc()
 
+    # ------------------------------------------------------------------ catalogue
+    def _with_catalogue(self, view: Any, state: CatalogueState) -> Any:
+        """``view`` (a bundle or a live view of one) with the delta records after ``state`` applied: a new view,
+        or ``view`` itself when there are none. A delta that fails verification leaves ``state`` as it was."""
+        base = getattr(view, "base", view)
+        changes: list = []
+        try:
+            changes = self._log(str(base.version)).read(after=state.seq)
+            if not changes and view is not base:
+                return view
+            new_state = state.apply(changes) if changes else state
+        except CatalogueError as e:
+            if self._catalogue_error != str(e):
+                self._catalogue_error = str(e)
+                log.error("catalogue delta of %s refused (%s): %s; the catalogue stays at change %d", base.version,
+                          e.reason, e, state.seq, extra={"version": str(base.version)})
+                if self._metrics is not None:
+                    self._metrics.catalogue_refused.labels(e.reason).inc()
+            if view is not base:
+                return view
+            new_state = state
+        else:
+            self._catalogue_error = None
+        attributes = getattr(view, "base_attributes", None)
+        new = live_bundle(base, new_state, attributes=attributes)
+        if changes:
+            log.info("catalogue of %s at change %d: %d items, %d upserted, %d retired", base.version, new_state.seq,
+                     new.catalogue.size, new.catalogue.upserted, new.catalogue.retired,
+                     extra={"version": str(base.version)})
+        return new
+
+    def _log(self, version: str) -> CatalogueLog:
+        log_ = self._logs.get(version)
+        if log_ is None:
+            self._logs = {version: CatalogueLog(self.models_dir, version)}  # the serving version's only
+            log_ = self._logs[version]
+        return log_
+
+    def refresh_catalogue(self) -> bool:
+        """Apply the serving version's new delta records (another replica's or a command's); True on a change."""
+        with self._reload_lock:
+            current = self.current
+            state = getattr(current, "catalogue_state", None)
+            if state is None:
+                return False
+            new = self._with_catalogue(current, state)
+            if new is current:
+                return False
+            service.prepared(new)  # the request path's item-ID list, built off the request path
+            self.current = new
+            return True
+
+    def upsert(self, rows: list[dict[str, Any]], *, change_id: str | None = None) -> UpsertResult:
+        """Write an upsert to the serving version's delta and serve it (see recsys.catalogue.changes)."""
+        with self._reload_lock:
+            current = self._catalogue_view()
+            try:
+                result = upsert_items(self.models_dir, current, rows, change_id=change_id,
+                                      log=self._log(str(current.version)))
+            except CatalogueError as e:
+                raise FailedPrecondition(str(e)) from e
+            except ValueError as e:
+                raise InvalidArgument(str(e)) from e
+            self._serve_catalogue(current)
+            return result
+
+    def retire(self, item_ids: list[str], *, change_id: str | None = None) -> RetireResult:
+        """Write a retirement to the serving version's delta and serve it."""
+        with self._reload_lock:
+            current = self._catalogue_view()
+            try:
+                result = retire_items(self.models_dir, current, item_ids, change_id=change_id,
+                                      log=self._log(str(current.version)))
+            except CatalogueError as e:
+                raise FailedPrecondition(str(e)) from e
+            except ValueError as e:  # a malformed change ID
+                raise InvalidArgument(str(e)) from e
+            self._serve_catalogue(current)
+            return result
+
+    def _catalogue_view(self) -> Any:
+        current = self.current
+        if current is None:
+            raise service.Unavailable("no model loaded yet")
+        if getattr(current, "catalogue_state", None) is None:
+            raise FailedPrecondition(f"model {current.version} has no live catalogue (not a published bundle)")
+        return current
+
+    def _serve_catalogue(self, current: Any) -> None:
+        new = self._with_catalogue(current, current.catalogue_state)
+        if new is not current:
+            service.prepared(new)
+            self.current = new
+
     def poll_once(self) -> bool:
-        """Load LATEST if it names a new version that was not refused before; True when the model changed."""
+        """Load LATEST if it names a new version that was not refused before, else apply the serving version's
+        new catalogue records; True when what is served changed."""
         latest = self.latest_version()
         current = self.current
         if current is not None and str(current.version) == latest:
             self._missing = None  # LATEST is back: a later dangling one is counted again
-            return False
+            return self.refresh_catalogue()
         if latest is None or latest in self._refused:
             return False
         try:

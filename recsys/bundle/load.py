@@ -44,6 +44,9 @@ class Bundle:
         self.metric: str = manifest["metric"]
         self.n_users: int = int(manifest["counts"]["n_users"])
         self.n_items: int = int(manifest["counts"]["n_items"])
+        # items the towers know (rows 0..tower_items-1): all of them, except in a live catalogue view
+        # (recsys.catalogue.live), where upserted items follow and are not in the user tower's item table
+        self.tower_items: int = self.n_items
         self.evaluation: dict[str, Any] = dict(manifest.get("evaluation") or {})
         self.max_history: int | None = manifest.get("max_history")
         # the towers' own size: less than ``dim`` when the vectors carry a score prior (model.time_prior)
@@ -223,8 +226,8 @@ class Bundle:
             raise ValueError(f"`user_rows` must be in [-1, {self.n_users}), got [{user_rows.min()}, {user_rows.max()}]")
         for i, h in enumerate(histories):
             h = np.asarray(h)
-            if h.size and (h.min() < 0 or h.max() >= self.n_items):
-                raise ValueError(f"history {i}: item rows must be in [0, {self.n_items}), got [{h.min()}, {h.max()}]")
+            if h.size and (h.min() < 0 or h.max() >= self.tower_items):
+                raise ValueError(f"history {i}: item rows must be in [0, {self.tower_items}), got [{h.min()}, {h.max()}]")
         if len(user_rows) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         return embed_users(self.model, user_rows, histories, max_history=self.max_history)

@@ -30,6 +30,12 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TS_FMT = "%Y%m%dT%H%M%SZ"
 
 
+# ``MODELS_DIR/catalogue/<version>/``: each version's live-catalogue change log (recsys.catalogue.delta), beside the
+# versions rather than inside them (a version directory holds exactly what its manifest lists). It has no manifest, so
+# it is never listed as a version; ``prune`` deletes a version's log with the version.
+CATALOGUE_DIR = "catalogue"
+
+
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
@@ -236,4 +242,56 @@ def prune_locked(models_dir: Path, *, keep: int) -> list[str]:
         log.info("pruned version %s", name)
     if doomed:
         fsync_dir(models_dir)
+    _prune_catalogues(models_dir)
     return doomed
+
+
+def _prune_catalogues(models_dir: Path) -> None:
+    """Delete the catalogue logs of versions that are gone: those just pruned, and any a killed prune left behind
+    (it deletes the version first, then its log). Each is renamed hidden first, under the log's own lock so no
+    append is half-way through it; an appender that was waiting for the lock then finds its log gone and refuses."""
+    root = models_dir / CATALOGUE_DIR
+    if not root.is_dir() or root.is_symlink():
+        return
+    removed = False
+    for p in sorted(root.iterdir()):
+        if _LEFTOVER_RE.match(p.name):  # a killed prune's renamed log
+            _remove_path(p)
+            removed = True
+            continue
+        if p.name.startswith(".") or not NAME_RE.match(p.name) or _is_bundle_dir(models_dir / p.name):
+            continue
+        trash = root / f".{p.name}.deleting-{os.getpid()}"
+        if p.is_dir() and not p.is_symlink():
+            with _flocked(p / ".lock"):
+                os.rename(p, trash)
+        else:
+            os.rename(p, trash)
+        _remove_path(trash)
+        removed = True
+        log.info("pruned the catalogue log of version %s", p.name)
+    if removed:
+        fsync_dir(root)
+
+
+def _remove_path(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if absent; opened read-only, which is all ``flock`` needs)."""
+    try:
+        import fcntl  # fcntl: POSIX-only (optional)
+    except ImportError:  # pragma: no cover - non-POSIX: best effort, no lock
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

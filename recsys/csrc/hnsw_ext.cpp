@@ -117,6 +117,31 @@ class ExcludeSorted : public hnswlib::BaseFilterFunctor {
     bool operator()(labeltype id) override { return !std::binary_search(begin, end, uint64_t(id)); }
 };
 
+// The request's allowed set (a bitset over labels, shared by every row of a knn call: recsys.retrieval.bitset)
+// AND the row's exclusion filter when it has one. Labels at or past n_bits are not allowed.
+// `budget`: how many candidates the walk may weigh (one call per visited node that could enter the result) before
+// it gives up -- an allowed set far from the query makes the walk flood the graph until it has `width` allowed
+// nodes, which can cost more than scoring the allowed ids outright. Past the budget every node is let through, so
+// the walk fills its result and stops within about one plain search; the row is then discarded (`gave_up`) and the
+// caller scans the allowed ids exactly.
+class AllowFilter : public hnswlib::BaseFilterFunctor {
+ public:
+    const uint64_t *words = nullptr;
+    uint64_t n_bits = 0;
+    hnswlib::BaseFilterFunctor *exclude = nullptr;
+    uint64_t budget = std::numeric_limits<uint64_t>::max();
+    uint64_t calls = 0;
+    bool gave_up = false;
+    bool operator()(labeltype id) override {
+        if (++calls > budget) {
+            gave_up = true;
+            return true;
+        }
+        if (id >= n_bits || !((words[id >> 6] >> (id & 63)) & 1u)) return false;
+        return !exclude || (*exclude)(id);
+    }
+};
+
 // Per-thread filter buffers, kept across calls so a single query (the serving path, on the caller's thread)
 // allocates nothing: the bitset is all-zero between rows (each row clears the words it set, see ClearBits).
 std::vector<uint64_t> &thread_bitset() {
@@ -170,6 +195,19 @@ const int64_t *check_int64(const py::array &a, const char *name, size_t *len) {
         value_error(std::string("`") + name + "` must be C-contiguous");
     *len = size_t(a.shape(0));
     return static_cast<const int64_t *>(a.data());
+}
+
+// A 1-D C-contiguous uint64 array (a bitset's words), refused otherwise.
+const uint64_t *check_words(const py::array &a, const char *name, size_t *len) {
+    if (a.ndim() != 1)
+        value_error(std::string("`") + name + "` must be a 1-D uint64 bitset, got " + std::to_string(a.ndim()) +
+                    " dimensions");
+    if (a.dtype().kind() != 'u' || a.itemsize() != 8)
+        value_error(std::string("`") + name + "` must be a uint64 bitset, got dtype " + std::string(py::str(a.dtype())));
+    if (!(a.flags() & py::array::c_style))
+        value_error(std::string("`") + name + "` must be C-contiguous");
+    *len = size_t(a.shape(0));
+    return static_cast<const uint64_t *>(a.data());
 }
 
 size_t resolve_threads(int num_threads) {
@@ -347,6 +385,106 @@ struct Bf16Copy {
     }
 };
 
+// The exact scan of an allowed set (the filtered search's exact-scan switch, recsys.retrieval.hnsw.allow_plan):
+// row i of `vectors` [size, dim] float32 is label i, and every allowed label below `size` is scored by hnswlib's own
+// inner-product distance (1 - dot), straight from the bitset's words (no id list, no gathered copy; each word's
+// rows are prefetched before they are scored). Per query: top-k nearest first, ties by lower label, -1 / +inf
+// padded; `exclude_labels` + `exclude_offsets`: CSR lists (any order) of labels that row must not return.
+py::tuple scan_allowed(const py::array &vectors, const py::array &queries, size_t k, const py::array &allow,
+                       int64_t allow_bits, py::object exclude_labels, py::object exclude_offsets, int num_threads) {
+    if (k < 1) value_error("`k` must be >= 1, got " + std::to_string(k));
+    if (vectors.ndim() != 2)
+        value_error("`vectors` must be 2-D [size, dim], got " + std::to_string(vectors.ndim()) + " dimensions");
+    const int dim = int(vectors.shape(1));
+    if (dim < 1) value_error("`vectors` must have at least one column");
+    size_t size = 0, rows = 0, n_words = 0;
+    const float *x = check_matrix(vectors, "vectors", dim, &size);
+    const float *q = check_matrix(queries, "queries", dim, &rows);
+    const uint64_t *words = check_words(allow, "allow", &n_words);
+    if (allow_bits < -1 || (allow_bits >= 0 && uint64_t(allow_bits) > 64 * uint64_t(n_words)))
+        value_error("`allow_bits` must be -1 (all the words' bits) or in [0, 64 x " + std::to_string(n_words) +
+                    "], got " + std::to_string(allow_bits));
+    const uint64_t bits = std::min<uint64_t>(allow_bits < 0 ? 64 * uint64_t(n_words) : uint64_t(allow_bits), size);
+    const int64_t *ex = nullptr, *off = nullptr;
+    py::array ex_arr, off_arr;
+    if (exclude_labels.is_none() != exclude_offsets.is_none())
+        value_error("`exclude_labels` and `exclude_offsets` must both be given or both be None");
+    if (!exclude_labels.is_none()) {
+        ex_arr = py::array(exclude_labels);
+        off_arr = py::array(exclude_offsets);
+        size_t n_ex = 0, n_off = 0;
+        ex = check_int64(ex_arr, "exclude_labels", &n_ex);
+        off = check_int64(off_arr, "exclude_offsets", &n_off);
+        if (n_off != rows + 1 || off[0] != 0 || size_t(off[rows]) != n_ex)
+            value_error("`exclude_offsets` must hold n + 1 = " + std::to_string(rows + 1) +
+                        " non-decreasing offsets from 0 to len(exclude_labels)");
+        for (size_t i = 0; i < rows; i++)
+            if (off[i + 1] < off[i]) value_error("`exclude_offsets` must be non-decreasing");
+    }
+    py::array_t<int64_t> labels_out({rows, k});
+    py::array_t<float> dist_out({rows, k});
+    int64_t *lo = labels_out.mutable_data();
+    float *dout = dist_out.mutable_data();
+    size_t threads = resolve_threads(num_threads);
+    if (rows <= threads * 4) threads = 1;
+    hnswlib::InnerProductSpace space{size_t(dim)};
+    hnswlib::DISTFUNC<float> dist = space.get_dist_func();
+    void *param = space.get_dist_func_param();
+    const size_t row_bytes = size_t(dim) * sizeof(float);
+    {
+        py::gil_scoped_release release;
+        ParallelFor(0, rows, threads, [&](size_t row, size_t) {
+            using Pair = std::pair<float, int64_t>;
+            thread_local std::vector<Pair> best;
+            thread_local std::vector<int64_t> excluded;
+            best.clear();
+            excluded.clear();
+            if (ex) {
+                excluded.assign(ex + off[row], ex + off[row + 1]);
+                std::sort(excluded.begin(), excluded.end());
+            }
+            const float *qi = q + row * size_t(dim);
+            const size_t words_used = size_t((bits + 63) / 64);
+            int64_t ids[64];
+            for (size_t w = 0; w < words_used; w++) {
+                uint64_t word = words[w];
+                if (w + 1 == words_used && bits % 64) word &= (uint64_t(1) << (bits % 64)) - 1;
+                int n = 0;
+                while (word) {
+                    ids[n++] = int64_t(w * 64 + size_t(__builtin_ctzll(word)));
+                    word &= word - 1;
+                }
+                for (int j = 0; j < n; j++) {
+                    const char *r = reinterpret_cast<const char *>(x + size_t(ids[j]) * size_t(dim));
+                    for (size_t o = 0; o < row_bytes; o += 64) prefetch(r + o);
+                }
+                for (int j = 0; j < n; j++) {
+                    const int64_t id = ids[j];
+                    if (!excluded.empty() && std::binary_search(excluded.begin(), excluded.end(), id)) continue;
+                    const float d = dist(qi, x + size_t(id) * size_t(dim), param);
+                    const Pair p(d, id);
+                    if (best.size() < k) {
+                        best.push_back(p);
+                        std::push_heap(best.begin(), best.end());
+                    } else if (p < best.front()) {
+                        std::pop_heap(best.begin(), best.end());
+                        best.back() = p;
+                        std::push_heap(best.begin(), best.end());
+                    }
+                }
+            }
+            std::sort(best.begin(), best.end());
+            int64_t *l = lo + row * k;
+            float *d = dout + row * k;
+            for (size_t j = 0; j < k; j++) {
+                l[j] = j < best.size() ? best[j].second : -1;
+                d[j] = j < best.size() ? best[j].first : std::numeric_limits<float>::infinity();
+            }
+        });
+    }
+    return py::make_tuple(labels_out, dist_out);
+}
+
 class Index {
  public:
     explicit Index(int dim) : dim_(dim), space_(dim > 0 ? size_t(dim) : 1) {
@@ -477,9 +615,15 @@ class Index {
     // labels row i must not return (any order, repeats and unknown labels allowed), or None for no exclusion.
     // `bitset`: non-zero (default) = a bitset over labels when the row's largest label is below MAX_BITSET_LABEL,
     // else (and with 0) a sorted array + binary search. The bitset is faster (benchmarks/index_bench.py).
-    // `ef_filtered`: the search width of rows with a non-empty exclusion list (0 = `ef`).
+    // `ef_filtered`: the search width of rows with a non-empty exclusion list, and of every row when `allow` is
+    // given (0 = `ef`). `allow`: None, or the allowed set shared by all rows, a uint64 bitset over labels (bit
+    // i & 63 of word i >> 6 = label i allowed; recsys.retrieval.bitset) of `allow_bits` bits (-1 = 64 x words;
+    // labels at or past it are not allowed): rows return only allowed, non-excluded labels. `allow_budget`: with
+    // `allow`, the candidates a row's walk may weigh before it gives up (see AllowFilter; 0 = no limit); a row
+    // that gave up comes back empty (-1 / +inf), for the caller's exact scan.
     py::tuple knn(const py::array &queries, size_t k, size_t ef, py::object exclude_labels,
-                  py::object exclude_offsets, int num_threads, int bitset, size_t ef_filtered) {
+                  py::object exclude_offsets, int num_threads, int bitset, size_t ef_filtered, py::object allow,
+                  int64_t allow_bits, uint64_t allow_budget) {
         const Alg &alg = inited();
         if (k < 1) value_error("`k` must be >= 1, got " + std::to_string(k));
         size_t rows = 0;
@@ -505,6 +649,21 @@ class Index {
                     value_error("`exclude_offsets` must be non-decreasing, got " + std::to_string(off[i]) + " then " +
                                 std::to_string(off[i + 1]) + " at " + std::to_string(i));
         }
+        const uint64_t *aw = nullptr;
+        uint64_t n_allow = 0;
+        py::array allow_arr;
+        if (!allow.is_none()) {
+            if (!py::isinstance<py::array>(allow))
+                value_error("`allow` must be None or a uint64 bitset (numpy array), got " +
+                            std::string(py::str(py::type::of(allow))));
+            allow_arr = py::reinterpret_borrow<py::array>(allow);
+            size_t n_words = 0;
+            aw = check_words(allow_arr, "allow", &n_words);
+            if (allow_bits < -1 || (allow_bits >= 0 && uint64_t(allow_bits) > 64 * uint64_t(n_words)))
+                value_error("`allow_bits` must be -1 (all the words' bits) or in [0, 64 x " + std::to_string(n_words) +
+                            "], got " + std::to_string(allow_bits));
+            n_allow = allow_bits < 0 ? 64 * uint64_t(n_words) : uint64_t(allow_bits);
+        }
         py::array_t<int64_t> labels_out({rows, k});
         py::array_t<float> dist_out({rows, k});
         int64_t *lo = labels_out.mutable_data();
@@ -517,7 +676,7 @@ class Index {
             ParallelFor(0, rows, threads, [&](size_t row, size_t) {
                 const int64_t *eb = ex ? ex + off[row] : nullptr, *ee = ex ? ex + off[row + 1] : nullptr;
                 search_row(alg, q + row * size_t(dim_), k, ef, ef_filtered, eb, ee, bitset, lo + row * k,
-                           dout + row * k);
+                           dout + row * k, aw, n_allow, allow_budget);
             });
         }
         return py::make_tuple(labels_out, dist_out);
@@ -527,9 +686,11 @@ class Index {
 
     // One query: top-k labels/distances nearest first, -1 / +inf padded. [eb, ee): labels it must not return (any
     // order, repeats and negatives allowed; empty = no filter). Search width max(ef, k), 0 = the index's ef; with
-    // a filter max(ef_filtered, k), 0 = that ef. Caller holds mu_ (shared) and no GIL.
+    // a filter max(ef_filtered, k), 0 = that ef. `allow` (null = everything): the allowed set's words, `allow_bits`
+    // bits, ANDed with the exclusion. Caller holds mu_ (shared) and no GIL.
     void search_row(const Alg &alg, const float *qi, size_t k, size_t ef, size_t ef_filtered,
-                    const int64_t *eb, const int64_t *ee, int bitset, int64_t *l, float *d) const {
+                    const int64_t *eb, const int64_t *ee, int bitset, int64_t *l, float *d,
+                    const uint64_t *allow = nullptr, uint64_t allow_bits = 0, uint64_t allow_budget = 0) const {
         const size_t width = std::max(ef ? ef : ef_, k);
         const size_t width_filtered = std::max(ef_filtered ? ef_filtered : (ef ? ef : ef_), k);
         hnswlib::BaseFilterFunctor *filter = nullptr;
@@ -562,10 +723,19 @@ class Index {
                 filter = &fs;
             }
         }
+        AllowFilter fa;
+        if (allow) {
+            fa.words = allow;
+            fa.n_bits = allow_bits;
+            fa.exclude = filter;
+            if (allow_budget) fa.budget = allow_budget;
+            filter = &fa;
+        }
         size_t w = filter ? width_filtered : width;
         size_t got = (use_bf16_ && bf16_.rows == alg.cur_element_count && !alg.num_deleted_)
                          ? search_bf16(alg, bf16_, size_t(dim_), qi, k, w, filter, l, d)
                          : search_one(alg, qi, k, w, filter, l, d);
+        if (fa.gave_up) got = 0;
         for (size_t j = got; j < k; j++) {
             l[j] = -1;
             d[j] = std::numeric_limits<float>::infinity();
@@ -1303,6 +1473,9 @@ PYBIND11_MODULE(_hnsw, m) {
     m.attr("MAX_BITSET_LABEL") = py::int_(kMaxBitsetLabel);
     m.attr("BF16_ISA") = dot_bf16_isa();
     // test hook: v rounded to bf16, dotted with q by the kernel in use and by the scalar one
+    m.def("scan_allowed", &scan_allowed, py::arg("vectors"), py::arg("queries"), py::arg("k"), py::arg("allow"),
+          py::arg("allow_bits") = -1, py::arg("exclude_labels") = py::none(), py::arg("exclude_offsets") = py::none(),
+          py::arg("num_threads") = 1);
     m.def("_bf16_dots", [](py::array_t<float, py::array::c_style | py::array::forcecast> q,
                            py::array_t<float, py::array::c_style | py::array::forcecast> v) {
         if (q.ndim() != 1 || v.ndim() != 1 || q.shape(0) != v.shape(0))
@@ -1334,7 +1507,8 @@ PYBIND11_MODULE(_hnsw, m) {
         .def("index_file_size", &Index::index_file_size)
         .def("knn", &Index::knn, py::arg("queries"), py::arg("k"), py::arg("ef") = 0,
              py::arg("exclude_labels") = py::none(), py::arg("exclude_offsets") = py::none(),
-             py::arg("num_threads") = 1, py::arg("bitset") = -1, py::arg("ef_filtered") = 0)
+             py::arg("num_threads") = 1, py::arg("bitset") = -1, py::arg("ef_filtered") = 0,
+             py::arg("allow") = py::none(), py::arg("allow_bits") = -1, py::arg("allow_budget") = 0)
         .def("set_bf16", &Index::set_bf16, py::arg("on"))
         .def_property_readonly("bf16", &Index::bf16)
         .def_property_readonly("ef", &Index::ef)

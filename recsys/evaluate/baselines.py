@@ -7,8 +7,9 @@ All three share implicit's calling shape::
 
 ``recommend`` scores each user from their row of ``user_items`` (by default the matrix the model was fitted on; pass
 another matrix with the same row space, e.g. train+valid, to score from a longer history) and, with
-``exclude_seen``, never returns an item of that row. Rows are ranked exactly (no approximation); when fewer than
-``k`` candidates remain the tail is padded with id ``-1`` and score ``-inf``.
+``exclude_seen``, never returns an item of that row; with ``allowed`` (a ``[n_items]`` bool mask, e.g. an item
+filter's) only allowed items are candidates. Rows are ranked exactly (no approximation); when fewer than ``k``
+candidates remain the tail is padded with id ``-1`` and score ``-inf``.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ class _Base:
         *,
         user_items: sp.spmatrix | None = None,
         exclude_seen: bool = True,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` items for each user row.
 
@@ -153,6 +155,8 @@ class _Base:
             user_items: ``[n_users, n_items]`` matrix giving each user's history (scored from, and excluded when
                 ``exclude_seen``); defaults to the matrix passed to ``fit``.
             exclude_seen: drop the items of the user's row from the candidates.
+            allowed: ``[n_items]`` bool, True = may be recommended (an item filter); None = every item. A
+                disallowed item is scored ``-inf`` before the top-``k``, so it is never returned.
 
         Returns:
             ``(ids [n, k] int64, scores [n, k] float32)``, best first; ``-1`` / ``-inf`` pad rows with fewer
@@ -170,12 +174,19 @@ class _Base:
             raise ValueError(f"`user_rows` must be in [0, {hist_all.shape[0] - 1}], got {bad}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"`k` must be an integer >= 1, got {k!r}")
+        if allowed is not None:
+            allowed = np.asarray(allowed)
+            if allowed.dtype != np.bool_ or allowed.shape != (n_items,):
+                raise ValueError(f"`allowed` must be a bool mask of shape ({n_items},) (the fitted n_items), got "
+                                 f"dtype {allowed.dtype} shape {allowed.shape}")
         ids = np.empty((rows.size, k), dtype=np.int64)
         scores = np.empty((rows.size, k), dtype=np.float32)
         block = max(1, _BLOCK_CELLS // max(1, n_items))
         for start in range(0, rows.size, block):
             hist = hist_all[rows[start : start + block]]
             s = self._scores(hist)
+            if allowed is not None:
+                s = np.where(allowed, s, np.float32(-np.inf))  # [b, n_items]; a new array (s may be a view)
             ids[start : start + block], scores[start : start + block] = topk_excluding(
                 s, k, hist if exclude_seen else None
             )

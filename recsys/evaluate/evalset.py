@@ -3,7 +3,7 @@ external ID; the in-sample check; popularity segments."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,26 @@ def load_eval_set(
             "new_items": int(new_items.sum()),
         },
     )
+
+
+def restrict_relevant(es: EvalSet, allowed: np.ndarray) -> EvalSet:
+    """``es`` judged on the allowed items only (an item filter's view of the future).
+
+    ``allowed [n_items]`` bool over dataset item rows. Each user's relevant items are cut to the allowed ones and
+    users left with none are dropped (their ``seen`` / ``history`` with them); ``counts["users_evaluated"]`` is the
+    number kept and ``counts["users_dropped_by_filter"]`` the number dropped. Nothing else changes: histories still
+    hold every item (a filter restricts what is recommended, not what the user did).
+    """
+    allowed = np.asarray(allowed)
+    if allowed.dtype != np.bool_ or allowed.shape != (es.n_items,):
+        raise ValueError(f"`allowed` must be a bool mask of shape ({es.n_items},) (the dataset's items), got "
+                         f"dtype {allowed.dtype} shape {allowed.shape}")
+    relevant = [r[allowed[r]] for r in es.relevant]
+    keep = np.array([len(r) > 0 for r in relevant], dtype=bool)
+    idx = np.flatnonzero(keep).tolist()
+    counts = {**es.counts, "users_evaluated": len(idx), "users_dropped_by_filter": int((~keep).sum())}
+    return replace(es, users=es.users[keep], relevant=[relevant[i] for i in idx], seen=[es.seen[i] for i in idx],
+                   history=[es.history[i] for i in idx], counts=counts)
 
 
 def _read_split(d: Path, split: str) -> _Split:

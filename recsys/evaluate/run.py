@@ -1,5 +1,5 @@
 """Scoring a bundle and the baselines on an eval set through the one retrieval rule: metrics, segments, ANN
-recall and its ef sweep, the A/B comparison."""
+recall and its ef sweep, the A/B comparison; optionally under an item filter (:func:`evaluate`'s ``item_filter``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from recsys.bundle import Bundle
+from recsys.catalogue.filters import Attributes, Condition, ItemFilter
 from recsys.core import schema
 from recsys.core.logs import Throttle
 from recsys.core.metrics import ranking_metrics
@@ -27,8 +28,9 @@ from recsys.evaluate.evalset import (
     in_sample_reason,
     load_eval_set,
     popularity_percentile,
+    restrict_relevant,
 )
-from recsys.retrieval import HnswIndex, recall_vs_exact, retrieve
+from recsys.retrieval import HnswIndex, bitset, recall_vs_exact, retrieve
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +74,13 @@ def _batched(
 
 def search_all(
     index: Any, queries: np.ndarray, k: int, *, seen: Sequence[np.ndarray], desc: str = "search",
-    progress: bool | None = None,
+    progress: bool | None = None, allow: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Top-``k`` item ids ``[n, k]`` for ``queries [n, dim]`` minus each query's seen items (serving's rule).
+    """Top-``k`` item ids ``[n, k]`` for ``queries [n, dim]`` minus each query's seen items (serving's rule),
+    within ``allow`` (a :mod:`recsys.retrieval.bitset` over the index's ids, shared by every query) when given.
     ``progress``: True = a tqdm bar, False = log lines (a progress line every `--progress-every` s), None = silent."""
-    return _batched(lambda sl: retrieve(index, queries[sl], k, seen=seen[sl])[0], len(queries), k, desc=desc,
-                    progress=progress)
+    return _batched(lambda sl: retrieve(index, queries[sl], k, seen=seen[sl], allow=allow)[0], len(queries), k,
+                    desc=desc, progress=progress)
 
 
 def score_topk(
@@ -87,14 +90,19 @@ def score_topk(
     *,
     cold_threshold: int = 5,
     pop_pct: np.ndarray | None = None,
+    n_candidates: int | None = None,
 ) -> dict[str, Any]:
-    """Metrics, coverage, popularity bias and segments of ``topk [m, K]`` (dataset item rows, -1 = none)."""
+    """Metrics, coverage, popularity bias and segments of ``topk [m, K]`` (dataset item rows, -1 = none).
+
+    ``coverage@k``: distinct recommended items / ``n_candidates`` (default the catalogue; a filter's allowed count
+    under a filter)."""
     metrics = ranking_metrics(topk, es.relevant, ks)
     pop_pct = popularity_percentile(es.item_popularity) if pop_pct is None else pop_pct
+    n_candidates = es.n_items if n_candidates is None else n_candidates
     for k in ks:
         rec = topk[:, :k]
         rec = rec[rec >= 0]
-        metrics[f"coverage@{k}"] = float(np.unique(rec).size / es.n_items)
+        metrics[f"coverage@{k}"] = float(np.unique(rec).size / max(1, n_candidates))
         metrics[f"pop_percentile@{k}"] = float(pop_pct[rec].mean()) if rec.size else float("nan")
 
     segments: dict[str, Any] = {}
@@ -134,27 +142,67 @@ class _BundleRun:
     info: dict[str, Any]
     queries: np.ndarray  # [m, dim]
     seen_b: list[np.ndarray]  # bundle item rows
+    allow: np.ndarray | None  # the filter's bitset over bundle item rows, None = unfiltered
 
 
-def _run_bundle(bundle: Any, es: EvalSet, big_k: int, ks: Sequence[int], *, progress: bool, name: str) -> _BundleRun:
-    """Embed the evaluation users with the bundle's towers and retrieve exact + ANN top-``big_k``."""
-    same_vocab = (
+def _same_vocabulary(bundle: Any, es: EvalSet) -> bool:
+    return bool(
         bundle.n_users == es.n_users
         and bundle.n_items == es.n_items
         and np.array_equal(bundle.user_ids, es.user_ids)
         and np.array_equal(bundle.item_ids, es.item_ids)
     )
+
+
+def _item_map(bundle: Any, es: EvalSet) -> np.ndarray:
+    """``d2b [n_items]``: the bundle's item row of each dataset item row (matched by external ID), -1 = unknown."""
+    if _same_vocabulary(bundle, es):
+        return np.arange(es.n_items, dtype=np.int64)
+    return np.array([bundle.item_row(t) if bundle.item_row(t) is not None else -1 for t in es.item_ids],
+                    dtype=np.int64)
+
+
+def allowed_items(bundle: Any, es: EvalSet, item_filter: ItemFilter) -> np.ndarray:
+    """``[n_items]`` bool over the dataset's item rows: the items ``item_filter`` allows, read from the bundle's
+    item attributes (as serving reads them). An item the bundle does not know has no attributes: not allowed.
+    A filter naming an attribute the bundle lacks raises ``UnknownAttribute`` (a ``ValueError``) naming it."""
+    words = Attributes.from_bundle(bundle).allowed(item_filter)
+    mask_b = bitset.to_mask(words, bundle.n_items)  # [bundle n_items]
+    d2b = _item_map(bundle, es)
+    return (d2b >= 0) & mask_b[np.maximum(d2b, 0)]
+
+
+def filter_terms(item_filter: ItemFilter) -> list[str]:
+    """The command-line terms of ``item_filter`` (:func:`recsys.catalogue.filters.parse_filter` reads them back)."""
+    def term(c: Condition) -> str:
+        if c.op == "any_of":
+            return f"{c.attribute}={','.join(c.values)}"
+        if c.op == "none_of":
+            return f"{c.attribute}!={','.join(c.values)}"
+        if c.low is not None and c.high is not None:
+            return f"{c.attribute}={c.low:g}..{c.high:g}"
+        if c.low is not None:
+            return f"{c.attribute}>={c.low:g}"
+        return f"{c.attribute}<={c.high:g}" if c.high is not None else f"{c.attribute}=.."
+
+    return [term(c) for c in item_filter.conditions]
+
+
+def _run_bundle(bundle: Any, es: EvalSet, big_k: int, ks: Sequence[int], *, progress: bool, name: str,
+                allowed: np.ndarray | None = None) -> _BundleRun:
+    """Embed the evaluation users with the bundle's towers and retrieve exact + ANN top-``big_k``, only among
+    ``allowed [n_items]`` (bool over dataset item rows) when given."""
+    same_vocab = _same_vocabulary(bundle, es)
+    d2b_item = _item_map(bundle, es)
     if same_vocab:
-        d2b_item = np.arange(es.n_items, dtype=np.int64)
         b2d_item = d2b_item
         rows = es.users.astype(np.int64)
     else:
-        d2b_item = np.array([bundle.item_row(t) if bundle.item_row(t) is not None else -1 for t in es.item_ids],
-                            dtype=np.int64)
         b2d_item = np.full(bundle.n_items, -1, dtype=np.int64)
         b2d_item[d2b_item[d2b_item >= 0]] = np.flatnonzero(d2b_item >= 0)
         rows = np.array([-1 if (r := bundle.user_row(u)) is None else r for u in es.user_ids[es.users]],
                         dtype=np.int64)
+    allow = None if allowed is None else bitset.from_ids(d2b_item[allowed & (d2b_item >= 0)], bundle.n_items)
 
     def to_b(items: np.ndarray) -> np.ndarray:
         b = d2b_item[items]
@@ -176,10 +224,12 @@ def _run_bundle(bundle: Any, es: EvalSet, big_k: int, ks: Sequence[int], *, prog
 
     big_k = min(big_k, bundle.n_items)
     t0 = time.perf_counter()
-    exact_b = search_all(bundle.exact, queries, big_k, seen=seen_b, desc=f"{name} exact", progress=progress)
+    exact_b = search_all(bundle.exact, queries, big_k, seen=seen_b, desc=f"{name} exact", progress=progress,
+                         allow=allow)
     exact_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ann_b = search_all(bundle.index, queries, big_k, seen=seen_b, desc=f"{name} hnsw", progress=progress)
+    ann_b = search_all(bundle.index, queries, big_k, seen=seen_b, desc=f"{name} hnsw", progress=progress,
+                       allow=allow)
     ann_s = time.perf_counter() - t0
 
     def to_d(ids: np.ndarray) -> np.ndarray:
@@ -197,7 +247,7 @@ def _run_bundle(bundle: Any, es: EvalSet, big_k: int, ks: Sequence[int], *, prog
         "relevant_unknown_to_bundle": f"{n_rel_unknown}/{n_rel}",
         "seconds": {"embed": round(embed_s, 3), "exact": round(exact_s, 3), "hnsw": round(ann_s, 3)},
     }
-    return _BundleRun(to_d(exact_b), to_d(ann_b), ann_recall(ann_b, exact_b, ks), info, queries, seen_b)
+    return _BundleRun(to_d(exact_b), to_d(ann_b), ann_recall(ann_b, exact_b, ks), info, queries, seen_b, allow)
 
 
 def _pad_k(topk: np.ndarray, big_k: int) -> np.ndarray:
@@ -231,11 +281,13 @@ def ann_sweep(
     max_queries: int = 1000,
     latency_queries: int = 200,
     seed: int = 0,
+    allow: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """ANN recall vs exact and single-query latency for each ``ef`` (on a private copy of the bundle's index).
 
     Returns ``{"k", "n_queries", "tuned_ef", "exact": {p50_ms, ...}, "rows": [{ef, recall, p50_ms, p95_ms,
-    batch_ms_per_query}]}``; queries are searched with their seen items excluded, as served.
+    batch_ms_per_query}]}``; queries are searched with their seen items excluded, as served, and within ``allow``
+    (a bitset over the bundle's item rows: a filtered request's search) when given.
     """
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(queries), size=min(max_queries, len(queries)), replace=False))
@@ -245,17 +297,17 @@ def ann_sweep(
     index = HnswIndex.load(
         bundle.path / schema.INDEX_FILE, dim=bundle.dim, metric=bundle.metric, size=bundle.n_items
     )
-    truth = retrieve(bundle.exact, q, k, seen=s)[0]
+    truth = retrieve(bundle.exact, q, k, seen=s, allow=allow)[0]
 
     def timed(idx: Any) -> dict[str, float]:
         t0 = time.perf_counter()
-        got = retrieve(idx, q, k, seen=s)[0]
+        got = retrieve(idx, q, k, seen=s, allow=allow)[0]
         batch = (time.perf_counter() - t0) / len(q)
         n_lat = min(latency_queries, len(q))
         lat = np.empty(n_lat)
         for j in range(n_lat):
             t0 = time.perf_counter()
-            retrieve(idx, q[j : j + 1], k, seen=s[j : j + 1])
+            retrieve(idx, q[j : j + 1], k, seen=s[j : j + 1], allow=allow)
             lat[j] = time.perf_counter() - t0
         return {
             "recall": float(recall_vs_exact(got, truth)),
@@ -294,6 +346,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = False,
     in_sample: bool = False,
+    item_filter: ItemFilter | None = None,
 ) -> dict[str, Any]:
     """Evaluate a bundle (a ``Bundle`` or a path for ``Bundle.load``) on ``split`` of ``data_dir``.
 
@@ -302,6 +355,21 @@ def evaluate(
 
     ``compare``: a second bundle for an A/B. ``baselines``: any of ``popularity``, ``itemknn``, ``ease`` (EASE is
     skipped with a note above ``ease_max_items`` items). ``max_users``: evaluate a seeded sample of users.
+
+    ``item_filter`` (e.g. ``parse_filter(["category=space"])``): score the filtered use, as a filtered request is
+    served. The allowed items are read from ``bundle``'s item attributes (an item it does not know is not allowed;
+    an attribute it lacks raises ``UnknownAttribute``, a ``ValueError`` naming it), then
+
+    * the two-tower models (exact and the served HNSW path, and ``compare``) retrieve only allowed items (the
+      filter's bitset as ``allow`` of :func:`recsys.retrieval.retrieve`); the ef sweep searches with it too;
+    * the baselines rank only allowed items (``recommend(..., allowed=mask)``);
+    * relevance is restricted to allowed items: a user is judged only on the future items the filter lets
+      through, and users left with none are dropped (before any model runs, so every model sees the same users);
+      with ``max_users`` the sample is drawn first, then filtered;
+    * ``coverage@k`` is over the allowed items, not the catalogue.
+
+    ``report["filter"] = {"terms", "allowed_items", "users_kept", "users_dropped"}`` records it (absent without a
+    filter). A filter that leaves no user with a relevant item is an error.
 
     Returns the report dict (JSON-ready). The keys a quality gate reads: ``report["models"]["two_tower"]
     ["metrics"]["recall@20"]`` (exact retrieval), ``"two_tower_hnsw"`` for the served ANN path, and
@@ -331,6 +399,18 @@ def evaluate(
     big_k = ks[-1]
     if big_k > es.n_items:
         raise ValueError(f"`ks` must be at most the catalogue size {es.n_items}, got {big_k}")
+    allowed, filter_info = None, None
+    if item_filter:
+        allowed = allowed_items(a, es, item_filter)
+        n_before = len(es.users)
+        es = restrict_relevant(es, allowed)
+        filter_info = {"terms": filter_terms(item_filter), "allowed_items": int(allowed.sum()),
+                       "users_kept": len(es.users), "users_dropped": n_before - len(es.users)}
+        if not len(es.users):
+            raise ValueError(f"filter {filter_info['terms']} leaves no user with a relevant item: it allows "
+                             f"{filter_info['allowed_items']} of {es.n_items} items and none of the {n_before} "
+                             f"evaluated users has a held-out item among them")
+    n_candidates = None if allowed is None else int(allowed.sum())
     pop_pct = popularity_percentile(es.item_popularity)
     t_start = time.perf_counter()
 
@@ -341,11 +421,12 @@ def evaluate(
     for name, bun in (("two_tower", a), ("compare", b)):
         if bun is None:
             continue
-        run = _run_bundle(bun, es, big_k, ks, progress=progress, name=name)
+        run = _run_bundle(bun, es, big_k, ks, progress=progress, name=name, allowed=allowed)
         runs[name] = run
         bundles[name] = run.info
         for suffix, topk, retrieval in (("", run.exact, "exact"), ("_hnsw", run.ann, "hnsw")):
-            entry = score_topk(_pad_k(topk, big_k), es, ks, cold_threshold=cold_threshold, pop_pct=pop_pct)
+            entry = score_topk(_pad_k(topk, big_k), es, ks, cold_threshold=cold_threshold, pop_pct=pop_pct,
+                               n_candidates=n_candidates)
             models[name + suffix] = {"kind": "two_tower", "retrieval": retrieval, "bundle": bun.version, **entry}
         ann[name] = {"ef": run.info["ef"], **run.ann_recall}
 
@@ -359,10 +440,11 @@ def evaluate(
         t0 = time.perf_counter()
         model.fit(es.fit_matrix)
         ids = _batched(
-            lambda sl, model=model: model.recommend(es.users[sl], big_k, user_items=es.seen_matrix)[0],
+            lambda sl, model=model: model.recommend(es.users[sl], big_k, user_items=es.seen_matrix,
+                                                    allowed=allowed)[0],
             len(es.users), big_k, desc=name, progress=progress,
         )
-        entry = score_topk(ids, es, ks, cold_threshold=cold_threshold, pop_pct=pop_pct)
+        entry = score_topk(ids, es, ks, cold_threshold=cold_threshold, pop_pct=pop_pct, n_candidates=n_candidates)
         models[name] = {"kind": "baseline", "retrieval": "exact", "seconds": round(time.perf_counter() - t0, 3),
                         **entry}
 
@@ -389,11 +471,13 @@ def evaluate(
         "in_sample": leaks or None,
         "summary": {**models["two_tower"]["metrics"], **ann["two_tower"]},
     }
+    if filter_info is not None:
+        report["filter"] = filter_info
     if b is not None:
         report["ab"] = ab_test(runs["two_tower"].exact, runs["compare"].exact, es, ks)
     if sweep:
         report["ann_sweep"] = ann_sweep(a, runs["two_tower"].queries, runs["two_tower"].seen_b,
-                                        k=ks[0], seed=seed)
+                                        k=ks[0], seed=seed, allow=runs["two_tower"].allow)
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     return finite(report)
 

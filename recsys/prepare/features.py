@@ -125,6 +125,28 @@ def read_meta(path: Path, *, id_col: str, cfg: PrepareConfig, entity: str) -> pl
     return df
 
 
+def is_categorical(dtype: pl.DataType) -> bool:
+    """Whether a metadata column is encoded as a feature when none are named (``prepare.item_features`` /
+    ``user_features`` = None): strings, lists of strings, booleans, integers, categoricals."""
+    return (dtype in (pl.String, pl.Boolean, pl.List(pl.String)) or dtype.is_integer()
+            or isinstance(dtype, (pl.Categorical, pl.Enum)))
+
+
+def clean_values(col: pl.Series) -> pl.Series:
+    """A single-valued feature's raw values as they are looked up in its vocabulary: strings, surrounding whitespace
+    stripped (null or "" = missing). The one rule for prepare and for items encoded later
+    (``recsys.catalogue``)."""
+    return pl.Series(col.name, col.cast(pl.String)).str.strip_chars()
+
+
+def clean_lists(col: pl.Series) -> pl.Series:
+    """A multi-valued feature's raw lists as they are looked up in its vocabulary: each value stripped, empty ones
+    dropped, a value repeated within one row kept once (at its first place). The one rule for prepare and for items
+    encoded later (``recsys.catalogue``)."""
+    vals = col.cast(pl.List(pl.String)).list.eval(pl.element().str.strip_chars().filter(pl.element() != ""))
+    return vals.list.unique(maintain_order=True)  # a value repeated within one row counts once
+
+
 def _value_codes(present: pl.Series, name: str) -> pl.DataFrame:
     """A feature's vocabulary from its present values (one per row, or per row and value): value, code >= 1, codes
     by frequency, ties by value."""
@@ -135,8 +157,7 @@ def _value_codes(present: pl.Series, name: str) -> pl.DataFrame:
 def _encode_multi(col: pl.Series, name: str, max_values: int) -> tuple[pl.DataFrame, pl.Series]:
     """A multi-valued column (lists of strings) -> (its vocabulary: value, code >= 1 by frequency then value; the
     rows' codes: sorted distinct codes, at most ``max_values``, so the most frequent values are kept)."""
-    vals = col.cast(pl.List(pl.String)).list.eval(pl.element().str.strip_chars().filter(pl.element() != ""))
-    vals = vals.list.unique(maintain_order=True)  # a value repeated within one row counts once
+    vals = clean_lists(col)
     table = _value_codes(vals.explode().drop_nulls(), name)
     mapping = dict(zip(table["value"].to_list(), table["code"].to_list(), strict=True))
     coded = vals.list.eval(pl.element().replace_strict(mapping, return_dtype=pl.Int32)).list.sort()
@@ -162,9 +183,7 @@ def encode_features(vocab_ids: pl.Series, meta: pl.DataFrame | None, *, id_col: 
     if meta is None:
         return pl.DataFrame(), _empty_feature_vocab(), cards
     if features is None:
-        features = [c for c in meta.columns if c != id_col and c not in exclude and (
-            meta.schema[c] in (pl.String, pl.Boolean, pl.List(pl.String)) or meta.schema[c].is_integer()
-            or isinstance(meta.schema[c], (pl.Categorical, pl.Enum)))]
+        features = [c for c in meta.columns if c != id_col and c not in exclude and is_categorical(meta.schema[c])]
         skipped = [c for c in meta.columns if c != id_col and c not in exclude and c not in features]
         if skipped:
             log.info("%s features: not encoding non-categorical column(s) %s of %s", entity, skipped, path)
@@ -178,7 +197,7 @@ def encode_features(vocab_ids: pl.Series, meta: pl.DataFrame | None, *, id_col: 
         if isinstance(joined.schema[name], pl.List):
             table, coded = _encode_multi(joined[name], name, max_values)
         else:
-            val = pl.Series(name, joined[name].cast(pl.String)).str.strip_chars()
+            val = clean_values(joined[name])
             table = _value_codes(val.filter(val.is_not_null() & (val != "")), name)
             coded = pl.DataFrame({"value": val}).join(table, on="value", how="left", maintain_order="left")["code"]
             coded = coded.fill_null(0).cast(pl.Int32)

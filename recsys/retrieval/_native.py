@@ -120,3 +120,70 @@ class NativeSearch:
             ids_e, sc_e = self._exact().search_rows(q, rows, k, ex)
             ids_out[rows], scores[rows] = ids_e, sc_e
         return ids_out, scores
+
+    def _native_allowed(
+        self, q: np.ndarray, k: int, excl: list[np.ndarray | None] | None, incl: list[np.ndarray | None] | None,
+        idmap: IdMap, words: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The native path with an allowed set (``words``, checked; the read lock held): include-lists scored
+        exactly, then either the exact scan of the allowed ids (:meth:`allow_plan`) or one ``knn`` call whose
+        filter is allowed AND not excluded, at width :meth:`allow_width`; short rows and huge exclusions are
+        scanned exactly."""
+        n = q.shape[0]
+        size = idmap.ids.shape[0]
+        out_ids = np.full((n, k), -1, dtype=np.int64)
+        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+        if not n or not size:
+            return out_ids, out_scores
+        ex: list[np.ndarray | None] = [None] * n
+        if excl is not None:
+            for i, e in enumerate(excl):
+                if e is not None and e.size:
+                    ex[i] = np.unique(idmap.present(e))
+        scan = self.allow_plan(words) == "exact"
+        graph_rows: list[int] = []
+        exact_rows: list[int] = []
+        for i in range(n):
+            if incl is not None and incl[i] is not None:
+                out_ids[i], out_scores[i] = self._score_include(q[i], k, idmap.members(incl[i]), ex[i], words)
+            elif scan or (ex[i] is not None and ex[i].size > self.exact_fallback_fraction * size):
+                exact_rows.append(i)
+            else:
+                graph_rows.append(i)
+        if graph_rows:
+            rows = np.array(graph_rows, dtype=np.int64)
+            labels = offsets = None
+            lens = np.array([0 if ex[i] is None else ex[i].size for i in graph_rows], dtype=np.int64)
+            if lens.any():
+                labels = np.concatenate([ex[i] for i in graph_rows if ex[i] is not None])
+                offsets = np.zeros(rows.size + 1, dtype=np.int64)
+                np.cumsum(lens, out=offsets[1:])
+            sub = q if rows.size == n else np.ascontiguousarray(q[rows])
+            lab, dist = self._index.knn(sub, k, self._ef, labels, offsets, self.num_threads, -1,
+                                        self.allow_width(words), words, -1, self.allow_budget(words))
+            out_ids[rows], out_scores[rows] = lab, 1.0 - dist
+            # short: fewer than k allowed ones exist, or the walk missed some -> the exact scan settles it
+            exact_rows.extend(rows[lab[:, k - 1] < 0].tolist())
+        if exact_rows:
+            rows = np.array(sorted(exact_rows), dtype=np.int64)
+            out_ids[rows], out_scores[rows] = self._scan_allowed(q, rows, k, ex, words, idmap)
+        return out_ids, out_scores
+
+    def _scan_allowed(
+        self, q: np.ndarray, rows: np.ndarray, k: int, ex: list[np.ndarray | None], words: np.ndarray, idmap: IdMap,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact answers for ``q[rows]`` over the allowed ids: the extension's ``scan_allowed`` (reads the bitset's
+        words directly; ~6-10x the numpy gather + matmul at 0.3-1% of 1M items, benchmarks/index_bench.py) when
+        ids are row positions (the bundle's items), else :meth:`ExactIndex.search_rows`."""
+        exact = self._exact()
+        if not idmap.identity:
+            return exact.search_rows(q, rows, k, ex, words)
+        labels = offsets = None
+        lens = np.array([0 if ex[i] is None else ex[i].size for i in rows], dtype=np.int64)
+        if lens.any():
+            labels = np.concatenate([ex[i] for i in rows if ex[i] is not None])
+            offsets = np.zeros(rows.size + 1, dtype=np.int64)
+            np.cumsum(lens, out=offsets[1:])
+        sub = q if rows.size == q.shape[0] else np.ascontiguousarray(q[rows])
+        lab, dist = self._native.scan_allowed(exact.vectors, sub, k, words, -1, labels, offsets, self.num_threads)
+        return lab, 1.0 - dist

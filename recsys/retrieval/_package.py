@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from recsys.retrieval import bitset
 from recsys.retrieval._arrays import IdMap, in_sorted
 
 
@@ -38,9 +39,10 @@ class PackageSearch:
         threads = 1 if q.shape[0] == 1 else self.num_threads
         return self._index.knn_query(q, k=kf, num_threads=threads)
 
-    def _next_fetch(self, keep: np.ndarray | None, k: int, kf: int, ex: np.ndarray | None) -> int:
-        """After fetching ``kf`` results (``keep [kf]``: not excluded), 0 = done, -1 = scan exactly, else the next
-        fetch size.
+    def _next_fetch(self, keep: np.ndarray | None, k: int, kf: int, n_ex: int) -> int:
+        """After fetching ``kf`` results (``keep [kf]``: not excluded, and allowed), 0 = done, -1 = scan exactly,
+        else the next fetch size. ``n_ex``: how many ids of the index cannot be returned (excluded, or not
+        allowed), which bounds the fetch.
 
         Quality, not only count: hnswlib's top-``kf`` list is accurate near its head and looser near its tail, and
         ``ef`` was tuned for the top ``k``. If the k-th kept result sits at position ``p``, the list must come from
@@ -54,7 +56,6 @@ class PackageSearch:
         if got >= k and self.overfetch == "full":
             return 0
         width = max(self._ef, k) / k  # candidates explored per wanted result at the tuned ef
-        n_ex = 0 if ex is None else int(ex.size)
         cap = math.ceil((k + n_ex) * width)  # wide enough for the worst case: all excluded ids ranked first
         if got >= k:
             p = int(np.flatnonzero(keep)[k - 1]) + 1
@@ -70,8 +71,13 @@ class PackageSearch:
 
     def _search_general(
         self, q: np.ndarray, k: int, excl: list[np.ndarray | None] | None,
-        incl: list[np.ndarray | None] | None, idmap: IdMap,
+        incl: list[np.ndarray | None] | None, idmap: IdMap, words: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Everything but the plain query. ``words``: the allowed set (checked) or None. An allowed set at or below
+        the exact-scan switch (:meth:`HnswIndex.allow_plan`) is scanned exactly; above it the rows are post-filtered
+        (allowed AND not excluded) from a fetch of about ``ef / selectivity`` results -- the depth where the k-th
+        allowed one is expected, at the width the tuned recall needs there -- refetched wider by the same rule as
+        exclusions, and scanned exactly past ``exact_fallback_fraction`` of the catalogue."""
         n = q.shape[0]
         size = idmap.ids.shape[0]
         out_ids = np.full((n, k), -1, dtype=np.int64)
@@ -87,11 +93,24 @@ class PackageSearch:
                     ex[i] = np.sort(idmap.present(e))
         exact_rows: list[int] = []
         fetch: dict[int, list[int]] = {}  # fetch size -> rows
+        allowed = 0 if words is None else min(size, bitset.count(words))
+        scan_allowed = words is not None and self.allow_plan(words) == "exact"
         for i in range(n):
             if incl is not None and incl[i] is not None:
-                out_ids[i], out_scores[i] = self._score_include(q[i], k, idmap.members(incl[i]), ex[i])
+                out_ids[i], out_scores[i] = self._score_include(q[i], k, idmap.members(incl[i]), ex[i], words)
                 continue
             n_ex = 0 if ex[i] is None else int(ex[i].size)
+            if words is not None:
+                if scan_allowed or n_ex > self.exact_fallback_fraction * size:
+                    exact_rows.append(i)
+                else:
+                    depth = math.ceil(k * size / max(allowed, 1))  # where the k-th allowed result should sit
+                    kf = _round_up_fetch(max(search_width(depth, k, self._ef), k))
+                    if kf >= size or kf > self.exact_fallback_fraction * size:
+                        exact_rows.append(i)
+                    else:
+                        fetch.setdefault(kf, []).append(i)
+                continue
             bound = k + n_ex  # fetching this many always leaves k after removing the excluded
             if bound >= size or n_ex > self.exact_fallback_fraction * size:
                 exact_rows.append(i)  # most of the catalogue excluded, or k ~ catalogue: the scan is cheaper
@@ -115,10 +134,16 @@ class PackageSearch:
             for j, i in enumerate(rows):
                 lab, sc = labels[j], scores[j]
                 keep = None
+                n_ex = 0 if ex[i] is None else int(ex[i].size)
                 if ex[i] is not None:
                     keep = ~in_sorted(lab, ex[i])
+                if words is not None:
+                    ok = bitset.contains(words, lab)
+                    keep = ok if keep is None else keep & ok
+                    n_ex += size - allowed
+                if keep is not None:
                     lab, sc = lab[keep], sc[keep]
-                nxt = self._next_fetch(keep if ex[i] is not None else None, k, kf, ex[i])
+                nxt = self._next_fetch(keep, k, kf, n_ex)
                 if nxt == 0:
                     out_ids[i], out_scores[i] = lab[:k], sc[:k]
                 elif nxt < 0 or nxt >= size or nxt > self.exact_fallback_fraction * size:
@@ -127,6 +152,6 @@ class PackageSearch:
                     fetch.setdefault(nxt, []).append(int(i))
         if exact_rows:
             rows = np.array(sorted(exact_rows), dtype=np.int64)
-            ids_e, sc_e = self._exact().search_rows(q, rows, k, ex if excl is not None else None)
+            ids_e, sc_e = self._exact().search_rows(q, rows, k, ex if excl is not None else None, words)
             out_ids[rows], out_scores[rows] = ids_e, sc_e
         return out_ids, out_scores

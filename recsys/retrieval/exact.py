@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.core.io import atomic_write_bytes
+from recsys.retrieval import bitset
 from recsys.retrieval._arrays import (
     IdMap,
     as_ids,
@@ -76,11 +77,14 @@ class ExactIndex:
         *,
         exclude: Sequence[np.ndarray | None] | None = None,
         include: Sequence[np.ndarray | None] | None = None,
+        allow: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` of ``queries [n, dim]`` -> ``(ids [n, k] int64, scores [n, k] float32)``, best first.
 
         ``exclude[i]`` / ``include[i]``: ids never / only returned for query ``i`` (None = no constraint; ids
-        not in the index are ignored). Rows with fewer than ``k`` candidates are padded with -1 / -inf.
+        not in the index are ignored). ``allow``: the ids every query of the call may return, a packed bitset
+        (:mod:`recsys.retrieval.bitset`; None = all). Rows with fewer than ``k`` candidates are padded with -1 /
+        -inf. With ``allow`` only the allowed rows are gathered and scored (cost ~ allowed count, not size).
         """
         k = check_k(k)
         vecs, idmap = self._state
@@ -88,6 +92,7 @@ class ExactIndex:
         n = q.shape[0]
         excl = per_query(exclude, n, name="exclude")
         incl = per_query(include, n, name="include")
+        words = None if allow is None else bitset.check(allow)
         out_ids = np.full((n, k), -1, dtype=np.int64)
         out_scores = np.full((n, k), -np.inf, dtype=np.float32)
         rows = np.arange(n)
@@ -95,30 +100,43 @@ class ExactIndex:
             inc_rows = [i for i in range(n) if incl[i] is not None]
             for i in inc_rows:
                 self._search_include(q[i], k, vecs, idmap, incl[i], excl[i] if excl else None, out_ids[i],
-                                     out_scores[i])
+                                     out_scores[i], words)
             rows = np.array([i for i in range(n) if incl[i] is None], dtype=np.int64)
-        self._search_full(q, rows, k, vecs, idmap, excl, out_ids, out_scores)
+        self._search_full(q, rows, k, vecs, idmap, excl, out_ids, out_scores, words)
         return out_ids, out_scores
 
     def search_rows(
-        self, queries: np.ndarray, rows: np.ndarray, k: int, excl: list[np.ndarray | None] | None
+        self, queries: np.ndarray, rows: np.ndarray, k: int, excl: list[np.ndarray | None] | None,
+        allow: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Internal fallback for ``HnswIndex``: exact answers for ``queries[rows]`` (already validated)."""
+        """Internal fallback for ``HnswIndex``: exact answers for ``queries[rows]`` (already validated; ``allow``
+        a checked bitset or None)."""
         vecs, idmap = self._state
         out_ids = np.full((len(rows), k), -1, dtype=np.int64)
         out_scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
         sub_excl = [excl[i] for i in rows] if excl is not None else None
-        self._search_full(queries[rows], np.arange(len(rows)), k, vecs, idmap, sub_excl, out_ids, out_scores)
+        self._search_full(queries[rows], np.arange(len(rows)), k, vecs, idmap, sub_excl, out_ids, out_scores,
+                          allow)
         return out_ids, out_scores
+
+    @staticmethod
+    def allowed_positions(idmap: IdMap, words: np.ndarray) -> np.ndarray:
+        """Sorted row positions of the allowed ids present in the index."""
+        if idmap.identity:
+            ids = bitset.ids(words)
+            return ids[: np.searchsorted(ids, idmap.ids.shape[0])]
+        return np.flatnonzero(bitset.contains(words, idmap.ids))
 
     @staticmethod
     def _search_include(
         q: np.ndarray, k: int, vecs: np.ndarray, idmap: IdMap, inc: np.ndarray,
-        exc: np.ndarray | None, out_ids: np.ndarray, out_scores: np.ndarray,
+        exc: np.ndarray | None, out_ids: np.ndarray, out_scores: np.ndarray, words: np.ndarray | None = None,
     ) -> None:
         pos = idmap.positions(inc)
         if exc is not None and exc.size:
             pos = pos[~np.isin(pos, idmap.positions(exc))]
+        if words is not None:
+            pos = pos[bitset.contains(words, idmap.ids[pos])]
         pos = np.sort(pos)
         s = vecs[pos] @ q  # [m]
         top_pos, top = topk_rows(s[None, :], k)
@@ -130,9 +148,14 @@ class ExactIndex:
     def _search_full(
         q: np.ndarray, rows: np.ndarray, k: int, vecs: np.ndarray, idmap: IdMap,
         excl: list[np.ndarray | None] | None, out_ids: np.ndarray, out_scores: np.ndarray,
+        words: np.ndarray | None = None,
     ) -> None:
         size = vecs.shape[0]
         if rows.size == 0 or size == 0:
+            return
+        if words is not None:
+            ExactIndex._search_allowed(q, rows, k, vecs, idmap, excl, out_ids, out_scores,
+                                       ExactIndex.allowed_positions(idmap, words))
             return
         block = max(1, EXACT_BLOCK_FLOATS // size)
         for start in range(0, rows.size, block):
@@ -144,6 +167,30 @@ class ExactIndex:
                         s[j, idmap.present_positions(excl[i])] = -np.inf
             pos, top = topk_rows(s, k)
             out_ids[r] = np.where(pos >= 0, idmap.ids[np.maximum(pos, 0)], -1)
+            out_scores[r] = top
+
+    @staticmethod
+    def _search_allowed(
+        q: np.ndarray, rows: np.ndarray, k: int, vecs: np.ndarray, idmap: IdMap,
+        excl: list[np.ndarray | None] | None, out_ids: np.ndarray, out_scores: np.ndarray, pos: np.ndarray,
+    ) -> None:
+        """:meth:`_search_full` over the allowed rows ``pos`` (sorted positions) only: gather, then score."""
+        m = pos.shape[0]
+        if m == 0:
+            return
+        sub = vecs[pos]  # [m, dim]
+        block = max(1, EXACT_BLOCK_FLOATS // m)
+        for start in range(0, rows.size, block):
+            r = rows[start:start + block]
+            s = q[r] @ sub.T  # [b, m]
+            if excl is not None:
+                for j, i in enumerate(r):
+                    if excl[i] is not None and excl[i].size:
+                        ex = idmap.present_positions(excl[i])
+                        at = np.minimum(np.searchsorted(pos, ex), m - 1)
+                        s[j, at[pos[at] == ex]] = -np.inf
+            top_pos, top = topk_rows(s, k)  # positions in sub: the same order (and ties) as in the full scan
+            out_ids[r] = np.where(top_pos >= 0, idmap.ids[pos[np.maximum(top_pos, 0)]], -1)
             out_scores[r] = top
 
     def save(self, path: str | Path) -> None:

@@ -391,6 +391,16 @@ class RecommenderAdminStub:
                 request_serializer=recsys_dot_v1_dot_recommender__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=recsys_dot_v1_dot_recommender__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.UpsertItems = channel.unary_unary(
+                '/recsys.v1.RecommenderAdmin/UpsertItems',
+                request_serializer=recsys_dot_v1_dot_recommender__pb2.UpsertItemsRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_recommender__pb2.UpsertItemsResponse.FromString,
+                _registered_method=True)
+        self.RetireItems = channel.unary_unary(
+                '/recsys.v1.RecommenderAdmin/RetireItems',
+                request_serializer=recsys_dot_v1_dot_recommender__pb2.RetireItemsRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_recommender__pb2.RetireItemsResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderAdminServicer:
@@ -414,6 +424,26 @@ class RecommenderAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpsertItems(self, request, context):
+        """Add items to the serving catalogue, or update existing ones, without a retrain: each item's attribute values
+        are encoded with the serving bundle's feature vocabularies and embedded by its item tower from the features
+        (and the title, when the model reads titles) alone. Written to the models directory's catalogue delta of the
+        serving version first (so a restart, another replica and a reload of the same version see it), then applied;
+        from the answer on, every RPC of this server sees the change. Idempotent by `change_id`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireItems(self, request, context):
+        """Withdraw items: from the answer on they are never returned by Recommend, BatchRecommend or SimilarItems (they
+        are still accepted as history / fresh events, SimilarItems' query item and in exclusion lists). An upsert of
+        the same ID restores the item. Persisted like UpsertItems; idempotent by `change_id`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -426,6 +456,16 @@ def add_RecommenderAdminServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=recsys_dot_v1_dot_recommender__pb2.ListModelsRequest.FromString,
                     response_serializer=recsys_dot_v1_dot_recommender__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UpsertItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertItems,
+                    request_deserializer=recsys_dot_v1_dot_recommender__pb2.UpsertItemsRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_recommender__pb2.UpsertItemsResponse.SerializeToString,
+            ),
+            'RetireItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireItems,
+                    request_deserializer=recsys_dot_v1_dot_recommender__pb2.RetireItemsRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_recommender__pb2.RetireItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +525,60 @@ class RecommenderAdmin:
             '/recsys.v1.RecommenderAdmin/ListModels',
             recsys_dot_v1_dot_recommender__pb2.ListModelsRequest.SerializeToString,
             recsys_dot_v1_dot_recommender__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.RecommenderAdmin/UpsertItems',
+            recsys_dot_v1_dot_recommender__pb2.UpsertItemsRequest.SerializeToString,
+            recsys_dot_v1_dot_recommender__pb2.UpsertItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.RecommenderAdmin/RetireItems',
+            recsys_dot_v1_dot_recommender__pb2.RetireItemsRequest.SerializeToString,
+            recsys_dot_v1_dot_recommender__pb2.RetireItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1 @@
+"""The live catalogue: items added between retrains (issue #18)."""
