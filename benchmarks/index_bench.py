@@ -41,6 +41,16 @@ and the cost of excluding 500 seen items, single queries, paired with a plain qu
 * ``filter_bitset_*`` / ``filter_sorted_*``: the two filter representations of the extension, raw calls.
 
 Prints a table and writes ``benchmarks/results/index_bench.json``.
+
+Filtered search (``--filtered``: this section only; the default run adds it for dim 64): an allowed set
+(``allow=``, a packed bitset shared by the call, :mod:`recsys.retrieval.bitset`) keeping 30%, 10%, 3%, 1% and 0.1%
+of the catalogue, drawn two ways: ``random`` items, and ``clusters`` -- whole fine clusters of the synthetic logs
+picked at random (an attribute filter such as a genre: allowed items sit together, often far from the query).
+On the typical held-out users at the auto-tuned ef: which path answers (``HnswIndex.allow_plan``: ``exact`` scan
+of the allowed ids or the filtered ``graph`` walk), Recall@10 against the exact filtered search, and single-query
+p50/p99 of the filtered call paired with a plain call on the same user (same run, random order) and their ratio.
+Prints a table and writes ``benchmarks/results/index_filter.json``. ``--cache DIR`` keeps the generated
+embeddings and the built index between runs (the 1M case takes ~10 minutes to make on 2 cores).
 """
 
 from __future__ import annotations
@@ -194,6 +204,24 @@ def trained_like(n_items: int, dim: int, *, n_queries: int = 1000, seed: int = 0
     heavy, seen = heavy_users()
     heavy_tune, seen_tune = heavy_users()  # drawn last: the sets above are those of earlier runs
     return items, tune, test, heavy, seen, heavy_tune, seen_tune
+
+
+def cached_trained_like(n: int, dim: int, seed: int, cache: str | None):
+    """:func:`trained_like`, kept under ``cache`` (``.npz``, no pickle) when given."""
+    if not cache:
+        return trained_like(n, dim, seed=seed)
+    path = Path(cache) / f"trained_like_{n}_{dim}_{seed}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            seen = list(z["seen"])
+            seen_tune = list(z["seen_tune"])
+            return z["items"], z["tune"], z["test"], z["heavy"], seen, z["heavy_tune"], seen_tune
+    out = trained_like(n, dim, seed=seed)
+    items, tune, test, heavy, seen, heavy_tune, seen_tune = out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, items=items, tune=tune, test=test, heavy=heavy, seen=np.stack(seen), heavy_tune=heavy_tune,
+             seen_tune=np.stack(seen_tune))
+    return out
 
 
 def pd_unique(a: np.ndarray) -> np.ndarray:
@@ -389,6 +417,90 @@ def bench_one(items, tune, test, heavy, seen, heavy_tune, seen_tune, *, threads:
     return row
 
 
+SELECTIVITIES = (0.3, 0.1, 0.03, 0.01, 0.001)
+
+
+def allowed_set(kind: str, selectivity: float, n: int, cluster: np.ndarray | None, rng: np.random.Generator):
+    """An allowed set over ``n`` items -> words: ``random`` items, or whole ``clusters`` (``cluster [n]``: each
+    item's fine cluster) picked at random until they hold ``selectivity * n`` items."""
+    from recsys.retrieval import bitset
+
+    if kind == "random":
+        return bitset.from_ids(rng.choice(n, max(1, round(selectivity * n)), replace=False), n)
+    assert cluster is not None
+    order = rng.permutation(int(cluster.max()) + 1)
+    sizes = np.bincount(cluster, minlength=order.shape[0])[order]
+    take = order[: int(np.searchsorted(np.cumsum(sizes), selectivity * n)) + 1]
+    return bitset.from_mask(np.isin(cluster, take))
+
+
+def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_construction: int, efs, target: float,
+                   index_path: Path | None = None, seed: int = 0) -> dict:
+    """The filtered-search section (see the module docstring) -> one result row."""
+    from recsys.retrieval import bitset
+
+    n, dim = items.shape
+    row: dict = {"n_items": n, "dim": dim, "M": M, "ef_construction": ef_construction}
+    t0 = time.perf_counter()
+    if index_path is not None and index_path.exists():
+        hnsw = HnswIndex.load(index_path, dim=dim, metric="cosine", size=n, ef=64, num_threads=threads)
+    else:
+        hnsw = HnswIndex(items, M=M, ef_construction=ef_construction, ef=64, num_threads=threads)
+        if index_path is not None:
+            hnsw.save(index_path)
+    row["build_or_load_s"] = round(time.perf_counter() - t0, 1)
+    row["native_filter"] = hnsw.native_filter
+    exact = ExactIndex(items)
+    ef, _ = autotune_ef(hnsw, exact, tune, k=K, target_recall=target, efs=efs, latency_queries=50)
+    row["autotune_ef"] = ef
+    row["exact_scan_limit"] = round(hnsw.filter_exact_scale * n**0.5)
+    hnsw._exact()  # the exact scan's vectors, built on first need: not part of a query's latency
+    qs = test[:300]
+    rng = np.random.default_rng(seed)
+    cases = []
+    with blas_threads(1):
+        for kind in ("random", "clusters") if cluster is not None else ("random",):
+            for sel in SELECTIVITIES:
+                allow = allowed_set(kind, sel, n, cluster, rng)
+                truth, _ = exact.search(qs, K, allow=allow)
+                got = np.stack([hnsw.search(qs[r:r + 1], K, allow=allow)[0][0] for r in range(qs.shape[0])])
+                plain, filt = [], []
+                for _ in range(2):
+                    for r in range(qs.shape[0]):
+                        q = qs[r:r + 1]
+                        for which in rng.permutation(2):
+                            t1 = time.perf_counter()
+                            if which:
+                                hnsw.search(q, K, allow=allow)
+                            else:
+                                hnsw.search(q, K)
+                            (filt if which else plain).append(time.perf_counter() - t1)
+                plain_a, filt_a = np.array(plain), np.array(filt)
+                case = {"kind": kind, "selectivity": sel, "allowed": bitset.count(allow),
+                        "path": hnsw.allow_plan(allow), "width": hnsw.allow_width(allow),
+                        "recall@10": round(recall_vs_exact(got, truth), 4), "exactly_k": bool((got >= 0).all()),
+                        "p50_ms": ms(filt_a, 50), "p99_ms": ms(filt_a, 99),
+                        "plain_p50_ms": ms(plain_a, 50), "plain_p99_ms": ms(plain_a, 99)}
+                case["p50_ratio"] = round(case["p50_ms"] / case["plain_p50_ms"], 2)
+                case["p99_ratio"] = round(case["p99_ms"] / case["plain_p99_ms"], 2)
+                cases.append(case)
+                print(f"[{n} x {dim}] filtered {kind} {sel}: {case['path']} R@10={case['recall@10']} "
+                      f"p99 x{case['p99_ratio']}", file=sys.stderr, flush=True)
+    row["cases"] = cases
+    return row
+
+
+def print_filter_table(rows: list[dict]) -> None:
+    print("\nfiltered search (allow=): single queries, k=10, paired with a plain query on the same user")
+    print(f"{'items':>8} {'kind':>8} {'keep':>6} {'allowed':>8} {'path':>6} {'R@10':>6} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'plain p50':>9} {'plain p99':>9} {'p50 x':>6} {'p99 x':>6}")
+    for r in rows:
+        for c in r["cases"]:
+            print(f"{r['n_items']:>8} {c['kind']:>8} {c['selectivity']:>6.1%} {c['allowed']:>8} {c['path']:>6} "
+                  f"{c['recall@10']:>6.3f} {c['p50_ms']:>7.3f} {c['p99_ms']:>7.3f} {c['plain_p50_ms']:>9.3f} "
+                  f"{c['plain_p99_ms']:>9.3f} {c['p50_ratio']:>6} {c['p99_ratio']:>6}")
+
+
 COLUMNS = [("n_items", "items"), ("dim", "dim"), ("build_s", "build s"), ("index_mb", "MB"),
            ("autotune_ef", "ef*"), ("recall@10", "R@10"), ("single_p50_ms", "p50 ms"), ("single_p99_ms", "p99 ms"),
            ("batch_qps", "batch q/s"), ("ef_filtered", "ef_f*"), ("excl_p50_ms", "excl p50"),
@@ -442,21 +554,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "index_bench.json"))
     p.add_argument("--append", action="store_true", help="merge rows into an existing --out (e.g. the 1M run)")
+    p.add_argument("--filtered", action="store_true", help="only the filtered-search section (dim 64 by default)")
+    p.add_argument("--filter-out", default=str(Path(__file__).parent / "results" / "index_filter.json"))
+    p.add_argument("--cache", help="directory keeping generated embeddings and built indexes between runs")
     args = p.parse_args(argv)
+    if args.filtered and args.dims == [64, 128]:
+        args.dims = [64]
 
     rows = []
+    filter_rows = []
     cases = [(None, None)] if args.embeddings else [(n, d) for n in args.sizes for d in args.dims]
     for n, d in cases:
         t0 = time.perf_counter()
+        cluster = None
         if args.embeddings:
             items, tune, test, heavy, seen, heavy_tune, seen_tune = from_files(args.embeddings, args.queries,
                                                                                seed=args.seed)
             source = f"file:{args.embeddings}"
         else:
-            items, tune, test, heavy, seen, heavy_tune, seen_tune = trained_like(n, d, seed=args.seed)
+            items, tune, test, heavy, seen, heavy_tune, seen_tune = cached_trained_like(n, d, args.seed, args.cache)
+            cluster = SyntheticLogs(n, seed=args.seed).item_cluster  # the same draw trained_like starts with
             source = "trained-like (synthetic clustered power-law logs + randomised SVD)"
         gen_s = time.perf_counter() - t0
         print(f"[{items.shape[0]} x {items.shape[1]}] embeddings ready in {gen_s:.1f}s", file=sys.stderr, flush=True)
+        if args.filtered or items.shape[1] == 64:
+            index_path = (Path(args.cache) / f"index_{n}_{d}_{args.seed}_{args.M}_{args.ef_construction}.hnsw"
+                          if args.cache and n else None)
+            frow = bench_filtered(items, tune, test, cluster, threads=args.threads, M=args.M,
+                                  ef_construction=args.ef_construction, efs=args.efs, target=args.target_recall,
+                                  index_path=index_path, seed=args.seed)
+            frow["source"] = source
+            filter_rows.append(frow)
+        if args.filtered:
+            continue
         row = bench_one(items, tune, test, heavy, seen, heavy_tune, seen_tune, threads=args.threads, M=args.M,
                         ef_construction=args.ef_construction, efs=args.efs, target=args.target_recall)
         row["source"] = source
@@ -466,8 +596,6 @@ def main(argv: list[str] | None = None) -> int:
               f"R@10={row['recall@10']} p50={row['single_p50_ms']}ms", file=sys.stderr, flush=True)
         del items, tune, test, heavy, seen, heavy_tune, seen_tune
 
-    print_table(rows)
-    out = Path(args.out)
     env = {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
            "machine": platform.machine(), "note": "shared 2-core machine; latencies are noisy, medians quoted",
            "native_filter": native_available()}
@@ -477,6 +605,21 @@ def main(argv: list[str] | None = None) -> int:
         env["hnswlib"] = version("hnswlib")
     except Exception:  # metadata missing: not worth failing the run
         pass
+    if filter_rows:
+        print_filter_table(filter_rows)
+        fout = Path(args.filter_out)
+        frows = filter_rows
+        if args.append and fout.exists():
+            done = {(r["n_items"], r["dim"]) for r in filter_rows}
+            frows = [r for r in json.loads(fout.read_text()).get("rows", []) if (r["n_items"], r["dim"]) not in done]
+            frows += filter_rows
+        atomic_write_json(fout, {"k": K, "selectivities": list(SELECTIVITIES), "target_recall": args.target_recall,
+                                 "env": env, "rows": frows})
+        print(f"\nwrote {fout}")
+    if args.filtered:
+        return 0
+    print_table(rows)
+    out = Path(args.out)
     result = {"k": K, "n_seen_excluded": N_SEEN, "target_recall": args.target_recall, "env": env, "rows": rows}
     if args.append and out.exists():
         old = json.loads(out.read_text())

@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from recsys.catalogue.filters import ItemFilter, parse_filter
 from recsys.v1 import recommender_pb2 as pb
 from recsys.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -295,15 +296,18 @@ class RecommenderClient:
         exclude: Sequence[str] = (),
         allowed: Sequence[str] = (),
         allow_fallback: bool = False,
+        filter: Sequence[str] | ItemFilter | None = None,  # noqa: A002 - the proto's name
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> Recommendation:
         """Top-``k`` items for a known ``user_id`` (with ``history``: its fresh events since the model was built,
         oldest first, which move its embedding and are excluded unless ``include_seen``), or for a new user from
-        ``history`` (item IDs, oldest first)."""
+        ``history`` (item IDs, oldest first). ``filter``: conditions on item attributes, all of which must hold,
+        as terms (``["category=books,music", "year>=1990", "kind!=ebook"]``, the syntax of ``recsys evaluate
+        --filter``) or an :class:`~recsys.catalogue.filters.ItemFilter`."""
         req = pb.RecommendRequest(
             user_id=user_id, history_item_ids=history, k=k, include_seen=include_seen, exclude_item_ids=exclude,
-            allowed_item_ids=allowed, allow_fallback=allow_fallback,
+            allowed_item_ids=allowed, allow_fallback=allow_fallback, filter=filter_message(filter),
         )
         resp = self._call(self._stub.Recommend, req, timeout=timeout, request_id=request_id)
         return self._rec(
@@ -321,6 +325,7 @@ class RecommenderClient:
         allowed: Sequence[str] = (),
         allow_fallback: bool = False,
         histories: Mapping[str, Sequence[str]] | None = None,
+        filter: Sequence[str] | ItemFilter | None = None,  # noqa: A002 - the proto's name
         timeout: float | None = None,
     ) -> list[Recommendation]:
         """One :class:`Recommendation` per user, in order; unknown users without a usable history have
@@ -328,7 +333,7 @@ class RecommenderClient:
         (a known user's fresh events, a new user's history; the semantics of :meth:`recommend`'s ``history``)."""
         req = pb.BatchRecommendRequest(
             user_ids=user_ids, k=k, include_seen=include_seen, exclude_item_ids=exclude, allowed_item_ids=allowed,
-            allow_fallback=allow_fallback,
+            allow_fallback=allow_fallback, filter=filter_message(filter),
             history_item_ids={u: pb.ItemIdList(item_ids=h) for u, h in (histories or {}).items()},
         )
         resp = self._call(self._stub.BatchRecommend, req, timeout=timeout)
@@ -345,10 +350,12 @@ class RecommenderClient:
         k: int = 10,
         exclude: Sequence[str] = (),
         allowed: Sequence[str] = (),
+        filter: Sequence[str] | ItemFilter | None = None,  # noqa: A002 - the proto's name
         timeout: float | None = None,
     ) -> Recommendation:
-        """The ``k`` items most similar to ``item_id`` (never the item itself)."""
-        req = pb.SimilarItemsRequest(item_id=item_id, k=k, exclude_item_ids=exclude, allowed_item_ids=allowed)
+        """The ``k`` items most similar to ``item_id`` (never the item itself); ``filter`` as in :meth:`recommend`."""
+        req = pb.SimilarItemsRequest(item_id=item_id, k=k, exclude_item_ids=exclude, allowed_item_ids=allowed,
+                                     filter=filter_message(filter))
         resp = self._call(self._stub.SimilarItems, req, timeout=timeout)
         return Recommendation(
             item_ids=[it.item_id for it in resp.items], scores=[it.score for it in resp.items],
@@ -388,13 +395,15 @@ class RecommenderClient:
 
     def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Version, created_at, dim, metric, n_users, n_items, evaluation (flat dict), loaded_at, items_in_logs,
-        trained_interactions, trained_until."""
+        trained_interactions, trained_until, and the live catalogue: catalogue_size, upserted_items, retired_items,
+        catalogue_seq, attributes."""
         m = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout=timeout)
         return {
             "version": m.version, "created_at": m.created_at, "dim": m.dim, "metric": m.metric,
             "n_users": m.n_users, "n_items": m.n_items, "evaluation": dict(m.evaluation), "loaded_at": m.loaded_at,
             "items_in_logs": m.items_in_logs, "trained_interactions": m.trained_interactions,
-            "trained_until": m.trained_until,
+            "trained_until": m.trained_until, "catalogue_size": m.catalogue_size, "upserted_items": m.upserted_items,
+            "retired_items": m.retired_items, "catalogue_seq": m.catalogue_seq, "attributes": list(m.attributes),
         }
 
     # ------------------------------------------------------------------ admin
@@ -403,6 +412,33 @@ class RecommenderClient:
         r = self._call(self._admin.ReloadModel, pb.ReloadModelRequest(version=version or ""), timeout=timeout,
                        admin=True)
         return {"previous_version": r.previous_version, "version": r.version, "changed": r.changed}
+
+    def upsert_items(self, items: Sequence[Mapping[str, Any]], *, change_id: str = "",
+                     timeout: float | None = 60.0) -> dict[str, Any]:
+        """Add or update catalogue items without a retrain; needs ``admin_token``. ``items``: ``{"item_id": ...,
+        <attribute>: value or list of values, "title": ...}`` (the items file's columns). ``change_id`` makes a
+        retry safe (applied once). Returns added, updated, unknown_values [(item, attribute, value)],
+        catalogue_seq, change_id, applied, model_version."""
+        records = []
+        for it in items:
+            attrs = {str(name): pb.StringSet(values=[str(v)] if isinstance(v, (str, int, float)) else
+                                             [str(x) for x in v])
+                     for name, v in it.items() if name not in ("item_id", "title") and v is not None}
+            records.append(pb.ItemRecord(item_id=str(it["item_id"]), attributes=attrs, title=str(it.get("title") or "")))
+        r = self._call(self._admin.UpsertItems, pb.UpsertItemsRequest(items=records, change_id=change_id),
+                       timeout=timeout, admin=True)
+        return {"added": r.added, "updated": r.updated, "catalogue_seq": r.catalogue_seq, "change_id": r.change_id,
+                "applied": r.applied, "model_version": r.model_version,
+                "unknown_values": [(u.item_id, u.attribute, u.value) for u in r.unknown_values]}
+
+    def retire_items(self, item_ids: Sequence[str], *, change_id: str = "",
+                     timeout: float | None = 60.0) -> dict[str, Any]:
+        """Withdraw items from every recommendation (an upsert restores them); needs ``admin_token``. Returns
+        retired, unknown_item_ids, catalogue_seq, change_id, applied, model_version."""
+        r = self._call(self._admin.RetireItems, pb.RetireItemsRequest(item_ids=item_ids, change_id=change_id),
+                       timeout=timeout, admin=True)
+        return {"retired": r.retired, "unknown_item_ids": list(r.unknown_item_ids), "catalogue_seq": r.catalogue_seq,
+                "change_id": r.change_id, "applied": r.applied, "model_version": r.model_version}
 
     def list_models(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """The model versions on the server, newest first; needs ``admin_token``."""
@@ -421,3 +457,26 @@ class RecommenderClient:
         except grpc.RpcError as e:
             raise RecommenderError(e.code(), e.details() or "") from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def filter_message(f: Sequence[str] | ItemFilter | None) -> pb.ItemFilter | None:
+    """A filter as terms (``["genre=Comedy,Drama", "year>=1990"]``) or an ``ItemFilter`` -> the proto message
+    (None for no filter)."""
+    if f is None:
+        return None
+    if not isinstance(f, ItemFilter):
+        if isinstance(f, str):
+            raise TypeError(f"`filter` takes a list of terms, got the string {f!r} (wrap it in a list)")
+        f = parse_filter(f)
+    out = pb.ItemFilter()
+    for c in f.conditions:
+        cond = out.all_of.add(attribute=c.attribute)
+        if c.op == "range":
+            cond.range.SetInParent()
+            if c.low is not None:
+                cond.range.min = c.low
+            if c.high is not None:
+                cond.range.max = c.high
+        else:
+            getattr(cond, c.op).values.extend(c.values)
+    return out

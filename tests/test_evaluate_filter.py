@@ -184,6 +184,8 @@ def test_cli_filter_writes_the_filter_section(setup, tmp_path, capsys):
     assert rep["filter"] == {"terms": ["category=space,cooking", "category!=cooking"], "allowed_items": 16,
                              "users_kept": 40, "users_dropped": 120}
     assert "16 items allowed, 40 users evaluated, 120 dropped" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    assert "`category=space,cooking AND category!=cooking` allows 16 items" in md and "(filtered catalogue" in md
     with pytest.raises(SystemExit) as e:  # bad syntax: argparse names the flag before anything runs
         main(["evaluate", "--bundle", str(models), "--data", str(data), "--report", str(out), "--filter", "category"])
     assert e.value.code == 2 and "--filter: filter 'category': expected NAME=V1,V2" in capsys.readouterr().err

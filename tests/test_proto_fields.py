@@ -285,7 +285,7 @@ def _mutated_descriptor(edit):
 
 
 PROTO_MUTATIONS = {
-    "k renumbered": lambda m: setattr(m["RecommendRequest"]["k"], "number", 8),
+    "k renumbered": lambda m: setattr(m["RecommendRequest"]["k"], "number", 10),
     "k made sint32": lambda m: setattr(m["RecommendRequest"]["k"], "type", FD.TYPE_SINT32),
     "allow_fallback renumbered": lambda m: setattr(m["RecommendRequest"]["allow_fallback"], "number", 9),
     "include_seen made int32": lambda m: setattr(m["RecommendRequest"]["include_seen"], "type", FD.TYPE_INT32),

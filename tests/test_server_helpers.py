@@ -77,6 +77,7 @@ class FakeBundle:
         self.created_at = "2024-01-01T00:00:00+00:00"
         self.manifest = {"version": version}
         self.dim, self.metric, self.n_users, self.n_items = DIM, "cosine", N_USERS, N_ITEMS
+        self.tower_items = N_ITEMS  # every item is in the user tower's table (no live catalogue)
         self.item_ids = np.array([f"i{j}" for j in range(N_ITEMS)])
         self.user_ids = np.array([f"u{j}" for j in range(N_USERS)])
         self.item_embeddings = _unit(rng.normal(size=(N_ITEMS, DIM)))

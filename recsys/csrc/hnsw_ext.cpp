@@ -16,6 +16,10 @@
 // visited-list pool, which is locked); add_items(), resize_index(), load_index() and set_bf16() take it
 // exclusively. Distances are hnswlib's `ip` distance, 1 - dot.
 //
+// A request's allowed set (recsys.retrieval.bitset: uint64 words over labels) is one more filter inside the same
+// walk: knn(..., allow=words) ANDs it with the row's exclusion (AllowFilter), and scan_allowed() is the exact
+// scan of a small allowed set that recsys.retrieval.hnsw.allow_plan switches to.
+//
 // Two serving accelerations live here too: the bf16 traversal copy (Bf16Copy, search_bf16) and the known-user
 // Recommend from request bytes to response bytes (KnownUserRecommender).
 

@@ -73,6 +73,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "already seen and are excluded).",
         "",
     ]
+    filt = report.get("filter")
+    if filt:
+        lines += [f"**Filtered:** `{' AND '.join(filt['terms'])}` allows {filt['allowed_items']} items; every model "
+                  f"returns only those, and each user is judged on the allowed held-out items only "
+                  f"({filt['users_kept']} users kept, {filt['users_dropped']} with none dropped).", ""]
     for name, why in (report.get("in_sample") or {}).items():
         lines += [f"**IN-SAMPLE: `{name}` was trained on the scored interactions; its numbers are not an estimate "
                   f"of future quality.** ({why})", ""]
@@ -80,7 +85,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"- `{name}`: bundle `{info['version']}` (ef={info['ef']}, "
                      f"users unknown to it: {info['users_unknown_to_bundle']}, "
                      f"relevant items unknown to it: {info['relevant_unknown_to_bundle']})")
-    lines += ["", "## Retrieval quality (full catalogue, seen items excluded)", ""]
+    scope = "filtered catalogue" if filt else "full catalogue"
+    lines += ["", f"## Retrieval quality ({scope}, seen items excluded)", ""]
     cols = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + [f"hit_rate@{ks[0]}", "mrr", f"map@{ks[-1]}",
                                                                       f"coverage@{ks[-1]}", f"pop_percentile@{ks[-1]}"]
     lines.append("| model | retrieval | " + " | ".join(cols) + " |")

@@ -43,6 +43,20 @@ list: ~8x a plain query for 500 seen items, where the adaptive rule is ~1-4x; se
 An include-list of ``m`` items is answered by exact scoring of those ``m`` vectors (cheaper and exact, whatever
 ``m`` is relative to the graph).
 
+Allowed set (a request's attribute filter: ``allow=``)
+------------------------------------------------------
+``search(..., allow=words)`` (both indexes, :func:`retrieve`, :func:`retrieve_one`) returns only ids allowed by
+one packed bitset shared by every query of the call (:mod:`recsys.retrieval.bitset`: bit ``i & 63`` of word
+``i >> 6``; combine filters with numpy ``&`` / ``|`` / ``& ~``). The rule becomes: top-``k`` of the ids allowed AND
+not excluded AND in the include-list, exactly ``k`` whenever ``k`` exist, else padding. ``HnswIndex`` answers it
+one of two ways (:meth:`HnswIndex.allow_plan`): at most ``filter_exact_scale * sqrt(size)`` allowed ids (16 x:
+~5k of 100k, 16k of 1M, the measured crossover) are scored exactly (the extension's ``scan_allowed`` reads the
+bitset directly); more go through the graph with the filter (allowed AND not excluded) inside the walk at width
+:meth:`HnswIndex.allow_width`, a walk that gives up for the exact scan once it has weighed as many candidates as
+there are allowed ids (far-away attribute sets). Without the extension, allowed sets above the switch are
+over-fetched (~``ef / selectivity`` results) and post-filtered. The cost and the recall of each, measured:
+benchmarks/index_bench.py ``--filtered``.
+
 Threads
 -------
 ``search`` is safe to call from many threads at once (both backends release the GIL during the search and are
@@ -63,6 +77,7 @@ untrusted (the loader trusts the header), so the header is parsed and the file s
 verifies the file's sha256 before that.
 """
 
+from recsys.retrieval import bitset
 from recsys.retrieval._arrays import METRICS, UNIT_SQ_TOL, blas_threads
 from recsys.retrieval._package import REFETCH_SLACK, search_width
 from recsys.retrieval.exact import ExactIndex
@@ -86,6 +101,7 @@ __all__ = [
     "HnswIndex",
     "IndexConfig",
     "autotune_ef",
+    "bitset",
     "blas_threads",
     "check_hnsw_file",
     "merge_exclusions",

@@ -153,14 +153,20 @@ class ExactIndex:
         size = vecs.shape[0]
         if rows.size == 0 or size == 0:
             return
+        blocked = None  # [size] bool: not allowed, when the allowed set is too large to gather
         if words is not None:
-            ExactIndex._search_allowed(q, rows, k, vecs, idmap, excl, out_ids, out_scores,
-                                       ExactIndex.allowed_positions(idmap, words))
-            return
+            pos = ExactIndex.allowed_positions(idmap, words)
+            if 2 * pos.shape[0] <= size:
+                ExactIndex._search_allowed(q, rows, k, vecs, idmap, excl, out_ids, out_scores, pos)
+                return
+            blocked = np.ones(size, dtype=bool)
+            blocked[pos] = False
         block = max(1, EXACT_BLOCK_FLOATS // size)
         for start in range(0, rows.size, block):
             r = rows[start:start + block]
             s = q[r] @ vecs.T  # [b, size]
+            if blocked is not None:
+                s[:, blocked] = -np.inf
             if excl is not None:
                 for j, i in enumerate(r):
                     if excl[i] is not None and excl[i].size:
