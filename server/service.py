@@ -154,7 +154,7 @@ class PerBundle:
     def __init__(self, build: Any) -> None:
         self._build = build
         self._cache: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a live-catalogue view's value may be its bundle's
         self._last: tuple[Any, Any] = (lambda: None, _MISSING)
 
     def get(self, bundle: Bundle) -> Any:
@@ -217,6 +217,9 @@ def _build_tower(bundle: Bundle) -> Any:
     spread over the bundle (known users with their stored history + a few items, new users with and without a
     history, several batch shapes); the first that agrees serves. None -- every call then goes to
     ``bundle.embed_users`` -- when the bundle has no torch model or neither twin agrees (logged)."""
+    base = getattr(bundle, "base", None)
+    if base is not None and base is not bundle:  # a live-catalogue view: the towers are its bundle's
+        return _TOWER.get(base)
     log = logging.getLogger("server.service")
     try:
         from recsys.train.model import NumpyUserTower, TwoTower  # torch: not on the serving import path

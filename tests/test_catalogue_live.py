@@ -248,6 +248,30 @@ def test_filters_through_the_server(models):
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "filter.all_of[0]" in details
 
 
+def test_the_python_client_and_query_command(models, capsys):
+    from recsys.cli import main
+    from recsys.client import RecommenderClient
+
+    with running_server(models, loader=_loader()) as (_app, target), \
+            RecommenderClient(target, admin_token="s3cret") as client:
+        rec = client.recommend(_user(1), k=5, filter=["category=piano"])
+        assert len(rec.item_ids) == 5 and all(_cluster_of(t) == 3 for t in rec.item_ids)
+        sim = client.similar_items("i3", k=3, filter=["category!=space"])
+        assert all(_cluster_of(t) != 0 for t in sim.item_ids)
+        up = client.upsert_items([{"item_id": "new5", "category": "space"}], change_id="client-1")
+        assert (up["added"], up["applied"], up["catalogue_seq"]) == (1, True, 1)
+        ret = client.retire_items(["new5", "ghost"])
+        assert (ret["retired"], ret["unknown_item_ids"], ret["catalogue_seq"]) == (1, ["ghost"], 2)
+        info = client.model_info()
+        assert (info["catalogue_size"], info["upserted_items"], info["retired_items"]) == (64, 1, 1)
+        with pytest.raises(TypeError, match="list of terms"):
+            client.recommend(_user(1), filter="category=piano")
+        assert main(["query", "recommend", "--target", target, "--user", _user(0), "-k", "4",
+                     "--filter", "category=football"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert len(got["items"]) == 4 and all(_cluster_of(it["item_id"]) == 2 for it in got["items"])
+
+
 # ---- the pieces, on hand-made data -------------------------------------------------------------------------------
 
 
@@ -343,3 +367,17 @@ def test_live_bundle_without_changes_keeps_the_bundles_index(models):
     view = live_bundle(bundle, CatalogueState.empty())
     assert view.index is bundle.index and view.n_items == bundle.n_items  # the native fast path still applies
     shutil.rmtree(models)
+
+
+def test_a_new_version_says_it_does_not_carry_the_delta(models, tmp_path_factory):
+    from recsys.bundle import Bundle
+    from recsys.catalogue.changes import retire_items
+    from recsys.publish import export
+
+    retire_items(models, Bundle.load(models / "v1"), ["i1", "i2"])
+    _data, run = test_bundle.trained(tmp_path_factory)
+    path = export(run, models, index_cfg=test_bundle.index_cfg(), version="v2")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["catalogue"]["delta"] == {"carried": False, "previous_version": "v1", "previous_changes": 1}
+    assert "prepare_config" in manifest["data"]  # (None here: the test dataset was written by hand)
+    assert not catalogue_dir(models, "v2").exists()  # the new version starts with an empty delta

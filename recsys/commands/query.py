@@ -40,11 +40,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--exclude", nargs="+", default=[], metavar="ITEM", help="items never to return")
     r.add_argument("--allowed", nargs="+", default=[], metavar="ITEM", help="only these items may be returned")
     r.add_argument("--fallback", action="store_true", help="popular items for an unknown user")
+    r.add_argument("--filter", action="append", default=[], metavar="TERM",
+                   help="a condition on item attributes (repeatable, ANDed): NAME=V1,V2 / NAME!=V / NAME>=X / "
+                        "NAME<=X / NAME=LOW..HIGH")
 
     s = sub.add_parser("similar", parents=[common], help="items closest to an item")
     s.add_argument("--item", required=True, help="item ID")
     s.add_argument("-k", type=int, default=10, help="number of items (default 10)")
     s.add_argument("--exclude", nargs="+", default=[], metavar="ITEM", help="items never to return")
+    s.add_argument("--filter", action="append", default=[], metavar="TERM",
+                   help="a condition on item attributes (repeatable, ANDed), as for recommend")
 
     e = sub.add_parser("embed", parents=[common], help="embeddings of users, items, or a history")
     g = e.add_mutually_exclusive_group()
@@ -87,7 +92,7 @@ def _ask(client, args: argparse.Namespace) -> object:
     if args.query == "recommend":
         rec = client.recommend(
             args.user, history=args.history, k=args.k, include_seen=args.include_seen, exclude=args.exclude,
-            allowed=args.allowed, allow_fallback=args.fallback,
+            allowed=args.allowed, allow_fallback=args.fallback, filter=args.filter or None,
         )
         return {
             "model_version": rec.model_version, "source": rec.source, "fallback": rec.fallback,
@@ -95,7 +100,7 @@ def _ask(client, args: argparse.Namespace) -> object:
             "unknown_item_ids": rec.unknown_item_ids,
         }
     if args.query == "similar":
-        rec = client.similar_items(args.item, k=args.k, exclude=args.exclude)
+        rec = client.similar_items(args.item, k=args.k, exclude=args.exclude, filter=args.filter or None)
         return {
             "model_version": rec.model_version,
             "items": [{"item_id": i, "score": s} for i, s in zip(rec.item_ids, rec.scores, strict=True)],
