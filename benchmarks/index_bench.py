@@ -5,6 +5,7 @@ Usage::
     python benchmarks/index_bench.py                               # 100k items, dim 64 and 128
     nice -n 19 python benchmarks/index_bench.py --sizes 1000000    # the 1M rows (slow: minutes per dim)
     python benchmarks/index_bench.py --embeddings items.npy --queries users.npy   # a trained model's vectors
+    nice -n 10 python benchmarks/index_bench.py --filtered --sizes 100000 1000000 --cache /tmp/bench   # allow=
 
 Why not Gaussian vectors: isotropic random vectors in 64+ dims have no neighbourhood structure (every point is
 almost equidistant), which makes HNSW look far worse than on a trained model's embeddings. So by default the
@@ -49,6 +50,7 @@ picked at random (an attribute filter such as a genre: allowed items sit togethe
 On the typical held-out users at the auto-tuned ef: which path answers (``HnswIndex.allow_plan``: ``exact`` scan
 of the allowed ids or the filtered ``graph`` walk), Recall@10 against the exact filtered search, and single-query
 p50/p99 of the filtered call paired with a plain call on the same user (same run, random order) and their ratio.
+``--filter-ef-min`` overrides ``HnswIndex.filter_ef_min`` (the walk's width floor: the latency / recall trade-off).
 Prints a table and writes ``benchmarks/results/index_filter.json``. ``--cache DIR`` keeps the generated
 embeddings and the built index between runs (the 1M case takes ~10 minutes to make on 2 cores).
 """
@@ -435,7 +437,7 @@ def allowed_set(kind: str, selectivity: float, n: int, cluster: np.ndarray | Non
 
 
 def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_construction: int, efs, target: float,
-                   index_path: Path | None = None, seed: int = 0) -> dict:
+                   index_path: Path | None = None, seed: int = 0, ef_min: int | None = None) -> dict:
     """The filtered-search section (see the module docstring) -> one result row."""
     from recsys.retrieval import bitset
 
@@ -450,6 +452,9 @@ def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_const
             hnsw.save(index_path)
     row["build_or_load_s"] = round(time.perf_counter() - t0, 1)
     row["native_filter"] = hnsw.native_filter
+    if ef_min is not None:
+        hnsw.filter_ef_min = ef_min
+    row["filter_ef_min"] = hnsw.filter_ef_min
     exact = ExactIndex(items)
     ef, _ = autotune_ef(hnsw, exact, tune, k=K, target_recall=target, efs=efs, latency_queries=50)
     row["autotune_ef"] = ef
@@ -479,9 +484,11 @@ def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_const
                 case = {"kind": kind, "selectivity": sel, "allowed": bitset.count(allow),
                         "path": hnsw.allow_plan(allow), "width": hnsw.allow_width(allow),
                         "recall@10": round(recall_vs_exact(got, truth), 4), "exactly_k": bool((got >= 0).all()),
-                        "p50_ms": ms(filt_a, 50), "p99_ms": ms(filt_a, 99),
-                        "plain_p50_ms": ms(plain_a, 50), "plain_p99_ms": ms(plain_a, 99)}
+                        "p50_ms": ms(filt_a, 50), "p90_ms": ms(filt_a, 90), "p99_ms": ms(filt_a, 99),
+                        "plain_p50_ms": ms(plain_a, 50), "plain_p90_ms": ms(plain_a, 90),
+                        "plain_p99_ms": ms(plain_a, 99)}
                 case["p50_ratio"] = round(case["p50_ms"] / case["plain_p50_ms"], 2)
+                case["p90_ratio"] = round(case["p90_ms"] / case["plain_p90_ms"], 2)
                 case["p99_ratio"] = round(case["p99_ms"] / case["plain_p99_ms"], 2)
                 cases.append(case)
                 print(f"[{n} x {dim}] filtered {kind} {sel}: {case['path']} R@10={case['recall@10']} "
@@ -492,13 +499,15 @@ def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_const
 
 def print_filter_table(rows: list[dict]) -> None:
     print("\nfiltered search (allow=): single queries, k=10, paired with a plain query on the same user")
-    print(f"{'items':>8} {'kind':>8} {'keep':>6} {'allowed':>8} {'path':>6} {'R@10':>6} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'plain p50':>9} {'plain p99':>9} {'p50 x':>6} {'p99 x':>6}")
+    print(f"{'items':>8} {'kind':>8} {'keep':>6} {'allowed':>8} {'path':>6} {'width':>5} {'R@10':>6} {'p50 ms':>7} "
+          f"{'p90 ms':>7} {'p99 ms':>7} {'plain p50':>9} {'plain p90':>9} {'plain p99':>9} {'p50 x':>6} {'p90 x':>6} "
+          f"{'p99 x':>6}")
     for r in rows:
         for c in r["cases"]:
             print(f"{r['n_items']:>8} {c['kind']:>8} {c['selectivity']:>6.1%} {c['allowed']:>8} {c['path']:>6} "
-                  f"{c['recall@10']:>6.3f} {c['p50_ms']:>7.3f} {c['p99_ms']:>7.3f} {c['plain_p50_ms']:>9.3f} "
-                  f"{c['plain_p99_ms']:>9.3f} {c['p50_ratio']:>6} {c['p99_ratio']:>6}")
+                  f"{c['width']:>5} {c['recall@10']:>6.3f} {c['p50_ms']:>7.3f} {c['p90_ms']:>7.3f} {c['p99_ms']:>7.3f} "
+                  f"{c['plain_p50_ms']:>9.3f} {c['plain_p90_ms']:>9.3f} {c['plain_p99_ms']:>9.3f} "
+                  f"{c['p50_ratio']:>6} {c['p90_ratio']:>6} {c['p99_ratio']:>6}")
 
 
 COLUMNS = [("n_items", "items"), ("dim", "dim"), ("build_s", "build s"), ("index_mb", "MB"),
@@ -557,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filtered", action="store_true", help="only the filtered-search section (dim 64 by default)")
     p.add_argument("--filter-out", default=str(Path(__file__).parent / "results" / "index_filter.json"))
     p.add_argument("--cache", help="directory keeping generated embeddings and built indexes between runs")
+    p.add_argument("--filter-ef-min", type=int, help="HnswIndex.filter_ef_min for the filtered section")
     args = p.parse_args(argv)
     if args.filtered and args.dims == [64, 128]:
         args.dims = [64]
@@ -582,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                           if args.cache and n else None)
             frow = bench_filtered(items, tune, test, cluster, threads=args.threads, M=args.M,
                                   ef_construction=args.ef_construction, efs=args.efs, target=args.target_recall,
-                                  index_path=index_path, seed=args.seed)
+                                  index_path=index_path, seed=args.seed, ef_min=args.filter_ef_min)
             frow["source"] = source
             filter_rows.append(frow)
         if args.filtered:

@@ -449,15 +449,12 @@ py::tuple scan_allowed(const py::array &vectors, const py::array &queries, size_
             }
             const float *qi = q + row * size_t(dim);
             const size_t words_used = size_t((bits + 63) / 64);
-            int64_t ids[64];
-            for (size_t w = 0; w < words_used; w++) {
-                uint64_t word = words[w];
-                if (w + 1 == words_used && bits % 64) word &= (uint64_t(1) << (bits % 64)) - 1;
-                int n = 0;
-                while (word) {
-                    ids[n++] = int64_t(w * 64 + size_t(__builtin_ctzll(word)));
-                    word &= word - 1;
-                }
+            // Ids are batched across words (a sparse set holds < 1 id per word) so that a batch's rows are all
+            // being fetched before the first is scored: the scan is bound by memory latency, not arithmetic.
+            constexpr int kBatch = 64;
+            int64_t ids[kBatch + 64];
+            int n = 0;
+            auto score_batch = [&]() {
                 for (int j = 0; j < n; j++) {
                     const char *r = reinterpret_cast<const char *>(x + size_t(ids[j]) * size_t(dim));
                     for (size_t o = 0; o < row_bytes; o += 64) prefetch(r + o);
@@ -476,7 +473,18 @@ py::tuple scan_allowed(const py::array &vectors, const py::array &queries, size_
                         std::push_heap(best.begin(), best.end());
                     }
                 }
+                n = 0;
+            };
+            for (size_t w = 0; w < words_used; w++) {
+                uint64_t word = words[w];
+                if (w + 1 == words_used && bits % 64) word &= (uint64_t(1) << (bits % 64)) - 1;
+                while (word) {
+                    ids[n++] = int64_t(w * 64 + size_t(__builtin_ctzll(word)));
+                    word &= word - 1;
+                }
+                if (n >= kBatch) score_batch();
             }
+            score_batch();
             std::sort(best.begin(), best.end());
             int64_t *l = lo + row * k;
             float *d = dout + row * k;

@@ -536,10 +536,12 @@ class HnswIndex(NativeSearch, PackageSearch):
         Why sqrt(size): the filtered walk has to see about ``width / selectivity`` nodes before it holds ``width``
         allowed ones, so it costs ~ ``width * size / count``, while the exact scan costs ~ ``count``: they cross
         at ``count ~ sqrt(c * width * size)``. Measured on this project's 2-core box (trained-like embeddings, dim 64,
-        width 16, single queries; benchmarks/index_bench.py ``--filtered``): the crossover sat near 5,000 allowed
-        ids at 100k items (5%) and near 10,000-16,000 at 1M (1-1.6%), i.e. ``~16 * sqrt(size)``. Below it the exact
-        scan is also the only way to keep recall on attribute-like sets (whole clusters far from the query: the
-        walk's recall fell to 0.90-0.96 at 0.3-3%), and it is exact.
+        single queries; a sweep of both paths per selectivity, then benchmarks/index_bench.py ``--filtered``): the
+        crossover sat near 5,000 allowed ids at 100k items (graph 0.3-0.7 ms vs scan 0.15-0.2 ms at 3,000; graph
+        0.2-0.4 ms vs scan ~1 ms at 10,000) and near 10,000-16,000 at 1M (at 10,000: scan 0.3-2.3 ms, graph
+        1.4-3 ms at width 16; at 30,000: graph 0.6-3 ms, scan ~6-9 ms), i.e. ``~16 * sqrt(size)``. Below it the
+        scan is also what keeps recall on attribute-like sets (whole clusters, often far from the query: the walk's
+        Recall@10 fell to 0.90-0.96 at 0.3-3%), and it is exact.
         """
         return "exact" if bitset.count(allow) <= self.filter_exact_scale * self.size ** 0.5 else "graph"
 
