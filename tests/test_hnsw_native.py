@@ -403,7 +403,11 @@ def test_bf16_rescoring_resolves_ties_bf16_cannot():
     queries = (base + 1e-3 * rng.normal(size=(20, 32))).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     want, want_scores = ExactIndex(items).search(queries, 10)
-    idx = HnswIndex(items, ef=400, num_threads=2, search_precision="bf16")
+    idx = HnswIndex(items, ef=400, num_threads=1, search_precision="bf16")  # one thread: a deterministic graph
     got, scores = idx.search(queries, 10)
-    assert recall_vs_exact(got, want) == 1.0
+    # tie-aware: every item returned is a true top-10 up to float32 rounding (BLAS and hnswlib's SIMD sum in another
+    # order, so the exact 10th and 11th may swap at ~1e-7); a bf16-ordered answer misses by ~1e-5
+    true = np.einsum("qkd,qd->qk", items[got], queries)
+    assert (true >= want_scores[:, -1:] - 1e-6).all(), recall_vs_exact(got, want)
+    assert recall_vs_exact(got, want) >= 0.99
     np.testing.assert_allclose(scores, want_scores, atol=1e-6)
