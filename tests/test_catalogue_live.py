@@ -325,8 +325,10 @@ def test_merge_topk_keeps_the_best_k_of_both():
     assert ids.tolist() == [[3, 7, 8]] and sc[0].tolist() == pytest.approx([0.9, 0.7, 0.6])
 
 
+@pytest.mark.parametrize("exclude_max", [4096, 0])  # masked graph rows as exclusions / as an allowed bitset
 @pytest.mark.parametrize("native", [True, False])
-def test_live_index_equals_exact_search_over_the_live_catalogue(native):
+def test_live_index_equals_exact_search_over_the_live_catalogue(native, exclude_max, monkeypatch):
+    monkeypatch.setattr(LiveIndex, "EXCLUDE_MAX", exclude_max)
     if native and not native_available():
         pytest.skip("recsys._hnsw not built")
     rng = np.random.default_rng(0)

@@ -30,7 +30,7 @@ import numpy as np
 from recsys.bundle import Bundle
 from recsys.catalogue.delta import CatalogueState
 from recsys.catalogue.filters import Attributes, FilterCache
-from recsys.retrieval import ExactIndex, HnswIndex, bitset
+from recsys.retrieval import ExactIndex, HnswIndex, bitset, topk_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,15 @@ class LiveVocab:
 class LiveIndex:
     """The bundle's index (rows ``0..n_base-1``) + the delta segment (exact) + the live-item set, behind the index
     interface (``search(queries, k, exclude=, include=, allow=)``); the two answers are merged by score, so the
-    result holds exactly ``k`` items whenever ``k`` live, allowed, non-excluded ones exist."""
+    result holds exactly ``k`` items whenever ``k`` live, allowed, non-excluded ones exist.
+
+    The graph's rows that must not answer (retired, or replaced by a newer vector in the segment) join each query's
+    exclusion list while they are few (``EXCLUDE_MAX``: the native walk's lean exclusion path, ~ a plain query) and
+    become a bitset of the rows that may answer when they are many. The segment is scored by one matrix product.
+    """
+
+    # Above this many masked graph rows, a bitset of the live ones (the allowed-set walk) instead of an exclusion list
+    EXCLUDE_MAX = 4096
 
     def __init__(self, base: ExactIndex | HnswIndex, *, n_items: int, live: np.ndarray, delta_rows: np.ndarray,
                  delta_vectors: np.ndarray) -> None:
@@ -83,12 +91,20 @@ class LiveIndex:
         self.size = int(n_items)
         self.live = live  # bitset over rows 0..n_items-1
         n_base = int(base.size)
-        in_delta = bitset.from_ids(delta_rows[delta_rows < n_base], n_base)
-        # the graph's rows that may answer: live and not replaced by a newer vector in the segment
-        self._base_live = live[: in_delta.size] & ~in_delta
-        if bitset.count(self._base_live) == n_base:  # nothing retired or replaced: the plain (fastest) search
-            self._base_live = None
-        self.delta = (ExactIndex(delta_vectors, ids=delta_rows, metric=base.metric) if delta_rows.size else None)
+        live_mask = bitset.to_mask(live, self.size)
+        masked = np.ones(n_base, dtype=bool)
+        masked[: min(n_base, self.size)] = ~live_mask[:n_base]
+        masked[delta_rows[delta_rows < n_base]] = True
+        self._base_masked = np.flatnonzero(masked).astype(np.int64)  # graph rows that must not answer, sorted
+        self._base_live = None if self._base_masked.size <= self.EXCLUDE_MAX else bitset.from_mask(~masked)
+        self._masked_list = self._base_masked if 0 < self._base_masked.size <= self.EXCLUDE_MAX else None
+        # the segment: its live rows only, sorted by row (exclusions are looked up by binary search)
+        keep = live_mask[delta_rows] if delta_rows.size else np.zeros(0, dtype=bool)
+        order = np.argsort(delta_rows[keep], kind="stable")
+        self._delta_rows = delta_rows[keep][order]
+        vecs = np.asarray(delta_vectors, dtype=np.float32)[keep][order]
+        self._delta_vecs = np.ascontiguousarray(vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+                                                if self.metric == "cosine" else vecs)
 
     @property
     def ef(self) -> int:  # read by tuning reports and GetModelInfo-like callers
@@ -97,14 +113,51 @@ class LiveIndex:
     def search(self, queries: np.ndarray, k: int, *, exclude: Sequence[np.ndarray | None] | None = None,
                include: Sequence[np.ndarray | None] | None = None,
                allow: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        q = np.asarray(queries, dtype=np.float32)
+        n = q.shape[0] if q.ndim == 2 else -1
+        if n < 0:
+            raise ValueError(f"`queries` must be 2-D [n, {self.dim}], got shape {q.shape}")
+        base_exclude = exclude
+        if self._masked_list is not None:
+            masked = self._masked_list
+            base_exclude = [masked if e is None or not len(e) else np.concatenate((np.asarray(e, dtype=np.int64),
+                                                                                    masked))
+                            for e in (exclude if exclude is not None else [None] * n)]
         base_allow = self._base_live if allow is None else allow if self._base_live is None else _and(
             self._base_live, allow)
-        ids, scores = self.base.search(queries, k, exclude=exclude, include=include, allow=base_allow)
-        if self.delta is None:
+        if base_allow is None:
+            ids, scores = self.base.search(q, k, exclude=base_exclude, include=include)
+        else:
+            ids, scores = self.base.search(q, k, exclude=base_exclude, include=include, allow=base_allow)
+        if not self._delta_rows.size:
             return ids, scores
-        delta_allow = self.live if allow is None else _and(self.live, allow)
-        d_ids, d_scores = self.delta.search(queries, k, exclude=exclude, include=include, allow=delta_allow)
+        d_ids, d_scores = self._search_delta(q, k, exclude, include, allow)
         return merge_topk(ids, scores, d_ids, d_scores, k)
+
+    def _search_delta(self, q: np.ndarray, k: int, exclude: Sequence[np.ndarray | None] | None,
+                      include: Sequence[np.ndarray | None] | None,
+                      allow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` of the segment's live rows: ``[n, k]`` ids / scores, padded -1 / -inf."""
+        rows, vecs = self._delta_rows, self._delta_vecs
+        if self.metric == "cosine":
+            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        scores = q @ vecs.T  # [n, m]
+        if allow is not None:
+            scores[:, ~bitset.contains(allow, rows)] = -np.inf
+        for i in range(q.shape[0]):
+            e = None if exclude is None else exclude[i]
+            if e is not None and len(e):
+                e = np.asarray(e, dtype=np.int64)
+                pos = np.searchsorted(rows, e)
+                hit = pos < rows.size
+                hit[hit] = rows[pos[hit]] == e[hit]
+                scores[i, pos[hit]] = -np.inf
+            inc = None if include is None else include[i]
+            if inc is not None:
+                inside = np.isin(rows, np.asarray(inc, dtype=np.int64))
+                scores[i, ~inside] = -np.inf
+        pos, top = topk_rows(scores, k)
+        return np.where(pos >= 0, rows[np.maximum(pos, 0)], -1), top
 
 
 def _and(a: np.ndarray, b: np.ndarray) -> np.ndarray:

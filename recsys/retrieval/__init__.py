@@ -78,7 +78,7 @@ verifies the file's sha256 before that.
 """
 
 from recsys.retrieval import bitset
-from recsys.retrieval._arrays import METRICS, UNIT_SQ_TOL, blas_threads
+from recsys.retrieval._arrays import METRICS, UNIT_SQ_TOL, blas_threads, topk_rows
 from recsys.retrieval._package import REFETCH_SLACK, search_width
 from recsys.retrieval.exact import ExactIndex
 from recsys.retrieval.hnsw import (
@@ -111,4 +111,5 @@ __all__ = [
     "retrieve",
     "retrieve_one",
     "search_width",
+    "topk_rows",
 ]
