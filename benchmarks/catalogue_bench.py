@@ -202,9 +202,11 @@ def profile(models: Path, users: list[str], filters: dict[str, list[str]], upto_
         "  service.recommend, changed view": lambda i: service.recommend(live, user_id=us[i], k=10),
         "index.search excl. seen, untouched (HNSW)": lambda i: untouched.index.search(q[i], 10, exclude=[seen[i]]),
         "index.search excl. seen, changed (LiveIndex)": lambda i: li.search(q[i], 10, exclude=[seen[i]]),
-        "  graph part (HNSW + live bitset)": lambda i: li.base.search(q[i], 10, exclude=[seen[i]],
-                                                                      allow=li._base_live),
-        "  delta segment (exact scan)": lambda i: li.delta.search(q[i], 10, exclude=[seen[i]], allow=li.live),
+        # the graph part as LiveIndex runs it: the masked rows joined to the exclusion (few) or a live bitset (many)
+        "  graph part (HNSW, masked rows excluded)": lambda i: li.base.search(
+            q[i], 10, exclude=[seen[i] if li._masked_list is None else np.concatenate((seen[i], li._masked_list))],
+            **({} if li._base_live is None else {"allow": li._base_live})),
+        "  delta segment (one matrix product)": lambda i: li._search_delta(q[i], 10, [seen[i]], None, None),
     }
     for name, a in allow.items():
         f = category_filter(filters[name])
@@ -225,14 +227,14 @@ def profile(models: Path, users: list[str], filters: dict[str, list[str]], upto_
     # merge cost: both halves' answers merged by score
     from recsys.catalogue.live import merge_topk
 
-    a_ids, a_sc = li.base.search(q[0], 10, exclude=[seen[0]], allow=li._base_live)
-    b_ids, b_sc = li.delta.search(q[0], 10, exclude=[seen[0]], allow=li.live)
+    a_ids, a_sc = li.base.search(q[0], 10, exclude=[seen[0]])
+    b_ids, b_sc = li._search_delta(q[0], 10, [seen[0]], None, None)
     t = time.process_time()
     for _ in range(n):
         merge_topk(a_ids, a_sc, b_ids, b_sc, 10)
     best["  merge_topk"] = (time.process_time() - t) / n * 1e6
     return {"us": best, "users": n, "rounds": rounds, "native_built": fast is not None, "upto_seq": upto_seq,
-            "delta_rows": int(li.delta.size) if li.delta is not None else 0}
+            "delta_rows": int(li._delta_rows.size), "masked_graph_rows": int(li._base_masked.size)}
 
 
 # ------------------------------------------------------------------------------------------------ main
