@@ -359,6 +359,9 @@ def test_live_index_equals_exact_search_over_the_live_catalogue(native, exclude_
         assert not np.isin(got, np.flatnonzero(~live)).any()
         if allow is not None:
             assert allow_mask[got].all()
+        for i in range(3):  # the single-query path gives the batch's answer
+            one, _ = index.search(queries[i : i + 1], 10, exclude=[excl[i]], allow=allow)
+            assert one[0].tolist() == got[i].tolist()
 
 
 def test_live_bundle_without_changes_keeps_the_bundles_index(models):

@@ -140,7 +140,7 @@ class LiveIndex:
         """Exact top-``k`` of the segment's live rows: ``[n, k]`` ids / scores, padded -1 / -inf."""
         rows, vecs = self._delta_rows, self._delta_vecs
         if self.metric == "cosine":
-            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+            q = q / np.maximum(np.sqrt(np.einsum("ij,ij->i", q, q)), 1e-12)[:, None]
         scores = q @ vecs.T  # [n, m]
         if allow is not None:
             scores[:, ~bitset.contains(allow, rows)] = -np.inf
@@ -156,6 +156,17 @@ class LiveIndex:
             if inc is not None:
                 inside = np.isin(rows, np.asarray(inc, dtype=np.int64))
                 scores[i, ~inside] = -np.inf
+        if q.shape[0] == 1:  # the request path: one row, without topk_rows' batch machinery
+            s0 = scores[0]
+            kk = min(k, s0.size)
+            part = np.argpartition(-s0, kk - 1)[:kk] if kk < s0.size else np.arange(s0.size)
+            order = part[np.argsort(-s0[part], kind="stable")]
+            ids = np.full((1, k), -1, dtype=np.int64)
+            top = np.full((1, k), -np.inf, dtype=np.float32)
+            finite = np.isfinite(s0[order])
+            ids[0, :kk] = np.where(finite, rows[order], -1)
+            top[0, :kk] = s0[order]
+            return ids, top
         pos, top = topk_rows(scores, k)
         return np.where(pos >= 0, rows[np.maximum(pos, 0)], -1), top
 
