@@ -32,7 +32,9 @@ Baselines, same users, same candidates, same exclusions:
   ties by the same fixed random order; the global cut's future is mostly the newest films.
 - **random**: one random order per seed (the chance level).
 
-Cost: the two trainings (~5-7 min each on the shared 2-core machine); ``--seeds N`` runs N seeds (default 1).
+Cost: the two trainings, run side by side (~5-7 min each on an idle 2-core machine; far more when it is shared:
+``--set train.num_threads=1 --set train.epochs=10`` keeps a contended run to ~20 min, and the JSON records
+``train_overrides``); ``--seeds N`` runs N seeds (default 1).
 ``--workdir`` keeps the work files and reuses finished trainings on a rerun.
 
     nice -n 10 .venv/bin/python benchmarks/cold_bench.py                  # 1 seed
@@ -49,6 +51,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +67,8 @@ from recsys.core.metrics import ranking_metrics  # noqa: E402
 K = 20
 HOLDOUT_FRAC = 0.1
 FUTURE_FRAC = 0.2
-MODELS = {"two-tower + title": ["model.use_text=true"], "two-tower": []}
+MODELS = {"two-tower + title": ["model.use_text=true"], "two-tower": []}  # name -> train --set
+TAGS = {"two-tower + title": "text", "two-tower": "plain"}
 VIEWS = ("all_items", "cold_only")
 
 
@@ -153,20 +157,28 @@ def run_seed(d, seed: int, work: Path, overrides: list[str]) -> dict:
     cold_rows = [r for r in read_items(wdir / "files" / "items.csv", config=cfg) if r["item_id"] in held_set]
     cold_ids = [r["item_id"] for r in cold_rows]
 
+    def fit(name: str) -> None:
+        """train + export one model (skipped when a kept --workdir already holds it)."""
+        tag = TAGS[name]
+        run, models, done = wdir / f"run-{tag}", wdir / f"models-{tag}", wdir / f"done-{tag}.json"
+        if done.exists() and (models / schema.LATEST).exists():
+            return
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(models, ignore_errors=True)
+        args = [x for o in [f"train.seed={seed}", *MODELS[name], *overrides] for x in ("--set", o)]
+        t_train = cli("train", ["--data", str(pdir), "--out", str(run), *args], wdir / f"train-{tag}.log")
+        t_export = cli("export", ["--run", str(run), "--models", str(models), "--no-eval"], wdir / f"export-{tag}.log")
+        done.write_text(json.dumps({"train_s": round(t_train, 1), "export_s": round(t_export, 1)}))
+
+    with ThreadPoolExecutor(len(MODELS)) as pool:  # the trainings side by side (subprocesses)
+        list(pool.map(fit, MODELS))
+
     results, info = {}, {}
     bundle = None
-    for name, sets in MODELS.items():
-        tag = "text" if sets else "plain"
+    for name in MODELS:
+        tag = TAGS[name]
         run, models = wdir / f"run-{tag}", wdir / f"models-{tag}"
-        done = wdir / f"done-{tag}.json"
-        if not (done.exists() and (models / schema.LATEST).exists()):
-            shutil.rmtree(run, ignore_errors=True)
-            shutil.rmtree(models, ignore_errors=True)
-            args = [x for o in [f"train.seed={seed}", *sets, *overrides] for x in ("--set", o)]
-            t_train = cli("train", ["--data", str(pdir), "--out", str(run), *args], wdir / f"train-{tag}.log")
-            t_export = cli("export", ["--run", str(run), "--models", str(models), "--no-eval"], wdir / f"export-{tag}.log")
-            done.write_text(json.dumps({"train_s": t_train, "export_s": t_export}))
-        timings[tag] = json.loads(done.read_text())
+        timings[tag] = json.loads((wdir / f"done-{tag}.json").read_text())
         bundle = Bundle.load(models)
         t1 = time.perf_counter()
         enc = encode_items(bundle, cold_rows)

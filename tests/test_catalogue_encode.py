@@ -22,6 +22,7 @@ from recsys.publish import export
 from recsys.retrieval import IndexConfig
 from recsys.train.config import LossConfig, ModelConfig, TrainConfig
 from recsys.train.loop import train
+from recsys.train.model import PRIOR_BOUND
 
 torch.set_num_threads(1)
 
@@ -63,18 +64,28 @@ def _write_raw(d, rng: np.random.Generator) -> tuple[str, str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """(bundle, items.csv path, item -> topic)."""
+def raw(tmp_path_factory):
+    """(the prepared dataset, items.csv path, item -> topic)."""
     d = tmp_path_factory.mktemp("catalogue")
     events, items, topic_of = _write_raw(d, np.random.default_rng(0))
     prepare(events, d / "prepared", items=items, config=CONFIG)
-    model = ModelConfig(dim=16, embedding_dim=16, history_len=8, use_text=True)
+    return d / "prepared", items, topic_of
+
+
+def _bundle(data, out, **model_over) -> Bundle:
+    model = ModelConfig(dim=16, embedding_dim=16, history_len=8, **model_over)
     tr = TrainConfig(batch_size=64, lr=0.01, epochs=6, progress=False, tensorboard=False, patience=0, refit=False,
                      num_threads=1)
-    train(d / "prepared", d / "run", model_cfg=model, train_cfg=tr, loss_cfg=LossConfig(temperature=0.1),
-          device="cpu")
-    path = export(d / "run", d / "models", index_cfg=IndexConfig(num_threads=1), evaluate_split=None)
-    return Bundle.load(path), items, topic_of
+    train(data, out / "run", model_cfg=model, train_cfg=tr, loss_cfg=LossConfig(temperature=0.1), device="cpu")
+    return Bundle.load(export(out / "run", out / "models", index_cfg=IndexConfig(num_threads=1),
+                              evaluate_split=None))
+
+
+@pytest.fixture(scope="module")
+def world(raw, tmp_path_factory):
+    """(bundle of a model with titles, items.csv path, item -> topic)."""
+    data, items, topic_of = raw
+    return _bundle(data, tmp_path_factory.mktemp("text"), use_text=True), items, topic_of
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -184,3 +195,24 @@ def test_title_only_item_ranks_high_for_users_of_its_topic(world, topic):
     other = np.array([not t.startswith(topic) for t in bundle.item_ids])
     above = (pos[:, None] > item_scores[:, other]).mean()
     assert above >= 0.8, above
+
+
+def test_new_items_get_the_prior_of_an_item_without_events(raw, tmp_path):
+    """``model.time_prior``: the served vectors are ``[v, h, rest] / sqrt(1 + K P^2)`` (``TwoTower.served_items``),
+    longer than the towers' ``dim``; a new item's ``h`` is that of an item without events, the same for every new
+    item, whatever its features."""
+    bundle = _bundle(raw[0], tmp_path, time_prior=True)
+    model = bundle.model
+    k, dim = model.cfg.time_prior_rank, model.dim
+    assert bundle.dim == dim + k + 1 > bundle.tower_dim == dim
+    z = embed_items(bundle, encode_items(bundle, [{"item_id": "n1", "category": "Music", "genres": ["piano"]},
+                                                  {"item_id": "n2", "category": "Food", "year": 1993}]))
+    assert z.shape == (2, bundle.dim)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    with torch.no_grad():
+        h = model.item_prior(model.item_cold[None, :])[0].numpy()  # [K]
+    c = np.sqrt(1.0 + k * PRIOR_BOUND**2)
+    want = np.concatenate([h, [np.sqrt(k * PRIOR_BOUND**2 - h @ h)]]) / c
+    np.testing.assert_allclose(z[:, dim:], np.stack([want, want]), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(z[:, :dim], axis=1), 1.0 / c, atol=1e-5)  # v: a unit vector / c
+    assert not np.allclose(z[0, :dim], z[1, :dim], atol=1e-3)  # the features still tell them apart

@@ -432,7 +432,8 @@ def test_multi_valued_features(tmp_path):
     once, at most `max_values` codes per row (the most frequent), empty or absent rows = no code; the data loader
     pads them into [n, K] columns."""
     ratings = write_csv(tmp_path / "r.csv", "user_id,item_id,timestamp", [f"{u},{i},{t}" for u, i, t in EVENTS])
-    items = write_csv(tmp_path / "items.csv", "item_id,tags,brand", ['10,"b,a,b, c",x', "11,,y", "12,c,x"])
+    # item 12's blank second tag is dropped, not coded as a value "" (regression: it was, before strip-then-filter)
+    items = write_csv(tmp_path / "items.csv", "item_id,tags,brand", ['10,"b,a,b, c",x', "11,,y", '12,"c, ",x'])
     out = tmp_path / "out"
     cfg = PrepareConfig(kcore_users=1, kcore_items=1, drop_cold=False, multi_valued={"tags": ","}, max_values=2)
     prepare([ratings], out, items=items, config=cfg)

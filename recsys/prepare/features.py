@@ -143,7 +143,9 @@ def clean_lists(col: pl.Series) -> pl.Series:
     """A multi-valued feature's raw lists as they are looked up in its vocabulary: each value stripped, empty ones
     dropped, a value repeated within one row kept once (at its first place). The one rule for prepare and for items
     encoded later (``recsys.catalogue``)."""
-    vals = col.cast(pl.List(pl.String)).list.eval(pl.element().str.strip_chars().filter(pl.element() != ""))
+    # two steps: inside one eval, `filter`'s pl.element() is the unstripped value (a blank " " was kept as "")
+    vals = col.cast(pl.List(pl.String)).list.eval(pl.element().str.strip_chars())
+    vals = vals.list.eval(pl.element().filter(pl.element() != ""))
     return vals.list.unique(maintain_order=True)  # a value repeated within one row counts once
 
 
