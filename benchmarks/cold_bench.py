@@ -14,7 +14,7 @@ occupation), per seed:
    ``model.use_text=false`` (the default) and ``model.use_text=true`` (titles through the packaged MiniLM) -- and
    ``recsys export``.
 4. The held-out items are read back from items.csv with ``recsys.catalogue.encode.read_items`` and embedded with
-   ``encode_items`` / ``embed_items`` (the item tower's features-only path, + the title for the text model).
+   ``encode_items`` / ``embed_new_items`` (the item tower's features-only path, + the title for the text model).
 5. Every user with a future held-out item is scored with their **stored** embedding (``user_embeddings.npy``):
 
    - **all items**: rank the bundle's catalogue + the cold items, the user's past items excluded; Recall@20 = the
@@ -138,7 +138,7 @@ def genre_popularity_scores(past: pl.DataFrame, genres: dict[str, list[str]], us
 # ------------------------------------------------------------------------------------------------------ run
 def run_seed(d, seed: int, work: Path, overrides: list[str]) -> dict:
     from recsys.bundle import Bundle
-    from recsys.catalogue.encode import embed_items, encode_items, read_items
+    from recsys.catalogue.encode import embed_new_items, encode_items, read_items
     from recsys.prepare import PrepareConfig
 
     t0 = time.perf_counter()
@@ -182,7 +182,7 @@ def run_seed(d, seed: int, work: Path, overrides: list[str]) -> dict:
         bundle = Bundle.load(models)
         t1 = time.perf_counter()
         enc = encode_items(bundle, cold_rows)
-        cold_vecs = embed_items(bundle, enc)
+        cold_vecs = embed_new_items(bundle, enc)
         timings[tag]["embed_cold_s"] = round(time.perf_counter() - t1, 2)
         users = [u for u in future if bundle.user_row(u) is not None]
         urows = np.array([bundle.user_row(u) for u in users])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from recsys.bundle import Bundle
-from recsys.catalogue.encode import EncodedItems, embed_items, encode_items, read_items
+from recsys.catalogue.encode import EncodedItems, embed_new_items, encode_items, read_items
 from recsys.core import schema
 from recsys.core.data import feature_codes
 from recsys.prepare import PrepareConfig, prepare
@@ -114,7 +114,7 @@ def test_existing_items_encode_to_their_stored_codes(world):
     with torch.no_grad():
         want = model.encode_item_features(model.item_feats[torch.as_tensor(item_rows)],
                                           model.item_text[torch.as_tensor(item_rows)]).numpy()
-    got = embed_items(bundle, enc)
+    got = embed_new_items(bundle, enc)
     assert got.shape == (bundle.n_items, bundle.dim) and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(got, want, atol=2e-5)
@@ -136,7 +136,7 @@ def test_unknown_values_become_zero_and_are_listed(world):
     assert enc.codes[0, w - 1] == vocab["year", "1991"] and enc.codes[1, w - 1] == vocab["year", "1990"]  # 1990 == "1990"
     assert enc.codes[1, 0] == 0 and not enc.codes[2].any()
     assert enc.titles == [None, None, None]
-    z = embed_items(bundle, enc)
+    z = embed_new_items(bundle, enc)
     assert z.shape == (3, bundle.dim) and np.isfinite(z).all()
 
 
@@ -171,7 +171,7 @@ def test_near_identical_titles_without_interactions_get_near_identical_vectors(w
     rows = [{"item_id": "a", "title": "piano concert music tonight"},
             {"item_id": "b", "title": "piano concert music tonight!"},
             {"item_id": "c", "title": "football match goal highlights"}]
-    z = embed_items(bundle, encode_items(bundle, rows))
+    z = embed_new_items(bundle, encode_items(bundle, rows))
     near, far = _cos(z[0], z[1]), _cos(z[0], z[2])
     assert near > 0.98, near
     assert far < near - 0.1, (near, far)
@@ -184,7 +184,7 @@ def test_title_only_item_ranks_high_for_users_of_its_topic(world, topic):
     bundle, _, _ = world
     title = {"space": "astronaut rocket galaxy voyage", "food": "pasta recipe kitchen dinner",
              "sport": "stadium football goal final", "music": "orchestra piano concert evening"}[topic]
-    z = embed_items(bundle, encode_items(bundle, [{"item_id": "new", "title": title}]))[0]
+    z = embed_new_items(bundle, encode_items(bundle, [{"item_id": "new", "title": title}]))[0]
     scores = bundle.user_embeddings @ z  # [n_users]
     mine = np.array([u.split("-")[0] == topic for u in bundle.user_ids])
     pos, neg = scores[mine], scores[~mine]
@@ -205,7 +205,7 @@ def test_new_items_get_the_prior_of_an_item_without_events(raw, tmp_path):
     model = bundle.model
     k, dim = model.cfg.time_prior_rank, model.dim
     assert bundle.dim == dim + k + 1 > bundle.tower_dim == dim
-    z = embed_items(bundle, encode_items(bundle, [{"item_id": "n1", "category": "Music", "genres": ["piano"]},
+    z = embed_new_items(bundle, encode_items(bundle, [{"item_id": "n1", "category": "Music", "genres": ["piano"]},
                                                   {"item_id": "n2", "category": "Food", "year": 1993}]))
     assert z.shape == (2, bundle.dim)
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)

@@ -56,14 +56,14 @@ def upsert_items(models_dir: str | Path, view: Bundle, rows: Sequence[Mapping[st
     bundle): it decides which IDs count as added and which as updated. Raises ValueError for an unknown attribute,
     a missing or repeated item ID (naming it).
     """
-    from recsys.catalogue.encode import embed_items, encode_items  # torch: not on the serving import path
+    from recsys.catalogue.encode import embed_new_items, encode_items  # torch: not on the serving import path
 
     base = getattr(view, "base", view)
     if not rows:
         raise ValueError("no items to upsert")
     rows = _one_value_as_scalar(base, rows)
     encoded = encode_items(base, rows)
-    vectors = np.asarray(embed_items(base, encoded), dtype=np.float32)
+    vectors = np.asarray(embed_new_items(base, encoded), dtype=np.float32)
     unknown = [(str(i), str(f), str(v)) for i, f, v in encoded.unknown]
     unknown_of: dict[str, list[list[str]]] = {}
     for i, f, v in unknown:

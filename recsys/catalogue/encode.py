@@ -7,7 +7,7 @@ the same cosine, as the trained items'.
 
     rows = read_items("new_items.csv", config=PrepareConfig(multi_valued={"genres": "|"}))
     enc = encode_items(bundle, rows)        # codes [m, W] in the model's column layout; enc.unknown: unknown values
-    vecs = embed_items(bundle, enc)         # [m, bundle.dim] float32, unit rows
+    vecs = embed_new_items(bundle, enc)         # [m, bundle.dim] float32, unit rows
 
 Rows are ``{"item_id": str, <feature>: value | [values], "title": str}`` (``title`` optional, any feature may be
 absent = missing). Values are coded with the bundle's ``feature_vocab.parquet`` by prepare's own rules
@@ -173,7 +173,7 @@ def encode_items(bundle: Any, rows: Sequence[Mapping[str, Any]]) -> EncodedItems
     return EncodedItems(item_ids=ids, codes=codes, titles=titles, unknown=[u for row in unknown for u in row])
 
 
-def embed_items(bundle: Any, encoded: EncodedItems, *, batch_size: int = 4096) -> np.ndarray:
+def embed_new_items(bundle: Any, encoded: EncodedItems, *, batch_size: int = 4096) -> np.ndarray:
     """The served vectors of new items: ``[m, bundle.dim]`` float32, unit rows, comparable with
     ``bundle.item_embeddings`` (the item tower's features-only path, + the title embedding when the model uses
     text; with ``model.time_prior`` the prior of an item without events)."""
