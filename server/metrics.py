@@ -86,7 +86,7 @@ class Metrics:
             "recsys_catalogue_refused", "Catalogue delta records refused (the catalogue stays as it was), by reason",
             ["reason"], registry=self.registry,
         )
-        for reason in ("checksum", "sequence", "chain", "version", "invalid"):
+        for reason in ("checksum", "sequence", "chain", "version", "invalid", "unreadable"):
             self.catalogue_refused.labels(reason)
         # labelled children cached: .labels() takes a lock and hashes the labels on every call
         self._req: dict[tuple[str, str], object] = {}

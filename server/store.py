@@ -191,13 +191,14 @@ class ModelStore:
             if not changes and view is not base:
                 return view
             new_state = state.apply(changes) if changes else state
-        except CatalogueError as e:
+        except (CatalogueError, OSError) as e:  # OSError: the delta cannot be read at all (permissions, a file)
+            reason = e.reason if isinstance(e, CatalogueError) else "unreadable"
             if self._catalogue_error != str(e):
                 self._catalogue_error = str(e)
                 log.error("catalogue delta of %s refused (%s): %s; the catalogue stays at change %d", base.version,
-                          e.reason, e, state.seq, extra={"version": str(base.version)})
+                          reason, e, state.seq, extra={"version": str(base.version)})
                 if self._metrics is not None:
-                    self._metrics.catalogue_refused.labels(e.reason).inc()
+                    self._metrics.catalogue_refused.labels(reason).inc()
             if view is not base:
                 return view
             new_state = state
@@ -241,6 +242,8 @@ class ModelStore:
                                       log=self._log(str(current.version)))
             except CatalogueError as e:
                 raise FailedPrecondition(str(e)) from e
+            except OSError as e:  # a read-only or full models volume: the change is not made
+                raise FailedPrecondition(f"cannot write the catalogue delta in {str(self.models_dir)!r}: {e}") from e
             except ValueError as e:
                 raise InvalidArgument(str(e)) from e
             self._serve_catalogue(current)
@@ -255,6 +258,8 @@ class ModelStore:
                                       log=self._log(str(current.version)))
             except CatalogueError as e:
                 raise FailedPrecondition(str(e)) from e
+            except OSError as e:
+                raise FailedPrecondition(f"cannot write the catalogue delta in {str(self.models_dir)!r}: {e}") from e
             except ValueError as e:  # a malformed change ID
                 raise InvalidArgument(str(e)) from e
             self._serve_catalogue(current)

@@ -386,3 +386,26 @@ def test_a_new_version_says_it_does_not_carry_the_delta(models, tmp_path_factory
     assert manifest["catalogue"]["delta"] == {"carried": False, "previous_version": "v1", "previous_changes": 1}
     assert "prepare_config" in manifest["data"]  # (None here: the test dataset was written by hand)
     assert not catalogue_dir(models, "v2").exists()  # the new version starts with an empty delta
+
+
+def test_an_unwritable_models_directory_refuses_the_change_and_serves_on(models):
+    import os
+
+    if os.geteuid() == 0:  # root writes anyway: make the catalogue directory a file instead
+        (models / "catalogue").write_text("not a directory")
+    else:
+        models.chmod(0o555)
+    try:
+        with running_server(models, loader=_loader()) as (app, target), grpc.insecure_channel(target) as ch:
+            admin, stub = pb_grpc.RecommenderAdminStub(ch), pb_grpc.RecommenderStub(ch)
+            if os.geteuid() == 0:  # the delta could not even be read: refused, counted, the bundle serves alone
+                sample = app.metrics.registry.get_sample_value
+                assert sample("recsys_catalogue_refused_total", {"reason": "unreadable"}) >= 1
+            code, details = code_of(admin.UpsertItems, pb.UpsertItemsRequest(items=[_item("x", "space")]),
+                                    metadata=AUTH)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "catalogue" in details
+            info = stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert (info.catalogue_seq, info.catalogue_size) == (0, 64)
+            assert len(stub.Recommend(pb.RecommendRequest(user_id=_user(0), k=5)).items) == 5
+    finally:
+        models.chmod(0o755)
