@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -192,7 +193,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     step("evaluate", t0)
 
     _say("6. gRPC server")
-    settings = ServeSettings(models_dir=str(models_dir), poll_s=0.5)
+    # the admin token lets the demo call UpsertItems / RetireItems (a random one: the server is local and short-lived)
+    admin_token = secrets.token_hex(16)
+    settings = ServeSettings(models_dir=str(models_dir), poll_s=0.5, admin_token=admin_token)
     address = f"127.0.0.1:{opts.port if opts.serve else 0}"
     app, port = create_server(address, settings)
     app.start()
@@ -231,12 +234,35 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             print(f"Recommend(k=0) -> {e.code.name}: {e.details}")
         return rec.model_version
 
+    def live_catalogue(client: RecommenderClient) -> None:
+        rec = client.recommend(known_user, k=5)
+        top_cat = cats.get(rec.item_ids[0], "?")
+        other = next(c for c in sorted(set(cats.values())) if c != top_cat)
+        _show(f"Recommend(user_id={known_user!r}, k=5, filter=['category={other}']) -- only {other}",
+              client.recommend(known_user, k=5, filter=[f"category={other}"]), titles, cats)
+        new_id = "i-new-001"
+        up = client.upsert_items([{"item_id": new_id, "category": top_cat, "title": f"new {top_cat} arrival"}])
+        cats[new_id], titles[new_id] = top_cat, f"new {top_cat} arrival"
+        print(f"UpsertItems({new_id!r} [{top_cat}]) -> added={up['added']}, catalogue change {up['catalogue_seq']}")
+        _show(f"SimilarItems({new_id!r}, k=5) -- a new item, embedded from its attributes alone",
+              client.similar_items(new_id, k=5), titles, cats)
+        gone = rec.item_ids[0]
+        client.retire_items([gone])
+        after = client.recommend(known_user, k=5)
+        print(f"RetireItems({gone!r}) -> Recommend(user_id={known_user!r}) now: {after.item_ids} "
+              f"({'gone' if gone not in after.item_ids else 'STILL THERE'})")
+        info = client.model_info()
+        print(f"catalogue: {info['catalogue_size']} items, {info['upserted_items']} upserted, "
+              f"{info['retired_items']} retired (change {info['catalogue_seq']})")
+
     result: dict[str, Any] = {"timings": timings}
-    with RecommenderClient(target) as client:
+    with RecommenderClient(target, admin_token=admin_token) as client:
         client.wait_ready(timeout=30)
         _say("7. client calls")
         v1 = calls(client)
         result["v1"] = v1
+        _say("7b. the live catalogue: a filter, a new item, a retired one (no retrain)")
+        live_catalogue(client)
 
         if opts.retrain:
             _say("8. retrain on the full logs (gate vs the serving model) -> hot reload")
@@ -254,6 +280,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                 while client.model_info()["version"] != rep["published"] and time.time() < deadline:
                     time.sleep(0.2)
                 print(f"server now answers with {client.model_info()['version']} (was {v1})")
+                print("(a new version starts with its own, empty catalogue delta: the upsert and the retirement above "
+                      "belonged to the old one; README \"A live catalogue\")")
                 _say("9. the same calls, answered by the new version")
                 result["v2"] = calls(client)
             else:
