@@ -136,7 +136,12 @@ class Prepared:
     __slots__ = ("__weakref__", "item_ids", "version")
 
     def __init__(self, bundle: Bundle) -> None:
-        self.item_ids: list[str] = [str(t) for t in np.asarray(bundle.item_ids).tolist()]
+        base = getattr(bundle, "base", None)
+        if base is not None and base is not bundle:  # a live-catalogue view: its bundle's IDs, then the new ones
+            head = _PREPARED.get(base).item_ids
+            self.item_ids: list[str] = head + [str(t) for t in np.asarray(bundle.item_ids[len(head):]).tolist()]
+        else:
+            self.item_ids = [str(t) for t in np.asarray(bundle.item_ids).tolist()]
         self.version = str(bundle.version)
 
 
