@@ -235,32 +235,26 @@ class ModelStore:
 
     def upsert(self, rows: list[dict[str, Any]], *, change_id: str | None = None) -> UpsertResult:
         """Write an upsert to the serving version's delta and serve it (see recsys.catalogue.changes)."""
-        with self._reload_lock:
-            current = self._catalogue_view()
-            try:
-                result = upsert_items(self.models_dir, current, rows, change_id=change_id,
-                                      log=self._log(str(current.version)))
-            except CatalogueError as e:
-                raise FailedPrecondition(str(e)) from e
-            except OSError as e:  # a read-only or full models volume: the change is not made
-                raise FailedPrecondition(f"cannot write the catalogue delta in {str(self.models_dir)!r}: {e}") from e
-            except ValueError as e:
-                raise InvalidArgument(str(e)) from e
-            self._serve_catalogue(current)
-            return result
+        return self._change(upsert_items, rows, change_id)
 
     def retire(self, item_ids: list[str], *, change_id: str | None = None) -> RetireResult:
         """Write a retirement to the serving version's delta and serve it."""
+        return self._change(retire_items, item_ids, change_id)
+
+    def _change(self, write: Callable[..., Any], payload: list[Any], change_id: str | None) -> Any:
+        """One catalogue change: written to the delta (one writer at a time, never during a reload), then served.
+        Errors: a refused delta -> FailedPrecondition, a delta that cannot be written (read-only or full volume)
+        -> FailedPrecondition, bad input (an unknown attribute, a malformed change ID) -> InvalidArgument."""
         with self._reload_lock:
             current = self._catalogue_view()
             try:
-                result = retire_items(self.models_dir, current, item_ids, change_id=change_id,
-                                      log=self._log(str(current.version)))
+                result = write(self.models_dir, current, payload, change_id=change_id,
+                               log=self._log(str(current.version)))
             except CatalogueError as e:
                 raise FailedPrecondition(str(e)) from e
             except OSError as e:
                 raise FailedPrecondition(f"cannot write the catalogue delta in {str(self.models_dir)!r}: {e}") from e
-            except ValueError as e:  # a malformed change ID
+            except ValueError as e:
                 raise InvalidArgument(str(e)) from e
             self._serve_catalogue(current)
             return result

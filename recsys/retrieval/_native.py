@@ -152,12 +152,7 @@ class NativeSearch:
                 graph_rows.append(i)
         if graph_rows:
             rows = np.array(graph_rows, dtype=np.int64)
-            labels = offsets = None
-            lens = np.array([0 if ex[i] is None else ex[i].size for i in graph_rows], dtype=np.int64)
-            if lens.any():
-                labels = np.concatenate([ex[i] for i in graph_rows if ex[i] is not None])
-                offsets = np.zeros(rows.size + 1, dtype=np.int64)
-                np.cumsum(lens, out=offsets[1:])
+            labels, offsets = _csr(ex, rows)
             sub = q if rows.size == n else np.ascontiguousarray(q[rows])
             lab, dist = self._index.knn(sub, k, self._ef, labels, offsets, self.num_threads, -1,
                                         self.allow_width(words), words, -1, self.allow_budget(words))
@@ -178,12 +173,18 @@ class NativeSearch:
         exact = self._exact()
         if not idmap.identity:
             return exact.search_rows(q, rows, k, ex, words)
-        labels = offsets = None
-        lens = np.array([0 if ex[i] is None else ex[i].size for i in rows], dtype=np.int64)
-        if lens.any():
-            labels = np.concatenate([ex[i] for i in rows if ex[i] is not None])
-            offsets = np.zeros(rows.size + 1, dtype=np.int64)
-            np.cumsum(lens, out=offsets[1:])
+        labels, offsets = _csr(ex, rows)
         sub = q if rows.size == q.shape[0] else np.ascontiguousarray(q[rows])
         lab, dist = self._native.scan_allowed(exact.vectors, sub, k, words, -1, labels, offsets, self.num_threads)
         return lab, 1.0 - dist
+
+
+def _csr(ex: list[np.ndarray | None], rows: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The exclusion lists of ``rows`` as the extension's CSR (labels, offsets [len(rows) + 1]); (None, None) when
+    none of them excludes anything."""
+    lens = np.array([0 if ex[i] is None else ex[i].size for i in rows], dtype=np.int64)
+    if not lens.any():
+        return None, None
+    offsets = np.zeros(rows.size + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    return np.concatenate([ex[i] for i in rows if ex[i] is not None]), offsets
