@@ -214,6 +214,45 @@ const uint64_t *check_words(const py::array &a, const char *name, size_t *len) {
     return static_cast<const uint64_t *>(a.data());
 }
 
+// The usable bits of an allowed bitset of `n_words` words: -1 = all of them, else in [0, 64 x n_words].
+uint64_t check_allow_bits(int64_t allow_bits, size_t n_words) {
+    if (allow_bits < -1 || (allow_bits >= 0 && uint64_t(allow_bits) > 64 * uint64_t(n_words)))
+        value_error("`allow_bits` must be -1 (all the words' bits) or in [0, 64 x " + std::to_string(n_words) +
+                    "], got " + std::to_string(allow_bits));
+    return allow_bits < 0 ? 64 * uint64_t(n_words) : uint64_t(allow_bits);
+}
+
+// Per-query exclusion lists in CSR form (labels + offsets [rows + 1]), checked; both None = no exclusion. The
+// arrays are held so the pointers stay valid while the GIL is released.
+struct Exclusions {
+    py::array labels_arr, offsets_arr;
+    const int64_t *labels = nullptr, *offsets = nullptr;
+};
+
+Exclusions check_exclusions(const py::object &exclude_labels, const py::object &exclude_offsets, size_t rows) {
+    Exclusions e;
+    if (exclude_labels.is_none() != exclude_offsets.is_none())
+        value_error("`exclude_labels` and `exclude_offsets` must both be given or both be None");
+    if (exclude_labels.is_none()) return e;
+    e.labels_arr = py::array(exclude_labels);
+    e.offsets_arr = py::array(exclude_offsets);
+    size_t n_ex = 0, n_off = 0;
+    e.labels = check_int64(e.labels_arr, "exclude_labels", &n_ex);
+    e.offsets = check_int64(e.offsets_arr, "exclude_offsets", &n_off);
+    const int64_t *off = e.offsets;
+    if (n_off != rows + 1)
+        value_error("`exclude_offsets` must hold n + 1 = " + std::to_string(rows + 1) + " offsets, got " +
+                    std::to_string(n_off));
+    if (off[0] != 0 || size_t(off[rows]) != n_ex)
+        value_error("`exclude_offsets` must start at 0 and end at len(exclude_labels) = " + std::to_string(n_ex) +
+                    ", got " + std::to_string(off[0]) + ".." + std::to_string(off[rows]));
+    for (size_t i = 0; i < rows; i++)
+        if (off[i + 1] < off[i])
+            value_error("`exclude_offsets` must be non-decreasing, got " + std::to_string(off[i]) + " then " +
+                        std::to_string(off[i + 1]) + " at " + std::to_string(i));
+    return e;
+}
+
 size_t resolve_threads(int num_threads) {
     if (num_threads <= 0) {
         unsigned hc = std::thread::hardware_concurrency();
@@ -405,26 +444,9 @@ py::tuple scan_allowed(const py::array &vectors, const py::array &queries, size_
     const float *x = check_matrix(vectors, "vectors", dim, &size);
     const float *q = check_matrix(queries, "queries", dim, &rows);
     const uint64_t *words = check_words(allow, "allow", &n_words);
-    if (allow_bits < -1 || (allow_bits >= 0 && uint64_t(allow_bits) > 64 * uint64_t(n_words)))
-        value_error("`allow_bits` must be -1 (all the words' bits) or in [0, 64 x " + std::to_string(n_words) +
-                    "], got " + std::to_string(allow_bits));
-    const uint64_t bits = std::min<uint64_t>(allow_bits < 0 ? 64 * uint64_t(n_words) : uint64_t(allow_bits), size);
-    const int64_t *ex = nullptr, *off = nullptr;
-    py::array ex_arr, off_arr;
-    if (exclude_labels.is_none() != exclude_offsets.is_none())
-        value_error("`exclude_labels` and `exclude_offsets` must both be given or both be None");
-    if (!exclude_labels.is_none()) {
-        ex_arr = py::array(exclude_labels);
-        off_arr = py::array(exclude_offsets);
-        size_t n_ex = 0, n_off = 0;
-        ex = check_int64(ex_arr, "exclude_labels", &n_ex);
-        off = check_int64(off_arr, "exclude_offsets", &n_off);
-        if (n_off != rows + 1 || off[0] != 0 || size_t(off[rows]) != n_ex)
-            value_error("`exclude_offsets` must hold n + 1 = " + std::to_string(rows + 1) +
-                        " non-decreasing offsets from 0 to len(exclude_labels)");
-        for (size_t i = 0; i < rows; i++)
-            if (off[i + 1] < off[i]) value_error("`exclude_offsets` must be non-decreasing");
-    }
+    const uint64_t bits = std::min<uint64_t>(check_allow_bits(allow_bits, n_words), size);
+    const Exclusions excl = check_exclusions(exclude_labels, exclude_offsets, rows);
+    const int64_t *ex = excl.labels, *off = excl.offsets;
     py::array_t<int64_t> labels_out({rows, k});
     py::array_t<float> dist_out({rows, k});
     int64_t *lo = labels_out.mutable_data();
@@ -640,27 +662,8 @@ class Index {
         if (k < 1) value_error("`k` must be >= 1, got " + std::to_string(k));
         size_t rows = 0;
         const float *q = check_matrix(queries, "queries", dim_, &rows);
-        const int64_t *ex = nullptr, *off = nullptr;
-        if (exclude_labels.is_none() != exclude_offsets.is_none())
-            value_error("`exclude_labels` and `exclude_offsets` must both be given or both be None");
-        py::array ex_arr, off_arr;
-        if (!exclude_labels.is_none()) {
-            ex_arr = py::array(exclude_labels);
-            off_arr = py::array(exclude_offsets);
-            size_t n_ex = 0, n_off = 0;
-            ex = check_int64(ex_arr, "exclude_labels", &n_ex);
-            off = check_int64(off_arr, "exclude_offsets", &n_off);
-            if (n_off != rows + 1)
-                value_error("`exclude_offsets` must hold n + 1 = " + std::to_string(rows + 1) + " offsets, got " +
-                            std::to_string(n_off));
-            if (off[0] != 0 || size_t(off[rows]) != n_ex)
-                value_error("`exclude_offsets` must start at 0 and end at len(exclude_labels) = " +
-                            std::to_string(n_ex) + ", got " + std::to_string(off[0]) + ".." + std::to_string(off[rows]));
-            for (size_t i = 0; i < rows; i++)
-                if (off[i + 1] < off[i])
-                    value_error("`exclude_offsets` must be non-decreasing, got " + std::to_string(off[i]) + " then " +
-                                std::to_string(off[i + 1]) + " at " + std::to_string(i));
-        }
+        const Exclusions excl = check_exclusions(exclude_labels, exclude_offsets, rows);
+        const int64_t *ex = excl.labels, *off = excl.offsets;
         const uint64_t *aw = nullptr;
         uint64_t n_allow = 0;
         py::array allow_arr;
@@ -671,10 +674,7 @@ class Index {
             allow_arr = py::reinterpret_borrow<py::array>(allow);
             size_t n_words = 0;
             aw = check_words(allow_arr, "allow", &n_words);
-            if (allow_bits < -1 || (allow_bits >= 0 && uint64_t(allow_bits) > 64 * uint64_t(n_words)))
-                value_error("`allow_bits` must be -1 (all the words' bits) or in [0, 64 x " + std::to_string(n_words) +
-                            "], got " + std::to_string(allow_bits));
-            n_allow = allow_bits < 0 ? 64 * uint64_t(n_words) : uint64_t(allow_bits);
+            n_allow = check_allow_bits(allow_bits, n_words);
         }
         py::array_t<int64_t> labels_out({rows, k});
         py::array_t<float> dist_out({rows, k});
