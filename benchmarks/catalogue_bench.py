@@ -65,6 +65,7 @@ from benchmarks.serve_bench import (  # noqa: E402
     drive,
     free_port,
     start,
+    stop,
     wait_serving,
 )
 
@@ -434,13 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         A.channel.close()
         B.channel.close()
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
     for proc in procs:
         text = Path(proc.log).read_text(errors="replace")  # type: ignore[attr-defined]
         if "native Recommend disabled" in text:

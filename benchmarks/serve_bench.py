@@ -195,6 +195,17 @@ def start(cmd: list[str], log: Path, *, cwd: Path = ROOT) -> subprocess.Popen:
     return proc
 
 
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Terminate server processes (graceful stop: SIGTERM to all, then wait), killing any still up after 30 s."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def wait_serving(port: int, proc: subprocess.Popen, *, timeout: float = 180.0, health: bool = True,
                  poll_s: float = 0.2) -> None:
     """Until the server answers (health SERVING, or the empty call), asking every ``poll_s``; fails at once if the
@@ -593,13 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         over = run("overload(limit 32)", lp, limited, recommend, rec_bytes, 256, 5000)
         results["overload_only_ok_or_exhausted"] = set(over["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
 
     results["summary"] = summary = summarize(results["runs"])
     print(f"\nmedians of {args.repeat} repeats")
