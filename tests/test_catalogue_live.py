@@ -313,7 +313,8 @@ def test_filter_errors_name_what_is_wrong():
 
 
 def test_extended_attributes_encode_new_and_updated_items():
-    a = _attributes().extended(8, np.array([1, 6]), [{"genre": ["horror", "western"]}, {"year": "1995"}])
+    # values are cleaned as prepare cleans them (stripped, blank list values dropped), the same rule as the encoder's
+    a = _attributes().extended(8, np.array([1, 6]), [{"genre": [" horror", "western", " "]}, {"year": " 1995 "}])
     assert a.codes["genre"][1].tolist() == [3, 0] and a.codes["genre"][6].tolist() == [0, 0]
     assert a.codes["year"][6].tolist() == [2] and a.codes["year"][7].tolist() == [0]  # row 7: never upserted
     assert bitset.ids(a.allowed(parse_filter(["year=1995"]))).tolist() == [4, 6]

@@ -114,14 +114,9 @@ def retire_items(models_dir: str | Path, view: Bundle, item_ids: Sequence[str], 
 def _one_value_as_scalar(bundle: Bundle, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Rows whose single-valued attributes came as a list of one value (the RPC's ``StringSet``) with that value;
     a multi-valued attribute keeps its list. Any other shape is left for ``encode_items`` to refuse by name."""
-    import pyarrow as pa  # pyarrow: not on the serving import path
+    from recsys.catalogue.encode import multi_valued  # torch: not on the serving import path
 
-    from recsys.core import schema
-
-    table_schema = bundle.item_table.schema
-    single = {name[len(schema.FEAT_PREFIX):] for name in table_schema.names
-              if name.startswith(schema.FEAT_PREFIX) and not pa.types.is_list(table_schema.field(name).type)
-              and not pa.types.is_large_list(table_schema.field(name).type)}
+    single = {name for name, multi in multi_valued(bundle).items() if not multi}
     out = []
     for row in rows:
         r = dict(row)

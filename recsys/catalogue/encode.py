@@ -248,6 +248,24 @@ def _spec(bundle: Any) -> _Spec:
     return spec
 
 
+def multi_valued(bundle: Any) -> dict[str, bool]:
+    """The bundle's item features -> whether each is multi-valued (a list of values per item)."""
+    return dict(_spec(bundle).features)
+
+
+def clean(values: Sequence[Any], name: str) -> list[list[str]]:
+    """Raw values of attribute ``name``, one per item (a value, a list of values, or None), as prepare looks them
+    up in its vocabulary: per item its cleaned values (a single value: at most one; a list: its distinct ones)."""
+    out: list[list[str]] = [[] for _ in values]
+    lists = [i for i, v in enumerate(values) if isinstance(v, (list, tuple))]
+    single = [i for i, v in enumerate(values) if v is not None and not isinstance(v, (list, tuple))]
+    for i, vals in zip(lists, _clean_lists([values[i] for i in lists], name), strict=True):
+        out[i] = vals
+    for i, v in zip(single, _clean_values([values[i] for i in single], name), strict=True):
+        out[i] = [v] if v else []
+    return out
+
+
 def _check_rows(rows: list[Mapping[str, Any]], *, where: str, first: int) -> None:
     """Each row a mapping with a non-empty ``item_id``, a string title and values that are strings, numbers,
     booleans or lists of them; else a ValueError naming ``where``, the row (counted from ``first``), the field and

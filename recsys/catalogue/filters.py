@@ -142,10 +142,14 @@ class Attributes:
     def extended(self, n_items: int, rows: np.ndarray, features: Sequence[Mapping[str, Any]]) -> Attributes:
         """A copy for a catalogue of ``n_items`` rows where item ``rows[j]`` (an existing row: updated; a new row:
         added) has the raw values ``features[j]`` (attribute -> value or list of values), encoded with the value
-        vocabularies (unknown values -> 0). Rows past the old end that no ``rows[j]`` names are all-missing."""
+        vocabularies by prepare's cleaning rule (:func:`recsys.catalogue.encode.clean`; unknown values -> 0). Rows
+        past the old end that no ``rows[j]`` names are all-missing."""
+        from recsys.catalogue.encode import clean  # polars: not on the serving import path
+
         codes = {}
         for name, old in self.codes.items():
-            enc = [self.encode(name, f.get(name)) for f in features]
+            vocab = self.values.get(name, {})
+            enc = [[vocab.get(v, 0) for v in vals] for vals in clean([f.get(name) for f in features], name)]
             w = max([old.shape[1], *(len(e) for e in enc)])
             new = np.zeros((n_items, w), dtype=np.int64)
             new[: old.shape[0], : old.shape[1]] = old
@@ -154,14 +158,6 @@ class Attributes:
                 new[r, : len(e)] = e
             codes[name] = new
         return Attributes(codes, self.values, n_items)
-
-    def encode(self, name: str, value: Any) -> list[int]:
-        """Raw value(s) of one attribute -> codes (0 for a value the vocabulary does not know)."""
-        if value is None:
-            return []
-        vals = [value] if isinstance(value, str) else list(value)
-        vocab = self.values.get(name, {})
-        return [vocab.get(str(v), 0) for v in vals]
 
     # ---- compiling ---------------------------------------------------------------------------------------
     def allowed(self, f: ItemFilter) -> np.ndarray:
