@@ -222,7 +222,6 @@ def _spec(bundle: Any) -> _Spec:
     if got is not None:
         return got
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     items = bundle.item_table
     features = {
@@ -230,11 +229,7 @@ def _spec(bundle: Any) -> _Spec:
         or pa.types.is_large_list(items.schema.field(name).type)
         for name in items.column_names if name.startswith(schema.FEAT_PREFIX)
     }
-    fv = pq.read_table(bundle.path / schema.FEATURE_VOCAB).to_pylist()
-    vocab: dict[str, dict[str, int]] = {}
-    for r in fv:
-        if r["entity"] == "item":
-            vocab.setdefault(r["feature"], {})[r["value"]] = int(r["code"])
+    vocab = item_vocabulary(bundle)
     model = bundle.model
     widths = model.spec.item_feature_widths
     columns, start = {}, 0
@@ -246,6 +241,17 @@ def _spec(bundle: Any) -> _Spec:
     spec = _Spec(features=features, vocab=vocab, columns=columns, width=start)
     _SPECS[bundle] = spec
     return spec
+
+
+def item_vocabulary(bundle: Any) -> dict[str, dict[str, int]]:
+    """The bundle's item feature vocabularies (``feature_vocab.parquet``): feature -> value -> code (>= 1)."""
+    import pyarrow.parquet as pq  # pyarrow: not on the serving import path
+
+    vocab: dict[str, dict[str, int]] = {}
+    for r in pq.read_table(bundle.path / schema.FEATURE_VOCAB).to_pylist():
+        if r["entity"] == "item":
+            vocab.setdefault(str(r["feature"]), {})[str(r["value"])] = int(r["code"])
+    return vocab
 
 
 def multi_valued(bundle: Any) -> dict[str, bool]:

@@ -124,20 +124,14 @@ class Attributes:
     @classmethod
     def from_bundle(cls, bundle: Any) -> Attributes:
         """From a loaded bundle: its items table's ``feat_<name>`` columns and its feature vocabulary."""
-        import pyarrow.parquet as pq  # pyarrow: not on the serving import path
-
+        from recsys.catalogue.encode import item_vocabulary  # pyarrow: not on the serving import path
         from recsys.core.data import feature_codes
 
         table = bundle.item_table
         codes = {c[len(schema.FEAT_PREFIX):]: feature_codes(table.column(c))
                  for c in table.column_names if c.startswith(schema.FEAT_PREFIX)}
-        vocab = pq.read_table(bundle.path / schema.FEATURE_VOCAB).to_pydict()
-        values: dict[str, dict[str, int]] = {name: {} for name in codes}
-        for entity, feat, value, code in zip(vocab["entity"], vocab["feature"], vocab["value"], vocab["code"],
-                                             strict=True):
-            if entity == "item" and feat in values:
-                values[feat][str(value)] = int(code)
-        return cls(codes, values, int(bundle.n_items))
+        vocab = item_vocabulary(bundle)
+        return cls(codes, {name: vocab.get(name, {}) for name in codes}, int(bundle.n_items))
 
     def extended(self, n_items: int, rows: np.ndarray, features: Sequence[Mapping[str, Any]]) -> Attributes:
         """A copy for a catalogue of ``n_items`` rows where item ``rows[j]`` (an existing row: updated; a new row:
