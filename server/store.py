@@ -223,15 +223,7 @@ class ModelStore:
         """Apply the serving version's new delta records (another replica's or a command's); True on a change."""
         with self._reload_lock:
             current = self.current
-            state = getattr(current, "catalogue_state", None)
-            if state is None:
-                return False
-            new = self._with_catalogue(current, state)
-            if new is current:
-                return False
-            service.prepared(new)  # the request path's item-ID list, built off the request path
-            self.current = new
-            return True
+            return getattr(current, "catalogue_state", None) is not None and self._serve_catalogue(current)
 
     def upsert(self, rows: list[dict[str, Any]], *, change_id: str | None = None) -> UpsertResult:
         """Write an upsert to the serving version's delta and serve it (see recsys.catalogue.changes)."""
@@ -267,11 +259,14 @@ class ModelStore:
             raise FailedPrecondition(f"model {current.version} has no live catalogue (not a published bundle)")
         return current
 
-    def _serve_catalogue(self, current: Any) -> None:
+    def _serve_catalogue(self, current: Any) -> bool:
+        """Swap in ``current`` with the delta's new records applied (under the reload lock); True on a change."""
         new = self._with_catalogue(current, current.catalogue_state)
-        if new is not current:
-            service.prepared(new)
-            self.current = new
+        if new is current:
+            return False
+        service.prepared(new)  # the request path's item-ID list, built off the request path
+        self.current = new
+        return True
 
     def poll_once(self) -> bool:
         """Load LATEST if it names a new version that was not refused before, else apply the serving version's
