@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_index import NATIVE_PARAMS  # both search paths, the native one skipped where it is not built
 
 from recsys.retrieval import (
     ExactIndex,
@@ -16,11 +17,6 @@ from recsys.retrieval import (
     retrieve,
     retrieve_one,
 )
-
-NATIVE_PARAMS = [
-    pytest.param(True, id="native", marks=pytest.mark.skipif(not native_available(), reason="recsys._hnsw not built")),
-    pytest.param(False, id="fallback"),
-]
 
 
 def clustered(n: int, dim: int, *, n_clusters: int = 40, n_queries: int = 200, seed: int = 0):
