@@ -107,7 +107,7 @@ class LiveIndex:
                                                 if self.metric == "cosine" else vecs)
 
     @property
-    def ef(self) -> int:  # read by tuning reports and GetModelInfo-like callers
+    def ef(self) -> int:  # the graph's search width, as evaluation reports it for an index (recsys.evaluate.run)
         return int(getattr(self.base, "ef", 0))
 
     def search(self, queries: np.ndarray, k: int, *, exclude: Sequence[np.ndarray | None] | None = None,
