@@ -261,7 +261,7 @@ def _build_tower(bundle: Bundle) -> Any:
         towers = [twin]
         try:
             towers.insert(0, NativeUserTower(twin))
-        except (ImportError, AttributeError):  # no extension (or an older one): the numpy twin
+        except (ImportError, AttributeError, TypeError):  # no extension (or an older one), or a tower it lacks: numpy
             pass
         for tower in towers:
             diff = disagreement(tower)

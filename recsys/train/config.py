@@ -21,10 +21,21 @@ class ModelConfig:
     """Dropout on the tower inputs and between MLP layers while training."""
     history_len: int = 50
     """N: the user tower pools the user's last N items (training: the N items before the target)."""
+    user_tower: Literal["pool", "transformer"] = "pool"
+    """How the user tower reads the history: "pool" = one pooling of the last N items (``history_pooling``, plus the
+    most recent item with ``last_item``); "transformer" = a causal transformer encoder over them (item embeddings +
+    position embeddings, ``transformer_layers`` pre-norm blocks), the last position's output as the history's
+    vector, trained with every position of a sequence predicting its next item (``recsys.train.model``)."""
     history_pooling: Literal["mean", "attention"] = "attention"
-    """How the history item embeddings are pooled: masked mean, or attention with a learned query + recency."""
+    """How the history item embeddings are pooled: masked mean, or attention with a learned query + recency
+    (``user_tower = "pool"`` only)."""
     last_item: bool = True
-    """Also feed the most recent history item's own embedding to the user tower (a direct sequential signal)."""
+    """Also feed the most recent history item's own embedding to the user tower (a direct sequential signal;
+    ``user_tower = "pool"`` only: the transformer's last position is that item's own)."""
+    transformer_layers: int = 2
+    """``user_tower = "transformer"``: the number of pre-norm blocks (causal self-attention + a GELU MLP)."""
+    transformer_heads: int = 2
+    """``user_tower = "transformer"``: attention heads per block (must divide ``embedding_dim``)."""
     share_history_embeddings: bool = True
     """Use the item tower's ID table for the history items instead of a separate table."""
     use_user_id: bool = True
@@ -64,7 +75,7 @@ class ModelConfig:
     def validate(self) -> None:
         if any(not d > 0 for d in self.time_windows_days):
             raise ValueError(f"`model.time_windows_days` must all be > 0, got {list(self.time_windows_days)}")
-        for name in ("dim", "embedding_dim", "history_len"):
+        for name in ("dim", "embedding_dim", "history_len", "transformer_layers", "transformer_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`model.{name}` must be >= 1, got {getattr(self, name)}")
         for name in ("dropout", "user_id_dropout", "item_id_dropout"):
@@ -73,6 +84,9 @@ class ModelConfig:
                 raise ValueError(f"`model.{name}` must be in [0, 1), got {v}")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"`model.hidden` sizes must be >= 1, got {list(self.hidden)}")
+        if self.embedding_dim % self.transformer_heads:
+            raise ValueError(f"`model.transformer_heads` must divide `model.embedding_dim` ({self.embedding_dim}), "
+                             f"got {self.transformer_heads}")
         if self.time_prior_rank < 1:
             raise ValueError(f"`model.time_prior_rank` must be >= 1, got {self.time_prior_rank}")
         if self.init_std <= 0:

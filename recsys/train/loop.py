@@ -404,6 +404,13 @@ class Trainer:
                 "the host every step, which a CUDA graph cannot capture: set `train.cuda_graphs = false`, "
                 "`loss.n_uniform_negatives = 0` or `model.time_features = false`"
             )
+        if self.mcfg.user_tower == "transformer" and self.dist.enabled:
+            raise ValueError("`model.user_tower = \"transformer\"` trains on one process for now (each rank's batch "
+                             "has its own number of positions, which the candidates' all-gather cannot take): run "
+                             "without torchrun, or with `model.user_tower = \"pool\"`")
+        if self.mcfg.user_tower == "transformer" and self.tcfg.target_window > 1:
+            raise ValueError("`train.target_window` > 1 is for the pooling tower; the transformer trains every "
+                             "position on its next item: set `train.target_window = 1`")
         if self.mcfg.time_prior and self.tcfg.cuda_graphs:
             raise ValueError("`model.time_prior` computes each step's (row, candidate) time inputs on the host, which a "
                              "CUDA graph cannot capture: set `train.cuda_graphs = false` or `model.time_prior = false`")
@@ -540,9 +547,20 @@ class Trainer:
             weight = weight * recency.decay_weights(inter.ts, now=int(inter.ts.max()),
                                                     half_life_days=self.tcfg.half_life_days)
         self.t_weight = torch.as_tensor(weight, device=dev)
-        self.time_order = None  # rows by time, for train.time_batches
+        # the examples an epoch shuffles: every row (the pooling tower), or with the transformer the ends of the
+        # windows that tile each user's rows (sequence_windows); per example, how many targets it trains
+        self.windows, self.targets_per_example = None, 1.0
+        examples_ts = inter.ts
+        if self.model.encoder is not None:
+            ends = sequence_windows(inter.user_start(), self.mcfg.history_len)
+            self.windows = torch.as_tensor(ends, device=dev)
+            examples_ts = inter.ts[ends]
+            self.targets_per_example = float(np.minimum(ends - inter.user_start()[ends], self.mcfg.history_len).mean()) \
+                if len(ends) else 1.0
+        self.n_examples = len(examples_ts)
+        self.time_order = None  # examples by time, for train.time_batches
         if self.tcfg.time_batches:
-            self.time_order = torch.as_tensor(np.argsort(inter.ts, kind="stable"), device=dev)
+            self.time_order = torch.as_tensor(np.argsort(examples_ts, kind="stable"), device=dev)
         self.t_time = self.events = None
         if self.model.item_now is not None:
             # kept: uniform negatives and the score prior's pairs take their time inputs from it at each step
@@ -573,18 +591,38 @@ class Trainer:
         ok = idx >= self.t_start[rows][:, None]
         return torch.where(ok, self.t_item[idx.clamp(min=0)], torch.full_like(idx, -1))
 
+    def sequence_queries(self, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's examples: window ends [W] -> (queries [P, dim], target rows [P]).
+
+        Window ``r`` reads the N rows before ``r`` (:meth:`batch_history`); position ``i`` (row ``r - N + i``)
+        predicts the next row's item, so the targets are rows ``r - N + 1 .. r``. Pad positions (before the user's
+        first row) are dropped: P = the window's real items, summed over the batch.
+        """
+        history = self.batch_history(ends)  # [W, N]
+        q = self.model._user_sequence(self.t_user[ends], history, id_dropout=self.mcfg.user_id_dropout)  # [W, N, d]
+        valid = history >= 0
+        targets = ends[:, None] - self.offsets[None, :] + 1  # [W, N]
+        return q[valid], targets[valid]
+
     def loss(self, rows: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch of examples: rows (the pooling tower) or window ends (the transformer, every
+        position a query: :meth:`sequence_queries`); below, ``rows`` are the targets' rows either way."""
         m, lc, mc = self.model, self.lcfg, self.mcfg
-        users, items = self.t_user[rows], self.t_item[rows]
         cuda = self.device.type == "cuda"
         # autocast's cache of cast weights must be off inside a CUDA graph capture (torch's CUDA graphs notes)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cuda,
                             cache_enabled=not self.tcfg.cuda_graphs):  # fmt: skip
-            gap = None
-            if self.tcfg.target_window > 1:
-                # the target is 1..W steps after the history's last item: evaluation asks for the next few items
-                gap = torch.randint(0, self.tcfg.target_window, rows.shape, device=self.device)
-            q = self.users_fn(users, self.batch_history(rows, gap), id_dropout=mc.user_id_dropout).float()  # [B, dim]
+            if self.windows is not None:
+                q, rows = self.sequence_queries(self.windows[rows])
+                q = q.float()
+                users, items = self.t_user[rows], self.t_item[rows]
+            else:
+                users, items = self.t_user[rows], self.t_item[rows]
+                gap = None
+                if self.tcfg.target_window > 1:
+                    # the target is 1..W steps after the history's last item: evaluation asks for the next few items
+                    gap = torch.randint(0, self.tcfg.target_window, rows.shape, device=self.device)
+                q = self.users_fn(users, self.batch_history(rows, gap), id_dropout=mc.user_id_dropout).float()  # [B, dim]
             time = self.t_time[rows] if self.t_time is not None else None  # each item as of its example's time
             c = self.items_fn(items, id_dropout=mc.item_id_dropout, time=time).float()  # [B, dim]
             extra_c = extra_ids = None
@@ -1026,6 +1064,22 @@ def time_blocks(time_order: torch.Tensor, bs: int, n_batches: int, *, generator:
     return time_order[(start[:, None] + torch.arange(bs, device=time_order.device)).reshape(-1)]
 
 
+def sequence_windows(user_start: np.ndarray, n: int) -> np.ndarray:
+    """The transformer's training examples: the rows where the windows of ``n`` targets that tile each user's rows
+    end, counted back from the user's last row (rows ``end - 1``, ``end - 1 - n``, ...), so each row but a user's
+    first is the target of exactly one window per epoch. ``user_start`` [rows]: each row's user's first row
+    (``Interactions.user_start``); rows are grouped by user, by time within a user. A user's first row has nothing
+    before it to read and is never a target."""
+    rows = np.arange(len(user_start), dtype=np.int64)
+    last = np.empty_like(rows)  # each row's user's last row
+    if len(rows):
+        new = np.flatnonzero(np.diff(user_start, prepend=-1) != 0)  # the first row of each user
+        ends = np.append(new[1:], len(rows)) - 1
+        last = np.repeat(ends, np.diff(np.append(new, len(rows))))
+    keep = ((last - rows) % n == 0) & (rows > user_start)
+    return rows[keep]
+
+
 def _run_phase(
     trainer: Trainer, progress: _Progress, writer: _Writer, run_dir: Path, *, evaluator: Evaluator | None,
     epochs: int,
@@ -1033,8 +1087,11 @@ def _run_phase(
     """Train epochs ``progress.epoch + 1 .. epochs`` of the current phase, validating and checkpointing each."""
     tc = trainer.tcfg
     ctx = trainer.dist
-    n = int(trainer.t_item.shape[0])
-    bs = min(tc.batch_size, n)  # the global batch; each of the W ranks takes bs / W rows of it
+    n = trainer.n_examples
+    # the global batch; each of the W ranks takes bs / W examples of it. The transformer's examples are windows of
+    # up to N targets: as many windows as make about `train.batch_size` targets (>= 2, so there are negatives)
+    bs = tc.batch_size if trainer.windows is None else max(2, round(tc.batch_size / trainer.targets_per_example))
+    bs = min(bs, n)
     bs -= bs % ctx.world_size
     ctx.local_batch(bs)
     n_batches = max(1, n // bs)  # the ragged tail is dropped: a tiny last batch has too few negatives
@@ -1062,9 +1119,10 @@ def _run_phase(
         seconds = time.perf_counter() - t0
         progress.epoch = epoch
         progress.train_seconds += seconds
-        progress.examples += n_batches * bs
+        examples = round(n_batches * bs * trainer.targets_per_example)  # targets trained (window ends x positions)
+        progress.examples += examples
         rec: dict[str, Any] = {"phase": phase, "epoch": epoch, "loss": total / n_batches,
-                               "seconds": round(seconds, 3), "examples_per_s": round(n_batches * bs / seconds, 1)}
+                               "seconds": round(seconds, 3), "examples_per_s": round(examples / seconds, 1)}
         if trainer.lcfg.learn_temperature:
             rec["temperature"] = trainer.temperature_value()
         if evaluator is not None and (epoch % tc.eval_every == 0 or epoch == epochs):
@@ -1122,10 +1180,10 @@ def _run_epoch(
             writer.write("train", progress.step, phase=phase, epoch=epoch, loss=value)
         if show_bar and check:
             el = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{(b + 1) * bs / max(el, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{(b + 1) * bs * trainer.targets_per_example / max(el, 1e-9):.0f}")
         elif check and throttle.due():
             el = time.perf_counter() - t0
-            ex_s = round((b + 1) * bs / max(el, 1e-9), 1)
+            ex_s = round((b + 1) * bs * trainer.targets_per_example / max(el, 1e-9), 1)
             log.info("%s epoch %d/%d: batch %d/%d loss=%.4g examples_per_s=%.0f", phase, epoch, epochs, b + 1,
                      n_batches, value, ex_s, extra={"phase": phase, "epoch": epoch, "batch": b + 1,
                                                     "batches": n_batches, "loss": value, "examples_per_s": ex_s})

@@ -18,7 +18,15 @@ User tower::
 
     x_user = [keep_id] * U_id[user] + sum_g U_g[feat_g(user)]                                   # [B, E]
     h      = pool(H[history items])          # mean or attention over the last N items, pads masked  [B, E]
-    user   = normalize(MLP([x_user, h]))                                                        # [B, dim]
+    user   = normalize(MLP([x_user, h, H[last item]]))                                          # [B, dim]
+
+or with ``model.user_tower = "transformer"`` (SASRec-style)::
+
+    s      = CausalEncoder(H[history items] + P[position])   # one output per position, reading items <= it  [B, N, E]
+    user_i = normalize(MLP([x_user, s_i]))                    # the user after their i-th item               [B, N, dim]
+    user   = user_{last}                                      # what export and serving use                  [B, dim]
+
+Training asks every position ``i`` for item ``i + 1`` (``Trainer.loss``); a pad position is never a query.
 
 The user ID is dropped at random while training (``user_id_dropout``), so a user never seen in training is embedded
 from a list of item IDs alone (``user_idx == -1``).
@@ -40,7 +48,7 @@ from torch import Tensor, nn
 from recsys.core import schema
 from recsys.core.config import from_dict, to_dict
 from recsys.train.config import FeatureSpec, ModelConfig
-from recsys.train.layers import AttentionPool, CodeEmbedding, mlp
+from recsys.train.layers import AttentionPool, CausalEncoder, CodeEmbedding, mlp
 from recsys.train.recency import N_USER_TIME_FEATURES, n_time_features, new_user_time_features
 
 # bump when the layout of model.json / the weight names change
@@ -112,8 +120,13 @@ class TwoTower(nn.Module):
         self.user_id = nn.Embedding(spec.n_users, e) if cfg.use_user_id else None
         self.user_feat = nn.ModuleList([CodeEmbedding(spec.user_features[n], e) for n in self.user_feature_names])
         self.history_emb = None if cfg.share_history_embeddings else nn.Embedding(spec.n_items, e)
-        self.pool = AttentionPool(e, cfg.history_len) if cfg.history_pooling == "attention" else None
-        self.user_mlp = mlp((3 if cfg.last_item else 2) * e, cfg.hidden, cfg.dim, cfg.dropout)
+        self.sequential = cfg.user_tower == "transformer"
+        self.encoder = CausalEncoder(e, cfg.history_len, layers=cfg.transformer_layers, heads=cfg.transformer_heads,
+                                     dropout=cfg.dropout) if self.sequential else None
+        self.pool = AttentionPool(e, cfg.history_len) \
+            if cfg.history_pooling == "attention" and not self.sequential else None
+        self.last_item = cfg.last_item and not self.sequential
+        self.user_mlp = mlp((3 if self.last_item else 2) * e, cfg.hidden, cfg.dim, cfg.dropout)
         self.input_dropout = nn.Dropout(cfg.dropout)
 
         # column slices of the feature buffers: (start, width) per feature, width > 1 for a multi-valued one
@@ -152,7 +165,9 @@ class TwoTower(nn.Module):
     def reset_parameters(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Embedding) and m is not getattr(self.pool, "recency", None):
-                nn.init.normal_(m.weight, std=self.cfg.init_std)
+                # the transformer's position table starts small, as GPT-2's does
+                std = 0.02 if m is getattr(self.encoder, "position", None) else self.cfg.init_std
+                nn.init.normal_(m.weight, std=std)
                 if isinstance(m, CodeEmbedding):
                     with torch.no_grad():
                         m.weight[0].zero_()
@@ -387,6 +402,32 @@ class TwoTower(nn.Module):
     def _users(self, user_idx: Tensor, history: Tensor, *, id_dropout: float = 0.0) -> Tensor:
         """:meth:`encode_users` without the range checks (they sync the device; the trainer's rows are valid)."""
         history = history[:, -self.cfg.history_len :]
+        x = self._user_input(user_idx, id_dropout)
+        if self.encoder is not None:
+            last = history[:, -1:]  # right-aligned: the last column is the most recent item (-1 = none)
+            h = self.encoder(self._history_table()(history.clamp(min=0)), history >= 0)[:, -1]
+            parts = [x, h * (last >= 0).float()]  # an empty history reads as zeros, as the pool's does
+        else:
+            parts = [x, self.pool_history(history)]
+        if self.last_item:
+            last = history[:, -1]
+            parts.append(self._history_table()(last.clamp(min=0)) * (last >= 0).float().unsqueeze(1))
+        z = torch.cat(parts, dim=1)
+        return F.normalize(self.user_mlp(self.input_dropout(z)).float(), dim=-1)
+
+    def _user_sequence(self, user_idx: Tensor, history: Tensor, *, id_dropout: float = 0.0) -> Tensor:
+        """``model.user_tower = "transformer"``, training: the user tower's output after each history position,
+        ``[B, N, dim]`` (position ``i`` reads history items ``<= i``; pad positions are garbage, the caller drops
+        them). The last column is :meth:`_users`' output."""
+        if self.encoder is None:
+            raise ValueError("only `model.user_tower = \"transformer\"` has an output per position")
+        x = self._user_input(user_idx, id_dropout)  # [B, E]
+        s = self.encoder(self._history_table()(history.clamp(min=0)), history >= 0)  # [B, N, E]
+        z = torch.cat([x[:, None, :].expand(-1, s.shape[1], -1), s], dim=2)
+        return F.normalize(self.user_mlp(self.input_dropout(z)).float(), dim=-1)
+
+    def _user_input(self, user_idx: Tensor, id_dropout: float) -> Tensor:
+        """[B, E]: the user-ID embedding + the user feature embeddings (zeros for an unknown / dropped user)."""
         known = user_idx >= 0
         rows = user_idx.clamp(min=0)
         b = user_idx.shape[0]
@@ -402,13 +443,7 @@ class TwoTower(nn.Module):
             codes = self.user_feats[rows] * keep.unsqueeze(1).long()  # dropped / unknown user -> code 0 ("missing")
             for j, emb in enumerate(self.user_feat):
                 x = x + _feature_input(emb, codes, *self._user_cols[j])
-        h = self.pool_history(history)
-        parts = [x, h]
-        if self.cfg.last_item:
-            last = history[:, -1]  # right-aligned: the last column is the most recent item (-1 = none)
-            parts.append(self._history_table()(last.clamp(min=0)) * (last >= 0).float().unsqueeze(1))
-        z = torch.cat(parts, dim=1)
-        return F.normalize(self.user_mlp(self.input_dropout(z)).float(), dim=-1)
+        return x
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -419,8 +454,9 @@ class TwoTower(nn.Module):
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The ID / feature tables (candidates for sparse updates and their own weight decay)."""
         out = []
+        dense = (getattr(self.pool, "recency", None), getattr(self.encoder, "position", None))
         for m in self.modules():
-            if isinstance(m, nn.Embedding) and m is not getattr(self.pool, "recency", None):
+            if isinstance(m, nn.Embedding) and all(m is not d for d in dense):
                 out.append(m.weight)
         return out
 
@@ -474,6 +510,10 @@ class TwoTower(nn.Module):
                 raise FileNotFoundError(f"{str(p)!r} does not exist (is {str(run_dir)!r} a finished training run?)")
         model = cls.from_model_json(json.loads(meta_path.read_text()))
         state = load_file(str(weights_path), device="cpu")
+        kind = "transformer" if any(k.startswith("encoder.") for k in state) else "pool"
+        if kind != model.cfg.user_tower:
+            raise ValueError(f"{str(weights_path)!r} holds a {kind!r} user tower but model.json says "
+                             f"`model.user_tower = {model.cfg.user_tower!r}`: one kind never loads as the other")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -557,12 +597,28 @@ class NumpyUserTower:
             rec_key = (arr(p.recency.weight) @ w_key.T + b_key).astype(np.float32)
             scale = np.float32(1.0 / math.sqrt(self._table.shape[1]))
             self._pool = (np.ascontiguousarray(w_key.T), rec_key, arr(p.query) * scale)
-        self._last_item = bool(cfg.last_item)
+        self._last_item = bool(model.last_item)
         self._layers = [(np.ascontiguousarray(arr(m.weight).T), arr(m.bias))
                         for m in model.user_mlp if isinstance(m, nn.Linear)]
+        self._encoder = None
+        if model.encoder is not None:  # model.user_tower = "transformer": each block's weights, transposed once
+            enc = model.encoder
+
+            def lin(m: nn.Linear) -> tuple[Any, Any]:
+                return np.ascontiguousarray(arr(m.weight).T), arr(m.bias)
+
+            def ln(m: nn.LayerNorm) -> tuple[Any, Any, float]:
+                return arr(m.weight), arr(m.bias), float(m.eps)
+
+            blocks = [(ln(b.norm1), lin(b.qkv), lin(b.proj), ln(b.norm2), lin(b.ff[0]), lin(b.ff[2]), b.heads)
+                      for b in enc.blocks]
+            self._encoder = (arr(enc.position.weight), blocks, ln(enc.norm))
 
     def arrays(self) -> dict[str, Any]:
-        """This tower's arrays as ``recsys._hnsw.UserTower`` takes them (the native twin; C-contiguous, shared)."""
+        """This tower's arrays as ``recsys._hnsw.UserTower`` takes them (the native twin; C-contiguous, shared).
+        TypeError for a transformer user tower: the native twin pools only."""
+        if self._encoder is not None:
+            raise TypeError("the native user tower pools only; a transformer user tower is served by numpy")
         e = self._table.shape[1]
         return {
             "table": np.ascontiguousarray(self._table),
@@ -589,7 +645,9 @@ class NumpyUserTower:
                 padded[i, width - len(h) :] = h
         mask = padded >= 0
         h = self._table[np.maximum(padded, 0)]  # [n, N, E]
-        if self._pool is not None:
+        if self._encoder is not None:
+            pooled = self._encode(h, mask) * mask[:, -1:]  # the last position; an empty history reads as zeros
+        elif self._pool is not None:
             w_key, rec_key, query = self._pool
             scores = np.tanh(h @ w_key + rec_key[width - 1 :: -1]) @ query  # column j is width-1-j steps back
             scores = np.where(mask, scores, -np.inf)
@@ -604,6 +662,8 @@ class NumpyUserTower:
         known = rows >= 0
         r = np.maximum(rows, 0)
         x = np.zeros((n, e), dtype=np.float32)
+        if self._encoder is not None and not n:
+            return np.zeros((0, self.dim), np.float32)
         if self._user_id is not None:
             x += self._user_id[r] * known[:, None]
         if self._feats:
@@ -629,6 +689,42 @@ class NumpyUserTower:
             z = np.concatenate([z, g, np.zeros((n, 1), np.float32)], axis=1)
             z = z / np.sqrt(1.0 + (g * g).sum(1, keepdims=True))
         return z.astype(np.float32, copy=False)
+
+
+    def _encode(self, h: Any, mask: Any) -> Any:
+        """``CausalEncoder`` in eval mode, at the last position only: h [n, W, E], mask [n, W] -> [n, E]. Every
+        block but the last runs on all positions (later blocks read them as keys and values); the last block and
+        the final norm run on the last position alone."""
+        position, blocks, final = self._encoder
+        n, w, e = h.shape
+        pos = np.maximum(np.arange(w)[None, :] - (w - mask.sum(1, keepdims=True)), 0)  # [n, W]
+        x = (h + position[pos]).astype(np.float32)
+        causal = np.tril(np.ones((w, w), dtype=bool))
+        allowed = (causal[None] & mask[:, None, :]) | np.eye(w, dtype=bool)[None]  # [n, W, W]
+        for j, (ln1, qkv, proj, ln2, ff1, ff2, heads) in enumerate(blocks):
+            last = j == len(blocks) - 1
+            d = e // heads
+            kv = _layer_norm(x, *ln1) @ qkv[0] + qkv[1]  # [n, W, 3E]
+            q = kv[:, -1:, :e] if last else kv[..., :e]  # [n, Q, E]: Q = 1 in the last block
+            q = q.reshape(n, -1, heads, d).transpose(0, 2, 1, 3)  # [n, H, Q, d]
+            k = kv[..., e : 2 * e].reshape(n, w, heads, d).transpose(0, 2, 3, 1)  # [n, H, d, W]
+            v = kv[..., 2 * e :].reshape(n, w, heads, d).transpose(0, 2, 1, 3)  # [n, H, W, d]
+            scores = (q @ k) * np.float32(1.0 / math.sqrt(d))  # [n, H, Q, W]
+            ok = allowed[:, None, -1:, :] if last else allowed[:, None]
+            scores = np.where(ok, scores, -np.inf)
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            a = (p @ v).transpose(0, 2, 1, 3).reshape(n, -1, e)  # [n, Q, E]
+            x = (x[:, -1:] if last else x) + a @ proj[0] + proj[1]
+            y = _layer_norm(x, *ln2) @ ff1[0] + ff1[1]
+            x = x + (0.5 * y * (1.0 + _erf(y / np.float32(math.sqrt(2.0))))) @ ff2[0] + ff2[1]
+        return _layer_norm(x[:, -1], *final).astype(np.float32, copy=False)
+
+
+def _layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + np.float32(eps)) * weight + bias
 
 
 def _erf(x: Any) -> Any:

@@ -41,6 +41,8 @@ def unsupported(trainer: Trainer) -> str | None:
         return f"CUDA graphs need a CUDA device, not {trainer.device.type}"
     if trainer.dist.enabled:
         return "CUDA graphs are single-process only (the data-parallel collectives are not captured)"
+    if trainer.windows is not None:
+        return "the transformer user tower's batches have a data-dependent number of positions"
     if lc.queue_size:
         return "the MoCo queue (loss.queue_size) changes length from step to step"
     if lc.ssl_weight > 0:
