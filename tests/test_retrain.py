@@ -195,3 +195,43 @@ def test_warm_start_copies_rows_by_external_id(first: tuple[Path, dict], logs: d
     # same-shaped dense weights are copied verbatim; feature-code buffers come from the new data
     torch.testing.assert_close(fresh.item_mlp[-1].weight, old.item_mlp[-1].weight)
     assert fresh.item_feats.shape[0] == len(new_items)
+
+
+def test_warm_start_across_user_tower_kinds_keeps_the_history_layers_fresh(first: tuple[Path, dict], logs: dict,
+                                                                          tmp_path: Path) -> None:
+    """A model of the other user-tower kind warm-starts this one: the ID tables and the item tower carry over, the
+    layers reading the history (and the MLP over their output) do not, even where every shape matches."""
+    import shutil
+
+    from recsys.core.data import load_prepared
+    from recsys.prepare import PrepareConfig, prepare
+    from recsys.train.config import LossConfig, TrainConfig
+    from recsys.train.loop import Trainer
+    from recsys.train.model import TwoTower
+    from recsys.train.warmstart import warm_start
+
+    models, _ = first
+    old_dir = tmp_path / "old"
+    shutil.copytree(models / bundle_mod.read_latest(models), old_dir)
+    old = TwoTower.from_run(old_dir)
+    data = tmp_path / "prepared"
+    prepare([logs["all"]], data, items=logs["items"], users=logs["users"],
+            config=PrepareConfig(kcore_users=3, kcore_items=3))
+    fresh = Trainer(load_prepared(data), model_cfg=old.cfg, train_cfg=TrainConfig(), loss_cfg=LossConfig(),
+                    device=torch.device("cpu")).model
+    same = warm_start(fresh, old_dir, data)  # the same kind: the pool and its MLP carry over
+    assert "user_mlp.0.weight" in same["copied"] and "pool.query" in same["copied"]
+
+    # the old model.json now names the other kind (its weights are the pool's: every shape still matches)
+    meta = json.loads((old_dir / "model.json").read_text())
+    meta["config"]["user_tower"] = "transformer"
+    (old_dir / "model.json").write_text(json.dumps(meta))
+    fresh = Trainer(load_prepared(data), model_cfg=old.cfg, train_cfg=TrainConfig(), loss_cfg=LossConfig(),
+                    device=torch.device("cpu")).model
+    before = fresh.user_mlp[-1].weight.detach().clone()
+    stats = warm_start(fresh, old_dir, data)
+    assert "item_id.weight" in stats["copied"] and "user_id.weight" in stats["copied"]
+    assert not [n for n in stats["copied"] if n.startswith(("user_mlp.", "encoder.", "pool."))]
+    assert {"user_mlp.0.weight", "pool.query"} <= set(stats["skipped"])
+    torch.testing.assert_close(fresh.user_mlp[-1].weight, before)  # untouched
+    torch.testing.assert_close(fresh.item_mlp[-1].weight, old.item_mlp[-1].weight)  # the item tower carries over

@@ -22,6 +22,12 @@ CONFIGS = {
     "no user features": ModelConfig(use_user_features=False, history_len=7),
     # [u, g, 0] / |[u, g]|: g of the known user's stored state, or of a new user's history length
     "score prior": ModelConfig(time_prior=True, history_len=20),
+    # model.user_tower = "transformer": the numpy twin only (NumpyUserTower._encode; the native twin pools only)
+    "transformer": ModelConfig(user_tower="transformer", history_len=20),
+    "transformer, 1 layer, 4 heads, hidden": ModelConfig(user_tower="transformer", transformer_layers=1,
+                                                         transformer_heads=4, hidden=(48,)),
+    "transformer, score prior, no user features": ModelConfig(user_tower="transformer", time_prior=True,
+                                                              use_user_features=False, history_len=7),
 }
 
 
@@ -48,7 +54,15 @@ def _users(rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def _twins(model: TwoTower) -> list:
+    """The numpy twin, and for a pooling tower the native one (a transformer's arrays are refused: TypeError, which
+    server.service._build_tower takes as "serve with numpy")."""
     twin = NumpyUserTower(model)
+    if model.encoder is not None:
+        with pytest.raises(TypeError, match="transformer"):
+            twin.arrays()
+        with pytest.raises(TypeError):
+            service.NativeUserTower(twin)
+        return [twin]
     return [twin, service.NativeUserTower(twin)]
 
 
@@ -68,15 +82,16 @@ def test_twins_equal_the_torch_tower(name):
             np.testing.assert_allclose(tower(rows[i : i + 1], histories[i : i + 1]), want[i : i + 1], atol=2e-6)
 
 
-def test_only_the_last_history_len_items_count_and_order_matters():
-    model = _model(ModelConfig(history_len=5))
+@pytest.mark.parametrize("kind", ["pool", "transformer"])
+def test_only_the_last_history_len_items_count_and_order_matters(kind):
+    model = _model(ModelConfig(history_len=5, user_tower=kind))
     rng = np.random.default_rng(2)
     h = rng.integers(0, N_ITEMS, 9)
     for tower in _twins(model):
         a = tower(np.array([3]), [h])
         b = tower(np.array([3]), [np.concatenate(([1, 2, 3, 4], h[4:]))])  # older items than the last 5 changed
         np.testing.assert_array_equal(a, b)
-        c = tower(np.array([3]), [h[::-1]])  # the same items, another order (recency embedding, last item)
+        c = tower(np.array([3]), [h[::-1]])  # the same items, another order (recency / position, last item)
         assert np.abs(a - c).max() > 1e-3
 
 

@@ -637,6 +637,8 @@ class NumpyUserTower:
         -> [n, out_dim] float32, L2-normalised (``TwoTower.encode_users``)."""
         rows = np.asarray(rows, dtype=np.int64)
         n, e = len(rows), self._table.shape[1]
+        if not n:
+            return np.zeros((0, self.dim), np.float32)
         hs = [np.asarray(h, dtype=np.int64)[-self.history_len :] for h in histories]
         width = max(max((len(h) for h in hs), default=0), 1)
         padded = np.full((n, width), -1, dtype=np.int64)
@@ -662,8 +664,6 @@ class NumpyUserTower:
         known = rows >= 0
         r = np.maximum(rows, 0)
         x = np.zeros((n, e), dtype=np.float32)
-        if self._encoder is not None and not n:
-            return np.zeros((0, self.dim), np.float32)
         if self._user_id is not None:
             x += self._user_id[r] * known[:, None]
         if self._feats:

@@ -31,6 +31,10 @@ _USER_ROWS = ("user_id.weight",)
 _DATA_BUFFERS = ("item_feats", "user_feats", "item_text", "item_now", "item_cold", "user_now")
 
 
+# the modules that read a history, which differ by `model.user_tower`
+_USER_TOWER_LAYERS = ("pool", "encoder", "user_mlp")
+
+
 def _ids(path: Path, col: str) -> np.ndarray:
     return np.asarray(pq.read_table(path, columns=[col]).column(col).to_pylist(), dtype=object)
 
@@ -80,10 +84,15 @@ def warm_start(model: torch.nn.Module, old_dir: str | Path, new_data_dir: str | 
     stats: dict[str, Any] = {"copied": [], "skipped": [], "items_matched": int(len(item_map[0])),
                              "users_matched": int(len(user_map[0])), "n_items": len(new_items),
                              "n_users": len(new_users)}
+    # a pooling user tower never warm-starts a transformer one, or back: the layers that read the history (and the
+    # MLP over their output) stay fresh; the ID and feature tables, shared by both kinds, still carry over
+    old_kind = old_model_cfg.get("config", {}).get("user_tower", "pool")
+    new_kind = getattr(getattr(model, "cfg", None), "user_tower", "pool")
+    other_kind = _USER_TOWER_LAYERS if old_kind != new_kind else ()
     new_state = model.state_dict()
     with torch.no_grad():
         for name, tensor in new_state.items():
-            if name.split(".")[0] in _DATA_BUFFERS or name not in old_state:
+            if name.split(".")[0] in _DATA_BUFFERS + other_kind or name not in old_state:
                 stats["skipped"].append(name)
                 continue
             old = old_state[name].to(tensor.dtype)
