@@ -13,6 +13,15 @@
    events: the user tower recomputes the embedding; native like the plain request when the extension is built)
    and BatchRecommend (64 users), ``--repeat`` times interleaved (medians quoted; the Recommend/empty and events/plain ratios are taken within each repeat),
    and checks that with --max-concurrency 32 and 256 concurrent callers every reply is OK or RESOURCE_EXHAUSTED.
+``--user-towers pool transformer`` runs a different comparison instead (writes benchmarks/results/serve_bench_tower.json):
+a bundle per user-tower kind (``model.user_tower``, ``history_len`` = ``--tower-history-len``, 50), one ``recsys
+serve`` each, and the requests that run the user tower -- "history Recommend (50 items)" (a new user's 50-item
+history) and "Recommend+10 events" -- plus the plain Recommend, interleaved across servers and repeats; p50/p99 per
+tower and the transformer/pool ratios taken within each repeat, after an in-process timing of one user through
+each tower (the served twin, the numpy twin, torch, the servicer's bytes handler):
+
+    python benchmarks/serve_bench.py --user-towers pool transformer --repeat 3 --requests 2000
+
 Before any server starts, the handler's own CPU per Recommend is profiled in-process by component (protobuf,
 servicer glue, service logic, index search; today's code and, with --baseline-ref, the ref's): ``--breakdown-only``
 prints just that. Each measurement also records the CPU time per request of the server process and of this
@@ -38,6 +47,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serve_bench.json"
+TOWER_RESULTS = ROOT / "benchmarks" / "results" / "serve_bench_tower.json"
 EVENTS = "Recommend+10 events"  # a known user with 10 fresh events (the user tower + the search)
 EMPTY_METHOD = "/bench.Empty/Call"
 
@@ -57,8 +67,12 @@ def _loads(models: Path) -> bool:
         return False
 
 
-def build_bundle(workdir: Path, *, n_items: int, n_users: int, dim: int, per_user: int, seed: int = 0) -> Path:
-    """Prepared dataset -> 1 training epoch -> export; returns the models dir (cached by its parameters)."""
+def build_bundle(workdir: Path, *, n_items: int, n_users: int, dim: int, per_user: int, seed: int = 0,
+                 history_len: int = 20, user_tower: str = "pool") -> Path:
+    """Prepared dataset -> 1 training epoch -> export; returns the models dir (cached by its parameters).
+
+    ``history_len`` / ``user_tower``: the model's ``[model]`` options (and the stored histories' length); the
+    defaults are the plain bench's bundle, whose cache key they leave as it was."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -67,6 +81,8 @@ def build_bundle(workdir: Path, *, n_items: int, n_users: int, dim: int, per_use
 
     # the traversal is part of the key: a bundle exported before bf16 existed is tuned (and served) as fp32
     key = f"items{n_items}-users{n_users}-dim{dim}-per{per_user}-seed{seed}-{IndexConfig().search_precision}"
+    if (history_len, user_tower) != (20, "pool"):  # the tower comparison's bundles (--user-towers)
+        key += f"-hist{history_len}-{user_tower}"
     models = workdir / key / "models"
     if (models / schema.LATEST).is_file():
         if _loads(models):
@@ -118,7 +134,7 @@ def build_bundle(workdir: Path, *, n_items: int, n_users: int, dim: int, per_use
     lists = [[] for _ in range(n_users)]
     for u, i in zip(users[before].tolist(), items[before].tolist(), strict=True):
         lists[u].append(i)
-    for name, ls in ((schema.HISTORY, [x[-20:] for x in lists]), (schema.SEEN, [sorted(set(x)) for x in lists])):
+    for name, ls in ((schema.HISTORY, [x[-history_len:] for x in lists]), (schema.SEEN, [sorted(set(x)) for x in lists])):
         pq.write_table(pa.table({
             schema.USER_IDX: pa.array(np.arange(n_users), pa.int32()), "items": pa.array(ls, pa.list_(pa.int32())),
         }), data / name)  # fmt: skip
@@ -132,7 +148,8 @@ def build_bundle(workdir: Path, *, n_items: int, n_users: int, dim: int, per_use
     from recsys.train.loop import train
 
     t = time.perf_counter()
-    train(data, workdir / key / "run", model_cfg=ModelConfig(dim=dim, embedding_dim=dim, history_len=20),
+    train(data, workdir / key / "run", model_cfg=ModelConfig(dim=dim, embedding_dim=dim, history_len=history_len,
+                                                            user_tower=user_tower),
           train_cfg=TrainConfig(batch_size=1024, epochs=1, progress=False, tensorboard=False, patience=0,
                                 max_eval_users=500),
           loss_cfg=LossConfig(), device="cpu")
@@ -486,6 +503,242 @@ def print_row(r: dict) -> None:
           f"load {r['loadavg_1m']:4.1f}{extra}  {r['codes']}", flush=True)
 
 
+# ------------------------------------------------------------------------------------------------ user towers
+
+
+class _FakeContext:  # what the servicer asks of grpc.ServicerContext on the OK path
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    def time_remaining(self) -> float:
+        return 30.0
+
+    def set_trailing_metadata(self, md: object) -> None:
+        pass
+
+
+def _history_ids(rng: np.random.Generator, n: int, n_items: int, length: int) -> list[list[str]]:
+    """``n`` new users' histories: ``length`` distinct random catalogue item IDs each (oldest first)."""
+    return [[f"i{j}" for j in rng.choice(n_items, length, replace=False)] for _ in range(n)]
+
+
+def tower_profile(models: Path, *, n_users: int, history: int, n: int = 400, rounds: int = 5,
+                  seed: int = 0) -> dict:
+    """One user through the user tower, in this process (no gRPC): wall microseconds per call, the minimum and the
+    median of ``rounds`` rounds of ``n`` calls (torch: ``n / 8``).
+
+    ``hist{N}``: a new user (row -1) with an ``N``-item history; ``known+10``: a known user's stored history + 10
+    fresh items. Towers: ``served`` = ``server.service.user_tower`` (the checked request-path tower: the C++ twin
+    for a pooling model when the extension is built, the numpy twin otherwise), ``numpy`` =
+    ``recsys.train.model.NumpyUserTower`` (``__call__``, and ``_encode`` alone for a transformer), ``torch`` =
+    ``bundle.embed_users`` and ``model.encode_users`` under ``torch.no_grad``; ``servicer`` = the servicer's bytes
+    handler for the whole Recommend (the request, the tower, the index search, the reply).
+    """
+    from recsys.commands.serve import pin_threads
+
+    pin_threads()  # as `recsys serve` does: one BLAS / OpenMP (torch intra-op) thread
+    import torch
+
+    from recsys.bundle import Bundle
+    from recsys.train.model import NumpyUserTower
+    from recsys.v1 import recommender_pb2 as pb
+    from server import service
+    from server.metrics import Metrics
+    from server.servicer import RecommenderServicer
+    from server.store import ModelStore, warm_up
+
+    bundle = Bundle.load(models, verify=False)
+    warm_up(bundle, 8)
+    model = bundle.model
+    served = service.user_tower(bundle)
+    twin = NumpyUserTower(model)
+    n_items = int(bundle.n_items)
+    rng = np.random.default_rng(seed)
+    new = np.array([-1], dtype=np.int64)
+    hists = [rng.choice(n_items, history, replace=False).astype(np.int64) for _ in range(n)]
+    rows = rng.integers(0, n_users, n)
+    known = [np.concatenate((bundle.history(int(r)), rng.integers(0, n_items, 10))).astype(np.int64) for r in rows]
+    store = ModelStore(models)
+    store.current = bundle
+    servicer = RecommenderServicer(store, service.Limits(), Metrics())
+    ctx = _FakeContext()
+    raw_hist = [pb.RecommendRequest(history_item_ids=[f"i{j}" for j in h], k=10).SerializeToString() for h in hists]
+    raw_known = [pb.RecommendRequest(user_id=f"u{r}", history_item_ids=[f"i{j}" for j in k[-10:]], k=10)
+                 .SerializeToString() for r, k in zip(rows, known, strict=True)]
+
+    def padded(h: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:  # encode_users' inputs: [1, N] right-aligned
+        width = int(model.cfg.history_len)
+        x = np.full((1, width), -1, dtype=np.int64)
+        h = h[-width:]
+        x[0, width - len(h):] = h
+        return torch.as_tensor(x), torch.as_tensor(new)
+
+    torch_in = [padded(h) for h in hists]
+
+    def encode(i: int) -> None:
+        with torch.no_grad():
+            model.encode_users(torch_in[i][1], torch_in[i][0])
+
+    stages = {
+        f"served tower ({type(served).__name__}), hist{history}": lambda i: served(new, [hists[i]]),
+        f"numpy twin, hist{history}": lambda i: twin(new, [hists[i]]),
+        f"served tower ({type(served).__name__}), known+10": lambda i: served(rows[i:i + 1], [known[i]]),
+        f"servicer.Recommend(bytes), hist{history}": lambda i: servicer.Recommend(raw_hist[i], ctx),
+        "servicer.Recommend(bytes), known+10": lambda i: servicer.Recommend(raw_known[i], ctx),
+        f"torch bundle.embed_users, hist{history}": lambda i: bundle.embed_users(new, [hists[i]]),
+        f"torch model.encode_users (no_grad), hist{history}": encode,
+    }
+    if getattr(twin, "_encoder", None) is not None:  # the transformer's encoder alone, on the gathered embeddings
+        table = twin._table
+
+        def enc_inputs(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return table[h[-twin.history_len:]][None], np.ones((1, min(len(h), twin.history_len)), dtype=bool)
+
+        enc_in = [enc_inputs(h) for h in hists]
+        stages[f"numpy twin _encode alone, hist{history}"] = lambda i: twin._encode(*enc_in[i])
+    times: dict[str, list[float]] = {name: [] for name in stages}
+    for _ in range(rounds):
+        for name, fn in stages.items():
+            m = max(n // 8, 50) if name.startswith("torch") else n
+            t = time.perf_counter()
+            for i in range(m):
+                fn(i)
+            times[name].append((time.perf_counter() - t) / m * 1e6)
+    return {
+        "us_min": {k: min(v) for k, v in times.items()}, "us_median": {k: float(np.median(v)) for k, v in times.items()},
+        "served_tower": type(served).__name__, "user_tower": model.cfg.user_tower, "history_len": model.cfg.history_len,
+        "rounds": rounds, "calls_per_round": n, "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_tower_profile(args: argparse.Namespace, kind: str) -> dict:
+    """:func:`tower_profile` of the ``kind`` bundle in a fresh interpreter (one BLAS thread, no gRPC threads)."""
+    cmd = [sys.executable, __file__, "--tower-profile-only", "--user-towers", kind, "--items", str(args.items),
+           "--users", str(args.users), "--dim", str(args.dim), "--per-user", str(args.per_user),
+           "--workdir", str(args.workdir), "--tower-history-len", str(args.tower_history_len)]
+    out = subprocess.run(cmd, env={**os.environ, "SERVE_BENCH_CHILD": "1"}, check=True, capture_output=True, text=True,
+                         cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def tower_main(args: argparse.Namespace) -> int:
+    """``--user-towers``: one bundle per user-tower kind (same data, ``--tower-history-len`` items), one ``recsys
+    serve`` each, and at each concurrency the history requests that run the user tower -- a new user's
+    ``--tower-history-len``-item history, a known user with 10 fresh events -- plus the plain known-user Recommend
+    (no tower) for reference, on every server in turn (the order alternates between repeats). Ratios to the first
+    kind (``pool`` when given) are taken within each repeat; medians quoted. Writes ``--tower-out``."""
+    from recsys.v1 import recommender_pb2 as pb
+    from server.settings import ServeSettings
+
+    kinds = list(dict.fromkeys(args.user_towers))
+    base = "pool" if "pool" in kinds else kinds[0]
+    n_hist = args.tower_history_len
+    hist_name = f"history Recommend ({n_hist} items)"
+    models = {}
+    for kind in kinds:
+        t = time.perf_counter()
+        models[kind] = build_bundle(args.workdir, n_items=args.items, n_users=args.users, dim=args.dim,
+                                    per_user=args.per_user, history_len=n_hist, user_tower=kind)
+        print(f"{kind} bundle ready ({time.perf_counter() - t:.0f}s): {models[kind]}", flush=True)
+    # before any server starts: one user through each tower, in-process
+    profile = {kind: run_tower_profile(args, kind) for kind in kinds}
+    for kind, prof in profile.items():
+        print(f"in-process, one user, {kind} user tower (served by {prof['served_tower']}): us per call, "
+              f"min / median of {prof['rounds']} rounds", flush=True)
+        for name, us in prof["us_min"].items():
+            print(f"  {name:<56} {us:8.1f} / {prof['us_median'][name]:8.1f} us", flush=True)
+    workers = ServeSettings(workers=args.workers).resolved_workers()
+    concurrency = args.concurrency or [1, 8]
+    results: dict = {
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "concurrency": concurrency, "workers": workers, "models": {k: str(v) for k, v in models.items()}},
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+                    "loadavg_at_start": list(os.getloadavg())},
+        "git_commit": _git_commit(), "in_process": profile, "runs": [],
+    }
+    rng = np.random.default_rng(0)
+    users = [f"u{u}" for u in rng.integers(0, args.users, 5000)]
+    requests = {
+        hist_name: [pb.RecommendRequest(history_item_ids=h, k=10).SerializeToString()
+                    for h in _history_ids(rng, 2000, args.items, n_hist)],
+        EVENTS: [pb.RecommendRequest(user_id=u, history_item_ids=e, k=10).SerializeToString()
+                 for u, e in zip(users, _fresh_events(rng, len(users), args.items), strict=True)],
+        "Recommend": [pb.RecommendRequest(user_id=u, k=10).SerializeToString() for u in users],
+    }
+    recommend = "/recsys.v1.Recommender/Recommend"
+    procs: dict[str, subprocess.Popen] = {}
+    ports: dict[str, int] = {}
+    try:
+        for kind in kinds:
+            ports[kind] = free_port()
+            procs[kind] = start([sys.executable, "-m", "recsys", "serve", "--models", str(models[kind]), "--host",
+                                 "127.0.0.1", "--workers", str(workers), "--poll-s", "0", "--port", str(ports[kind]),
+                                 "--max-concurrency", "1000"], args.workdir / "logs" / f"serve-tower-{kind}.log")
+        for kind in kinds:
+            wait_serving(ports[kind], procs[kind])
+        for rep in range(args.repeat):
+            print(f"--- repeat {rep + 1}/{args.repeat}", flush=True)
+            order = kinds if rep % 2 == 0 else kinds[::-1]
+            for c in concurrency:
+                for name, reqs in requests.items():
+                    for kind in order:
+                        r = measure(f"{name} [{kind}]", ports[kind], procs[kind].pid, recommend, reqs, c, args.requests)
+                        r.update(request=name, tower=kind, repeat=rep)
+                        results["runs"].append(r)
+                        print_row(r)
+    finally:
+        stop(list(procs.values()))
+
+    def per_repeat(name: str, kind: str, c: int, key: str) -> list[float]:
+        return [r[key] for r in results["runs"] if (r["request"], r["tower"], r["concurrency"]) == (name, kind, c)]
+
+    results["summary"] = summary = summarize(results["runs"])
+    ratios: dict = {}
+    for kind in kinds:
+        if kind == base:
+            continue
+        for name in requests:
+            for c in concurrency:
+                ratios[f"{kind}/{base}|{name}|c={c}"] = {
+                    key: float(np.median([a / b for a, b in zip(per_repeat(name, kind, c, key),
+                                                                per_repeat(name, base, c, key), strict=True)]))
+                    for key in ("p50_ms", "p99_ms", "qps", "server_cpu_us")
+                }
+    results["ratios_to_" + base] = ratios
+    print(f"\nmedians of {args.repeat} repeats (latency ms; server CPU us per request)")
+    print(f"{'request':<34} {'tower':<12} {'c':>3} {'p50':>7} {'p99':>7} {'qps':>7} {'server us':>9}")
+    for r in summary:
+        run0 = next(x for x in results["runs"] if x["name"] == r["name"])
+        print(f"{run0['request']:<34} {run0['tower']:<12} {r['concurrency']:>3} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
+              f"{r['qps']:7.0f} {r['server_cpu_us']:9.0f}  {r['codes']}")
+    print(f"\n{'ratio (median of per-repeat ratios)':<60} {'p50':>6} {'p99':>6} {'qps':>6} {'cpu':>6}")
+    for key, v in ratios.items():
+        print(f"{key:<60} {v['p50_ms']:6.2f} {v['p99_ms']:6.2f} {v['qps']:6.2f} {v['server_cpu_us']:6.2f}")
+    if "transformer" in kinds and 1 in concurrency:
+        p50 = float(np.median(per_repeat(hist_name, "transformer", 1, "p50_ms")))
+        results["targets"] = {"issue19_history_c1_p50_ms": p50, "issue19_history_c1_p50_le_2ms": p50 <= 2.0}
+        if base != "transformer":
+            ratio = ratios[f"transformer/{base}|{hist_name}|c=1"]["p50_ms"]
+            results["targets"].update({f"issue19_history_c1_p50_ratio_to_{base}": ratio,
+                                       f"issue19_history_c1_p50_le_2x_{base}": ratio <= 2.0})
+        print(json.dumps(results["targets"], indent=2))
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    from recsys.core.io import atomic_write_json
+
+    args.tower_out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.tower_out, results)
+    print(f"wrote {args.tower_out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=100_000)
@@ -494,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-user", type=int, default=12, help="interactions per synthetic user")
     p.add_argument("--requests", type=int, default=3000, help="requests per measurement")
     p.add_argument("--batch-requests", type=int, default=300, help="BatchRecommend requests per measurement")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--concurrency", type=int, nargs="+", default=None,
+                   help="concurrent callers per measurement (default 1 8 32; with --user-towers 1 8)")
     p.add_argument("--repeat", type=int, default=3, help="interleaved repeats of every measurement (medians quoted)")
     p.add_argument("--workers", type=int, default=0,
                    help="server RPC threads (both sync servers); 0 = recsys serve's default (one per usable core)")
@@ -506,12 +760,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breakdown-only", action="store_true",
                    help="only the in-process CPU breakdown per Recommend (prints JSON; with --baseline-ref also the "
                         "ref's serving code), no servers")
+    p.add_argument("--user-towers", nargs="+", choices=["pool", "transformer"],
+                   help="instead of the load benchmark: compare user-tower kinds (a bundle and a server each, "
+                        "history Recommend latency, ratios to pool within each repeat); writes --tower-out")
+    p.add_argument("--tower-history-len", type=int, default=50,
+                   help="--user-towers: the models' history_len and the new user's history length per request")
+    p.add_argument("--tower-out", type=Path, default=TOWER_RESULTS)
+    p.add_argument("--tower-profile-only", action="store_true", help=argparse.SUPPRESS)  # internal: in-process
     p.add_argument("--empty-server", type=int, help=argparse.SUPPRESS)  # internal: run the bare server
     p.add_argument("--empty-aio", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.empty_server:
         empty_server(args.empty_server, args.workers, use_aio=args.empty_aio)
         return 0
+    if args.user_towers and args.tower_profile_only:
+        models = build_bundle(args.workdir, n_items=args.items, n_users=args.users, dim=args.dim,
+                              per_user=args.per_user, history_len=args.tower_history_len,
+                              user_tower=args.user_towers[0])
+        print(json.dumps(tower_profile(models, n_users=args.users, history=args.tower_history_len)))
+        return 0
+    if args.user_towers:
+        return tower_main(args)
+    args.concurrency = args.concurrency or [1, 8, 32]
     if args.breakdown_only and args.baseline_ref is None and os.environ.get("SERVE_BENCH_CHILD"):
         models = build_bundle(args.workdir, n_items=args.items, n_users=args.users, dim=args.dim,
                               per_user=args.per_user)

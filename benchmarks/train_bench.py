@@ -27,6 +27,13 @@ is recorded as ``"oom"``.
     python benchmarks/train_bench.py --device cpu --n-users 5000 --n-items 5000 --n-interactions 100000 \\
         --batch-sizes 256 1024 --dim 32 --steps 3 --warmup 1                      # CPU smoke size
 
+``--user-towers pool transformer``: instead, CPU (or GPU) examples/s of the history_features towers with each
+``model.user_tower``, same data, interleaved repeats; "examples" = targets trained (the transformer trains every
+position of a window), the unit recsys train logs as examples_per_s. Writes benchmarks/results/train_bench_tower.json:
+
+    python benchmarks/train_bench.py --device cpu --user-towers pool transformer --n-users 2000 --n-items 20000 \\
+        --n-interactions 200000 --batch-sizes 1024 --dim 64 --steps 5 --warmup 2 --repeat 3
+
 Imports only torch, numpy and the training path (recsys.train.loop / model / losses / optim / distributed; pyarrow via
 recsys.core.data): no polars, no hnswlib. Writes benchmarks/results/train_bench.json.
 """
@@ -129,7 +136,11 @@ def _measured(med: float, wall: float, times: list[float], *, rows: int, n: int,
 
 
 def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, history_kernel: str, graphs: bool, args,
-               device: torch.device) -> dict[str, Any]:  # fmt: skip
+               device: torch.device, user_tower: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """``user_tower`` (``--user-towers``): that ``model.user_tower`` in the ``history_features`` towers; ``batch``
+    then counts targets, as ``recsys train`` does: the transformer's step takes as many windows as make about
+    ``batch`` targets (``recsys.train.loop._run_phase``), and ``examples_per_s`` = targets trained / wall (every
+    position of a window is a query), = ``interactions_per_s`` for the pooling tower."""
     from recsys.train.config import LossConfig, ModelConfig, TrainConfig
     from recsys.train.loop import Trainer
 
@@ -139,7 +150,7 @@ def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, history_kerne
                            item_id_dropout=0.0)  # fmt: skip
     else:
         mcfg = ModelConfig(dim=args.dim, embedding_dim=args.dim, history_len=args.history_len,
-                           hidden=(2 * args.dim,))  # fmt: skip
+                           hidden=(2 * args.dim,), **({"user_tower": user_tower} if user_tower else {}))  # fmt: skip
     sparse = args.optimizer != "adamw"
     tcfg = TrainConfig(batch_size=batch, lr=1e-3, embedding_lr=0.05, sparse_embeddings=sparse,
                        sparse_optimizer=args.optimizer if sparse else "sparse_adam",
@@ -151,17 +162,30 @@ def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, history_kerne
     trainer = Trainer(data, model_cfg=mcfg, train_cfg=tcfg, loss_cfg=LossConfig(), device=device)
     trainer.set_interactions(data.train)
     n = int(trainer.t_item.shape[0])
-    perm = torch.randperm(n, device=device)
-    n_batches = n // batch
+    # the examples a step samples from: rows, or with the transformer the window ends (Trainer.set_interactions)
+    n_examples = int(trainer.n_examples)
+    targets_of = None  # per example, the targets it trains (the transformer: its window's real positions)
+    if trainer.windows is not None:
+        ends = trainer.windows
+        targets_of = (ends - trainer.t_start[ends]).clamp(max=args.history_len).cpu().numpy()
+        batch = max(2, round(batch / trainer.targets_per_example))  # as recsys.train.loop._run_phase sizes it
+    batch = min(batch, n_examples)
+    perm = torch.randperm(n_examples, device=device)
+    perm_host = perm.cpu().numpy() if targets_of is not None else None
+    n_batches = max(n_examples // batch, 1)
 
-    rows = [0]  # rows the timed steps trained on (warm-up excluded)
+    rows = [0]  # rows (examples) the timed steps trained on (warm-up excluded)
+    targets = [0]  # targets the timed steps trained (= rows for the pooling tower)
     before = [0.0]  # the weights' norm after the warm-up
 
     def step(i: int) -> None:
         b = i % n_batches
         batch_rows = perm[b * batch : (b + 1) * batch]
         trainer.step(batch_rows, check=False)
-        rows[0] += int(batch_rows.shape[0]) if i >= args.warmup else 0
+        if i >= args.warmup:
+            rows[0] += int(batch_rows.shape[0])
+            targets[0] += int(batch_rows.shape[0]) if targets_of is None else \
+                int(targets_of[perm_host[b * batch : (b + 1) * batch]].sum())
 
     def start() -> None:
         before[0] = _weight_norm(trainer.model.parameters())
@@ -172,6 +196,8 @@ def bench_ours(data, *, towers: str, batch: int, loss_kernel: str, history_kerne
     if args.profile:
         _profile(step, f"ours/{towers}/{batch}", device)
     loss = float(trainer.loss(perm[:batch]).detach())  # after training: finite and below log(B)
+    measured.update(examples_per_s=targets[0] / wall, targets_timed=targets[0], batch_examples=batch,
+                    targets_per_example=float(trainer.targets_per_example), user_tower=mcfg.user_tower)
     return {**measured, "final_loss": loss,
             "n_parameters": sum(p.numel() for p in trainer.model.parameters()), "loss_kernel": trainer.loss_kernel,
             "history_kernel": trainer.history_kernel, "cuda_graphs_asked": graphs,
@@ -262,6 +288,72 @@ def run_one(fn, device: torch.device, **kw) -> dict[str, Any]:
     return out
 
 
+def tower_main(args, data, device: torch.device, gen_s: float) -> int:
+    """``--user-towers``: examples/s of each user-tower kind (history_features towers, our trainer), same data,
+    ``--repeat`` interleaved rounds (the order alternating); the ratio to the first kind (pool when given) taken
+    within each round, medians quoted."""
+    import statistics as st
+
+    kinds = list(dict.fromkeys(args.user_towers))
+    base = "pool" if "pool" in kinds else kinds[0]
+    rows = []
+    for rep in range(args.repeat):
+        for batch in args.batch_sizes:
+            for kind in kinds if rep % 2 == 0 else kinds[::-1]:
+                r = run_one(bench_ours, device, data=data, towers="history_features", batch=batch,
+                            loss_kernel=args.loss_kernels[0], history_kernel=args.history_kernels[0], graphs=False,
+                            args=args, user_tower=kind)  # fmt: skip
+                r = {"impl": "ours", "towers": "history_features", "user_tower": kind, "batch": batch, "repeat": rep,
+                     **r}
+                rows.append(r)
+                ok = r["status"] == "ok"
+                print(f"repeat {rep + 1} {kind:<12} batch {batch:>6} ({r.get('batch_examples', '-')} examples): "
+                      f"{r['examples_per_s'] if ok else float('nan'):>9.0f} examples/s  "
+                      f"step {r['step_ms'] if ok else float('nan'):8.1f} ms  {r['status']}", flush=True)
+
+    def ok_rows(kind: str, batch: int) -> list[dict[str, Any]]:
+        return [r for r in rows if r["user_tower"] == kind and r["batch"] == batch and r["status"] == "ok"]
+
+    summary = []
+    print(f"\n{'user_tower':<12} {'batch':>6} {'examples/step':>13} {'targets/ex':>10} {'step ms':>9} "
+          f"{'examples/s':>11} {'ratio to ' + base:>14}")
+    for batch in args.batch_sizes:
+        for kind in kinds:
+            rs = ok_rows(kind, batch)
+            if not rs:
+                continue
+            ratio = None
+            base_of = {r["repeat"]: r["examples_per_s"] for r in ok_rows(base, batch)}
+            pairs = [r["examples_per_s"] / base_of[r["repeat"]] for r in rs if r["repeat"] in base_of]
+            if kind != base and pairs:
+                ratio = st.median(pairs)  # within each repeat
+            s = {"user_tower": kind, "batch": batch, "repeats": len(rs), "batch_examples": rs[0]["batch_examples"],
+                 "targets_per_example": rs[0]["targets_per_example"],
+                 "step_ms": st.median(r["step_ms"] for r in rs),
+                 "examples_per_s": st.median(r["examples_per_s"] for r in rs),
+                 "final_loss": st.median(r["final_loss"] for r in rs), f"examples_per_s_ratio_to_{base}": ratio}
+            summary.append(s)
+            print(f"{kind:<12} {batch:>6} {s['batch_examples']:>13} {s['targets_per_example']:>10.1f} "
+                  f"{s['step_ms']:>9.1f} {s['examples_per_s']:>11.0f} "
+                  f"{'' if ratio is None else f'{ratio:.2f}':>14}")
+    result = {
+        "device": str(device), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data_gen_seconds": round(gen_s, 2),
+        "note": "examples = targets trained: rows for the pooling tower, a window's real positions for the "
+                "transformer (every position a query); batch = targets per step, as recsys train sizes it",
+        "summary": summary, "results": rows,
+    }
+    from recsys.core.io import atomic_write_json
+
+    out = args.out or RESULTS.with_name("train_bench_tower.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -291,7 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--user-towers", nargs="+", choices=["pool", "transformer"],
+                    help="instead of the table above: our history_features towers with each model.user_tower, "
+                         "CPU examples/s (targets trained) side by side on the same data, --repeat times "
+                         "interleaved; writes train_bench_tower.json unless --out")
+    ap.add_argument("--repeat", type=int, default=3, help="--user-towers: interleaved repeats (medians quoted)")
+    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/train_bench.json "
+                                                           "(train_bench_tower.json with --user-towers)")
     args = ap.parse_args(argv)
     # the trainer's kernel choices (self-checks, the pooling's timing at the batch shape) and graph capture, logged
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -305,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     data = make_data(n_users=args.n_users, n_items=args.n_items, n_interactions=args.n_interactions,
                      n_item_cats=1000, n_user_cats=100, zipf=args.zipf)  # fmt: skip
     gen_s = time.perf_counter() - t0
+    if args.user_towers:
+        return tower_main(args, data, device, gen_s)
+    args.out = args.out or RESULTS
     rows = []
     for batch in args.batch_sizes:
         for towers in args.towers:
