@@ -39,16 +39,17 @@ def _cfgs(**train_over):
 
 
 def test_unsupported_names_the_reason():
-    def fake(device="cuda", dist=False, model=None, **over):
+    def fake(device="cuda", dist=False, model=None, windows=None, **over):
         m, t, lc = _cfgs()
         tc = TrainConfig(**{**t.__dict__, **{k: v for k, v in over.items() if hasattr(t, k)}})
         lcfg = LossConfig(**{**lc.__dict__, **{k: v for k, v in over.items() if hasattr(lc, k)}})
         return SimpleNamespace(device=torch.device(device), dist=SimpleNamespace(enabled=dist), tcfg=tc, lcfg=lcfg,
-                               model=model or torch.nn.Module())  # fmt: skip
+                               model=model or torch.nn.Module(), windows=windows)  # fmt: skip
 
     assert graphs.unsupported(fake()) is None
     assert graphs.unsupported(fake(device="cpu")) == "CUDA graphs need a CUDA device, not cpu"
     assert "single-process only" in graphs.unsupported(fake(dist=True))
+    assert "transformer user tower" in graphs.unsupported(fake(windows=torch.zeros(3, 2, dtype=torch.long)))
     assert "MoCo queue" in graphs.unsupported(fake(queue_size=256))
     assert "unique()" in graphs.unsupported(fake(ssl_weight=0.1))
     assert "SparseAdam coalesces" in graphs.unsupported(fake(sparse_optimizer="sparse_adam"))

@@ -376,7 +376,7 @@ def test_pool_weights_under_a_transformer_model_json_are_refused(tmp_path):
         TwoTower.from_run(tmp_path)
 
 
-def test_the_server_serves_a_transformer_bundle_with_the_numpy_twin(exported):
+def test_the_server_serves_a_transformer_bundle_with_the_native_twin(exported):
     import grpc
     from test_server_helpers import running_server
 
@@ -390,14 +390,24 @@ def test_the_server_serves_a_transformer_bundle_with_the_numpy_twin(exported):
     run, models, path = exported
     bundle = Bundle.load(path)
     tower = service.user_tower(bundle)
-    assert isinstance(tower, NumpyUserTower) and not isinstance(tower, service.NativeUserTower)
-    with pytest.raises(TypeError, match="transformer"):
-        NumpyUserTower(bundle.model).arrays()
+    assert isinstance(tower, service.NativeUserTower)  # the native twin runs the encoder (recsys._hnsw.UserTower)
+    assert NumpyUserTower(bundle.model).arrays()["encoder"] is not None
     rng = np.random.default_rng(4)
     users = np.array([0, -1, 77, -1], dtype=np.int64)
     histories = [np.concatenate((bundle.history(int(u)) if u >= 0 else np.zeros(0, np.int64),
                                  rng.integers(0, bundle.n_items, k))) for u, k in zip(users, (2, 5, 0, 11), strict=True)]
     np.testing.assert_allclose(tower(users, histories), bundle.embed_users(users, histories), atol=1e-6)
+    # the native Recommend (server/fastpath.py) answers requests with history_item_ids itself, with that same tower
+    from server import fastpath
+    from server.wire import recommend_response
+
+    fast = fastpath.build(bundle)
+    assert fast is not None
+    limits = service.Limits()
+    for user, events in (("", ["i3", "i20", "i21"]), ("u3", ["i40", "i41", "i42"])):
+        req = pb.RecommendRequest(user_id=user, history_item_ids=events, k=10)
+        got = fast.recommend(req.SerializeToString(), limits.max_k, limits.max_id_length, limits.max_history)
+        assert got is not None and got == recommend_response(bundle, req, limits).SerializeToString(), user
     model = TwoTower.from_run(run)
     exact = ExactIndex(bundle.item_embeddings)
     ids = bundle.item_ids

@@ -22,7 +22,7 @@ CONFIGS = {
     "no user features": ModelConfig(use_user_features=False, history_len=7),
     # [u, g, 0] / |[u, g]|: g of the known user's stored state, or of a new user's history length
     "score prior": ModelConfig(time_prior=True, history_len=20),
-    # model.user_tower = "transformer": the numpy twin only (NumpyUserTower._encode; the native twin pools only)
+    # model.user_tower = "transformer": NumpyUserTower._encode and the native twin's encoder (recsys._hnsw.UserTower)
     "transformer": ModelConfig(user_tower="transformer", history_len=20),
     "transformer, 1 layer, 4 heads, hidden": ModelConfig(user_tower="transformer", transformer_layers=1,
                                                          transformer_heads=4, hidden=(48,)),
@@ -54,15 +54,8 @@ def _users(rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def _twins(model: TwoTower) -> list:
-    """The numpy twin, and for a pooling tower the native one (a transformer's arrays are refused: TypeError, which
-    server.service._build_tower takes as "serve with numpy")."""
+    """The numpy twin and the native one (a pooling or a transformer tower alike)."""
     twin = NumpyUserTower(model)
-    if model.encoder is not None:
-        with pytest.raises(TypeError, match="transformer"):
-            twin.arrays()
-        with pytest.raises(TypeError):
-            service.NativeUserTower(twin)
-        return [twin]
     return [twin, service.NativeUserTower(twin)]
 
 
@@ -101,3 +94,22 @@ def test_the_native_tower_refuses_rows_out_of_range():
         tower(np.array([0]), [np.array([N_ITEMS])])
     with pytest.raises(ValueError, match="`rows` must be in"):
         tower(np.array([N_USERS]), [np.array([1])])
+
+
+def test_a_native_extension_without_the_encoder_refuses_a_transformer_with_type_error(monkeypatch):
+    """server.service._build_tower serves with numpy when the native tower cannot be built (an extension built before
+    the native transformer takes no ``encoder``: TypeError); a pooling tower's arrays carry no ``encoder``."""
+    from recsys import _hnsw
+
+    assert "encoder" not in NumpyUserTower(_model(ModelConfig())).arrays()
+    twin = NumpyUserTower(_model(ModelConfig(user_tower="transformer", history_len=5)))
+    assert twin.arrays()["encoder"] is not None
+
+    def old_extension(*, encoder=None, **arrays):
+        if encoder is not None:
+            raise TypeError("__init__(): incompatible constructor arguments")
+        return _hnsw.UserTower(**arrays)
+
+    monkeypatch.setattr(_hnsw, "UserTower", old_extension)
+    with pytest.raises(TypeError):
+        service.NativeUserTower(twin)

@@ -978,6 +978,106 @@ const float *f32_matrix(const py::array &a, const char *name, long cols, size_t 
     return static_cast<const float *>(a.data());
 }
 
+// A float32 C-contiguous 1-D array of ``len`` entries.
+const float *f32_vector(const py::array &a, const char *name, size_t len) {
+    if (a.ndim() != 1 || a.dtype().kind() != 'f' || a.itemsize() != 4 || !(a.flags() & py::array::c_style) ||
+        size_t(a.shape(0)) != len)
+        value_error(std::string("`") + name + "` must be a C-contiguous float32 array of " + std::to_string(len) +
+                    " entries");
+    return static_cast<const float *>(a.data());
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+// 8 floats as one value (GCC / Clang vector extension): one AVX register with -march=native, two SSE ones without
+typedef float f32x8 __attribute__((vector_size(32)));
+inline f32x8 load8(const float *p) {
+    f32x8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void store8(float *p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+
+// Rows r..r+R-1 of matmul below, columns o0 <= o < o1: blocks of 16 columns (then 8) accumulate in registers over
+// k, each row of W loaded once for the R rows; the last columns (fewer than 8) one by one.
+template <size_t R>
+void matmul_rows(const float *X, size_t ldx, size_t in, const float *W, size_t ldw, const float *b, size_t o0,
+                 size_t o1, float *Y, size_t ldy) {
+    size_t o = o0;
+    for (; o + 16 <= o1; o += 16) {
+        f32x8 acc[R][2];
+        for (size_t i = 0; i < R; i++) acc[i][0] = load8(b + o), acc[i][1] = load8(b + o + 8);
+        for (size_t k = 0; k < in; k++) {
+            const f32x8 w0 = load8(W + k * ldw + o), w1 = load8(W + k * ldw + o + 8);
+            for (size_t i = 0; i < R; i++) {
+                const float v = X[i * ldx + k];
+                acc[i][0] += v * w0;
+                acc[i][1] += v * w1;
+            }
+        }
+        for (size_t i = 0; i < R; i++) store8(Y + i * ldy + o, acc[i][0]), store8(Y + i * ldy + o + 8, acc[i][1]);
+    }
+    for (; o + 8 <= o1; o += 8) {
+        f32x8 acc[R];
+        for (size_t i = 0; i < R; i++) acc[i] = load8(b + o);
+        for (size_t k = 0; k < in; k++) {
+            const f32x8 w0 = load8(W + k * ldw + o);
+            for (size_t i = 0; i < R; i++) acc[i] += X[i * ldx + k] * w0;
+        }
+        for (size_t i = 0; i < R; i++) store8(Y + i * ldy + o, acc[i]);
+    }
+    for (; o < o1; o++)
+        for (size_t i = 0; i < R; i++) {
+            float acc = b[o];
+            for (size_t k = 0; k < in; k++) acc += X[i * ldx + k] * W[k * ldw + o];
+            Y[i * ldy + o] = acc;
+        }
+}
+#else
+template <size_t R>
+void matmul_rows(const float *X, size_t ldx, size_t in, const float *W, size_t ldw, const float *b, size_t o0,
+                 size_t o1, float *Y, size_t ldy) {
+    for (size_t i = 0; i < R; i++) {
+        float *y = Y + i * ldy;
+        for (size_t o = o0; o < o1; o++) y[o] = b[o];
+        for (size_t k = 0; k < in; k++) {
+            const float v = X[i * ldx + k];
+            const float *w = W + k * ldw;
+            for (size_t o = o0; o < o1; o++) y[o] += v * w[o];
+        }
+    }
+}
+#endif
+
+// Y[r, o] = b[o] + sum_k X[r, k] W[k, o] for rows r < n and columns o0 <= o < o1: X [n, in] (row stride ldx),
+// W [in, ldw] row-major (the transposed nn.Linear weight: unit stride over the outputs), Y's columns indexed like
+// W's (row stride ldy); 6 rows at a time (12 of the 16 AVX registers accumulate). Y must not overlap X.
+void matmul(const float *X, size_t ldx, size_t n, size_t in, const float *W, size_t ldw, const float *b, size_t o0,
+            size_t o1, float *Y, size_t ldy) {
+    size_t r = 0;
+    for (; r + 6 <= n; r += 6) matmul_rows<6>(X + r * ldx, ldx, in, W, ldw, b, o0, o1, Y + r * ldy, ldy);
+    for (; r + 2 <= n; r += 2) matmul_rows<2>(X + r * ldx, ldx, in, W, ldw, b, o0, o1, Y + r * ldy, ldy);
+    for (; r < n; r++) matmul_rows<1>(X + r * ldx, ldx, in, W, ldw, b, o0, o1, Y + r * ldy, ldy);
+}
+
+// nn.LayerNorm over the last dim (biased variance, in double): rows n of X [n, e] -> Y [n, e]
+void layer_norm(const float *X, size_t n, size_t e, const float *w, const float *b, float eps, float *Y) {
+    for (size_t r = 0; r < n; r++) {
+        const float *x = X + r * e;
+        float *y = Y + r * e;
+        double mu = 0, var = 0;
+        for (size_t c = 0; c < e; c++) mu += x[c];
+        mu /= double(e);
+        for (size_t c = 0; c < e; c++) var += (x[c] - mu) * (x[c] - mu);
+        const float m = float(mu), inv = float(1.0 / std::sqrt(var / double(e) + double(eps)));
+        for (size_t c = 0; c < e; c++) y[c] = (x[c] - m) * inv * w[c] + b[c];
+    }
+}
+
+// nn.GELU (exact): x * Phi(x), in place
+void gelu(float *y, size_t n) {
+    for (size_t o = 0; o < n; o++) y[o] = 0.5f * y[o] * (1.0f + std::erf(y[o] * 0.70710678118654752f));
+}
+
 // The user tower of recsys.model.TwoTower (``encode_users`` in eval mode) on the arrays of
 // ``recsys.model.NumpyUserTower`` -- the same math in the same order, one user at a time, without the GIL:
 // the request path's tower (fresh events of a known user, a new user's history). server.service checks it
@@ -985,7 +1085,10 @@ const float *f32_matrix(const py::array &a, const char *name, long cols, size_t 
 //   x      = user_id[row] + sum of the user's feature embeddings (a multi-valued feature: the mean of its codes
 //            present; code 0 embeds to zero); zeros for a new user (row -1)
 //   pooled = attention: softmax_i(tanh(h_i W_key^T + rec_key[steps back of i]) . query) weighted sum of h_i
-//            (query pre-scaled by 1/sqrt(E)); mean: the mean of h_i; zeros for an empty history
+//            (query pre-scaled by 1/sqrt(E)); mean: the mean of h_i; zeros for an empty history;
+//            transformer (``encoder``, model.user_tower = "transformer", recsys.train.layers.CausalEncoder): the
+//            encoder's output at the last position over h_i + position[i] (i counted from the first item used),
+//            causal pre-norm blocks, the last block on the last position alone; zeros for an empty history
 //   z      = [x, pooled, (h_last)] -> Linear (-> GELU -> Linear)* -> L2-normalised
 //   with a score prior (model.time_prior): [z, g, 0] / sqrt(1 + |g|^2), g the user's row of ``prior_known`` or,
 //            for a new user, the row of ``prior_new`` for the number of history items used
@@ -993,7 +1096,7 @@ const float *f32_matrix(const py::array &a, const char *name, long cols, size_t 
 class UserTower {
  public:
     UserTower(py::array table, py::array user_id, py::list features, py::array user_feats, py::object pool,
-              bool last_item, py::list layers, int history_len, py::object prior)
+              bool last_item, py::list layers, int history_len, py::object prior, py::object encoder)
         : last_item_(last_item), history_len_(history_len > 0 ? size_t(history_len) : 0) {
         if (history_len < 1) value_error("`history_len` must be >= 1, got " + std::to_string(history_len));
         keep_ = py::list();
@@ -1059,6 +1162,63 @@ class UserTower {
             in = layer.out;
         }
         if (layers_.empty()) value_error("`layers` must hold at least one (weight, bias)");
+        // model.user_tower = "transformer": (position [>= history_len, E], blocks, (final_w, final_b, final_eps)),
+        // a block (ln1_w, ln1_b, ln1_eps, qkv_wT [E, 3E], qkv_b, proj_wT [E, E], proj_b, ln2_w, ln2_b, ln2_eps,
+        // ff1_wT [E, F], ff1_b, ff2_wT [F, E], ff2_b, heads)
+        if (!encoder.is_none()) {
+            if (!pool.is_none()) value_error("`pool` and `encoder` exclude each other");
+            auto t = encoder.cast<py::tuple>();
+            if (t.size() != 3) value_error("`encoder` must be (position, blocks, final norm)");
+            py::array pos = t[0].cast<py::array>();
+            position_ = f32_matrix(pos, "position", long(e_), &rows);
+            if (rows < history_len_) value_error("`position` must have a row per history position");
+            keep_.append(pos);
+            auto vec = [&](py::handle h, const char *name, size_t len) {
+                py::array a = h.cast<py::array>();
+                keep_.append(a);
+                return f32_vector(a, name, len);
+            };
+            auto mat = [&](py::handle h, const char *name, size_t r, size_t c) {
+                py::array a = h.cast<py::array>();
+                size_t got = 0;
+                const float *p = f32_matrix(a, name, long(c), &got);
+                if (got != r) value_error(std::string("`") + name + "` must have " + std::to_string(r) + " rows");
+                keep_.append(a);
+                return p;
+            };
+            for (auto item : t[1].cast<py::list>()) {
+                auto bt = item.cast<py::tuple>();
+                if (bt.size() != 15) value_error("an encoder block must be a tuple of 15 entries");
+                Block B;
+                B.ln1_w = vec(bt[0], "ln1_w", e_);
+                B.ln1_b = vec(bt[1], "ln1_b", e_);
+                B.eps1 = bt[2].cast<float>();
+                B.qkv_w = mat(bt[3], "qkv_w", e_, 3 * e_);
+                B.qkv_b = vec(bt[4], "qkv_b", 3 * e_);
+                B.proj_w = mat(bt[5], "proj_w", e_, e_);
+                B.proj_b = vec(bt[6], "proj_b", e_);
+                B.ln2_w = vec(bt[7], "ln2_w", e_);
+                B.ln2_b = vec(bt[8], "ln2_b", e_);
+                B.eps2 = bt[9].cast<float>();
+                py::array f1 = bt[10].cast<py::array>();
+                if (f1.ndim() != 2) value_error("`ff1_w` must be [E, F]");
+                B.ff = size_t(f1.shape(1));
+                B.ff1_w = mat(bt[10], "ff1_w", e_, B.ff);
+                B.ff1_b = vec(bt[11], "ff1_b", B.ff);
+                B.ff2_w = mat(bt[12], "ff2_w", B.ff, e_);
+                B.ff2_b = vec(bt[13], "ff2_b", e_);
+                long heads = bt[14].cast<long>();
+                if (heads < 1 || e_ % size_t(heads) != 0) value_error("`heads` must divide E");
+                B.heads = size_t(heads);
+                blocks_.push_back(B);
+            }
+            if (blocks_.empty()) value_error("`encoder` must hold at least one block");
+            auto fin = t[2].cast<py::tuple>();
+            if (fin.size() != 3) value_error("the encoder's final norm must be (weight, bias, eps)");
+            norm_w_ = vec(fin[0], "final_w", e_);
+            norm_b_ = vec(fin[1], "final_b", e_);
+            norm_eps_ = fin[2].cast<float>();
+        }
         dim_ = tower_dim_ = in;
         // model.time_prior: (g of every known user [n_users, K], g of a new user by history length [L + 1, K]);
         // the output is then [u, g, 0] / sqrt(1 + |g|^2) (TwoTower.served_users)
@@ -1117,7 +1277,9 @@ class UserTower {
                 for (size_t d = 0; d < e; d++) x[d] += y[d] / den;
             }
         }
-        if (n > 0 && wk_ != nullptr) {
+        if (n > 0 && !blocks_.empty()) {
+            encode(h.data(), n, pooled);
+        } else if (n > 0 && wk_ != nullptr) {
             scores.resize(n);
             key.resize(e);
             float top = -std::numeric_limits<float>::infinity();
@@ -1173,6 +1335,82 @@ class UserTower {
         out[tower_dim_ + rank_] = 0.0f;
     }
 
+    // CausalEncoder in eval mode at the last position (NumpyUserTower._encode for one user, who has no pads): the
+    // n items' rows h, oldest first -> out [E]. Every block but the last runs on all n positions (later blocks
+    // read them as keys and values); the last block's queries, its MLP and the final norm, on the last one alone.
+    void encode(const float *const *h, size_t n, float *out) const {
+        const size_t e = e_, e3 = 3 * e_;
+        thread_local std::vector<float> X, Y, QKV, KT, A, F, S;
+        X.resize(n * e);
+        Y.resize(n * e);
+        QKV.resize(n * e3);
+        KT.resize(n * e);
+        A.resize(n * e);
+        S.resize(n);
+        for (size_t i = 0; i < n; i++) {
+            const float *p = position_ + i * e, *hi = h[i];
+            float *x = X.data() + i * e;
+            for (size_t c = 0; c < e; c++) x[c] = hi[c] + p[c];
+        }
+        float *x = X.data();  // the rows still computed: all n, then the last one alone in the last block
+        size_t m = n;
+        for (size_t j = 0; j < blocks_.size(); j++) {
+            const Block &B = blocks_[j];
+            const bool last = j + 1 == blocks_.size();
+            const size_t t0 = last ? n - 1 : 0, d = e / B.heads;
+            const float scale = 1.0f / std::sqrt(float(d));
+            layer_norm(X.data(), n, e, B.ln1_w, B.ln1_b, B.eps1, Y.data());
+            if (last) {  // keys and values of every position, the query of the last one
+                matmul(Y.data(), e, n, e, B.qkv_w, e3, B.qkv_b, e, e3, QKV.data(), e3);
+                matmul(Y.data() + t0 * e, e, 1, e, B.qkv_w, e3, B.qkv_b, 0, e, QKV.data() + t0 * e3, e3);
+            } else {
+                matmul(Y.data(), e, n, e, B.qkv_w, e3, B.qkv_b, 0, e3, QKV.data(), e3);
+            }
+            for (size_t i = 0; i < n; i++) {  // keys transposed: KT[c, i], so the scores are a unit-stride axpy
+                const float *k = QKV.data() + i * e3 + e;
+                for (size_t c = 0; c < e; c++) KT[c * n + i] = k[c];
+            }
+            for (size_t t = t0; t < n; t++) {  // query t reads the positions 0..t
+                const float *q = QKV.data() + t * e3;
+                float *a = A.data() + (t - t0) * e;
+                for (size_t hd = 0; hd < B.heads; hd++) {
+                    float *s = S.data();
+                    for (size_t i = 0; i <= t; i++) s[i] = 0.0f;
+                    for (size_t c = hd * d; c < (hd + 1) * d; c++) {
+                        const float qc = q[c];
+                        const float *kt = KT.data() + c * n;
+                        for (size_t i = 0; i <= t; i++) s[i] += qc * kt[i];
+                    }
+                    float top = -std::numeric_limits<float>::infinity();
+                    for (size_t i = 0; i <= t; i++) top = std::max(top, s[i] *= scale);
+                    float sum = 0;
+                    for (size_t i = 0; i <= t; i++) sum += (s[i] = std::exp(s[i] - top));
+                    const float inv = 1.0f / sum;
+                    float *ah = a + hd * d;
+                    for (size_t c = 0; c < d; c++) ah[c] = 0.0f;
+                    for (size_t i = 0; i <= t; i++) {
+                        const float p = s[i] * inv;
+                        const float *v = QKV.data() + i * e3 + 2 * e + hd * d;
+                        for (size_t c = 0; c < d; c++) ah[c] += p * v[c];
+                    }
+                }
+            }
+            if (last) {
+                x = X.data() + t0 * e;
+                m = 1;
+            }
+            matmul(A.data(), e, m, e, B.proj_w, e, B.proj_b, 0, e, Y.data(), e);  // x += a W_proj + b
+            for (size_t i = 0; i < m * e; i++) x[i] += Y[i];
+            F.resize(m * B.ff);
+            layer_norm(x, m, e, B.ln2_w, B.ln2_b, B.eps2, Y.data());
+            matmul(Y.data(), e, m, e, B.ff1_w, B.ff, B.ff1_b, 0, B.ff, F.data(), B.ff);
+            gelu(F.data(), m * B.ff);
+            matmul(F.data(), B.ff, m, B.ff, B.ff2_w, e, B.ff2_b, 0, e, Y.data(), e);
+            for (size_t i = 0; i < m * e; i++) x[i] += Y[i];
+        }
+        layer_norm(x, 1, e, norm_w_, norm_b_, norm_eps_, out);
+    }
+
     // rows [n] int64 (-1 = new user), histories as CSR: offsets [n + 1], items [offsets[n]] -> [n, dim] float32
     py::array_t<float> embed(const py::array &rows, const py::array &offsets, const py::array &items) const {
         size_t n = 0, n_off = 0, n_val = 0;
@@ -1208,7 +1446,15 @@ class UserTower {
         const float *w = nullptr, *b = nullptr;  // w: [in, out] (the transposed nn.Linear weight)
         size_t in = 0, out = 0;
     };
+    struct Block {  // CausalBlock: weights [in, out] (the transposed nn.Linear weights)
+        const float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *ff1_w, *ff1_b, *ff2_w, *ff2_b;
+        float eps1, eps2;
+        size_t heads, ff;
+    };
     py::list keep_;  // keeps every array alive
+    std::vector<Block> blocks_;  // the transformer's; empty for a pooling tower
+    const float *position_ = nullptr, *norm_w_ = nullptr, *norm_b_ = nullptr;
+    float norm_eps_ = 0;
     const float *table_ = nullptr, *uid_ = nullptr, *wk_ = nullptr, *rk_ = nullptr, *q_ = nullptr;
     const float *g_known_ = nullptr, *g_new_ = nullptr;
     size_t tower_dim_ = 0, rank_ = 0;
@@ -1540,9 +1786,11 @@ PYBIND11_MODULE(_hnsw, m) {
              py::arg("max_id_bytes"), py::arg("max_history") = 0)
         .def_property_readonly("n_users", &KnownUserRecommender::n_users);
     py::class_<UserTower>(m, "UserTower")
-        .def(py::init<py::array, py::array, py::list, py::array, py::object, bool, py::list, int, py::object>(),
+        .def(py::init<py::array, py::array, py::list, py::array, py::object, bool, py::list, int, py::object,
+                      py::object>(),
              py::arg("table"), py::arg("user_id"), py::arg("features"), py::arg("user_feats"), py::arg("pool"),
-             py::arg("last_item"), py::arg("layers"), py::arg("history_len"), py::arg("prior") = py::none())
+             py::arg("last_item"), py::arg("layers"), py::arg("history_len"), py::arg("prior") = py::none(),
+             py::arg("encoder") = py::none())
         .def("embed", &UserTower::embed, py::arg("rows"), py::arg("offsets"), py::arg("items"))
         .def_property_readonly("dim", &UserTower::dim);
 }

@@ -616,11 +616,12 @@ class NumpyUserTower:
 
     def arrays(self) -> dict[str, Any]:
         """This tower's arrays as ``recsys._hnsw.UserTower`` takes them (the native twin; C-contiguous, shared).
-        TypeError for a transformer user tower: the native twin pools only."""
-        if self._encoder is not None:
-            raise TypeError("the native user tower pools only; a transformer user tower is served by numpy")
+        ``encoder``: None for a pooling tower; for a transformer (position [L, E], blocks, (final_w, final_b,
+        final_eps)), a block (ln1_w, ln1_b, ln1_eps, qkv_wT [E, 3E], qkv_b, proj_wT [E, E], proj_b, ln2_w, ln2_b,
+        ln2_eps, ff1_wT [E, 4E], ff1_b, ff2_wT [4E, E], ff2_b, heads). An extension built before the native
+        transformer takes no ``encoder``: TypeError, and server.service serves with this numpy twin."""
         e = self._table.shape[1]
-        return {
+        out = {
             "table": np.ascontiguousarray(self._table),
             "user_id": np.ascontiguousarray(self._user_id if self._user_id is not None else np.zeros((0, e), np.float32)),
             "features": [(np.ascontiguousarray(w), int(start), int(width)) for w, start, width in self._feats],
@@ -631,6 +632,9 @@ class NumpyUserTower:
             "history_len": self.history_len,
             "prior": self._prior,
         }
+        if self._encoder is not None:  # only then: a pooling tower still builds on an older extension
+            out["encoder"] = _native_encoder(self._encoder)
+        return out
 
     def __call__(self, rows: Any, histories: Any) -> Any:
         """user rows [n] int (-1 = a new user, valid rows only), histories (item rows, oldest first, valid rows)
@@ -719,6 +723,16 @@ class NumpyUserTower:
             y = _layer_norm(x, *ln2) @ ff1[0] + ff1[1]
             x = x + (0.5 * y * (1.0 + _erf(y / np.float32(math.sqrt(2.0))))) @ ff2[0] + ff2[1]
         return _layer_norm(x[:, -1], *final).astype(np.float32, copy=False)
+
+
+def _native_encoder(encoder: Any) -> tuple:
+    """``NumpyUserTower._encoder`` flattened as ``recsys._hnsw.UserTower(encoder=...)`` takes it (C-contiguous)."""
+    c = np.ascontiguousarray
+    position, blocks, (fw, fb, feps) = encoder
+    flat = [(c(ln1[0]), c(ln1[1]), float(ln1[2]), c(qkv[0]), c(qkv[1]), c(proj[0]), c(proj[1]),
+             c(ln2[0]), c(ln2[1]), float(ln2[2]), c(ff1[0]), c(ff1[1]), c(ff2[0]), c(ff2[1]), int(heads))
+            for ln1, qkv, proj, ln2, ff1, ff2, heads in blocks]
+    return c(position), flat, (c(fw), c(fb), float(feps))
 
 
 def _layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
