@@ -174,6 +174,10 @@ def test_choose_history_kernel(monkeypatch, caplog):
     assert choose_history_kernel(TrainConfig(), m, n_items=100, device=cuda) == "torch"
     monkeypatch.setattr(fused_pool, "timings", lambda *a, **k: (0.5, 1.0))
     assert choose_history_kernel(TrainConfig(), m, n_items=100, device=cuda) == "triton"
+    tf = ModelConfig(embedding_dim=64, history_len=20, user_tower="transformer")  # no pooling: torch, even if faster
+    assert choose_history_kernel(TrainConfig(), tf, n_items=100, device=cuda) == "torch"
+    with pytest.raises(ValueError, match="`model.user_tower` is 'transformer'"):
+        choose_history_kernel(TrainConfig(history_kernel="triton"), tf, n_items=100, device=cuda)
     monkeypatch.setattr(fused_pool, "self_check", lambda *a, **k: 0.5)
     assert choose_history_kernel(TrainConfig(), m, n_items=100, device=cuda) == "torch"
     assert "kernels disagree with the torch path (relative error 0.5 > 0.02)" in caplog.text

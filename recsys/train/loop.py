@@ -311,11 +311,16 @@ def choose_history_kernel(train_cfg: TrainConfig, model_cfg: ModelConfig, *, n_i
                           device: torch.device) -> str:  # fmt: skip
     """``"triton"`` or ``"torch"``: the user tower's history pooling in this run (``train.history_kernel``).
 
-    Only attention pooling has fused kernels (recsys.train.kernels.fused_pool). "auto" also times one forward + backward of both
+    Only attention pooling has fused kernels (recsys.train.kernels.fused_pool); the transformer tower always takes torch. "auto" also times one forward + backward of both
     paths at this run's shape (batch, history length, width, table size) and keeps torch unless the kernels are
     faster (:func:`recsys.train.kernels.fused_pool.timings`).
     """
     want = train_cfg.history_kernel
+    if model_cfg.user_tower == "transformer":  # no pooling to fuse: the encoder runs in torch (SDPA)
+        if want == "triton":
+            raise ValueError("`train.history_kernel` = 'triton' fuses attention pooling; `model.user_tower` is "
+                             "'transformer' (use 'auto' or 'torch')")
+        return "torch"
     if model_cfg.history_pooling != "attention":
         if want == "triton":
             raise ValueError("`train.history_kernel` = 'triton' fuses attention pooling; `model.history_pooling` is "
