@@ -219,9 +219,46 @@ def test_a_batch_is_about_batch_size_targets_of_windows(tmp_path):
         assert summary["status"] == "done"
         steps[kind] = summary["steps"]
     assert steps == {"transformer": 57, "pool": 60}
-    with pytest.raises(ValueError, match="target_window"):  # the transformer trains every position on its next
-        train(data, tmp_path / "tw", model_cfg=ModelConfig(user_tower="transformer", dim=8, embedding_dim=8),
-              train_cfg=TrainConfig(target_window=2, epochs=1, progress=False, tensorboard=False), device="cpu")
+
+
+def test_user_last_row_hand_worked():
+    from recsys.train.loop import user_last_row
+
+    np.testing.assert_array_equal(user_last_row(np.array([0, 0, 0, 3, 3, 5, 6, 6])), [2, 2, 2, 4, 4, 5, 7, 7])
+    assert user_last_row(np.empty(0, dtype=np.int64)).shape == (0,)
+
+
+def test_target_window_draws_one_of_the_next_few_rows_never_past_the_users_last(clustered):
+    """``train.target_window = 3``: each position's target is its next row + a gap of 0, 1 or 2, cut at the user's
+    last row; the queries are the same prefixes as with the next item only."""
+    data = clustered
+    mcfg = ModelConfig(user_tower="transformer", dim=8, embedding_dim=8, history_len=4, user_id_dropout=0.0)
+    trainers = {}
+    for w in (1, 3):
+        tcfg = TrainConfig(batch_size=16, epochs=1, progress=False, tensorboard=False, refit=False, target_window=w)
+        trainers[w] = Trainer(data, model_cfg=mcfg, train_cfg=tcfg, loss_cfg=LossConfig(temperature=0.1),
+                              device=torch.device("cpu"))  # fmt: skip
+        trainers[w].set_interactions(data.train)
+    trainers[3].model.load_state_dict(trainers[1].model.state_dict())
+    start = data.train.user_start()
+    ends = trainers[1].windows  # every window: users' rows 1, 5 and 9 (make_clustered: 10 train rows a user)
+    for t in trainers.values():
+        t.model.eval()  # dropout off: the queries are deterministic
+    with torch.no_grad():
+        q1, base = trainers[1].sequence_queries(ends)
+        torch.manual_seed(0)
+        draws = [trainers[3].sequence_queries(ends) for _ in range(30)]
+    gaps = np.stack([(t - base).numpy() for _, t in draws])  # [30, P]
+    torch.testing.assert_close(draws[0][0], q1)  # the same queries: only the targets move
+    rel = base.numpy() - start[base.numpy()]  # each base target's place in its user's 10 rows (1..9)
+    assert set(np.unique(gaps)) == {0, 1, 2}
+    np.testing.assert_array_equal(gaps[:, rel == 9], 0)  # the user's last row: nothing after it
+    assert set(np.unique(gaps[:, rel == 8])) == {0, 1}  # one row left
+    assert set(np.unique(gaps[:, rel <= 7])) == {0, 1, 2}
+    share = np.bincount(gaps[:, rel <= 7].ravel(), minlength=3) / gaps[:, rel <= 7].size
+    np.testing.assert_allclose(share, 1 / 3, atol=0.03)  # uniform
+    targets = np.stack([t.numpy() for _, t in draws])
+    assert (start[targets] == start[base.numpy()][None]).all()  # always the same user's row
 
 
 # ------------------------------------------------------------------------------------ a hand-made sequential pattern

@@ -158,7 +158,8 @@ class TrainConfig:
     """Interactions per step (the in-batch negatives are the other rows of the batch)."""
     target_window: int = 1
     """Each example's history ends a random 0..target_window-1 interactions before its target (1 = the next item
-    only), so the user vector learns to predict the next few items, as the per-user temporal split asks."""
+    only), so the user vector learns to predict the next few items, as the per-user temporal split asks. With
+    ``model.user_tower = "transformer"`` each position's target is one of its next ``target_window`` items."""
     half_life_days: float = 0.0
     """Weigh each training event by ``0.5 ** (age / half_life_days)``, its age counted back from the newest event
     of the data trained on (0 = every event alike): training leans toward the recent past."""

@@ -413,9 +413,6 @@ class Trainer:
             raise ValueError("`model.user_tower = \"transformer\"` trains on one process for now (each rank's batch "
                              "has its own number of positions, which the candidates' all-gather cannot take): run "
                              "without torchrun, or with `model.user_tower = \"pool\"`")
-        if self.mcfg.user_tower == "transformer" and self.tcfg.target_window > 1:
-            raise ValueError("`train.target_window` > 1 is for the pooling tower; the transformer trains every "
-                             "position on its next item: set `train.target_window = 1`")
         if self.mcfg.time_prior and self.tcfg.cuda_graphs:
             raise ValueError("`model.time_prior` computes each step's (row, candidate) time inputs on the host, which a "
                              "CUDA graph cannot capture: set `train.cuda_graphs = false` or `model.time_prior = false`")
@@ -583,6 +580,9 @@ class Trainer:
             self.model.set_time_state(torch.as_tensor(now, device=dev), torch.as_tensor(cold, device=dev), users_now)
         self.t_start = torch.as_tensor(inter.user_start(), device=dev)
         self.offsets = torch.arange(self.mcfg.history_len, 0, -1, device=dev)  # [N]: N..1 rows back
+        self.t_last = None  # each row's user's last row: how far ahead the transformer's positions may look
+        if self.windows is not None and self.tcfg.target_window > 1:
+            self.t_last = torch.as_tensor(user_last_row(inter.user_start()), device=dev)
 
     def batch_history(self, rows: torch.Tensor, gap: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N] the N items before each row, oldest first, -1 before the user's first interaction.
@@ -601,12 +601,18 @@ class Trainer:
 
         Window ``r`` reads the N rows before ``r`` (:meth:`batch_history`); position ``i`` (row ``r - N + i``)
         predicts the next row's item, so the targets are rows ``r - N + 1 .. r``. Pad positions (before the user's
-        first row) are dropped: P = the window's real items, summed over the batch.
+        first row) are dropped: P = the window's real items, summed over the batch. With ``train.target_window``
+        W > 1 each position predicts one of its next W items instead (drawn uniformly, PinnerFormer's "next few
+        actions"), never past the user's last row: near it the draw is cut to the rows there are.
         """
         history = self.batch_history(ends)  # [W, N]
         q = self.model._user_sequence(self.t_user[ends], history, id_dropout=self.mcfg.user_id_dropout)  # [W, N, d]
         valid = history >= 0
         targets = ends[:, None] - self.offsets[None, :] + 1  # [W, N]
+        if self.t_last is not None:
+            ahead = self.t_last[ends][:, None] - targets  # [W, N] rows left after each target (same user)
+            gap = torch.randint(0, self.tcfg.target_window, targets.shape, device=targets.device)
+            targets = targets + torch.minimum(gap, ahead.clamp(min=0))
         return q[valid], targets[valid]
 
     def loss(self, rows: torch.Tensor) -> torch.Tensor:
@@ -1067,6 +1073,14 @@ def time_blocks(time_order: torch.Tensor, bs: int, n_batches: int, *, generator:
     blocks = torch.randperm(n_batches, generator=generator).to(time_order.device)
     start = (blocks * bs + shift).clamp(max=max(n - bs, 0))
     return time_order[(start[:, None] + torch.arange(bs, device=time_order.device)).reshape(-1)]
+
+
+def user_last_row(user_start: np.ndarray) -> np.ndarray:
+    """[rows] int64: each row's user's last row, from ``Interactions.user_start`` (rows grouped by user)."""
+    n = len(user_start)
+    new_user = np.r_[True, user_start[1:] != user_start[:-1]] if n else np.zeros(0, dtype=bool)
+    last = np.r_[np.flatnonzero(new_user)[1:], n].astype(np.int64) - 1  # per user
+    return last[np.cumsum(new_user) - 1]
 
 
 def sequence_windows(user_start: np.ndarray, n: int) -> np.ndarray:
