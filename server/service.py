@@ -385,22 +385,14 @@ def recommend(
     items); otherwise the user tower embeds the known items of ``history_item_ids`` (a new user); otherwise, with
     ``allow_fallback``, the most popular items.
     """
-    if user_id and not (history_item_ids or exclude_item_ids or allowed_item_ids or item_filter):
-        # The hot path (a known user, no lists): the same checks in their cheapest form, one lookup, one search.
-        if not 1 <= k <= limits.max_k:
-            check_k(k, limits)
-        if len(user_id) > limits.max_id_length:
-            check_id(user_id, limits, name="user_id")
-        row = bundle.user_row(user_id)
-        if row is not None:
-            prep = prepared(bundle)
-            seen = None if include_seen else bundle.seen_items(row)
-            rows, scores = retrieve_one(bundle.index, bundle.user_embeddings[row : row + 1], k, exclude=seen)
-            names = prep.item_ids
-            return Recommendation([names[r] for r in rows], scores, SOURCE_KNOWN_USER)
     check_k(k, limits)
     if user_id:
         check_id(user_id, limits, name="user_id")
+    row = bundle.user_row(user_id) if user_id else None
+    if row is not None and not (history_item_ids or exclude_item_ids or allowed_item_ids or item_filter):
+        # a known user and nothing else (the most common request): the stored embedding, seen items excluded
+        seen = None if include_seen else bundle.seen_items(row)
+        return _answer(bundle, bundle.user_embeddings[row : row + 1], k, seen, None, source=SOURCE_KNOWN_USER)
     if history_item_ids:
         check_ids(history_item_ids, limits, name="history_item_ids", max_n=limits.max_history)
     if exclude_item_ids:
@@ -413,7 +405,6 @@ def recommend(
     exclude = _known_rows(bundle, exclude_item_ids)[0] if exclude_item_ids else None
     allowed = _known_rows(bundle, allowed_item_ids)[0] if allowed_item_ids else None
     allow = allowed_by(bundle, item_filter)
-    row = bundle.user_row(user_id) if user_id else None
     history, unknown = _known_rows(bundle, history_item_ids)
     if row is not None:
         seen = None if include_seen else bundle.seen_items(row)
