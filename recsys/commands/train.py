@@ -18,7 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "estimate); then the final fit -- the weights `recsys export` publishes -- trains that many epochs on every "
         "split (train.final_fit=all, the default) or on train + valid only (train.final_fit=train_valid: test stays "
         "unseen, so `recsys evaluate` can score the published model on it). Every field "
-        "of recsys/configs/default.toml can be set; on a GPU the speed-related ones are train.loss_kernel (auto: "
+        "of recsys/configs/default.toml can be set, e.g. model.user_tower=transformer (a causal transformer over "
+        "the history, every position trained as a query; the default `pool` measured as good or better, README "
+        "Results); on a GPU the speed-related ones are train.loss_kernel (auto: "
         "fused Triton in-batch softmax), train.history_kernel (auto: fused history lookup + attention pooling when "
         "faster), train.cuda_graphs (the whole step as one CUDA graph), "
         "train.sparse_embeddings + train.sparse_optimizer=rowwise_adagrad (big ID tables), train.batch_size.",
