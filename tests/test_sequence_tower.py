@@ -221,11 +221,16 @@ def test_a_batch_is_about_batch_size_targets_of_windows(tmp_path):
     assert steps == {"transformer": 57, "pool": 60}
 
 
-def test_user_last_row_hand_worked():
-    from recsys.train.loop import user_last_row
+def test_user_last_hand_worked():
+    from recsys.core.data import Interactions
 
-    np.testing.assert_array_equal(user_last_row(np.array([0, 0, 0, 3, 3, 5, 6, 6])), [2, 2, 2, 4, 4, 5, 7, 7])
-    assert user_last_row(np.empty(0, dtype=np.int64)).shape == (0,)
+    def inter(users):
+        n = len(users)
+        return Interactions(np.array(users, dtype=np.int64), np.zeros(n, np.int64), np.arange(n, dtype=np.int64),
+                            np.ones(n, np.float32))  # fmt: skip
+
+    np.testing.assert_array_equal(inter([4, 4, 4, 1, 1, 7, 2, 2]).user_last(), [2, 2, 2, 4, 4, 5, 7, 7])
+    assert inter([]).user_last().shape == (0,)
 
 
 def test_target_window_draws_one_of_the_next_few_rows_never_past_the_users_last(clustered):

@@ -47,6 +47,16 @@ class Interactions:
         starts = np.flatnonzero(new)
         return starts[np.cumsum(new) - 1].astype(np.int64)
 
+    def user_last(self) -> np.ndarray:
+        """[n] int64: row of the last interaction of each row's user (rows are grouped by user)."""
+        n = len(self)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        new = np.ones(n, dtype=bool)
+        new[1:] = self.user_idx[1:] != self.user_idx[:-1]
+        lasts = np.append(np.flatnonzero(new)[1:], n) - 1
+        return lasts[np.cumsum(new) - 1].astype(np.int64)
+
     @staticmethod
     def concat(*parts: Interactions) -> Interactions:
         """The splits merged and re-sorted by (user, ts); ties keep the earlier argument's rows first."""

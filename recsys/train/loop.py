@@ -582,7 +582,7 @@ class Trainer:
         self.offsets = torch.arange(self.mcfg.history_len, 0, -1, device=dev)  # [N]: N..1 rows back
         self.t_last = None  # each row's user's last row: how far ahead the transformer's positions may look
         if self.windows is not None and self.tcfg.target_window > 1:
-            self.t_last = torch.as_tensor(user_last_row(inter.user_start()), device=dev)
+            self.t_last = torch.as_tensor(inter.user_last(), device=dev)
 
     def batch_history(self, rows: torch.Tensor, gap: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N] the N items before each row, oldest first, -1 before the user's first interaction.
@@ -1073,14 +1073,6 @@ def time_blocks(time_order: torch.Tensor, bs: int, n_batches: int, *, generator:
     blocks = torch.randperm(n_batches, generator=generator).to(time_order.device)
     start = (blocks * bs + shift).clamp(max=max(n - bs, 0))
     return time_order[(start[:, None] + torch.arange(bs, device=time_order.device)).reshape(-1)]
-
-
-def user_last_row(user_start: np.ndarray) -> np.ndarray:
-    """[rows] int64: each row's user's last row, from ``Interactions.user_start`` (rows grouped by user)."""
-    n = len(user_start)
-    new_user = np.r_[True, user_start[1:] != user_start[:-1]] if n else np.zeros(0, dtype=bool)
-    last = np.r_[np.flatnonzero(new_user)[1:], n].astype(np.int64) - 1  # per user
-    return last[np.cumsum(new_user) - 1]
 
 
 def sequence_windows(user_start: np.ndarray, n: int) -> np.ndarray:
