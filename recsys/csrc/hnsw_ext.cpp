@@ -1311,14 +1311,9 @@ class UserTower {
         if (last_item_ && n > 0) std::memcpy(z.data() + 2 * e, h[n - 1], e * sizeof(float));
         for (size_t l = 0; l < layers_.size(); l++) {
             const Layer &L = layers_[l];
-            y.assign(L.b, L.b + L.out);
-            for (size_t i = 0; i < L.in; i++) {
-                const float v = z[i];
-                const float *w = L.w + i * L.out;
-                for (size_t o = 0; o < L.out; o++) y[o] += v * w[o];
-            }
-            if (l + 1 < layers_.size())  // nn.GELU (exact): x * Phi(x)
-                for (size_t o = 0; o < L.out; o++) y[o] = 0.5f * y[o] * (1.0f + std::erf(y[o] * 0.70710678118654752f));
+            y.resize(L.out);
+            matmul(z.data(), L.in, 1, L.in, L.w, L.out, L.b, 0, L.out, y.data(), L.out);
+            if (l + 1 < layers_.size()) gelu(y.data(), L.out);
             z.swap(y);
         }
         double sq = 0;
