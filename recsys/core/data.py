@@ -39,23 +39,20 @@ class Interactions:
 
     def user_start(self) -> np.ndarray:
         """[n] int64: row of the first interaction of each row's user (rows are grouped by user)."""
-        n = len(self)
-        if n == 0:
-            return np.zeros(0, dtype=np.int64)
-        new = np.ones(n, dtype=bool)
-        new[1:] = self.user_idx[1:] != self.user_idx[:-1]
-        starts = np.flatnonzero(new)
-        return starts[np.cumsum(new) - 1].astype(np.int64)
+        new = self._new_user()
+        return np.flatnonzero(new)[np.cumsum(new) - 1].astype(np.int64)
 
     def user_last(self) -> np.ndarray:
         """[n] int64: row of the last interaction of each row's user (rows are grouped by user)."""
-        n = len(self)
-        if n == 0:
-            return np.zeros(0, dtype=np.int64)
-        new = np.ones(n, dtype=bool)
-        new[1:] = self.user_idx[1:] != self.user_idx[:-1]
-        lasts = np.append(np.flatnonzero(new)[1:], n) - 1
+        new = self._new_user()
+        lasts = np.append(np.flatnonzero(new)[1:], len(self)) - 1
         return lasts[np.cumsum(new) - 1].astype(np.int64)
+
+    def _new_user(self) -> np.ndarray:
+        """[n] bool: the row is its user's first."""
+        new = np.ones(len(self), dtype=bool)
+        new[1:] = self.user_idx[1:] != self.user_idx[:-1]
+        return new
 
     @staticmethod
     def concat(*parts: Interactions) -> Interactions:
