@@ -253,7 +253,7 @@ class HnswIndex(NativeSearch, PackageSearch):
     filter_exact_scale = 16.0
     # The filtered graph walk's width: ef_filtered * sqrt(selectivity), at least filter_ef_min (see allow_width).
     filter_ef_min = 48
-    # The filtered walk gives up for the exact scan after weighing this many candidates per allowed id.
+    # The filtered walk gives up for the exact scan after scoring this many nodes per allowed id.
     filter_budget_factor = 1.0
 
     def __init__(
@@ -529,42 +529,52 @@ class HnswIndex(NativeSearch, PackageSearch):
         pos, top = topk_rows(s[None, :], k)
         return np.where(pos[0] >= 0, cand[np.maximum(pos[0], 0)] if cand.size else -1, -1), top[0]
 
-    def allow_plan(self, allow: np.ndarray) -> str:
+    def allow_plan(self, allow: np.ndarray, count: int | None = None) -> str:
         """How a search with the allowed set ``allow`` is answered: ``"exact"`` (score the allowed ids, no graph)
-        when at most ``filter_exact_scale * sqrt(size)`` ids are allowed (popcount), else ``"graph"``.
+        when at most ``filter_exact_scale * sqrt(size)`` ids are allowed, else ``"graph"``. ``count``: the set's
+        popcount when the caller has it (``bitset.count`` reads every word: ~20 us at 1M items, a third of a plain
+        query, so a search computes it once).
 
-        Why sqrt(size): the filtered walk has to see about ``width / selectivity`` nodes before it holds ``width``
-        allowed ones, so it costs ~ ``width * size / count``, while the exact scan costs ~ ``count``: they cross
-        at ``count ~ sqrt(c * width * size)``. Measured on this project's 2-core box (trained-like embeddings, dim 64,
-        single queries; a sweep of both paths per selectivity, then benchmarks/index_bench.py ``--filtered``): the
-        crossover sat near 5,000 allowed ids at 100k items (graph 0.3-0.7 ms vs scan 0.15-0.2 ms at 3,000; graph
-        0.2-0.4 ms vs scan ~1 ms at 10,000) and near 10,000-16,000 at 1M (at 10,000: scan 0.3-2.3 ms, graph
-        1.4-3 ms at width 16; at 30,000: graph 0.6-3 ms, scan ~6-9 ms), i.e. ``~16 * sqrt(size)``. Below it the
-        scan is also what keeps recall on attribute-like sets (whole clusters, often far from the query: the walk's
-        Recall@10 fell to 0.90-0.96 at 0.3-3%), and it is exact.
+        Why sqrt(size): a graph walk restricted to a sparse allowed set has to look further for each allowed node
+        (~``width / selectivity`` nodes weighed, ``width * size / count``), while the exact scan costs ~``count``:
+        they cross at ``count ~ sqrt(c * width * size)``. Measured on this project's 2-core box (trained-like
+        embeddings, dim 64, single queries; a sweep of both paths per selectivity, then benchmarks/index_bench.py
+        ``--filtered``): the crossover sat near 5,000 allowed ids at 100k items (graph 0.3-0.7 ms vs scan 0.15-0.2
+        ms at 3,000; graph 0.2-0.4 ms vs scan ~1 ms at 10,000) and near 10,000-16,000 at 1M, i.e. ``~16 *
+        sqrt(size)``; with the two-hop walk (see :meth:`allow_width`) the 1M graph walk at 3% (30,000 ids) costs
+        0.6-0.9 ms against a 6-9 ms scan, so the switch stands. Below it the scan is also what keeps recall on
+        attribute-like sets (whole clusters, often far from the query), and it is exact.
         """
-        return "exact" if bitset.count(allow) <= self.filter_exact_scale * self.size ** 0.5 else "graph"
+        count = bitset.count(allow) if count is None else count
+        return "exact" if count <= self.filter_exact_scale * self.size ** 0.5 else "graph"
 
-    def allow_budget(self, allow: np.ndarray) -> int:
-        """Candidates the native filtered walk may weigh before it gives up and the exact scan answers the row
-        (0 = no limit): ``filter_budget_factor * count``, i.e. about what scanning the allowed ids costs. Above the
-        switch a walk only runs out on sets far from the query (a genre unlike the user's), where flooding the
-        graph would cost more than the scan."""
-        return max(1, int(self.filter_budget_factor * bitset.count(allow))) if self.filter_budget_factor else 0
+    def allow_budget(self, allow: np.ndarray, count: int | None = None) -> int:
+        """Nodes the native filtered walk may score before it gives up and the exact scan answers the row (0 = no
+        limit): ``filter_budget_factor * count``, i.e. about what scanning the allowed ids costs. Above the switch a
+        walk only runs out on sets far from the query (a genre unlike the user's), where walking through the
+        disallowed nodes around the query would cost more than the scan."""
+        if not self.filter_budget_factor:
+            return 0
+        count = bitset.count(allow) if count is None else count
+        return max(1, int(self.filter_budget_factor * count))
 
-    def allow_width(self, allow: np.ndarray) -> int:
-        """The native filtered walk's width for the allowed set ``allow``: ``ef_filtered * sqrt(selectivity)``,
-        at least ``filter_ef_min`` (and at most ``ef_filtered``; hnswlib then uses ``max(width, k)``).
+    def allow_width(self, allow: np.ndarray, count: int | None = None) -> int:
+        """The native filtered walk's width (the allowed nodes it keeps) for the allowed set ``allow``:
+        ``ef_filtered * sqrt(selectivity)``, at least ``filter_ef_min`` (and at most ``ef_filtered``; the walk then
+        uses ``max(width, k)``).
 
-        Not wider at low selectivity, as one might expect: hnswlib's filtered search walks *through* the
-        disallowed nodes, exploring ~``width / selectivity`` of them, so a narrow width already explores a wide
-        neighbourhood, and the cost grows as ``width / selectivity``. Measured (Recall@10 vs the exact filtered
-        answer; trained-like dim 64 at 1M): width 16 kept 0.99 on random sets of 1-10% and 0.96-0.99 on
-        whole-cluster sets, width 32 0.995 / 0.97-0.996, width 64 0.996 / 0.98-0.996 at ~2-5x the cost of 16. On
-        the tests' isotropic clusters (dim 32, plain recall 0.999 at ef 64) width 16 fell to 0.92 on 20-50%
-        cluster sets, 32 to 0.95-0.97, 64 held 0.99: hence the floor of 48 (so a tuned ``ef_filtered`` <= 48 is
-        used as it is; only wider ones are narrowed on large allowed sets, where the walk fills fastest)."""
-        s = bitset.count(allow) / max(self.size, 1)
+        The walk (``recsys/csrc/hnsw_ext.cpp``, ``Index::search_allowed``; after ACORN-1) scores allowed nodes
+        only where it can, reaching the allowed neighbours of disallowed neighbours by reading their lists (two
+        hops), and walks through disallowed nodes as hnswlib does only around the query (until ``width / 2``
+        allowed nodes are kept) and where nothing allowed is within two hops. So, unlike hnswlib's filtered search
+        (which scores ~``width / selectivity`` nodes), a width costs about what a plain search of that width costs:
+        measured at 10% of 1M, 370 nodes scored at width 48 against ~240 for a plain search. Widths measured
+        (Recall@10 vs the exact filtered answer, trained-like dim 64, 100k-1M): 32 kept 0.99 on random sets of
+        3-30% and 0.95-0.99 on whole-cluster sets, 48 0.99 / 0.955-0.99, 64 0.996 / 0.96-0.99 at ~1.2x the cost
+        of 48. On the tests' isotropic clusters (dim 32) hnswlib's walk needed 64 on 20-50% cluster sets: hence
+        the floor of 48 (a tuned ``ef_filtered`` <= 48 is used as it is)."""
+        count = bitset.count(allow) if count is None else count
+        s = count / max(self.size, 1)
         return min(self.ef_filtered, max(self.filter_ef_min, math.ceil(self.ef_filtered * s ** 0.5)))
 
     # -- files ---------------------------------------------------------------------------------------------------
