@@ -259,6 +259,56 @@ def test_native_knn_checks_the_allow_arguments(data):
     assert sorted(lab[0].tolist()) == [-1, 1, 2, 3] and dist[0, -1] == np.inf
 
 
+def test_the_walk_scores_allowed_nodes_not_every_node_it_passes(data):
+    """The native filtered walk (two hops through disallowed neighbours, after ACORN-1) scores about what a plain
+    search of the same width scores; hnswlib's filtered walk scores every node it passes, ~1 / selectivity times
+    as many (it kept ``width`` allowed nodes only after walking ~``width / selectivity`` nodes)."""
+    if not native_available():
+        pytest.skip("recsys._hnsw not built")
+    from recsys import _hnsw
+
+    items, queries, cluster = data
+    n = items.shape[0]
+    hnsw = HnswIndex(items, M=16, ef_construction=100, ef=64, num_threads=2, native=True)
+    rng = np.random.default_rng(3)
+
+    def scored(allow) -> float:
+        out = []
+        for r in range(100):
+            lab, _ = hnsw._index.knn(queries[r:r + 1], 10, 64, None, None, 1, -1, 64, allow, -1, 0)
+            assert (lab >= 0).all() and bitset.contains(allow, lab[0]).all()
+            out.append(_hnsw.last_walk_scored())
+        return float(np.median(out))
+
+    everything = scored(bitset.from_mask(np.ones(n, dtype=bool)))  # = a plain search's work at width 64
+    tenth = scored(bitset.from_mask(rng.random(n) < 0.1))
+    genres = scored(bitset.from_mask(np.isin(cluster, rng.permutation(40)[:4])))  # 10% as whole clusters
+    assert 64 <= everything <= 1000
+    assert tenth <= 2.5 * everything  # measured 1.7x; walking through every passed node: ~10x
+    assert genres <= 4 * everything  # measured 2.6x (the first steps walk through, see search_allowed)
+
+
+def test_a_walk_over_budget_gives_up_and_the_exact_scan_answers(built, data):
+    hnsw, exact = built
+    if not hnsw.native_filter:
+        pytest.skip("the budget belongs to the native walk")
+    items, queries, cluster = data
+    allow = bitset.from_mask(np.isin(cluster, [3, 17, 29]))  # ~7% of the items, far from most queries
+    q = np.ascontiguousarray(queries[:20])
+    lab, _ = hnsw._index.knn(q, 10, 64, None, None, 1, -1, 64, allow, -1, 0)
+    assert (lab >= 0).all()  # no budget: the walk finds its 10
+    lab, _ = hnsw._index.knn(q, 10, 64, None, None, 1, -1, 64, allow, -1, 5)
+    assert (lab == -1).all()  # 5 nodes scored: every row gave up, and says so by coming back empty
+    saved = hnsw.filter_budget_factor, hnsw.filter_exact_scale
+    hnsw.filter_budget_factor, hnsw.filter_exact_scale = 1e-6, 0.0  # budget 1 node, the graph whatever the count
+    try:
+        assert hnsw.allow_plan(allow) == "graph" and hnsw.allow_budget(allow) == 1
+        got, got_s = hnsw.search(q, 10, allow=allow)
+    finally:
+        hnsw.filter_budget_factor, hnsw.filter_exact_scale = saved
+    assert_same_answer(got, got_s, *exact.search(q, 10, allow=allow))  # the rows that gave up were scanned
+
+
 @pytest.mark.parametrize("keep", [0.2, 0.7, 1.0])  # gathered below half the catalogue, masked above
 def test_exact_allow_equals_brute_force(data, keep):
     items, queries, _ = data

@@ -196,6 +196,47 @@ def test_file_round_trip_with_the_hnswlib_package_both_ways(data, tmp_path):
     assert path3.read_bytes() == path2.read_bytes()
 
 
+def test_nodes_are_renumbered_to_their_labels_and_the_graph_is_unchanged(data, tmp_path):
+    """hnswlib numbers nodes in insertion order, which threads shuffle; the extension renumbers them to their
+    labels when the labels are 0..n-1 (the filtered walk then reads no label), after its own build and on loading
+    a file, without changing the graph: every answer equals the package's on the same file."""
+    import hnswlib
+
+    from recsys import _hnsw
+    from recsys.retrieval import bitset
+
+    items, queries = data
+    theirs = hnswlib.Index(space="ip", dim=24)
+    theirs.init_index(max_elements=3000, M=12, ef_construction=80, random_seed=3)
+    theirs.add_items(items, np.arange(3000), num_threads=2)
+    theirs.set_ef(50)
+    path = tmp_path / "theirs.hnsw"
+    theirs.save_index(str(path))
+    loaded = HnswIndex.load(path, dim=24, metric="cosine", size=3000, ef=50, native=True)
+    np.testing.assert_array_equal(loaded._index.get_ids_list(), np.arange(3000))
+    t_labels, t_dist = theirs.knn_query(queries, k=10, num_threads=1)
+    l_labels, l_scores = loaded.search(queries, 10)
+    np.testing.assert_array_equal(l_labels, t_labels.astype(np.int64))
+    np.testing.assert_allclose(l_scores, 1.0 - t_dist, atol=1e-6)
+    np.testing.assert_array_equal(loaded.get_vectors(np.array([0, 1234, 2999])), items[[0, 1234, 2999]])
+    # the renumbered file loads in the package and answers the same
+    again = tmp_path / "again.hnsw"
+    loaded.save(again)
+    back = hnswlib.Index(space="ip", dim=24)
+    back.load_index(str(again))
+    back.set_ef(50)
+    assert again.stat().st_size == path.stat().st_size and again.read_bytes() != path.read_bytes()  # moved
+    np.testing.assert_array_equal(back.knn_query(queries, k=10, num_threads=1)[0], t_labels)
+    # our own two-thread build is in label order too; labels that are not 0..n-1 are left as inserted
+    ours = HnswIndex(items, M=12, ef_construction=80, ef=50, num_threads=2, native=True)
+    np.testing.assert_array_equal(ours._index.get_ids_list(), np.arange(3000))
+    odd = HnswIndex(items, np.arange(3000, dtype=np.int64) * 2, M=12, ef_construction=80, ef=50, num_threads=2,
+                    native=True)
+    assert sorted(odd._index.get_ids_list().tolist()) == list(range(0, 6000, 2))
+    assert _hnsw.popcount(bitset.from_ids([0, 5, 64, 2999], 3000)) == 4
+    assert _hnsw.popcount(np.zeros(3, dtype=np.uint64)) == 0
+
+
 # -- HnswIndex on the native path ------------------------------------------------------------------------------
 
 
