@@ -834,8 +834,8 @@ class Index {
             for (size_t o = 0; o < list_bytes; o += 64) prefetch(l + o);
         };
         thread_local std::vector<tableint> todo, hop;
-        if (todo.size() < fan + 1) todo.resize(fan + 1);
-        if (hop.size() < fan + 1) hop.resize(fan + 1);
+        if (todo.size() < alg.maxM0_ + 1) todo.resize(alg.maxM0_ + 1);
+        if (hop.size() < alg.maxM0_ + 1) hop.resize(alg.maxM0_ + 1);
         const tableint start = descend(alg, dist, [&](tableint id) { prefetch_row(id); });
         const float d0 = dist(start);
         uint64_t scored = 1;
