@@ -16,9 +16,12 @@
 // visited-list pool, which is locked); add_items(), resize_index(), load_index() and set_bf16() take it
 // exclusively. Distances are hnswlib's `ip` distance, 1 - dot.
 //
-// A request's allowed set (recsys.retrieval.bitset: uint64 words over labels) is one more filter inside the same
-// walk: knn(..., allow=words) ANDs it with the row's exclusion (AllowFilter), and scan_allowed() is the exact
-// scan of a small allowed set that recsys.retrieval.hnsw.allow_plan switches to.
+// A request's allowed set (recsys.retrieval.bitset: uint64 words over labels) gets its own walk:
+// knn(..., allow=words) ANDs it with the row's exclusion (AllowFilter) and walks the allowed nodes, reaching past
+// disallowed ones through their neighbour lists (Index::search_allowed, after ACORN-1); scan_allowed() is the
+// exact scan of a small allowed set that recsys.retrieval.hnsw.allow_plan switches to. Nodes are renumbered so
+// that internal id = label when the labels are 0..n-1 (Index::renumber_by_label): the walk then tests a node
+// with one bit.
 //
 // Two serving accelerations live here too: the bf16 traversal copy (Bf16Copy, search_bf16) and the known-user
 // Recommend from request bytes to response bytes (KnownUserRecommender).
@@ -661,7 +664,7 @@ class Index {
     // given (0 = `ef`). `allow`: None, or the allowed set shared by all rows, a uint64 bitset over labels (bit
     // i & 63 of word i >> 6 = label i allowed; recsys.retrieval.bitset) of `allow_bits` bits (-1 = 64 x words;
     // labels at or past it are not allowed): rows return only allowed, non-excluded labels. `allow_budget`: with
-    // `allow`, the candidates a row's walk may weigh before it gives up (see AllowFilter; 0 = no limit); a row
+    // `allow`, the nodes a row's walk may score before it gives up (see AllowFilter; 0 = no limit); a row
     // that gave up comes back empty (-1 / +inf), for the caller's exact scan.
     py::tuple knn(const py::array &queries, size_t k, size_t ef, py::object exclude_labels,
                   py::object exclude_offsets, int num_threads, int bitset, size_t ef_filtered, py::object allow,
