@@ -202,15 +202,6 @@ const int64_t *check_int64(const py::array &a, const char *name, size_t *len) {
 }
 
 // A 1-D C-contiguous uint64 array (a bitset's words), refused otherwise.
-// How many of the first `bits` bits of `words` are set.
-uint64_t popcount(const uint64_t *words, uint64_t bits) {
-    uint64_t c = 0;
-    const uint64_t full = bits / 64;
-    for (uint64_t i = 0; i < full; i++) c += uint64_t(__builtin_popcountll(words[i]));
-    if (bits % 64) c += uint64_t(__builtin_popcountll(words[full] & ((uint64_t(1) << (bits % 64)) - 1)));
-    return c;
-}
-
 const uint64_t *check_words(const py::array &a, const char *name, size_t *len) {
     if (a.ndim() != 1)
         value_error(std::string("`") + name + "` must be a 1-D uint64 bitset, got " + std::to_string(a.ndim()) +
@@ -782,10 +773,10 @@ class Index {
     // `dist(id)`: distance of the query to node `id`; `prefetch(id)`: called for a node's neighbours before any
     // of their distances is computed.
     template <class Dist, class Prefetch>
-    static tableint descend(const Alg &alg, Dist dist, Prefetch prefetch_node, int to_level = 0) {
+    static tableint descend(const Alg &alg, Dist dist, Prefetch prefetch_node) {
         tableint cur = alg.enterpoint_node_;
         float curdist = dist(cur);
-        for (int level = alg.maxlevel_; level > to_level; level--) {
+        for (int level = alg.maxlevel_; level > 0; level--) {
             bool changed = true;
             while (changed) {
                 changed = false;
@@ -826,7 +817,7 @@ class Index {
     //
     // Pure two-hop walks lose recall on allowed sets that are not spread over the catalogue (an attribute such as
     // a genre: allowed items sit in clusters away from the query, plus strays near it that two hops from other
-    // allowed items do not reach; measured Recall@10 0.87-0.92 at 10% of 100k-1M, benchmarks/index_bench.py).
+    // allowed items do not reach; measured Recall@10 0.87-0.94 at 10% of 100k-1M, benchmarks/index_bench.py).
     // So disallowed nodes are still walked through as hnswlib does -- scored, and their disallowed neighbours too
     // -- while fewer than width / 2 allowed nodes are kept (the walk's first steps around the query, where those
     // strays are), and whenever an expanded node has nothing new allowed within two hops while fewer than `width`
@@ -1968,7 +1959,9 @@ PYBIND11_MODULE(_hnsw, m) {
     m.def("popcount", [](const py::array &words) {
         size_t n = 0;
         const uint64_t *w = check_words(words, "words", &n);
-        return popcount(w, uint64_t(n) * 64);
+        uint64_t c = 0;
+        for (size_t i = 0; i < n; i++) c += uint64_t(__builtin_popcountll(w[i]));
+        return c;
     }, py::arg("words"), "How many bits of a uint64 bitset (recsys.retrieval.bitset) are set.");
     m.def("last_walk_scored", []() { return walk_scored; },
           "Nodes the calling thread's last filtered graph walk (knn with `allow`) scored.");
