@@ -37,7 +37,7 @@ from recsys.bundle.files import (
 )
 from recsys.bundle.load import Bundle
 from recsys.bundle.versions import (
-    NAME_RE,
+    check_new_version_name,
     models_lock,
     new_version_name,
     prune_locked,
@@ -246,8 +246,8 @@ def _plan(run_dir: str | Path, models_dir: str | Path, *, data_dir: str | Path |
 
     if keep < 1:
         raise ValueError(f"`keep` must be >= 1, got {keep}")
-    if version is not None and not NAME_RE.match(version):
-        raise ValueError(f"`version` must match {NAME_RE.pattern}, got {version!r}")
+    if version is not None:
+        check_new_version_name(version)
     run_dir = Path(run_dir)
     models_dir = Path(models_dir)
     for name in (schema.MODEL_JSON, schema.MODEL_WEIGHTS):

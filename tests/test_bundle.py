@@ -459,6 +459,19 @@ def test_export_refuses_mismatched_data(published, tmp_path):
     assert not (tmp_path / "models").exists() or list_versions(tmp_path / "models") == []
 
 
+@pytest.mark.parametrize("name, match", [
+    ("catalogue", "reserved in the models directory"),  # would be the live catalogue's change-log directory
+    ("LATEST", "reserved in the models directory"),  # would be the pointer file
+    ("../v1", "must match"),
+])
+def test_export_refuses_a_version_name_the_models_directory_uses(published, tmp_path, name, match):
+    _, run, _, _ = published
+    with pytest.raises(ValueError, match=match) as err:
+        export(run, tmp_path / "models", index_cfg=index_cfg(), version=name)
+    assert repr(name) in str(err.value)
+    assert not (tmp_path / "models").exists() or list_versions(tmp_path / "models") == []
+
+
 def test_cli_export_list_rollback(published, tmp_path, capsys):
     from recsys.cli import main
 

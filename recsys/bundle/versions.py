@@ -36,6 +36,17 @@ _TS_FMT = "%Y%m%dT%H%M%SZ"
 CATALOGUE_DIR = "catalogue"
 
 
+def check_new_version_name(version: str) -> None:
+    """Refuse a hand-picked name for a new version (``recsys export --version``) that is not a version name
+    (``NAME_RE``) or that is a name the models directory already uses for something else: ``LATEST`` (the pointer
+    file) and ``catalogue`` (the live-catalogue change logs)."""
+    if not isinstance(version, str) or not NAME_RE.match(version):
+        raise ValueError(f"`version` must match {NAME_RE.pattern}, got {version!r}")
+    if version in (schema.LATEST, CATALOGUE_DIR):
+        raise ValueError(f"`version` {version!r} is reserved in the models directory (the {schema.LATEST} pointer and "
+                         f"the {CATALOGUE_DIR}/ change logs live there); pick another name")
+
+
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 

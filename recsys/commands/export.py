@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--data", metavar="PREPARED_DIR", help="prepared dataset (default: the run's, found by its path "
                    "relative to the run, then its absolute path, and its fingerprint; needed only if it moved)")
     p.add_argument("--keep", type=int, default=5, metavar="N", help="versions to keep (default: 5)")
-    p.add_argument("--version", help="version name (default: UTC timestamp + short content hash)")
+    p.add_argument("--version", help="version name (default: UTC timestamp + short content hash; not LATEST or catalogue, which the models directory uses)")
     p.add_argument("--config", metavar="FILE", help="TOML file with an [index] section")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="index.FIELD=VALUE",
