@@ -309,34 +309,6 @@ def test_a_walk_over_budget_gives_up_and_the_exact_scan_answers(built, data):
     assert_same_answer(got, got_s, *exact.search(q, 10, allow=allow))  # the rows that gave up were scanned
 
 
-def test_a_set_the_query_neighbourhood_lacks_is_scanned_not_walked(data):
-    """Whole clusters far from the query (the user's neighbourhood holds none of them) are scanned exactly instead
-    of walked to; a random set of the same size is walked."""
-    if not native_available():
-        pytest.skip("recsys._hnsw not built")
-    from recsys import _hnsw
-
-    items, queries, cluster = data
-    n = items.shape[0]
-    hnsw = HnswIndex(items, M=16, ef_construction=100, ef=64, num_threads=2, native=True)
-    exact = ExactIndex(items)
-    hnsw.filter_exact_scale = 0.0  # the graph's plan whatever the count: the rule under test is the walk's own
-    q = np.ascontiguousarray(queries[:1])
-    centres = np.stack([items[cluster == c].mean(axis=0) for c in range(40)])
-    far = np.argsort(centres @ q[0])[:4]  # the 4 clusters least like the query: ~10% of the items
-    genre = bitset.from_mask(np.isin(cluster, far))
-    spread = bitset.from_mask(np.random.default_rng(2).random(n) < bitset.count(genre) / n)
-    got, got_s = hnsw.search(q, 10, allow=genre)
-    assert _hnsw.last_walk_scored() == 0  # not walked
-    assert_same_answer(got, got_s, *exact.search(q, 10, allow=genre))  # the exact scan's answer
-    hnsw.search(q, 10, allow=spread)
-    assert _hnsw.last_walk_scored() > 64  # walked
-    hnsw.filter_depleted_scan_max = 0  # the rule off: the far set is walked to
-    got, _ = hnsw.search(q, 10, allow=genre)
-    assert _hnsw.last_walk_scored() > 64
-    assert recall_vs_exact(got, exact.search(q, 10, allow=genre)[0]) >= 0.9
-
-
 @pytest.mark.parametrize("keep", [0.2, 0.7, 1.0])  # gathered below half the catalogue, masked above
 def test_exact_allow_equals_brute_force(data, keep):
     items, queries, _ = data

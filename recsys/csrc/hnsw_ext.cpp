@@ -135,8 +135,6 @@ struct AllowFilter {
     uint64_t n_bits = 0;
     hnswlib::BaseFilterFunctor *exclude = nullptr;
     uint64_t budget = std::numeric_limits<uint64_t>::max();
-    uint64_t count = 0;      // how many labels the set allows (its popcount)
-    uint64_t scan_max = 0;   // at most this many allowed: a query whose neighbourhood has none is scanned instead
     bool gave_up = false;
     bool allows(uint64_t label) const {
         if (label >= n_bits || !((words[label >> 6] >> (label & 63)) & 1u)) return false;
@@ -201,15 +199,6 @@ const int64_t *check_int64(const py::array &a, const char *name, size_t *len) {
         value_error(std::string("`") + name + "` must be C-contiguous");
     *len = size_t(a.shape(0));
     return static_cast<const int64_t *>(a.data());
-}
-
-// How many of the first `bits` bits of `words` are set.
-uint64_t popcount(const uint64_t *words, uint64_t bits) {
-    uint64_t c = 0;
-    const uint64_t full = bits / 64;
-    for (uint64_t i = 0; i < full; i++) c += uint64_t(__builtin_popcountll(words[i]));
-    if (bits % 64) c += uint64_t(__builtin_popcountll(words[full] & ((uint64_t(1) << (bits % 64)) - 1)));
-    return c;
 }
 
 // A 1-D C-contiguous uint64 array (a bitset's words), refused otherwise.
@@ -667,12 +656,10 @@ class Index {
     // i & 63 of word i >> 6 = label i allowed; recsys.retrieval.bitset) of `allow_bits` bits (-1 = 64 x words;
     // labels at or past it are not allowed): rows return only allowed, non-excluded labels. `allow_budget`: with
     // `allow`, the nodes a row's walk may score before it gives up (see AllowFilter; 0 = no limit); a row
-    // that gave up comes back empty (-1 / +inf), for the caller's exact scan. `allow_scan_max`: with `allow`, a
-    // set of at most this many labels is not walked for a query whose neighbourhood is depleted of them (see
-    // search_allowed): the row comes back empty, for the exact scan (0 = always walk).
+    // that gave up comes back empty (-1 / +inf), for the caller's exact scan.
     py::tuple knn(const py::array &queries, size_t k, size_t ef, py::object exclude_labels,
                   py::object exclude_offsets, int num_threads, int bitset, size_t ef_filtered, py::object allow,
-                  int64_t allow_bits, uint64_t allow_budget, uint64_t allow_scan_max) {
+                  int64_t allow_bits, uint64_t allow_budget) {
         const Alg &alg = inited();
         if (k < 1) value_error("`k` must be >= 1, got " + std::to_string(k));
         size_t rows = 0;
@@ -680,7 +667,7 @@ class Index {
         const Exclusions excl = check_exclusions(exclude_labels, exclude_offsets, rows);
         const int64_t *ex = excl.labels, *off = excl.offsets;
         const uint64_t *aw = nullptr;
-        uint64_t n_allow = 0, allow_count = 0;
+        uint64_t n_allow = 0;
         py::array allow_arr;
         if (!allow.is_none()) {
             if (!py::isinstance<py::array>(allow))
@@ -690,7 +677,6 @@ class Index {
             size_t n_words = 0;
             aw = check_words(allow_arr, "allow", &n_words);
             n_allow = check_allow_bits(allow_bits, n_words);
-            allow_count = popcount(aw, n_allow);
         }
         py::array_t<int64_t> labels_out({rows, k});
         py::array_t<float> dist_out({rows, k});
@@ -704,7 +690,7 @@ class Index {
             ParallelFor(0, rows, threads, [&](size_t row, size_t) {
                 const int64_t *eb = ex ? ex + off[row] : nullptr, *ee = ex ? ex + off[row + 1] : nullptr;
                 search_row(alg, q + row * size_t(dim_), k, ef, ef_filtered, eb, ee, bitset, lo + row * k,
-                           dout + row * k, aw, n_allow, allow_budget, allow_count, allow_scan_max);
+                           dout + row * k, aw, n_allow, allow_budget);
             });
         }
         return py::make_tuple(labels_out, dist_out);
@@ -718,8 +704,7 @@ class Index {
     // bits, ANDed with the exclusion. Caller holds mu_ (shared) and no GIL.
     void search_row(const Alg &alg, const float *qi, size_t k, size_t ef, size_t ef_filtered,
                     const int64_t *eb, const int64_t *ee, int bitset, int64_t *l, float *d,
-                    const uint64_t *allow = nullptr, uint64_t allow_bits = 0, uint64_t allow_budget = 0,
-                    uint64_t allow_count = 0, uint64_t allow_scan_max = 0) const {
+                    const uint64_t *allow = nullptr, uint64_t allow_bits = 0, uint64_t allow_budget = 0) const {
         const size_t width = std::max(ef ? ef : ef_, k);
         const size_t width_filtered = std::max(ef_filtered ? ef_filtered : (ef ? ef : ef_), k);
         hnswlib::BaseFilterFunctor *filter = nullptr;
@@ -759,8 +744,6 @@ class Index {
             fa.n_bits = allow_bits;
             fa.exclude = filter;
             if (allow_budget) fa.budget = allow_budget;
-            fa.count = allow_count;
-            fa.scan_max = allow_scan_max;
             pa = &fa;
             filter = nullptr;  // search_allowed asks fa, which asks the exclusion
         }
@@ -840,29 +823,6 @@ class Index {
     // strays are), and whenever an expanded node has nothing new allowed within two hops while fewer than `width`
     // are kept (the walk starts among disallowed nodes). The walk ends as hnswlib's: when the nearest open
     // candidate is farther than the width-th kept node.
-    // Whether the allowed nodes within two hops of `start` (the layer-0 starting node, near the query) are under a
-    // quarter of what the set's share of the catalogue (`count` of cur_element_count) predicts: an attribute set
-    // unlike the query's neighbourhood (a genre the user does not watch), which the walk reaches only by walking
-    // through the disallowed region around the query (measured on serve_bench's bundle, 5 of 50 categories at
-    // 100k: ~2,300 nodes scored, ~0.7 ms, where scanning the 10,000 allowed ids takes ~0.3 ms). Reads the start's
-    // neighbours' lists (2M of them) and tests their entries' bits: a few microseconds.
-    template <class Allowed, class PrefetchList>
-    static bool depleted(const Alg &alg, tableint start, Allowed allowed, PrefetchList prefetch_list, uint64_t count) {
-        hnswlib::linklistsizeint *ll = alg.get_linklist0(start);
-        const size_t size = alg.getListCount(ll);
-        const tableint *links = reinterpret_cast<const tableint *>(ll + 1);
-        for (size_t j = 0; j < size; j++) prefetch_list(links[j]);
-        uint64_t met = 0, ok = 0;
-        for (size_t j = 0; j < size; j++) {
-            hnswlib::linklistsizeint *l2 = alg.get_linklist0(links[j]);
-            const size_t s2 = alg.getListCount(l2);
-            const tableint *x2 = reinterpret_cast<const tableint *>(l2 + 1);
-            met += s2;
-            for (size_t i = 0; i < s2; i++) ok += allowed(x2[i]);
-        }
-        return met > 0 && 4 * double(ok) * double(alg.cur_element_count) < double(count) * double(met);
-    }
-
     template <class Dist, class PrefetchRow>
     static void search_allowed(const Alg &alg, const int64_t *lab, bool identity, Dist dist,
                                PrefetchRow prefetch_row, AllowFilter &allow, size_t width, std::vector<Pair> &out) {
@@ -882,11 +842,6 @@ class Index {
         if (todo.size() < 2 * alg.maxM0_ + 1) todo.resize(2 * alg.maxM0_ + 1);
         if (hop.size() < alg.maxM0_ + 1) hop.resize(alg.maxM0_ + 1);
         const tableint start = descend(alg, dist, [&](tableint id) { prefetch_row(id); });
-        if (allow.count <= allow.scan_max && depleted(alg, start, allowed, prefetch_list, allow.count)) {
-            allow.gave_up = true;  // the exact scan of the (few) allowed ids is cheaper than walking to them
-            walk_scored = 0;
-            return;
-        }
         const float d0 = dist(start);
         uint64_t scored = 1;
         std::priority_queue<Pair> top;   // kept allowed nodes, farthest on top
@@ -2004,7 +1959,9 @@ PYBIND11_MODULE(_hnsw, m) {
     m.def("popcount", [](const py::array &words) {
         size_t n = 0;
         const uint64_t *w = check_words(words, "words", &n);
-        return popcount(w, uint64_t(n) * 64);
+        uint64_t c = 0;
+        for (size_t i = 0; i < n; i++) c += uint64_t(__builtin_popcountll(w[i]));
+        return c;
     }, py::arg("words"), "How many bits of a uint64 bitset (recsys.retrieval.bitset) are set.");
     m.def("last_walk_scored", []() { return walk_scored; },
           "Nodes the calling thread's last filtered graph walk (knn with `allow`) scored.");
@@ -2043,8 +2000,7 @@ PYBIND11_MODULE(_hnsw, m) {
         .def("knn", &Index::knn, py::arg("queries"), py::arg("k"), py::arg("ef") = 0,
              py::arg("exclude_labels") = py::none(), py::arg("exclude_offsets") = py::none(),
              py::arg("num_threads") = 1, py::arg("bitset") = -1, py::arg("ef_filtered") = 0,
-             py::arg("allow") = py::none(), py::arg("allow_bits") = -1, py::arg("allow_budget") = 0,
-             py::arg("allow_scan_max") = 0)
+             py::arg("allow") = py::none(), py::arg("allow_bits") = -1, py::arg("allow_budget") = 0)
         .def("set_bf16", &Index::set_bf16, py::arg("on"))
         .def_property_readonly("bf16", &Index::bf16)
         .def_property_readonly("ef", &Index::ef)

@@ -157,7 +157,7 @@ class NativeSearch:
             labels, offsets = _csr(ex, rows) if excl is not None else (None, None)
             lab, dist = self._index.knn(q if whole else np.ascontiguousarray(q[rows]), k, self._ef, labels, offsets,
                                         self.num_threads, -1, self.allow_width(words, count), words, -1,
-                                        self.allow_budget(words, count), self.allow_scan_max())
+                                        self.allow_budget(words, count))
             short = lab[:, k - 1] < 0  # fewer than k allowed ones exist, or the walk missed some: scan exactly
             if whole and not short.any():
                 return lab, 1.0 - dist

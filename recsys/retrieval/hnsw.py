@@ -255,9 +255,6 @@ class HnswIndex(NativeSearch, PackageSearch):
     filter_ef_min = 48
     # The filtered walk gives up for the exact scan after scoring this many nodes per allowed id.
     filter_budget_factor = 1.0
-    # Allowed sets of at most this many ids are scanned exactly, not walked, for a query whose graph neighbourhood
-    # holds (almost) none of them (see allow_scan_max).
-    filter_depleted_scan_max = 16_000
 
     def __init__(
         self,
@@ -560,16 +557,6 @@ class HnswIndex(NativeSearch, PackageSearch):
             return 0
         count = bitset.count(allow) if count is None else count
         return max(1, int(self.filter_budget_factor * count))
-
-    def allow_scan_max(self) -> int:
-        """The native walk's ``allow_scan_max``: an allowed set of at most ``filter_depleted_scan_max`` ids is
-        scanned exactly, not walked, for a query whose layer-0 starting node has under a quarter of the set's
-        share of allowed nodes within two hops (0 = always walk). Such a set (an attribute unlike the query's
-        neighbourhood: a genre the user does not watch) is reached only by walking through the disallowed region
-        around the query: on serve_bench's 100k bundle, 5 of its 50 categories (10,071 items) cost the walk ~2,300
-        nodes scored and ~0.7 ms where the scan takes ~0.3 ms; the scan of 16,000 scattered ids takes ~0.4-0.5 ms
-        at 100k-1M (benchmarks/index_bench.py). Above the exact-scan switch only (below it every query scans)."""
-        return int(self.filter_depleted_scan_max)
 
     def allow_width(self, allow: np.ndarray, count: int | None = None) -> int:
         """The native filtered walk's width (the allowed nodes it keeps) for the allowed set ``allow``:
