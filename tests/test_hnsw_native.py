@@ -208,7 +208,8 @@ def test_nodes_are_renumbered_to_their_labels_and_the_graph_is_unchanged(data, t
     items, queries = data
     theirs = hnswlib.Index(space="ip", dim=24)
     theirs.init_index(max_elements=3000, M=12, ef_construction=80, random_seed=3)
-    theirs.add_items(items, np.arange(3000), num_threads=2)
+    order = np.random.default_rng(3).permutation(3000)  # inserted out of label order, as threads would
+    theirs.add_items(items[order], order, num_threads=1)
     theirs.set_ef(50)
     path = tmp_path / "theirs.hnsw"
     theirs.save_index(str(path))
