@@ -21,7 +21,7 @@ import numpy as np
 from recsys.retrieval import UNIT_SQ_TOL, HnswIndex
 from recsys.v1 import recommender_pb2 as pb
 from server import service
-from server.wire import recommend_response
+from server.wire import item_filter, recommend_response
 
 log = logging.getLogger("recsys.server")
 
@@ -94,3 +94,23 @@ _FAST = service.PerBundle(build)
 def for_bundle(bundle: Any) -> Any | None:
     """The bundle's fast path (built on first use -- the model store builds it at warm-up), or None."""
     return _FAST.get(bundle)
+
+
+def recommend_filtered(fast: Any, bundle: Any, request: pb.RecommendRequest, data: bytes, limits: Any) -> bytes | None:
+    """A request with a ``filter`` (``request``, parsed from ``data``) answered natively: the filter compiled as
+    the Python path compiles it (``service.allowed_by``, cached per bundle), then the same request bytes with the
+    allowed set, when the index would walk the graph for it (``HnswIndex.allow_plan``) at the Python path's width
+    and budget. None (the Python path answers, and owns every error) for a filter the bundle cannot compile, a set
+    small enough for the exact scan, or anything the native side declines."""
+    try:
+        words = service.allowed_by(bundle, item_filter(request.filter))
+    except service.InvalidArgument:
+        return None
+    index = bundle.index
+    if words is None or not isinstance(index, HnswIndex):
+        return None
+    count = index._native.popcount(words)
+    if index.allow_plan(words, count) != "graph":
+        return None
+    return fast.recommend(data, limits.max_k, limits.max_id_length, limits.max_history, allow=words,
+                          allow_width=index.allow_width(words, count), allow_budget=index.allow_budget(words, count))

@@ -174,6 +174,10 @@ class RecommenderServicer(_Base, pb_grpc.RecommenderServicer):
             request = pb.RecommendRequest.FromString(data)
         except DecodeError as e:
             raise InvalidArgument(f"malformed RecommendRequest ({len(data)} bytes): {e}") from None
+        if fast is not None and request.HasField("filter"):
+            out = fastpath.recommend_filtered(fast, bundle, request, data, self.limits)
+            if out is not None:
+                return out
         return self._recommend(bundle, request).SerializeToString()
 
     def _recommend(self, bundle, r):

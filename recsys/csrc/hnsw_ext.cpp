@@ -1802,16 +1802,30 @@ class KnownUserRecommender {
         }
     }
 
-    py::object recommend(const py::bytes &request, int64_t max_k, size_t max_id_bytes, size_t max_history) {
+    // `allow` (a request with a `filter`, compiled by the caller into the allowed items' bitset, as the Python path
+    // compiles it): the filter field is skipped and the search walks the allowed items at `allow_width` with
+    // `allow_budget` (HnswIndex.allow_width / allow_budget); without it a request with a filter returns None.
+    py::object recommend(const py::bytes &request, int64_t max_k, size_t max_id_bytes, size_t max_history,
+                         py::object allow, size_t allow_width, uint64_t allow_budget) {
         char *buf = nullptr;
         Py_ssize_t len = 0;
         if (PyBytes_AsStringAndSize(request.ptr(), &buf, &len) != 0) throw py::error_already_set();
+        Allowed a;
+        py::array allow_arr;
+        if (!allow.is_none()) {
+            allow_arr = py::reinterpret_borrow<py::array>(allow);
+            size_t n_words = 0;
+            a.words = check_words(allow_arr, "allow", &n_words);
+            a.bits = uint64_t(n_words) * 64;
+            a.width = allow_width;
+            a.budget = allow_budget;
+        }
         std::string out;
         bool done;
         {
             py::gil_scoped_release release;
             done = answer(reinterpret_cast<const uint8_t *>(buf), size_t(len), max_k, max_id_bytes, max_history,
-                          out);
+                          a.words ? &a : nullptr, out);
         }
         if (!done) return py::none();
         return py::bytes(out);
@@ -1820,8 +1834,15 @@ class KnownUserRecommender {
     size_t n_users() const { return row_of_.size(); }
 
  private:
+    struct Allowed {
+        const uint64_t *words = nullptr;
+        uint64_t bits = 0;
+        size_t width = 0;
+        uint64_t budget = 0;
+    };
+
     bool answer(const uint8_t *p, size_t len, int64_t max_k, size_t max_id_bytes, size_t max_history,
-                std::string &out) const {
+                const Allowed *allow, std::string &out) const {
         const uint8_t *end = p + len;
         std::string_view user;
         int64_t k = 0;
@@ -1849,6 +1870,9 @@ class KnownUserRecommender {
                 if (field == 3) k = int64_t(int32_t(uint32_t(v)));  // int32: the low 32 bits
                 else if (field == 4) include_seen = v != 0;
                 // field 7, allow_fallback: a known user never falls back
+            } else if (field == 8 && wire == 2 && allow) {  // filter: the caller compiled it into `allow`
+                if (!read_varint(p, end, v) || v > uint64_t(end - p)) return false;
+                p += v;
             } else {
                 return false;  // lists, unknown fields: the Python path
             }
@@ -1903,7 +1927,11 @@ class KnownUserRecommender {
             std::shared_lock<std::shared_mutex> lock(index_->mu_);
             const Alg &alg = index_->alg();
             if (alg.cur_element_count != n_items_) return false;
-            index_->search_row(alg, query, kk, ef_, ef_filtered_, eb, ee, -1, labels.data(), dists.data());
+            if (allow)
+                index_->search_row(alg, query, kk, ef_, allow->width, eb, ee, -1, labels.data(), dists.data(),
+                                   allow->words, allow->bits, allow->budget);
+            else
+                index_->search_row(alg, query, kk, ef_, ef_filtered_, eb, ee, -1, labels.data(), dists.data());
         }
         // short (fewer allowed items than k, or the graph missed some): the Python path checks the answer is
         // complete and scans exactly when it is not
@@ -2017,7 +2045,8 @@ PYBIND11_MODULE(_hnsw, m) {
              py::arg("history_offsets") = py::none(), py::arg("history_items") = py::none(),
              py::arg("events_source") = 0, py::arg("history_source") = 0, py::arg("unit_sq_tol") = 1e-4)
         .def("recommend", &KnownUserRecommender::recommend, py::arg("request"), py::arg("max_k"),
-             py::arg("max_id_bytes"), py::arg("max_history") = 0)
+             py::arg("max_id_bytes"), py::arg("max_history") = 0, py::arg("allow") = py::none(),
+             py::arg("allow_width") = 0, py::arg("allow_budget") = 0)
         .def_property_readonly("n_users", &KnownUserRecommender::n_users);
     py::class_<UserTower>(m, "UserTower")
         .def(py::init<py::array, py::array, py::list, py::array, py::object, bool, py::list, int, py::object,
