@@ -1,7 +1,8 @@
 """``Recommend`` in one native call (``recsys._hnsw.KnownUserRecommender``), built once per bundle.
 
 The most common requests -- a known ``user_id`` and ``k``, seen items excluded or not, no lists; the same user
-with fresh events in ``history_item_ids``; a new user's ``history_item_ids`` -- are answered from the serialized
+with fresh events in ``history_item_ids``; a new user's ``history_item_ids``; any of these with a ``filter`` once
+the servicer has compiled it (``recommend_filtered``) -- are answered from the serialized
 request straight to the serialized response in C++: protobuf parse, user and item lookups, the user tower where
 there are events (``server.service.NativeUserTower``, the very object the Python path embeds with), the excluding
 graph search and the response bytes, without the GIL. Every other request (and any case the native side is not
