@@ -66,6 +66,9 @@ SITES = [
          r"if \(field == (?P<field>\d+)\) k = int64_t\(int32_t\("),
     Site("request include_seen", "RecommendRequest", "include_seen", FD.TYPE_BOOL, False,
          r"if \(field == (?P<field>\d+)\) include_seen = v != 0"),
+    # filter: skipped when the caller (server/fastpath.recommend_filtered) passes the set it compiled from it
+    Site("request filter", "RecommendRequest", "filter", FD.TYPE_MESSAGE, False,
+         r"if \(field == (?P<field>\d+) && wire == (?P<wire>\d+) && allow\) \{\s*// filter"),
     # allow_fallback is accepted and ignored: read with k and include_seen in the varint branch, its number is
     # the one that branch accepts besides theirs (VARINT_BRANCH below); the comment is only a cross-check
     Site("request allow_fallback (comment)", "RecommendRequest", "allow_fallback", FD.TYPE_BOOL, False,
