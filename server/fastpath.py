@@ -108,10 +108,9 @@ def recommend_filtered(fast: Any, bundle: Any, request: pb.RecommendRequest, dat
     except service.InvalidArgument:
         return None
     index = bundle.index
-    if words is None or not isinstance(index, HnswIndex):
+    walk = index.allow_walk(words) if words is not None and isinstance(index, HnswIndex) else None
+    if walk is None:
         return None
-    count = index._native.popcount(words)
-    if index.allow_plan(words, count) != "graph":
-        return None
+    width, budget = walk
     return fast.recommend(data, limits.max_k, limits.max_id_length, limits.max_history, allow=words,
-                          allow_width=index.allow_width(words, count), allow_budget=index.allow_budget(words, count))
+                          allow_width=width, allow_budget=budget)

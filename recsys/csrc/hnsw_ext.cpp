@@ -608,7 +608,7 @@ class Index {
         ParallelFor(start, rows, threads, [&](size_t row, size_t) {
             alg.addPoint(x + row * size_t(dim_), labeltype(ids[row]));
         });
-        if (first_fill && renumber_by_label()) labels_.clear();
+        if (first_fill) renumber_by_label();  // labels_ is still empty: sync_labels reads the new order
         sync_labels();
         // new rows, and rows whose label was re-added (hnswlib updates those in place): rebuild the whole copy
         if (use_bf16_) bf16_.rebuild(alg, size_t(dim_));
@@ -769,6 +769,20 @@ class Index {
         ~VisitedGuard() { alg.visited_list_pool_->releaseVisitedList(vl); }
     };
 
+    // The nodes of a farthest-on-top heap into `out`, nearest first (the heap is left empty).
+    static void drain_nearest_first(std::priority_queue<Pair> &top, std::vector<Pair> &out) {
+        out.clear();
+        for (; !top.empty(); top.pop()) out.push_back(top.top());
+        std::reverse(out.begin(), out.end());
+    }
+
+    // Prefetches node `id`'s float32 vector (every line of it, the last byte too: rows need not start on a line).
+    static void prefetch_vector(const Alg &alg, tableint id) {
+        const char *x = alg.getDataByInternalId(id);
+        for (size_t o = 0; o < alg.data_size_; o += 64) prefetch(x + o);
+        prefetch(x + alg.data_size_ - 1);
+    }
+
     // hnswlib's greedy descent from the entry point through the upper layers to the layer-0 starting node.
     // `dist(id)`: distance of the query to node `id`; `prefetch(id)`: called for a node's neighbours before any
     // of their distances is computed.
@@ -826,7 +840,6 @@ class Index {
     template <class Dist, class PrefetchRow>
     static void search_allowed(const Alg &alg, const int64_t *lab, bool identity, Dist dist,
                                PrefetchRow prefetch_row, AllowFilter &allow, size_t width, std::vector<Pair> &out) {
-        out.clear();
         const bool deletions = alg.num_deleted_ != 0;
         auto allowed = [&](tableint id) {
             return allow.allows(identity ? uint64_t(id) : uint64_t(lab[id])) &&
@@ -838,8 +851,11 @@ class Index {
             const char *l = reinterpret_cast<const char *>(alg.get_linklist0(id));
             for (size_t o = 0; o < list_bytes; o += 64) prefetch(l + o);
         };
+        // todo: at most maxM0 -- a node's allowed neighbours and two-hop finds stop at `fan` met, and the
+        // disallowed neighbours are added only beside the allowed ones of the same (at most maxM0-long) list or
+        // when nothing was found
         thread_local std::vector<tableint> todo, hop;
-        if (todo.size() < 2 * alg.maxM0_ + 1) todo.resize(2 * alg.maxM0_ + 1);
+        if (todo.size() < alg.maxM0_ + 1) todo.resize(alg.maxM0_ + 1);
         if (hop.size() < alg.maxM0_ + 1) hop.resize(alg.maxM0_ + 1);
         const tableint start = descend(alg, dist, [&](tableint id) { prefetch_row(id); });
         const float d0 = dist(start);
@@ -921,12 +937,7 @@ class Index {
             }
         }
         walk_scored = scored;
-        out.clear();
-        while (!top.empty()) {
-            out.push_back(top.top());
-            top.pop();
-        }
-        std::reverse(out.begin(), out.end());
+        drain_nearest_first(top, out);
     }
 
     // hnswlib's HierarchicalNSW::searchKnn with the search width as an argument (hnswlib reads the shared ef_,
@@ -941,11 +952,8 @@ class Index {
         };
         if (allow) {
             thread_local std::vector<Pair> kept;
-            const size_t bytes = alg.data_size_;
-            search_allowed(alg, lab, identity, dist, [&](tableint id) {
-                const char *x = alg.getDataByInternalId(id);
-                for (size_t o = 0; o < bytes; o += 64) prefetch(x + o);
-            }, *allow, width, kept);
+            search_allowed(alg, lab, identity, dist, [&](tableint id) { prefetch_vector(alg, id); }, *allow, width,
+                           kept);
             const size_t n = std::min(k, kept.size());
             for (size_t j = 0; j < n; j++) {
                 dists[j] = kept[j].first;
@@ -1040,11 +1048,7 @@ class Index {
                     }
                 }
             }
-            while (!top.empty()) {
-                cands.push_back(top.top());
-                top.pop();
-            }
-            std::reverse(cands.begin(), cands.end());
+            drain_nearest_first(top, cands);
         }
 
         // Re-score in float32, nearest-by-bf16 first, and stop once no remaining candidate can beat the k-th exact
@@ -1053,17 +1057,11 @@ class Index {
         // re-scoring every candidate, at the cost of usually k + a few (near-ties reorder under bf16: a true top-k
         // item can sit well below rank k in the bf16 order, which a fixed window would miss).
         const float err = float((1.0 / 256 + 1e-5) * double(qnorm) * double(c.max_norm) + 1e-6);
-        const size_t fp32_bytes = alg.data_size_;
-        auto prefetch_fp32 = [&](tableint id) {
-            const char *x = alg.getDataByInternalId(id);
-            for (size_t o = 0; o < fp32_bytes; o += 64) prefetch(x + o);
-            prefetch(x + fp32_bytes - 1);
-        };
         const size_t ahead = k + 4;
-        for (size_t i = 0; i < std::min(ahead, cands.size()); i++) prefetch_fp32(cands[i].second);
+        for (size_t i = 0; i < std::min(ahead, cands.size()); i++) prefetch_vector(alg, cands[i].second);
         for (size_t i = 0; i < cands.size(); i++) {
             if (best.size() == k && cands[i].first - err > best.front().first) break;
-            if (i + ahead < cands.size()) prefetch_fp32(cands[i + ahead].second);
+            if (i + ahead < cands.size()) prefetch_vector(alg, cands[i + ahead].second);
             tableint id = cands[i].second;
             float d = alg.fstdistfunc_(q, alg.getDataByInternalId(id), alg.dist_func_param_);
             if (best.size() < k) {

@@ -532,8 +532,7 @@ class HnswIndex(NativeSearch, PackageSearch):
     def allow_plan(self, allow: np.ndarray, count: int | None = None) -> str:
         """How a search with the allowed set ``allow`` is answered: ``"exact"`` (score the allowed ids, no graph)
         when at most ``filter_exact_scale * sqrt(size)`` ids are allowed, else ``"graph"``. ``count``: the set's
-        popcount when the caller has it (``bitset.count`` reads every word: ~20 us at 1M items, a third of a plain
-        query, so a search computes it once).
+        popcount when the caller has it (see :meth:`allow_walk`).
 
         Why sqrt(size): a graph walk restricted to a sparse allowed set has to look further for each allowed node
         (~``width / selectivity`` nodes weighed, ``width * size / count``), while the exact scan costs ~``count``:
@@ -542,11 +541,20 @@ class HnswIndex(NativeSearch, PackageSearch):
         ``--filtered``): the crossover sat near 5,000 allowed ids at 100k items (graph 0.3-0.7 ms vs scan 0.15-0.2
         ms at 3,000; graph 0.2-0.4 ms vs scan ~1 ms at 10,000) and near 10,000-16,000 at 1M, i.e. ``~16 *
         sqrt(size)``; with the two-hop walk (see :meth:`allow_width`) the 1M graph walk at 3% (30,000 ids) costs
-        0.6-0.9 ms against a 6-9 ms scan, so the switch stands. Below it the scan is also what keeps recall on
+        0.5-0.9 ms (p50-p90) against a 6-9 ms scan, so the switch stands. Below it the scan is also what keeps recall on
         attribute-like sets (whole clusters, often far from the query), and it is exact.
         """
         count = bitset.count(allow) if count is None else count
         return "exact" if count <= self.filter_exact_scale * self.size ** 0.5 else "graph"
+
+    def allow_walk(self, allow: np.ndarray) -> tuple[int, int] | None:
+        """The native walk of the allowed set ``allow`` as ``(width, budget)`` (:meth:`allow_width`,
+        :meth:`allow_budget`), or None when :meth:`allow_plan` scans it exactly; the set's popcount is taken once
+        (in C++: ``bitset.count`` reads every word, ~20 us at 1M items, a third of a plain query). Native path only."""
+        count = int(self._native.popcount(allow))
+        if self.allow_plan(allow, count) != "graph":
+            return None
+        return self.allow_width(allow, count), self.allow_budget(allow, count)
 
     def allow_budget(self, allow: np.ndarray, count: int | None = None) -> int:
         """Nodes the native filtered walk may score before it gives up and the exact scan answers the row (0 = no
