@@ -469,9 +469,11 @@ def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_const
         walk_scored = _hnsw.last_walk_scored
         everything = bitset.from_mask(np.ones(n, dtype=bool))
         counts = []
+        near, hnsw.filter_near_fraction = hnsw.filter_near_fraction, 1.0  # the full width, never narrowed
         for r in range(300):  # the all-allowed walk scores what a plain search of that width scores
             hnsw.search(test[r:r + 1], K, allow=everything)
             counts.append(walk_scored())
+        hnsw.filter_near_fraction = near
         row["walk_scored_all_allowed_p50"] = float(np.median(counts))
     qs = test[:300]
     rng = np.random.default_rng(seed)
@@ -500,6 +502,8 @@ def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_const
                 plain_a, filt_a = np.array(plain), np.array(filt)
                 case = {"kind": kind, "selectivity": sel, "allowed": bitset.count(allow),
                         "path": hnsw.allow_plan(allow), "width": hnsw.allow_width(allow),
+                        "near_width": (walk.near_width if hnsw.native_filter and (walk := hnsw.allow_walk(allow))
+                                       else None),
                         "recall@10": round(recall_vs_exact(got, truth), 4), "exactly_k": bool((got >= 0).all()),
                         "p50_ms": ms(filt_a, 50), "p90_ms": ms(filt_a, 90), "p99_ms": ms(filt_a, 99),
                         "plain_p50_ms": ms(plain_a, 50), "plain_p90_ms": ms(plain_a, 90),
@@ -516,6 +520,11 @@ def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_const
     return row
 
 
+def width_text(case: dict) -> str:
+    """The walk's width, and its near width when it has one (``48/24``)."""
+    return f"{case['width']}/{case['near_width']}" if case.get("near_width") else str(case["width"])
+
+
 def print_filter_table(rows: list[dict]) -> None:
     print("\nfiltered search (allow=): single queries, k=10, paired with a plain query on the same user")
     print(f"{'items':>8} {'kind':>8} {'keep':>6} {'allowed':>8} {'path':>6} {'width':>5} {'R@10':>6} {'p50 ms':>7} "
@@ -527,7 +536,7 @@ def print_filter_table(rows: list[dict]) -> None:
                   f"{r['walk_scored_all_allowed_p50']:.0f} nodes (p50); 'scored' below: the filtered walk's p50")
         for c in r["cases"]:
             print(f"{r['n_items']:>8} {c['kind']:>8} {c['selectivity']:>6.1%} {c['allowed']:>8} {c['path']:>6} "
-                  f"{c['width']:>5} {c['recall@10']:>6.3f} {c['p50_ms']:>7.3f} {c['p90_ms']:>7.3f} {c['p99_ms']:>7.3f} "
+                  f"{width_text(c):>5} {c['recall@10']:>6.3f} {c['p50_ms']:>7.3f} {c['p90_ms']:>7.3f} {c['p99_ms']:>7.3f} "
                   f"{c['plain_p50_ms']:>9.3f} {c['plain_p90_ms']:>9.3f} {c['plain_p99_ms']:>9.3f} "
                   f"{c['p50_ratio']:>6} {c['p90_ratio']:>6} {c['p99_ratio']:>6} {c.get('walk_scored_p50', ''):>6}")
 

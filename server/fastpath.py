@@ -111,6 +111,6 @@ def recommend_filtered(fast: Any, bundle: Any, request: pb.RecommendRequest, dat
     walk = index.allow_walk(words) if words is not None and isinstance(index, HnswIndex) else None
     if walk is None:
         return None
-    width, budget = walk
     return fast.recommend(data, limits.max_k, limits.max_id_length, limits.max_history, allow=words,
-                          allow_width=width, allow_budget=budget)
+                          allow_width=walk.width, allow_budget=walk.budget, allow_count=walk.count,
+                          allow_near_width=walk.near_width)

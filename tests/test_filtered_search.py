@@ -19,12 +19,13 @@ from recsys.retrieval import (
 )
 
 
-def clustered(n: int, dim: int, *, n_clusters: int = 40, n_queries: int = 200, seed: int = 0):
-    """Unit item vectors around cluster centres + queries near the same centres; the item's cluster too."""
+def clustered(n: int, dim: int, *, n_clusters: int = 40, n_queries: int = 200, seed: int = 0, spread: float = 0.6):
+    """Unit item vectors around cluster centres (``spread``: the noise's scale per dimension) + queries near the
+    same centres; the item's cluster too."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_clusters, dim))
     cluster = rng.integers(0, n_clusters, n)
-    items = centres[cluster] + 0.6 * rng.normal(size=(n, dim))
+    items = centres[cluster] + spread * rng.normal(size=(n, dim))
     queries = centres[rng.integers(0, n_clusters, n_queries)] + 0.8 * rng.normal(size=(n_queries, dim))
     items /= np.linalg.norm(items, axis=1, keepdims=True)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
@@ -286,6 +287,59 @@ def test_the_walk_scores_allowed_nodes_not_every_node_it_passes(data):
     assert 64 <= everything <= 1000
     assert tenth <= 2.5 * everything  # measured 1.7x; walking through every passed node: ~10x
     assert genres <= 4 * everything  # measured 2.6x (the first steps walk through, see search_allowed)
+
+
+def test_the_walk_narrows_only_where_the_query_neighbourhood_holds_the_sets_share():
+    """``near_width``: the walk keeps the narrower width when the allowed nodes are spread around the query (a
+    random set: every row's walk is then the width-32 walk, node for node) and the full width when the query's
+    neighbourhood holds none of them (clusters away from the query: the width-64 walk); without the set's size,
+    or with near_width 0, it never narrows. HnswIndex.allow_walk hands out filter_near_fraction of the width.
+    Tight clusters (spread 0.3), so that a node's two-hop neighbourhood stays in its own cluster, as on trained
+    embeddings; with the other tests' overlapping clusters 17 of 60 walks towards far clusters still met their
+    share within two hops of the start."""
+    if not native_available():
+        pytest.skip("recsys._hnsw not built")
+    from recsys import _hnsw
+
+    items, queries, cluster = clustered(6000, 32, spread=0.3)
+    n = items.shape[0]
+    hnsw = HnswIndex(items, M=16, ef_construction=100, ef=64, num_threads=2, native=True)
+    rng = np.random.default_rng(5)
+
+    def walk(q, allow, width, count=0, near=0):
+        lab, _ = hnsw._index.knn(q, 10, 64, None, None, 1, -1, width, allow, -1, 0, count, near)
+        assert (lab >= 0).all() and bitset.contains(allow, lab[0]).all()
+        return lab[0].tolist(), _hnsw.last_walk_scored()
+
+    spread = bitset.from_mask(rng.random(n) < 0.1)
+    count = bitset.count(spread)
+    narrowed = 0
+    for r in range(60):
+        q = queries[r:r + 1]
+        got = walk(q, spread, 64, count, 32)
+        assert got in (walk(q, spread, 32), walk(q, spread, 64))
+        narrowed += got == walk(q, spread, 32) != walk(q, spread, 64)
+        assert walk(q, spread, 64, 0, 32) == walk(q, spread, 64) == walk(q, spread, 64, count, 0)  # no size / no near
+    assert narrowed >= 50  # measured 59 of 60
+
+    ids, _ = ExactIndex(items).search(queries[:60], 50)
+    kept_full = 0
+    for r in range(60):
+        q = queries[r:r + 1]
+        # 4 clusters (~10% of the items) none of the query's 50 nearest items belongs to
+        far = bitset.from_mask(np.isin(cluster, rng.permutation(np.setdiff1d(np.arange(40), cluster[ids[r]]))[:4]))
+        got = walk(q, far, 64, bitset.count(far), 32)
+        assert got == walk(q, far, 64) or got == walk(q, far, 32)
+        kept_full += got == walk(q, far, 64) != walk(q, far, 32)
+    assert kept_full >= 45  # measured 49 of 60 (the rest: cross-cluster links met 5% of the start's two hops)
+
+    allow = bitset.from_mask(rng.random(n) < 0.3)
+    hnsw.filter_exact_scale = 0.0
+    plan = hnsw.allow_walk(allow)
+    assert plan.width == hnsw.allow_width(allow) and plan.near_width == -(-plan.width // 2)
+    assert plan.count == bitset.count(allow) and plan.budget == hnsw.allow_budget(allow)
+    hnsw.filter_near_fraction = 1.0
+    assert hnsw.allow_walk(allow).near_width == 0
 
 
 def test_a_walk_over_budget_gives_up_and_the_exact_scan_answers(built, data):

@@ -135,6 +135,10 @@ struct AllowFilter {
     uint64_t n_bits = 0;
     hnswlib::BaseFilterFunctor *exclude = nullptr;
     uint64_t budget = std::numeric_limits<uint64_t>::max();
+    // `count`: the set's size; `near_width`: the narrower width the walk uses when the query's neighbourhood holds
+    // the set's share (see Index::search_allowed; 0 = always `width`).
+    uint64_t count = 0;
+    size_t near_width = 0;
     bool gave_up = false;
     bool allows(uint64_t label) const {
         if (label >= n_bits || !((words[label >> 6] >> (label & 63)) & 1u)) return false;
@@ -659,7 +663,7 @@ class Index {
     // that gave up comes back empty (-1 / +inf), for the caller's exact scan.
     py::tuple knn(const py::array &queries, size_t k, size_t ef, py::object exclude_labels,
                   py::object exclude_offsets, int num_threads, int bitset, size_t ef_filtered, py::object allow,
-                  int64_t allow_bits, uint64_t allow_budget) {
+                  int64_t allow_bits, uint64_t allow_budget, uint64_t allow_count, size_t allow_near_width) {
         const Alg &alg = inited();
         if (k < 1) value_error("`k` must be >= 1, got " + std::to_string(k));
         size_t rows = 0;
@@ -690,7 +694,7 @@ class Index {
             ParallelFor(0, rows, threads, [&](size_t row, size_t) {
                 const int64_t *eb = ex ? ex + off[row] : nullptr, *ee = ex ? ex + off[row + 1] : nullptr;
                 search_row(alg, q + row * size_t(dim_), k, ef, ef_filtered, eb, ee, bitset, lo + row * k,
-                           dout + row * k, aw, n_allow, allow_budget);
+                           dout + row * k, aw, n_allow, allow_budget, allow_count, allow_near_width);
             });
         }
         return py::make_tuple(labels_out, dist_out);
@@ -704,7 +708,8 @@ class Index {
     // bits, ANDed with the exclusion. Caller holds mu_ (shared) and no GIL.
     void search_row(const Alg &alg, const float *qi, size_t k, size_t ef, size_t ef_filtered,
                     const int64_t *eb, const int64_t *ee, int bitset, int64_t *l, float *d,
-                    const uint64_t *allow = nullptr, uint64_t allow_bits = 0, uint64_t allow_budget = 0) const {
+                    const uint64_t *allow = nullptr, uint64_t allow_bits = 0, uint64_t allow_budget = 0,
+                    uint64_t allow_count = 0, size_t allow_near_width = 0) const {
         const size_t width = std::max(ef ? ef : ef_, k);
         const size_t width_filtered = std::max(ef_filtered ? ef_filtered : (ef ? ef : ef_), k);
         hnswlib::BaseFilterFunctor *filter = nullptr;
@@ -744,6 +749,8 @@ class Index {
             fa.n_bits = allow_bits;
             fa.exclude = filter;
             if (allow_budget) fa.budget = allow_budget;
+            fa.count = allow_count;
+            fa.near_width = allow_near_width ? std::max(allow_near_width, k) : 0;
             pa = &fa;
             filter = nullptr;  // search_allowed asks fa, which asks the exclusion
         }
@@ -837,6 +844,12 @@ class Index {
     // strays are), and whenever an expanded node has nothing new allowed within two hops while fewer than `width`
     // are kept (the walk starts among disallowed nodes). The walk ends as hnswlib's: when the nearest open
     // candidate is farther than the width-th kept node.
+    //
+    // With allow.near_width (and allow.count, the set's size): before walking, the allowed nodes in the two-hop
+    // neighbourhood of the descent's end are counted; when they are at least half the set's share of that
+    // neighbourhood (allowed items spread around the query) the walk keeps near_width nodes instead of `width`
+    // -- there a narrower walk loses little recall, while a query away from the set needs the full width to find
+    // the strays and far clusters (numbers: HnswIndex.allow_walk).
     template <class Dist, class PrefetchRow>
     static void search_allowed(const Alg &alg, const int64_t *lab, bool identity, Dist dist,
                                PrefetchRow prefetch_row, AllowFilter &allow, size_t width, std::vector<Pair> &out) {
@@ -858,6 +871,24 @@ class Index {
         if (todo.size() < alg.maxM0_ + 1) todo.resize(alg.maxM0_ + 1);
         if (hop.size() < alg.maxM0_ + 1) hop.resize(alg.maxM0_ + 1);
         const tableint start = descend(alg, dist, [&](tableint id) { prefetch_row(id); });
+        if (allow.near_width && allow.near_width < width && allow.count) {
+            // The start's two-hop neighbourhood: allowed nodes in it / nodes in it, against the set's share.
+            hnswlib::linklistsizeint *ll = alg.get_linklist0(start);
+            const size_t size = alg.getListCount(ll);
+            const tableint *links = reinterpret_cast<const tableint *>(ll + 1);
+            for (size_t j = 0; j < size; j++) prefetch_list(links[j]);
+            size_t met = size, hit = 0;
+            for (size_t j = 0; j < size; j++) {
+                hit += allowed(links[j]);
+                hnswlib::linklistsizeint *l2 = alg.get_linklist0(links[j]);
+                const size_t s2 = alg.getListCount(l2);
+                const tableint *x2 = reinterpret_cast<const tableint *>(l2 + 1);
+                met += s2;
+                for (size_t i = 0; i < s2; i++) hit += allowed(x2[i]);
+            }
+            if (2 * double(hit) * double(alg.cur_element_count) >= double(allow.count) * double(met))
+                width = allow.near_width;
+        }
         const float d0 = dist(start);
         uint64_t scored = 1;
         std::priority_queue<Pair> top;   // kept allowed nodes, farthest on top
@@ -1804,7 +1835,8 @@ class KnownUserRecommender {
     // compiles it): the filter field is skipped and the search walks the allowed items at `allow_width` with
     // `allow_budget` (HnswIndex.allow_width / allow_budget); without it a request with a filter returns None.
     py::object recommend(const py::bytes &request, int64_t max_k, size_t max_id_bytes, size_t max_history,
-                         py::object allow, size_t allow_width, uint64_t allow_budget) {
+                         py::object allow, size_t allow_width, uint64_t allow_budget, uint64_t allow_count,
+                         size_t allow_near_width) {
         char *buf = nullptr;
         Py_ssize_t len = 0;
         if (PyBytes_AsStringAndSize(request.ptr(), &buf, &len) != 0) throw py::error_already_set();
@@ -1817,6 +1849,8 @@ class KnownUserRecommender {
             a.bits = uint64_t(n_words) * 64;
             a.width = allow_width;
             a.budget = allow_budget;
+            a.count = allow_count;
+            a.near_width = allow_near_width;
         }
         std::string out;
         bool done;
@@ -1837,6 +1871,8 @@ class KnownUserRecommender {
         uint64_t bits = 0;
         size_t width = 0;
         uint64_t budget = 0;
+        uint64_t count = 0;
+        size_t near_width = 0;
     };
 
     bool answer(const uint8_t *p, size_t len, int64_t max_k, size_t max_id_bytes, size_t max_history,
@@ -1927,7 +1963,7 @@ class KnownUserRecommender {
             if (alg.cur_element_count != n_items_) return false;
             if (allow)
                 index_->search_row(alg, query, kk, ef_, allow->width, eb, ee, -1, labels.data(), dists.data(),
-                                   allow->words, allow->bits, allow->budget);
+                                   allow->words, allow->bits, allow->budget, allow->count, allow->near_width);
             else
                 index_->search_row(alg, query, kk, ef_, ef_filtered_, eb, ee, -1, labels.data(), dists.data());
         }
@@ -2026,7 +2062,8 @@ PYBIND11_MODULE(_hnsw, m) {
         .def("knn", &Index::knn, py::arg("queries"), py::arg("k"), py::arg("ef") = 0,
              py::arg("exclude_labels") = py::none(), py::arg("exclude_offsets") = py::none(),
              py::arg("num_threads") = 1, py::arg("bitset") = -1, py::arg("ef_filtered") = 0,
-             py::arg("allow") = py::none(), py::arg("allow_bits") = -1, py::arg("allow_budget") = 0)
+             py::arg("allow") = py::none(), py::arg("allow_bits") = -1, py::arg("allow_budget") = 0,
+             py::arg("allow_count") = 0, py::arg("allow_near_width") = 0)
         .def("set_bf16", &Index::set_bf16, py::arg("on"))
         .def_property_readonly("bf16", &Index::bf16)
         .def_property_readonly("ef", &Index::ef)
@@ -2044,7 +2081,8 @@ PYBIND11_MODULE(_hnsw, m) {
              py::arg("events_source") = 0, py::arg("history_source") = 0, py::arg("unit_sq_tol") = 1e-4)
         .def("recommend", &KnownUserRecommender::recommend, py::arg("request"), py::arg("max_k"),
              py::arg("max_id_bytes"), py::arg("max_history") = 0, py::arg("allow") = py::none(),
-             py::arg("allow_width") = 0, py::arg("allow_budget") = 0)
+             py::arg("allow_width") = 0, py::arg("allow_budget") = 0, py::arg("allow_count") = 0,
+             py::arg("allow_near_width") = 0)
         .def_property_readonly("n_users", &KnownUserRecommender::n_users);
     py::class_<UserTower>(m, "UserTower")
         .def(py::init<py::array, py::array, py::list, py::array, py::object, bool, py::list, int, py::object,

@@ -54,8 +54,9 @@ one of two ways (:meth:`HnswIndex.allow_plan`): at most ``filter_exact_scale * s
 bitset directly); more go through the graph with the filter (allowed AND not excluded) inside the walk at width
 :meth:`HnswIndex.allow_width`: a walk over the allowed nodes that reaches past disallowed neighbours by reading
 their neighbour lists (two hops, after ACORN-1) instead of scoring them, so it scores about what a plain search
-scores, and that gives up for the exact scan once it has scored as many nodes as there are allowed ids (far-away
-attribute sets). Without the extension, allowed sets above the switch are over-fetched (~``ef / selectivity``
+scores, that narrows to half its width when the query's neighbourhood holds the set's share of allowed items
+(:meth:`HnswIndex.allow_walk`), and that gives up for the exact scan once it has scored as many nodes as there are
+allowed ids (far-away attribute sets). Without the extension, allowed sets above the switch are over-fetched (~``ef / selectivity``
 results) and post-filtered. The cost and the recall of each, measured: benchmarks/index_bench.py ``--filtered``.
 
 Threads

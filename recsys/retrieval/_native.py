@@ -140,7 +140,7 @@ class NativeSearch:
             for i, e in enumerate(excl):
                 if e is not None and e.size:
                     ex[i] = np.unique(idmap.present(e))
-        walk = self.allow_walk(words)  # (width, budget), or None: the exact scan answers every row
+        walk = self.allow_walk(words)  # AllowWalk, or None: the exact scan answers every row
         scan = walk is None
         graph_rows: list[int] = []
         exact_rows: list[int] = []
@@ -155,9 +155,9 @@ class NativeSearch:
             whole = len(graph_rows) == n  # every row walks the graph (the usual case): no gather, no scatter
             rows = np.arange(n) if whole else np.array(graph_rows, dtype=np.int64)
             labels, offsets = _csr(ex, rows) if excl is not None else (None, None)
-            width, budget = walk
             lab, dist = self._index.knn(q if whole else np.ascontiguousarray(q[rows]), k, self._ef, labels, offsets,
-                                        self.num_threads, -1, width, words, -1, budget)
+                                        self.num_threads, -1, walk.width, words, -1, walk.budget, walk.count,
+                                        walk.near_width)
             short = lab[:, k - 1] < 0  # fewer than k allowed ones exist, or the walk missed some: scan exactly
             if whole and not short.any():
                 return lab, 1.0 - dist
