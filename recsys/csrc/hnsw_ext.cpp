@@ -660,7 +660,9 @@ class Index {
     // i & 63 of word i >> 6 = label i allowed; recsys.retrieval.bitset) of `allow_bits` bits (-1 = 64 x words;
     // labels at or past it are not allowed): rows return only allowed, non-excluded labels. `allow_budget`: with
     // `allow`, the nodes a row's walk may score before it gives up (see AllowFilter; 0 = no limit); a row
-    // that gave up comes back empty (-1 / +inf), for the caller's exact scan.
+    // that gave up comes back empty (-1 / +inf), for the caller's exact scan. `allow_count` / `allow_near_width`:
+    // the set's size and the narrower width a row's walk keeps where the query's neighbourhood holds the set's
+    // share (see Index::search_allowed; 0 = never narrow).
     py::tuple knn(const py::array &queries, size_t k, size_t ef, py::object exclude_labels,
                   py::object exclude_offsets, int num_threads, int bitset, size_t ef_filtered, py::object allow,
                   int64_t allow_bits, uint64_t allow_budget, uint64_t allow_count, size_t allow_near_width) {
@@ -776,6 +778,16 @@ class Index {
         ~VisitedGuard() { alg.visited_list_pool_->releaseVisitedList(vl); }
     };
 
+    // Node `id`'s layer-0 neighbour list: `size` internal ids from `ids`.
+    struct Links {
+        const tableint *ids;
+        size_t size;
+    };
+    static Links links0(const Alg &alg, tableint id) {
+        hnswlib::linklistsizeint *ll = alg.get_linklist0(id);
+        return {reinterpret_cast<const tableint *>(ll + 1), size_t(alg.getListCount(ll))};
+    }
+
     // The nodes of a farthest-on-top heap into `out`, nearest first (the heap is left empty).
     static void drain_nearest_first(std::priority_queue<Pair> &top, std::vector<Pair> &out) {
         out.clear();
@@ -873,18 +885,14 @@ class Index {
         const tableint start = descend(alg, dist, [&](tableint id) { prefetch_row(id); });
         if (allow.near_width && allow.near_width < width && allow.count) {
             // The start's two-hop neighbourhood: allowed nodes in it / nodes in it, against the set's share.
-            hnswlib::linklistsizeint *ll = alg.get_linklist0(start);
-            const size_t size = alg.getListCount(ll);
-            const tableint *links = reinterpret_cast<const tableint *>(ll + 1);
-            for (size_t j = 0; j < size; j++) prefetch_list(links[j]);
-            size_t met = size, hit = 0;
-            for (size_t j = 0; j < size; j++) {
-                hit += allowed(links[j]);
-                hnswlib::linklistsizeint *l2 = alg.get_linklist0(links[j]);
-                const size_t s2 = alg.getListCount(l2);
-                const tableint *x2 = reinterpret_cast<const tableint *>(l2 + 1);
-                met += s2;
-                for (size_t i = 0; i < s2; i++) hit += allowed(x2[i]);
+            const Links first = links0(alg, start);
+            for (size_t j = 0; j < first.size; j++) prefetch_list(first.ids[j]);
+            size_t met = first.size, hit = 0;
+            for (size_t j = 0; j < first.size; j++) {
+                hit += allowed(first.ids[j]);
+                const Links second = links0(alg, first.ids[j]);
+                met += second.size;
+                for (size_t i = 0; i < second.size; i++) hit += allowed(second.ids[i]);
             }
             if (2 * double(hit) * double(alg.cur_element_count) >= double(allow.count) * double(met))
                 width = allow.near_width;
@@ -907,12 +915,10 @@ class Index {
             const Pair best = cand.top();
             if (-best.first > lower && top.size() >= width) break;
             cand.pop();
-            hnswlib::linklistsizeint *ll = alg.get_linklist0(best.second);
-            const size_t size = alg.getListCount(ll);
-            const tableint *links = reinterpret_cast<const tableint *>(ll + 1);
+            const Links links = links0(alg, best.second);
             size_t n = 0, nh = 0, found = 0;  // found: allowed nodes met, visited or not (ACORN's truncation)
-            for (size_t j = 0; j < size; j++) {
-                const tableint v = links[j];
+            for (size_t j = 0; j < links.size; j++) {
+                const tableint v = links.ids[j];
                 if (allowed(v)) {
                     found++;
                     if (visited[v] == tag) continue;
@@ -927,11 +933,9 @@ class Index {
             // through: expand as hnswlib does (score the disallowed neighbours, which may be walked through)
             bool through = 2 * top.size() < width && !allowed(best.second);
             for (size_t h = 0; !through && h < nh && found < fan; h++) {
-                hnswlib::linklistsizeint *l2 = alg.get_linklist0(hop[h]);
-                const size_t s2 = alg.getListCount(l2);
-                const tableint *x2 = reinterpret_cast<const tableint *>(l2 + 1);
-                for (size_t j = 0; j < s2 && found < fan; j++) {
-                    const tableint w = x2[j];
+                const Links second = links0(alg, hop[h]);
+                for (size_t j = 0; j < second.size && found < fan; j++) {
+                    const tableint w = second.ids[j];
                     if (!allowed(w)) continue;
                     found++;
                     if (visited[w] == tag) continue;
@@ -1833,7 +1837,8 @@ class KnownUserRecommender {
 
     // `allow` (a request with a `filter`, compiled by the caller into the allowed items' bitset, as the Python path
     // compiles it): the filter field is skipped and the search walks the allowed items at `allow_width` with
-    // `allow_budget` (HnswIndex.allow_width / allow_budget); without it a request with a filter returns None.
+    // `allow_budget`, narrowing to `allow_near_width` given the set's size `allow_count` (HnswIndex.allow_walk's
+    // fields); without it a request with a filter returns None.
     py::object recommend(const py::bytes &request, int64_t max_k, size_t max_id_bytes, size_t max_history,
                          py::object allow, size_t allow_width, uint64_t allow_budget, uint64_t allow_count,
                          size_t allow_near_width) {

@@ -571,9 +571,10 @@ class HnswIndex(NativeSearch, PackageSearch):
         the node the greedy descent ends on (~500-1,000 list entries, a few microseconds). When that neighbourhood
         holds at least half the set's share of the catalogue, the allowed items are spread around the query (a
         random-like set, or the query inside an allowed region) and the walk keeps ``filter_near_fraction`` of
-        its width (24 of 48): measured (benchmarks/index_bench.py ``--filtered``, trained-like dim 64, the
-        auto-tune queries, not the benchmark's) p50 / p99 at 10% random went 3.4x / 3.4x -> 2.3x / 2.5x a plain
-        query at 100k and 3.1x / 3.1x -> 2.1x / 1.8x at 1M, Recall@10 0.999 -> 0.995 / 0.993 -> 0.979. When it
+        its width (24 of 48): chosen in a one-off study on benchmarks/index_bench.py's trained-like data (dim 64)
+        with its auto-tune queries, not the benchmark's: p50 / p99 at 10% random went 3.4x / 3.4x -> 2.3x / 2.5x a
+        plain query at 100k and 3.1x / 3.1x -> 2.1x / 1.8x at 1M, Recall@10 0.999 -> 0.995 / 0.993 -> 0.979 (the
+        benchmark's own run: the README's filtered-search table). When it
         holds less (an attribute-like set away from the query: the walk must find strays and far clusters), the
         full width stays: there width buys recall (0.915 at 24 vs 0.925 at 48 on such queries).
         """
