@@ -226,13 +226,13 @@ def profile(models: Path, users: list[str], filters: dict[str, list[str]], upto_
                 fn(i)
             best[name] = min(best[name], (time.process_time() - t) / n * 1e6)
     # merge cost: both halves' answers merged by score
-    from recsys.catalogue.live import merge_topk
+    from recsys.retrieval import merge_topk
 
     a_ids, a_sc = li.base.search(q[0], 10, exclude=[seen[0]])
     b_ids, b_sc = li._search_delta(q[0], 10, [seen[0]], None, None)
     t = time.process_time()
     for _ in range(n):
-        merge_topk(a_ids, a_sc, b_ids, b_sc, 10)
+        merge_topk([(a_ids, a_sc), (b_ids, b_sc)], 10)
     best["  merge_topk"] = (time.process_time() - t) / n * 1e6
     return {"us": best, "users": n, "rounds": rounds, "native_built": fast is not None, "upto_seq": upto_seq,
             "delta_rows": int(li._delta_rows.size), "masked_graph_rows": int(li._base_masked.size)}

@@ -440,8 +440,38 @@ def allowed_set(kind: str, selectivity: float, n: int, cluster: np.ndarray | Non
     return bitset.from_mask(np.isin(cluster, take))
 
 
+def attribute_values(cluster: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """An attribute over the items whose values group whole fine clusters (picked at random) into about ``share``
+    of the items each -> each item's value [n] (0, 1, ...)."""
+    order = rng.permutation(int(cluster.max()) + 1)
+    sizes = np.bincount(cluster, minlength=order.shape[0])[order]
+    per_cluster = np.empty(order.shape[0], dtype=np.int64)
+    per_cluster[order] = np.cumsum(sizes) * 0.999 // (share * cluster.shape[0])  # cumulative share -> value
+    return per_cluster[cluster]
+
+
+def load_or_build_partitions(hnsw, value: np.ndarray, index_path: Path | None):
+    """One graph per attribute value (:class:`recsys.retrieval.partitions.Partitions`), kept next to the cached
+    index file when there is one."""
+    from recsys.retrieval.partitions import Partitions
+
+    n = value.shape[0]
+    files = ([index_path.with_name(f"{index_path.stem}.value{v}.hnsw") for v in range(int(value.max()) + 1)]
+             if index_path is not None else None)
+    if files and all(f.exists() for f in files):
+        loaded = {v: HnswIndex.load(f, dim=hnsw.dim, metric=hnsw.metric, size=int((value == v).sum()), ef=hnsw.ef,
+                                    num_threads=hnsw.num_threads) for v, f in enumerate(files)}
+        return Partitions.attach(loaded, n_ids=n)
+    parts = Partitions.build(hnsw, {v: np.flatnonzero(value == v) for v in range(int(value.max()) + 1)})
+    if files:
+        for v, f in enumerate(files):
+            parts.parts[v].index.save(f)
+    return parts
+
+
 def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_construction: int, efs, target: float,
-                   index_path: Path | None = None, seed: int = 0, ef_min: int | None = None, rounds: int = 5) -> dict:
+                   index_path: Path | None = None, seed: int = 0, ef_min: int | None = None, rounds: int = 5,
+                   partitions: bool = True) -> dict:
     """The filtered-search section (see the module docstring) -> one result row."""
     from recsys.retrieval import bitset
 
@@ -481,50 +511,75 @@ def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_const
     rng = np.random.default_rng(seed)  # the allowed sets: the same draws whatever the timing does
     order_rng = np.random.default_rng(seed + 1)  # the paired calls' order
     cases = []
+
+    def measure(kind: str, sel: float, allow: np.ndarray, truth_allow: np.ndarray | None = None) -> None:
+        """One case: recall against the exact filtered answer, `rounds` rounds of paired timing (see above)."""
+        truth, _ = exact.search(qs, K, allow=allow if truth_allow is None else truth_allow)
+        got, scored = [], []
+        for r in range(qs.shape[0]):
+            got.append(hnsw.search(qs[r:r + 1], K, allow=allow)[0][0])
+            scored.append(walk_scored() if walk_scored else 0)
+        got = np.stack(got)
+        # `rounds` rounds of every query, each filtered call paired with a plain one in random order; the
+        # percentiles and ratios quoted are the medians of the rounds' own (one stall of the shared machine
+        # moves one round's p99, not the quoted one), each round's p99 ratio is kept too
+        per_round = []
+        for _ in range(rounds):
+            plain, filt = [], []
+            for r in range(qs.shape[0]):
+                q = qs[r:r + 1]
+                for which in order_rng.permutation(2):
+                    t1 = time.perf_counter()
+                    if which:
+                        hnsw.search(q, K, allow=allow)
+                    else:
+                        hnsw.search(q, K)
+                    (filt if which else plain).append(time.perf_counter() - t1)
+            per_round.append({f"{name}{p}": ms(np.array(xs), p) for name, xs in (("", filt), ("plain_", plain))
+                              for p in (50, 90, 99)})
+        med = {key: round(float(np.median([pr[key] for pr in per_round])), 4) for key in per_round[0]}
+        words = bitset.check(allow)
+        keys = bitset.within_of(allow)
+        parted = keys is not None and hnsw.partitions is not None and hnsw.partitions.plan(words, keys)
+        case = {"kind": kind, "selectivity": sel, "allowed": bitset.count(words),
+                "path": f"partitions ({len(parted)})" if parted else hnsw.allow_plan(words),
+                "width": hnsw.allow_width(words),
+                "near_width": (walk.near_width if hnsw.native_filter and not parted and (walk := hnsw.allow_walk(words))
+                               else None),
+                "recall@10": round(recall_vs_exact(got, truth), 4), "exactly_k": bool((got >= 0).all()),
+                "p50_ms": med["50"], "p90_ms": med["90"], "p99_ms": med["99"],
+                "plain_p50_ms": med["plain_50"], "plain_p90_ms": med["plain_90"],
+                "plain_p99_ms": med["plain_99"], "rounds": rounds,
+                "p99_ratio_rounds": [round(pr["99"] / pr["plain_99"], 2) for pr in per_round]}
+        if walk_scored and case["path"] == "graph":  # the walk's work: nodes scored (the graph's own cost)
+            case["walk_scored_p50"] = float(np.median(scored))
+        for p in (50, 90, 99):  # the median of the rounds' ratios
+            case[f"p{p}_ratio"] = round(float(np.median([pr[f"{p}"] / pr[f"plain_{p}"] for pr in per_round])), 2)
+        cases.append(case)
+        print(f"[{n} x {dim}] filtered {kind} {sel}: {case['path']} R@10={case['recall@10']} "
+              f"p99 x{case['p99_ratio']}", file=sys.stderr, flush=True)
+
     with blas_threads(1):
         for kind in ("random", "clusters") if cluster is not None else ("random",):
             for sel in SELECTIVITIES:
-                allow = allowed_set(kind, sel, n, cluster, rng)
-                truth, _ = exact.search(qs, K, allow=allow)
-                got, scored = [], []
-                for r in range(qs.shape[0]):
-                    got.append(hnsw.search(qs[r:r + 1], K, allow=allow)[0][0])
-                    scored.append(walk_scored() if walk_scored else 0)
-                got = np.stack(got)
-                # `rounds` rounds of every query, each filtered call paired with a plain one in random order; the
-                # percentiles and ratios quoted are the medians of the rounds' own (one stall of the shared machine
-                # moves one round's p99, not the quoted one), each round's p99 ratio is kept too
-                per_round = []
-                for _ in range(rounds):
-                    plain, filt = [], []
-                    for r in range(qs.shape[0]):
-                        q = qs[r:r + 1]
-                        for which in order_rng.permutation(2):
-                            t1 = time.perf_counter()
-                            if which:
-                                hnsw.search(q, K, allow=allow)
-                            else:
-                                hnsw.search(q, K)
-                            (filt if which else plain).append(time.perf_counter() - t1)
-                    per_round.append({f"{name}{p}": ms(np.array(xs), p) for name, xs in (("", filt), ("plain_", plain))
-                                      for p in (50, 90, 99)})
-                med = {key: round(float(np.median([pr[key] for pr in per_round])), 4) for key in per_round[0]}
-                case = {"kind": kind, "selectivity": sel, "allowed": bitset.count(allow),
-                        "path": hnsw.allow_plan(allow), "width": hnsw.allow_width(allow),
-                        "near_width": (walk.near_width if hnsw.native_filter and (walk := hnsw.allow_walk(allow))
-                                       else None),
-                        "recall@10": round(recall_vs_exact(got, truth), 4), "exactly_k": bool((got >= 0).all()),
-                        "p50_ms": med["50"], "p90_ms": med["90"], "p99_ms": med["99"],
-                        "plain_p50_ms": med["plain_50"], "plain_p90_ms": med["plain_90"],
-                        "plain_p99_ms": med["plain_99"], "rounds": rounds,
-                        "p99_ratio_rounds": [round(pr["99"] / pr["plain_99"], 2) for pr in per_round]}
-                if walk_scored and case["path"] == "graph":  # the walk's work: nodes scored (the graph's own cost)
-                    case["walk_scored_p50"] = float(np.median(scored))
-                for p in (50, 90, 99):  # the median of the rounds' ratios
-                    case[f"p{p}_ratio"] = round(float(np.median([pr[f"{p}"] / pr[f"plain_{p}"] for pr in per_round])), 2)
-                cases.append(case)
-                print(f"[{n} x {dim}] filtered {kind} {sel}: {case['path']} R@10={case['recall@10']} "
-                      f"p99 x{case['p99_ratio']}", file=sys.stderr, flush=True)
+                measure(kind, sel, allowed_set(kind, sel, n, cluster, rng))
+        if cluster is not None and partitions:
+            # an attribute of ~10% values, each a set of whole fine clusters, with a graph per value
+            # (HnswIndex.partitions, as `index.partition_by` builds at export); its own rng: the sets above stay
+            value = attribute_values(cluster, 0.1, np.random.default_rng(seed + 2))
+            t0 = time.perf_counter()
+            hnsw.partitions = load_or_build_partitions(hnsw, value, index_path)
+            part_efs = hnsw.partitions.tune(tune, k=K, target_recall=target, efs=efs)  # as export tunes them
+            row["partitions"] = {"values": int(value.max()) + 1, "build_or_load_s": round(time.perf_counter() - t0, 1),
+                                 "bytes": int(sum(p.index.index_bytes() for p in hnsw.partitions.parts.values())),
+                                 "ef": {str(v): e for v, e in part_efs.items()}}
+            half = bitset.from_mask(np.random.default_rng(seed + 3).random(n) < 0.5)
+            one, two = bitset.from_mask(value == 0), bitset.from_mask((value == 1) | (value == 2))
+            for kind, sel, words, keys in (("value", 0.1, one, [0]), ("value+half", 0.05, one & half, [0]),
+                                           ("2 values", 0.2, two, [1, 2])):
+                measure(f"{kind} walk", sel, words)  # the same set without the hint: the main graph's walk
+                measure(f"{kind} parts", sel, bitset.within(words, keys))
+            hnsw.partitions = None
     row["cases"] = cases
     return row
 
@@ -607,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filter-out", default=str(Path(__file__).parent / "results" / "index_filter.json"))
     p.add_argument("--cache", help="directory keeping generated embeddings and built indexes between runs")
     p.add_argument("--filter-ef-min", type=int, help="HnswIndex.filter_ef_min for the filtered section")
+    p.add_argument("--no-partitions", action="store_true",
+                   help="skip the filtered section's partitioned attribute (a graph per value: one more build)")
     p.add_argument("--filter-rounds", type=int, default=5,
                    help="rounds of the filtered section's paired timing (the medians of the rounds are quoted)")
     args = p.parse_args(argv)
@@ -635,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             frow = bench_filtered(items, tune, test, cluster, threads=args.threads, M=args.M,
                                   ef_construction=args.ef_construction, efs=args.efs, target=args.target_recall,
                                   index_path=index_path, seed=args.seed, ef_min=args.filter_ef_min,
-                                  rounds=args.filter_rounds)
+                                  rounds=args.filter_rounds, partitions=not args.no_partitions)
             frow["source"] = source
             filter_rows.append(frow)
         if args.filtered:

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from recsys.bundle.files import (
     BUNDLE_FILES,
     DATA_FILES,
     MANIFEST,
+    PARTITION_PREFIX,
     RECENT_POPULARITY,
     BundleError,
     jsonable,
@@ -46,11 +48,13 @@ from recsys.bundle.versions import (
     version_dir,
 )
 from recsys.catalogue.delta import catalogue_dir
+from recsys.catalogue.filters import Attributes
 from recsys.core import schema
 from recsys.core.data import Interactions, fingerprint, history_and_seen, read_interactions, write_ragged
 from recsys.core.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
 from recsys.evaluate import quick_evaluation
 from recsys.retrieval import ExactIndex, HnswIndex, IndexConfig, autotune_ef
+from recsys.retrieval.partitions import Partitions
 from recsys.train.embed import embed_items, embed_users, served_dim
 from recsys.train.recency import choose_popularity_window, recent_counts
 
@@ -189,6 +193,7 @@ class _Index:
     query_source: str
     table: list
     filtered_table: list
+    partitions: list  # the manifest's index.partitions: one entry per graph (attribute, value, file, count, ef)
 
 
 def export(
@@ -383,8 +388,41 @@ def _build_index(plan: _Plan, state_dir: Path, emb: _Embeddings) -> _Index:
         )
         filtered_table = list(getattr(index, "ef_filtered_table", []))
     index.set_ef(int(ef))
+    partitions = _build_partitions(plan, state_dir, index, emb.user[rows] if cfg.autotune else None)
     return _Index(ann=index, exact=exact, ef=ef, tune_k=tune_k, query_source=query_source, table=table,
-                  filtered_table=filtered_table)
+                  filtered_table=filtered_table, partitions=partitions)
+
+
+def _build_partitions(plan: _Plan, state_dir: Path, index: HnswIndex, queries: np.ndarray | None) -> list[dict]:
+    """``index.partition_by``: one graph per value of each named item attribute with at least
+    ``partition_min_items`` items (:mod:`recsys.retrieval.partitions`), each one's ef auto-tuned on ``queries``
+    (the main index's tuning users; None: the main ef) -> the manifest's entries."""
+    cfg = plan.index_cfg
+    if not cfg.partition_by:
+        return []
+    t0 = time.perf_counter()
+    attrs = Attributes.from_table(pq.read_table(state_dir / schema.ITEMS), state_dir, plan.n_items)
+    groups: dict[tuple[str, str], np.ndarray] = {}
+    for name in cfg.partition_by:
+        if name not in attrs.codes:
+            known = ", ".join(repr(n) for n in attrs.names) or "none"
+            raise ValueError(f"`index.partition_by` names {name!r}, which is not an item attribute of the data in "
+                             f"{str(plan.data_dir)!r} (attributes: {known})")
+        for value, rows in attrs.groups(name, min_items=cfg.partition_min_items).items():
+            groups[(name, value)] = rows
+    if not groups:
+        log.warning("index.partition_by %s: no value has %d items or more, no partition built",
+                    list(cfg.partition_by), cfg.partition_min_items)
+        return []
+    index.partitions = Partitions.build(index, groups)
+    efs = (index.partitions.tune(queries, k=min(int(cfg.autotune_k), plan.n_items), target_recall=cfg.target_recall,
+                                 efs=cfg.autotune_efs) if queries is not None else {})
+    entries = [{"attribute": name, "value": value, "file": f"{PARTITION_PREFIX}{i:04d}.hnsw",
+                "count": int(index.partitions.parts[(name, value)].count), "ef": int(efs.get((name, value), index.ef))}
+               for i, (name, value) in enumerate(groups)]
+    log.info("built %d partition graphs (index.partition_by %s, %d items in all) in %.1f s", len(entries),
+             list(cfg.partition_by), sum(e["count"] for e in entries), time.perf_counter() - t0)
+    return entries
 
 
 def _evaluate(plan: _Plan, emb: _Embeddings, index: _Index) -> dict[str, Any]:
@@ -423,6 +461,8 @@ def _write_version(plan: _Plan, state_dir: Path, emb: _Embeddings, index: _Index
         np.save(tmp / schema.ITEM_EMBEDDINGS, emb.item, allow_pickle=False)
         np.save(tmp / schema.USER_EMBEDDINGS, emb.user, allow_pickle=False)
         index.ann.save(tmp / schema.INDEX_FILE)
+        for entry in index.partitions:
+            index.ann.partitions.parts[(entry["attribute"], entry["value"])].index.save(tmp / entry["file"])
         np.save(tmp / RECENT_POPULARITY, fallback_counts.astype(np.int64), allow_pickle=False)
         manifest = _manifest(plan, tmp, version=version, created=created, emb=emb, index=index,
                              evaluation=evaluation, popularity=popularity)
@@ -460,6 +500,7 @@ def _manifest(plan: _Plan, tmp: Path, *, version: str, created: Any, emb: _Embed
             "ef": int(index.ef),
             "ef_filtered": int(index.ann.ef_filtered),
             "params": index.ann.params(),
+            "partitions": index.partitions,
             "tune": {
                 "autotune": bool(cfg.autotune),
                 "k": index.tune_k,
@@ -480,7 +521,7 @@ def _manifest(plan: _Plan, tmp: Path, *, version: str, created: Any, emb: _Embed
         "packages": _package_versions(),
         "files": {
             name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
-            for name in BUNDLE_FILES
+            for name in (*BUNDLE_FILES, *(e["file"] for e in index.partitions))
         },
     }
 

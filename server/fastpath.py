@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from recsys.retrieval import UNIT_SQ_TOL, HnswIndex
+from recsys.retrieval import UNIT_SQ_TOL, HnswIndex, bitset
+from recsys.retrieval.partitions import native_parts
 from recsys.v1 import recommender_pb2 as pb
 from server import service
 from server.wire import item_filter, recommend_response
@@ -101,14 +102,27 @@ def recommend_filtered(fast: Any, bundle: Any, request: pb.RecommendRequest, dat
     """A request with a ``filter`` (``request``, parsed from ``data``) answered natively: the filter compiled as
     the Python path compiles it (``service.allowed_by``, cached per bundle), then the same request bytes with the
     allowed set, when the index would walk the graph for it (``HnswIndex.allow_plan``) at the Python path's width
-    and budget. None (the Python path answers, and owns every error) for a filter the bundle cannot compile, a set
-    small enough for the exact scan, or anything the native side declines."""
+    and budget -- or, for a set inside some of the index's partitions (``index.partition_by``), the searches of
+    those partitions' graphs that the Python path runs (:func:`recsys.retrieval.partitions.native_parts`). None
+    (the Python path answers, and owns every error) for a filter the bundle cannot compile, a set small enough for
+    the exact scan, or anything the native side declines."""
     try:
         words = service.allowed_by(bundle, item_filter(request.filter))
     except service.InvalidArgument:
         return None
     index = bundle.index
-    walk = index.allow_walk(words) if words is not None and isinstance(index, HnswIndex) else None
+    if words is None or not isinstance(index, HnswIndex):
+        return None
+    keys, parts = bitset.within_of(words), index.partitions
+    if keys is not None and parts is not None:  # a set inside some partitions: their graphs, as the Python path
+        plan = parts.plan(words, keys)
+        if plan is not None:
+            spec = native_parts(parts, plan, words)
+            if spec is None:
+                return None
+            return fast.recommend(data, limits.max_k, limits.max_id_length, limits.max_history, allow=words,
+                                  parts=spec)
+    walk = index.allow_walk(words)
     if walk is None:
         return None
     return fast.recommend(data, limits.max_k, limits.max_id_length, limits.max_history, allow=words,

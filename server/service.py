@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from recsys.bundle import Bundle
-from recsys.catalogue.filters import Attributes, FilterCache, ItemFilter, UnknownAttribute
+from recsys.catalogue.filters import FilterCache, ItemFilter, UnknownAttribute
 from recsys.retrieval import bitset, retrieve, retrieve_one
 
 SOURCE_KNOWN_USER = "known_user"
@@ -299,7 +299,7 @@ def _tower_queries(bundle: Bundle, rows: Sequence[int], items: Sequence[np.ndarr
 def _filter_cache(bundle: Bundle) -> FilterCache:
     # a live catalogue view (recsys.catalogue.live) carries its own; a plain bundle gets one on first use
     got = getattr(bundle, "filters", None)
-    return got if got is not None else FilterCache(Attributes.from_bundle(bundle))
+    return got if got is not None else FilterCache.for_bundle(bundle)
 
 
 _FILTERS = PerBundle(_filter_cache)

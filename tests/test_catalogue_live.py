@@ -18,8 +18,8 @@ from test_server_helpers import code_of, running_server
 
 from recsys.catalogue.delta import CatalogueLog, catalogue_dir
 from recsys.catalogue.filters import Attributes, Condition, ItemFilter, parse_filter
-from recsys.catalogue.live import LiveIndex, live_bundle, merge_topk
-from recsys.retrieval import ExactIndex, HnswIndex, bitset, native_available
+from recsys.catalogue.live import LiveIndex, live_bundle
+from recsys.retrieval import ExactIndex, HnswIndex, bitset, merge_topk, native_available
 from recsys.v1 import recommender_pb2 as pb
 from recsys.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -321,9 +321,13 @@ def test_extended_attributes_encode_new_and_updated_items():
 
 
 def test_merge_topk_keeps_the_best_k_of_both():
-    ids, sc = merge_topk(np.array([[3, 1, -1]]), np.array([[0.9, 0.5, -np.inf]], dtype=np.float32),
-                         np.array([[7, 8, 9]]), np.array([[0.7, 0.6, 0.1]], dtype=np.float32), 3)
+    ids, sc = merge_topk([(np.array([[3, 1, -1]]), np.array([[0.9, 0.5, -np.inf]], dtype=np.float32)),
+                          (np.array([[7, 8, 9]]), np.array([[0.7, 0.6, 0.1]], dtype=np.float32))], 3)
     assert ids.tolist() == [[3, 7, 8]] and sc[0].tolist() == pytest.approx([0.9, 0.7, 0.6])
+    # overlapping answers (an item in two partitions): counted once when asked, padded when short
+    ids, sc = merge_topk([(np.array([[3, 1]]), np.array([[0.9, 0.5]], dtype=np.float32)),
+                          (np.array([[3, -1]]), np.array([[0.9, -np.inf]], dtype=np.float32))], 3, unique=True)
+    assert ids.tolist() == [[3, 1, -1]] and sc[0].tolist() == pytest.approx([0.9, 0.5, -np.inf])
 
 
 @pytest.mark.parametrize("exclude_max", [4096, 0])  # masked graph rows as exclusions / as an allowed bitset
@@ -410,3 +414,70 @@ def test_an_unwritable_models_directory_refuses_the_change_and_serves_on(models)
             assert len(stub.Recommend(pb.RecommendRequest(user_id=_user(0), k=5)).items) == 5
     finally:
         models.chmod(0o755)
+
+
+def test_partition_by_builds_a_graph_per_value_that_filters_search(tmp_path_factory, tmp_path, monkeypatch):
+    """index.partition_by: one checksummed graph per category in the bundle, loaded with it; a filter on the
+    category searches those graphs (the main graph is not walked) with the answers of the main graph; a set that
+    strays from its values (an item upserted into another category) walks the main graph; a tampered graph is
+    refused."""
+    from recsys.bundle import Bundle, BundleError
+    from recsys.publish import export
+    from recsys.retrieval import IndexConfig
+    from server.service import allowed_by
+
+    _data, run = test_bundle.trained(tmp_path_factory)
+    plain_dir, parted_dir = tmp_path / "plain", tmp_path / "parted"
+    export(run, plain_dir, index_cfg=test_bundle.index_cfg(), version="v1")
+    export(run, parted_dir, index_cfg=IndexConfig(num_threads=1, partition_by=("category",), partition_min_items=1),
+           version="v1")
+    with pytest.raises(ValueError, match="'colour'.*'category'"):
+        export(run, tmp_path / "bad", index_cfg=IndexConfig(num_threads=1, partition_by=("colour",)), version="v1")
+    manifest = json.loads((parted_dir / "v1" / "manifest.json").read_text())
+    entries = manifest["index"]["partitions"]
+    assert sorted((e["attribute"], e["value"], e["count"]) for e in entries) == [("category", c, 16)
+                                                                               for c in sorted(CATEGORIES)]
+    assert all(e["file"] in manifest["files"] and e["ef"] >= 1 for e in entries)
+    plain, parted = Bundle.load(plain_dir / "v1"), Bundle.load(parted_dir / "v1")
+    assert plain.index.partitions is None and len(parted.index.partitions) == 4
+    for key, part in parted.index.partitions.parts.items():  # each graph holds exactly its category's items
+        assert sorted(int(r) for r in part.index.ids) == list(range(16 * CATEGORIES.index(key[1]),
+                                                                    16 * CATEGORIES.index(key[1]) + 16))
+    two = ItemFilter((Condition("category", "any_of", ("space", "piano")),))
+    words = allowed_by(parted, two)
+    assert bitset.within_of(words) == (("category", "space"), ("category", "piano"))
+    assert bitset.within_of(allowed_by(plain, two)) is None
+    q = plain.user_embeddings[:40]
+    want = plain.index.search(q, 10, allow=allowed_by(plain, two))[0]
+    walked = []
+    original = HnswIndex._native_allowed if parted.index.native_filter else HnswIndex._search_general
+    name = "_native_allowed" if parted.index.native_filter else "_search_general"
+
+    def spy(self, *a, **kw):
+        walked.append(self is parted.index)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(HnswIndex, name, spy)
+    got = parted.index.search(q, 10, allow=words)[0]
+    assert not any(walked)  # the partitions answered (their own plain searches: no allowed walk at all)
+    assert (np.sort(got, axis=1) == np.sort(want, axis=1)).mean() >= 0.97
+    # i20 (cooking) upserted into "space": the live view's "space" set holds a row of the cooking graph, so it
+    # strays from the hinted graphs and walks the main one; the answer has i20 (from the delta segment) first
+    from recsys.catalogue.delta import CatalogueState, UpsertedItem
+
+    vec = plain.item_embeddings[20].copy()
+    state = CatalogueState(seq=1, dim=vec.shape[0], upserts={"i20": UpsertedItem(
+        embedding=vec, features={"category": "space"}, title=None, unknown=(), seq=1)})
+    view = live_bundle(parted, state)
+    space = ItemFilter((Condition("category", "any_of", ("space",)),))
+    live_words = allowed_by(view, space)
+    assert bitset.within_of(live_words) == (("category", "space"),)
+    assert parted.index.partitions.plan(bitset.check(live_words), [("category", "space")]) is None
+    walked.clear()
+    ids = view.index.search(vec[None, :], 5, allow=live_words)[0][0]
+    assert ids[0] == 20 and all(r == 20 or r < 16 for r in ids) and any(walked)
+    # a tampered graph: refused by its checksum, like every bundle file
+    f = parted_dir / "v1" / entries[0]["file"]
+    f.write_bytes(f.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(BundleError, match=entries[0]["file"]):
+        Bundle.load(parted_dir / "v1")

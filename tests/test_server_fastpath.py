@@ -43,6 +43,19 @@ def python_answer(servicer, bundle, request: pb.RecommendRequest) -> bytes:
     return servicer._recommend(bundle, request).SerializeToString()
 
 
+def filtered_answered(fast, bundle, servicer, requests) -> int:
+    """How many filtered ``requests`` the native side answers, each asserted equal to the Python path's bytes."""
+    from server import fastpath
+
+    answered = 0
+    for r in requests:
+        out = fastpath.recommend_filtered(fast, bundle, r, r.SerializeToString(), LIMITS)
+        if out is not None:
+            answered += 1
+            assert out == python_answer(servicer, bundle, r), r
+    return answered
+
+
 def test_fast_answers_are_byte_identical_to_the_python_path(published, servicer):
     from server import fastpath
 
@@ -308,12 +321,7 @@ def test_filtered_requests_answered_natively_are_byte_identical(published, servi
     saved = bundle.index.filter_exact_scale
     bundle.index.filter_exact_scale = 0.0  # the graph for every set, on both paths
     try:
-        answered = 0
-        for r in requests:
-            out = fastpath.recommend_filtered(fast, bundle, r, r.SerializeToString(), LIMITS)
-            if out is not None:
-                answered += 1
-                assert out == python_answer(servicer, bundle, r), r
+        answered = filtered_answered(fast, bundle, servicer, requests)
         # measured 120 of 324: the rest are rows whose walk gave up (a 16-item set's budget is 16 nodes scored)
         # or came back short, which the Python path settles with the exact scan
         assert answered >= len(requests) // 4
@@ -325,3 +333,39 @@ def test_filtered_requests_answered_natively_are_byte_identical(published, servi
         assert fast.recommend(requests[0].SerializeToString(), LIMITS.max_k, LIMITS.max_id_length) is None
     finally:
         bundle.index.filter_exact_scale = saved
+
+
+def test_filtered_requests_on_partitions_are_byte_identical(tmp_path_factory, servicer):
+    """A bundle exported with index.partition_by = category: a filter on categories searches their graphs on the
+    native side as on the Python path (merged the same way: byte-identical answers), and the main graph is not
+    walked by either."""
+    from recsys.bundle import Bundle
+    from recsys.publish import export
+    from recsys.retrieval import HnswIndex, IndexConfig
+    from server import fastpath
+
+    _data, run = test_bundle.trained(tmp_path_factory)
+    models = tmp_path_factory.mktemp("fastpath_parts")
+    bundle = Bundle.load(export(run, models, version="v1", index_cfg=IndexConfig(
+        num_threads=1, partition_by=("category",), partition_min_items=1)))
+    assert len(bundle.index.partitions) == 4
+    fast = fastpath.build(bundle)
+    filters = [pb.ItemFilter(all_of=[pb.AttributeCondition(attribute="category", any_of=pb.StringSet(values=v))])
+               for v in (["space"], ["piano", "cooking"], ["football", "space", "piano"])]
+    requests = [pb.RecommendRequest(user_id=str(bundle.user_ids[row]), k=k, filter=f, include_seen=seen)
+                for row in range(0, bundle.n_users, 3) for k in (3, 10) for f in filters for seen in (False, True)]
+    saved = HnswIndex._native_allowed
+    walked = []
+
+    def spy(self, *a, **kw):
+        walked.append(self is bundle.index)
+        return saved(self, *a, **kw)
+
+    HnswIndex._native_allowed = spy
+    try:
+        answered = filtered_answered(fast, bundle, servicer, requests)
+        # declined: users with more seen items than a quarter of a 16-item graph (the exact scan's territory)
+        assert answered >= len(requests) // 2
+    finally:
+        HnswIndex._native_allowed = saved
+    assert not any(walked)  # the Python path searched the partitions, never the main graph's walk

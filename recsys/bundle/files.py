@@ -37,6 +37,10 @@ BUNDLE_FILES = (
 )
 
 
+# The graphs of index.partition_by (manifest index.partitions): index.part0000.hnsw, ... (recsys.retrieval.partitions)
+PARTITION_PREFIX = "index.part"
+
+
 # Files older bundles lack; when the manifest lists one, it is verified like any other.
 OPTIONAL_FILES = (RECENT_POPULARITY,)
 

@@ -14,6 +14,7 @@ from recsys.bundle.files import (
     BUNDLE_FILES,
     MANIFEST,
     OPTIONAL_FILES,
+    PARTITION_PREFIX,
     RECENT_POPULARITY,
     BundleError,
     read_json,
@@ -23,6 +24,7 @@ from recsys.bundle.versions import resolve
 from recsys.core import schema
 from recsys.core.io import sha256_file
 from recsys.retrieval import ExactIndex, HnswIndex
+from recsys.retrieval.partitions import Partitions
 from recsys.train.embed import embed_users, served_dim
 from recsys.train.recency import popularity_order
 
@@ -129,6 +131,27 @@ class Bundle:
         if int(self.index.size) != self.n_items or not np.array_equal(self.index.ids, np.arange(self.n_items)):
             raise BundleError(f"{schema.INDEX_FILE}: labels are not the item rows 0..{self.n_items - 1} "
                               f"({MANIFEST} counts.n_items)", reason="manifest_mismatch")
+        self._load_partitions(precision)
+
+    def _load_partitions(self, precision: str) -> None:
+        """The graphs of ``index.partition_by`` (manifest ``index.partitions``; none in older bundles), each
+        checked to hold ``count`` distinct item rows."""
+        entries = self.manifest["index"].get("partitions") or []
+        if not entries:
+            return
+        graphs = {}
+        for e in entries:
+            try:
+                ix = HnswIndex.load(self.path / e["file"], dim=self.dim, metric=self.metric, size=e["count"],
+                                    ef=e["ef"], search_precision=precision)
+            except Exception as err:
+                raise BundleError(f"{e['file']}: cannot be loaded: {err}") from err
+            ids = ix.ids
+            if ids.size != e["count"] or (ids.size and (ids[0] < 0 or ids[-1] >= self.n_items)):
+                raise BundleError(f"{e['file']}: must hold {e['count']} item rows in [0, {self.n_items}) "
+                                  f"({MANIFEST} index.partitions), got {ids.size}", reason="manifest_mismatch")
+            graphs[(e["attribute"], e["value"])] = ix
+        self.index.partitions = Partitions.attach(graphs, n_ids=self.n_items)
 
     def _load_recent_popularity(self, all_time: np.ndarray) -> np.ndarray:
         """``[n_items]`` int64 from ``recent_popularity.npy`` (checksummed with the rest), or a copy of
@@ -269,6 +292,20 @@ def _check_manifest(path: Path, m: Mapping[str, Any]) -> None:
         raise bad(f"no checksum for {missing}")
     if m.get("popularity") and RECENT_POPULARITY not in files:
         raise bad(f"`popularity` is recorded but {RECENT_POPULARITY} has no checksum")
+    parts = (m.get("index") or {}).get("partitions") if isinstance(m.get("index"), Mapping) else None
+    if parts is not None:
+        if not isinstance(parts, list):
+            raise bad(f"index.partitions must be a list, got {type(parts).__name__}")
+        for i, e in enumerate(parts):
+            ok = (isinstance(e, Mapping) and isinstance(e.get("attribute"), str) and isinstance(e.get("value"), str)
+                  and isinstance(e.get("file"), str) and e.get("file", "").startswith(PARTITION_PREFIX)
+                  and all(isinstance(e.get(f), int) and not isinstance(e.get(f), bool) and e.get(f) >= 1
+                          for f in ("count", "ef")))
+            if not ok:
+                raise bad(f"index.partitions[{i}] must be {{attribute: str, value: str, file: "
+                          f"'{PARTITION_PREFIX}*', count: int >= 1, ef: int >= 1}}, got {e!r}")
+            if e["file"] not in files:
+                raise bad(f"index.partitions[{i}]: {e['file']} has no checksum")
     for name, entry in files.items():
         # manifest names are joined to the bundle dir: refuse anything that could escape it
         if not isinstance(name, str) or Path(name).name != name or name in (".", "..", MANIFEST):

@@ -244,11 +244,13 @@ def _spec(bundle: Any) -> _Spec:
 
 
 def item_vocabulary(bundle: Any) -> dict[str, dict[str, int]]:
-    """The bundle's item feature vocabularies (``feature_vocab.parquet``): feature -> value -> code (>= 1)."""
+    """The bundle's item feature vocabularies (``feature_vocab.parquet``; ``bundle``: a bundle, or the directory of
+    a bundle or of prepared data): feature -> value -> code (>= 1)."""
     import pyarrow.parquet as pq  # pyarrow: not on the serving import path
 
+    root = bundle if isinstance(bundle, Path) else bundle.path
     vocab: dict[str, dict[str, int]] = {}
-    for r in pq.read_table(bundle.path / schema.FEATURE_VOCAB).to_pylist():
+    for r in pq.read_table(root / schema.FEATURE_VOCAB).to_pylist():
         if r["entity"] == "item":
             vocab.setdefault(str(r["feature"]), {})[str(r["value"])] = int(r["code"])
     return vocab

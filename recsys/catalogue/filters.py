@@ -21,7 +21,7 @@ import dataclasses
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -124,14 +124,32 @@ class Attributes:
     @classmethod
     def from_bundle(cls, bundle: Any) -> Attributes:
         """From a loaded bundle: its items table's ``feat_<name>`` columns and its feature vocabulary."""
+        return cls.from_table(bundle.item_table, bundle.path, int(bundle.n_items))
+
+    @classmethod
+    def from_table(cls, table: Any, directory: Any, n_items: int) -> Attributes:
+        """From an items table (``items.parquet`` as pyarrow) and the directory holding its
+        ``feature_vocab.parquet`` (a bundle's, or prepared data's)."""
         from recsys.catalogue.encode import item_vocabulary  # pyarrow: not on the serving import path
         from recsys.core.data import feature_codes
 
-        table = bundle.item_table
         codes = {c[len(schema.FEAT_PREFIX):]: feature_codes(table.column(c))
                  for c in table.column_names if c.startswith(schema.FEAT_PREFIX)}
-        vocab = item_vocabulary(bundle)
-        return cls(codes, {name: vocab.get(name, {}) for name in codes}, int(bundle.n_items))
+        vocab = item_vocabulary(directory)
+        return cls(codes, {name: vocab.get(name, {}) for name in codes}, int(n_items))
+
+    def groups(self, name: str, *, min_items: int = 1) -> dict[str, np.ndarray]:
+        """The items of each value of attribute ``name`` that has at least ``min_items``: value -> sorted item rows
+        (what :mod:`recsys.retrieval.partitions` builds a graph over)."""
+        if name not in self.codes:
+            known = ", ".join(repr(n) for n in self.names) or "none"
+            raise UnknownAttribute(f"unknown attribute {name!r} (attributes: {known})")
+        order, starts = self._posting(name)
+        out = {}
+        for value, code in sorted(self.values[name].items(), key=lambda kv: kv[1]):
+            if code + 1 < starts.size and starts[code + 1] - starts[code] >= min_items:
+                out[value] = np.sort(order[starts[code]:starts[code + 1]])
+        return out
 
     def extended(self, n_items: int, rows: np.ndarray, features: Sequence[Mapping[str, Any]]) -> Attributes:
         """A copy for a catalogue of ``n_items`` rows where item ``rows[j]`` (an existing row: updated; a new row:
@@ -227,14 +245,42 @@ class Attributes:
         return got
 
 
-class FilterCache:
-    """The last ``size`` compiled filters of one catalogue view (filters repeat: a service has a few)."""
+def partition_keys(f: ItemFilter, partitions: Collection[tuple[str, str]]) -> list[tuple[str, str]] | None:
+    """The index partitions (``(attribute, value)`` keys, :mod:`recsys.retrieval.partitions`) that hold every item
+    ``f`` allows, or None: the values of an ``any_of`` condition on a partitioned attribute when each of its
+    values has a partition (a value without one -- too few items, or unknown to the bundle -- and the condition
+    gives no hint); of several such conditions, the one naming the fewest values."""
+    if not partitions:
+        return None
+    best = None
+    for c in f.conditions:
+        if c.op != "any_of" or not c.values:
+            continue
+        keys = [(c.attribute, v) for v in dict.fromkeys(c.values)]
+        if all(k in partitions for k in keys) and (best is None or len(keys) < len(best)):
+            best = keys
+    return best
 
-    def __init__(self, attributes: Attributes, size: int = 256) -> None:
+
+class FilterCache:
+    """The last ``size`` compiled filters of one catalogue view (filters repeat: a service has a few). With the
+    keys of the view's index ``partitions``, a compiled set carries the partitions that hold it
+    (:func:`partition_keys`, :func:`recsys.retrieval.bitset.within`)."""
+
+    def __init__(self, attributes: Attributes, size: int = 256, *,
+                 partitions: Collection[tuple[str, str]] = ()) -> None:
         self.attributes = attributes
+        self.partitions = frozenset(partitions)
         self._size = size
         self._cache: OrderedDict[ItemFilter, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_bundle(cls, bundle: Any, attributes: Attributes | None = None) -> FilterCache:
+        """For a loaded bundle (its :class:`Attributes` unless given) and the partitions of its index."""
+        parts = getattr(getattr(bundle, "index", None), "partitions", None)
+        return cls(Attributes.from_bundle(bundle) if attributes is None else attributes,
+                   partitions=parts.keys() if parts is not None else ())
 
     def allowed(self, f: ItemFilter) -> np.ndarray:
         with self._lock:
@@ -244,6 +290,9 @@ class FilterCache:
                 return words
         words = self.attributes.allowed(f)
         words.setflags(write=False)
+        keys = partition_keys(f, self.partitions)
+        if keys is not None:
+            words = bitset.within(words, keys)
         with self._lock:
             self._cache[f] = words
             while len(self._cache) > self._size:

@@ -30,7 +30,7 @@ import numpy as np
 from recsys.bundle import Bundle
 from recsys.catalogue.delta import CatalogueState
 from recsys.catalogue.filters import Attributes, FilterCache
-from recsys.retrieval import ExactIndex, HnswIndex, bitset, topk_rows
+from recsys.retrieval import ExactIndex, HnswIndex, bitset, merge_topk, topk_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +125,9 @@ class LiveIndex:
                             for e in (exclude if exclude is not None else [None] * n)]
         base_allow = self._base_live if allow is None else allow if self._base_live is None else _and(
             self._base_live, allow)
+        keys = bitset.within_of(allow)
+        if keys is not None and base_allow is not allow:  # the live rows only remove: the hint still holds
+            base_allow = bitset.within(base_allow, keys)
         if base_allow is None:
             ids, scores = self.base.search(q, k, exclude=base_exclude, include=include)
         else:
@@ -132,7 +135,7 @@ class LiveIndex:
         if not self._delta_rows.size:
             return ids, scores
         d_ids, d_scores = self._search_delta(q, k, exclude, include, allow)
-        return merge_topk(ids, scores, d_ids, d_scores, k)
+        return merge_topk([(ids, scores), (d_ids, d_scores)], k)
 
     def _search_delta(self, q: np.ndarray, k: int, exclude: Sequence[np.ndarray | None] | None,
                       include: Sequence[np.ndarray | None] | None,
@@ -176,16 +179,6 @@ def _and(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a[:n] & b[:n]
 
 
-def merge_topk(ids_a: np.ndarray, sc_a: np.ndarray, ids_b: np.ndarray, sc_b: np.ndarray,
-               k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two ``[n, k]`` answers (padded -1 / -inf) -> the best ``k`` of both per row, best first (ties: ``a``
-    first)."""
-    ids = np.concatenate([ids_a, ids_b], axis=1)
-    sc = np.concatenate([sc_a, sc_b], axis=1)
-    order = np.argsort(-sc, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(sc, order, axis=1)
-
-
 def live_bundle(base: Bundle, state: CatalogueState, *, attributes: Attributes | None = None) -> Bundle:
     """The view of ``base`` with ``state`` applied (see the module docstring). ``attributes``: the base's
     :class:`Attributes` when the caller has them (they are read from the bundle's files otherwise)."""
@@ -198,7 +191,7 @@ def live_bundle(base: Bundle, state: CatalogueState, *, attributes: Attributes |
     view.tower_items = n_base
     upserts = list(state.upserts.items())
     if not upserts and not state.retired:
-        view.filters = FilterCache(attributes)  # type: ignore[attr-defined]
+        view.filters = FilterCache.for_bundle(base, attributes)  # type: ignore[attr-defined]
         view.catalogue = CatalogueInfo(size=n_base, upserted=0, retired=0, seq=state.seq)  # type: ignore[attr-defined]
         return view
 
@@ -233,7 +226,8 @@ def live_bundle(base: Bundle, state: CatalogueState, *, attributes: Attributes |
     view.popular_items = _ro(order[live_mask[order]])
     view.index = LiveIndex(base.index, n_items=n_items, live=live, delta_rows=rows, delta_vectors=vectors)  # type: ignore[assignment]
     view.exact = LiveIndex(base.exact, n_items=n_items, live=live, delta_rows=rows, delta_vectors=vectors)  # type: ignore[assignment]
-    view.filters = FilterCache(attributes.extended(n_items, rows, [u.features for _, u in upserts]))  # type: ignore[attr-defined]
+    view.filters = FilterCache.for_bundle(  # type: ignore[attr-defined]
+        base, attributes.extended(n_items, rows, [u.features for _, u in upserts]))
     view.catalogue = CatalogueInfo(size=int(live_mask.sum()), upserted=len(upserts),  # type: ignore[attr-defined]
                                    retired=int(retired_rows.size), seq=state.seq)
     return view

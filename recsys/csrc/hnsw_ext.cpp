@@ -1751,6 +1751,7 @@ class KnownUserRecommender {
             value_error("`seen_offsets` must hold n_users + 1 offsets from 0 to len(seen_labels)");
         arrays_ = py::make_tuple(user_emb, user_ok, seen_offsets, seen_labels);
         max_exclude_ = exact_fraction * double(n_items_);
+        exclude_fraction_ = exact_fraction;
 
         // user ID -> row, keyed by views into one owned buffer
         std::vector<std::string> users;
@@ -1839,9 +1840,13 @@ class KnownUserRecommender {
     // compiles it): the filter field is skipped and the search walks the allowed items at `allow_width` with
     // `allow_budget`, narrowing to `allow_near_width` given the set's size `allow_count` (HnswIndex.allow_walk's
     // fields); without it a request with a filter returns None.
+    // `parts` (with `allow`): None, or the partition graphs that hold the whole allowed set
+    // (recsys.retrieval.partitions), searched instead of the index and merged as Partitions.search merges: a list
+    // of (Index, ef, ef_filtered, width, budget, count, near_width, disjoint) -- width 0 = the whole partition is
+    // allowed (its plain search with the exclusion), else its allowed walk at that width.
     py::object recommend(const py::bytes &request, int64_t max_k, size_t max_id_bytes, size_t max_history,
                          py::object allow, size_t allow_width, uint64_t allow_budget, uint64_t allow_count,
-                         size_t allow_near_width) {
+                         size_t allow_near_width, py::object parts) {
         char *buf = nullptr;
         Py_ssize_t len = 0;
         if (PyBytes_AsStringAndSize(request.ptr(), &buf, &len) != 0) throw py::error_already_set();
@@ -1857,12 +1862,34 @@ class KnownUserRecommender {
             a.count = allow_count;
             a.near_width = allow_near_width;
         }
+        std::vector<Part> ps;
+        py::list keep;  // the partition Index objects, alive for the call
+        if (!parts.is_none()) {
+            if (!a.words) value_error("`parts` needs `allow`");
+            for (const py::handle &h : py::reinterpret_borrow<py::list>(parts)) {
+                py::tuple t = py::reinterpret_borrow<py::tuple>(h);
+                if (t.size() != 8) value_error("`parts` entries must be 8-tuples");
+                Part pt;
+                pt.index = t[0].cast<Index *>();
+                if (pt.index->dim() != index_->dim()) value_error("a partition's dim differs from the index's");
+                pt.ef = t[1].cast<size_t>();
+                pt.ef_filtered = t[2].cast<size_t>();
+                pt.width = t[3].cast<size_t>();
+                pt.budget = t[4].cast<uint64_t>();
+                pt.count = t[5].cast<uint64_t>();
+                pt.near_width = t[6].cast<size_t>();
+                pt.disjoint = t[7].cast<bool>();
+                keep.append(t[0]);
+                ps.push_back(pt);
+            }
+            if (ps.empty()) value_error("`parts` must not be empty");
+        }
         std::string out;
         bool done;
         {
             py::gil_scoped_release release;
             done = answer(reinterpret_cast<const uint8_t *>(buf), size_t(len), max_k, max_id_bytes, max_history,
-                          a.words ? &a : nullptr, out);
+                          a.words ? &a : nullptr, out, ps.empty() ? nullptr : &ps);
         }
         if (!done) return py::none();
         return py::bytes(out);
@@ -1879,9 +1906,56 @@ class KnownUserRecommender {
         uint64_t count = 0;
         size_t near_width = 0;
     };
+    struct Part {
+        Index *index = nullptr;
+        size_t ef = 0, ef_filtered = 0, width = 0, near_width = 0;
+        uint64_t budget = 0, count = 0;
+        bool disjoint = true;
+    };
+
+    // The partitions' answers (each complete, else false: the Python path scans), merged by score, best first
+    // (ties: the earlier partition first, as a stable sort), each label once, into labels / dists [k].
+    bool search_parts(const std::vector<Part> &ps, const Allowed &allow, const float *query, size_t k,
+                      const int64_t *eb, const int64_t *ee, int64_t *labels, float *dists) const {
+        thread_local std::vector<int64_t> all_l;
+        thread_local std::vector<float> all_s;
+        all_l.assign(ps.size() * k, -1);
+        all_s.assign(ps.size() * k, 0.0f);
+        for (size_t i = 0; i < ps.size(); i++) {
+            const Part &pt = ps[i];
+            std::shared_lock<std::shared_mutex> lock(pt.index->mu_);
+            const Alg &alg = pt.index->alg();
+            const size_t size = alg.cur_element_count;
+            if (size < k || double(ee - eb) > exclude_fraction_ * double(size)) return false;  // the Python path
+            int64_t *l = all_l.data() + i * k;
+            float *d = all_s.data() + i * k;
+            if (pt.width == 0)
+                pt.index->search_row(alg, query, k, pt.ef, pt.ef_filtered, eb, ee, -1, l, d);
+            else
+                pt.index->search_row(alg, query, k, pt.ef, pt.width, eb, ee, -1, l, d, allow.words, allow.bits,
+                                     pt.budget, pt.count, pt.near_width);
+            if (l[k - 1] < 0) return false;
+            for (size_t j = 0; j < k; j++) d[j] = 1.0f - d[j];  // scores, as the Python path computes them
+        }
+        thread_local std::vector<size_t> order;
+        order.resize(all_l.size());
+        for (size_t j = 0; j < order.size(); j++) order[j] = j;
+        std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return -all_s[x] < -all_s[y]; });
+        bool disjoint = true;
+        for (const Part &pt : ps) disjoint = disjoint && pt.disjoint;
+        size_t got = 0;
+        for (size_t j = 0; j < order.size() && got < k; j++) {
+            const int64_t lab = all_l[order[j]];
+            if (!disjoint && std::find(labels, labels + got, lab) != labels + got) continue;
+            labels[got] = lab;
+            dists[got] = 1.0f - all_s[order[j]];
+            got++;
+        }
+        return got == k;
+    }
 
     bool answer(const uint8_t *p, size_t len, int64_t max_k, size_t max_id_bytes, size_t max_history,
-                const Allowed *allow, std::string &out) const {
+                const Allowed *allow, std::string &out, const std::vector<Part> *parts = nullptr) const {
         const uint8_t *end = p + len;
         std::string_view user;
         int64_t k = 0;
@@ -1962,7 +2036,9 @@ class KnownUserRecommender {
         thread_local std::vector<float> dists;
         labels.resize(kk);
         dists.resize(kk);
-        {
+        if (parts) {
+            if (!search_parts(*parts, *allow, query, kk, eb, ee, labels.data(), dists.data())) return false;
+        } else {
             std::shared_lock<std::shared_mutex> lock(index_->mu_);
             const Alg &alg = index_->alg();
             if (alg.cur_element_count != n_items_) return false;
@@ -1999,6 +2075,7 @@ class KnownUserRecommender {
     size_t ef_, ef_filtered_;
     size_t n_items_ = 0;
     double max_exclude_ = 0;
+    double exclude_fraction_ = 0;  // HnswIndex.exact_fallback_fraction: of a partition's size, in search_parts
     py::tuple arrays_;  // keeps the arrays below alive
     const float *emb_ = nullptr;
     const uint8_t *ok_ = nullptr;
@@ -2030,6 +2107,37 @@ PYBIND11_MODULE(_hnsw, m) {
         for (size_t i = 0; i < n; i++) c += uint64_t(__builtin_popcountll(w[i]));
         return c;
     }, py::arg("words"), "How many bits of a uint64 bitset (recsys.retrieval.bitset) are set.");
+    m.def("cover_counts", [](const py::array &allow, const py::list &parts) {
+        size_t n = 0;
+        const uint64_t *a = check_words(allow, "allow", &n);
+        std::vector<const uint64_t *> pw;
+        std::vector<size_t> pn;
+        for (const py::handle &h : parts) {
+            size_t m = 0;
+            pw.push_back(check_words(py::reinterpret_borrow<py::array>(h), "parts[i]", &m));
+            pn.push_back(m);
+        }
+        py::array_t<int64_t> counts(pw.size());
+        int64_t *c = counts.mutable_data();
+        uint64_t uncovered = 0;
+        {
+            py::gil_scoped_release release;
+            std::fill(c, c + pw.size(), 0);
+            for (size_t i = 0; i < n; i++) {
+                uint64_t w = a[i], rest = w;
+                if (!w) continue;  // sparse sets: only their non-zero words cost anything
+                for (size_t j = 0; j < pw.size(); j++) {
+                    const uint64_t p = i < pn[j] ? pw[j][i] : 0;
+                    c[j] += int64_t(__builtin_popcountll(w & p));
+                    rest &= ~p;
+                }
+                uncovered += uint64_t(__builtin_popcountll(rest));
+            }
+        }
+        return py::make_tuple(counts, uncovered);
+    }, py::arg("allow"), py::arg("parts"),
+          "(allowed labels in each of `parts` [len(parts)] int64, allowed labels in none of them): one pass over "
+          "the allowed set's non-zero words; every argument a uint64 bitset (recsys.retrieval.bitset).");
     m.def("last_walk_scored", []() { return walk_scored; },
           "Nodes the calling thread's last filtered graph walk (knn with `allow`) scored.");
     m.def("scan_allowed", &scan_allowed, py::arg("vectors"), py::arg("queries"), py::arg("k"), py::arg("allow"),
@@ -2087,7 +2195,7 @@ PYBIND11_MODULE(_hnsw, m) {
         .def("recommend", &KnownUserRecommender::recommend, py::arg("request"), py::arg("max_k"),
              py::arg("max_id_bytes"), py::arg("max_history") = 0, py::arg("allow") = py::none(),
              py::arg("allow_width") = 0, py::arg("allow_budget") = 0, py::arg("allow_count") = 0,
-             py::arg("allow_near_width") = 0)
+             py::arg("allow_near_width") = 0, py::arg("parts") = py::none())
         .def_property_readonly("n_users", &KnownUserRecommender::n_users);
     py::class_<UserTower>(m, "UserTower")
         .def(py::init<py::array, py::array, py::list, py::array, py::object, bool, py::list, int, py::object,

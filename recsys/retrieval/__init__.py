@@ -80,7 +80,7 @@ verifies the file's sha256 before that.
 """
 
 from recsys.retrieval import bitset
-from recsys.retrieval._arrays import METRICS, UNIT_SQ_TOL, blas_threads, topk_rows
+from recsys.retrieval._arrays import METRICS, UNIT_SQ_TOL, blas_threads, merge_topk, topk_rows
 from recsys.retrieval._package import REFETCH_SLACK, search_width
 from recsys.retrieval.exact import ExactIndex
 from recsys.retrieval.hnsw import (
@@ -107,6 +107,7 @@ __all__ = [
     "blas_threads",
     "check_hnsw_file",
     "merge_exclusions",
+    "merge_topk",
     "native_available",
     "read_hnsw_header",
     "recall_vs_exact",

@@ -204,4 +204,26 @@ def topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return pos, top
 
 
-
+def merge_topk(answers: Sequence[tuple[np.ndarray, np.ndarray]], k: int, *,
+               unique: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Several ``[n, k_i]`` answers (ids, scores; padded -1 / -inf) of the same queries -> the best ``k`` of them
+    per row, best first (ties: the earlier answer first), padded -1 / -inf. ``unique``: an id in several answers
+    (overlapping indexes) counts once."""
+    ids = np.concatenate([a[0] for a in answers], axis=1)
+    sc = np.concatenate([a[1] for a in answers], axis=1)
+    order = np.argsort(-sc, axis=1, kind="stable")
+    ids, sc = np.take_along_axis(ids, order, axis=1), np.take_along_axis(sc, order, axis=1)
+    if unique and len(answers) > 1:
+        out_ids = np.full((ids.shape[0], k), -1, dtype=np.int64)
+        out_sc = np.full((ids.shape[0], k), -np.inf, dtype=np.float32)
+        for r in range(ids.shape[0]):
+            row = ids[r]
+            _, first = np.unique(row, return_index=True)
+            keep = np.sort(first[row[first] >= 0])[:k]
+            out_ids[r, : keep.size], out_sc[r, : keep.size] = row[keep], sc[r, keep]
+        return out_ids, out_sc
+    if ids.shape[1] < k:
+        pad = k - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        sc = np.pad(sc, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return ids[:, :k], sc[:, :k].astype(np.float32, copy=False)

@@ -123,9 +123,10 @@ class NativeSearch:
 
     def _native_allowed(
         self, q: np.ndarray, k: int, excl: list[np.ndarray | None] | None, incl: list[np.ndarray | None] | None,
-        idmap: IdMap, words: np.ndarray,
+        idmap: IdMap, words: np.ndarray, count: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The native path with an allowed set (``words``, checked; the read lock held): include-lists scored
+        """The native path with an allowed set (``words``, checked; ``count``: how many of this index's ids it
+        allows when the caller knows, else its popcount; the read lock held): include-lists scored
         exactly, then either the exact scan of the allowed ids (:meth:`allow_plan`) or one ``knn`` call whose
         filter is allowed AND not excluded, at width :meth:`allow_width`; short rows and huge exclusions are
         scanned exactly."""
@@ -140,7 +141,7 @@ class NativeSearch:
             for i, e in enumerate(excl):
                 if e is not None and e.size:
                     ex[i] = np.unique(idmap.present(e))
-        walk = self.allow_walk(words)  # AllowWalk, or None: the exact scan answers every row
+        walk = self.allow_walk(words, count)  # AllowWalk, or None: the exact scan answers every row
         scan = walk is None
         graph_rows: list[int] = []
         exact_rows: list[int] = []

@@ -72,8 +72,10 @@ class PackageSearch:
     def _search_general(
         self, q: np.ndarray, k: int, excl: list[np.ndarray | None] | None,
         incl: list[np.ndarray | None] | None, idmap: IdMap, words: np.ndarray | None = None,
+        count: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Everything but the plain query. ``words``: the allowed set (checked) or None. An allowed set at or below
+        """Everything but the plain query. ``words``: the allowed set (checked) or None; ``count``: how many of
+        this index's ids it allows, when the caller knows (a partition's share of a larger set). An allowed set at or below
         the exact-scan switch (:meth:`HnswIndex.allow_plan`) is scanned exactly; above it the rows are post-filtered
         (allowed AND not excluded) from a fetch of about ``ef / selectivity`` results -- the depth where the k-th
         allowed one is expected, at the width the tuned recall needs there -- refetched wider by the same rule as
@@ -93,8 +95,8 @@ class PackageSearch:
                     ex[i] = np.sort(idmap.present(e))
         exact_rows: list[int] = []
         fetch: dict[int, list[int]] = {}  # fetch size -> rows
-        allowed = 0 if words is None else min(size, bitset.count(words))
-        scan_allowed = words is not None and self.allow_plan(words) == "exact"
+        allowed = 0 if words is None else min(size, bitset.count(words) if count is None else count)
+        scan_allowed = words is not None and self.allow_plan(words, allowed) == "exact"
         for i in range(n):
             if incl is not None and incl[i] is not None:
                 out_ids[i], out_scores[i] = self._score_include(q[i], k, idmap.members(incl[i]), ex[i], words)

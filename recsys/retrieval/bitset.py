@@ -13,6 +13,10 @@ Combining sets is plain numpy on the words (pad the shorter one with zeros first
 
 (``~b`` sets the bits past ``b``'s ids too: keep it on the right of an ``&``.)
 
+A set may carry a hint for a partitioned index (:func:`within`): the keys of the index partitions (see
+:mod:`recsys.retrieval.partitions`) that hold every allowed id. Any numpy operation on it gives a plain set again
+(the hint is dropped, never carried to a set it may not describe).
+
 Example, ids 0..69 (two words)::
 
     from_ids([0, 3, 64], 70)  ->  [0b1001, 0b1] = [9, 1]
@@ -111,3 +115,27 @@ def check(words: Any, *, name: str = "allow") -> np.ndarray:
     if w.ndim != 1:
         raise ValueError(f"`{name}` must be a 1-D uint64 bitset, got shape {w.shape}")
     return np.ascontiguousarray(w)
+
+
+class _Within(np.ndarray):
+    """Words with the keys of the partitions said to hold every allowed id (``within``); see :func:`within`."""
+
+    within: tuple[Any, ...] | None = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.within = None  # a slice, a copy or an operation: a set the hint may not describe
+
+
+def within(words: Any, keys: Any) -> np.ndarray:
+    """``words`` (a view, not a copy) with the hint that every allowed id lies in the index partitions ``keys``
+    (:class:`recsys.retrieval.partitions.Partitions`: e.g. the values of a filter's ``any_of`` condition on the
+    attribute the index is partitioned by). The index checks the hint (:func:`within_of`) before it uses it: a
+    set that strays outside the partitions is searched as if it had none."""
+    w = check(words).view(_Within)
+    w.within = tuple(keys)
+    return w
+
+
+def within_of(words: Any) -> tuple[Any, ...] | None:
+    """The partition keys :func:`within` attached to ``words``, or None."""
+    return getattr(words, "within", None)
