@@ -259,6 +259,21 @@ def versions() -> dict:
     return out
 
 
+def partitioned(cached: Path, attributes: list[str]) -> Path:
+    """The cached bundle's run exported again with ``index.partition_by = attributes`` (cached next to it)."""
+    from recsys.core import schema
+    from recsys.publish import export
+    from recsys.retrieval import IndexConfig
+
+    models = cached.parent / f"models-parts-{'-'.join(attributes)}"
+    if not (models / schema.LATEST).is_file():
+        t = time.perf_counter()
+        export(cached.parent / "run", models, index_cfg=IndexConfig(partition_by=tuple(attributes)),
+               tune_queries=500, evaluate_split=None)
+        print(f"exported with partitions in {time.perf_counter() - t:.0f}s", flush=True)
+    return models
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=20_000, help="catalogue size (serve_bench's default is 100000)")
@@ -275,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/recsys_serve_bench"),
                    help="bundle cache (serve_bench's) and this run's copies")
     p.add_argument("--no-profile", action="store_true", help="skip the in-process CPU profile")
+    p.add_argument("--partition-by", nargs="+", default=[],
+                   help="serve the same trained model exported with index.partition_by = these attributes (a "
+                        "graph per value, recsys.retrieval.partitions), e.g. category")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
@@ -285,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     cached = build_bundle(args.workdir, n_items=args.items, n_users=args.users, dim=args.dim, per_user=args.per_user)
+    if args.partition_by:
+        cached = partitioned(cached, args.partition_by)
     print(f"bundle ready ({time.perf_counter() - t_start:.0f}s): {cached}", flush=True)
     run_dir = args.workdir / f"catalogue-run-{cached.parent.name}"
     if run_dir.exists():

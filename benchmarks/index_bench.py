@@ -55,6 +55,12 @@ round's p99; each round's p99 ratio is in the JSON);
 on the graph path also the nodes the native walk scored (``recsys._hnsw.last_walk_scored``, p50: the walk's work,
 steadier than a latency on a shared machine), next to what it scores with every item allowed (a plain search of
 the same width). ``--filter-ef-min`` overrides ``HnswIndex.filter_ef_min`` (the walk's width floor: the latency / recall trade-off).
+Then an attribute (unless ``--no-partitions``): values that each group whole fine clusters into ~10% of the
+items, with one graph per value (``HnswIndex.partitions``, what ``index.partition_by`` builds at export, each
+graph's ef auto-tuned on the tuning queries; cached beside the index), and three filters on it, each measured
+twice in the same run: without the hint (``walk``: the main graph's filtered walk, or its exact scan) and with it
+(``parts``: the values' graphs): one value (~10%), one value AND a random half of the items (~5%: a second
+condition), two values (~20%).
 Prints a table and writes ``benchmarks/results/index_filter.json``. ``--cache DIR`` keeps the generated
 embeddings and the built index between runs (the 1M case takes ~10 minutes to make on 2 cores).
 """
@@ -540,9 +546,11 @@ def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_const
         med = {key: round(float(np.median([pr[key] for pr in per_round])), 4) for key in per_round[0]}
         words = bitset.check(allow)
         keys = bitset.within_of(allow)
-        parted = keys is not None and hnsw.partitions is not None and hnsw.partitions.plan(words, keys)
+        parted = (keys is not None and hnsw.partitions is not None
+                  and hnsw.partitions.plan(words, keys, scan_limit=hnsw.partitions.scan_limit(hnsw)))
         case = {"kind": kind, "selectivity": sel, "allowed": bitset.count(words),
-                "path": f"partitions ({len(parted)})" if parted else hnsw.allow_plan(words),
+                "path": (f"partitions ({len(parted.graphs)}{' + scan' if parted.rest else ''})" if parted
+                         else hnsw.allow_plan(words)),
                 "width": hnsw.allow_width(words),
                 "near_width": (walk.near_width if hnsw.native_filter and not parted and (walk := hnsw.allow_walk(words))
                                else None),

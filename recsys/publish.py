@@ -394,34 +394,34 @@ def _build_index(plan: _Plan, state_dir: Path, emb: _Embeddings) -> _Index:
 
 
 def _build_partitions(plan: _Plan, state_dir: Path, index: HnswIndex, queries: np.ndarray | None) -> list[dict]:
-    """``index.partition_by``: one graph per value of each named item attribute with at least
-    ``partition_min_items`` items (:mod:`recsys.retrieval.partitions`), each one's ef auto-tuned on ``queries``
-    (the main index's tuning users; None: the main ef) -> the manifest's entries."""
+    """``index.partition_by``: one graph per value of each named item attribute with more items than
+    ``partition_min_items`` (0: the index's exact-scan switch, below which a value is scanned exactly anyway;
+    :mod:`recsys.retrieval.partitions`), each one's ef auto-tuned on ``queries`` (the main index's tuning users;
+    None: the main ef) -> the manifest's entries (none: the attributes still steer their filters' sets to the
+    exact scan, see ``Partitions.plan``)."""
     cfg = plan.index_cfg
     if not cfg.partition_by:
         return []
     t0 = time.perf_counter()
     attrs = Attributes.from_table(pq.read_table(state_dir / schema.ITEMS), state_dir, plan.n_items)
+    floor = cfg.partition_min_items or index.filter_exact_scale * index.size ** 0.5
     groups: dict[tuple[str, str], np.ndarray] = {}
     for name in cfg.partition_by:
         if name not in attrs.codes:
             known = ", ".join(repr(n) for n in attrs.names) or "none"
             raise ValueError(f"`index.partition_by` names {name!r}, which is not an item attribute of the data in "
                              f"{str(plan.data_dir)!r} (attributes: {known})")
-        for value, rows in attrs.groups(name, min_items=cfg.partition_min_items).items():
+        for value, rows in attrs.groups(name, min_items=int(floor) + 1).items():
             groups[(name, value)] = rows
-    if not groups:
-        log.warning("index.partition_by %s: no value has %d items or more, no partition built",
-                    list(cfg.partition_by), cfg.partition_min_items)
-        return []
-    index.partitions = Partitions.build(index, groups)
+    index.partitions = Partitions.build(index, groups, attributes=cfg.partition_by)
     efs = (index.partitions.tune(queries, k=min(int(cfg.autotune_k), plan.n_items), target_recall=cfg.target_recall,
-                                 efs=cfg.autotune_efs) if queries is not None else {})
+                                 efs=cfg.autotune_efs) if queries is not None and groups else {})
     entries = [{"attribute": name, "value": value, "file": f"{PARTITION_PREFIX}{i:04d}.hnsw",
                 "count": int(index.partitions.parts[(name, value)].count), "ef": int(efs.get((name, value), index.ef))}
                for i, (name, value) in enumerate(groups)]
-    log.info("built %d partition graphs (index.partition_by %s, %d items in all) in %.1f s", len(entries),
-             list(cfg.partition_by), sum(e["count"] for e in entries), time.perf_counter() - t0)
+    log.info("index.partition_by %s: %d graphs (values with more than %d items; %d items in all) in %.1f s",
+             list(cfg.partition_by), len(entries), int(floor), sum(e["count"] for e in entries),
+             time.perf_counter() - t0)
     return entries
 
 

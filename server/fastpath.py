@@ -103,7 +103,8 @@ def recommend_filtered(fast: Any, bundle: Any, request: pb.RecommendRequest, dat
     the Python path compiles it (``service.allowed_by``, cached per bundle), then the same request bytes with the
     allowed set, when the index would walk the graph for it (``HnswIndex.allow_plan``) at the Python path's width
     and budget -- or, for a set inside some of the index's partitions (``index.partition_by``), the searches of
-    those partitions' graphs that the Python path runs (:func:`recsys.retrieval.partitions.native_parts`). None
+    those partitions' graphs and the exact scan beside them that the Python path runs
+    (:func:`recsys.retrieval.partitions.native_parts`). None
     (the Python path answers, and owns every error) for a filter the bundle cannot compile, a set small enough for
     the exact scan, or anything the native side declines."""
     try:
@@ -115,13 +116,13 @@ def recommend_filtered(fast: Any, bundle: Any, request: pb.RecommendRequest, dat
         return None
     keys, parts = bitset.within_of(words), index.partitions
     if keys is not None and parts is not None:  # a set inside some partitions: their graphs, as the Python path
-        plan = parts.plan(words, keys)
+        plan = parts.plan(words, keys, scan_limit=parts.scan_limit(index))
         if plan is not None:
-            spec = native_parts(parts, plan, words)
+            spec = native_parts(index, plan, words)
             if spec is None:
                 return None
             return fast.recommend(data, limits.max_k, limits.max_id_length, limits.max_history, allow=words,
-                                  parts=spec)
+                                  parts=spec[0], scan=spec[1])
     walk = index.allow_walk(words)
     if walk is None:
         return None

@@ -440,6 +440,7 @@ def test_partition_by_builds_a_graph_per_value_that_filters_search(tmp_path_fact
     assert all(e["file"] in manifest["files"] and e["ef"] >= 1 for e in entries)
     plain, parted = Bundle.load(plain_dir / "v1"), Bundle.load(parted_dir / "v1")
     assert plain.index.partitions is None and len(parted.index.partitions) == 4
+    parted.index.filter_exact_scale = 0.0  # 16-item values: their graphs, not the exact scan of a tiny catalogue
     for key, part in parted.index.partitions.parts.items():  # each graph holds exactly its category's items
         assert sorted(int(r) for r in part.index.ids) == list(range(16 * CATEGORIES.index(key[1]),
                                                                     16 * CATEGORIES.index(key[1]) + 16))
@@ -472,10 +473,15 @@ def test_partition_by_builds_a_graph_per_value_that_filters_search(tmp_path_fact
     space = ItemFilter((Condition("category", "any_of", ("space",)),))
     live_words = allowed_by(view, space)
     assert bitset.within_of(live_words) == (("category", "space"),)
-    assert parted.index.partitions.plan(bitset.check(live_words), [("category", "space")]) is None
+    assert parted.index.partitions.plan(bitset.check(live_words), [("category", "space")], scan_limit=0) is None
     walked.clear()
     ids = view.index.search(vec[None, :], 5, allow=live_words)[0][0]
     assert ids[0] == 20 and all(r == 20 or r < 16 for r in ids) and any(walked)
+    # with the tiny catalogue's own switch (128 ids) the whole set is scanned exactly (a graph needs more)
+    parted.index.filter_exact_scale = 16.0
+    walked.clear()
+    ids = view.index.search(vec[None, :], 5, allow=live_words)[0][0]
+    assert ids[0] == 20 and all(r == 20 or r < 16 for r in ids) and not any(walked)
     # a tampered graph: refused by its checksum, like every bundle file
     f = parted_dir / "v1" / entries[0]["file"]
     f.write_bytes(f.read_bytes()[:-1] + b"\x01")

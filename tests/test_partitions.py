@@ -22,10 +22,12 @@ def _clustered(n_clusters=20, per=60, dim=16, seed=0):
     return x, cluster, q.astype(np.float32)
 
 
-def _setup(native, groups_of):
+def _setup(native, groups_of, scale=0.0):
     x, cluster, q = _clustered()
     index = HnswIndex(x, M=8, ef_construction=100, ef=32, num_threads=1, native=native)
     index.partitions = Partitions.build(index, groups_of(cluster))
+    # 0: every partition holding an allowed id is searched by its graph, and nothing is scanned beside them
+    index.filter_exact_scale = scale
     return x, cluster, q, index
 
 
@@ -81,8 +83,8 @@ def test_a_set_that_strays_outside_its_partitions_walks_the_main_graph(native):
     stray = int(np.flatnonzero(value == 0)[0])
     mask[stray] = True  # e.g. an item moved to value 2 since the export
     allow = bitset.within(bitset.from_mask(mask), [("v", "2")])
-    assert index.partitions.plan(bitset.check(allow), [("v", "2")]) is None
-    assert index.partitions.plan(bitset.from_mask(value == 2), [("v", "2")]) is not None
+    assert index.partitions.plan(bitset.check(allow), [("v", "2")], scan_limit=0) is None
+    assert index.partitions.plan(bitset.from_mask(value == 2), [("v", "2")], scan_limit=0) is not None
     # a query at the stray item: it must come back first (the partitions alone would miss it)
     got = index.search(x[stray:stray + 1], 5, allow=allow)[0]
     assert got[0, 0] == stray
@@ -107,6 +109,37 @@ def test_overlapping_partitions_return_each_item_once_and_exactly_k(native):
     got, scores = index.search(q[:2], 5, allow=bitset.within(few, [("g", "a"), ("g", "b")]))
     assert sorted(got[0, :3].tolist()) == np.flatnonzero(cluster == 5)[:3].tolist()
     assert got[:, 3:].tolist() == [[-1, -1], [-1, -1]] and np.isneginf(scores[:, 3:]).all()
+
+
+@pytest.mark.parametrize("native", BACKENDS)
+def test_allowed_ids_outside_the_searched_graphs_are_scanned_exactly(native, monkeypatch):
+    """A value's graph searched, a stray item and a small value's items scanned beside it; with the index's
+    default switch two small values are scanned whole -- the main graph is never walked."""
+    groups = lambda c: {("v", str(v)): np.flatnonzero(c // 4 == v) for v in range(5)}  # noqa: E731
+    x, cluster, q, index = _setup(native, groups, scale=5.0)  # switch 5 * sqrt(1200) = 173 < 240 per value
+    value = cluster // 4
+    monkeypatch.setattr(HnswIndex, "_native_allowed", lambda *a, **kw: pytest.fail("main graph walked"))
+    monkeypatch.setattr(HnswIndex, "_search_general",
+                        lambda self, *a, **kw: pytest.fail("main graph searched") if self is index else None)
+    stray = int(np.flatnonzero(value == 0)[0])
+    mask = value == 2
+    mask[stray] = True
+    allow = bitset.from_mask(mask)
+    plan = index.partitions.plan(bitset.check(allow), [("v", "2")], scan_limit=index.partitions.scan_limit(index))
+    assert [p.key for p, _ in plan.graphs] == [("v", "2")] and plan.rest == 1
+    if not native:  # the fallback's partition graphs search through _search_general too
+        monkeypatch.undo()
+    got = index.search(x[stray:stray + 1], 5, allow=bitset.within(allow, [("v", "2")]))[0]
+    assert got[0, 0] == stray and bitset.contains(allow, got).all()
+    q_got = index.search(q, 10, allow=bitset.within(allow, [("v", "2")]))[0]
+    assert _recall(q_got, _exact(x, q, 10, allow)[0]) >= 0.97
+    # the default switch (16 * sqrt(1200) = 554 >= 240): no graph searched, the two values' 480 items scanned
+    index.filter_exact_scale = 16.0
+    two = bitset.from_mask((value == 1) | (value == 3))
+    plan = index.partitions.plan(two, [("v", "1"), ("v", "3")], scan_limit=index.partitions.scan_limit(index))
+    assert plan.graphs == [] and plan.rest == 480
+    got = index.search(q, 10, allow=bitset.within(two, [("v", "1"), ("v", "3")]))[0]
+    assert (np.sort(got, axis=1) == np.sort(_exact(x, q, 10, two)[0], axis=1)).all()  # exact
 
 
 def test_cover_counts_counts_each_partition_and_what_lies_outside():

@@ -3,7 +3,9 @@
 ``recsys.publish.export`` turns a training run (+ its prepared dataset) into ``MODELS_DIR/<version>/`` holding everything serving
 needs (schema.py lists the files): the towers (so unseen users are embedded from their history and new items from
 their features), item and known-user embeddings computed with those towers, the vocabularies, the serving history
-and seen sets, item popularity and an hnswlib index whose ``ef`` was auto-tuned against exact search. Publishing is
+and seen sets, item popularity and an hnswlib index whose ``ef`` was auto-tuned against exact search (plus, with
+``index.partition_by``, one graph per value of those item attributes: ``index.part0000.hnsw``, ..., listed in the
+manifest's ``index.partitions``; :mod:`recsys.retrieval.partitions`). Publishing is
 atomic (temp dir + fsync + rename) and the ``LATEST`` pointer moves afterwards (temp file + rename), so a reader
 sees either the old or the new version, never half of one. Versions and ``LATEST`` get the modes a plain
 ``mkdir`` / ``open`` would under the umask (``recsys.core.io``): group-readable with umask 022 / 002 / 027, so a server in

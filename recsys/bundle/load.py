@@ -136,8 +136,9 @@ class Bundle:
     def _load_partitions(self, precision: str) -> None:
         """The graphs of ``index.partition_by`` (manifest ``index.partitions``; none in older bundles), each
         checked to hold ``count`` distinct item rows."""
+        attributes = (self.manifest["index"].get("config") or {}).get("partition_by") or []
         entries = self.manifest["index"].get("partitions") or []
-        if not entries:
+        if not attributes:
             return
         graphs = {}
         for e in entries:
@@ -151,7 +152,7 @@ class Bundle:
                 raise BundleError(f"{e['file']}: must hold {e['count']} item rows in [0, {self.n_items}) "
                                   f"({MANIFEST} index.partitions), got {ids.size}", reason="manifest_mismatch")
             graphs[(e["attribute"], e["value"])] = ix
-        self.index.partitions = Partitions.attach(graphs, n_ids=self.n_items)
+        self.index.partitions = Partitions.attach(graphs, n_ids=self.n_items, attributes=attributes)
 
     def _load_recent_popularity(self, all_time: np.ndarray) -> np.ndarray:
         """``[n_items]`` int64 from ``recent_popularity.npy`` (checksummed with the rest), or a copy of

@@ -245,32 +245,27 @@ class Attributes:
         return got
 
 
-def partition_keys(f: ItemFilter, partitions: Collection[tuple[str, str]]) -> list[tuple[str, str]] | None:
-    """The index partitions (``(attribute, value)`` keys, :mod:`recsys.retrieval.partitions`) that hold every item
-    ``f`` allows, or None: the values of an ``any_of`` condition on a partitioned attribute when each of its
-    values has a partition (a value without one -- too few items, or unknown to the bundle -- and the condition
-    gives no hint); of several such conditions, the one naming the fewest values."""
-    if not partitions:
-        return None
+def partition_keys(f: ItemFilter, attributes: Collection[str]) -> list[tuple[str, str]] | None:
+    """The index partitions (``(attribute, value)`` keys, :mod:`recsys.retrieval.partitions`) said to hold every
+    item ``f`` allows, or None: the values of an ``any_of`` condition on one of the partitioned ``attributes``
+    (of several such conditions, the one naming the fewest values). The index checks the hint before it uses it."""
     best = None
     for c in f.conditions:
-        if c.op != "any_of" or not c.values:
-            continue
-        keys = [(c.attribute, v) for v in dict.fromkeys(c.values)]
-        if all(k in partitions for k in keys) and (best is None or len(keys) < len(best)):
-            best = keys
+        if c.op == "any_of" and c.values and c.attribute in attributes:
+            keys = [(c.attribute, v) for v in dict.fromkeys(c.values)]
+            if best is None or len(keys) < len(best):
+                best = keys
     return best
 
 
 class FilterCache:
     """The last ``size`` compiled filters of one catalogue view (filters repeat: a service has a few). With the
-    keys of the view's index ``partitions``, a compiled set carries the partitions that hold it
+    attributes the view's index is partitioned by, a compiled set carries the partitions that hold it
     (:func:`partition_keys`, :func:`recsys.retrieval.bitset.within`)."""
 
-    def __init__(self, attributes: Attributes, size: int = 256, *,
-                 partitions: Collection[tuple[str, str]] = ()) -> None:
+    def __init__(self, attributes: Attributes, size: int = 256, *, partitioned: Collection[str] = ()) -> None:
         self.attributes = attributes
-        self.partitions = frozenset(partitions)
+        self.partitioned = frozenset(partitioned)
         self._size = size
         self._cache: OrderedDict[ItemFilter, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
@@ -280,7 +275,7 @@ class FilterCache:
         """For a loaded bundle (its :class:`Attributes` unless given) and the partitions of its index."""
         parts = getattr(getattr(bundle, "index", None), "partitions", None)
         return cls(Attributes.from_bundle(bundle) if attributes is None else attributes,
-                   partitions=parts.keys() if parts is not None else ())
+                   partitioned=parts.attributes if parts is not None else ())
 
     def allowed(self, f: ItemFilter) -> np.ndarray:
         with self._lock:
@@ -290,7 +285,7 @@ class FilterCache:
                 return words
         words = self.attributes.allowed(f)
         words.setflags(write=False)
-        keys = partition_keys(f, self.partitions)
+        keys = partition_keys(f, self.partitioned) if self.partitioned else None
         if keys is not None:
             words = bitset.within(words, keys)
         with self._lock:

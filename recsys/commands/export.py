@@ -26,7 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--config", metavar="FILE", help="TOML file with an [index] section")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="index.FIELD=VALUE",
-        help="override an index config field, e.g. --set index.M=32 --set index.target_recall=0.995",
+        help="override an index config field, e.g. --set index.M=32 --set index.target_recall=0.995; "
+             "--set 'index.partition_by=[\"category\"]' builds one more graph per category value, for fast filters "
+             "on it",
     )
     p.add_argument("--no-eval", action="store_true",
                    help="skip the quick test-split evaluation stored in the manifest (when the final fit trained on "

@@ -427,6 +427,62 @@ struct Bf16Copy {
     }
 };
 
+// One query of the exact scan (scan_allowed; the known-user recommender's scan beside partition graphs): every
+// label of `words` below `bits` (row i of `x` [*, dim] is label i) except the sorted `excluded` ones, scored by
+// hnswlib's inner-product distance -> the top-k into l / d, nearest first, ties by lower label, -1 / +inf padded.
+void scan_row(const float *x, int dim, const uint64_t *words, uint64_t bits, const float *qi, size_t k,
+              const std::vector<int64_t> &excluded, int64_t *l, float *d) {
+    using Pair = std::pair<float, int64_t>;
+    thread_local std::vector<Pair> best;
+    best.clear();
+    hnswlib::InnerProductSpace space{size_t(dim)};
+    hnswlib::DISTFUNC<float> dist = space.get_dist_func();
+    void *param = space.get_dist_func_param();
+    const size_t row_bytes = size_t(dim) * sizeof(float);
+    const size_t words_used = size_t((bits + 63) / 64);
+    // Ids are batched across words (a sparse set holds < 1 id per word) so that a batch's rows are all being
+    // fetched before the first is scored: the scan is bound by memory latency, not arithmetic.
+    constexpr int kBatch = 64;
+    int64_t ids[kBatch + 64];
+    int n = 0;
+    auto score_batch = [&]() {
+        for (int j = 0; j < n; j++) {
+            const char *r = reinterpret_cast<const char *>(x + size_t(ids[j]) * size_t(dim));
+            for (size_t o = 0; o < row_bytes; o += 64) prefetch(r + o);
+        }
+        for (int j = 0; j < n; j++) {
+            const int64_t id = ids[j];
+            if (!excluded.empty() && std::binary_search(excluded.begin(), excluded.end(), id)) continue;
+            const float dd = dist(qi, x + size_t(id) * size_t(dim), param);
+            const Pair p(dd, id);
+            if (best.size() < k) {
+                best.push_back(p);
+                std::push_heap(best.begin(), best.end());
+            } else if (p < best.front()) {
+                std::pop_heap(best.begin(), best.end());
+                best.back() = p;
+                std::push_heap(best.begin(), best.end());
+            }
+        }
+        n = 0;
+    };
+    for (size_t w = 0; w < words_used; w++) {
+        uint64_t word = words[w];
+        if (w + 1 == words_used && bits % 64) word &= (uint64_t(1) << (bits % 64)) - 1;
+        while (word) {
+            ids[n++] = int64_t(w * 64 + size_t(__builtin_ctzll(word)));
+            word &= word - 1;
+        }
+        if (n >= kBatch) score_batch();
+    }
+    score_batch();
+    std::sort(best.begin(), best.end());
+    for (size_t j = 0; j < k; j++) {
+        l[j] = j < best.size() ? best[j].second : -1;
+        d[j] = j < best.size() ? best[j].first : std::numeric_limits<float>::infinity();
+    }
+}
+
 // The exact scan of an allowed set (the filtered search's exact-scan switch, recsys.retrieval.hnsw.allow_plan):
 // row i of `vectors` [size, dim] float32 is label i, and every allowed label below `size` is scored by hnswlib's own
 // inner-product distance (1 - dot), straight from the bitset's words (no id list, no gathered copy; each word's
@@ -452,67 +508,16 @@ py::tuple scan_allowed(const py::array &vectors, const py::array &queries, size_
     float *dout = dist_out.mutable_data();
     size_t threads = resolve_threads(num_threads);
     if (rows <= threads * 4) threads = 1;
-    hnswlib::InnerProductSpace space{size_t(dim)};
-    hnswlib::DISTFUNC<float> dist = space.get_dist_func();
-    void *param = space.get_dist_func_param();
-    const size_t row_bytes = size_t(dim) * sizeof(float);
     {
         py::gil_scoped_release release;
         ParallelFor(0, rows, threads, [&](size_t row, size_t) {
-            using Pair = std::pair<float, int64_t>;
-            thread_local std::vector<Pair> best;
             thread_local std::vector<int64_t> excluded;
-            best.clear();
             excluded.clear();
             if (ex) {
                 excluded.assign(ex + off[row], ex + off[row + 1]);
                 std::sort(excluded.begin(), excluded.end());
             }
-            const float *qi = q + row * size_t(dim);
-            const size_t words_used = size_t((bits + 63) / 64);
-            // Ids are batched across words (a sparse set holds < 1 id per word) so that a batch's rows are all
-            // being fetched before the first is scored: the scan is bound by memory latency, not arithmetic.
-            constexpr int kBatch = 64;
-            int64_t ids[kBatch + 64];
-            int n = 0;
-            auto score_batch = [&]() {
-                for (int j = 0; j < n; j++) {
-                    const char *r = reinterpret_cast<const char *>(x + size_t(ids[j]) * size_t(dim));
-                    for (size_t o = 0; o < row_bytes; o += 64) prefetch(r + o);
-                }
-                for (int j = 0; j < n; j++) {
-                    const int64_t id = ids[j];
-                    if (!excluded.empty() && std::binary_search(excluded.begin(), excluded.end(), id)) continue;
-                    const float d = dist(qi, x + size_t(id) * size_t(dim), param);
-                    const Pair p(d, id);
-                    if (best.size() < k) {
-                        best.push_back(p);
-                        std::push_heap(best.begin(), best.end());
-                    } else if (p < best.front()) {
-                        std::pop_heap(best.begin(), best.end());
-                        best.back() = p;
-                        std::push_heap(best.begin(), best.end());
-                    }
-                }
-                n = 0;
-            };
-            for (size_t w = 0; w < words_used; w++) {
-                uint64_t word = words[w];
-                if (w + 1 == words_used && bits % 64) word &= (uint64_t(1) << (bits % 64)) - 1;
-                while (word) {
-                    ids[n++] = int64_t(w * 64 + size_t(__builtin_ctzll(word)));
-                    word &= word - 1;
-                }
-                if (n >= kBatch) score_batch();
-            }
-            score_batch();
-            std::sort(best.begin(), best.end());
-            int64_t *l = lo + row * k;
-            float *d = dout + row * k;
-            for (size_t j = 0; j < k; j++) {
-                l[j] = j < best.size() ? best[j].second : -1;
-                d[j] = j < best.size() ? best[j].first : std::numeric_limits<float>::infinity();
-            }
+            scan_row(x, dim, words, bits, q + row * size_t(dim), k, excluded, lo + row * k, dout + row * k);
         });
     }
     return py::make_tuple(labels_out, dist_out);
@@ -1846,7 +1851,7 @@ class KnownUserRecommender {
     // allowed (its plain search with the exclusion), else its allowed walk at that width.
     py::object recommend(const py::bytes &request, int64_t max_k, size_t max_id_bytes, size_t max_history,
                          py::object allow, size_t allow_width, uint64_t allow_budget, uint64_t allow_count,
-                         size_t allow_near_width, py::object parts) {
+                         size_t allow_near_width, py::object parts, py::object scan) {
         char *buf = nullptr;
         Py_ssize_t len = 0;
         if (PyBytes_AsStringAndSize(request.ptr(), &buf, &len) != 0) throw py::error_already_set();
@@ -1882,14 +1887,28 @@ class KnownUserRecommender {
                 keep.append(t[0]);
                 ps.push_back(pt);
             }
-            if (ps.empty()) value_error("`parts` must not be empty");
         }
+        // `scan`: None, or (vectors [n_items, dim] float32, words): the allowed labels outside the partitions'
+        // graphs, scored exactly beside them (Partitions.search's scan of the rest)
+        Scan sc;
+        py::object scan_keep;
+        if (!scan.is_none()) {
+            if (!a.words) value_error("`scan` needs `allow`");
+            py::tuple t = py::reinterpret_borrow<py::tuple>(scan);
+            if (t.size() != 2) value_error("`scan` must be (vectors, words)");
+            size_t rows = 0, n_words = 0;
+            sc.x = check_matrix(py::reinterpret_borrow<py::array>(t[0]), "scan vectors", index_->dim(), &rows);
+            sc.words = check_words(py::reinterpret_borrow<py::array>(t[1]), "scan words", &n_words);
+            sc.bits = std::min<uint64_t>(uint64_t(n_words) * 64, uint64_t(rows));
+            scan_keep = scan;
+        }
+        if (!parts.is_none() && ps.empty() && !sc.x) value_error("`parts` must not be empty without `scan`");
         std::string out;
         bool done;
         {
             py::gil_scoped_release release;
             done = answer(reinterpret_cast<const uint8_t *>(buf), size_t(len), max_k, max_id_bytes, max_history,
-                          a.words ? &a : nullptr, out, ps.empty() ? nullptr : &ps);
+                          a.words ? &a : nullptr, out, (ps.empty() && !sc.x) ? nullptr : &ps, sc.x ? &sc : nullptr);
         }
         if (!done) return py::none();
         return py::bytes(out);
@@ -1912,15 +1931,22 @@ class KnownUserRecommender {
         uint64_t budget = 0, count = 0;
         bool disjoint = true;
     };
+    struct Scan {
+        const float *x = nullptr;
+        const uint64_t *words = nullptr;
+        uint64_t bits = 0;
+    };
 
     // The partitions' answers (each complete, else false: the Python path scans), merged by score, best first
-    // (ties: the earlier partition first, as a stable sort), each label once, into labels / dists [k].
-    bool search_parts(const std::vector<Part> &ps, const Allowed &allow, const float *query, size_t k,
-                      const int64_t *eb, const int64_t *ee, int64_t *labels, float *dists) const {
+    // (ties: the earlier partition first, as a stable sort), each label once, into labels / scores [k] (the
+    // scores as the Python path computes them, 1 - distance: not turned back into distances, which can round).
+    bool search_parts(const std::vector<Part> &ps, const Scan *scan, const Allowed &allow, const float *query,
+                      size_t k, const int64_t *eb, const int64_t *ee, int64_t *labels, float *scores) const {
         thread_local std::vector<int64_t> all_l;
         thread_local std::vector<float> all_s;
-        all_l.assign(ps.size() * k, -1);
-        all_s.assign(ps.size() * k, 0.0f);
+        const size_t n_ans = ps.size() + (scan ? 1 : 0);
+        all_l.assign(n_ans * k, -1);
+        all_s.assign(n_ans * k, 0.0f);
         for (size_t i = 0; i < ps.size(); i++) {
             const Part &pt = ps[i];
             std::shared_lock<std::shared_mutex> lock(pt.index->mu_);
@@ -1937,6 +1963,23 @@ class KnownUserRecommender {
             if (l[k - 1] < 0) return false;
             for (size_t j = 0; j < k; j++) d[j] = 1.0f - d[j];  // scores, as the Python path computes them
         }
+        if (scan) {
+            thread_local std::vector<int64_t> excluded;
+            excluded.assign(eb, ee);
+            std::sort(excluded.begin(), excluded.end());
+            int64_t *l = all_l.data() + ps.size() * k;
+            float *d = all_s.data() + ps.size() * k;
+            scan_row(scan->x, index_->dim(), scan->words, scan->bits, query, k, excluded, l, d);
+            if (l[k - 1] < 0) return false;
+            for (size_t j = 0; j < k; j++) d[j] = 1.0f - d[j];
+        }
+        if (n_ans == 1) {  // one answer: as it is (the Python path returns it unmerged)
+            for (size_t j = 0; j < k; j++) {
+                labels[j] = all_l[j];
+                scores[j] = all_s[j];
+            }
+            return true;
+        }
         thread_local std::vector<size_t> order;
         order.resize(all_l.size());
         for (size_t j = 0; j < order.size(); j++) order[j] = j;
@@ -1948,14 +1991,15 @@ class KnownUserRecommender {
             const int64_t lab = all_l[order[j]];
             if (!disjoint && std::find(labels, labels + got, lab) != labels + got) continue;
             labels[got] = lab;
-            dists[got] = 1.0f - all_s[order[j]];
+            scores[got] = all_s[order[j]];
             got++;
         }
         return got == k;
     }
 
     bool answer(const uint8_t *p, size_t len, int64_t max_k, size_t max_id_bytes, size_t max_history,
-                const Allowed *allow, std::string &out, const std::vector<Part> *parts = nullptr) const {
+                const Allowed *allow, std::string &out, const std::vector<Part> *parts = nullptr,
+                const Scan *scan = nullptr) const {
         const uint8_t *end = p + len;
         std::string_view user;
         int64_t k = 0;
@@ -2036,8 +2080,9 @@ class KnownUserRecommender {
         thread_local std::vector<float> dists;
         labels.resize(kk);
         dists.resize(kk);
+        const bool scored = parts != nullptr;  // search_parts leaves scores in `dists`, the others distances
         if (parts) {
-            if (!search_parts(*parts, *allow, query, kk, eb, ee, labels.data(), dists.data())) return false;
+            if (!search_parts(*parts, scan, *allow, query, kk, eb, ee, labels.data(), dists.data())) return false;
         } else {
             std::shared_lock<std::shared_mutex> lock(index_->mu_);
             const Alg &alg = index_->alg();
@@ -2055,7 +2100,7 @@ class KnownUserRecommender {
         out.reserve(kk * 24 + tail_.size());
         for (size_t j = 0; j < kk && labels[j] >= 0; j++) {
             const std::string &f = item_field_[size_t(labels[j])];
-            const float score = 1.0f - dists[j];
+            const float score = scored ? dists[j] : 1.0f - dists[j];
             uint32_t bits;
             std::memcpy(&bits, &score, 4);
             out.push_back('\x0a');  // RecommendResponse.items (1)
@@ -2195,7 +2240,7 @@ PYBIND11_MODULE(_hnsw, m) {
         .def("recommend", &KnownUserRecommender::recommend, py::arg("request"), py::arg("max_k"),
              py::arg("max_id_bytes"), py::arg("max_history") = 0, py::arg("allow") = py::none(),
              py::arg("allow_width") = 0, py::arg("allow_budget") = 0, py::arg("allow_count") = 0,
-             py::arg("allow_near_width") = 0, py::arg("parts") = py::none())
+             py::arg("allow_near_width") = 0, py::arg("parts") = py::none(), py::arg("scan") = py::none())
         .def_property_readonly("n_users", &KnownUserRecommender::n_users);
     py::class_<UserTower>(m, "UserTower")
         .def(py::init<py::array, py::array, py::list, py::array, py::object, bool, py::list, int, py::object,

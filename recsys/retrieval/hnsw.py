@@ -112,9 +112,11 @@ class IndexConfig:
     plain query at p99 instead of 4-7x for a value holding 10% of the catalogue (benchmarks/index_bench.py). Costs
     about the main index's memory and build time again per attribute (more for a multi-valued one: an item is in
     the graph of each of its values); each graph's ``ef`` is auto-tuned like the main one."""
-    partition_min_items: int = 1000
-    """Values of a ``partition_by`` attribute with fewer items get no graph (a filter on them alone is scanned
-    exactly anyway; a filter naming one of them walks the main index)."""
+    partition_min_items: int = 0
+    """Values of a ``partition_by`` attribute with this many items or fewer get no graph; 0 = the index's
+    exact-scan switch (``16 * sqrt(n_items)``: ~5,000 of 100k), below which such a value is scanned exactly anyway.
+    A filter on the attribute scans the items of its values without a graph (up to twice the switch in all;
+    more walk the main index)."""
 
     def validate(self) -> None:
         if self.M < 2:
@@ -142,8 +144,9 @@ class IndexConfig:
 
         if any(not isinstance(a, str) or not a for a in self.partition_by):
             raise ValueError(f"`index.partition_by` must list attribute names, got {list(self.partition_by)}")
-        if self.partition_min_items < 1:
-            raise ValueError(f"`index.partition_min_items` must be >= 1, got {self.partition_min_items}")
+        if self.partition_min_items < 0:
+            raise ValueError(f"`index.partition_min_items` must be >= 0 (0 = the exact-scan switch), got "
+                             f"{self.partition_min_items}")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -545,9 +548,9 @@ class HnswIndex(NativeSearch, PackageSearch):
             incl = None
         parts = self.partitions
         if keys is not None and parts is not None and incl is None:
-            plan = parts.plan(words, keys)
+            plan = parts.plan(words, keys, scan_limit=parts.scan_limit(self))
             if plan is not None:
-                return parts.search(q, k, excl, words, plan)
+                return parts.search(self, q, k, excl, words, plan)
         self._lock.acquire_read()
         try:
             if self.native_filter:
@@ -555,6 +558,21 @@ class HnswIndex(NativeSearch, PackageSearch):
             return self._search_general(q, k, excl, incl, self._idmap, words, count)
         finally:
             self._lock.release_read()
+
+    def _scan(self, q: np.ndarray, k: int, excl: list[np.ndarray | None] | None,
+              words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every row of ``q`` answered by the exact scan of the allowed ids ``words`` (checked) minus ``excl``,
+        either backend (:mod:`recsys.retrieval.partitions` scans what lies outside its graphs)."""
+        idmap = self._idmap
+        ex: list[np.ndarray | None] = [None] * q.shape[0]
+        if excl is not None:
+            for i, e in enumerate(excl):
+                if e is not None and e.size:
+                    ex[i] = np.unique(idmap.present(e))
+        rows = np.arange(q.shape[0])
+        if self.native_filter:
+            return self._scan_allowed(q, rows, k, ex, words, idmap)
+        return self._exact().search_rows(q, rows, k, ex, words)
 
     def _score_include(
         self, q: np.ndarray, k: int, cand: np.ndarray, exclude: np.ndarray | None, words: np.ndarray | None = None,
