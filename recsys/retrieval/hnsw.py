@@ -108,8 +108,8 @@ class IndexConfig:
     partition_by: tuple[str, ...] = ()
     """Item attributes (features of the items file) to build one more graph per value of
     (:mod:`recsys.retrieval.partitions`): a filter on such an attribute (``category in {books}``, alone or ANDed
-    with other conditions) then searches the graphs of its values instead of walking the whole index, ~1.2x a
-    plain query at p99 instead of 4-7x for a value holding 10% of the catalogue (benchmarks/index_bench.py). Costs
+    with other conditions) then searches the graphs of its values instead of walking the whole index: 0.8-1.8x a
+    plain query at p99 instead of 3.3-7.6x for a value holding 10% of the catalogue (benchmarks/index_bench.py). Costs
     about the main index's memory and build time again per attribute (more for a multi-valued one: an item is in
     the graph of each of its values); each graph's ``ef`` is auto-tuned like the main one."""
     partition_min_items: int = 0
