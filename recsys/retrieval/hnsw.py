@@ -10,7 +10,7 @@ import struct
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -29,7 +29,9 @@ from recsys.retrieval._arrays import (
 from recsys.retrieval._native import NativeSearch
 from recsys.retrieval._package import PackageSearch
 from recsys.retrieval.exact import ExactIndex
-from recsys.retrieval.partitions import Partitions
+
+if TYPE_CHECKING:
+    from recsys.retrieval.partitions import Partitions
 
 _NATIVE: Any = None
 _NATIVE_ERROR: str | None = None
