@@ -498,7 +498,7 @@ def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_const
     exact = ExactIndex(items)
     ef, _ = autotune_ef(hnsw, exact, tune, k=K, target_recall=target, efs=efs, latency_queries=50)
     row["autotune_ef"] = ef
-    row["exact_scan_limit"] = round(hnsw.filter_exact_scale * n**0.5)
+    row["exact_scan_limit"] = round(hnsw.exact_scan_limit)
     hnsw._exact()  # the exact scan's vectors, built on first need: not part of a query's latency
     walk_scored = None
     if hnsw.native_filter:
@@ -547,7 +547,7 @@ def bench_filtered(items, tune, test, cluster, *, threads: int, M: int, ef_const
         words = bitset.check(allow)
         keys = bitset.within_of(allow)
         parted = (keys is not None and hnsw.partitions is not None
-                  and hnsw.partitions.plan(words, keys, scan_limit=hnsw.partitions.scan_limit(hnsw)))
+                  and hnsw.partitions.plan(words, keys, scan_limit=hnsw.exact_scan_limit))
         case = {"kind": kind, "selectivity": sel, "allowed": bitset.count(words),
                 "path": (f"partitions ({len(parted.graphs)}{' + scan' if parted.rest else ''})" if parted
                          else hnsw.allow_plan(words)),

@@ -48,7 +48,7 @@ from recsys.bundle.versions import (
     version_dir,
 )
 from recsys.catalogue.delta import catalogue_dir
-from recsys.catalogue.filters import Attributes
+from recsys.catalogue.filters import Attributes, UnknownAttribute
 from recsys.core import schema
 from recsys.core.data import Interactions, fingerprint, history_and_seen, read_interactions, write_ragged
 from recsys.core.io import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
@@ -404,15 +404,14 @@ def _build_partitions(plan: _Plan, state_dir: Path, index: HnswIndex, queries: n
         return []
     t0 = time.perf_counter()
     attrs = Attributes.from_table(pq.read_table(state_dir / schema.ITEMS), state_dir, plan.n_items)
-    floor = cfg.partition_min_items or index.filter_exact_scale * index.size ** 0.5
+    floor = cfg.partition_min_items or index.exact_scan_limit
     groups: dict[tuple[str, str], np.ndarray] = {}
     for name in cfg.partition_by:
-        if name not in attrs.codes:
-            known = ", ".join(repr(n) for n in attrs.names) or "none"
-            raise ValueError(f"`index.partition_by` names {name!r}, which is not an item attribute of the data in "
-                             f"{str(plan.data_dir)!r} (attributes: {known})")
-        for value, rows in attrs.groups(name, min_items=int(floor) + 1).items():
-            groups[(name, value)] = rows
+        try:
+            found = attrs.groups(name, min_items=int(floor) + 1)
+        except UnknownAttribute as e:
+            raise ValueError(f"`index.partition_by`: {e}, in the items of the data in {str(plan.data_dir)!r}") from None
+        groups.update(((name, value), rows) for value, rows in found.items())
     index.partitions = Partitions.build(index, groups, attributes=cfg.partition_by)
     efs = (index.partitions.tune(queries, k=min(int(cfg.autotune_k), plan.n_items), target_recall=cfg.target_recall,
                                  efs=cfg.autotune_efs) if queries is not None and groups else {})

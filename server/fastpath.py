@@ -116,7 +116,7 @@ def recommend_filtered(fast: Any, bundle: Any, request: pb.RecommendRequest, dat
         return None
     keys, parts = bitset.within_of(words), index.partitions
     if keys is not None and parts is not None:  # a set inside some partitions: their graphs, as the Python path
-        plan = parts.plan(words, keys, scan_limit=parts.scan_limit(index))
+        plan = parts.plan(words, keys, scan_limit=index.exact_scan_limit)
         if plan is not None:
             spec = native_parts(index, plan, words)
             if spec is None:

@@ -125,7 +125,7 @@ def test_allowed_ids_outside_the_searched_graphs_are_scanned_exactly(native, mon
     mask = value == 2
     mask[stray] = True
     allow = bitset.from_mask(mask)
-    plan = index.partitions.plan(bitset.check(allow), [("v", "2")], scan_limit=index.partitions.scan_limit(index))
+    plan = index.partitions.plan(bitset.check(allow), [("v", "2")], scan_limit=index.exact_scan_limit)
     assert [p.key for p, _ in plan.graphs] == [("v", "2")] and plan.rest == 1
     if not native:  # the fallback's partition graphs search through _search_general too
         monkeypatch.undo()
@@ -136,7 +136,7 @@ def test_allowed_ids_outside_the_searched_graphs_are_scanned_exactly(native, mon
     # the default switch (16 * sqrt(1200) = 554 >= 240): no graph searched, the two values' 480 items scanned
     index.filter_exact_scale = 16.0
     two = bitset.from_mask((value == 1) | (value == 3))
-    plan = index.partitions.plan(two, [("v", "1"), ("v", "3")], scan_limit=index.partitions.scan_limit(index))
+    plan = index.partitions.plan(two, [("v", "1"), ("v", "3")], scan_limit=index.exact_scan_limit)
     assert plan.graphs == [] and plan.rest == 480
     got = index.search(q, 10, allow=bitset.within(two, [("v", "1"), ("v", "3")]))[0]
     assert (np.sort(got, axis=1) == np.sort(_exact(x, q, 10, two)[0], axis=1)).all()  # exact

@@ -141,9 +141,7 @@ class Attributes:
     def groups(self, name: str, *, min_items: int = 1) -> dict[str, np.ndarray]:
         """The items of each value of attribute ``name`` that has at least ``min_items``: value -> sorted item rows
         (what :mod:`recsys.retrieval.partitions` builds a graph over)."""
-        if name not in self.codes:
-            known = ", ".join(repr(n) for n in self.names) or "none"
-            raise UnknownAttribute(f"unknown attribute {name!r} (attributes: {known})")
+        self._require(name, "")
         order, starts = self._posting(name)
         out = {}
         for value, code in sorted(self.values[name].items(), key=lambda kv: kv[1]):
@@ -182,10 +180,14 @@ class Attributes:
             return bitset.from_ids(np.arange(self.n_items, dtype=np.int64), self.n_items)
         return words
 
-    def _condition(self, c: Condition) -> np.ndarray:
-        if c.attribute not in self.codes:
+    def _require(self, name: str, where: str) -> None:
+        """``UnknownAttribute`` naming ``name`` (``where``: e.g. " in the filter") and the known attributes."""
+        if name not in self.codes:
             known = ", ".join(repr(n) for n in self.names) or "none"
-            raise UnknownAttribute(f"unknown attribute {c.attribute!r} in the filter (attributes: {known})")
+            raise UnknownAttribute(f"unknown attribute {name!r}{where} (attributes: {known})")
+
+    def _condition(self, c: Condition) -> np.ndarray:
+        self._require(c.attribute, " in the filter")
         if c.op == "range":
             value_codes, value_num = self._numbers(c.attribute)
             keep = np.ones(value_codes.size, dtype=bool)

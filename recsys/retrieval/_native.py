@@ -136,11 +136,7 @@ class NativeSearch:
             return np.full((n, k), -1, dtype=np.int64), np.full((n, k), -np.inf, dtype=np.float32)
         out_ids = np.empty((n, k), dtype=np.int64)  # every row is written below
         out_scores = np.empty((n, k), dtype=np.float32)
-        ex: list[np.ndarray | None] = [None] * n
-        if excl is not None:
-            for i, e in enumerate(excl):
-                if e is not None and e.size:
-                    ex[i] = np.unique(idmap.present(e))
+        ex = present_exclusions(excl, idmap, n)
         walk = self.allow_walk(words, count)  # AllowWalk, or None: the exact scan answers every row
         scan = walk is None
         graph_rows: list[int] = []
@@ -182,6 +178,16 @@ class NativeSearch:
         sub = q if rows.size == q.shape[0] else np.ascontiguousarray(q[rows])
         lab, dist = self._native.scan_allowed(exact.vectors, sub, k, words, -1, labels, offsets, self.num_threads)
         return lab, 1.0 - dist
+
+
+def present_exclusions(excl: list[np.ndarray | None] | None, idmap: IdMap, n: int) -> list[np.ndarray | None]:
+    """Each of the ``n`` rows' excluded ids that are in the index, distinct and sorted (None: nothing excluded)."""
+    ex: list[np.ndarray | None] = [None] * n
+    if excl is not None:
+        for i, e in enumerate(excl):
+            if e is not None and e.size:
+                ex[i] = np.unique(idmap.present(e))
+    return ex
 
 
 def _csr(ex: list[np.ndarray | None], rows: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

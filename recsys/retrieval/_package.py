@@ -95,8 +95,10 @@ class PackageSearch:
                     ex[i] = np.sort(idmap.present(e))
         exact_rows: list[int] = []
         fetch: dict[int, list[int]] = {}  # fetch size -> rows
-        allowed = 0 if words is None else min(size, bitset.count(words) if count is None else count)
-        scan_allowed = words is not None and self.allow_plan(words, allowed) == "exact"
+        if words is not None and count is None:
+            count = bitset.count(words)
+        allowed = 0 if words is None else min(size, count)
+        scan_allowed = words is not None and self.allow_plan(words, count) == "exact"
         for i in range(n):
             if incl is not None and incl[i] is not None:
                 out_ids[i], out_scores[i] = self._score_include(q[i], k, idmap.members(incl[i]), ex[i], words)

@@ -26,7 +26,7 @@ from recsys.retrieval._arrays import (
     resolve_threads,
     topk_rows,
 )
-from recsys.retrieval._native import NativeSearch
+from recsys.retrieval._native import NativeSearch, present_exclusions
 from recsys.retrieval._package import PackageSearch
 from recsys.retrieval.exact import ExactIndex
 
@@ -550,7 +550,7 @@ class HnswIndex(NativeSearch, PackageSearch):
             incl = None
         parts = self.partitions
         if keys is not None and parts is not None and incl is None:
-            plan = parts.plan(words, keys, scan_limit=parts.scan_limit(self))
+            plan = parts.plan(words, keys, scan_limit=self.exact_scan_limit)
             if plan is not None:
                 return parts.search(self, q, k, excl, words, plan)
         self._lock.acquire_read()
@@ -566,11 +566,7 @@ class HnswIndex(NativeSearch, PackageSearch):
         """Every row of ``q`` answered by the exact scan of the allowed ids ``words`` (checked) minus ``excl``,
         either backend (:mod:`recsys.retrieval.partitions` scans what lies outside its graphs)."""
         idmap = self._idmap
-        ex: list[np.ndarray | None] = [None] * q.shape[0]
-        if excl is not None:
-            for i, e in enumerate(excl):
-                if e is not None and e.size:
-                    ex[i] = np.unique(idmap.present(e))
+        ex = present_exclusions(excl, idmap, q.shape[0])
         rows = np.arange(q.shape[0])
         if self.native_filter:
             return self._scan_allowed(q, rows, k, ex, words, idmap)
@@ -606,7 +602,12 @@ class HnswIndex(NativeSearch, PackageSearch):
         attribute-like sets (whole clusters, often far from the query), and it is exact.
         """
         count = bitset.count(allow) if count is None else count
-        return "exact" if count <= self.filter_exact_scale * self.size ** 0.5 else "graph"
+        return "exact" if count <= self.exact_scan_limit else "graph"
+
+    @property
+    def exact_scan_limit(self) -> float:
+        """The exact-scan switch of :meth:`allow_plan`: ``filter_exact_scale * sqrt(size)`` allowed ids."""
+        return self.filter_exact_scale * self.size ** 0.5
 
     def allow_walk(self, allow: np.ndarray, count: int | None = None) -> AllowWalk | None:
         """The native walk of the allowed set ``allow`` (:class:`AllowWalk`: :meth:`allow_width`, the near width,

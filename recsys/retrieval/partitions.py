@@ -83,17 +83,6 @@ class Partitions:
     def __len__(self) -> int:
         return len(self.parts)
 
-    def __contains__(self, key: object) -> bool:
-        return key in self.parts
-
-    def keys(self) -> list[Hashable]:
-        return list(self.parts)
-
-    def scan_limit(self, main: HnswIndex) -> float:
-        """The allowed ids a partition must hold to be searched by its graph (fewer: scanned with the rest): the
-        main index's exact-scan switch (:meth:`HnswIndex.allow_plan`)."""
-        return main.filter_exact_scale * main.size ** 0.5
-
     @classmethod
     def build(cls, main: HnswIndex, groups: Mapping[Hashable, np.ndarray], *,
               attributes: Sequence[str] = ()) -> Partitions:
@@ -145,7 +134,8 @@ class Partitions:
 
     def plan(self, words: np.ndarray, keys: Sequence[Hashable], *, scan_limit: float) -> Plan | None:
         """How to search the allowed set ``words`` said to lie within ``keys`` (:class:`Plan`), or None when the
-        main graph must answer. The keys' graphs holding more than ``scan_limit`` (:meth:`scan_limit`) allowed
+        main graph must answer. The keys' graphs holding more than ``scan_limit`` (the main index's
+        :attr:`HnswIndex.exact_scan_limit`: fewer are scanned with the rest) allowed
         ids are searched; the allowed ids in none of those are scanned exactly when there are at most
         :attr:`scan_factor` x ``scan_limit`` of them; more, or more than :attr:`max_parts` graphs: None. Checked
         in one pass over the set's words (:func:`cover_counts`), so a hint that does not hold costs a scan or the
